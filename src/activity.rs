@@ -1,0 +1,336 @@
+//! The activity as the router sees it: a borrowed envelope parsed once by simd-json on the
+//! request path ([`ActivityView`]), and the owned turn activity that a conversation actor parses
+//! from the same bytes off the request path ([`TurnActivity`]). Mention stripping lives here.
+
+use std::cell::RefCell;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The fields routing and verification need, borrowed from the parse buffer. simd-json unescapes
+/// strings in place, so `&str` fields borrow even when the JSON escapes them.
+#[derive(Debug, Deserialize)]
+pub struct ActivityView<'a> {
+    #[serde(rename = "type", borrow, default)]
+    pub kind: Option<&'a str>,
+    #[serde(borrow, default)]
+    pub id: Option<&'a str>,
+    #[serde(rename = "serviceUrl", borrow, default)]
+    pub service_url: Option<&'a str>,
+    #[serde(rename = "channelId", borrow, default)]
+    pub channel_id: Option<&'a str>,
+    #[serde(borrow, default)]
+    pub conversation: Option<ConversationView<'a>>,
+    #[serde(rename = "channelData", borrow, default)]
+    pub channel_data: Option<ChannelDataView<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ConversationView<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<&'a str>,
+    #[serde(rename = "tenantId", borrow, default)]
+    pub tenant_id: Option<&'a str>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChannelDataView<'a> {
+    #[serde(borrow, default)]
+    pub tenant: Option<TenantView<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TenantView<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<&'a str>,
+}
+
+/// The routing envelope with every required field present.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub kind: &'a str,
+    pub id: &'a str,
+    pub service_url: &'a str,
+    pub channel_id: &'a str,
+    pub conversation_id: &'a str,
+    /// `conversation.tenantId`, else `channelData.tenant.id`.
+    pub tenant_id: Option<&'a str>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    #[error("missing field: {0}")]
+    MissingField(&'static str),
+}
+
+impl<'a> ActivityView<'a> {
+    pub fn envelope(&self) -> Result<Envelope<'a>, ParseError> {
+        fn required<'b>(v: Option<&'b str>, name: &'static str) -> Result<&'b str, ParseError> {
+            v.filter(|s| !s.is_empty())
+                .ok_or(ParseError::MissingField(name))
+        }
+        let conversation = self
+            .conversation
+            .as_ref()
+            .ok_or(ParseError::MissingField("conversation.id"))?;
+        Ok(Envelope {
+            kind: required(self.kind, "type")?,
+            id: required(self.id, "id")?,
+            service_url: required(self.service_url, "serviceUrl")?,
+            channel_id: required(self.channel_id, "channelId")?,
+            conversation_id: required(conversation.id, "conversation.id")?,
+            tenant_id: conversation
+                .tenant_id
+                .filter(|t| !t.is_empty())
+                .or_else(|| {
+                    self.channel_data
+                        .as_ref()
+                        .and_then(|c| c.tenant.as_ref())
+                        .and_then(|t| t.id)
+                        .filter(|t| !t.is_empty())
+                }),
+        })
+    }
+}
+
+/// Per-thread parse scratch: the one copy of the body simd-json needs, and its reusable buffers.
+struct Scratch {
+    bytes: Vec<u8>,
+    buffers: simd_json::Buffers,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        bytes: Vec::with_capacity(4096),
+        buffers: simd_json::Buffers::new(4096),
+    });
+}
+
+/// Parses `body` into its envelope and hands it to `f`. The body is copied once into a
+/// per-thread buffer (simd-json rewrites its input); `f` must not hold the view past its call.
+pub fn with_envelope<R>(body: &[u8], f: impl FnOnce(Result<Envelope<'_>, ParseError>) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => {
+            let Scratch { bytes, buffers } = &mut *scratch;
+            bytes.clear();
+            bytes.extend_from_slice(body);
+            let parsed = simd_json::serde::from_slice_with_buffers::<ActivityView<'_>>(
+                bytes.as_mut_slice(),
+                buffers,
+            )
+            .map_err(|e| ParseError::Malformed(e.to_string()))
+            .and_then(|view| view.envelope());
+            f(parsed)
+        }
+        // Re-entrance cannot happen on the request path; fall back to a private buffer anyway.
+        Err(_) => {
+            let mut bytes = body.to_vec();
+            let parsed = simd_json::serde::from_slice::<ActivityView<'_>>(&mut bytes)
+                .map_err(|e| ParseError::Malformed(e.to_string()))
+                .and_then(|view| view.envelope());
+            f(parsed)
+        }
+    })
+}
+
+/// The activity a turn works on, owned; parsed by the conversation actor, never on the request
+/// path. Objects the reply echoes back (`from`, `recipient`, `conversation`) stay as JSON so that
+/// every field Teams sent is preserved.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TurnActivity {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub id: String,
+    pub service_url: String,
+    pub channel_id: String,
+    pub conversation: Value,
+    #[serde(default)]
+    pub from: Option<Value>,
+    #[serde(default)]
+    pub recipient: Option<Value>,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub value: Option<Value>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub locale: Option<String>,
+    #[serde(default)]
+    pub entities: Vec<Value>,
+    #[serde(default)]
+    pub members_added: Vec<Value>,
+}
+
+impl TurnActivity {
+    pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+
+    pub fn conversation_id(&self) -> &str {
+        self.conversation
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
+    pub fn recipient_id(&self) -> Option<&str> {
+        self.recipient.as_ref()?.get("id")?.as_str()
+    }
+
+    /// The text with every mention of the bot itself removed, as a user typed it.
+    pub fn text_without_bot_mentions(&self) -> String {
+        strip_mentions(
+            self.text.as_deref().unwrap_or_default(),
+            &self.entities,
+            self.recipient_id(),
+        )
+    }
+
+    /// True when a `conversationUpdate` says the bot itself was added.
+    pub fn bot_was_added(&self) -> bool {
+        let Some(bot) = self.recipient_id() else {
+            return false;
+        };
+        self.kind == "conversationUpdate"
+            && self
+                .members_added
+                .iter()
+                .any(|m| m.get("id").and_then(Value::as_str) == Some(bot))
+    }
+}
+
+/// Removes every occurrence of each mention text whose `mentioned.id` is the bot, then trims
+/// spaces, `&nbsp;` and newlines. Identity comes from the entity id, never the display name.
+pub fn strip_mentions(text: &str, entities: &[Value], bot_id: Option<&str>) -> String {
+    let mut out = text.to_owned();
+    if let Some(bot_id) = bot_id {
+        for entity in entities {
+            let is_bot_mention = entity.get("type").and_then(Value::as_str) == Some("mention")
+                && entity
+                    .get("mentioned")
+                    .and_then(|m| m.get("id"))
+                    .and_then(Value::as_str)
+                    == Some(bot_id);
+            if let Some(mention) = entity
+                .get("text")
+                .and_then(Value::as_str)
+                .filter(|t| is_bot_mention && !t.is_empty())
+            {
+                out = out.replace(mention, "");
+            }
+        }
+    }
+    let out = out.replace("&nbsp;", " ");
+    out.trim_matches(|c: char| c.is_whitespace() || c == '\u{a0}')
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/../shared/fixtures/activities/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn envelope_of_every_fixture() {
+        for name in [
+            "personal-message.json",
+            "channel-message-mention.json",
+            "invoke-adaptivecard-action.json",
+            "conversationupdate-membersadded-team.json",
+            "installationupdate-add-team.json",
+            "messagereaction-added.json",
+        ] {
+            let body = fixture(name);
+            with_envelope(&body, |env| {
+                let env = env.unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(env.channel_id, "msteams", "{name}");
+                assert!(!env.conversation_id.is_empty());
+            });
+        }
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped_in_place() {
+        let body = fixture("channel-message-mention.json");
+        with_envelope(&body, |env| {
+            let env = env.unwrap();
+            assert_eq!(
+                env.conversation_id,
+                "19:6848757105754c8981c67612732d9aa7@thread.tacv2;messageid=1759881511856"
+            );
+            assert_eq!(env.tenant_id, Some("50612dbb-0237-4969-b378-8d42590f9c00"));
+        });
+    }
+
+    #[test]
+    fn tenant_falls_back_to_channel_data() {
+        let body = fixture("personal-message.json");
+        with_envelope(&body, |env| {
+            assert_eq!(
+                env.unwrap().tenant_id,
+                Some("72f988bf-86f1-41af-91ab-2d7cd011db47")
+            )
+        });
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let cases = [
+            (r#"{"id":"1","serviceUrl":"s","channelId":"c","conversation":{"id":"x"}}"#, "type"),
+            (r#"{"type":"message","serviceUrl":"s","channelId":"c","conversation":{"id":"x"}}"#, "id"),
+            (r#"{"type":"message","id":"1","channelId":"c","conversation":{"id":"x"}}"#, "serviceUrl"),
+            (r#"{"type":"message","id":"1","serviceUrl":"s","channelId":"c"}"#, "conversation.id"),
+            (r#"{"type":"message","id":"1","serviceUrl":"s","channelId":"c","conversation":{"id":""}}"#, "conversation.id"),
+            (r#"{"type":"message","id":"1","serviceUrl":"s","conversation":{"id":"x"}}"#, "channelId"),
+        ];
+        for (body, field) in cases {
+            with_envelope(body.as_bytes(), |env| {
+                assert_eq!(env.unwrap_err(), ParseError::MissingField(field), "{body}")
+            });
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_an_error_not_a_panic() {
+        for body in [&b"{"[..], b"", b"[1,2]", b"{\"type\": 5}", b"\xff\xfe", b"null"] {
+            with_envelope(body, |env| assert!(env.is_err(), "{body:?}"));
+        }
+    }
+
+    #[test]
+    fn bot_mentions_are_stripped_everywhere_and_others_kept() {
+        let body = fixture("channel-message-mention.json");
+        let activity = TurnActivity::parse(&body).unwrap();
+        assert_eq!(activity.text_without_bot_mentions(), "reply to thread");
+
+        let entities = vec![
+            serde_json::json!({"type":"mention","mentioned":{"id":"28:bot"},"text":"<at>Bot</at>"}),
+            serde_json::json!({"type":"mention","mentioned":{"id":"29:user"},"text":"<at>Ann</at>"}),
+        ];
+        let text = "<at>Bot</at>&nbsp;hi <at>Ann</at> <at>Bot</at>\n";
+        assert_eq!(
+            strip_mentions(text, &entities, Some("28:bot")),
+            "hi <at>Ann</at>"
+        );
+    }
+
+    #[test]
+    fn bot_added_is_detected_from_members_added() {
+        let body = fixture("conversationupdate-membersadded-personal.json");
+        let mut activity = TurnActivity::parse(&body).unwrap();
+        assert!(!activity.bot_was_added(), "placeholder ids differ in the fixture");
+        activity.recipient = Some(serde_json::json!({"id": "28:f5d48856-5b42-41a0-8c3a-c5f944b679b0"}));
+        assert!(activity.bot_was_added());
+    }
+}

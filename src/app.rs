@@ -1,0 +1,189 @@
+//! The process: wires the rooms together, binds the listeners, and shuts down gracefully on
+//! SIGTERM/SIGINT (stop accepting, let running turns finish within the deadline, exit).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::{KeyStore, Verifier};
+use crate::config::Config;
+use crate::connector::{self, Connector, TokenProvider};
+use crate::conversation::{ConversationSettings, Directory};
+use crate::front::{self, Front, ListenerLimits, Ops};
+use crate::registry::Registry;
+use crate::reply::ReplyServices;
+use crate::telemetry::{self, Readiness};
+
+/// Sent when the backend fails; the user always hears back.
+const DEFAULT_APOLOGY: &str = "Sorry, I could not answer that just now. Please try again.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Metrics(#[from] telemetry::RecorderError),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error("cannot bind {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("cannot start the conversation supervisor: {0}")]
+    Supervisor(#[from] ractor::SpawnErr),
+    #[error("signal handling: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Logs go to stderr (`RUST_LOG` filters, default `info`); stdout carries the listening line.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let readiness = Arc::new(Readiness::default());
+    let metrics = telemetry::install()?;
+    let registry = Arc::new(Registry::from_config(&config));
+    readiness.set_needs_keys(registry.needs_signing_keys());
+
+    let http = connector::http_client(&config.connector)?;
+    let keys = Arc::new(KeyStore::new(
+        http.clone(),
+        config.microsoft.openid_metadata_url.clone(),
+        Arc::clone(&readiness),
+    ));
+    let verifier = Arc::new(Verifier::new(Arc::clone(&keys), &config.microsoft));
+    let tokens = TokenProvider::new(
+        http.clone(),
+        &config.microsoft.login_url,
+        &config.microsoft.oauth_scope,
+    );
+    let connector = Arc::new(Connector::new(http, tokens, &config.connector));
+    let services = Arc::new(ReplyServices {
+        registry: Arc::clone(&registry),
+        connector: Arc::clone(&connector),
+        welcome_message: config.connector.welcome_message.clone(),
+        apology: DEFAULT_APOLOGY.to_owned(),
+    });
+    let settings = ConversationSettings {
+        mailbox_capacity: config.conversation.mailbox_capacity,
+        max_active: config.conversation.max_active,
+        idle_timeout: Duration::from_millis(config.conversation.idle_timeout_ms),
+        dedup_window: config.conversation.dedup_window,
+        panic_trigger: config.testing.panic_trigger.clone(),
+    };
+    let (directory, supervisor_task) = Directory::start(settings, services).await?;
+
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(front::tls_acceptor(cert, key).map_err(AppError::Tls)?),
+        _ => None,
+    };
+    let listener = bind("server.listen", &config.server.listen).await?;
+    let ops_listener = bind("server.ops_listen", &config.server.ops_listen).await?;
+    let addr = local_addr(&listener);
+    let ops_addr = local_addr(&ops_listener);
+    readiness.set_listening();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, %ops_addr, integrations = registry.integrations().len(), "teams-router listening");
+    // One line on stdout that scripts and tests read to find the ports.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "teams-router listening on {scheme}://{addr} (ops http://{ops_addr})");
+    let _ = stdout.flush();
+
+    let (stop_front, front_stopped) = watch::channel(false);
+    let (stop_background, background_stopped) = watch::channel(false);
+    if registry.needs_signing_keys() {
+        tokio::spawn(Arc::clone(&keys).run_refresher(
+            Duration::from_secs(config.microsoft.key_refresh_interval_secs.max(60)),
+            background_stopped.clone(),
+        ));
+    }
+    let upkeep = tokio::spawn(telemetry::run_upkeep(metrics.clone(), background_stopped.clone()));
+
+    let limits = ListenerLimits {
+        max_connections: config.server.max_connections,
+        header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+    };
+    let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
+    let front = Arc::new(Front {
+        registry,
+        verifier,
+        directory: Arc::clone(&directory),
+        connector,
+        body_limit: config.server.body_limit_bytes,
+        invoke_timeout: Duration::from_millis(config.conversation.invoke_timeout_ms),
+        retry_after_secs: config.conversation.retry_after_secs,
+        required_endorsements: config.microsoft.required_endorsements.clone(),
+    });
+    let front_task = tokio::spawn(front::serve(listener, tls, front, limits, front_stopped, drain));
+    let ops = Arc::new(Ops {
+        metrics,
+        readiness: Arc::clone(&readiness),
+    });
+    let ops_task = tokio::spawn(front::serve(
+        ops_listener,
+        None,
+        ops,
+        limits,
+        background_stopped,
+        Duration::from_secs(1),
+    ));
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down: no new activities; finishing running turns");
+    readiness.set_draining();
+    let _ = stop_front.send(true);
+    let deadline = Instant::now() + drain;
+    while directory.pending() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = directory.pending();
+    if left > 0 {
+        tracing::warn!(left, "shutdown deadline reached with activities still pending");
+    }
+    let _ = front_task.await;
+    directory.supervisor().stop(Some("shutdown".into()));
+    let _ = supervisor_task.await;
+    let _ = stop_background.send(true);
+    let _ = ops_task.await;
+    let _ = upkeep.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr).await.map_err(|source| AppError::Bind {
+        what,
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+async fn wait_for_signal() -> Result<(), AppError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

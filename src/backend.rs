@@ -1,0 +1,142 @@
+//! The bot's brain behind one interface. A backend gets the turn's activity and answers with a
+//! message text and, for invokes, the InvokeResponse. It knows nothing of Teams' wire protocol.
+
+use serde_json::{Value, json};
+
+use crate::activity::TurnActivity;
+use crate::config::BackendSpec;
+
+/// The synchronous answer to an `invoke` activity (protocol.md §5.2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvokeResponse {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl InvokeResponse {
+    /// The Action.Execute error shape, used when the bot cannot answer in time or at all.
+    pub fn error(code: &str, message: &str) -> Self {
+        Self {
+            status: 200,
+            body: json!({
+                "statusCode": 500,
+                "type": "application/vnd.microsoft.error",
+                "value": {"code": code, "message": message},
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Answer {
+    /// Sent to the conversation as one message; none for nothing to say.
+    pub text: Option<String>,
+    pub invoke: Option<InvokeResponse>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("the {0} backend is not available in this build yet")]
+    Unavailable(&'static str),
+}
+
+pub enum Backend {
+    Echo,
+}
+
+impl Backend {
+    pub fn from_spec(spec: &BackendSpec) -> Result<Self, BackendError> {
+        match spec {
+            BackendSpec::Echo => Ok(Self::Echo),
+            BackendSpec::Webhook { .. } => Err(BackendError::Unavailable("webhook")),
+            BackendSpec::Openai { .. } => Err(BackendError::Unavailable("openai")),
+        }
+    }
+
+    pub async fn answer(&self, activity: &TurnActivity) -> Result<Answer, BackendError> {
+        match self {
+            Self::Echo => Ok(echo(activity)),
+        }
+    }
+}
+
+/// Echo answers a message with `echo: <text>` (bot mentions stripped), a card submission with its
+/// data, and a card action with a short message.
+fn echo(activity: &TurnActivity) -> Answer {
+    match activity.kind.as_str() {
+        "message" => {
+            let text = activity.text_without_bot_mentions();
+            let said = if !text.is_empty() {
+                Some(text)
+            } else {
+                activity.value.as_ref().map(Value::to_string)
+            };
+            Answer {
+                text: said.map(|s| format!("echo: {s}")),
+                invoke: None,
+            }
+        }
+        "invoke" => {
+            let body = match activity.name.as_deref() {
+                Some("adaptiveCard/action") => {
+                    let data = activity
+                        .value
+                        .as_ref()
+                        .and_then(|v| v.get("action"))
+                        .and_then(|a| a.get("data"))
+                        .map(Value::to_string)
+                        .unwrap_or_else(|| "{}".into());
+                    json!({
+                        "statusCode": 200,
+                        "type": "application/vnd.microsoft.activity.message",
+                        "value": format!("echo: {data}"),
+                    })
+                }
+                Some("task/fetch" | "task/submit") => json!({
+                    "task": {"type": "message", "value": "echo"}
+                }),
+                _ => json!({}),
+            };
+            Answer {
+                text: None,
+                invoke: Some(InvokeResponse { status: 200, body }),
+            }
+        }
+        _ => Answer::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn activity(json: Value) -> TurnActivity {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[tokio::test]
+    async fn echo_strips_the_bot_mention() {
+        let a = activity(json!({
+            "type": "message", "id": "1", "serviceUrl": "s", "channelId": "msteams",
+            "conversation": {"id": "c"}, "recipient": {"id": "28:bot"},
+            "text": "<at>Bot</at> hello",
+            "entities": [{"type": "mention", "mentioned": {"id": "28:bot"}, "text": "<at>Bot</at>"}],
+        }));
+        let answer = Backend::Echo.answer(&a).await.unwrap();
+        assert_eq!(answer.text.as_deref(), Some("echo: hello"));
+    }
+
+    #[tokio::test]
+    async fn echo_answers_card_actions_synchronously() {
+        let a = activity(json!({
+            "type": "invoke", "id": "f:1", "serviceUrl": "s", "channelId": "msteams",
+            "conversation": {"id": "c"}, "name": "adaptiveCard/action",
+            "value": {"action": {"type": "Action.Execute", "data": {"x": 1}}},
+        }));
+        let answer = Backend::Echo.answer(&a).await.unwrap();
+        let invoke = answer.invoke.unwrap();
+        assert_eq!(invoke.status, 200);
+        assert_eq!(invoke.body["value"], "echo: {\"x\":1}");
+        assert_eq!(answer.text, None);
+    }
+}

@@ -1,0 +1,691 @@
+//! Configuration: one TOML document, overridden key by key from `TEAMS_ROUTER__SECTION__KEY`
+//! variables. Parsing goes through [`Config::from_sources`], which takes the TOML text and an
+//! environment map, so tests never touch the process environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides; segments are separated by a double underscore.
+pub const ENV_PREFIX: &str = "TEAMS_ROUTER__";
+
+/// The longest session an integration may ask for (30 days), as the management API allows.
+pub const MAX_SESSION_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+pub const DEFAULT_SESSION_DURATION_MS: u64 = 24 * 3600 * 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid TOML: {0}")]
+    Toml(String),
+    #[error("environment override {name}: {reason}")]
+    Env { name: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub microsoft: MicrosoftConfig,
+    pub storage: StorageConfig,
+    pub conversation: ConversationConfig,
+    pub connector: ConnectorConfig,
+    pub testing: TestingConfig,
+    pub accounts: Vec<AccountRecord>,
+    pub bots: Vec<BotRecord>,
+    pub integrations: Vec<IntegrationRecord>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            microsoft: MicrosoftConfig::default(),
+            storage: StorageConfig::default(),
+            conversation: ConversationConfig::default(),
+            connector: ConnectorConfig::default(),
+            testing: TestingConfig::default(),
+            accounts: Vec::new(),
+            bots: Vec::new(),
+            integrations: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the activity and management listener.
+    pub listen: String,
+    /// Address of the operations listener (`/metrics`, `/healthz`, `/readyz`).
+    pub ops_listen: String,
+    /// Largest accepted request body; larger ones are refused with 413 while reading.
+    pub body_limit_bytes: u64,
+    /// A client that has not sent complete request headers after this long is disconnected.
+    pub header_read_timeout_ms: u64,
+    /// Open connections at most; further ones wait in the kernel backlog.
+    pub max_connections: usize,
+    /// PEM certificate chain; with `tls_key`, the listener speaks TLS (HTTP/2 via ALPN).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// How long SIGTERM waits for running turns before exiting.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:3978".into(),
+            ops_listen: "127.0.0.1:9464".into(),
+            body_limit_bytes: 1_048_576,
+            header_read_timeout_ms: 10_000,
+            max_connections: 10_000,
+            tls_cert: None,
+            tls_key: None,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MicrosoftConfig {
+    pub openid_metadata_url: String,
+    pub token_issuer: String,
+    pub login_url: String,
+    pub oauth_scope: String,
+    /// Signing keys are refreshed this often even when no unknown `kid` shows up.
+    pub key_refresh_interval_secs: u64,
+    /// Unknown-`kid` refreshes: a burst of this many, then one per `unknown_kid_refresh_period_secs`.
+    pub unknown_kid_refresh_burst: u32,
+    pub unknown_kid_refresh_period_secs: u64,
+    /// Allowed clock skew for `exp`/`nbf` (the SDKs use five minutes).
+    pub clock_skew_secs: u64,
+    /// Channel ids that every signing key must endorse, in addition to the activity's channel.
+    pub required_endorsements: Vec<String>,
+}
+
+impl Default for MicrosoftConfig {
+    fn default() -> Self {
+        Self {
+            openid_metadata_url:
+                "https://login.botframework.com/v1/.well-known/openidconfiguration".into(),
+            token_issuer: "https://api.botframework.com".into(),
+            login_url: "https://login.microsoftonline.com".into(),
+            oauth_scope: "https://api.botframework.com/.default".into(),
+            key_refresh_interval_secs: 24 * 3600,
+            unknown_kid_refresh_burst: 3,
+            unknown_kid_refresh_period_secs: 60,
+            clock_skew_secs: 300,
+            required_endorsements: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    pub path: PathBuf,
+    pub redis_url: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: StorageBackend::Embedded,
+            path: PathBuf::from("data"),
+            redis_url: "redis://127.0.0.1:6379".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConversationConfig {
+    /// Activities waiting in one conversation at most; one more is refused with 429.
+    pub mailbox_capacity: usize,
+    /// Conversations held in memory at most; a new one beyond that is refused with 503.
+    pub max_active: usize,
+    /// A conversation actor with nothing to do for this long stops.
+    pub idle_timeout_ms: u64,
+    /// Activity ids remembered per conversation to drop redeliveries.
+    pub dedup_window: usize,
+    /// How long an invoke waits for the bot's answer before it is answered with an error body.
+    pub invoke_timeout_ms: u64,
+    /// Retry-After (seconds) sent with 429/503 when shedding load.
+    pub retry_after_secs: u64,
+}
+
+impl Default for ConversationConfig {
+    fn default() -> Self {
+        Self {
+            mailbox_capacity: 64,
+            max_active: 100_000,
+            idle_timeout_ms: 300_000,
+            dedup_window: 256,
+            invoke_timeout_ms: 4_500,
+            retry_after_secs: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectorConfig {
+    /// Attempts per outbound call, the first one included.
+    pub max_attempts: u32,
+    /// First backoff step; doubled per attempt, with full jitter.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// A server's Retry-After is honoured up to this many seconds.
+    pub max_retry_after_secs: u64,
+    pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Host suffixes a bearer token may be sent to (loopback hosts are always allowed).
+    pub allowed_service_hosts: Vec<String>,
+    /// Sent to the conversation when the bot is added; none when absent.
+    pub welcome_message: Option<String>,
+}
+
+impl Default for ConnectorConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            backoff_base_ms: 500,
+            backoff_max_ms: 20_000,
+            max_retry_after_secs: 60,
+            request_timeout_ms: 15_000,
+            connect_timeout_ms: 5_000,
+            allowed_service_hosts: [
+                "botframework.com",
+                "smba.trafficmanager.net",
+                "teams.microsoft.com",
+                "teams.microsoft.us",
+                "botframework.azure.us",
+                "botframework.azure.cn",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            welcome_message: None,
+        }
+    }
+}
+
+/// Hooks for the test suite; all off by default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// A message whose text (mentions stripped) equals this makes its conversation actor panic,
+    /// to prove supervision. Never set in production.
+    pub panic_trigger: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountRecord {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+}
+
+/// The brain a bot talks to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendSpec {
+    Echo,
+    Webhook {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Openai {
+        base_url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        api_key: Option<String>,
+        model: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        system_prompt: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BotRecord {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub backend: BackendSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IntegrationRecord {
+    pub id: String,
+    pub bot_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blueprint_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_framework_app_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_framework_app_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_framework_app_secret_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    #[serde(default = "default_session_duration")]
+    pub session_duration: u64,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub contact_collection: bool,
+    #[serde(default)]
+    pub attachments: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_from: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, toml::Value>,
+}
+
+fn default_session_duration() -> u64 {
+    DEFAULT_SESSION_DURATION_MS
+}
+
+/// Field names that environment overrides may create inside `[[bots]]`/`[[integrations]]`
+/// entries; variables are upper-case, so the camelCase spelling is recovered from this list.
+const CAMEL_CASE_KEYS: &[&str] = &[
+    "botId",
+    "blueprintId",
+    "botFrameworkAppId",
+    "botFrameworkAppSecret",
+    "botFrameworkAppSecretEnv",
+    "tenantId",
+    "sessionDuration",
+    "contactCollection",
+    "allowFrom",
+    "baseUrl",
+    "apiKey",
+    "systemPrompt",
+];
+
+impl Config {
+    /// Reads the file at `path` and applies overrides from the process environment.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_sources(&text, std::env::vars())
+    }
+
+    /// Builds the effective configuration from TOML text and environment variables.
+    pub fn from_sources(
+        toml_text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table = toml_text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Toml(e.to_string()))?;
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        for (name, value) in &env {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut doc, path, value).map_err(|reason| ConfigError::Env {
+                    name: name.clone(),
+                    reason,
+                })?;
+            }
+        }
+        let mut config: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.resolve_secret_references(&env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_secret_references(
+        &mut self,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        let lookup = |name: &str, owner: &str| {
+            env.get(name).cloned().ok_or_else(|| {
+                ConfigError::Invalid(format!("{owner}: environment variable {name} is not set"))
+            })
+        };
+        for account in &mut self.accounts {
+            if account.api_key.is_none()
+                && let Some(name) = &account.api_key_env
+            {
+                account.api_key = Some(lookup(name, &format!("account {}", account.id))?);
+            }
+        }
+        for integration in &mut self.integrations {
+            if integration.bot_framework_app_secret.is_none()
+                && let Some(name) = &integration.bot_framework_app_secret_env
+            {
+                integration.bot_framework_app_secret =
+                    Some(lookup(name, &format!("integration {}", integration.id))?);
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        for (key, value) in [
+            ("server.listen", &self.server.listen),
+            ("server.ops_listen", &self.server.ops_listen),
+        ] {
+            if value.parse::<SocketAddr>().is_err() {
+                return invalid(format!("{key}: {value:?} is not an address like 127.0.0.1:3978"));
+            }
+        }
+        if self.server.body_limit_bytes == 0 {
+            return invalid("server.body_limit_bytes must be greater than 0".into());
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return invalid("server.tls_cert and server.tls_key go together".into());
+        }
+        for (key, value) in [
+            ("microsoft.openid_metadata_url", &self.microsoft.openid_metadata_url),
+            ("microsoft.login_url", &self.microsoft.login_url),
+        ] {
+            match url::Url::parse(value) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => return invalid(format!("{key}: {value:?} is not an http(s) URL")),
+            }
+        }
+        if self.conversation.mailbox_capacity == 0 || self.conversation.max_active == 0 {
+            return invalid(
+                "conversation.mailbox_capacity and conversation.max_active must be positive"
+                    .into(),
+            );
+        }
+        if self.connector.max_attempts == 0 {
+            return invalid("connector.max_attempts must be at least 1".into());
+        }
+        if self.storage.backend == StorageBackend::Redis
+            && !self.storage.redis_url.starts_with("redis")
+        {
+            return invalid(format!(
+                "storage.redis_url: {:?} is not a redis:// URL",
+                self.storage.redis_url
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for bot in &self.bots {
+            check_id("bots", &bot.id)?;
+            if !seen.insert(bot.id.as_str()) {
+                return invalid(format!("bots: duplicate id {:?}", bot.id));
+            }
+        }
+        let mut seen_integrations = std::collections::HashSet::new();
+        for integration in &self.integrations {
+            check_id("integrations", &integration.id)?;
+            if !seen_integrations.insert(integration.id.as_str()) {
+                return invalid(format!("integrations: duplicate id {:?}", integration.id));
+            }
+            if !seen.contains(integration.bot_id.as_str()) {
+                return invalid(format!(
+                    "integration {}: botId {:?} names no bot in [[bots]]",
+                    integration.id, integration.bot_id
+                ));
+            }
+            if integration.session_duration > MAX_SESSION_DURATION_MS {
+                return invalid(format!(
+                    "integration {}: sessionDuration {} is over the maximum of {} ms (30 days)",
+                    integration.id, integration.session_duration, MAX_SESSION_DURATION_MS
+                ));
+            }
+            let has_app_id = integration
+                .bot_framework_app_id
+                .as_deref()
+                .is_some_and(|s| !s.is_empty());
+            let has_secret = integration
+                .bot_framework_app_secret
+                .as_deref()
+                .is_some_and(|s| !s.is_empty());
+            if has_app_id && !has_secret {
+                return invalid(format!(
+                    "integration {}: botFrameworkAppId is set but botFrameworkAppSecret \
+                     (or botFrameworkAppSecretEnv) is missing",
+                    integration.id
+                ));
+            }
+        }
+        for account in &self.accounts {
+            if account.api_key.as_deref().is_none_or(str::is_empty) {
+                return invalid(format!("account {}: api_key or api_key_env is required", account.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with every secret replaced by `***`.
+    pub fn to_masked_toml(&self) -> String {
+        const MASK: &str = "***";
+        let mut masked = self.clone();
+        for account in &mut masked.accounts {
+            if account.api_key.is_some() {
+                account.api_key = Some(MASK.into());
+            }
+        }
+        for bot in &mut masked.bots {
+            match &mut bot.backend {
+                BackendSpec::Webhook { secret: Some(s), .. } => *s = MASK.into(),
+                BackendSpec::Openai {
+                    api_key: Some(k), ..
+                } => *k = MASK.into(),
+                _ => {}
+            }
+        }
+        for integration in &mut masked.integrations {
+            if integration.bot_framework_app_secret.is_some() {
+                integration.bot_framework_app_secret = Some(MASK.into());
+            }
+            if integration.tenant_id.is_some() {
+                integration.tenant_id = Some(MASK.into());
+            }
+        }
+        toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Ids appear in URL paths and store keys, so they stay in a small, unambiguous alphabet.
+fn check_id(what: &str, id: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "{what}: id {id:?} must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'"
+        )))
+    }
+}
+
+/// Sets `doc[a][b]...` from a `A__B__...` variable path. Array entries are addressed by index;
+/// values are read as TOML literals (numbers, booleans, arrays) and otherwise as strings.
+fn apply_override(doc: &mut toml::Table, path: &str, raw: &str) -> Result<(), String> {
+    let segments: Vec<&str> = path.split("__").collect();
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err("empty path segment".into());
+    }
+    let value = parse_env_value(raw);
+    let mut table = doc;
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        let key = resolve_key(table, segment);
+        if last {
+            table.insert(key, value);
+            return Ok(());
+        }
+        let next_is_index = segments[i + 1].parse::<usize>().is_ok();
+        let entry = table.entry(key).or_insert_with(|| {
+            if next_is_index {
+                toml::Value::Array(Vec::new())
+            } else {
+                toml::Value::Table(toml::Table::new())
+            }
+        });
+        table = match entry {
+            toml::Value::Table(t) => t,
+            toml::Value::Array(items) => {
+                let index: usize = segments[i + 1]
+                    .parse()
+                    .map_err(|_| format!("{} is an array: expected an index", segment))?;
+                if index > items.len() {
+                    return Err(format!("index {index} is past the end of {segment}"));
+                }
+                if index == items.len() {
+                    items.push(toml::Value::Table(toml::Table::new()));
+                }
+                let rest = segments[i + 2..].join("__");
+                return match &mut items[index] {
+                    toml::Value::Table(t) if !rest.is_empty() => apply_override(t, &rest, raw),
+                    _ => Err(format!("{segment}[{index}] cannot take this override")),
+                };
+            }
+            _ => return Err(format!("{segment} is not a table")),
+        };
+    }
+    Ok(())
+}
+
+fn resolve_key(table: &toml::Table, segment: &str) -> String {
+    if let Some(existing) = table.keys().find(|k| k.eq_ignore_ascii_case(segment)) {
+        return existing.clone();
+    }
+    if let Some(known) = CAMEL_CASE_KEYS
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(segment))
+    {
+        return (*known).to_string();
+    }
+    segment.to_ascii_lowercase()
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let wrapped = format!("v = {raw}");
+    match wrapped.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[server]
+listen = "127.0.0.1:3978"
+
+[[bots]]
+id = "echo"
+backend = { kind = "echo" }
+
+[[integrations]]
+id = "teams_dev"
+botId = "echo"
+"#;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn env_overrides_scalar_keys() {
+        let c = Config::from_sources(
+            BASE,
+            env(&[
+                ("TEAMS_ROUTER__SERVER__LISTEN", "127.0.0.1:4000"),
+                ("TEAMS_ROUTER__SERVER__BODY_LIMIT_BYTES", "2048"),
+                ("TEAMS_ROUTER__STORAGE__BACKEND", "redis"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:4000");
+        assert_eq!(c.server.body_limit_bytes, 2048);
+        assert_eq!(c.storage.backend, StorageBackend::Redis);
+    }
+
+    #[test]
+    fn env_overrides_reach_array_entries_with_camel_case_keys() {
+        let c = Config::from_sources(
+            BASE,
+            env(&[
+                ("TEAMS_ROUTER__INTEGRATIONS__0__BOTFRAMEWORKAPPID", "app-1"),
+                ("TEAMS_ROUTER__INTEGRATIONS__0__BOTFRAMEWORKAPPSECRET", "s3cret"),
+                ("TEAMS_ROUTER__INTEGRATIONS__0__TENANTID", "tenant-1"),
+            ]),
+        )
+        .unwrap();
+        let i = &c.integrations[0];
+        assert_eq!(i.bot_framework_app_id.as_deref(), Some("app-1"));
+        assert_eq!(i.tenant_id.as_deref(), Some("tenant-1"));
+    }
+
+    #[test]
+    fn secret_env_references_are_resolved_and_masked() {
+        let text = format!(
+            "{BASE}botFrameworkAppId = \"app\"\nbotFrameworkAppSecretEnv = \"MY_SECRET\"\n"
+        );
+        let c = Config::from_sources(&text, env(&[("MY_SECRET", "hunter2")])).unwrap();
+        assert_eq!(
+            c.integrations[0].bot_framework_app_secret.as_deref(),
+            Some("hunter2")
+        );
+        let shown = c.to_masked_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("***"));
+    }
+
+    #[test]
+    fn invalid_configs_say_why() {
+        let cases = [
+            ("[server]\nlisten = \"nope\"\n", "server.listen"),
+            ("[server]\nbogus = 1\n", "unknown field"),
+            (
+                "[[integrations]]\nid = \"x\"\nbotId = \"missing\"\n",
+                "names no bot",
+            ),
+            ("[[bots]]\nid = \"a/b\"\nbackend = { kind = \"echo\" }\n", "must be 1-128"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::from_sources(text, Vec::new()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

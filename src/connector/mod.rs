@@ -1,0 +1,319 @@
+//! The Bot Connector REST client (protocol.md §3): reply to and send into conversations, with the
+//! outbound token, 429/412/5xx retries per Microsoft's guidance, and a refresh of the token after
+//! a 401. A 5xx or timeout after the request was sent is ambiguous (the message may be posted),
+//! so those retries are counted under their own reasons.
+
+pub mod backoff;
+pub mod token;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::counter;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::config::ConnectorConfig;
+use crate::registry::AppCredentials;
+use crate::telemetry::{CONNECTOR_REQUESTS, CONNECTOR_RETRIES};
+use backoff::{Backoff, parse_retry_after};
+pub use token::{TokenError, TokenProvider};
+
+/// Path segments keep only RFC 3986 unreserved characters; conversation ids carry `:`, `@`, `;`,
+/// `=` and sometimes `/`, which must all be encoded.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `POST v3/conversations/{id}/activities/{replyToId}`
+    Reply,
+    /// `POST v3/conversations/{id}/activities`
+    Send,
+}
+
+impl Op {
+    fn label(self) -> &'static str {
+        match self {
+            Op::Reply => "reply",
+            Op::Send => "send",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("service URL {0:?} is not allowed")]
+    ServiceUrlNotAllowed(String),
+    #[error("outbound token: {0}")]
+    Token(#[from] TokenError),
+    #[error("connector answered HTTP {status}: {detail}")]
+    Rejected { status: u16, detail: String },
+    #[error("connector request failed after {attempts} attempts: {last}")]
+    Exhausted { attempts: u32, last: String },
+}
+
+pub struct Connector {
+    http: reqwest::Client,
+    tokens: TokenProvider,
+    backoff: Backoff,
+    max_attempts: u32,
+    allowed_hosts: Vec<String>,
+}
+
+impl Connector {
+    pub fn new(http: reqwest::Client, tokens: TokenProvider, config: &ConnectorConfig) -> Self {
+        Self {
+            http,
+            tokens,
+            backoff: Backoff {
+                base: Duration::from_millis(config.backoff_base_ms),
+                max: Duration::from_millis(config.backoff_max_ms),
+                max_retry_after: Duration::from_secs(config.max_retry_after_secs),
+            },
+            max_attempts: config.max_attempts,
+            allowed_hosts: config.allowed_service_hosts.clone(),
+        }
+    }
+
+    pub fn tokens(&self) -> &TokenProvider {
+        &self.tokens
+    }
+
+    /// Whether replies may go to `service_url`: https to an allowed host suffix, or any loopback
+    /// host (http is accepted only there).
+    pub fn service_url_allowed(&self, service_url: &str) -> bool {
+        service_url_allowed(service_url, &self.allowed_hosts)
+    }
+
+    /// Posts `activity` and returns the id the Connector gave it (none on a 202 without body).
+    pub async fn post_activity(
+        &self,
+        op: Op,
+        credentials: Option<&AppCredentials>,
+        service_url: &str,
+        conversation_id: &str,
+        reply_to_id: Option<&str>,
+        activity: &Value,
+    ) -> Result<Option<String>, ConnectorError> {
+        if !self.service_url_allowed(service_url) {
+            return Err(ConnectorError::ServiceUrlNotAllowed(service_url.to_owned()));
+        }
+        let url = activities_url(service_url, conversation_id, reply_to_id);
+        let body = serde_json::to_vec(activity).map_err(|e| ConnectorError::Rejected {
+            status: 0,
+            detail: format!("activity does not serialize: {e}"),
+        })?;
+        let mut refreshed_token = false;
+        let mut last = String::new();
+        let mut retry = 0;
+        let mut attempt = 0;
+        while attempt < self.max_attempts {
+            attempt += 1;
+            let mut request = self
+                .http
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::ACCEPT, "application/json")
+                .body(body.clone());
+            if let Some(credentials) = credentials {
+                let token = self.tokens.token(credentials).await?;
+                request = request.bearer_auth(&*token);
+            }
+            let (reason, retry_after) = match request.send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => status.as_str().to_owned())
+                        .increment(1);
+                    if status.is_success() {
+                        return Ok(resource_id(response).await);
+                    }
+                    let retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_retry_after);
+                    let correlation = response
+                        .headers()
+                        .get("x-correlating-operationid")
+                        .or_else(|| response.headers().get("ms-cv"))
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let detail = response.text().await.unwrap_or_default();
+                    let detail: String = detail.chars().take(512).collect();
+                    last = format!("HTTP {status} {detail}");
+                    match classify(status) {
+                        Retry::Never => {
+                            tracing::warn!(%status, %correlation, %detail, "connector refused the activity");
+                            return Err(ConnectorError::Rejected {
+                                status: status.as_u16(),
+                                detail,
+                            });
+                        }
+                        Retry::AfterTokenRefresh => {
+                            let Some(credentials) = credentials.filter(|_| !refreshed_token) else {
+                                return Err(ConnectorError::Rejected {
+                                    status: status.as_u16(),
+                                    detail,
+                                });
+                            };
+                            refreshed_token = true;
+                            self.tokens.invalidate(credentials).await;
+                            counter!(CONNECTOR_RETRIES, "reason" => "unauthorized").increment(1);
+                            // A fresh token is retried at once and does not use up an attempt.
+                            attempt -= 1;
+                            continue;
+                        }
+                        Retry::With(reason) => (reason, retry_after),
+                    }
+                }
+                Err(err) => {
+                    counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => "error").increment(1);
+                    let reason = if err.is_connect() { "connect" } else { "ambiguous_timeout" };
+                    last = err.without_url().to_string();
+                    (reason, None)
+                }
+            };
+            if attempt == self.max_attempts {
+                break;
+            }
+            counter!(CONNECTOR_RETRIES, "reason" => reason).increment(1);
+            let wait = self.backoff.delay(retry, retry_after);
+            retry += 1;
+            tracing::debug!(reason, ?wait, attempt, "retrying connector request");
+            tokio::time::sleep(wait).await;
+        }
+        Err(ConnectorError::Exhausted {
+            attempts: self.max_attempts,
+            last,
+        })
+    }
+}
+
+enum Retry {
+    Never,
+    AfterTokenRefresh,
+    With(&'static str),
+}
+
+/// Microsoft's guidance: retry 429 (honouring Retry-After), 412, 502, 503 and 504.
+fn classify(status: StatusCode) -> Retry {
+    match status.as_u16() {
+        401 => Retry::AfterTokenRefresh,
+        429 => Retry::With("throttled"),
+        412 => Retry::With("precondition_failed"),
+        502..=504 => Retry::With("ambiguous_5xx"),
+        _ => Retry::Never,
+    }
+}
+
+async fn resource_id(response: reqwest::Response) -> Option<String> {
+    let bytes = response.bytes().await.ok()?;
+    let value: Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("id")?.as_str().map(str::to_owned)
+}
+
+/// `{serviceUrl}/v3/conversations/{id}/activities[/{replyToId}]`, keeping the service URL's own
+/// path (a regional prefix) and encoding every id as one path segment.
+pub fn activities_url(service_url: &str, conversation_id: &str, reply_to_id: Option<&str>) -> String {
+    let mut url = String::with_capacity(service_url.len() + conversation_id.len() + 64);
+    url.push_str(service_url.trim_end_matches('/'));
+    url.push_str("/v3/conversations/");
+    url.extend(utf8_percent_encode(conversation_id, PATH_SEGMENT));
+    url.push_str("/activities");
+    if let Some(reply_to) = reply_to_id {
+        url.push('/');
+        url.extend(utf8_percent_encode(reply_to, PATH_SEGMENT));
+    }
+    url
+}
+
+pub fn service_url_allowed(service_url: &str, allowed_hosts: &[String]) -> bool {
+    let Ok(url) = url::Url::parse(service_url) else {
+        return false;
+    };
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return false,
+    };
+    match url.scheme() {
+        "http" => loopback,
+        "https" => {
+            loopback
+                || url.host_str().is_some_and(|host| {
+                    let host = host.to_ascii_lowercase();
+                    allowed_hosts.iter().any(|suffix| {
+                        let suffix = suffix.trim_start_matches('.').to_ascii_lowercase();
+                        host == suffix || host.ends_with(&format!(".{suffix}"))
+                    })
+                })
+        }
+        _ => false,
+    }
+}
+
+/// True for a loopback service URL (development-mode integrations reply only there).
+pub fn is_loopback_url(service_url: &str) -> bool {
+    service_url_allowed(service_url, &[])
+}
+
+/// Shared client settings for everything outbound.
+pub fn http_client(config: &ConnectorConfig) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .timeout(Duration::from_millis(config.request_timeout_ms))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .user_agent(concat!("Microsoft-BotFramework/3.1 teams-router/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// Outbound connector with its own clients, shared by every reply.
+pub type SharedConnector = Arc<Connector>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_keep_the_regional_prefix_and_encode_ids() {
+        assert_eq!(
+            activities_url(
+                "https://smba.trafficmanager.net/amer/50612dbb/",
+                "19:abc@thread.tacv2;messageid=17",
+                Some("17")
+            ),
+            "https://smba.trafficmanager.net/amer/50612dbb/v3/conversations/19%3Aabc%40thread.tacv2%3Bmessageid%3D17/activities/17"
+        );
+        assert_eq!(
+            activities_url("http://127.0.0.1:9/", "a/b c", None),
+            "http://127.0.0.1:9/v3/conversations/a%2Fb%20c/activities"
+        );
+    }
+
+    #[test]
+    fn service_url_policy() {
+        let allowed = ConnectorConfig::default().allowed_service_hosts;
+        for (url, ok) in [
+            ("https://smba.trafficmanager.net/amer/", true),
+            ("https://SMBA.trafficmanager.net/amer/", true),
+            ("https://evilsmba.trafficmanager.net.example/", false),
+            ("https://example.com/", false),
+            ("http://smba.trafficmanager.net/amer/", false),
+            ("http://127.0.0.1:8080/", true),
+            ("http://[::1]:8080/", true),
+            ("http://localhost:1/", true),
+            ("ftp://127.0.0.1/", false),
+            ("not a url", false),
+        ] {
+            assert_eq!(service_url_allowed(url, &allowed), ok, "{url}");
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Outbound tokens: OAuth 2.0 client credentials against
+//! `{login_url}/{tenant or botframework.com}/oauth2/v2.0/token`, one token per (authority, app,
+//! scope), cached until five minutes before it expires, one request in flight per key.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::counter;
+use serde::Deserialize;
+
+use crate::registry::AppCredentials;
+use crate::telemetry::CONNECTOR_REQUESTS;
+
+/// Tokens are renewed this long before they expire (the SDKs use five minutes).
+const REFRESH_MARGIN: Duration = Duration::from_secs(300);
+const MULTI_TENANT_AUTHORITY: &str = "botframework.com";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("token endpoint refused the credentials: HTTP {status}: {detail}")]
+    Refused { status: u16, detail: String },
+    #[error("token endpoint unreachable: {0}")]
+    Unreachable(String),
+    #[error("token endpoint answered an invalid document: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct TokenKey {
+    authority: String,
+    app_id: String,
+    /// Part of the key so a rotated secret gets its own token at once.
+    secret_digest: u64,
+}
+
+#[derive(Clone)]
+struct CachedToken {
+    access_token: Arc<str>,
+    renew_at: Instant,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: u64,
+}
+
+#[derive(Deserialize)]
+struct TokenErrorResponse {
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+pub struct TokenProvider {
+    http: reqwest::Client,
+    login_url: String,
+    scope: String,
+    cache: moka::future::Cache<TokenKey, CachedToken>,
+}
+
+impl TokenProvider {
+    pub fn new(http: reqwest::Client, login_url: &str, scope: &str) -> Self {
+        Self {
+            http,
+            login_url: login_url.trim_end_matches('/').to_owned(),
+            scope: scope.to_owned(),
+            cache: moka::future::Cache::builder().max_capacity(100_000).build(),
+        }
+    }
+
+    fn key(credentials: &AppCredentials) -> TokenKey {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        credentials.app_secret.hash(&mut h);
+        TokenKey {
+            authority: credentials
+                .tenant_id
+                .clone()
+                .unwrap_or_else(|| MULTI_TENANT_AUTHORITY.to_owned()),
+            app_id: credentials.app_id.clone(),
+            secret_digest: h.finish(),
+        }
+    }
+
+    /// A valid access token for the app, fetched when none is cached or it is due for renewal.
+    pub async fn token(&self, credentials: &AppCredentials) -> Result<Arc<str>, TokenError> {
+        let key = Self::key(credentials);
+        if let Some(cached) = self.cache.get(&key).await {
+            if Instant::now() < cached.renew_at {
+                return Ok(cached.access_token);
+            }
+            self.cache.invalidate(&key).await;
+        }
+        let cached = self
+            .cache
+            .try_get_with(key.clone(), self.fetch(credentials, &key.authority))
+            .await
+            .map_err(|e| (*e).clone())?;
+        Ok(cached.access_token)
+    }
+
+    /// Drops the cached token, after the Connector refused it.
+    pub async fn invalidate(&self, credentials: &AppCredentials) {
+        self.cache.invalidate(&Self::key(credentials)).await;
+    }
+
+    async fn fetch(&self, credentials: &AppCredentials, authority: &str) -> Result<CachedToken, TokenError> {
+        let url = format!("{}/{authority}/oauth2/v2.0/token", self.login_url);
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", credentials.app_id.as_str()),
+            ("client_secret", credentials.app_secret.as_str()),
+            ("scope", self.scope.as_str()),
+        ];
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let result = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await;
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => {
+                counter!(CONNECTOR_REQUESTS, "op" => "token", "status" => "error").increment(1);
+                return Err(TokenError::Unreachable(e.without_url().to_string()));
+            }
+        };
+        let status = response.status();
+        counter!(CONNECTOR_REQUESTS, "op" => "token", "status" => status.as_str().to_owned()).increment(1);
+        if !status.is_success() {
+            let detail = match response.json::<TokenErrorResponse>().await {
+                Ok(body) => format!(
+                    "{}: {}",
+                    body.error.unwrap_or_default(),
+                    body.error_description.unwrap_or_default()
+                ),
+                Err(_) => "no error document".into(),
+            };
+            return Err(TokenError::Refused {
+                status: status.as_u16(),
+                detail,
+            });
+        }
+        let body: TokenResponse = response
+            .json()
+            .await
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let lifetime = Duration::from_secs(body.expires_in);
+        // Short-lived tokens are renewed at half their lifetime instead of the fixed margin.
+        let renew_after = if lifetime > REFRESH_MARGIN * 2 {
+            lifetime - REFRESH_MARGIN
+        } else {
+            lifetime / 2
+        };
+        Ok(CachedToken {
+            access_token: body.access_token.into(),
+            renew_at: Instant::now() + renew_after,
+        })
+    }
+}

@@ -1,0 +1,327 @@
+//! Conversations: one actor per (integration, `conversation.id`), supervised, running one turn
+//! at a time in the order activities were accepted.
+//!
+//! A conversation's pending turns and its dedup window live in [`Conversation`], shared between
+//! the request path (which enqueues) and the actor (which runs turns). They outlive the actor, so
+//! a restarted actor picks up every queued activity: a panic loses at most the turn that caused
+//! it. The mutex guarding them is per conversation, never shared by all requests.
+
+mod actor;
+mod supervisor;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use metrics::gauge;
+use ractor::ActorRef;
+use tokio::sync::oneshot;
+
+use crate::backend::InvokeResponse;
+use crate::reply::ReplyServices;
+use crate::telemetry::CONVERSATIONS_ACTIVE;
+
+pub use actor::ConversationMsg;
+pub use supervisor::{ConversationSupervisor, SupervisorMsg};
+
+/// Limits and behaviour of conversations.
+#[derive(Debug, Clone)]
+pub struct ConversationSettings {
+    pub mailbox_capacity: usize,
+    pub max_active: usize,
+    pub idle_timeout: Duration,
+    pub dedup_window: usize,
+    pub panic_trigger: Option<String>,
+}
+
+/// One accepted activity waiting for its turn.
+pub struct Turn {
+    pub activity_id: Arc<str>,
+    /// The request body as received; parsed again by the actor, off the request path.
+    pub body: Bytes,
+    pub accepted_at: Instant,
+    pub invoke: Option<oneshot::Sender<InvokeResponse>>,
+}
+
+/// What happened to an activity offered to its conversation.
+pub enum Admission {
+    /// Queued; an invoke gets the receiver of its answer.
+    Accepted(Option<oneshot::Receiver<InvokeResponse>>),
+    /// Seen before in this conversation: acknowledged and dropped.
+    Duplicate,
+    /// The conversation's queue is full.
+    MailboxFull,
+    /// Too many conversations in memory.
+    Overloaded,
+}
+
+/// The (integration, conversation id) a conversation is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConversationKey {
+    pub integration: Arc<str>,
+    pub conversation_id: Arc<str>,
+}
+
+pub struct Conversation {
+    pub key: ConversationKey,
+    state: Mutex<ConversationState>,
+}
+
+struct ConversationState {
+    queue: VecDeque<Turn>,
+    recent_ids: DedupWindow,
+    /// The live actor; `None` while it is being (re)started.
+    actor: Option<ActorRef<ConversationMsg>>,
+    /// Set once the actor has passivated: the conversation takes no more turns.
+    closed: bool,
+    /// A turn is being run by a reply actor.
+    busy: bool,
+    last_activity: Instant,
+}
+
+/// The most recent activity ids, bounded by count.
+struct DedupWindow {
+    order: VecDeque<Arc<str>>,
+    ids: HashSet<Arc<str>>,
+    capacity: usize,
+}
+
+impl DedupWindow {
+    fn new(capacity: usize) -> Self {
+        Self {
+            order: VecDeque::new(),
+            ids: HashSet::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: Arc<str>) {
+        if self.order.len() == self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+        self.ids.insert(Arc::clone(&id));
+        self.order.push_back(id);
+    }
+}
+
+enum Enqueue {
+    Queued(Option<ActorRef<ConversationMsg>>),
+    Duplicate,
+    Full,
+    Closed,
+}
+
+impl Conversation {
+    fn new(key: ConversationKey, settings: &ConversationSettings) -> Self {
+        Self {
+            key,
+            state: Mutex::new(ConversationState {
+                queue: VecDeque::new(),
+                recent_ids: DedupWindow::new(settings.dedup_window),
+                actor: None,
+                closed: false,
+                busy: false,
+                last_activity: Instant::now(),
+            }),
+        }
+    }
+
+    /// A panic inside a turn poisons nothing we rely on: the state is consistent between
+    /// statements, so a poisoned lock is taken over.
+    fn state(&self) -> MutexGuard<'_, ConversationState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn enqueue(&self, activity_id: &str, turn: impl FnOnce(Arc<str>) -> Turn, capacity: usize) -> Enqueue {
+        let mut state = self.state();
+        if state.closed {
+            return Enqueue::Closed;
+        }
+        if state.recent_ids.contains(activity_id) {
+            return Enqueue::Duplicate;
+        }
+        if state.queue.len() >= capacity {
+            return Enqueue::Full;
+        }
+        let id: Arc<str> = activity_id.into();
+        state.recent_ids.insert(Arc::clone(&id));
+        state.queue.push_back(turn(id));
+        state.last_activity = Instant::now();
+        Enqueue::Queued(state.actor.clone())
+    }
+
+    /// Activities queued or running.
+    fn pending(&self) -> usize {
+        let state = self.state();
+        state.queue.len() + usize::from(state.busy)
+    }
+}
+
+/// All conversations in memory, and the door through which activities reach them.
+pub struct Directory {
+    /// integration id → conversation id → conversation. Lookups by `&str` allocate nothing.
+    conversations: DashMap<Box<str>, DashMap<Box<str>, Arc<Conversation>>>,
+    active: AtomicUsize,
+    settings: ConversationSettings,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+impl Directory {
+    /// Starts the supervisor and returns the directory that feeds it.
+    pub async fn start(
+        settings: ConversationSettings,
+        services: Arc<ReplyServices>,
+    ) -> Result<(Arc<Self>, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
+        supervisor::start(settings, services).await
+    }
+
+    /// Offers an accepted activity to its conversation, starting the conversation if needed.
+    pub fn accept(
+        &self,
+        integration: &Arc<str>,
+        conversation_id: &str,
+        activity_id: &str,
+        is_invoke: bool,
+        body: Bytes,
+    ) -> Admission {
+        let accepted_at = Instant::now();
+        let mut reply = None;
+        let mut make_turn = |id: Arc<str>| {
+            let invoke = if is_invoke {
+                let (tx, rx) = oneshot::channel();
+                reply = Some(rx);
+                Some(tx)
+            } else {
+                None
+            };
+            Turn {
+                activity_id: id,
+                body: body.clone(),
+                accepted_at,
+                invoke,
+            }
+        };
+        // A conversation that passivated between lookup and enqueue is replaced; twice at most.
+        for _ in 0..3 {
+            let conversation = match self.lookup(integration, conversation_id) {
+                Some(c) => c,
+                None => match self.create(integration, conversation_id) {
+                    Some(c) => c,
+                    None => return Admission::Overloaded,
+                },
+            };
+            match conversation.enqueue(activity_id, &mut make_turn, self.settings.mailbox_capacity) {
+                Enqueue::Queued(actor) => {
+                    if let Some(actor) = actor {
+                        // A dead actor cannot take the wake-up; its successor drains the queue.
+                        let _ = actor.cast(ConversationMsg::Wake);
+                    }
+                    return Admission::Accepted(reply);
+                }
+                Enqueue::Duplicate => return Admission::Duplicate,
+                Enqueue::Full => return Admission::MailboxFull,
+                Enqueue::Closed => self.remove(&conversation),
+            }
+        }
+        Admission::Overloaded
+    }
+
+    fn lookup(&self, integration: &str, conversation_id: &str) -> Option<Arc<Conversation>> {
+        self.conversations
+            .get(integration)?
+            .get(conversation_id)
+            .map(|c| Arc::clone(c.value()))
+    }
+
+    fn create(&self, integration: &Arc<str>, conversation_id: &str) -> Option<Arc<Conversation>> {
+        let per_integration = self
+            .conversations
+            .entry(integration.as_ref().into())
+            .or_default()
+            .downgrade();
+        let conversation = match per_integration.entry(conversation_id.into()) {
+            Entry::Occupied(existing) => return Some(Arc::clone(existing.get())),
+            Entry::Vacant(slot) => {
+                if self.active.fetch_add(1, Ordering::AcqRel) >= self.settings.max_active {
+                    self.active.fetch_sub(1, Ordering::AcqRel);
+                    return None;
+                }
+                let conversation = Arc::new(Conversation::new(
+                    ConversationKey {
+                        integration: Arc::clone(integration),
+                        conversation_id: conversation_id.into(),
+                    },
+                    &self.settings,
+                ));
+                slot.insert(Arc::clone(&conversation));
+                conversation
+            }
+        };
+        gauge!(CONVERSATIONS_ACTIVE).set(self.active.load(Ordering::Acquire) as f64);
+        if self
+            .supervisor
+            .cast(SupervisorMsg::Start(Arc::clone(&conversation)))
+            .is_err()
+        {
+            tracing::error!("conversation supervisor is gone; the activity waits for a restart");
+        }
+        Some(conversation)
+    }
+
+    /// Forgets a conversation (only this instance of it: a newer one under the key stays).
+    fn remove(&self, conversation: &Arc<Conversation>) {
+        let key = &conversation.key;
+        let Some(per_integration) = self.conversations.get(key.integration.as_ref()) else {
+            return;
+        };
+        if per_integration
+            .remove_if(key.conversation_id.as_ref(), |_, c| Arc::ptr_eq(c, conversation))
+            .is_some()
+        {
+            let now = self.active.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+            gauge!(CONVERSATIONS_ACTIVE).set(now as f64);
+        }
+    }
+
+    /// Activities accepted but not finished, over all conversations (for draining on shutdown).
+    pub fn pending(&self) -> usize {
+        self.conversations
+            .iter()
+            .map(|per| per.iter().map(|c| c.pending()).sum::<usize>())
+            .sum()
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn supervisor(&self) -> &ActorRef<SupervisorMsg> {
+        &self.supervisor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_window_forgets_the_oldest() {
+        let mut w = DedupWindow::new(2);
+        w.insert("a".into());
+        w.insert("b".into());
+        assert!(w.contains("a"));
+        w.insert("c".into());
+        assert!(!w.contains("a"));
+        assert!(w.contains("b") && w.contains("c"));
+    }
+}

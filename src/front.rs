@@ -1,0 +1,472 @@
+//! The HTTP front: hyper (HTTP/1.1 keep-alive and HTTP/2, optional TLS), routes, limits and
+//! status codes. An activity goes: body limit → integration lookup → token verification → one
+//! simd-json parse of the envelope → activity checks (endorsement, serviceurl, tenant) → routed
+//! to its conversation. Only an invoke waits for the bot; everything else is answered as soon as
+//! its conversation has queued it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics::{counter, histogram};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::activity::{Envelope, ParseError, with_envelope};
+use crate::auth::{AuthError, Verifier};
+use crate::backend::InvokeResponse;
+use crate::connector::{Connector, service_url_allowed};
+use crate::conversation::{Admission, Directory};
+use crate::registry::{Integration, Registry};
+use crate::telemetry::{self, ACTIVITIES_DUPLICATE, INGRESS_DURATION, Readiness};
+
+pub type Body = Full<Bytes>;
+
+const CALLBACK_PREFIX: &str = "/api/v1/integration/teams/";
+const CALLBACK_SUFFIX: &str = "/callback";
+
+/// Something that answers HTTP requests on one listener.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// Connection-level limits of a listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// Accepts connections until `shutdown` flips, then lets open connections finish (bounded by
+/// `drain_timeout`).
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: Arc<H>,
+    limits: ListenerLimits,
+    mut shutdown: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    loop {
+        // The permit is taken before accepting, so excess connections wait in the backlog.
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = Arc::clone(&handler);
+        let service = service_fn(move |request| {
+            let handler = Arc::clone(&handler);
+            async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
+        });
+        let builder = Arc::clone(&builder);
+        match &tls {
+            None => {
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                    drop(permit);
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let watcher = graceful.watcher();
+                let handshake_timeout = limits.header_read_timeout;
+                tokio::spawn(async move {
+                    let tls_stream =
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            _ => return,
+                        };
+                    let connection = builder
+                        .serve_connection(TokioIo::new(tls_stream), service)
+                        .into_owned();
+                    let _ = watcher.watch(connection).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain timeout; closing them");
+    }
+}
+
+/// Builds the TLS acceptor from PEM files (ALPN: h2, http/1.1).
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("server.tls_cert {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("server.tls_key {}: {e}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS configuration: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The activity (and, later, management) listener.
+pub struct Front {
+    pub registry: Arc<Registry>,
+    pub verifier: Arc<Verifier>,
+    pub directory: Arc<Directory>,
+    pub connector: Arc<Connector>,
+    pub body_limit: u64,
+    pub invoke_timeout: Duration,
+    pub retry_after_secs: u64,
+    pub required_endorsements: Vec<String>,
+}
+
+impl Handler for Front {
+    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let path = request.uri().path();
+        let Some(integration_id) = path
+            .strip_prefix(CALLBACK_PREFIX)
+            .and_then(|rest| rest.strip_suffix(CALLBACK_SUFFIX))
+            .filter(|id| !id.is_empty() && !id.contains('/'))
+        else {
+            return error(StatusCode::NOT_FOUND, "not_found", "no such route");
+        };
+        if request.method() != Method::POST {
+            let mut response = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "activities are POSTed",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return response;
+        }
+        let started = Instant::now();
+        let integration_id = integration_id.to_owned();
+        let response = match self.activity(request, peer, &integration_id).await {
+            Ok(response) => response,
+            Err(rejection) => {
+                telemetry::reject(rejection.reason);
+                tracing::debug!(integration = %integration_id, reason = rejection.reason, message = %rejection.message, "activity refused");
+                rejection.into_response(self.retry_after_secs)
+            }
+        };
+        histogram!(INGRESS_DURATION).record(started.elapsed().as_secs_f64());
+        response
+    }
+}
+
+/// Why an activity was refused: status, metric reason, one-line message.
+struct Rejection {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+    field: Option<&'static str>,
+}
+
+impl Rejection {
+    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn auth(error: AuthError) -> Self {
+        let status = match error {
+            AuthError::DiscoveryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        Self::new(status, error.reason(), error.to_string())
+    }
+
+    fn parse(error: ParseError) -> Self {
+        match error {
+            ParseError::Malformed(detail) => {
+                Self::new(StatusCode::BAD_REQUEST, "malformed_json", format!("malformed JSON: {detail}"))
+            }
+            ParseError::MissingField(field) => Self {
+                field: Some(field),
+                ..Self::new(StatusCode::BAD_REQUEST, "missing_field", format!("missing field: {field}"))
+            },
+        }
+    }
+
+    fn into_response(self, retry_after_secs: u64) -> Response<Body> {
+        let mut body = json!({"error": {"code": self.reason, "message": self.message}});
+        if let Some(field) = self.field {
+            body["error"]["field"] = json!(field);
+        }
+        let mut response = json_response(self.status, &body);
+        let headers = response.headers_mut();
+        match self.status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                // The rest of the body is never read, so the connection cannot be reused.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+enum Routed {
+    Accepted(Option<tokio::sync::oneshot::Receiver<InvokeResponse>>),
+    Duplicate,
+}
+
+impl Front {
+    async fn activity(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        integration_id: &str,
+    ) -> Result<Response<Body>, Rejection> {
+        let too_large = || {
+            Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is over {} bytes", self.body_limit),
+            )
+        };
+        let declared_length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_length.is_some_and(|n| n > self.body_limit) {
+            return Err(too_large());
+        }
+        let integration = self.registry.integration(integration_id).ok_or_else(|| {
+            Rejection::new(StatusCode::NOT_FOUND, "unknown_integration", "no such integration")
+        })?;
+
+        let verified = match integration.app_id() {
+            Some(app_id) => {
+                let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+                Some(self.verifier.verify(authorization, app_id).await.map_err(Rejection::auth)?)
+            }
+            None if peer.ip().is_loopback() => None,
+            None => return Err(Rejection::auth(AuthError::NotLoopback)),
+        };
+
+        let body = Limited::new(request.into_body(), self.body_limit as usize)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    too_large()
+                } else {
+                    Rejection::new(StatusCode::BAD_REQUEST, "malformed_json", "the body could not be read")
+                }
+            })?
+            .to_bytes();
+
+        let routed = with_envelope(&body, |envelope| {
+            let envelope = envelope.map_err(Rejection::parse)?;
+            self.check(&integration, verified.as_deref(), &envelope)?;
+            self.route(&integration, &envelope, body.clone())
+        })?;
+        match routed {
+            Routed::Duplicate => Ok(empty(StatusCode::OK)),
+            Routed::Accepted(None) => Ok(empty(StatusCode::OK)),
+            Routed::Accepted(Some(answer)) => {
+                let response = match tokio::time::timeout(self.invoke_timeout, answer).await {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(_)) => InvokeResponse::error("TurnFailed", "the bot failed to answer"),
+                    Err(_) => {
+                        tracing::warn!(integration = %integration.id, "invoke answer missed its deadline");
+                        InvokeResponse::error("Timeout", "the bot did not answer in time")
+                    }
+                };
+                let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+                Ok(json_response(status, &response.body))
+            }
+        }
+    }
+
+    /// The checks that need the parsed activity, in the SDKs' order.
+    fn check(
+        &self,
+        integration: &Integration,
+        verified: Option<&crate::auth::VerifiedToken>,
+        envelope: &Envelope<'_>,
+    ) -> Result<(), Rejection> {
+        if let Some(token) = verified {
+            token
+                .check_activity(envelope.channel_id, envelope.service_url, &self.required_endorsements)
+                .map_err(Rejection::auth)?;
+        }
+        if let Some(tenant) = integration.tenant_id()
+            && envelope.tenant_id != Some(tenant)
+        {
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "tenant_mismatch",
+                "the activity is not from this integration's tenant",
+            ));
+        }
+        let allowed = if integration.is_development() {
+            // Development replies go only to loopback; other https URLs are acknowledged and
+            // left unanswered, but plain http is refused outright.
+            !envelope.service_url.starts_with("http://") || service_url_allowed(envelope.service_url, &[])
+        } else {
+            self.connector.service_url_allowed(envelope.service_url)
+        };
+        if !allowed {
+            return Err(Rejection {
+                field: Some("serviceUrl"),
+                ..Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "service_url_not_allowed",
+                    "serviceUrl must be https on an allowed Bot Connector host (http only for loopback)",
+                )
+            });
+        }
+        Ok(())
+    }
+
+    fn route(&self, integration: &Integration, envelope: &Envelope<'_>, body: Bytes) -> Result<Routed, Rejection> {
+        let type_label = telemetry::activity_type_label(envelope.kind);
+        let admission = self.directory.accept(
+            &integration.id,
+            envelope.conversation_id,
+            envelope.id,
+            envelope.kind == "invoke",
+            body,
+        );
+        match admission {
+            Admission::Accepted(answer) => {
+                integration.count_received(type_label);
+                Ok(Routed::Accepted(answer))
+            }
+            Admission::Duplicate => {
+                integration.count_received(type_label);
+                counter!(ACTIVITIES_DUPLICATE).increment(1);
+                Ok(Routed::Duplicate)
+            }
+            Admission::MailboxFull => Err(Rejection::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "mailbox_full",
+                "this conversation has too many activities waiting",
+            )),
+            Admission::Overloaded => Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many conversations in memory",
+            )),
+        }
+    }
+}
+
+/// The ops listener: `/metrics`, `/healthz`, `/readyz`.
+pub struct Ops {
+    pub metrics: PrometheusHandle,
+    pub readiness: Arc<Readiness>,
+}
+
+impl Handler for Ops {
+    async fn handle(&self, request: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET");
+        }
+        match request.uri().path() {
+            "/metrics" => {
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
+            "/readyz" => match self.readiness.check() {
+                Ok(()) => json_response(StatusCode::OK, &json!({"status": "ready"})),
+                Err(why) => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not ready", "reason": why}),
+                ),
+            },
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        }
+    }
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, &json!({"error": {"code": code, "message": message}}))
+}

@@ -1,0 +1,177 @@
+//! The reply actor: one per turn, linked to its conversation actor. It asks the bot's backend for
+//! the answer, hands an invoke's answer back to the waiting HTTP request, and sends the message
+//! through the connector addressed as the SDKs do (`from`/`recipient` swapped, same
+//! `conversation`, `replyToId` = the activity). It stops when the turn is done; its conversation
+//! actor starts the next turn only then, which keeps turns of a conversation in order.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics::{counter, histogram};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::{Map, Value, json};
+use tokio::sync::oneshot;
+
+use crate::activity::TurnActivity;
+use crate::backend::{Answer, Backend, InvokeResponse};
+use crate::connector::{Connector, Op, is_loopback_url};
+use crate::registry::{Integration, Registry};
+use crate::telemetry::{FIRST_REPLY, TURNS_FAILED};
+
+/// What every reply needs, shared by all turns.
+pub struct ReplyServices {
+    pub registry: Arc<Registry>,
+    pub connector: Arc<Connector>,
+    /// Sent when the bot is added to a conversation; none when absent.
+    pub welcome_message: Option<String>,
+    /// Sent instead of an answer when the backend fails.
+    pub apology: String,
+}
+
+pub struct ReplyArgs {
+    pub services: Arc<ReplyServices>,
+    pub integration: Arc<Integration>,
+    pub activity: TurnActivity,
+    /// When the router acknowledged the activity (for `first_reply_seconds`).
+    pub accepted_at: Instant,
+    /// The HTTP request of an invoke, waiting for the InvokeResponse.
+    pub invoke: Option<oneshot::Sender<InvokeResponse>>,
+}
+
+pub struct ReplyActor;
+
+impl Actor for ReplyActor {
+    type Msg = ();
+    type State = Option<ReplyArgs>;
+    type Arguments = ReplyArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ReplyArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(Some(args))
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(args) = state.take() {
+            run_turn(args).await;
+        }
+        myself.stop(None);
+        Ok(())
+    }
+}
+
+async fn run_turn(mut args: ReplyArgs) {
+    let activity = &args.activity;
+    let text = match activity.kind.as_str() {
+        "message" | "invoke" => {
+            let answer = answer(&args).await;
+            if let (Some(waiting), Some(response)) = (args.invoke.take(), answer.invoke) {
+                // The request may have timed out already; then nobody listens.
+                let _ = waiting.send(response);
+            }
+            answer.text
+        }
+        "conversationUpdate" if activity.bot_was_added() => args.services.welcome_message.clone(),
+        other => {
+            tracing::info!(integration = %args.integration.id, kind = other, "activity recorded, nothing to answer");
+            None
+        }
+    };
+    let Some(text) = text else {
+        return;
+    };
+    let op = if activity.kind == "conversationUpdate" { Op::Send } else { Op::Reply };
+    send_message(&args, op, text).await;
+}
+
+async fn answer(args: &ReplyArgs) -> Answer {
+    let integration = &args.integration;
+    let backend = args
+        .services
+        .registry
+        .bot(&integration.record.bot_id)
+        .ok_or_else(|| format!("bot {:?} does not exist", integration.record.bot_id))
+        .and_then(|bot| Backend::from_spec(bot.backend()).map_err(|e| e.to_string()));
+    let result = match backend {
+        Ok(backend) => backend.answer(&args.activity).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(answer) => answer,
+        Err(error) => {
+            tracing::warn!(integration = %integration.id, %error, "backend failed; sending the apology");
+            counter!(TURNS_FAILED).increment(1);
+            Answer {
+                text: Some(args.services.apology.clone()),
+                invoke: (args.activity.kind == "invoke")
+                    .then(|| InvokeResponse::error("BackendFailed", "the bot could not answer")),
+            }
+        }
+    }
+}
+
+async fn send_message(args: &ReplyArgs, op: Op, text: String) {
+    let activity = &args.activity;
+    let integration = &args.integration;
+    if integration.is_development() && !is_loopback_url(&activity.service_url) {
+        tracing::warn!(
+            integration = %integration.id,
+            "development-mode integration: replies go only to loopback service URLs; reply dropped"
+        );
+        return;
+    }
+    let outbound = outbound_message(activity, text);
+    let reply_to = (op == Op::Reply).then_some(activity.id.as_str());
+    let result = args
+        .services
+        .connector
+        .post_activity(
+            op,
+            integration.credentials.as_deref(),
+            &activity.service_url,
+            activity.conversation_id(),
+            reply_to,
+            &outbound,
+        )
+        .await;
+    match result {
+        Ok(id) => {
+            histogram!(FIRST_REPLY).record(args.accepted_at.elapsed().as_secs_f64());
+            tracing::debug!(integration = %integration.id, id = id.as_deref().unwrap_or(""), "reply sent");
+        }
+        Err(error) => {
+            counter!(TURNS_FAILED).increment(1);
+            tracing::warn!(integration = %integration.id, %error, "reply not delivered");
+        }
+    }
+}
+
+/// A message addressed back into the activity's conversation.
+fn outbound_message(activity: &TurnActivity, text: String) -> Value {
+    let mut message = Map::new();
+    message.insert("type".into(), json!("message"));
+    message.insert("text".into(), json!(text));
+    message.insert("textFormat".into(), json!("plain"));
+    message.insert("channelId".into(), json!(activity.channel_id));
+    message.insert("serviceUrl".into(), json!(activity.service_url));
+    message.insert("conversation".into(), activity.conversation.clone());
+    if let Some(bot) = &activity.recipient {
+        message.insert("from".into(), bot.clone());
+    }
+    if let Some(user) = &activity.from {
+        message.insert("recipient".into(), user.clone());
+    }
+    if activity.kind != "conversationUpdate" {
+        message.insert("replyToId".into(), json!(activity.id));
+    }
+    if let Some(locale) = &activity.locale {
+        message.insert("locale".into(), json!(locale));
+    }
+    Value::Object(message)
+}

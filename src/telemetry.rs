@@ -1,0 +1,206 @@
+//! Metric names, the Prometheus recorder, and the ops endpoints (`/metrics`, `/healthz`,
+//! `/readyz`). Every metric of the contract is described and created at start-up, with its known
+//! label values at zero, so dashboards work before the first event. Labels never carry a
+//! conversation or user id.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const ACTIVITIES_RECEIVED: &str = "teams_router_activities_received_total";
+pub const ACTIVITIES_REJECTED: &str = "teams_router_activities_rejected_total";
+pub const ACTIVITIES_DUPLICATE: &str = "teams_router_activities_duplicate_total";
+pub const INGRESS_DURATION: &str = "teams_router_ingress_duration_seconds";
+pub const TURN_DURATION: &str = "teams_router_turn_duration_seconds";
+pub const FIRST_REPLY: &str = "teams_router_first_reply_seconds";
+pub const CONNECTOR_REQUESTS: &str = "teams_router_connector_requests_total";
+pub const CONNECTOR_RETRIES: &str = "teams_router_connector_retries_total";
+pub const CONVERSATIONS_ACTIVE: &str = "teams_router_conversations_active";
+pub const ACTOR_RESTARTS: &str = "teams_router_actor_restarts_total";
+pub const SNAPSHOT_DURATION: &str = "teams_router_snapshot_duration_seconds";
+pub const SNAPSHOT_FAILURES: &str = "teams_router_snapshot_failures_total";
+pub const TURNS_FAILED: &str = "teams_router_turns_failed_total";
+pub const KEY_REFRESHES: &str = "teams_router_signing_key_refreshes_total";
+
+/// Activity `type` label values; anything else is counted as `other` so that a hostile sender
+/// cannot create series.
+pub const ACTIVITY_TYPES: &[&str] = &[
+    "message",
+    "conversationUpdate",
+    "installationUpdate",
+    "messageReaction",
+    "messageUpdate",
+    "messageDelete",
+    "invoke",
+    "event",
+    "typing",
+    "endOfConversation",
+    "other",
+];
+
+/// Connector operations (`op` label).
+pub const CONNECTOR_OPS: &[&str] = &["reply", "send", "token"];
+/// Status label values created at start; others appear when they happen.
+const CONNECTOR_STATUSES: &[&str] = &["200", "201", "202", "401", "429", "500", "502", "503", "504", "error"];
+
+/// Why an outbound call was retried (`reason` label).
+pub const RETRY_REASONS: &[&str] = &[
+    "throttled",
+    "precondition_failed",
+    "ambiguous_5xx",
+    "ambiguous_timeout",
+    "connect",
+    "unauthorized",
+];
+
+/// Why an activity was refused (`reason` label); also the `reason` of the error body.
+pub const REJECT_REASONS: &[&str] = &[
+    "body_too_large",
+    "unknown_integration",
+    "missing_token",
+    "malformed_token",
+    "unsupported_algorithm",
+    "unknown_key",
+    "bad_signature",
+    "bad_issuer",
+    "bad_audience",
+    "expired",
+    "not_yet_valid",
+    "missing_endorsement",
+    "serviceurl_mismatch",
+    "tenant_mismatch",
+    "not_loopback",
+    "discovery_unavailable",
+    "malformed_json",
+    "missing_field",
+    "service_url_not_allowed",
+    "mailbox_full",
+    "overloaded",
+];
+
+pub fn activity_type_label(kind: &str) -> &'static str {
+    ACTIVITY_TYPES
+        .iter()
+        .find(|t| **t == kind)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Histogram buckets in seconds, from sub-millisecond ingress to multi-second turns.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install the metrics recorder: {0}")]
+pub struct RecorderError(String);
+
+/// Installs the process-wide recorder and registers every metric of the contract. Call it before
+/// building the registry, whose integrations register their own series.
+pub fn install() -> Result<PrometheusHandle, RecorderError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .map_err(|e| RecorderError(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| RecorderError(e.to_string()))?;
+    describe_all();
+    Ok(handle)
+}
+
+fn describe_all() {
+    describe_counter!(ACTIVITIES_RECEIVED, Unit::Count, "Activities verified, parsed and routed, by integration and activity type.");
+    describe_counter!(ACTIVITIES_REJECTED, Unit::Count, "Activities refused before routing, by reason.");
+    describe_counter!(ACTIVITIES_DUPLICATE, Unit::Count, "Redelivered activities acknowledged and dropped.");
+    describe_histogram!(INGRESS_DURATION, Unit::Seconds, "Time from request arrival to the HTTP answer for activities.");
+    describe_histogram!(TURN_DURATION, Unit::Seconds, "Time a conversation turn took, from its start to its last outbound message.");
+    describe_histogram!(FIRST_REPLY, Unit::Seconds, "Time from accepting an activity to the first outbound message of its turn.");
+    describe_counter!(CONNECTOR_REQUESTS, Unit::Count, "Bot Connector and token endpoint requests, by operation and HTTP status (error: no response).");
+    describe_counter!(CONNECTOR_RETRIES, Unit::Count, "Retried outbound requests, by reason; ambiguous_* may have posted already.");
+    describe_gauge!(CONVERSATIONS_ACTIVE, Unit::Count, "Conversation actors held in memory.");
+    describe_counter!(ACTOR_RESTARTS, Unit::Count, "Conversation actors restarted by their supervisor after a failure.");
+    describe_histogram!(SNAPSHOT_DURATION, Unit::Seconds, "Time to write one conversation snapshot to the store.");
+    describe_counter!(SNAPSHOT_FAILURES, Unit::Count, "Conversation snapshot writes that failed.");
+    describe_counter!(TURNS_FAILED, Unit::Count, "Turns that ended without their reply (backend or connector failure, panic).");
+    describe_counter!(KEY_REFRESHES, Unit::Count, "OpenID metadata and signing-key refreshes, by result.");
+
+    for reason in REJECT_REASONS {
+        counter!(ACTIVITIES_REJECTED, "reason" => *reason).increment(0);
+    }
+    counter!(ACTIVITIES_DUPLICATE).increment(0);
+    for op in CONNECTOR_OPS {
+        for status in CONNECTOR_STATUSES {
+            counter!(CONNECTOR_REQUESTS, "op" => *op, "status" => *status).increment(0);
+        }
+    }
+    for reason in RETRY_REASONS {
+        counter!(CONNECTOR_RETRIES, "reason" => *reason).increment(0);
+    }
+    gauge!(CONVERSATIONS_ACTIVE).set(0.0);
+    counter!(ACTOR_RESTARTS).increment(0);
+    counter!(SNAPSHOT_FAILURES).increment(0);
+    counter!(TURNS_FAILED).increment(0);
+    for result in ["ok", "error"] {
+        counter!(KEY_REFRESHES, "result" => result).increment(0);
+    }
+    // Creating the handles registers the histograms, so they render (with empty buckets) at once.
+    let _ = histogram!(INGRESS_DURATION);
+    let _ = histogram!(TURN_DURATION);
+    let _ = histogram!(FIRST_REPLY);
+    let _ = histogram!(SNAPSHOT_DURATION);
+}
+
+pub fn reject(reason: &'static str) {
+    counter!(ACTIVITIES_REJECTED, "reason" => reason).increment(1);
+}
+
+/// Readiness: the listener is bound and, when any integration verifies tokens, signing keys were
+/// loaded at least once.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    listening: AtomicBool,
+    keys_loaded: AtomicBool,
+    needs_keys: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Readiness {
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::Release);
+    }
+    pub fn set_keys_loaded(&self) {
+        self.keys_loaded.store(true, Ordering::Release);
+    }
+    pub fn set_needs_keys(&self, needs: bool) {
+        self.needs_keys.store(needs, Ordering::Release);
+    }
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+    /// `Err` names what is missing.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("shutting down");
+        }
+        if !self.listening.load(Ordering::Acquire) {
+            return Err("listener not bound");
+        }
+        if self.needs_keys.load(Ordering::Acquire) && !self.keys_loaded.load(Ordering::Acquire) {
+            return Err("OpenID metadata and signing keys not loaded yet");
+        }
+        Ok(())
+    }
+}
+
+/// Runs the recorder's upkeep (histogram maintenance) until the process stops.
+pub async fn run_upkeep(handle: PrometheusHandle, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
