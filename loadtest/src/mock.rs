@@ -1,0 +1,407 @@
+//! The Microsoft side, on loopback: OpenID metadata and JWKS (with endorsements), the Entra
+//! client-credentials token endpoint, and a Bot Connector that records every activity it gets.
+//! Shapes follow protocol.md (§1.2 metadata and keys, §2.1 token request/response, §3 connector
+//! REST API and error bodies). Faults are scripted: OpenID down, connector 429 + Retry-After,
+//! 5xx, latency, revoked tokens.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::keys::{CONNECTOR_ISSUER, SigningKey, connector_claims};
+
+/// The regional prefix of the mock's service URL; the router must keep it in outbound paths.
+pub const SERVICE_PATH_PREFIX: &str = "/amer/";
+
+/// A scripted answer for the next connector request.
+#[derive(Debug, Clone)]
+pub enum ConnectorFault {
+    /// 429 with `Retry-After: secs`.
+    Throttle { retry_after_secs: u64 },
+    /// Any status with the standard `ErrorResponse` body.
+    Status(u16),
+}
+
+/// One activity the mock connector accepted.
+#[derive(Debug, Clone)]
+pub struct RecordedActivity {
+    /// The request path as sent (percent-encoded).
+    pub raw_path: String,
+    /// `conversationId` from the path, decoded.
+    pub conversation_id: String,
+    /// The `{activityId}` of a reply, decoded.
+    pub reply_to_id: Option<String>,
+    pub body: Value,
+    pub authorization: Option<String>,
+    pub received_at: Instant,
+}
+
+impl RecordedActivity {
+    pub fn text(&self) -> &str {
+        self.body.get("text").and_then(Value::as_str).unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    openid_available: bool,
+    published: Vec<Arc<SigningKey>>,
+    /// (tenant, app id) → secret.
+    apps: HashMap<(String, String), String>,
+    issued_tokens: HashMap<String, String>,
+    token_requests: usize,
+    metadata_requests: usize,
+    connector_requires_auth: bool,
+    connector_faults: VecDeque<ConnectorFault>,
+    connector_latency: Duration,
+    connector_attempts: usize,
+    activities: Vec<RecordedActivity>,
+    next_id: u64,
+}
+
+/// The running mock; dropping it stops nothing (the server lives until the runtime ends).
+#[derive(Clone)]
+pub struct MockMicrosoft {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    arrived: Arc<Notify>,
+    /// The key `token_for` signs with.
+    signer: Arc<Mutex<Arc<SigningKey>>>,
+}
+
+impl MockMicrosoft {
+    /// Starts on a free loopback port with one published key endorsing `msteams`.
+    pub async fn start() -> Self {
+        let key = Arc::new(SigningKey::generate("key-1", &["msteams"]));
+        let state = State {
+            openid_available: true,
+            published: vec![Arc::clone(&key)],
+            connector_requires_auth: true,
+            next_id: 1,
+            ..State::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind mock Microsoft");
+        let addr = listener.local_addr().expect("mock address");
+        let mock = Self {
+            addr,
+            state: Arc::new(Mutex::new(state)),
+            arrived: Arc::new(Notify::new()),
+            signer: Arc::new(Mutex::new(key)),
+        };
+        let server = mock.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.route(req).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        mock
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `microsoft.openid_metadata_url` for the router.
+    pub fn openid_metadata_url(&self) -> String {
+        format!("http://{}/v1/.well-known/openidconfiguration", self.addr)
+    }
+
+    /// `microsoft.login_url` for the router (tokens at `{login_url}/{tenant}/oauth2/v2.0/token`).
+    pub fn login_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The `serviceUrl` activities carry; it has a regional path prefix like the real one.
+    pub fn service_url(&self) -> String {
+        format!("http://{}{}", self.addr, SERVICE_PATH_PREFIX)
+    }
+
+    /// Registers a bot app: multi-tenant apps (tenant `None`) get tokens from `botframework.com`.
+    pub fn register_app(&self, app_id: &str, secret: &str, tenant: Option<&str>) {
+        self.state.lock().apps.insert(
+            (tenant.unwrap_or("botframework.com").to_owned(), app_id.to_owned()),
+            secret.to_owned(),
+        );
+    }
+
+    /// The key valid tokens are signed with.
+    pub fn signing_key(&self) -> Arc<SigningKey> {
+        Arc::clone(&self.signer.lock())
+    }
+
+    /// A valid Connector token for `app_id`, bound to the mock's service URL.
+    pub fn token_for(&self, app_id: &str) -> String {
+        self.signing_key()
+            .sign(&connector_claims(app_id, &self.service_url()))
+    }
+
+    /// Publishes `key` in the JWKS (a key rotation at Microsoft) and signs with it from now on.
+    pub fn rotate_to(&self, key: Arc<SigningKey>) {
+        self.state.lock().published.push(Arc::clone(&key));
+        *self.signer.lock() = key;
+    }
+
+    /// Makes the OpenID metadata and key endpoints answer 503 (false) or work (true).
+    pub fn set_openid_available(&self, available: bool) {
+        self.state.lock().openid_available = available;
+    }
+
+    pub fn metadata_requests(&self) -> usize {
+        self.state.lock().metadata_requests
+    }
+
+    pub fn token_requests(&self) -> usize {
+        self.state.lock().token_requests
+    }
+
+    /// Forgets every issued token, so the connector answers 401 until a new one is fetched.
+    pub fn revoke_tokens(&self) {
+        self.state.lock().issued_tokens.clear();
+    }
+
+    /// Whether the connector demands a token it issued (true by default; development mode sends none).
+    pub fn set_connector_requires_auth(&self, required: bool) {
+        self.state.lock().connector_requires_auth = required;
+    }
+
+    /// Queues faults: each answers one connector request, in order, before normal service.
+    pub fn push_connector_faults(&self, faults: impl IntoIterator<Item = ConnectorFault>) {
+        self.state.lock().connector_faults.extend(faults);
+    }
+
+    pub fn set_connector_latency(&self, latency: Duration) {
+        self.state.lock().connector_latency = latency;
+    }
+
+    /// Every connector request, faulted or not.
+    pub fn connector_attempts(&self) -> usize {
+        self.state.lock().connector_attempts
+    }
+
+    pub fn activities(&self) -> Vec<RecordedActivity> {
+        self.state.lock().activities.clone()
+    }
+
+    /// Waits until at least `count` activities were recorded or `timeout` passed; returns them.
+    pub async fn wait_for_activities(&self, count: usize, timeout: Duration) -> Vec<RecordedActivity> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.arrived.notified();
+            {
+                let state = self.state.lock();
+                if state.activities.len() >= count || Instant::now() >= deadline {
+                    return state.activities.clone();
+                }
+            }
+            let _ = tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
+                notified,
+            )
+            .await;
+        }
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_owned();
+        match (request.method().clone(), path.as_str()) {
+            (Method::GET, "/v1/.well-known/openidconfiguration" | "/v1/.well-known/openid-configuration") => {
+                self.metadata()
+            }
+            (Method::GET, "/v1/.well-known/keys") => self.keys(),
+            (Method::POST, p) if p.ends_with("/oauth2/v2.0/token") => self.token(request).await,
+            (Method::POST, p) if p.contains("/v3/conversations/") => self.connector(request).await,
+            _ => json_response(StatusCode::NOT_FOUND, json!({"error": {"code": "NotFound", "message": path}})),
+        }
+    }
+
+    fn metadata(&self) -> Response<Full<Bytes>> {
+        let mut state = self.state.lock();
+        state.metadata_requests += 1;
+        if !state.openid_available {
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "temporarily unavailable"}));
+        }
+        json_response(
+            StatusCode::OK,
+            json!({
+                "issuer": CONNECTOR_ISSUER,
+                "authorization_endpoint": "https://invalid.botframework.com",
+                "jwks_uri": format!("http://{}/v1/.well-known/keys", self.addr),
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            }),
+        )
+    }
+
+    fn keys(&self) -> Response<Full<Bytes>> {
+        let state = self.state.lock();
+        if !state.openid_available {
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "temporarily unavailable"}));
+        }
+        let keys: Vec<Value> = state.published.iter().map(|k| k.jwk()).collect();
+        json_response(StatusCode::OK, json!({"keys": keys}))
+    }
+
+    async fn token(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let tenant = request
+            .uri()
+            .path()
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let body = read_body(request).await;
+        let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+        let field = |k: &str| form.get(k).cloned().unwrap_or_default();
+        let mut state = self.state.lock();
+        state.token_requests += 1;
+        if field("grant_type") != "client_credentials" {
+            return aad_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "AADSTS70003: grant type not supported");
+        }
+        if field("scope") != "https://api.botframework.com/.default" {
+            return aad_error(StatusCode::BAD_REQUEST, "invalid_scope", "AADSTS70011: invalid scope");
+        }
+        let app_id = field("client_id");
+        let Some(secret) = state.apps.get(&(tenant.clone(), app_id.clone())).cloned() else {
+            return aad_error(
+                StatusCode::BAD_REQUEST,
+                "unauthorized_client",
+                &format!("AADSTS700016: Application with identifier '{app_id}' was not found in the directory '{tenant}'."),
+            );
+        };
+        if field("client_secret") != secret {
+            return aad_error(StatusCode::UNAUTHORIZED, "invalid_client", "AADSTS7000215: Invalid client secret provided.");
+        }
+        let token = format!("mock-access-token-{}-{}", app_id, state.token_requests);
+        state.issued_tokens.insert(token.clone(), app_id);
+        json_response(
+            StatusCode::OK,
+            json!({"token_type": "Bearer", "expires_in": 3600, "ext_expires_in": 3600, "access_token": token}),
+        )
+    }
+
+    async fn connector(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let raw_path = request.uri().path().to_owned();
+        let authorization = request
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_body(request).await;
+        let latency = {
+            let mut state = self.state.lock();
+            state.connector_attempts += 1;
+            state.connector_latency
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let mut state = self.state.lock();
+        if state.connector_requires_auth {
+            let token = authorization.as_deref().and_then(|h| h.strip_prefix("Bearer "));
+            if !token.is_some_and(|t| state.issued_tokens.contains_key(t)) {
+                return connector_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Authorization has been denied for this request.");
+            }
+        }
+        if let Some(fault) = state.connector_faults.pop_front() {
+            return match fault {
+                ConnectorFault::Throttle { retry_after_secs } => {
+                    let mut r = connector_error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", "API calls quota exceeded");
+                    r.headers_mut().insert(hyper::header::RETRY_AFTER, retry_after_secs.into());
+                    r
+                }
+                ConnectorFault::Status(code) => connector_error(
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    "ServiceError",
+                    "injected failure",
+                ),
+            };
+        }
+        let Some(rest) = raw_path
+            .strip_prefix(SERVICE_PATH_PREFIX)
+            .and_then(|p| p.strip_prefix("v3/conversations/"))
+        else {
+            return connector_error(StatusCode::NOT_FOUND, "NotFound", "unknown service path (regional prefix lost?)");
+        };
+        let segments: Vec<&str> = rest.split('/').collect();
+        let (conversation, reply_to) = match segments.as_slice() {
+            [conversation, "activities"] => (*conversation, None),
+            [conversation, "activities", id] => (*conversation, Some(*id)),
+            _ => return connector_error(StatusCode::NOT_FOUND, "NotFound", "unknown operation (unencoded id?)"),
+        };
+        let Ok(activity) = serde_json::from_slice::<Value>(&body) else {
+            return connector_error(StatusCode::BAD_REQUEST, "BadSyntax", "body is not JSON");
+        };
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.activities.push(RecordedActivity {
+            raw_path: raw_path.clone(),
+            conversation_id: decode(conversation),
+            reply_to_id: reply_to.map(decode),
+            body: activity,
+            authorization,
+            received_at: Instant::now(),
+        });
+        drop(state);
+        self.arrived.notify_waiters();
+        json_response(StatusCode::OK, json!({"id": format!("1{id:012}")}))
+    }
+}
+
+async fn read_body(request: Request<Incoming>) -> Bytes {
+    request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The Connector's `ErrorResponse` shape (protocol.md §3.3).
+fn connector_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    json_response(status, json!({"error": {"code": code, "message": message}}))
+}
+
+/// Entra's OAuth error shape.
+fn aad_error(status: StatusCode, error: &str, description: &str) -> Response<Full<Bytes>> {
+    json_response(status, json!({"error": error, "error_description": description}))
+}

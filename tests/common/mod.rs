@@ -1,0 +1,148 @@
+//! Shared by the integration tests: the mock Microsoft side, a router process with a config
+//! pointing at it, and activities built from the real fixtures.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use loadtest::mock::MockMicrosoft;
+use loadtest::router::RouterProcess;
+use serde_json::Value;
+
+pub const APP_ID: &str = "11111111-1111-1111-1111-111111111111";
+pub const APP_SECRET: &str = "multi-tenant-secret";
+pub const SINGLE_APP_ID: &str = "22222222-2222-2222-2222-222222222222";
+pub const SINGLE_APP_SECRET: &str = "single-tenant-secret";
+pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_teams-router"))
+}
+
+/// A config with three integrations: `teams_prod` (multi-tenant), `teams_single` (single-tenant,
+/// tenant [`TENANT`]) and `teams_dev` (development mode); `extra` is appended verbatim.
+pub fn config(mock: &MockMicrosoft, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+ops_listen = "127.0.0.1:0"
+body_limit_bytes = 65536
+
+[microsoft]
+openid_metadata_url = "{metadata}"
+login_url = "{login}"
+
+[connector]
+backoff_base_ms = 20
+backoff_max_ms = 200
+
+[[bots]]
+id = "echo"
+backend = {{ kind = "echo" }}
+
+[[integrations]]
+id = "teams_prod"
+botId = "echo"
+botFrameworkAppId = "{APP_ID}"
+botFrameworkAppSecret = "{APP_SECRET}"
+
+[[integrations]]
+id = "teams_single"
+botId = "echo"
+botFrameworkAppId = "{SINGLE_APP_ID}"
+botFrameworkAppSecret = "{SINGLE_APP_SECRET}"
+tenantId = "{TENANT}"
+
+[[integrations]]
+id = "teams_dev"
+botId = "echo"
+
+{extra}
+"#,
+        metadata = mock.openid_metadata_url(),
+        login = mock.login_url(),
+    )
+}
+
+/// A mock with both apps registered, and a router configured against it.
+pub async fn start(extra: &str) -> (MockMicrosoft, RouterProcess) {
+    let mock = MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    mock.register_app(SINGLE_APP_ID, SINGLE_APP_SECRET, Some(TENANT));
+    let router = RouterProcess::spawn(&binary(), &config(&mock, extra))
+        .await
+        .expect("router starts");
+    (mock, router)
+}
+
+pub fn fixture(name: &str) -> Value {
+    let path = format!("{}/../shared/fixtures/activities/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+/// The personal-chat message fixture, pointed at the mock's service URL, with the given ids.
+pub fn personal_message(mock: &MockMicrosoft, conversation: &str, id: &str, text: &str) -> Value {
+    let mut a = fixture("personal-message.json");
+    a["serviceUrl"] = mock.service_url().into();
+    a["conversation"]["id"] = conversation.into();
+    a["id"] = id.into();
+    a["text"] = text.into();
+    a
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> (u16, String) {
+    let mut request = client.post(url).json(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+pub async fn metrics(router: &RouterProcess) -> String {
+    http()
+        .get(router.ops_url("/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// The value of one series (`name{labels}` exactly as rendered, or a bare name).
+pub fn metric_value(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Sum of every series of `name` whose labels contain all of `labels` (`k="v"` pieces).
+pub fn metric_sum(scrape: &str, name: &str, labels: &[&str]) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|l| rest.contains(l))).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
