@@ -287,12 +287,30 @@ mod tests {
     #[test]
     fn missing_fields_are_named() {
         let cases = [
-            (r#"{"id":"1","serviceUrl":"s","channelId":"c","conversation":{"id":"x"}}"#, "type"),
-            (r#"{"type":"message","serviceUrl":"s","channelId":"c","conversation":{"id":"x"}}"#, "id"),
-            (r#"{"type":"message","id":"1","channelId":"c","conversation":{"id":"x"}}"#, "serviceUrl"),
-            (r#"{"type":"message","id":"1","serviceUrl":"s","channelId":"c"}"#, "conversation.id"),
-            (r#"{"type":"message","id":"1","serviceUrl":"s","channelId":"c","conversation":{"id":""}}"#, "conversation.id"),
-            (r#"{"type":"message","id":"1","serviceUrl":"s","conversation":{"id":"x"}}"#, "channelId"),
+            (
+                r#"{"id":"1","serviceUrl":"s","channelId":"c","conversation":{"id":"x"}}"#,
+                "type",
+            ),
+            (
+                r#"{"type":"message","serviceUrl":"s","channelId":"c","conversation":{"id":"x"}}"#,
+                "id",
+            ),
+            (
+                r#"{"type":"message","id":"1","channelId":"c","conversation":{"id":"x"}}"#,
+                "serviceUrl",
+            ),
+            (
+                r#"{"type":"message","id":"1","serviceUrl":"s","channelId":"c"}"#,
+                "conversation.id",
+            ),
+            (
+                r#"{"type":"message","id":"1","serviceUrl":"s","channelId":"c","conversation":{"id":""}}"#,
+                "conversation.id",
+            ),
+            (
+                r#"{"type":"message","id":"1","serviceUrl":"s","conversation":{"id":"x"}}"#,
+                "channelId",
+            ),
         ];
         for (body, field) in cases {
             with_envelope(body.as_bytes(), |env| {
@@ -303,7 +321,14 @@ mod tests {
 
     #[test]
     fn malformed_json_is_an_error_not_a_panic() {
-        for body in [&b"{"[..], b"", b"[1,2]", b"{\"type\": 5}", b"\xff\xfe", b"null"] {
+        for body in [
+            &b"{"[..],
+            b"",
+            b"[1,2]",
+            b"{\"type\": 5}",
+            b"\xff\xfe",
+            b"null",
+        ] {
             with_envelope(body, |env| assert!(env.is_err(), "{body:?}"));
         }
     }
@@ -329,8 +354,12 @@ mod tests {
     fn bot_added_is_detected_from_members_added() {
         let body = fixture("conversationupdate-membersadded-personal.json");
         let mut activity = TurnActivity::parse(&body).unwrap();
-        assert!(!activity.bot_was_added(), "placeholder ids differ in the fixture");
-        activity.recipient = Some(serde_json::json!({"id": "28:f5d48856-5b42-41a0-8c3a-c5f944b679b0"}));
+        assert!(
+            !activity.bot_was_added(),
+            "placeholder ids differ in the fixture"
+        );
+        activity.recipient =
+            Some(serde_json::json!({"id": "28:f5d48856-5b42-41a0-8c3a-c5f944b679b0"}));
         assert!(activity.bot_was_added());
     }
 }

@@ -99,7 +99,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     tracing::info!(%addr, %ops_addr, integrations = registry.integrations().len(), "teams-router listening");
     // One line on stdout that scripts and tests read to find the ports.
     let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "teams-router listening on {scheme}://{addr} (ops http://{ops_addr})");
+    let _ = writeln!(
+        stdout,
+        "teams-router listening on {scheme}://{addr} (ops http://{ops_addr})"
+    );
     let _ = stdout.flush();
 
     let (stop_front, front_stopped) = watch::channel(false);
@@ -110,7 +113,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             background_stopped.clone(),
         ));
     }
-    let upkeep = tokio::spawn(telemetry::run_upkeep(metrics.clone(), background_stopped.clone()));
+    let upkeep = tokio::spawn(telemetry::run_upkeep(
+        metrics.clone(),
+        background_stopped.clone(),
+    ));
 
     let limits = ListenerLimits {
         max_connections: config.server.max_connections,
@@ -127,7 +133,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         retry_after_secs: config.conversation.retry_after_secs,
         required_endorsements: config.microsoft.required_endorsements.clone(),
     });
-    let front_task = tokio::spawn(front::serve(listener, tls, front, limits, front_stopped, drain));
+    let front_task = tokio::spawn(front::serve(
+        listener,
+        tls,
+        front,
+        limits,
+        front_stopped,
+        drain,
+    ));
     let ops = Arc::new(Ops {
         metrics,
         readiness: Arc::clone(&readiness),
@@ -151,7 +164,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     let left = directory.pending();
     if left > 0 {
-        tracing::warn!(left, "shutdown deadline reached with activities still pending");
+        tracing::warn!(
+            left,
+            "shutdown deadline reached with activities still pending"
+        );
     }
     let _ = front_task.await;
     directory.supervisor().stop(Some("shutdown".into()));
@@ -164,11 +180,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr).await.map_err(|source| AppError::Bind {
-        what,
-        addr: addr.to_owned(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            what,
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {

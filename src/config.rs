@@ -30,7 +30,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -44,21 +44,6 @@ pub struct Config {
     pub integrations: Vec<IntegrationRecord>,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            microsoft: MicrosoftConfig::default(),
-            storage: StorageConfig::default(),
-            conversation: ConversationConfig::default(),
-            connector: ConnectorConfig::default(),
-            testing: TestingConfig::default(),
-            accounts: Vec::new(),
-            bots: Vec::new(),
-            integrations: Vec::new(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -402,7 +387,9 @@ impl Config {
             ("server.ops_listen", &self.server.ops_listen),
         ] {
             if value.parse::<SocketAddr>().is_err() {
-                return invalid(format!("{key}: {value:?} is not an address like 127.0.0.1:3978"));
+                return invalid(format!(
+                    "{key}: {value:?} is not an address like 127.0.0.1:3978"
+                ));
             }
         }
         if self.server.body_limit_bytes == 0 {
@@ -412,7 +399,10 @@ impl Config {
             return invalid("server.tls_cert and server.tls_key go together".into());
         }
         for (key, value) in [
-            ("microsoft.openid_metadata_url", &self.microsoft.openid_metadata_url),
+            (
+                "microsoft.openid_metadata_url",
+                &self.microsoft.openid_metadata_url,
+            ),
             ("microsoft.login_url", &self.microsoft.login_url),
         ] {
             match url::Url::parse(value) {
@@ -422,8 +412,7 @@ impl Config {
         }
         if self.conversation.mailbox_capacity == 0 || self.conversation.max_active == 0 {
             return invalid(
-                "conversation.mailbox_capacity and conversation.max_active must be positive"
-                    .into(),
+                "conversation.mailbox_capacity and conversation.max_active must be positive".into(),
             );
         }
         if self.connector.max_attempts == 0 {
@@ -480,7 +469,10 @@ impl Config {
         }
         for account in &self.accounts {
             if account.api_key.as_deref().is_none_or(str::is_empty) {
-                return invalid(format!("account {}: api_key or api_key_env is required", account.id));
+                return invalid(format!(
+                    "account {}: api_key or api_key_env is required",
+                    account.id
+                ));
             }
         }
         Ok(())
@@ -497,7 +489,9 @@ impl Config {
         }
         for bot in &mut masked.bots {
             match &mut bot.backend {
-                BackendSpec::Webhook { secret: Some(s), .. } => *s = MASK.into(),
+                BackendSpec::Webhook {
+                    secret: Some(s), ..
+                } => *s = MASK.into(),
                 BackendSpec::Openai {
                     api_key: Some(k), ..
                 } => *k = MASK.into(),
@@ -596,7 +590,9 @@ fn resolve_key(table: &toml::Table, segment: &str) -> String {
 fn parse_env_value(raw: &str) -> toml::Value {
     let wrapped = format!("v = {raw}");
     match wrapped.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -647,7 +643,10 @@ botId = "echo"
             BASE,
             env(&[
                 ("TEAMS_ROUTER__INTEGRATIONS__0__BOTFRAMEWORKAPPID", "app-1"),
-                ("TEAMS_ROUTER__INTEGRATIONS__0__BOTFRAMEWORKAPPSECRET", "s3cret"),
+                (
+                    "TEAMS_ROUTER__INTEGRATIONS__0__BOTFRAMEWORKAPPSECRET",
+                    "s3cret",
+                ),
                 ("TEAMS_ROUTER__INTEGRATIONS__0__TENANTID", "tenant-1"),
             ]),
         )
@@ -681,10 +680,15 @@ botId = "echo"
                 "[[integrations]]\nid = \"x\"\nbotId = \"missing\"\n",
                 "names no bot",
             ),
-            ("[[bots]]\nid = \"a/b\"\nbackend = { kind = \"echo\" }\n", "must be 1-128"),
+            (
+                "[[bots]]\nid = \"a/b\"\nbackend = { kind = \"echo\" }\n",
+                "must be 1-128",
+            ),
         ];
         for (text, needle) in cases {
-            let err = Config::from_sources(text, Vec::new()).unwrap_err().to_string();
+            let err = Config::from_sources(text, Vec::new())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
     }

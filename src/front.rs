@@ -121,11 +121,15 @@ pub async fn serve<H: Handler>(
                 let watcher = graceful.watcher();
                 let handshake_timeout = limits.header_read_timeout;
                 tokio::spawn(async move {
-                    let tls_stream =
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            _ => return,
-                        };
+                    let tls_stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        _ => return,
+                    };
                     let connection = builder
                         .serve_connection(TokioIo::new(tls_stream), service)
                         .into_owned();
@@ -151,7 +155,8 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("server.tls_cert {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("server.tls_key {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("server.tls_key {}: {e}", key.display()))?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
@@ -236,12 +241,18 @@ impl Rejection {
 
     fn parse(error: ParseError) -> Self {
         match error {
-            ParseError::Malformed(detail) => {
-                Self::new(StatusCode::BAD_REQUEST, "malformed_json", format!("malformed JSON: {detail}"))
-            }
+            ParseError::Malformed(detail) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("malformed JSON: {detail}"),
+            ),
             ParseError::MissingField(field) => Self {
                 field: Some(field),
-                ..Self::new(StatusCode::BAD_REQUEST, "missing_field", format!("missing field: {field}"))
+                ..Self::new(
+                    StatusCode::BAD_REQUEST,
+                    "missing_field",
+                    format!("missing field: {field}"),
+                )
             },
         }
     }
@@ -298,13 +309,25 @@ impl Front {
             return Err(too_large());
         }
         let integration = self.registry.integration(integration_id).ok_or_else(|| {
-            Rejection::new(StatusCode::NOT_FOUND, "unknown_integration", "no such integration")
+            Rejection::new(
+                StatusCode::NOT_FOUND,
+                "unknown_integration",
+                "no such integration",
+            )
         })?;
 
         let verified = match integration.app_id() {
             Some(app_id) => {
-                let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-                Some(self.verifier.verify(authorization, app_id).await.map_err(Rejection::auth)?)
+                let authorization = request
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .map(HeaderValue::as_bytes);
+                Some(
+                    self.verifier
+                        .verify(authorization, app_id)
+                        .await
+                        .map_err(Rejection::auth)?,
+                )
             }
             None if peer.ip().is_loopback() => None,
             None => return Err(Rejection::auth(AuthError::NotLoopback)),
@@ -317,7 +340,11 @@ impl Front {
                 if e.is::<http_body_util::LengthLimitError>() {
                     too_large()
                 } else {
-                    Rejection::new(StatusCode::BAD_REQUEST, "malformed_json", "the body could not be read")
+                    Rejection::new(
+                        StatusCode::BAD_REQUEST,
+                        "malformed_json",
+                        "the body could not be read",
+                    )
                 }
             })?
             .to_bytes();
@@ -354,7 +381,11 @@ impl Front {
     ) -> Result<(), Rejection> {
         if let Some(token) = verified {
             token
-                .check_activity(envelope.channel_id, envelope.service_url, &self.required_endorsements)
+                .check_activity(
+                    envelope.channel_id,
+                    envelope.service_url,
+                    &self.required_endorsements,
+                )
                 .map_err(Rejection::auth)?;
         }
         if let Some(tenant) = integration.tenant_id()
@@ -369,7 +400,8 @@ impl Front {
         let allowed = if integration.is_development() {
             // Development replies go only to loopback; other https URLs are acknowledged and
             // left unanswered, but plain http is refused outright.
-            !envelope.service_url.starts_with("http://") || service_url_allowed(envelope.service_url, &[])
+            !envelope.service_url.starts_with("http://")
+                || service_url_allowed(envelope.service_url, &[])
         } else {
             self.connector.service_url_allowed(envelope.service_url)
         };
@@ -386,7 +418,12 @@ impl Front {
         Ok(())
     }
 
-    fn route(&self, integration: &Integration, envelope: &Envelope<'_>, body: Bytes) -> Result<Routed, Rejection> {
+    fn route(
+        &self,
+        integration: &Integration,
+        envelope: &Envelope<'_>,
+        body: Bytes,
+    ) -> Result<Routed, Rejection> {
         let type_label = telemetry::activity_type_label(envelope.kind);
         let admission = self.directory.accept(
             &integration.id,
@@ -428,7 +465,11 @@ pub struct Ops {
 impl Handler for Ops {
     async fn handle(&self, request: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
-            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET");
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET",
+            );
         }
         match request.uri().path() {
             "/metrics" => {
@@ -461,12 +502,16 @@ fn empty(status: StatusCode) -> Response<Body> {
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(status, &json!({"error": {"code": code, "message": message}}))
+    json_response(
+        status,
+        &json!({"error": {"code": code, "message": message}}),
+    )
 }

@@ -35,19 +35,28 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("teams-router: invalid configuration {}: {e}", cli.config.display());
+            eprintln!(
+                "teams-router: invalid configuration {}: {e}",
+                cli.config.display()
+            );
             return ExitCode::from(2);
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
             print!("{}", config.to_masked_toml());
-            eprintln!("teams-router: configuration {} is valid", cli.config.display());
+            eprintln!(
+                "teams-router: configuration {} is valid",
+                cli.config.display()
+            );
             ExitCode::SUCCESS
         }
         Command::Serve => {
             teams_router::app::init_logging();
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("teams-router: cannot start the runtime: {e}");

@@ -86,7 +86,11 @@ async fn run_turn(mut args: ReplyArgs) {
     let Some(text) = text else {
         return;
     };
-    let op = if activity.kind == "conversationUpdate" { Op::Send } else { Op::Reply };
+    let op = if activity.kind == "conversationUpdate" {
+        Op::Send
+    } else {
+        Op::Reply
+    };
     send_message(&args, op, text).await;
 }
 
@@ -99,7 +103,10 @@ async fn answer(args: &ReplyArgs) -> Answer {
         .ok_or_else(|| format!("bot {:?} does not exist", integration.record.bot_id))
         .and_then(|bot| Backend::from_spec(bot.backend()).map_err(|e| e.to_string()));
     let result = match backend {
-        Ok(backend) => backend.answer(&args.activity).await.map_err(|e| e.to_string()),
+        Ok(backend) => backend
+            .answer(&args.activity)
+            .await
+            .map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
     match result {

@@ -6,7 +6,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const ACTIVITIES_RECEIVED: &str = "teams_router_activities_received_total";
@@ -43,7 +45,9 @@ pub const ACTIVITY_TYPES: &[&str] = &[
 /// Connector operations (`op` label).
 pub const CONNECTOR_OPS: &[&str] = &["reply", "send", "token"];
 /// Status label values created at start; others appear when they happen.
-const CONNECTOR_STATUSES: &[&str] = &["200", "201", "202", "401", "429", "500", "502", "503", "504", "error"];
+const CONNECTOR_STATUSES: &[&str] = &[
+    "200", "201", "202", "401", "429", "500", "502", "503", "504", "error",
+];
 
 /// Why an outbound call was retried (`reason` label).
 pub const RETRY_REASONS: &[&str] = &[
@@ -111,20 +115,76 @@ pub fn install() -> Result<PrometheusHandle, RecorderError> {
 }
 
 fn describe_all() {
-    describe_counter!(ACTIVITIES_RECEIVED, Unit::Count, "Activities verified, parsed and routed, by integration and activity type.");
-    describe_counter!(ACTIVITIES_REJECTED, Unit::Count, "Activities refused before routing, by reason.");
-    describe_counter!(ACTIVITIES_DUPLICATE, Unit::Count, "Redelivered activities acknowledged and dropped.");
-    describe_histogram!(INGRESS_DURATION, Unit::Seconds, "Time from request arrival to the HTTP answer for activities.");
-    describe_histogram!(TURN_DURATION, Unit::Seconds, "Time a conversation turn took, from its start to its last outbound message.");
-    describe_histogram!(FIRST_REPLY, Unit::Seconds, "Time from accepting an activity to the first outbound message of its turn.");
-    describe_counter!(CONNECTOR_REQUESTS, Unit::Count, "Bot Connector and token endpoint requests, by operation and HTTP status (error: no response).");
-    describe_counter!(CONNECTOR_RETRIES, Unit::Count, "Retried outbound requests, by reason; ambiguous_* may have posted already.");
-    describe_gauge!(CONVERSATIONS_ACTIVE, Unit::Count, "Conversation actors held in memory.");
-    describe_counter!(ACTOR_RESTARTS, Unit::Count, "Conversation actors restarted by their supervisor after a failure.");
-    describe_histogram!(SNAPSHOT_DURATION, Unit::Seconds, "Time to write one conversation snapshot to the store.");
-    describe_counter!(SNAPSHOT_FAILURES, Unit::Count, "Conversation snapshot writes that failed.");
-    describe_counter!(TURNS_FAILED, Unit::Count, "Turns that ended without their reply (backend or connector failure, panic).");
-    describe_counter!(KEY_REFRESHES, Unit::Count, "OpenID metadata and signing-key refreshes, by result.");
+    describe_counter!(
+        ACTIVITIES_RECEIVED,
+        Unit::Count,
+        "Activities verified, parsed and routed, by integration and activity type."
+    );
+    describe_counter!(
+        ACTIVITIES_REJECTED,
+        Unit::Count,
+        "Activities refused before routing, by reason."
+    );
+    describe_counter!(
+        ACTIVITIES_DUPLICATE,
+        Unit::Count,
+        "Redelivered activities acknowledged and dropped."
+    );
+    describe_histogram!(
+        INGRESS_DURATION,
+        Unit::Seconds,
+        "Time from request arrival to the HTTP answer for activities."
+    );
+    describe_histogram!(
+        TURN_DURATION,
+        Unit::Seconds,
+        "Time a conversation turn took, from its start to its last outbound message."
+    );
+    describe_histogram!(
+        FIRST_REPLY,
+        Unit::Seconds,
+        "Time from accepting an activity to the first outbound message of its turn."
+    );
+    describe_counter!(
+        CONNECTOR_REQUESTS,
+        Unit::Count,
+        "Bot Connector and token endpoint requests, by operation and HTTP status (error: no response)."
+    );
+    describe_counter!(
+        CONNECTOR_RETRIES,
+        Unit::Count,
+        "Retried outbound requests, by reason; ambiguous_* may have posted already."
+    );
+    describe_gauge!(
+        CONVERSATIONS_ACTIVE,
+        Unit::Count,
+        "Conversation actors held in memory."
+    );
+    describe_counter!(
+        ACTOR_RESTARTS,
+        Unit::Count,
+        "Conversation actors restarted by their supervisor after a failure."
+    );
+    describe_histogram!(
+        SNAPSHOT_DURATION,
+        Unit::Seconds,
+        "Time to write one conversation snapshot to the store."
+    );
+    describe_counter!(
+        SNAPSHOT_FAILURES,
+        Unit::Count,
+        "Conversation snapshot writes that failed."
+    );
+    describe_counter!(
+        TURNS_FAILED,
+        Unit::Count,
+        "Turns that ended without their reply (backend or connector failure, panic)."
+    );
+    describe_counter!(
+        KEY_REFRESHES,
+        Unit::Count,
+        "OpenID metadata and signing-key refreshes, by result."
+    );
 
     for reason in REJECT_REASONS {
         counter!(ACTIVITIES_REJECTED, "reason" => *reason).increment(0);
@@ -195,7 +255,10 @@ impl Readiness {
 }
 
 /// Runs the recorder's upkeep (histogram maintenance) until the process stops.
-pub async fn run_upkeep(handle: PrometheusHandle, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run_upkeep(
+    handle: PrometheusHandle,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {

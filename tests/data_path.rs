@@ -19,9 +19,18 @@ async fn a_signed_personal_message_gets_exactly_one_reply_correctly_addressed() 
     let (mock, router) = start("").await;
     let mut activity = fixture("personal-message.json");
     activity["serviceUrl"] = mock.service_url().into();
-    let (status, body) = post(&http(), &router.callback_url("teams_prod"), Some(&mock.token_for(APP_ID)), &activity).await;
+    let (status, body) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &activity,
+    )
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(body, "", "non-invoke activities are answered with an empty body");
+    assert_eq!(
+        body, "",
+        "non-invoke activities are answered with an empty body"
+    );
 
     let replies = mock.wait_for_activities(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -30,15 +39,28 @@ async fn a_signed_personal_message_gets_exactly_one_reply_correctly_addressed() 
     let conversation = activity["conversation"]["id"].as_str().unwrap();
     assert_eq!(reply.conversation_id, conversation);
     assert_eq!(reply.reply_to_id.as_deref(), Some("1485983408511"));
-    assert!(reply.raw_path.starts_with("/amer/v3/conversations/"), "regional prefix kept: {}", reply.raw_path);
+    assert!(
+        reply.raw_path.starts_with("/amer/v3/conversations/"),
+        "regional prefix kept: {}",
+        reply.raw_path
+    );
     assert_eq!(reply.body["type"], "message");
-    assert_eq!(reply.body["text"], "echo: Hello Teams TestBot.Sending bold-italic rich text");
+    assert_eq!(
+        reply.body["text"],
+        "echo: Hello Teams TestBot.Sending bold-italic rich text"
+    );
     assert_eq!(reply.body["replyToId"], "1485983408511");
     assert_eq!(reply.body["from"], activity["recipient"], "from is the bot");
-    assert_eq!(reply.body["recipient"], activity["from"], "recipient is the user");
+    assert_eq!(
+        reply.body["recipient"], activity["from"],
+        "recipient is the user"
+    );
     assert_eq!(reply.body["conversation"], activity["conversation"]);
     assert!(
-        reply.authorization.as_deref().is_some_and(|a| a.starts_with("Bearer mock-access-token-")),
+        reply
+            .authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer mock-access-token-")),
         "the connector token is sent: {:?}",
         reply.authorization
     );
@@ -49,7 +71,13 @@ async fn a_channel_thread_reply_strips_the_mention_and_encodes_the_conversation_
     let (mock, router) = start("").await;
     let mut activity = fixture("channel-message-mention.json");
     activity["serviceUrl"] = mock.service_url().into();
-    let (status, _) = post(&http(), &router.callback_url("teams_prod"), Some(&mock.token_for(APP_ID)), &activity).await;
+    let (status, _) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &activity,
+    )
+    .await;
     assert_eq!(status, 200);
     let replies = mock.wait_for_activities(1, Duration::from_secs(10)).await;
     assert_eq!(replies[0].text(), "echo: reply to thread");
@@ -58,7 +86,9 @@ async fn a_channel_thread_reply_strips_the_mention_and_encodes_the_conversation_
         "19:6848757105754c8981c67612732d9aa7@thread.tacv2;messageid=1759881511856"
     );
     assert!(
-        replies[0].raw_path.contains("19%3A6848757105754c8981c67612732d9aa7%40thread.tacv2%3Bmessageid%3D1759881511856"),
+        replies[0].raw_path.contains(
+            "19%3A6848757105754c8981c67612732d9aa7%40thread.tacv2%3Bmessageid%3D1759881511856"
+        ),
         "{}",
         replies[0].raw_path
     );
@@ -79,14 +109,24 @@ async fn events_without_an_answer_are_accepted_and_counted() {
     ] {
         let mut activity = fixture(name);
         activity["serviceUrl"] = mock.service_url().into();
-        let (status, body) = post(&client, &router.callback_url("teams_prod"), Some(&token), &activity).await;
+        let (status, body) = post(
+            &client,
+            &router.callback_url("teams_prod"),
+            Some(&token),
+            &activity,
+        )
+        .await;
         assert_eq!(status, 200, "{name}: {body}");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(mock.activities().is_empty(), "no replies to events");
     let scrape = metrics(&router).await;
     let received = |t: &str| {
-        metric_sum(&scrape, "teams_router_activities_received_total", &["integration=\"teams_prod\"", &format!("type=\"{t}\"")])
+        metric_sum(
+            &scrape,
+            "teams_router_activities_received_total",
+            &["integration=\"teams_prod\"", &format!("type=\"{t}\"")],
+        )
     };
     assert_eq!(received("conversationUpdate"), 3.0);
     assert_eq!(received("installationUpdate"), 1.0);
@@ -101,18 +141,30 @@ async fn the_bot_added_to_a_chat_sends_the_configured_welcome() {
     let router = loadtest::router::RouterProcess::spawn_with_env(
         &binary(),
         &config(&mock, ""),
-        &[("TEAMS_ROUTER__CONNECTOR__WELCOME_MESSAGE", "Hi, I am the echo bot.")],
+        &[(
+            "TEAMS_ROUTER__CONNECTOR__WELCOME_MESSAGE",
+            "Hi, I am the echo bot.",
+        )],
     )
     .await
     .unwrap();
     let mut activity = fixture("conversationupdate-membersadded-personal.json");
     activity["serviceUrl"] = mock.service_url().into();
     activity["recipient"]["id"] = json!("28:f5d48856-5b42-41a0-8c3a-c5f944b679b0");
-    let (status, _) = post(&http(), &router.callback_url("teams_prod"), Some(&mock.token_for(APP_ID)), &activity).await;
+    let (status, _) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &activity,
+    )
+    .await;
     assert_eq!(status, 200);
     let replies = mock.wait_for_activities(1, Duration::from_secs(10)).await;
     assert_eq!(replies[0].text(), "Hi, I am the echo bot.");
-    assert_eq!(replies[0].reply_to_id, None, "sent into the conversation, not as a reply");
+    assert_eq!(
+        replies[0].reply_to_id, None,
+        "sent into the conversation, not as a reply"
+    );
 }
 
 #[tokio::test]
@@ -120,7 +172,13 @@ async fn an_invoke_is_answered_synchronously_with_the_bots_invoke_response() {
     let (mock, router) = start("").await;
     let mut activity = fixture("invoke-adaptivecard-action.json");
     activity["serviceUrl"] = mock.service_url().into();
-    let (status, body) = post(&http(), &router.callback_url("teams_prod"), Some(&mock.token_for(APP_ID)), &activity).await;
+    let (status, body) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &activity,
+    )
+    .await;
     assert_eq!(status, 200);
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
     assert_eq!(body["statusCode"], 200);
@@ -150,9 +208,20 @@ async fn a_redelivered_activity_is_answered_once_also_when_concurrent() {
     mock.wait_for_activities(2, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let replies = mock.activities();
-    assert_eq!(replies.len(), 2, "{:?}", replies.iter().map(|r| r.text().to_owned()).collect::<Vec<_>>());
+    assert_eq!(
+        replies.len(),
+        2,
+        "{:?}",
+        replies
+            .iter()
+            .map(|r| r.text().to_owned())
+            .collect::<Vec<_>>()
+    );
     let scrape = metrics(&router).await;
-    assert_eq!(metric_value(&scrape, "teams_router_activities_duplicate_total"), Some(4.0));
+    assert_eq!(
+        metric_value(&scrape, "teams_router_activities_duplicate_total"),
+        Some(4.0)
+    );
 }
 
 #[tokio::test]
@@ -168,11 +237,21 @@ async fn many_conversations_under_concurrency_are_answered_once_each_in_order() 
     // next), and 64 conversations are in flight at any time.
     let failures: Vec<String> = stream::iter(0..CONVERSATIONS)
         .map(|c| {
-            let (client, url, token, mock) = (client.clone(), Arc::clone(&url), Arc::clone(&token), mock.clone());
+            let (client, url, token, mock) = (
+                client.clone(),
+                Arc::clone(&url),
+                Arc::clone(&token),
+                mock.clone(),
+            );
             async move {
                 let mut failures = Vec::new();
                 for m in 0..MESSAGES {
-                    let activity = personal_message(&mock, &format!("load-{c}"), &format!("{c}-{m}"), &format!("m{m}"));
+                    let activity = personal_message(
+                        &mock,
+                        &format!("load-{c}"),
+                        &format!("{c}-{m}"),
+                        &format!("m{m}"),
+                    );
                     let (status, body) = post(&client, &url, Some(&token), &activity).await;
                     if status != 200 {
                         failures.push(format!("load-{c}/{m}: {status} {body}"));
@@ -187,19 +266,36 @@ async fn many_conversations_under_concurrency_are_answered_once_each_in_order() 
         .await;
     assert!(failures.is_empty(), "{failures:?}");
     let total = CONVERSATIONS * MESSAGES;
-    let replies = mock.wait_for_activities(total, Duration::from_secs(120)).await;
+    let replies = mock
+        .wait_for_activities(total, Duration::from_secs(120))
+        .await;
     let elapsed = started.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let replies = if replies.len() >= total { mock.activities() } else { replies };
+    let replies = if replies.len() >= total {
+        mock.activities()
+    } else {
+        replies
+    };
     assert_eq!(replies.len(), total, "every message answered exactly once");
     let mut per_conversation: HashMap<&str, Vec<usize>> = HashMap::new();
     for reply in &replies {
-        let n = reply.text().trim_start_matches("echo: m").parse().expect("echo of m<n>");
-        per_conversation.entry(reply.conversation_id.as_str()).or_default().push(n);
+        let n = reply
+            .text()
+            .trim_start_matches("echo: m")
+            .parse()
+            .expect("echo of m<n>");
+        per_conversation
+            .entry(reply.conversation_id.as_str())
+            .or_default()
+            .push(n);
     }
     assert_eq!(per_conversation.len(), CONVERSATIONS);
     for (conversation, order) in per_conversation {
-        assert_eq!(order, (0..MESSAGES).collect::<Vec<_>>(), "{conversation} out of order or duplicated");
+        assert_eq!(
+            order,
+            (0..MESSAGES).collect::<Vec<_>>(),
+            "{conversation} out of order or duplicated"
+        );
     }
     eprintln!("{total} activities answered in order in {elapsed:?}");
 }
@@ -213,10 +309,22 @@ async fn a_panicking_turn_is_restarted_without_losing_queued_activities() {
     // Slow replies keep the first turn running while the next two activities queue behind it.
     mock.set_connector_latency(Duration::from_millis(400));
     for (id, text) in [("1", "first"), ("2", "boom"), ("3", "after the crash")] {
-        let (status, body) = post(&client, &url, Some(&token), &personal_message(&mock, "crashy", id, text)).await;
+        let (status, body) = post(
+            &client,
+            &url,
+            Some(&token),
+            &personal_message(&mock, "crashy", id, text),
+        )
+        .await;
         assert_eq!(status, 200, "{body}");
     }
-    let (status, _) = post(&client, &url, Some(&token), &personal_message(&mock, "calm", "1", "unaffected")).await;
+    let (status, _) = post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "calm", "1", "unaffected"),
+    )
+    .await;
     assert_eq!(status, 200);
     let replies = mock.wait_for_activities(3, Duration::from_secs(15)).await;
     let texts = |conversation: &str| -> Vec<String> {
@@ -226,33 +334,73 @@ async fn a_panicking_turn_is_restarted_without_losing_queued_activities() {
             .map(|r| r.text().to_owned())
             .collect()
     };
-    assert_eq!(texts("crashy"), vec!["echo: first", "echo: after the crash"]);
+    assert_eq!(
+        texts("crashy"),
+        vec!["echo: first", "echo: after the crash"]
+    );
     assert_eq!(texts("calm"), vec!["echo: unaffected"]);
     mock.set_connector_latency(Duration::ZERO);
-    let (status, _) = post(&client, &url, Some(&token), &personal_message(&mock, "crashy", "4", "still here")).await;
+    let (status, _) = post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "crashy", "4", "still here"),
+    )
+    .await;
     assert_eq!(status, 200);
     let replies = mock.wait_for_activities(4, Duration::from_secs(10)).await;
-    assert_eq!(replies.last().map(|r| r.text().to_owned()).as_deref(), Some("echo: still here"));
+    assert_eq!(
+        replies.last().map(|r| r.text().to_owned()).as_deref(),
+        Some("echo: still here")
+    );
     let scrape = metrics(&router).await;
-    assert_eq!(metric_value(&scrape, "teams_router_actor_restarts_total"), Some(1.0));
+    assert_eq!(
+        metric_value(&scrape, "teams_router_actor_restarts_total"),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
 async fn connector_throttling_is_retried_after_retry_after() {
     let (mock, router) = start("").await;
-    mock.push_connector_faults([ConnectorFault::Throttle { retry_after_secs: 1 }]);
+    mock.push_connector_faults([ConnectorFault::Throttle {
+        retry_after_secs: 1,
+    }]);
     let started = Instant::now();
-    let (status, _) = post(&http(), &router.callback_url("teams_prod"), Some(&mock.token_for(APP_ID)), &personal_message(&mock, "t", "1", "slowly")).await;
+    let (status, _) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &personal_message(&mock, "t", "1", "slowly"),
+    )
+    .await;
     assert_eq!(status, 200);
     let replies = mock.wait_for_activities(1, Duration::from_secs(10)).await;
     let waited = replies[0].received_at.duration_since(started);
-    assert!(waited >= Duration::from_millis(950), "Retry-After honoured: replied after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(950),
+        "Retry-After honoured: replied after {waited:?}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(mock.activities().len(), 1);
     assert_eq!(mock.connector_attempts(), 2);
     let scrape = metrics(&router).await;
-    assert_eq!(metric_sum(&scrape, "teams_router_connector_retries_total", &["reason=\"throttled\""]), 1.0);
-    assert_eq!(metric_sum(&scrape, "teams_router_connector_requests_total", &["op=\"reply\"", "status=\"429\""]), 1.0);
+    assert_eq!(
+        metric_sum(
+            &scrape,
+            "teams_router_connector_retries_total",
+            &["reason=\"throttled\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &scrape,
+            "teams_router_connector_requests_total",
+            &["op=\"reply\"", "status=\"429\""]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -262,18 +410,44 @@ async fn ambiguous_5xx_is_retried_and_counted_apart_and_other_4xx_is_not_retried
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
     mock.push_connector_faults([ConnectorFault::Status(502)]);
-    post(&client, &url, Some(&token), &personal_message(&mock, "f", "1", "after a 502")).await;
+    post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "f", "1", "after a 502"),
+    )
+    .await;
     let replies = mock.wait_for_activities(1, Duration::from_secs(10)).await;
     assert_eq!(replies[0].text(), "echo: after a 502");
 
     mock.push_connector_faults([ConnectorFault::Status(403)]);
     let attempts = mock.connector_attempts();
-    post(&client, &url, Some(&token), &personal_message(&mock, "f", "2", "blocked")).await;
+    post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "f", "2", "blocked"),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(mock.connector_attempts() - attempts, 1, "a 403 is final");
     let scrape = metrics(&router).await;
-    assert_eq!(metric_sum(&scrape, "teams_router_connector_retries_total", &["reason=\"ambiguous_5xx\""]), 1.0);
-    assert_eq!(metric_sum(&scrape, "teams_router_connector_requests_total", &["status=\"403\""]), 1.0);
+    assert_eq!(
+        metric_sum(
+            &scrape,
+            "teams_router_connector_retries_total",
+            &["reason=\"ambiguous_5xx\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &scrape,
+            "teams_router_connector_requests_total",
+            &["status=\"403\""]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -282,23 +456,51 @@ async fn a_connector_401_refreshes_the_token_once_and_retries() {
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
-    post(&client, &url, Some(&token), &personal_message(&mock, "auth", "1", "first")).await;
+    post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "auth", "1", "first"),
+    )
+    .await;
     mock.wait_for_activities(1, Duration::from_secs(10)).await;
     assert_eq!(mock.token_requests(), 1, "the outbound token is cached");
     mock.revoke_tokens();
-    post(&client, &url, Some(&token), &personal_message(&mock, "auth", "2", "second")).await;
+    post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "auth", "2", "second"),
+    )
+    .await;
     let replies = mock.wait_for_activities(2, Duration::from_secs(10)).await;
     assert_eq!(replies[1].text(), "echo: second");
     assert_eq!(mock.token_requests(), 2, "one refresh");
     let scrape = metrics(&router).await;
-    assert_eq!(metric_sum(&scrape, "teams_router_connector_retries_total", &["reason=\"unauthorized\""]), 1.0);
+    assert_eq!(
+        metric_sum(
+            &scrape,
+            "teams_router_connector_retries_total",
+            &["reason=\"unauthorized\""]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn single_tenant_apps_ask_their_own_tenant_for_tokens() {
     let (mock, router) = start("").await;
-    let token = loadtest::keys::SigningKey::sign(&mock.signing_key(), &loadtest::keys::connector_claims(SINGLE_APP_ID, &mock.service_url()));
-    let (status, _) = post(&http(), &router.callback_url("teams_single"), Some(&token), &personal_message(&mock, "st", "1", "tenant")).await;
+    let token = loadtest::keys::SigningKey::sign(
+        &mock.signing_key(),
+        &loadtest::keys::connector_claims(SINGLE_APP_ID, &mock.service_url()),
+    );
+    let (status, _) = post(
+        &http(),
+        &router.callback_url("teams_single"),
+        Some(&token),
+        &personal_message(&mock, "st", "1", "tenant"),
+    )
+    .await;
     assert_eq!(status, 200);
     // The mock only knows this app in its own tenant: a reply proves the authority was right.
     let replies = mock.wait_for_activities(1, Duration::from_secs(10)).await;
@@ -312,17 +514,32 @@ async fn bad_requests_get_their_status() {
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
 
-    let response = client.post(&url).bearer_auth(&token).body("{not json").send().await.unwrap();
+    let response = client
+        .post(&url)
+        .bearer_auth(&token)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 400);
     assert!(response.text().await.unwrap().contains("malformed_json"));
 
     let mut missing = personal_message(&mock, "x", "1", "x");
-    missing["conversation"].as_object_mut().unwrap().remove("id");
+    missing["conversation"]
+        .as_object_mut()
+        .unwrap()
+        .remove("id");
     let (status, body) = post(&client, &url, Some(&token), &missing).await;
     assert_eq!(status, 400);
     assert!(body.contains("conversation.id"), "{body}");
 
-    let (status, _) = post(&client, &router.callback_url("nobody"), Some(&token), &missing).await;
+    let (status, _) = post(
+        &client,
+        &router.callback_url("nobody"),
+        Some(&token),
+        &missing,
+    )
+    .await;
     assert_eq!(status, 404);
 
     let response = client.get(&url).send().await.unwrap();
@@ -346,7 +563,10 @@ async fn an_oversized_body_is_refused_without_reading_it() {
     );
     socket.write_all(request.as_bytes()).await.unwrap();
     let mut answer = vec![0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut answer)).await.expect("answered at once").unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut answer))
+        .await
+        .expect("answered at once")
+        .unwrap();
     let head = String::from_utf8_lossy(&answer[..n]);
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
 
@@ -362,7 +582,13 @@ async fn an_oversized_body_is_refused_without_reading_it() {
     if let Ok(response) = response {
         assert_eq!(response.status().as_u16(), 413);
     }
-    let (status, _) = post(&http(), &router.callback_url("teams_prod"), Some(&token), &personal_message(&mock, "after", "1", "still serving")).await;
+    let (status, _) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&token),
+        &personal_message(&mock, "after", "1", "still serving"),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
@@ -385,20 +611,32 @@ async fn a_full_mailbox_answers_429_with_retry_after() {
             .unwrap();
         statuses.push(response.status().as_u16());
         if response.status().as_u16() == 429 {
-            retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
         }
     }
     assert!(statuses.contains(&429), "{statuses:?}");
     assert_eq!(retry_after.as_deref(), Some("1"));
     let accepted = statuses.iter().filter(|s| **s == 200).count();
-    let replies = mock.wait_for_activities(accepted, Duration::from_secs(15)).await;
-    assert_eq!(replies.len(), accepted, "every acknowledged activity is answered");
+    let replies = mock
+        .wait_for_activities(accepted, Duration::from_secs(15))
+        .await;
+    assert_eq!(
+        replies.len(),
+        accepted,
+        "every acknowledged activity is answered"
+    );
 }
 
 #[tokio::test]
 async fn http2_prior_knowledge_is_served() {
     let (mock, router) = start("").await;
-    let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     let response = client
         .post(router.callback_url("teams_prod"))
         .bearer_auth(mock.token_for(APP_ID))
@@ -408,7 +646,10 @@ async fn http2_prior_knowledge_is_served() {
         .unwrap();
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
     assert_eq!(response.status().as_u16(), 200);
-    assert_eq!(mock.wait_for_activities(1, Duration::from_secs(10)).await[0].text(), "echo: over h2");
+    assert_eq!(
+        mock.wait_for_activities(1, Duration::from_secs(10)).await[0].text(),
+        "echo: over h2"
+    );
 }
 
 #[tokio::test]
@@ -429,31 +670,94 @@ async fn metrics_are_exported_from_the_first_scrape_and_count_traffic() {
         "teams_router_snapshot_duration_seconds",
         "teams_router_snapshot_failures_total",
     ] {
-        assert!(first.contains(&format!("# HELP {name} ")), "{name} has no HELP in the first scrape");
+        assert!(
+            first.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP in the first scrape"
+        );
     }
-    assert!(first.contains("teams_router_ingress_duration_seconds_bucket{le=\"0.001\"}"), "histograms have buckets");
+    assert!(
+        first.contains("teams_router_ingress_duration_seconds_bucket{le=\"0.001\"}"),
+        "histograms have buckets"
+    );
 
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
     for i in 0..5 {
-        post(&client, &url, Some(&token), &personal_message(&mock, "metrics", &i.to_string(), "hi")).await;
+        post(
+            &client,
+            &url,
+            Some(&token),
+            &personal_message(&mock, "metrics", &i.to_string(), "hi"),
+        )
+        .await;
     }
-    post(&client, &url, Some(&token), &personal_message(&mock, "metrics", "0", "dup")).await;
-    post(&client, &url, None, &personal_message(&mock, "metrics", "9", "no token")).await;
+    post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "metrics", "0", "dup"),
+    )
+    .await;
+    post(
+        &client,
+        &url,
+        None,
+        &personal_message(&mock, "metrics", "9", "no token"),
+    )
+    .await;
     mock.wait_for_activities(5, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let scrape = metrics(&router).await;
-    assert_eq!(metric_sum(&scrape, "teams_router_activities_received_total", &["integration=\"teams_prod\"", "type=\"message\""]), 6.0);
-    assert_eq!(metric_value(&scrape, "teams_router_activities_duplicate_total"), Some(1.0));
-    assert_eq!(metric_sum(&scrape, "teams_router_activities_rejected_total", &["reason=\"missing_token\""]), 1.0);
-    assert_eq!(metric_sum(&scrape, "teams_router_connector_requests_total", &["op=\"reply\"", "status=\"200\""]), 5.0);
-    assert_eq!(metric_value(&scrape, "teams_router_ingress_duration_seconds_count"), Some(7.0));
-    assert_eq!(metric_value(&scrape, "teams_router_turn_duration_seconds_count"), Some(5.0));
-    assert_eq!(metric_value(&scrape, "teams_router_first_reply_seconds_count"), Some(5.0));
-    assert_eq!(metric_value(&scrape, "teams_router_conversations_active"), Some(1.0));
-    assert!(!scrape.contains("metrics\""), "no conversation id in any label");
+    assert_eq!(
+        metric_sum(
+            &scrape,
+            "teams_router_activities_received_total",
+            &["integration=\"teams_prod\"", "type=\"message\""]
+        ),
+        6.0
+    );
+    assert_eq!(
+        metric_value(&scrape, "teams_router_activities_duplicate_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_sum(
+            &scrape,
+            "teams_router_activities_rejected_total",
+            &["reason=\"missing_token\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &scrape,
+            "teams_router_connector_requests_total",
+            &["op=\"reply\"", "status=\"200\""]
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric_value(&scrape, "teams_router_ingress_duration_seconds_count"),
+        Some(7.0)
+    );
+    assert_eq!(
+        metric_value(&scrape, "teams_router_turn_duration_seconds_count"),
+        Some(5.0)
+    );
+    assert_eq!(
+        metric_value(&scrape, "teams_router_first_reply_seconds_count"),
+        Some(5.0)
+    );
+    assert_eq!(
+        metric_value(&scrape, "teams_router_conversations_active"),
+        Some(1.0)
+    );
+    assert!(
+        !scrape.contains("metrics\""),
+        "no conversation id in any label"
+    );
 
     match std::process::Command::new("promtool")
         .args(["check", "metrics"])
@@ -464,7 +768,12 @@ async fn metrics_are_exported_from_the_first_scrape_and_count_traffic() {
     {
         Ok(mut child) => {
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(scrape.as_bytes())
+                .unwrap();
             let out = child.wait_with_output().unwrap();
             assert!(
                 out.status.success(),
@@ -473,7 +782,9 @@ async fn metrics_are_exported_from_the_first_scrape_and_count_traffic() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Err(e) if std::env::var_os("CI").is_none() => eprintln!("promtool not installed ({e}); .ci/run installs it"),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("promtool not installed ({e}); .ci/run installs it")
+        }
         Err(e) => panic!("promtool is required in CI: {e}"),
     }
 }
@@ -482,9 +793,19 @@ async fn metrics_are_exported_from_the_first_scrape_and_count_traffic() {
 async fn sigterm_finishes_running_turns_and_exits_cleanly() {
     let (mock, mut router) = start("").await;
     mock.set_connector_latency(Duration::from_millis(300));
-    let (status, _) = post(&http(), &router.callback_url("teams_prod"), Some(&mock.token_for(APP_ID)), &personal_message(&mock, "bye", "1", "last words")).await;
+    let (status, _) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &personal_message(&mock, "bye", "1", "last words"),
+    )
+    .await;
     assert_eq!(status, 200);
     let exit = router.terminate(Duration::from_secs(15)).await.unwrap();
     assert!(exit.success(), "{exit:?}");
-    assert_eq!(mock.activities().len(), 1, "the acknowledged turn finished before exit");
+    assert_eq!(
+        mock.activities().len(),
+        1,
+        "the acknowledged turn finished before exit"
+    );
 }

@@ -37,24 +37,99 @@ async fn every_inbound_check_refuses_with_its_status_and_no_reply() {
     no_aud.as_object_mut().unwrap().remove("aud");
 
     let cases: Vec<(&str, &str, Option<String>, u16, &str)> = vec![
-        ("missing Authorization", "c-none", None, 401, "missing_token"),
-        ("not a JWT", "c-garbage", Some("not-a-jwt".into()), 401, "malformed_token"),
-        ("bad signature", "c-sig", Some(impostor.sign(&claims())), 401, "bad_signature"),
-        ("wrong issuer", "c-iss", Some(key.sign(&wrong_issuer)), 401, "bad_issuer"),
-        ("wrong audience", "c-aud", Some(key.sign(&connector_claims("someone-else", &service_url))), 401, "bad_audience"),
-        ("no audience", "c-noaud", Some(key.sign(&no_aud)), 401, "malformed_token"),
-        ("expired beyond the skew", "c-exp", Some(key.sign(&expired)), 401, "expired"),
-        ("not yet valid beyond the skew", "c-nbf", Some(key.sign(&not_yet)), 401, "not_yet_valid"),
-        ("alg none", "c-none-alg", Some(key.unsigned_alg_none(&claims())), 401, "unsupported_algorithm"),
-        ("HS256 with the public key", "c-hs", Some(key.sign_hs256_with_public_key(&claims())), 401, "unsupported_algorithm"),
-        ("unknown kid", "c-kid", Some(unknown_kid.sign(&claims())), 401, "unknown_key"),
-        ("serviceurl mismatch", "c-surl", Some(key.sign(&other_service)), 401, "serviceurl_mismatch"),
+        (
+            "missing Authorization",
+            "c-none",
+            None,
+            401,
+            "missing_token",
+        ),
+        (
+            "not a JWT",
+            "c-garbage",
+            Some("not-a-jwt".into()),
+            401,
+            "malformed_token",
+        ),
+        (
+            "bad signature",
+            "c-sig",
+            Some(impostor.sign(&claims())),
+            401,
+            "bad_signature",
+        ),
+        (
+            "wrong issuer",
+            "c-iss",
+            Some(key.sign(&wrong_issuer)),
+            401,
+            "bad_issuer",
+        ),
+        (
+            "wrong audience",
+            "c-aud",
+            Some(key.sign(&connector_claims("someone-else", &service_url))),
+            401,
+            "bad_audience",
+        ),
+        (
+            "no audience",
+            "c-noaud",
+            Some(key.sign(&no_aud)),
+            401,
+            "malformed_token",
+        ),
+        (
+            "expired beyond the skew",
+            "c-exp",
+            Some(key.sign(&expired)),
+            401,
+            "expired",
+        ),
+        (
+            "not yet valid beyond the skew",
+            "c-nbf",
+            Some(key.sign(&not_yet)),
+            401,
+            "not_yet_valid",
+        ),
+        (
+            "alg none",
+            "c-none-alg",
+            Some(key.unsigned_alg_none(&claims())),
+            401,
+            "unsupported_algorithm",
+        ),
+        (
+            "HS256 with the public key",
+            "c-hs",
+            Some(key.sign_hs256_with_public_key(&claims())),
+            401,
+            "unsupported_algorithm",
+        ),
+        (
+            "unknown kid",
+            "c-kid",
+            Some(unknown_kid.sign(&claims())),
+            401,
+            "unknown_key",
+        ),
+        (
+            "serviceurl mismatch",
+            "c-surl",
+            Some(key.sign(&other_service)),
+            401,
+            "serviceurl_mismatch",
+        ),
     ];
     for (what, conversation, token, status, reason) in &cases {
         let activity = personal_message(&mock, conversation, "1", "hello");
         let (got, body) = post(&client, &prod, token.as_deref(), &activity).await;
         assert_eq!(got, *status, "{what}: {body}");
-        assert!(body.contains(reason), "{what}: body {body} lacks reason {reason}");
+        assert!(
+            body.contains(reason),
+            "{what}: body {body} lacks reason {reason}"
+        );
     }
 
     // Tenant mismatch on a single-tenant integration: 403.
@@ -66,7 +141,10 @@ async fn every_inbound_check_refuses_with_its_status_and_no_reply() {
     assert!(body.contains("tenant_mismatch"));
     // ... and the right tenant is let in.
     let same_tenant = personal_message(&mock, "c-tenant-ok", "1", "hello");
-    assert_eq!(post(&client, &single, Some(&token), &same_tenant).await.0, 200);
+    assert_eq!(
+        post(&client, &single, Some(&token), &same_tenant).await.0,
+        200
+    );
 
     // A token for one bot does not open another bot's door, even when it is cached.
     let prod_token = mock.token_for(APP_ID);
@@ -77,20 +155,36 @@ async fn every_inbound_check_refuses_with_its_status_and_no_reply() {
 
     let replies = mock.wait_for_activities(2, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let replies = if replies.len() == 2 { mock.activities() } else { replies };
+    let replies = if replies.len() == 2 {
+        mock.activities()
+    } else {
+        replies
+    };
     let conversations: Vec<_> = replies.iter().map(|r| r.conversation_id.as_str()).collect();
-    assert_eq!(conversations.len(), 2, "only the verified activities are answered: {conversations:?}");
+    assert_eq!(
+        conversations.len(),
+        2,
+        "only the verified activities are answered: {conversations:?}"
+    );
     assert!(conversations.contains(&"c-tenant-ok") && conversations.contains(&"c-ok"));
 
     let scrape = metrics(&router).await;
     for (what, _, _, _, reason) in &cases {
         assert!(
-            metric_sum(&scrape, "teams_router_activities_rejected_total", &[&format!("reason=\"{reason}\"")]) >= 1.0,
+            metric_sum(
+                &scrape,
+                "teams_router_activities_rejected_total",
+                &[&format!("reason=\"{reason}\"")]
+            ) >= 1.0,
             "{what}: no rejection counted for {reason}"
         );
     }
     assert_eq!(
-        metric_sum(&scrape, "teams_router_activities_rejected_total", &["reason=\"tenant_mismatch\""]),
+        metric_sum(
+            &scrape,
+            "teams_router_activities_rejected_total",
+            &["reason=\"tenant_mismatch\""]
+        ),
         1.0
     );
 }
@@ -126,28 +220,57 @@ async fn a_rotated_key_is_picked_up_after_one_refresh() {
     let url = router.callback_url("teams_prod");
     let claims = connector_claims(APP_ID, &mock.service_url());
     assert_eq!(
-        post(&client, &url, Some(&mock.token_for(APP_ID)), &personal_message(&mock, "c1", "1", "a")).await.0,
+        post(
+            &client,
+            &url,
+            Some(&mock.token_for(APP_ID)),
+            &personal_message(&mock, "c1", "1", "a")
+        )
+        .await
+        .0,
         200
     );
 
     // A kid Microsoft has not published yet: refused after a refresh finds nothing.
     let next = Arc::new(SigningKey::generate("key-2", &["msteams"]));
     let token = next.sign(&claims);
-    let (status, body) = post(&client, &url, Some(&token), &personal_message(&mock, "c1", "2", "b")).await;
+    let (status, body) = post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "c1", "2", "b"),
+    )
+    .await;
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("unknown_key"));
 
     // Microsoft rotates: the same kid is now published and the token is accepted.
     mock.rotate_to(Arc::clone(&next));
     let before = mock.metadata_requests();
-    let (status, body) = post(&client, &url, Some(&token), &personal_message(&mock, "c1", "3", "c")).await;
+    let (status, body) = post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "c1", "3", "c"),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(mock.metadata_requests() - before, 1, "exactly one refresh");
 
     // Known kids and cached tokens cost no refresh.
     for i in 4..10 {
         let id = i.to_string();
-        assert_eq!(post(&client, &url, Some(&token), &personal_message(&mock, "c1", &id, "d")).await.0, 200);
+        assert_eq!(
+            post(
+                &client,
+                &url,
+                Some(&token),
+                &personal_message(&mock, "c1", &id, "d")
+            )
+            .await
+            .0,
+            200
+        );
     }
     assert_eq!(mock.metadata_requests() - before, 1);
 }
@@ -165,7 +288,11 @@ async fn discovery_down_with_no_cached_key_is_503_until_it_comes_back() {
     let token = mock.token_for(APP_ID);
 
     let ready = client.get(router.ops_url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status().as_u16(), 503, "not ready without signing keys");
+    assert_eq!(
+        ready.status().as_u16(),
+        503,
+        "not ready without signing keys"
+    );
 
     let response = client
         .post(&url)
@@ -176,10 +303,22 @@ async fn discovery_down_with_no_cached_key_is_503_until_it_comes_back() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 503);
     assert!(response.headers().get("retry-after").is_some());
-    assert!(response.text().await.unwrap().contains("discovery_unavailable"));
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("discovery_unavailable")
+    );
 
     mock.set_openid_available(true);
-    let (status, body) = post(&client, &url, Some(&token), &personal_message(&mock, "c1", "2", "hello")).await;
+    let (status, body) = post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "c1", "2", "hello"),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let replies = mock.wait_for_activities(1, Duration::from_secs(10)).await;
     assert_eq!(replies.len(), 1);
@@ -188,7 +327,13 @@ async fn discovery_down_with_no_cached_key_is_503_until_it_comes_back() {
 
     // Once keys are cached, an outage no longer matters.
     mock.set_openid_available(false);
-    let (status, _) = post(&client, &url, Some(&token), &personal_message(&mock, "c1", "3", "hello")).await;
+    let (status, _) = post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "c1", "3", "hello"),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
@@ -203,6 +348,9 @@ async fn development_mode_takes_unsigned_loopback_activities_and_replies_unauthe
     let replies = mock.wait_for_activities(1, Duration::from_secs(10)).await;
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].text(), "echo: hi there");
-    assert_eq!(replies[0].authorization, None, "no token leaves in development mode");
+    assert_eq!(
+        replies[0].authorization, None,
+        "no token leaves in development mode"
+    );
     assert_eq!(mock.token_requests(), 0);
 }

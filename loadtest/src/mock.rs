@@ -52,7 +52,10 @@ pub struct RecordedActivity {
 
 impl RecordedActivity {
     pub fn text(&self) -> &str {
-        self.body.get("text").and_then(Value::as_str).unwrap_or_default()
+        self.body
+            .get("text")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
     }
 }
 
@@ -147,7 +150,10 @@ impl MockMicrosoft {
     /// Registers a bot app: multi-tenant apps (tenant `None`) get tokens from `botframework.com`.
     pub fn register_app(&self, app_id: &str, secret: &str, tenant: Option<&str>) {
         self.state.lock().apps.insert(
-            (tenant.unwrap_or("botframework.com").to_owned(), app_id.to_owned()),
+            (
+                tenant.unwrap_or("botframework.com").to_owned(),
+                app_id.to_owned(),
+            ),
             secret.to_owned(),
         );
     }
@@ -211,7 +217,11 @@ impl MockMicrosoft {
     }
 
     /// Waits until at least `count` activities were recorded or `timeout` passed; returns them.
-    pub async fn wait_for_activities(&self, count: usize, timeout: Duration) -> Vec<RecordedActivity> {
+    pub async fn wait_for_activities(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<RecordedActivity> {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.arrived.notified();
@@ -222,7 +232,9 @@ impl MockMicrosoft {
                 }
             }
             let _ = tokio::time::timeout(
-                deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100)),
                 notified,
             )
             .await;
@@ -232,13 +244,17 @@ impl MockMicrosoft {
     async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_owned();
         match (request.method().clone(), path.as_str()) {
-            (Method::GET, "/v1/.well-known/openidconfiguration" | "/v1/.well-known/openid-configuration") => {
-                self.metadata()
-            }
+            (
+                Method::GET,
+                "/v1/.well-known/openidconfiguration" | "/v1/.well-known/openid-configuration",
+            ) => self.metadata(),
             (Method::GET, "/v1/.well-known/keys") => self.keys(),
             (Method::POST, p) if p.ends_with("/oauth2/v2.0/token") => self.token(request).await,
             (Method::POST, p) if p.contains("/v3/conversations/") => self.connector(request).await,
-            _ => json_response(StatusCode::NOT_FOUND, json!({"error": {"code": "NotFound", "message": path}})),
+            _ => json_response(
+                StatusCode::NOT_FOUND,
+                json!({"error": {"code": "NotFound", "message": path}}),
+            ),
         }
     }
 
@@ -246,7 +262,10 @@ impl MockMicrosoft {
         let mut state = self.state.lock();
         state.metadata_requests += 1;
         if !state.openid_available {
-            return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "temporarily unavailable"}));
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "temporarily unavailable"}),
+            );
         }
         json_response(
             StatusCode::OK,
@@ -263,7 +282,10 @@ impl MockMicrosoft {
     fn keys(&self) -> Response<Full<Bytes>> {
         let state = self.state.lock();
         if !state.openid_available {
-            return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "temporarily unavailable"}));
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "temporarily unavailable"}),
+            );
         }
         let keys: Vec<Value> = state.published.iter().map(|k| k.jwk()).collect();
         json_response(StatusCode::OK, json!({"keys": keys}))
@@ -279,26 +301,41 @@ impl MockMicrosoft {
             .unwrap_or_default()
             .to_owned();
         let body = read_body(request).await;
-        let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+        let form: HashMap<String, String> =
+            url::form_urlencoded::parse(&body).into_owned().collect();
         let field = |k: &str| form.get(k).cloned().unwrap_or_default();
         let mut state = self.state.lock();
         state.token_requests += 1;
         if field("grant_type") != "client_credentials" {
-            return aad_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "AADSTS70003: grant type not supported");
+            return aad_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "AADSTS70003: grant type not supported",
+            );
         }
         if field("scope") != "https://api.botframework.com/.default" {
-            return aad_error(StatusCode::BAD_REQUEST, "invalid_scope", "AADSTS70011: invalid scope");
+            return aad_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                "AADSTS70011: invalid scope",
+            );
         }
         let app_id = field("client_id");
         let Some(secret) = state.apps.get(&(tenant.clone(), app_id.clone())).cloned() else {
             return aad_error(
                 StatusCode::BAD_REQUEST,
                 "unauthorized_client",
-                &format!("AADSTS700016: Application with identifier '{app_id}' was not found in the directory '{tenant}'."),
+                &format!(
+                    "AADSTS700016: Application with identifier '{app_id}' was not found in the directory '{tenant}'."
+                ),
             );
         };
         if field("client_secret") != secret {
-            return aad_error(StatusCode::UNAUTHORIZED, "invalid_client", "AADSTS7000215: Invalid client secret provided.");
+            return aad_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "AADSTS7000215: Invalid client secret provided.",
+            );
         }
         let token = format!("mock-access-token-{}-{}", app_id, state.token_requests);
         state.issued_tokens.insert(token.clone(), app_id);
@@ -326,16 +363,27 @@ impl MockMicrosoft {
         }
         let mut state = self.state.lock();
         if state.connector_requires_auth {
-            let token = authorization.as_deref().and_then(|h| h.strip_prefix("Bearer "));
+            let token = authorization
+                .as_deref()
+                .and_then(|h| h.strip_prefix("Bearer "));
             if !token.is_some_and(|t| state.issued_tokens.contains_key(t)) {
-                return connector_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Authorization has been denied for this request.");
+                return connector_error(
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                    "Authorization has been denied for this request.",
+                );
             }
         }
         if let Some(fault) = state.connector_faults.pop_front() {
             return match fault {
                 ConnectorFault::Throttle { retry_after_secs } => {
-                    let mut r = connector_error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", "API calls quota exceeded");
-                    r.headers_mut().insert(hyper::header::RETRY_AFTER, retry_after_secs.into());
+                    let mut r = connector_error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "TooManyRequests",
+                        "API calls quota exceeded",
+                    );
+                    r.headers_mut()
+                        .insert(hyper::header::RETRY_AFTER, retry_after_secs.into());
                     r
                 }
                 ConnectorFault::Status(code) => connector_error(
@@ -349,18 +397,32 @@ impl MockMicrosoft {
             .strip_prefix(SERVICE_PATH_PREFIX)
             .and_then(|p| p.strip_prefix("v3/conversations/"))
         else {
-            return connector_error(StatusCode::NOT_FOUND, "NotFound", "unknown service path (regional prefix lost?)");
+            return connector_error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "unknown service path (regional prefix lost?)",
+            );
         };
         let segments: Vec<&str> = rest.split('/').collect();
         let (conversation, reply_to) = match segments.as_slice() {
             [conversation, "activities"] => (*conversation, None),
             [conversation, "activities", id] => (*conversation, Some(*id)),
-            _ => return connector_error(StatusCode::NOT_FOUND, "NotFound", "unknown operation (unencoded id?)"),
+            _ => {
+                return connector_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "unknown operation (unencoded id?)",
+                );
+            }
         };
         let Ok(activity) = serde_json::from_slice::<Value>(&body) else {
             return connector_error(StatusCode::BAD_REQUEST, "BadSyntax", "body is not JSON");
         };
-        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         let id = state.next_id;
         state.next_id += 1;
         state.activities.push(RecordedActivity {
@@ -403,5 +465,8 @@ fn connector_error(status: StatusCode, code: &str, message: &str) -> Response<Fu
 
 /// Entra's OAuth error shape.
 fn aad_error(status: StatusCode, error: &str, description: &str) -> Response<Full<Bytes>> {
-    json_response(status, json!({"error": error, "error_description": description}))
+    json_response(
+        status,
+        json!({"error": error, "error_description": description}),
+    )
 }

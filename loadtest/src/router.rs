@@ -52,7 +52,9 @@ impl RouterProcess {
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut child = command.spawn().map_err(|e| format!("spawn {}: {e}", binary.display()))?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
@@ -65,7 +67,8 @@ impl RouterProcess {
                     std::fs::read_to_string(&log_path).unwrap_or_default()
                 )
             })?;
-        let (addr, ops_addr) = parse_listening_line(&line).ok_or(format!("unexpected first line: {line}"))?;
+        let (addr, ops_addr) =
+            parse_listening_line(&line).ok_or(format!("unexpected first line: {line}"))?;
         // Keep draining stdout so the router never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
@@ -82,7 +85,10 @@ impl RouterProcess {
     }
 
     pub fn callback_url(&self, integration: &str) -> String {
-        format!("http://{}/api/v1/integration/teams/{integration}/callback", self.addr)
+        format!(
+            "http://{}/api/v1/integration/teams/{integration}/callback",
+            self.addr
+        )
     }
 
     pub fn ops_url(&self, path: &str) -> String {
@@ -99,9 +105,15 @@ impl RouterProcess {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub async fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+    pub async fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus, String> {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
         }
         tokio::time::timeout(timeout, self.child.wait())
             .await
@@ -123,6 +135,11 @@ fn parse_listening_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let rest = line.strip_prefix("teams-router listening on ")?;
     let (main, ops) = rest.split_once(" (ops ")?;
     let main = main.split("://").nth(1)?.parse().ok()?;
-    let ops = ops.trim_end_matches(')').split("://").nth(1)?.parse().ok()?;
+    let ops = ops
+        .trim_end_matches(')')
+        .split("://")
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some((main, ops))
 }

@@ -157,7 +157,9 @@ impl KeyStore {
             }
         }
         if keys.is_empty() {
-            return Err(DiscoveryError::Keys("no usable RSA key in the key set".into()));
+            return Err(DiscoveryError::Keys(
+                "no usable RSA key in the key set".into(),
+            ));
         }
         Ok(KeySet {
             keys,
@@ -199,7 +201,11 @@ impl KeyStore {
                 Err(_) => {
                     delay = (delay * 2).min(Duration::from_secs(30));
                     // Keys that are still cached are good until the next scheduled refresh.
-                    if self.has_keys() { delay.max(Duration::from_secs(30)) } else { delay }
+                    if self.has_keys() {
+                        delay.max(Duration::from_secs(30))
+                    } else {
+                        delay
+                    }
                 }
             };
             tokio::select! {

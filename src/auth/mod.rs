@@ -91,9 +91,7 @@ impl VerifiedToken {
         service_url: &str,
         required_endorsements: &[String],
     ) -> Result<(), AuthError> {
-        if !self.endorsements.is_empty()
-            && !self.endorsements.iter().any(|e| &**e == channel_id)
-        {
+        if !self.endorsements.is_empty() && !self.endorsements.iter().any(|e| &**e == channel_id) {
             return Err(AuthError::MissingEndorsement(channel_id.to_owned()));
         }
         if let Some(missing) = required_endorsements
@@ -139,7 +137,9 @@ impl moka::Expiry<Box<str>, Arc<VerifiedToken>> for TokenExpiry {
         value: &Arc<VerifiedToken>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(Duration::from_secs(value.expires_at.saturating_sub(now_secs())))
+        Some(Duration::from_secs(
+            value.expires_at.saturating_sub(now_secs()),
+        ))
     }
 }
 
@@ -157,7 +157,8 @@ const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 impl Verifier {
     pub fn new(keys: Arc<KeyStore>, config: &MicrosoftConfig) -> Self {
-        let burst = NonZeroU32::new(config.unknown_kid_refresh_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst =
+            NonZeroU32::new(config.unknown_kid_refresh_burst.max(1)).unwrap_or(NonZeroU32::MIN);
         let period = Duration::from_secs(config.unknown_kid_refresh_period_secs.max(1));
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_minute(NonZeroU32::MIN))
@@ -208,12 +209,18 @@ impl Verifier {
         Ok(verified)
     }
 
-    async fn verify_uncached(&self, token: &str, app_id: &str) -> Result<Arc<VerifiedToken>, AuthError> {
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        app_id: &str,
+    ) -> Result<Arc<VerifiedToken>, AuthError> {
         let mut parts = token.split('.');
         let (Some(header_b64), Some(payload_b64), Some(_sig), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(AuthError::MalformedToken("expected three dot-separated parts"));
+            return Err(AuthError::MalformedToken(
+                "expected three dot-separated parts",
+            ));
         };
         let header_json = URL_SAFE_NO_PAD
             .decode(header_b64)
@@ -296,7 +303,8 @@ impl Verifier {
 /// The token of a `Bearer <token>` header (scheme compared case-insensitively).
 fn bearer_token(header: Option<&[u8]>) -> Result<&str, AuthError> {
     let header = header.ok_or(AuthError::MissingToken)?;
-    let header = std::str::from_utf8(header).map_err(|_| AuthError::MalformedToken("header is not UTF-8"))?;
+    let header = std::str::from_utf8(header)
+        .map_err(|_| AuthError::MalformedToken("header is not UTF-8"))?;
     let mut parts = header.splitn(2, ' ');
     let scheme = parts.next().unwrap_or_default();
     let token = parts.next().unwrap_or_default().trim();
@@ -325,7 +333,10 @@ mod tests {
         assert_eq!(bearer_token(None), Err(AuthError::MissingToken));
         assert_eq!(bearer_token(Some(b"")), Err(AuthError::MissingToken));
         assert_eq!(bearer_token(Some(b"Bearer")), Err(AuthError::MissingToken));
-        assert_eq!(bearer_token(Some(b"Basic abc")), Err(AuthError::MissingToken));
+        assert_eq!(
+            bearer_token(Some(b"Basic abc")),
+            Err(AuthError::MissingToken)
+        );
         assert_eq!(bearer_token(Some(b"Bearer a.b.c")), Ok("a.b.c"));
         assert_eq!(bearer_token(Some(b"bearer a.b.c")), Ok("a.b.c"));
     }

@@ -34,7 +34,10 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 #[cfg(test)]
@@ -52,20 +55,32 @@ mod tests {
         for retry in 0..20 {
             let d = POLICY.delay(retry, None);
             let step = Duration::from_millis(100 * 2u64.pow(retry.min(16))).min(POLICY.max);
-            assert!(d >= step / 2 && d <= step, "retry {retry}: {d:?} vs {step:?}");
+            assert!(
+                d >= step / 2 && d <= step,
+                "retry {retry}: {d:?} vs {step:?}"
+            );
         }
     }
 
     #[test]
     fn retry_after_is_honoured_and_clamped() {
-        assert_eq!(POLICY.delay(3, Some(Duration::from_secs(1))), Duration::from_secs(1));
-        assert_eq!(POLICY.delay(0, Some(Duration::from_secs(3600))), Duration::from_secs(30));
+        assert_eq!(
+            POLICY.delay(3, Some(Duration::from_secs(1))),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            POLICY.delay(0, Some(Duration::from_secs(3600))),
+            Duration::from_secs(30)
+        );
     }
 
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

@@ -173,8 +173,13 @@ impl Connector {
                     }
                 }
                 Err(err) => {
-                    counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => "error").increment(1);
-                    let reason = if err.is_connect() { "connect" } else { "ambiguous_timeout" };
+                    counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => "error")
+                        .increment(1);
+                    let reason = if err.is_connect() {
+                        "connect"
+                    } else {
+                        "ambiguous_timeout"
+                    };
                     last = err.without_url().to_string();
                     (reason, None)
                 }
@@ -220,7 +225,11 @@ async fn resource_id(response: reqwest::Response) -> Option<String> {
 
 /// `{serviceUrl}/v3/conversations/{id}/activities[/{replyToId}]`, keeping the service URL's own
 /// path (a regional prefix) and encoding every id as one path segment.
-pub fn activities_url(service_url: &str, conversation_id: &str, reply_to_id: Option<&str>) -> String {
+pub fn activities_url(
+    service_url: &str,
+    conversation_id: &str,
+    reply_to_id: Option<&str>,
+) -> String {
     let mut url = String::with_capacity(service_url.len() + conversation_id.len() + 64);
     url.push_str(service_url.trim_end_matches('/'));
     url.push_str("/v3/conversations/");
@@ -271,7 +280,10 @@ pub fn http_client(config: &ConnectorConfig) -> Result<reqwest::Client, reqwest:
         .timeout(Duration::from_millis(config.request_timeout_ms))
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
-        .user_agent(concat!("Microsoft-BotFramework/3.1 teams-router/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!(
+            "Microsoft-BotFramework/3.1 teams-router/",
+            env!("CARGO_PKG_VERSION")
+        ))
         .build()
 }
 

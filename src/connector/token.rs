@@ -106,7 +106,11 @@ impl TokenProvider {
         self.cache.invalidate(&Self::key(credentials)).await;
     }
 
-    async fn fetch(&self, credentials: &AppCredentials, authority: &str) -> Result<CachedToken, TokenError> {
+    async fn fetch(
+        &self,
+        credentials: &AppCredentials,
+        authority: &str,
+    ) -> Result<CachedToken, TokenError> {
         let url = format!("{}/{authority}/oauth2/v2.0/token", self.login_url);
         let form = [
             ("grant_type", "client_credentials"),
@@ -120,7 +124,10 @@ impl TokenProvider {
         let result = self
             .http
             .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
             .body(body)
             .send()
             .await;
@@ -132,7 +139,8 @@ impl TokenProvider {
             }
         };
         let status = response.status();
-        counter!(CONNECTOR_REQUESTS, "op" => "token", "status" => status.as_str().to_owned()).increment(1);
+        counter!(CONNECTOR_REQUESTS, "op" => "token", "status" => status.as_str().to_owned())
+            .increment(1);
         if !status.is_success() {
             let detail = match response.json::<TokenErrorResponse>().await {
                 Ok(body) => format!(

@@ -137,13 +137,14 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
             }
         };
         let mut invoke = turn.invoke;
-        let finish_unrun = |reason: &str, invoke: Option<tokio::sync::oneshot::Sender<InvokeResponse>>| {
-            args.conversation.state().busy = false;
-            counter!(TURNS_FAILED).increment(1);
-            if let Some(waiting) = invoke {
-                let _ = waiting.send(InvokeResponse::error("TurnFailed", reason));
-            }
-        };
+        let finish_unrun =
+            |reason: &str, invoke: Option<tokio::sync::oneshot::Sender<InvokeResponse>>| {
+                args.conversation.state().busy = false;
+                counter!(TURNS_FAILED).increment(1);
+                if let Some(waiting) = invoke {
+                    let _ = waiting.send(InvokeResponse::error("TurnFailed", reason));
+                }
+            };
         let activity = match TurnActivity::parse(&turn.body) {
             Ok(a) => a,
             Err(error) => {
@@ -161,7 +162,10 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
             args.conversation.state().busy = false;
             panic!("testing.panic_trigger received: failing this turn on purpose");
         }
-        let Some(integration) = args.services.registry.integration(&args.conversation.key.integration)
+        let Some(integration) = args
+            .services
+            .registry
+            .integration(&args.conversation.key.integration)
         else {
             finish_unrun("the integration no longer exists", invoke.take());
             continue;

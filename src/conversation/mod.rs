@@ -139,10 +139,17 @@ impl Conversation {
     /// A panic inside a turn poisons nothing we rely on: the state is consistent between
     /// statements, so a poisoned lock is taken over.
     fn state(&self) -> MutexGuard<'_, ConversationState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn enqueue(&self, activity_id: &str, turn: impl FnOnce(Arc<str>) -> Turn, capacity: usize) -> Enqueue {
+    fn enqueue(
+        &self,
+        activity_id: &str,
+        turn: impl FnOnce(Arc<str>) -> Turn,
+        capacity: usize,
+    ) -> Enqueue {
         let mut state = self.state();
         if state.closed {
             return Enqueue::Closed;
@@ -220,7 +227,8 @@ impl Directory {
                     None => return Admission::Overloaded,
                 },
             };
-            match conversation.enqueue(activity_id, &mut make_turn, self.settings.mailbox_capacity) {
+            match conversation.enqueue(activity_id, &mut make_turn, self.settings.mailbox_capacity)
+            {
                 Enqueue::Queued(actor) => {
                     if let Some(actor) = actor {
                         // A dead actor cannot take the wake-up; its successor drains the queue.
@@ -285,7 +293,9 @@ impl Directory {
             return;
         };
         if per_integration
-            .remove_if(key.conversation_id.as_ref(), |_, c| Arc::ptr_eq(c, conversation))
+            .remove_if(key.conversation_id.as_ref(), |_, c| {
+                Arc::ptr_eq(c, conversation)
+            })
             .is_some()
         {
             let now = self.active.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);

@@ -78,7 +78,10 @@ pub async fn start(extra: &str) -> (MockMicrosoft, RouterProcess) {
 }
 
 pub fn fixture(name: &str) -> Value {
-    let path = format!("{}/../shared/fixtures/activities/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../shared/fixtures/activities/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     serde_json::from_str(&text).expect("fixture is JSON")
 }
@@ -142,7 +145,8 @@ pub fn metric_sum(scrape: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
             let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && labels.iter().all(|l| rest.contains(l))).then(|| value.parse::<f64>().ok())?
+            (n == name && labels.iter().all(|l| rest.contains(l)))
+                .then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }
