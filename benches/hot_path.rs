@@ -1,1 +1,181 @@
-fn main() {}
+//! Criterion benches of the hot path: parsing a Teams activity (simd-json borrowed envelope vs
+//! serde_json), token verification (verified-token cache hit vs full RS256), routing one activity
+//! to a live conversation actor, and the whole verify + parse + route step with a cached token.
+//! Figures and the command are in BENCHMARKS.md.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use loadtest::mock::MockMicrosoft;
+use serde_json::Value;
+use teams_router::activity::{ActivityView, with_envelope};
+use teams_router::app::Router;
+use teams_router::config::Config;
+
+const APP_ID: &str = "bench-app";
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/../shared/fixtures/activities/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The channel message (mention entity, HTML attachment, escaped strings), compact.
+fn teams_message() -> Vec<u8> {
+    let value: Value = serde_json::from_slice(&fixture("channel-message-mention.json")).unwrap();
+    serde_json::to_vec(&value).unwrap()
+}
+
+fn parse(c: &mut Criterion) {
+    let body = teams_message();
+    let mut group = c.benchmark_group("parse_teams_message");
+    group.bench_function("simd_json_borrowed_envelope", |b| {
+        b.iter(|| with_envelope(std::hint::black_box(&body), |e| e.map(|e| e.conversation_id.len())))
+    });
+    group.bench_function("serde_json_borrowed_envelope", |b| {
+        b.iter(|| {
+            serde_json::from_slice::<ActivityView<'_>>(std::hint::black_box(&body))
+                .map(|v| v.envelope().map(|e| e.conversation_id.len()))
+        })
+    });
+    group.bench_function("serde_json_value", |b| {
+        b.iter(|| serde_json::from_slice::<Value>(std::hint::black_box(&body)).map(|v| v.is_object()))
+    });
+    group.finish();
+}
+
+struct Fixture {
+    mock: MockMicrosoft,
+    router: Router,
+}
+
+async fn setup() -> Fixture {
+    let mock = MockMicrosoft::start().await;
+    let config = format!(
+        r#"
+[microsoft]
+openid_metadata_url = "{}"
+login_url = "{}"
+[conversation]
+mailbox_capacity = 1000000
+idle_timeout_ms = 600000
+[[bots]]
+id = "echo"
+backend = {{ kind = "echo" }}
+[[integrations]]
+id = "bench"
+botId = "echo"
+botFrameworkAppId = "{APP_ID}"
+botFrameworkAppSecret = "unused"
+"#,
+        mock.openid_metadata_url(),
+        mock.login_url()
+    );
+    let config = Config::from_sources(&config, Vec::new()).unwrap();
+    let router = Router::build(&config).await.unwrap();
+    router.keys.refresh().await.unwrap();
+    Fixture { mock, router }
+}
+
+/// Message reactions: routed and run as turns, but answered with nothing, so the bench measures
+/// the router and not the mock connector.
+fn reaction(mock: &MockMicrosoft, conversation: usize, id: u64) -> Bytes {
+    let mut a: Value = serde_json::from_slice(&fixture("messagereaction-added.json")).unwrap();
+    a["serviceUrl"] = mock.service_url().into();
+    a["conversation"]["id"] = format!("19:bench-{conversation}@thread.tacv2").into();
+    a["id"] = format!("{id}").into();
+    Bytes::from(serde_json::to_vec(&a).unwrap())
+}
+
+fn verify_and_route(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let fixture = runtime.block_on(setup());
+    let front = std::sync::Arc::clone(&fixture.router.front);
+    let token = fixture.mock.token_for(APP_ID);
+    let header = format!("Bearer {token}");
+    let verifier = std::sync::Arc::clone(&front.verifier);
+    runtime.block_on(verifier.verify(Some(header.as_bytes()), APP_ID)).unwrap();
+
+    let mut group = c.benchmark_group("verify_token");
+    group.bench_function("cached", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { verifier.verify(Some(header.as_bytes()), APP_ID).await.is_ok() })
+    });
+    group.bench_function("full_rs256", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { verifier.verify_uncached(&token, APP_ID).await.is_ok() })
+    });
+    group.finish();
+
+    let integration = front.integration("bench").unwrap();
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let verified = runtime
+        .block_on(front.authenticate(&integration, Some(header.as_bytes()), peer))
+        .unwrap();
+    let next_id = std::sync::atomic::AtomicU64::new(1);
+    const CONVERSATIONS: usize = 1000;
+    // Bodies are made before the clock starts; the actors drain between batches, off the clock.
+    let batch = |iters: u64| -> Vec<Bytes> {
+        (0..iters)
+            .map(|i| {
+                let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                reaction(&fixture.mock, i as usize % CONVERSATIONS, id)
+            })
+            .collect()
+    };
+    let drain = |directory: &teams_router::conversation::Directory| {
+        let until = Instant::now() + Duration::from_secs(60);
+        while directory.pending() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // Warm the conversations so that the bench routes to live actors.
+    for body in batch(CONVERSATIONS as u64) {
+        front.admit(&integration, verified.as_deref(), body).unwrap();
+    }
+    drain(&front.directory);
+
+    let mut group = c.benchmark_group("hot_path");
+    group.bench_function("parse_and_route_to_live_actor", |b| {
+        b.iter_custom(|iters| {
+            let bodies = batch(iters);
+            let start = Instant::now();
+            for body in bodies {
+                let _ = std::hint::black_box(front.admit(&integration, verified.as_deref(), body));
+            }
+            let elapsed = start.elapsed();
+            drain(&front.directory);
+            elapsed
+        })
+    });
+    group.bench_function("verify_cached_parse_route", |b| {
+        b.to_async(&runtime).iter_custom(|iters| {
+            let bodies = batch(iters);
+            let front = std::sync::Arc::clone(&front);
+            let integration = std::sync::Arc::clone(&integration);
+            let header = header.clone();
+            async move {
+                let start = Instant::now();
+                for body in bodies {
+                    let verified = front
+                        .authenticate(&integration, Some(header.as_bytes()), peer)
+                        .await
+                        .unwrap();
+                    let _ = std::hint::black_box(front.admit(&integration, verified.as_deref(), body));
+                }
+                let elapsed = start.elapsed();
+                drain(&front.directory);
+                elapsed
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    targets = parse, verify_and_route
+}
+criterion_main!(benches);

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -52,39 +53,92 @@ pub fn init_logging() {
         .try_init();
 }
 
-pub async fn run(config: Config) -> Result<(), AppError> {
-    let readiness = Arc::new(Readiness::default());
-    let metrics = telemetry::install()?;
-    let registry = Arc::new(Registry::from_config(&config));
-    readiness.set_needs_keys(registry.needs_signing_keys());
+/// Everything but the listeners: the rooms wired together, ready to take activities.
+pub struct Router {
+    pub front: Arc<Front>,
+    pub directory: Arc<Directory>,
+    pub keys: Arc<KeyStore>,
+    pub readiness: Arc<Readiness>,
+    pub metrics: PrometheusHandle,
+    supervisor_task: tokio::task::JoinHandle<()>,
+}
 
-    let http = connector::http_client(&config.connector)?;
-    let keys = Arc::new(KeyStore::new(
-        http.clone(),
-        config.microsoft.openid_metadata_url.clone(),
-        Arc::clone(&readiness),
-    ));
-    let verifier = Arc::new(Verifier::new(Arc::clone(&keys), &config.microsoft));
-    let tokens = TokenProvider::new(
-        http.clone(),
-        &config.microsoft.login_url,
-        &config.microsoft.oauth_scope,
-    );
-    let connector = Arc::new(Connector::new(http, tokens, &config.connector));
-    let services = Arc::new(ReplyServices {
-        registry: Arc::clone(&registry),
-        connector: Arc::clone(&connector),
-        welcome_message: config.connector.welcome_message.clone(),
-        apology: DEFAULT_APOLOGY.to_owned(),
-    });
-    let settings = ConversationSettings {
-        mailbox_capacity: config.conversation.mailbox_capacity,
-        max_active: config.conversation.max_active,
-        idle_timeout: Duration::from_millis(config.conversation.idle_timeout_ms),
-        dedup_window: config.conversation.dedup_window,
-        panic_trigger: config.testing.panic_trigger.clone(),
-    };
-    let (directory, supervisor_task) = Directory::start(settings, services).await?;
+impl Router {
+    /// Installs the process-wide metrics recorder (once per process) and starts the supervisor.
+    pub async fn build(config: &Config) -> Result<Self, AppError> {
+        let readiness = Arc::new(Readiness::default());
+        let metrics = telemetry::install()?;
+        let registry = Arc::new(Registry::from_config(config));
+        readiness.set_needs_keys(registry.needs_signing_keys());
+
+        let http = connector::http_client(&config.connector)?;
+        let keys = Arc::new(KeyStore::new(
+            http.clone(),
+            config.microsoft.openid_metadata_url.clone(),
+            Arc::clone(&readiness),
+        ));
+        let verifier = Arc::new(Verifier::new(Arc::clone(&keys), &config.microsoft));
+        let tokens = TokenProvider::new(
+            http.clone(),
+            &config.microsoft.login_url,
+            &config.microsoft.oauth_scope,
+        );
+        let connector = Arc::new(Connector::new(http, tokens, &config.connector));
+        let services = Arc::new(ReplyServices {
+            registry: Arc::clone(&registry),
+            connector: Arc::clone(&connector),
+            welcome_message: config.connector.welcome_message.clone(),
+            apology: DEFAULT_APOLOGY.to_owned(),
+        });
+        let settings = ConversationSettings {
+            mailbox_capacity: config.conversation.mailbox_capacity,
+            max_active: config.conversation.max_active,
+            idle_timeout: Duration::from_millis(config.conversation.idle_timeout_ms),
+            dedup_window: config.conversation.dedup_window,
+            panic_trigger: config.testing.panic_trigger.clone(),
+        };
+        let (directory, supervisor_task) = Directory::start(settings, services).await?;
+        let front = Arc::new(Front {
+            registry,
+            verifier,
+            directory: Arc::clone(&directory),
+            connector,
+            body_limit: config.server.body_limit_bytes,
+            invoke_timeout: Duration::from_millis(config.conversation.invoke_timeout_ms),
+            retry_after_secs: config.conversation.retry_after_secs,
+            required_endorsements: config.microsoft.required_endorsements.clone(),
+        });
+        Ok(Self {
+            front,
+            directory,
+            keys,
+            readiness,
+            metrics,
+            supervisor_task,
+        })
+    }
+
+    /// Waits (up to `deadline`) for accepted activities to finish, then stops the actors.
+    pub async fn drain(self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        while self.directory.pending() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.directory.pending();
+        if left > 0 {
+            tracing::warn!(left, "shutdown deadline reached with activities still pending");
+        }
+        self.directory.supervisor().stop(Some("shutdown".into()));
+        let _ = self.supervisor_task.await;
+    }
+}
+
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let router = Router::build(&config).await?;
+    let registry = Arc::clone(&router.front.registry);
+    let readiness = Arc::clone(&router.readiness);
+    let keys = Arc::clone(&router.keys);
+    let metrics = router.metrics.clone();
 
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(cert), Some(key)) => Some(front::tls_acceptor(cert, key).map_err(AppError::Tls)?),
@@ -123,20 +177,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
     };
     let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
-    let front = Arc::new(Front {
-        registry,
-        verifier,
-        directory: Arc::clone(&directory),
-        connector,
-        body_limit: config.server.body_limit_bytes,
-        invoke_timeout: Duration::from_millis(config.conversation.invoke_timeout_ms),
-        retry_after_secs: config.conversation.retry_after_secs,
-        required_endorsements: config.microsoft.required_endorsements.clone(),
-    });
     let front_task = tokio::spawn(front::serve(
         listener,
         tls,
-        front,
+        Arc::clone(&router.front),
         limits,
         front_stopped,
         drain,
@@ -158,20 +202,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     tracing::info!("shutting down: no new activities; finishing running turns");
     readiness.set_draining();
     let _ = stop_front.send(true);
-    let deadline = Instant::now() + drain;
-    while directory.pending() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let left = directory.pending();
-    if left > 0 {
-        tracing::warn!(
-            left,
-            "shutdown deadline reached with activities still pending"
-        );
-    }
     let _ = front_task.await;
-    directory.supervisor().stop(Some("shutdown".into()));
-    let _ = supervisor_task.await;
+    router.drain(drain).await;
     let _ = stop_background.send(true);
     let _ = ops_task.await;
     let _ = upkeep.await;

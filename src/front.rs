@@ -26,7 +26,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::activity::{Envelope, ParseError, with_envelope};
-use crate::auth::{AuthError, Verifier};
+use crate::auth::{AuthError, VerifiedToken, Verifier};
 use crate::backend::InvokeResponse;
 use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::{Admission, Directory};
@@ -214,11 +214,12 @@ impl Handler for Front {
 }
 
 /// Why an activity was refused: status, metric reason, one-line message.
-struct Rejection {
-    status: StatusCode,
-    reason: &'static str,
-    message: String,
-    field: Option<&'static str>,
+#[derive(Debug)]
+pub struct Rejection {
+    pub status: StatusCode,
+    pub reason: &'static str,
+    pub message: String,
+    pub field: Option<&'static str>,
 }
 
 impl Rejection {
@@ -281,8 +282,12 @@ impl Rejection {
     }
 }
 
-enum Routed {
+/// An activity its conversation took.
+#[derive(Debug)]
+pub enum Routed {
+    /// Queued; an invoke carries the receiver of the bot's answer.
     Accepted(Option<tokio::sync::oneshot::Receiver<InvokeResponse>>),
+    /// A redelivery, acknowledged and dropped.
     Duplicate,
 }
 
@@ -308,30 +313,9 @@ impl Front {
         if declared_length.is_some_and(|n| n > self.body_limit) {
             return Err(too_large());
         }
-        let integration = self.registry.integration(integration_id).ok_or_else(|| {
-            Rejection::new(
-                StatusCode::NOT_FOUND,
-                "unknown_integration",
-                "no such integration",
-            )
-        })?;
-
-        let verified = match integration.app_id() {
-            Some(app_id) => {
-                let authorization = request
-                    .headers()
-                    .get(header::AUTHORIZATION)
-                    .map(HeaderValue::as_bytes);
-                Some(
-                    self.verifier
-                        .verify(authorization, app_id)
-                        .await
-                        .map_err(Rejection::auth)?,
-                )
-            }
-            None if peer.ip().is_loopback() => None,
-            None => return Err(Rejection::auth(AuthError::NotLoopback)),
-        };
+        let integration = self.integration(integration_id)?;
+        let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        let verified = self.authenticate(&integration, authorization, peer).await?;
 
         let body = Limited::new(request.into_body(), self.body_limit as usize)
             .collect()
@@ -349,12 +333,7 @@ impl Front {
             })?
             .to_bytes();
 
-        let routed = with_envelope(&body, |envelope| {
-            let envelope = envelope.map_err(Rejection::parse)?;
-            self.check(&integration, verified.as_deref(), &envelope)?;
-            self.route(&integration, &envelope, body.clone())
-        })?;
-        match routed {
+        match self.admit(&integration, verified.as_deref(), body)? {
             Routed::Duplicate => Ok(empty(StatusCode::OK)),
             Routed::Accepted(None) => Ok(empty(StatusCode::OK)),
             Routed::Accepted(Some(answer)) => {
@@ -372,11 +351,51 @@ impl Front {
         }
     }
 
+    pub fn integration(&self, integration_id: &str) -> Result<Arc<Integration>, Rejection> {
+        self.registry.integration(integration_id).ok_or_else(|| {
+            Rejection::new(StatusCode::NOT_FOUND, "unknown_integration", "no such integration")
+        })
+    }
+
+    /// Verifies the token (or, in development mode, that the peer is on loopback).
+    pub async fn authenticate(
+        &self,
+        integration: &Integration,
+        authorization: Option<&[u8]>,
+        peer: SocketAddr,
+    ) -> Result<Option<Arc<VerifiedToken>>, Rejection> {
+        match integration.app_id() {
+            Some(app_id) => Ok(Some(
+                self.verifier
+                    .verify(authorization, app_id)
+                    .await
+                    .map_err(Rejection::auth)?,
+            )),
+            None if peer.ip().is_loopback() => Ok(None),
+            None => Err(Rejection::auth(AuthError::NotLoopback)),
+        }
+    }
+
+    /// The synchronous rest of the hot path: one parse of the envelope, the checks that need it,
+    /// and the hand-over to the conversation. `body` travels on to the actor as it is.
+    pub fn admit(
+        &self,
+        integration: &Integration,
+        verified: Option<&VerifiedToken>,
+        body: Bytes,
+    ) -> Result<Routed, Rejection> {
+        with_envelope(&body, |envelope| {
+            let envelope = envelope.map_err(Rejection::parse)?;
+            self.check(integration, verified, &envelope)?;
+            self.route(integration, &envelope, body.clone())
+        })
+    }
+
     /// The checks that need the parsed activity, in the SDKs' order.
     fn check(
         &self,
         integration: &Integration,
-        verified: Option<&crate::auth::VerifiedToken>,
+        verified: Option<&VerifiedToken>,
         envelope: &Envelope<'_>,
     ) -> Result<(), Rejection> {
         if let Some(token) = verified {

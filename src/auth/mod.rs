@@ -209,7 +209,8 @@ impl Verifier {
         Ok(verified)
     }
 
-    async fn verify_uncached(
+    /// The full verification (RSA included), bypassing the verified-token cache.
+    pub async fn verify_uncached(
         &self,
         token: &str,
         app_id: &str,
