@@ -126,7 +126,10 @@ impl Router {
         }
         let left = self.directory.pending();
         if left > 0 {
-            tracing::warn!(left, "shutdown deadline reached with activities still pending");
+            tracing::warn!(
+                left,
+                "shutdown deadline reached with activities still pending"
+            );
         }
         self.directory.supervisor().stop(Some("shutdown".into()));
         let _ = self.supervisor_task.await;

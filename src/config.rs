@@ -44,7 +44,6 @@ pub struct Config {
     pub integrations: Vec<IntegrationRecord>,
 }
 
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {

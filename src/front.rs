@@ -314,7 +314,10 @@ impl Front {
             return Err(too_large());
         }
         let integration = self.integration(integration_id)?;
-        let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
         let verified = self.authenticate(&integration, authorization, peer).await?;
 
         let body = Limited::new(request.into_body(), self.body_limit as usize)
@@ -353,7 +356,11 @@ impl Front {
 
     pub fn integration(&self, integration_id: &str) -> Result<Arc<Integration>, Rejection> {
         self.registry.integration(integration_id).ok_or_else(|| {
-            Rejection::new(StatusCode::NOT_FOUND, "unknown_integration", "no such integration")
+            Rejection::new(
+                StatusCode::NOT_FOUND,
+                "unknown_integration",
+                "no such integration",
+            )
         })
     }
 
@@ -443,7 +450,7 @@ impl Front {
         envelope: &Envelope<'_>,
         body: Bytes,
     ) -> Result<Routed, Rejection> {
-        let type_label = telemetry::activity_type_label(envelope.kind);
+        let type_index = telemetry::activity_type_index(envelope.kind);
         let admission = self.directory.accept(
             &integration.id,
             envelope.conversation_id,
@@ -453,11 +460,11 @@ impl Front {
         );
         match admission {
             Admission::Accepted(answer) => {
-                integration.count_received(type_label);
+                integration.count_received(type_index);
                 Ok(Routed::Accepted(answer))
             }
             Admission::Duplicate => {
-                integration.count_received(type_label);
+                integration.count_received(type_index);
                 counter!(ACTIVITIES_DUPLICATE).increment(1);
                 Ok(Routed::Duplicate)
             }

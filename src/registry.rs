@@ -72,10 +72,10 @@ impl Integration {
         }
     }
 
-    /// Counts one received activity; `type_label` is one of [`ACTIVITY_TYPES`].
-    pub fn count_received(&self, type_label: &str) {
-        if let Some(i) = ACTIVITY_TYPES.iter().position(|t| *t == type_label) {
-            self.received[i].increment(1);
+    /// Counts one received activity of the type at `type_index` in [`ACTIVITY_TYPES`].
+    pub fn count_received(&self, type_index: usize) {
+        if let Some(counter) = self.received.get(type_index) {
+            counter.increment(1);
         }
     }
 

@@ -84,12 +84,12 @@ pub const REJECT_REASONS: &[&str] = &[
     "overloaded",
 ];
 
-pub fn activity_type_label(kind: &str) -> &'static str {
+/// The index in [`ACTIVITY_TYPES`] of an activity `type` (`other` for unknown ones).
+pub fn activity_type_index(kind: &str) -> usize {
     ACTIVITY_TYPES
         .iter()
-        .find(|t| **t == kind)
-        .copied()
-        .unwrap_or("other")
+        .position(|t| *t == kind)
+        .unwrap_or(ACTIVITY_TYPES.len() - 1)
 }
 
 /// Histogram buckets in seconds, from sub-millisecond ingress to multi-second turns.

@@ -242,30 +242,50 @@ pub fn activities_url(
     url
 }
 
+/// Checked on every inbound activity, so it parses just the scheme and host, without allocating.
 pub fn service_url_allowed(service_url: &str, allowed_hosts: &[String]) -> bool {
-    let Ok(url) = url::Url::parse(service_url) else {
+    let (https, rest) = if let Some(rest) = strip_prefix_ignore_case(service_url, "https://") {
+        (true, rest)
+    } else if let Some(rest) = strip_prefix_ignore_case(service_url, "http://") {
+        (false, rest)
+    } else {
         return false;
     };
-    let loopback = match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => return false,
-    };
-    match url.scheme() {
-        "http" => loopback,
-        "https" => {
-            loopback
-                || url.host_str().is_some_and(|host| {
-                    let host = host.to_ascii_lowercase();
-                    allowed_hosts.iter().any(|suffix| {
-                        let suffix = suffix.trim_start_matches('.').to_ascii_lowercase();
-                        host == suffix || host.ends_with(&format!(".{suffix}"))
-                    })
-                })
-        }
-        _ => false,
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        // Userinfo in a service URL is never legitimate and hides the real host.
+        return false;
     }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((ip, _)) => ip,
+            None => return false,
+        },
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    if host.is_empty() {
+        return false;
+    }
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback
+        || https
+            && allowed_hosts.iter().any(|suffix| {
+                let suffix = suffix.trim_start_matches('.');
+                host.len() >= suffix.len()
+                    && host.is_char_boundary(host.len() - suffix.len())
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                    && (host.len() == suffix.len()
+                        || host.as_bytes()[host.len() - suffix.len() - 1] == b'.')
+            })
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
 }
 
 /// True for a loopback service URL (development-mode integrations reply only there).
@@ -324,6 +344,11 @@ mod tests {
             ("http://localhost:1/", true),
             ("ftp://127.0.0.1/", false),
             ("not a url", false),
+            ("https://smba.trafficmanager.net@evil.example/", false),
+            ("https://evil.example#@smba.trafficmanager.net/", false),
+            ("https://127.0.0.1.evil.example/", false),
+            ("https://botframework.com:443/x", true),
+            ("http://", false),
         ] {
             assert_eq!(service_url_allowed(url, &allowed), ok, "{url}");
         }

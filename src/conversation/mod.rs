@@ -115,6 +115,7 @@ impl DedupWindow {
 }
 
 enum Enqueue {
+    /// Queued; the actor to wake, when it is idle.
     Queued(Option<ActorRef<ConversationMsg>>),
     Duplicate,
     Full,
@@ -162,9 +163,17 @@ impl Conversation {
         }
         let id: Arc<str> = activity_id.into();
         state.recent_ids.insert(Arc::clone(&id));
+        // Only an idle actor needs waking: a busy one takes the next turn when its turn ends,
+        // and a non-empty queue already has a wake-up on its way. Under load this spares one
+        // cross-thread wake-up per activity.
+        let needs_wake = !state.busy && state.queue.is_empty();
         state.queue.push_back(turn(id));
         state.last_activity = Instant::now();
-        Enqueue::Queued(state.actor.clone())
+        Enqueue::Queued(if needs_wake {
+            state.actor.clone()
+        } else {
+            None
+        })
     }
 
     /// Activities queued or running.
