@@ -329,7 +329,7 @@ impl Front {
                 } else {
                     Rejection::new(
                         StatusCode::BAD_REQUEST,
-                        "malformed_json",
+                        "body_unreadable",
                         "the body could not be read",
                     )
                 }

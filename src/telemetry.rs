@@ -62,6 +62,7 @@ pub const RETRY_REASONS: &[&str] = &[
 /// Why an activity was refused (`reason` label); also the `reason` of the error body.
 pub const REJECT_REASONS: &[&str] = &[
     "body_too_large",
+    "body_unreadable",
     "unknown_integration",
     "missing_token",
     "malformed_token",
