@@ -13,10 +13,13 @@ use tokio::sync::watch;
 use crate::auth::{KeyStore, Verifier};
 use crate::config::Config;
 use crate::connector::{self, Connector, TokenProvider};
-use crate::conversation::{ConversationSettings, Directory};
+use crate::conversation::session::HistoryLimits;
+use crate::conversation::{Admission, ConversationSettings, Directory, Persistence};
 use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::registry::Registry;
 use crate::reply::ReplyServices;
+use crate::store::writer::{Journal, Snapshots};
+use crate::store::{JournalEntry, Store, StoreError, StoreHealth};
 use crate::telemetry::{self, Readiness};
 
 /// Sent when the backend fails; the user always hears back.
@@ -40,6 +43,8 @@ pub enum AppError {
     Supervisor(#[from] ractor::SpawnErr),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
+    #[error("{0}")]
+    Store(#[from] StoreError),
 }
 
 /// Logs go to stderr (`RUST_LOG` filters, default `info`); stdout carries the listening line.
@@ -60,7 +65,11 @@ pub struct Router {
     pub keys: Arc<KeyStore>,
     pub readiness: Arc<Readiness>,
     pub metrics: PrometheusHandle,
+    pub snapshots: Arc<Snapshots>,
     supervisor_task: tokio::task::JoinHandle<()>,
+    /// Stops the store's background tasks (snapshot writer, journal writer, health probe).
+    stop_store_tasks: watch::Sender<bool>,
+    store_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Router {
@@ -90,14 +99,65 @@ impl Router {
             welcome_message: config.connector.welcome_message.clone(),
             apology: DEFAULT_APOLOGY.to_owned(),
         });
+        let (stop_store_tasks, store_stopped) = watch::channel(false);
+        let instance_id = config.storage.instance_id();
+        let store = Arc::new(Store::open(&config.storage, &instance_id).await?);
+        let health = Arc::new(StoreHealth::default());
+        let snapshots = Snapshots::new(
+            Arc::clone(&store),
+            Arc::clone(&health),
+            config.storage.snapshot_pending_max,
+        );
+        let mut store_tasks = vec![
+            tokio::spawn(Arc::clone(&snapshots).run(store_stopped.clone())),
+            tokio::spawn(watch_store(
+                Arc::clone(&store),
+                Arc::clone(&health),
+                store_stopped.clone(),
+            )),
+        ];
+        let durable = config.storage.durable_accept();
+        let (journal, recovered) = if durable {
+            let pending = store.pending_journal().await?;
+            let first_seq = pending.last().map(|e| e.seq + 1).unwrap_or(0);
+            let (journal, task) = Journal::start(
+                Arc::clone(&store),
+                Arc::clone(&health),
+                config.storage.journal_batch_max,
+                Duration::from_secs(config.storage.dedup_ttl_secs),
+                first_seq,
+                store_stopped.clone(),
+            );
+            store_tasks.push(task);
+            readiness.set_durable_store(Arc::clone(&health));
+            (Some(journal), pending)
+        } else {
+            (None, Vec::new())
+        };
+        tracing::info!(
+            backend = ?config.storage.backend,
+            durable_accept = durable,
+            instance = %instance_id,
+            "store opened"
+        );
+        let persistence = Arc::new(Persistence {
+            snapshots: Arc::clone(&snapshots),
+            journal: journal.clone(),
+            limits: HistoryLimits {
+                max_entries: config.conversation.history_max_turns,
+                max_bytes: config.conversation.history_max_bytes,
+            },
+        });
         let settings = ConversationSettings {
             mailbox_capacity: config.conversation.mailbox_capacity,
             max_active: config.conversation.max_active,
             idle_timeout: Duration::from_millis(config.conversation.idle_timeout_ms),
             dedup_window: config.conversation.dedup_window,
             panic_trigger: config.testing.panic_trigger.clone(),
+            persistence,
         };
         let (directory, supervisor_task) = Directory::start(settings, services).await?;
+        recover(&directory, journal.as_deref(), recovered);
         let front = Arc::new(Front {
             registry,
             verifier,
@@ -107,6 +167,8 @@ impl Router {
             invoke_timeout: Duration::from_millis(config.conversation.invoke_timeout_ms),
             retry_after_secs: config.conversation.retry_after_secs,
             required_endorsements: config.microsoft.required_endorsements.clone(),
+            journal,
+            on_store_unavailable: config.storage.on_unavailable,
         });
         Ok(Self {
             front,
@@ -114,7 +176,10 @@ impl Router {
             keys,
             readiness,
             metrics,
+            snapshots,
             supervisor_task,
+            stop_store_tasks,
+            store_tasks,
         })
     }
 
@@ -133,6 +198,64 @@ impl Router {
         }
         self.directory.supervisor().stop(Some("shutdown".into()));
         let _ = self.supervisor_task.await;
+        self.snapshots.flush(Duration::from_secs(5)).await;
+        let _ = self.stop_store_tasks.send(true);
+        for task in self.store_tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Runs again what was acknowledged but not answered before the last stop, in acceptance order.
+fn recover(directory: &Directory, journal: Option<&Journal>, entries: Vec<JournalEntry>) {
+    let (Some(journal), false) = (journal, entries.is_empty()) else {
+        return;
+    };
+    tracing::warn!(
+        count = entries.len(),
+        "replaying accepted activities that were not answered before the last stop"
+    );
+    metrics::counter!(crate::telemetry::JOURNAL_RECOVERED).increment(entries.len() as u64);
+    for entry in entries {
+        let integration: Arc<str> = entry.integration.as_str().into();
+        let admission = directory.accept(
+            &integration,
+            &entry.conversation_id,
+            &entry.activity_id,
+            false,
+            bytes::Bytes::from(entry.body),
+            Some(entry.seq),
+        );
+        if !matches!(admission, Admission::Accepted(_)) {
+            journal.complete(entry.seq);
+        }
+    }
+}
+
+/// Probes the store while it is down, so that readiness and metrics recover without traffic;
+/// the embedded store also drops its expired records here.
+async fn watch_store(
+    store: Arc<Store>,
+    health: Arc<StoreHealth>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sweep_due = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if !health.is_up() {
+            let result = store.ping().await;
+            health.observe("ping", &result);
+        }
+        if Instant::now() >= sweep_due {
+            sweep_due = Instant::now() + Duration::from_secs(60);
+            if let Err(error) = store.sweep_expired().await {
+                tracing::warn!(%error, "expired records could not be swept");
+            }
+        }
     }
 }
 

@@ -121,12 +121,43 @@ pub enum StorageBackend {
     Redis,
 }
 
+/// What durable accept does while the store cannot record activities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreUnavailable {
+    /// Answer 503 + Retry-After, so the Bot Connector redelivers later.
+    Refuse,
+    /// Accept into memory only (lost if the process dies before the turn ends).
+    Accept,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub backend: StorageBackend,
+    /// Directory of the embedded database file.
     pub path: PathBuf,
+    /// `redis://`, `rediss://`, `redis-cluster://host:port?node=host:port`, or
+    /// `redis-sentinel://host:port/db?sentinelServiceName=name`.
     pub redis_url: String,
+    /// Redis Cluster seed nodes (`host:port`); when set, `redis_url` is not used.
+    pub redis_cluster_nodes: Vec<String>,
+    pub redis_pool_size: usize,
+    pub redis_command_timeout_ms: u64,
+    /// Namespace of every Redis key.
+    pub key_prefix: String,
+    /// Record every activity before answering 200. Default: true for redis, false for embedded.
+    pub durable_accept: Option<bool>,
+    /// Names this process's journal, so that a restart replays what it had accepted. Default:
+    /// the host name.
+    pub instance_id: Option<String>,
+    pub on_unavailable: OnStoreUnavailable,
+    /// How long a global dedup claim (Redis) is kept.
+    pub dedup_ttl_secs: u64,
+    /// Activities journaled in one write at most (group commit).
+    pub journal_batch_max: usize,
+    /// Snapshots waiting to be written at most; beyond it new ones are dropped and counted.
+    pub snapshot_pending_max: usize,
 }
 
 impl Default for StorageConfig {
@@ -135,7 +166,35 @@ impl Default for StorageConfig {
             backend: StorageBackend::Embedded,
             path: PathBuf::from("data"),
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_cluster_nodes: Vec::new(),
+            redis_pool_size: 4,
+            redis_command_timeout_ms: 1_000,
+            key_prefix: "teams-router".into(),
+            durable_accept: None,
+            instance_id: None,
+            on_unavailable: OnStoreUnavailable::Refuse,
+            dedup_ttl_secs: 3_600,
+            journal_batch_max: 512,
+            snapshot_pending_max: 200_000,
         }
+    }
+}
+
+impl StorageConfig {
+    pub fn durable_accept(&self) -> bool {
+        self.durable_accept
+            .unwrap_or(self.backend == StorageBackend::Redis)
+    }
+
+    pub fn instance_id(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "default".into())
+        })
     }
 }
 
@@ -154,6 +213,9 @@ pub struct ConversationConfig {
     pub invoke_timeout_ms: u64,
     /// Retry-After (seconds) sent with 429/503 when shedding load.
     pub retry_after_secs: u64,
+    /// Session history bounds: entries, and bytes of text.
+    pub history_max_turns: usize,
+    pub history_max_bytes: usize,
 }
 
 impl Default for ConversationConfig {
@@ -165,6 +227,8 @@ impl Default for ConversationConfig {
             dedup_window: 256,
             invoke_timeout_ms: 4_500,
             retry_after_secs: 1,
+            history_max_turns: 50,
+            history_max_bytes: 32 * 1024,
         }
     }
 }

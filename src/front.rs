@@ -28,9 +28,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::activity::{Envelope, ParseError, with_envelope};
 use crate::auth::{AuthError, VerifiedToken, Verifier};
 use crate::backend::InvokeResponse;
+use crate::config::OnStoreUnavailable;
 use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::{Admission, Directory};
 use crate::registry::{Integration, Registry};
+use crate::store::writer::Journal;
 use crate::telemetry::{self, ACTIVITIES_DUPLICATE, INGRESS_DURATION, Readiness};
 
 pub type Body = Full<Bytes>;
@@ -175,6 +177,9 @@ pub struct Front {
     pub invoke_timeout: Duration,
     pub retry_after_secs: u64,
     pub required_endorsements: Vec<String>,
+    /// Present under durable accept: activities are journaled before the 200.
+    pub journal: Option<Arc<Journal>>,
+    pub on_store_unavailable: OnStoreUnavailable,
 }
 
 impl Handler for Front {
@@ -336,7 +341,14 @@ impl Front {
             })?
             .to_bytes();
 
-        match self.admit(&integration, verified.as_deref(), body)? {
+        let routed = match &self.journal {
+            Some(journal) => {
+                self.admit_durably(journal, &integration, verified.as_deref(), body)
+                    .await?
+            }
+            None => self.admit(&integration, verified.as_deref(), body)?,
+        };
+        match routed {
             Routed::Duplicate => Ok(empty(StatusCode::OK)),
             Routed::Accepted(None) => Ok(empty(StatusCode::OK)),
             Routed::Accepted(Some(answer)) => {
@@ -394,7 +406,13 @@ impl Front {
         with_envelope(&body, |envelope| {
             let envelope = envelope.map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
-            self.route(integration, &envelope, body.clone())
+            let target = Target {
+                type_index: telemetry::activity_type_index(envelope.kind),
+                is_invoke: envelope.kind == "invoke",
+                conversation_id: envelope.conversation_id.into(),
+                activity_id: envelope.id.into(),
+            };
+            self.route(integration, &target, body.clone(), None)
         })
     }
 
@@ -444,30 +462,82 @@ impl Front {
         Ok(())
     }
 
+    /// Journals the activity (durable accept, group commit), then routes it. A redelivery the
+    /// conversation already saw, or that another instance claimed, is acknowledged unjournaled.
+    pub async fn admit_durably(
+        &self,
+        journal: &Journal,
+        integration: &Integration,
+        verified: Option<&VerifiedToken>,
+        body: Bytes,
+    ) -> Result<Routed, Rejection> {
+        let target = with_envelope(&body, |envelope| {
+            let envelope = envelope.map_err(Rejection::parse)?;
+            self.check(integration, verified, &envelope)?;
+            Ok::<Target<'static>, Rejection>(Target {
+                type_index: telemetry::activity_type_index(envelope.kind),
+                is_invoke: envelope.kind == "invoke",
+                conversation_id: std::borrow::Cow::Owned(envelope.conversation_id.to_owned()),
+                activity_id: std::borrow::Cow::Owned(envelope.id.to_owned()),
+            })
+        })?;
+        if self.directory.seen(
+            &integration.id,
+            &target.conversation_id,
+            &target.activity_id,
+        ) {
+            return Ok(duplicate(integration, target.type_index));
+        }
+        let journal_seq = match journal
+            .append(
+                &integration.id,
+                &target.conversation_id,
+                &target.activity_id,
+                &body,
+            )
+            .await
+        {
+            Ok((seq, true)) => Some(seq),
+            Ok((_, false)) => return Ok(duplicate(integration, target.type_index)),
+            Err(error) => match self.on_store_unavailable {
+                OnStoreUnavailable::Refuse => {
+                    return Err(Rejection::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        format!("the activity cannot be recorded durably: {error}"),
+                    ));
+                }
+                OnStoreUnavailable::Accept => None,
+            },
+        };
+        let routed = self.route(integration, &target, body, journal_seq);
+        if let (Ok(Routed::Duplicate) | Err(_), Some(seq)) = (&routed, journal_seq) {
+            journal.complete(seq);
+        }
+        routed
+    }
+
     fn route(
         &self,
         integration: &Integration,
-        envelope: &Envelope<'_>,
+        target: &Target<'_>,
         body: Bytes,
+        journal_seq: Option<u64>,
     ) -> Result<Routed, Rejection> {
-        let type_index = telemetry::activity_type_index(envelope.kind);
         let admission = self.directory.accept(
             &integration.id,
-            envelope.conversation_id,
-            envelope.id,
-            envelope.kind == "invoke",
+            &target.conversation_id,
+            &target.activity_id,
+            target.is_invoke,
             body,
+            journal_seq,
         );
         match admission {
             Admission::Accepted(answer) => {
-                integration.count_received(type_index);
+                integration.count_received(target.type_index);
                 Ok(Routed::Accepted(answer))
             }
-            Admission::Duplicate => {
-                integration.count_received(type_index);
-                counter!(ACTIVITIES_DUPLICATE).increment(1);
-                Ok(Routed::Duplicate)
-            }
+            Admission::Duplicate => Ok(duplicate(integration, target.type_index)),
             Admission::MailboxFull => Err(Rejection::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "mailbox_full",
@@ -480,6 +550,21 @@ impl Front {
             )),
         }
     }
+}
+
+/// Where an activity goes, borrowed from the parse buffer on the fast path or owned when the
+/// route waits for the journal.
+struct Target<'a> {
+    type_index: usize,
+    is_invoke: bool,
+    conversation_id: std::borrow::Cow<'a, str>,
+    activity_id: std::borrow::Cow<'a, str>,
+}
+
+fn duplicate(integration: &Integration, type_index: usize) -> Routed {
+    integration.count_received(type_index);
+    counter!(ACTIVITIES_DUPLICATE).increment(1);
+    Routed::Duplicate
 }
 
 /// The ops listener: `/metrics`, `/healthz`, `/readyz`.

@@ -30,4 +30,5 @@ pub mod conversation;
 pub mod front;
 pub mod registry;
 pub mod reply;
+pub mod store;
 pub mod telemetry;

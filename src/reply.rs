@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use crate::activity::TurnActivity;
 use crate::backend::{Answer, Backend, InvokeResponse};
 use crate::connector::{Connector, Op, is_loopback_url};
+use crate::conversation::ConversationMsg;
 use crate::registry::{Integration, Registry};
 use crate::telemetry::{FIRST_REPLY, TURNS_FAILED};
 
@@ -36,6 +37,18 @@ pub struct ReplyArgs {
     pub accepted_at: Instant,
     /// The HTTP request of an invoke, waiting for the InvokeResponse.
     pub invoke: Option<oneshot::Sender<InvokeResponse>>,
+    /// A fixed answer decided by the conversation (session commands) instead of the backend's.
+    pub say: Option<String>,
+    /// Told when the turn is finished, with what was sent.
+    pub conversation: ActorRef<ConversationMsg>,
+}
+
+/// A message the Bot Connector accepted.
+#[derive(Debug, Clone)]
+pub struct SentReply {
+    pub text: String,
+    /// The id the Connector gave it (none when it answered 202 without a body).
+    pub id: Option<String>,
 }
 
 pub struct ReplyActor;
@@ -59,39 +72,46 @@ impl Actor for ReplyActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(args) = state.take() {
-            run_turn(args).await;
+            let conversation = args.conversation.clone();
+            let reply = run_turn(args).await;
+            let _ = conversation.cast(ConversationMsg::TurnFinished {
+                reply_actor: myself.get_id(),
+                reply,
+            });
         }
         myself.stop(None);
         Ok(())
     }
 }
 
-async fn run_turn(mut args: ReplyArgs) {
-    let activity = &args.activity;
-    let text = match activity.kind.as_str() {
-        "message" | "invoke" => {
-            let answer = answer(&args).await;
-            if let (Some(waiting), Some(response)) = (args.invoke.take(), answer.invoke) {
-                // The request may have timed out already; then nobody listens.
-                let _ = waiting.send(response);
+async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
+    let text = if let Some(fixed) = args.say.take() {
+        Some(fixed)
+    } else {
+        match args.activity.kind.as_str() {
+            "message" | "invoke" => {
+                let answer = answer(&args).await;
+                if let (Some(waiting), Some(response)) = (args.invoke.take(), answer.invoke) {
+                    // The request may have timed out already; then nobody listens.
+                    let _ = waiting.send(response);
+                }
+                answer.text
             }
-            answer.text
-        }
-        "conversationUpdate" if activity.bot_was_added() => args.services.welcome_message.clone(),
-        other => {
-            tracing::info!(integration = %args.integration.id, kind = other, "activity recorded, nothing to answer");
-            None
+            "conversationUpdate" if args.activity.bot_was_added() => {
+                args.services.welcome_message.clone()
+            }
+            other => {
+                tracing::info!(integration = %args.integration.id, kind = other, "activity recorded, nothing to answer");
+                None
+            }
         }
     };
-    let Some(text) = text else {
-        return;
-    };
-    let op = if activity.kind == "conversationUpdate" {
+    let op = if args.activity.kind == "conversationUpdate" {
         Op::Send
     } else {
         Op::Reply
     };
-    send_message(&args, op, text).await;
+    send_message(&args, op, text?).await
 }
 
 async fn answer(args: &ReplyArgs) -> Answer {
@@ -123,7 +143,7 @@ async fn answer(args: &ReplyArgs) -> Answer {
     }
 }
 
-async fn send_message(args: &ReplyArgs, op: Op, text: String) {
+async fn send_message(args: &ReplyArgs, op: Op, text: String) -> Option<SentReply> {
     let activity = &args.activity;
     let integration = &args.integration;
     if integration.is_development() && !is_loopback_url(&activity.service_url) {
@@ -131,9 +151,9 @@ async fn send_message(args: &ReplyArgs, op: Op, text: String) {
             integration = %integration.id,
             "development-mode integration: replies go only to loopback service URLs; reply dropped"
         );
-        return;
+        return None;
     }
-    let outbound = outbound_message(activity, text);
+    let outbound = outbound_message(activity, text.clone());
     let reply_to = (op == Op::Reply).then_some(activity.id.as_str());
     let result = args
         .services
@@ -151,10 +171,12 @@ async fn send_message(args: &ReplyArgs, op: Op, text: String) {
         Ok(id) => {
             histogram!(FIRST_REPLY).record(args.accepted_at.elapsed().as_secs_f64());
             tracing::debug!(integration = %integration.id, id = id.as_deref().unwrap_or(""), "reply sent");
+            Some(SentReply { text, id })
         }
         Err(error) => {
             counter!(TURNS_FAILED).increment(1);
             tracing::warn!(integration = %integration.id, %error, "reply not delivered");
+            None
         }
     }
 }

@@ -3,6 +3,7 @@
 //! label values at zero, so dashboards work before the first event. Labels never carry a
 //! conversation or user id.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -25,6 +26,12 @@ pub const SNAPSHOT_DURATION: &str = "teams_router_snapshot_duration_seconds";
 pub const SNAPSHOT_FAILURES: &str = "teams_router_snapshot_failures_total";
 pub const TURNS_FAILED: &str = "teams_router_turns_failed_total";
 pub const KEY_REFRESHES: &str = "teams_router_signing_key_refreshes_total";
+pub const STORE_ERRORS: &str = "teams_router_store_errors_total";
+pub const STORE_UP: &str = "teams_router_store_up";
+pub const JOURNAL_RECOVERED: &str = "teams_router_journal_recovered_total";
+
+/// Store operations (`op` label of `store_errors_total`).
+pub const STORE_OPS: &[&str] = &["get", "put", "journal_append", "journal_complete", "ping"];
 
 /// Activity `type` label values; anything else is counted as `other` so that a hostile sender
 /// cannot create series.
@@ -83,6 +90,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "service_url_not_allowed",
     "mailbox_full",
     "overloaded",
+    "store_unavailable",
 ];
 
 /// The index in [`ACTIVITY_TYPES`] of an activity `type` (`other` for unknown ones).
@@ -187,6 +195,27 @@ fn describe_all() {
         "OpenID metadata and signing-key refreshes, by result."
     );
 
+    describe_counter!(
+        STORE_ERRORS,
+        Unit::Count,
+        "Failed store operations, by operation."
+    );
+    describe_gauge!(
+        STORE_UP,
+        Unit::Count,
+        "1 while the store answers, 0 while it fails."
+    );
+    describe_counter!(
+        JOURNAL_RECOVERED,
+        Unit::Count,
+        "Accepted-but-unanswered activities found in the journal at start and run again."
+    );
+    for op in STORE_OPS {
+        counter!(STORE_ERRORS, "op" => *op).increment(0);
+    }
+    gauge!(STORE_UP).set(1.0);
+    counter!(JOURNAL_RECOVERED).increment(0);
+
     for reason in REJECT_REASONS {
         counter!(ACTIVITIES_REJECTED, "reason" => *reason).increment(0);
     }
@@ -225,6 +254,8 @@ pub struct Readiness {
     keys_loaded: AtomicBool,
     needs_keys: AtomicBool,
     draining: AtomicBool,
+    /// Under durable accept: whether the store can record activities.
+    durable_store: std::sync::OnceLock<Arc<crate::store::StoreHealth>>,
 }
 
 impl Readiness {
@@ -240,6 +271,10 @@ impl Readiness {
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
+    /// Durable accept depends on this store: readiness is degraded while it is down.
+    pub fn set_durable_store(&self, health: Arc<crate::store::StoreHealth>) {
+        let _ = self.durable_store.set(health);
+    }
     /// `Err` names what is missing.
     pub fn check(&self) -> Result<(), &'static str> {
         if self.draining.load(Ordering::Acquire) {
@@ -250,6 +285,9 @@ impl Readiness {
         }
         if self.needs_keys.load(Ordering::Acquire) && !self.keys_loaded.load(Ordering::Acquire) {
             return Err("OpenID metadata and signing keys not loaded yet");
+        }
+        if self.durable_store.get().is_some_and(|h| !h.is_up()) {
+            return Err("degraded: the store is unavailable, durable accept cannot be honoured");
         }
         Ok(())
     }

@@ -1,5 +1,8 @@
 //! The conversation actor: takes the next queued turn, runs it in a linked reply actor, and takes
-//! the next one only when that reply actor has stopped. Idle actors passivate.
+//! the next one only when that reply actor reports the turn finished. It owns the session: loaded
+//! from the latest snapshot at the first turn (after a passivation, a panic or on another
+//! instance), checked for redeliveries, updated after every turn and handed to the snapshot
+//! writer. Idle actors passivate.
 
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -7,16 +10,26 @@ use std::time::Instant;
 use metrics::{counter, histogram};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use super::{Conversation, ConversationSettings, Directory};
+use super::session::{
+    HistoryEntry, RESET_CONFIRMATION, Role, SESSION_COMMAND, Session, is_reset_command, session_key,
+};
+use super::{Conversation, ConversationSettings, Directory, Turn};
 use crate::activity::TurnActivity;
 use crate::backend::InvokeResponse;
-use crate::reply::{ReplyActor, ReplyArgs, ReplyServices};
-use crate::telemetry::{TURN_DURATION, TURNS_FAILED};
+use crate::registry::Integration;
+use crate::reply::{ReplyActor, ReplyArgs, ReplyServices, SentReply};
+use crate::store::{Put, now_ms};
+use crate::telemetry::{ACTIVITIES_DUPLICATE, TURN_DURATION, TURNS_FAILED};
 
 #[derive(Debug)]
 pub enum ConversationMsg {
     /// A turn was queued.
     Wake,
+    /// The reply actor of the current turn is done.
+    TurnFinished {
+        reply_actor: ActorId,
+        reply: Option<SentReply>,
+    },
     /// The idle timer fired; passivate if nothing happened since.
     IdleCheck,
 }
@@ -30,10 +43,19 @@ pub struct ConversationArgs {
     pub settings: ConversationSettings,
 }
 
+/// The turn being run by a reply actor.
+struct RunningTurn {
+    reply_actor: ActorId,
+    started: Instant,
+    activity_id: String,
+    journal_seq: Option<u64>,
+}
+
 pub struct ConversationActorState {
     args: ConversationArgs,
-    /// The reply actor running the current turn, and when it started.
-    current: Option<(ActorId, Instant)>,
+    current: Option<RunningTurn>,
+    /// The session and its key, loaded at the first turn.
+    session: Option<(String, Session)>,
     /// An idle check is scheduled (one at a time, however many turns ran).
     idle_check_armed: bool,
 }
@@ -57,6 +79,7 @@ impl Actor for ConversationActor {
         Ok(ConversationActorState {
             args,
             current: None,
+            session: None,
             idle_check_armed: false,
         })
     }
@@ -79,6 +102,16 @@ impl Actor for ConversationActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ConversationMsg::Wake => start_next_turn(&myself, state).await,
+            ConversationMsg::TurnFinished { reply_actor, reply } => {
+                if state
+                    .current
+                    .as_ref()
+                    .is_some_and(|t| t.reply_actor == reply_actor)
+                {
+                    finish_turn(state, reply, true);
+                    start_next_turn(&myself, state).await;
+                }
+            }
             ConversationMsg::IdleCheck => passivate_if_idle(&myself, state),
         }
         Ok(())
@@ -90,30 +123,68 @@ impl Actor for ConversationActor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, failure) = match &event {
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
-            SupervisionEvent::ActorFailed(cell, error) => (cell, Some(error.to_string())),
-            _ => return Ok(()),
-        };
-        let Some((id, started)) = state.current else {
+        // A reply actor that stops normally reported `TurnFinished` first; only a failure ends
+        // its turn here.
+        let SupervisionEvent::ActorFailed(cell, error) = &event else {
             return Ok(());
         };
-        if cell.get_id() != id {
-            return Ok(());
-        }
-        histogram!(TURN_DURATION).record(started.elapsed().as_secs_f64());
-        if let Some(error) = failure {
-            counter!(TURNS_FAILED).increment(1);
-            tracing::error!(integration = %state.args.conversation.key.integration, %error, "turn failed");
-        }
-        state.current = None;
+        if state
+            .current
+            .as_ref()
+            .is_some_and(|t| t.reply_actor == cell.get_id())
         {
-            let mut shared = state.args.conversation.state();
-            shared.busy = false;
-            shared.last_activity = Instant::now();
+            tracing::error!(integration = %state.args.conversation.key.integration, %error, "turn failed");
+            finish_turn(state, None, false);
+            start_next_turn(&myself, state).await;
         }
-        start_next_turn(&myself, state).await;
         Ok(())
+    }
+}
+
+/// Ends the running turn: history, dedup window, snapshot, journal.
+fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply>, ok: bool) {
+    let Some(turn) = state.current.take() else {
+        return;
+    };
+    histogram!(TURN_DURATION).record(turn.started.elapsed().as_secs_f64());
+    if !ok {
+        counter!(TURNS_FAILED).increment(1);
+    }
+    let settings = &state.args.settings;
+    if let Some((key, session)) = state.session.as_mut() {
+        if let Some(reply) = reply {
+            session.record(
+                HistoryEntry {
+                    role: Role::Bot,
+                    text: reply.text,
+                    at_ms: now_ms(),
+                    id: reply.id,
+                },
+                settings.persistence.limits,
+            );
+        }
+        session.mark_handled(&turn.activity_id, settings.dedup_window);
+        session.last_sequence += 1;
+        save_snapshot(settings, key, session);
+    }
+    if let (Some(seq), Some(journal)) = (turn.journal_seq, &settings.persistence.journal) {
+        journal.complete(seq);
+    }
+    let mut shared = state.args.conversation.state();
+    shared.busy = false;
+    shared.last_activity = Instant::now();
+}
+
+fn save_snapshot(settings: &ConversationSettings, key: &str, session: &Session) {
+    match serde_json::to_vec(session) {
+        Ok(bytes) => {
+            settings.persistence.snapshots.save(Put {
+                key: key.to_owned(),
+                value: bytes.into(),
+                ttl: std::time::Duration::from_millis(session.remaining_ms(now_ms())),
+            });
+        }
+        Err(error) => tracing::error!(%error, "session does not serialize"),
     }
 }
 
@@ -121,10 +192,9 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
     if state.current.is_some() {
         return;
     }
-    let args = &state.args;
     loop {
         let turn = {
-            let mut shared = args.conversation.state();
+            let mut shared = state.args.conversation.state();
             if shared.busy {
                 return;
             }
@@ -136,60 +206,182 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
                 None => break,
             }
         };
-        let mut invoke = turn.invoke;
-        let finish_unrun =
-            |reason: &str, invoke: Option<tokio::sync::oneshot::Sender<InvokeResponse>>| {
-                args.conversation.state().busy = false;
-                counter!(TURNS_FAILED).increment(1);
-                if let Some(waiting) = invoke {
-                    let _ = waiting.send(InvokeResponse::error("TurnFailed", reason));
-                }
-            };
-        let activity = match TurnActivity::parse(&turn.body) {
-            Ok(a) => a,
-            Err(error) => {
-                tracing::warn!(integration = %args.conversation.key.integration, %error, "activity cannot be read as a turn; dropped");
-                finish_unrun("the activity could not be read", invoke.take());
-                continue;
-            }
-        };
-        if args
-            .settings
-            .panic_trigger
-            .as_deref()
-            .is_some_and(|trigger| activity.text_without_bot_mentions() == trigger)
-        {
-            args.conversation.state().busy = false;
-            panic!("testing.panic_trigger received: failing this turn on purpose");
-        }
-        let Some(integration) = args
-            .services
-            .registry
-            .integration(&args.conversation.key.integration)
-        else {
-            finish_unrun("the integration no longer exists", invoke.take());
-            continue;
-        };
-        let reply = ReplyArgs {
-            services: Arc::clone(&args.services),
-            integration,
-            activity,
-            accepted_at: turn.accepted_at,
-            invoke,
-        };
-        match Actor::spawn_linked(None, ReplyActor, reply, myself.get_cell()).await {
-            Ok((reply_actor, _)) => {
-                state.current = Some((reply_actor.get_id(), Instant::now()));
-                return;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot start a reply actor; turn dropped");
-                finish_unrun("the turn could not be started", None);
-            }
+        if begin_turn(myself, state, turn).await {
+            return;
         }
     }
     // Nothing left to do: check back after the idle timeout.
-    arm_idle_check(myself, state, state.args.settings.idle_timeout);
+    let after = state.args.settings.idle_timeout;
+    arm_idle_check(myself, state, after);
+}
+
+/// Starts one turn; false when it needed no reply actor (the caller takes the next one).
+async fn begin_turn(
+    myself: &ActorRef<ConversationMsg>,
+    state: &mut ConversationActorState,
+    turn: Turn,
+) -> bool {
+    let Turn {
+        body,
+        accepted_at,
+        mut invoke,
+        journal_seq,
+        ..
+    } = turn;
+    let skip = |state: &mut ConversationActorState,
+                reason: &str,
+                invoke: Option<tokio::sync::oneshot::Sender<InvokeResponse>>,
+                failed: bool| {
+        if failed {
+            counter!(TURNS_FAILED).increment(1);
+        }
+        if let Some(waiting) = invoke {
+            let _ = waiting.send(InvokeResponse::error("TurnFailed", reason));
+        }
+        if let (Some(seq), Some(journal)) = (journal_seq, &state.args.settings.persistence.journal)
+        {
+            journal.complete(seq);
+        }
+        state.args.conversation.state().busy = false;
+    };
+    let activity = match TurnActivity::parse(&body) {
+        Ok(a) => a,
+        Err(error) => {
+            tracing::warn!(integration = %state.args.conversation.key.integration, %error, "activity cannot be read as a turn; dropped");
+            skip(state, "the activity could not be read", invoke.take(), true);
+            return false;
+        }
+    };
+    let Some(integration) = state
+        .args
+        .services
+        .registry
+        .integration(&state.args.conversation.key.integration)
+    else {
+        skip(
+            state,
+            "the integration no longer exists",
+            invoke.take(),
+            true,
+        );
+        return false;
+    };
+    load_session(state, &integration, &activity).await;
+    if state
+        .session
+        .as_ref()
+        .is_some_and(|(_, session)| session.has_handled(&activity.id))
+    {
+        // A redelivery that slipped past the in-memory window (after a restart or failover).
+        counter!(ACTIVITIES_DUPLICATE).increment(1);
+        skip(state, "duplicate", invoke.take(), false);
+        return false;
+    }
+    let text = activity.text_without_bot_mentions();
+    if state
+        .args
+        .settings
+        .panic_trigger
+        .as_deref()
+        .is_some_and(|trigger| text == trigger)
+    {
+        state.args.conversation.state().busy = false;
+        panic!("testing.panic_trigger received: failing this turn on purpose");
+    }
+
+    let limits = state.args.settings.persistence.limits;
+    let mut say = None;
+    if activity.kind == "message"
+        && let Some((_, session)) = state.session.as_mut()
+    {
+        if is_reset_command(&text) {
+            *session = session.restart(now_ms(), integration.record.session_duration);
+            say = Some(RESET_CONFIRMATION.to_owned());
+        } else if text.eq_ignore_ascii_case(SESSION_COMMAND) {
+            say = Some(session.describe());
+        } else {
+            session.record(
+                HistoryEntry {
+                    role: Role::User,
+                    text: text.clone(),
+                    at_ms: now_ms(),
+                    id: Some(activity.id.clone()),
+                },
+                limits,
+            );
+        }
+        session.turns += 1;
+    }
+    let activity_id = activity.id.clone();
+    let reply = ReplyArgs {
+        services: Arc::clone(&state.args.services),
+        integration,
+        activity,
+        accepted_at,
+        invoke,
+        say,
+        conversation: myself.clone(),
+    };
+    match Actor::spawn_linked(None, ReplyActor, reply, myself.get_cell()).await {
+        Ok((reply_actor, _)) => {
+            state.current = Some(RunningTurn {
+                reply_actor: reply_actor.get_id(),
+                started: Instant::now(),
+                activity_id,
+                journal_seq,
+            });
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot start a reply actor; turn dropped");
+            skip(state, "the turn could not be started", None, true);
+            false
+        }
+    }
+}
+
+/// Makes `state.session` the session this activity belongs to: the one in memory, else the
+/// latest snapshot, else a new one (also when the stored one expired).
+async fn load_session(
+    state: &mut ConversationActorState,
+    integration: &Integration,
+    activity: &TurnActivity,
+) {
+    let key = session_key(&integration.record.id, activity);
+    let now = now_ms();
+    let duration = integration.record.session_duration;
+    let loaded = match state.session.take() {
+        Some((k, session)) if k == key => session,
+        _ => {
+            let stored = match state.args.settings.persistence.snapshots.load(&key).await {
+                Ok(bytes) => bytes.and_then(|b| match serde_json::from_slice::<Session>(&b) {
+                    Ok(s) => Some(s),
+                    Err(error) => {
+                        tracing::error!(%error, "stored session is unreadable; starting a new one");
+                        None
+                    }
+                }),
+                Err(error) => {
+                    tracing::warn!(%error, "session could not be loaded; starting from memory");
+                    None
+                }
+            };
+            if let Some(stored) = &stored {
+                // Later redeliveries are then caught at the door, without a turn.
+                let mut shared = state.args.conversation.state();
+                for id in &stored.handled_ids {
+                    shared.recent_ids.insert(id.as_str().into());
+                }
+            }
+            stored.unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration))
+        }
+    };
+    let session = if loaded.is_expired(now) {
+        loaded.restart(now, duration)
+    } else {
+        loaded
+    };
+    state.session = Some((key, session));
 }
 
 fn arm_idle_check(
@@ -225,9 +417,10 @@ fn passivate_if_idle(myself: &ActorRef<ConversationMsg>, state: &mut Conversatio
         arm_idle_check(myself, state, remaining);
         return;
     }
-    let args = &state.args;
-    if let Some(directory) = args.directory.upgrade() {
-        directory.remove(&args.conversation);
+    // The session's latest snapshot is already with the snapshot writer, which the next actor
+    // of this conversation reads before the store.
+    if let Some(directory) = state.args.directory.upgrade() {
+        directory.remove(&state.args.conversation);
     }
     myself.stop(Some("idle".into()));
 }

@@ -7,6 +7,7 @@
 //! it. The mutex guarding them is per conversation, never shared by all requests.
 
 mod actor;
+pub mod session;
 mod supervisor;
 
 use std::collections::{HashSet, VecDeque};
@@ -23,19 +24,30 @@ use tokio::sync::oneshot;
 
 use crate::backend::InvokeResponse;
 use crate::reply::ReplyServices;
+use crate::store::writer::{Journal, Snapshots};
 use crate::telemetry::CONVERSATIONS_ACTIVE;
+use session::HistoryLimits;
 
 pub use actor::ConversationMsg;
 pub use supervisor::{ConversationSupervisor, SupervisorMsg};
 
 /// Limits and behaviour of conversations.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConversationSettings {
     pub mailbox_capacity: usize,
     pub max_active: usize,
     pub idle_timeout: Duration,
     pub dedup_window: usize,
     pub panic_trigger: Option<String>,
+    pub persistence: Arc<Persistence>,
+}
+
+/// Where conversations keep what must survive them.
+pub struct Persistence {
+    pub snapshots: Arc<Snapshots>,
+    /// Present under durable accept: answered activities are completed in it.
+    pub journal: Option<Arc<Journal>>,
+    pub limits: HistoryLimits,
 }
 
 /// One accepted activity waiting for its turn.
@@ -45,6 +57,8 @@ pub struct Turn {
     pub body: Bytes,
     pub accepted_at: Instant,
     pub invoke: Option<oneshot::Sender<InvokeResponse>>,
+    /// The activity's journal entry under durable accept.
+    pub journal_seq: Option<u64>,
 }
 
 /// What happened to an activity offered to its conversation.
@@ -209,6 +223,7 @@ impl Directory {
         activity_id: &str,
         is_invoke: bool,
         body: Bytes,
+        journal_seq: Option<u64>,
     ) -> Admission {
         let accepted_at = Instant::now();
         let mut reply = None;
@@ -225,6 +240,7 @@ impl Directory {
                 body: body.clone(),
                 accepted_at,
                 invoke,
+                journal_seq,
             }
         };
         // A conversation that passivated between lookup and enqueue is replaced; twice at most.
@@ -251,6 +267,13 @@ impl Directory {
             }
         }
         Admission::Overloaded
+    }
+
+    /// Whether the conversation has already seen this activity id (a cheap pre-check, so that
+    /// a redelivery costs no journal write).
+    pub fn seen(&self, integration: &str, conversation_id: &str, activity_id: &str) -> bool {
+        self.lookup(integration, conversation_id)
+            .is_some_and(|c| c.state().recent_ids.contains(activity_id))
     }
 
     fn lookup(&self, integration: &str, conversation_id: &str) -> Option<Arc<Conversation>> {

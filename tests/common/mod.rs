@@ -23,8 +23,31 @@ pub fn binary() -> PathBuf {
 /// A config with three integrations: `teams_prod` (multi-tenant), `teams_single` (single-tenant,
 /// tenant [`TENANT`]) and `teams_dev` (development mode); `extra` is appended verbatim.
 pub fn config(mock: &MockMicrosoft, extra: &str) -> String {
+    config_with_storage(
+        mock,
+        &format!("[storage]\npath = {:?}\n", scratch_dir("state")),
+        extra,
+    )
+}
+
+/// A directory of its own for each caller (embedded store files never collide between tests).
+pub fn scratch_dir(what: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "teams-router-test-{}-{what}-{n}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Like [`config`], with the `[storage]` table given.
+pub fn config_with_storage(mock: &MockMicrosoft, storage: &str, extra: &str) -> String {
     format!(
         r#"
+{storage}
+
 [server]
 listen = "127.0.0.1:0"
 ops_listen = "127.0.0.1:0"

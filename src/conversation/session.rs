@@ -1,0 +1,245 @@
+//! A conversation's session: its history of turns (bounded by count and bytes), when it started,
+//! its counters, and the ids of the activities it has answered (the dedup window that survives
+//! passivation, restarts and failover). Stored as one snapshot under the contract's session key.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::activity::TurnActivity;
+
+/// User messages that start a fresh session.
+pub const RESET_COMMANDS: &[&str] = &["///restart", "///reset", "///new"];
+/// A user message that asks what the session holds (its turns and last message).
+pub const SESSION_COMMAND: &str = "///session";
+pub const RESET_CONFIRMATION: &str = "Started a new session.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Bot,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub role: Role,
+    pub text: String,
+    pub at_ms: u64,
+    /// The user's activity id, or the id the Bot Connector gave the bot's reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    pub conversation_id: String,
+    pub started_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Turns run in this session.
+    pub turns: u64,
+    /// Turns run in this conversation, across sessions.
+    pub last_sequence: u64,
+    pub history: VecDeque<HistoryEntry>,
+    /// Ids of activities already handled, newest last.
+    pub handled_ids: VecDeque<String>,
+}
+
+impl Session {
+    pub fn new(conversation_id: &str, now_ms: u64, duration_ms: u64) -> Self {
+        Self {
+            conversation_id: conversation_id.to_owned(),
+            started_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(duration_ms),
+            turns: 0,
+            last_sequence: 0,
+            history: VecDeque::new(),
+            handled_ids: VecDeque::new(),
+        }
+    }
+
+    /// A fresh session that keeps what must outlive sessions: the dedup window and the sequence.
+    pub fn restart(&self, now_ms: u64, duration_ms: u64) -> Self {
+        Self {
+            last_sequence: self.last_sequence,
+            handled_ids: self.handled_ids.clone(),
+            ..Self::new(&self.conversation_id, now_ms, duration_ms)
+        }
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        now_ms >= self.expires_at_ms
+    }
+
+    pub fn has_handled(&self, activity_id: &str) -> bool {
+        self.handled_ids.iter().any(|id| id == activity_id)
+    }
+
+    pub fn mark_handled(&mut self, activity_id: &str, window: usize) {
+        if self.has_handled(activity_id) {
+            return;
+        }
+        self.handled_ids.push_back(activity_id.to_owned());
+        while self.handled_ids.len() > window.max(1) {
+            self.handled_ids.pop_front();
+        }
+    }
+
+    /// Appends to the history, dropping the oldest entries beyond the limits.
+    pub fn record(&mut self, entry: HistoryEntry, limits: HistoryLimits) {
+        self.history.push_back(entry);
+        let mut bytes: usize = self.history.iter().map(|e| e.text.len()).sum();
+        while self.history.len() > limits.max_entries.max(1)
+            || (bytes > limits.max_bytes && self.history.len() > 1)
+        {
+            if let Some(dropped) = self.history.pop_front() {
+                bytes -= dropped.text.len();
+            }
+        }
+    }
+
+    /// The answer to [`SESSION_COMMAND`].
+    pub fn describe(&self) -> String {
+        let last_user = self
+            .history
+            .iter()
+            .rev()
+            .find(|e| e.role == Role::User)
+            .map(|e| e.text.as_str());
+        match last_user {
+            Some(text) => format!(
+                "session: {} turns, {} messages remembered; your last message: \"{text}\"",
+                self.turns,
+                self.history.len()
+            ),
+            None => format!("session: {} turns, nothing remembered yet", self.turns),
+        }
+    }
+
+    /// Milliseconds the session has left (its store TTL).
+    pub fn remaining_ms(&self, now_ms: u64) -> u64 {
+        self.expires_at_ms.saturating_sub(now_ms).max(1)
+    }
+}
+
+/// `teams-session-{integrationId}-{userId}` in personal chats,
+/// `teams-session-{integrationId}-{conversationId}` in group chats and channels.
+pub fn session_key(integration: &str, activity: &TurnActivity) -> String {
+    let personal = match activity
+        .conversation
+        .get("conversationType")
+        .and_then(|t| t.as_str())
+    {
+        Some(kind) => kind == "personal",
+        None => !activity
+            .conversation
+            .get("isGroup")
+            .and_then(|g| g.as_bool())
+            .unwrap_or(false),
+    };
+    let user = activity
+        .from
+        .as_ref()
+        .and_then(|f| f.get("id"))
+        .and_then(|id| id.as_str())
+        .filter(|id| !id.is_empty());
+    match (personal, user) {
+        (true, Some(user)) => format!("teams-session-{integration}-{user}"),
+        _ => format!("teams-session-{integration}-{}", activity.conversation_id()),
+    }
+}
+
+pub fn is_reset_command(text: &str) -> bool {
+    RESET_COMMANDS.iter().any(|c| text.eq_ignore_ascii_case(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entry(text: &str) -> HistoryEntry {
+        HistoryEntry {
+            role: Role::User,
+            text: text.into(),
+            at_ms: 0,
+            id: None,
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_by_count_and_bytes() {
+        let mut s = Session::new("c", 0, 1000);
+        let limits = HistoryLimits {
+            max_entries: 3,
+            max_bytes: 10,
+        };
+        for t in ["aa", "bb", "cc", "dd"] {
+            s.record(entry(t), limits);
+        }
+        assert_eq!(
+            s.history
+                .iter()
+                .map(|e| e.text.as_str())
+                .collect::<Vec<_>>(),
+            ["bb", "cc", "dd"]
+        );
+        s.record(entry("0123456789"), limits);
+        assert_eq!(s.history.len(), 1, "bytes bound keeps only what fits");
+    }
+
+    #[test]
+    fn restart_keeps_dedup_and_sequence_but_not_history() {
+        let mut s = Session::new("c", 0, 1000);
+        s.record(
+            entry("x"),
+            HistoryLimits {
+                max_entries: 5,
+                max_bytes: 100,
+            },
+        );
+        s.mark_handled("a1", 10);
+        s.last_sequence = 7;
+        s.turns = 3;
+        let fresh = s.restart(500, 1000);
+        assert!(fresh.history.is_empty());
+        assert_eq!(fresh.turns, 0);
+        assert_eq!(fresh.last_sequence, 7);
+        assert!(fresh.has_handled("a1"));
+        assert_eq!(fresh.expires_at_ms, 1500);
+        assert!(!fresh.is_expired(1499) && fresh.is_expired(1500));
+    }
+
+    #[test]
+    fn keys_follow_the_contract() {
+        let personal: TurnActivity = serde_json::from_value(json!({
+            "type": "message", "id": "1", "serviceUrl": "s", "channelId": "msteams",
+            "conversation": {"id": "a:1", "conversationType": "personal"}, "from": {"id": "29:u"}
+        }))
+        .unwrap();
+        assert_eq!(session_key("i", &personal), "teams-session-i-29:u");
+        let channel: TurnActivity = serde_json::from_value(json!({
+            "type": "message", "id": "1", "serviceUrl": "s", "channelId": "msteams",
+            "conversation": {"id": "19:c@thread.tacv2", "conversationType": "channel", "isGroup": true},
+            "from": {"id": "29:u"}
+        }))
+        .unwrap();
+        assert_eq!(
+            session_key("i", &channel),
+            "teams-session-i-19:c@thread.tacv2"
+        );
+        assert!(
+            is_reset_command("///RESET")
+                && is_reset_command("///new")
+                && !is_reset_command("reset")
+        );
+    }
+}

@@ -1,0 +1,144 @@
+//! The embedded store: one redb file under `storage.path`, durable on commit. Values carry their
+//! expiry (8 bytes, little-endian milliseconds) in front of the payload; expired records read as
+//! absent and are swept in the background.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{JournalEntry, Put, StoreError, now_ms};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
+const FILE_NAME: &str = "teams-router.redb";
+
+pub struct EmbeddedStore {
+    db: Database,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EmbeddedStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+        })?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(KV).map_err(unavailable)?;
+        txn.open_table(JOURNAL).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        Ok(Self { db })
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(KV).map_err(unavailable)?;
+        let Some(value) = table.get(key).map_err(unavailable)? else {
+            return Ok(None);
+        };
+        let bytes = value.value();
+        let (expiry, payload) = split_expiry(bytes)?;
+        Ok((expiry > now_ms()).then(|| payload.to_vec()))
+    }
+
+    pub fn put_many(&self, puts: &[Put]) -> Result<(), StoreError> {
+        let now = now_ms();
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        {
+            let mut table = txn.open_table(KV).map_err(unavailable)?;
+            let mut buf = Vec::new();
+            for put in puts {
+                buf.clear();
+                let expiry = now.saturating_add(put.ttl.as_millis() as u64);
+                buf.extend_from_slice(&expiry.to_le_bytes());
+                buf.extend_from_slice(&put.value);
+                table
+                    .insert(put.key.as_str(), buf.as_slice())
+                    .map_err(unavailable)?;
+            }
+        }
+        txn.commit().map_err(unavailable)
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        txn.open_table(KV)
+            .map_err(unavailable)?
+            .remove(key)
+            .map_err(unavailable)?;
+        txn.commit().map_err(unavailable)
+    }
+
+    /// One process owns the file, so every entry is new; redeliveries are caught by the
+    /// conversation's dedup window, which is part of its snapshot.
+    pub fn append_journal(&self, entries: &[JournalEntry]) -> Result<Vec<bool>, StoreError> {
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        {
+            let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
+            for entry in entries {
+                let bytes =
+                    serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                table
+                    .insert(entry.seq, bytes.as_slice())
+                    .map_err(unavailable)?;
+            }
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(vec![true; entries.len()])
+    }
+
+    pub fn complete_journal(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        {
+            let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
+            for seq in seqs {
+                table.remove(seq).map_err(unavailable)?;
+            }
+        }
+        txn.commit().map_err(unavailable)
+    }
+
+    pub fn pending_journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(JOURNAL).map_err(unavailable)?;
+        let mut entries = Vec::new();
+        for item in table.iter().map_err(unavailable)? {
+            let (_, value) = item.map_err(unavailable)?;
+            match serde_json::from_slice::<JournalEntry>(value.value()) {
+                Ok(entry) => entries.push(entry),
+                Err(e) => tracing::error!(error = %e, "skipping a corrupt journal entry"),
+            }
+        }
+        Ok(entries)
+    }
+
+    pub fn sweep_expired(&self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        let mut removed = 0;
+        {
+            let mut table = txn.open_table(KV).map_err(unavailable)?;
+            table
+                .retain(|_, value| {
+                    let keep = split_expiry(value).map(|(e, _)| e > now).unwrap_or(false);
+                    removed += usize::from(!keep);
+                    keep
+                })
+                .map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(removed)
+    }
+}
+
+fn split_expiry(bytes: &[u8]) -> Result<(u64, &[u8]), StoreError> {
+    let (head, payload) = bytes
+        .split_first_chunk::<8>()
+        .ok_or_else(|| StoreError::Corrupt("record shorter than its expiry".into()))?;
+    Ok((u64::from_le_bytes(*head), payload))
+}

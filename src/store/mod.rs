@@ -1,0 +1,218 @@
+//! Durable state: key/value records with a TTL (sessions and conversation snapshots), the journal
+//! of accepted-but-unanswered activities (durable accept), and, with Redis, the global dedup
+//! claim. Two implementations behind one type, chosen by `[storage] backend`: an embedded redb
+//! file (one process) and Redis through fred (many processes). The store knows nothing of Teams:
+//! values are bytes.
+//!
+//! Nothing here runs on the request path except the durable-accept journal append, which the
+//! [`writer::Journal`] batches across concurrent requests (group commit).
+
+mod embedded;
+mod redis;
+pub mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use metrics::{counter, gauge};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{StorageBackend, StorageConfig};
+use crate::telemetry::{STORE_ERRORS, STORE_UP};
+pub use embedded::EmbeddedStore;
+pub use redis::RedisStore;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// An activity acknowledged under durable accept and not yet answered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JournalEntry {
+    /// Orders entries of one instance; recovery replays in this order.
+    pub seq: u64,
+    pub integration: String,
+    pub conversation_id: String,
+    pub activity_id: String,
+    pub accepted_at_ms: u64,
+    /// The activity as received (UTF-8 JSON, validated before it was journaled).
+    pub body: String,
+}
+
+/// One key/value write with its time to live.
+#[derive(Debug, Clone)]
+pub struct Put {
+    pub key: String,
+    pub value: Arc<[u8]>,
+    pub ttl: Duration,
+}
+
+pub enum Store {
+    Embedded(Arc<EmbeddedStore>),
+    Redis(RedisStore),
+}
+
+impl Store {
+    pub async fn open(config: &StorageConfig, instance_id: &str) -> Result<Self, StoreError> {
+        match config.backend {
+            StorageBackend::Embedded => {
+                Ok(Self::Embedded(Arc::new(EmbeddedStore::open(&config.path)?)))
+            }
+            StorageBackend::Redis => {
+                Ok(Self::Redis(RedisStore::connect(config, instance_id).await?))
+            }
+        }
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let (s, key) = (Arc::clone(s), key.to_owned());
+                blocking(move || s.get(&key)).await
+            }
+            Self::Redis(s) => s.get(key).await,
+        }
+    }
+
+    pub async fn put_many(&self, puts: Vec<Put>) -> Result<(), StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let s = Arc::clone(s);
+                blocking(move || s.put_many(&puts)).await
+            }
+            Self::Redis(s) => s.put_many(&puts).await,
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let (s, key) = (Arc::clone(s), key.to_owned());
+                blocking(move || s.delete(&key)).await
+            }
+            Self::Redis(s) => s.delete(key).await,
+        }
+    }
+
+    /// Records accepted activities in one write. Returns, per entry, whether it is new: with
+    /// Redis an activity already claimed by any instance (`SET NX`) is a duplicate.
+    pub async fn append_journal(
+        &self,
+        entries: Vec<JournalEntry>,
+        dedup_ttl: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let s = Arc::clone(s);
+                blocking(move || s.append_journal(&entries)).await
+            }
+            Self::Redis(s) => s.append_journal(&entries, dedup_ttl).await,
+        }
+    }
+
+    /// Removes answered activities from the journal.
+    pub async fn complete_journal(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let s = Arc::clone(s);
+                blocking(move || s.complete_journal(&seqs)).await
+            }
+            Self::Redis(s) => s.complete_journal(&seqs).await,
+        }
+    }
+
+    /// This instance's accepted-but-unanswered activities, oldest first.
+    pub async fn pending_journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
+        let mut entries = match self {
+            Self::Embedded(s) => {
+                let s = Arc::clone(s);
+                blocking(move || s.pending_journal()).await?
+            }
+            Self::Redis(s) => s.pending_journal().await?,
+        };
+        entries.sort_by_key(|e| e.seq);
+        Ok(entries)
+    }
+
+    /// Drops expired records (Redis expires them itself).
+    pub async fn sweep_expired(&self) -> Result<usize, StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let s = Arc::clone(s);
+                blocking(move || s.sweep_expired()).await
+            }
+            Self::Redis(_) => Ok(0),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Embedded(_) => Ok(()),
+            Self::Redis(s) => s.ping().await,
+        }
+    }
+}
+
+/// redb is synchronous: its calls run on the blocking pool, never on a runtime worker.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+}
+
+/// Whether the store answers, tracked from the outcome of real operations; a change is logged
+/// once, not per failure.
+#[derive(Debug)]
+pub struct StoreHealth {
+    up: AtomicBool,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(true),
+        }
+    }
+}
+
+impl StoreHealth {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn observe<T>(&self, op: &'static str, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::AcqRel) {
+                    gauge!(STORE_UP).set(1.0);
+                    tracing::info!("store is reachable again");
+                }
+            }
+            Err(error) => {
+                counter!(STORE_ERRORS, "op" => op).increment(1);
+                if self.up.swap(false, Ordering::AcqRel) {
+                    gauge!(STORE_UP).set(0.0);
+                    tracing::warn!(%error, op, "store unavailable: serving from memory");
+                }
+            }
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}

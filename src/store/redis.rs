@@ -1,0 +1,201 @@
+//! The Redis store (fred): a connection pool with exponential reconnect, centralized, cluster
+//! (`storage.redis_cluster_nodes` or a `redis-cluster://` URL) or sentinel (`redis-sentinel://`).
+//! Every key lives under `storage.key_prefix`; records and dedup claims carry a TTL, the journal
+//! hash of an instance is removed entry by entry as activities are answered.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::{Expiration, SetOptions};
+
+use super::{JournalEntry, Put, StoreError};
+use crate::config::StorageConfig;
+
+pub struct RedisStore {
+    pool: Pool,
+    prefix: String,
+    journal_key: String,
+}
+
+fn unavailable(e: fred::error::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedisStore {
+    pub async fn connect(config: &StorageConfig, instance_id: &str) -> Result<Self, StoreError> {
+        let redis_config = if config.redis_cluster_nodes.is_empty() {
+            Config::from_url(&config.redis_url)
+                .map_err(|e| StoreError::Unavailable(format!("storage.redis_url: {e}")))?
+        } else {
+            let mut hosts = Vec::new();
+            for node in &config.redis_cluster_nodes {
+                let (host, port) = node
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))
+                    .ok_or_else(|| {
+                        StoreError::Unavailable(format!(
+                            "storage.redis_cluster_nodes: {node:?} is not host:port"
+                        ))
+                    })?;
+                hosts.push((host, port));
+            }
+            Config {
+                server: ServerConfig::new_clustered(hosts),
+                ..Config::default()
+            }
+        };
+        let command_timeout = Duration::from_millis(config.redis_command_timeout_ms);
+        let pool = Builder::from_config(Config {
+            // A command issued while disconnected fails at once instead of queueing: the caller
+            // decides (degrade, retry later) and the request path never hangs on Redis.
+            fail_fast: true,
+            ..redis_config
+        })
+        .with_connection_config(|c| {
+            c.connection_timeout = command_timeout;
+            c.internal_command_timeout = command_timeout;
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = command_timeout;
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build_pool(config.redis_pool_size.max(1))
+        .map_err(unavailable)?;
+        // The pool keeps reconnecting in the background; a first failure is reported, not fatal.
+        let _connection_task = pool.init().await.map_err(unavailable)?;
+        Ok(Self {
+            pool,
+            prefix: config.key_prefix.clone(),
+            journal_key: format!("{}:journal:{instance_id}", config.key_prefix),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}:{key}", self.prefix)
+    }
+
+    fn dedup_key(&self, entry: &JournalEntry) -> String {
+        format!(
+            "{}:dedup:{}:{}:{}",
+            self.prefix, entry.integration, entry.conversation_id, entry.activity_id
+        )
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let value: Option<Bytes> = self.pool.get(self.key(key)).await.map_err(unavailable)?;
+        Ok(value.map(|b| b.to_vec()))
+    }
+
+    pub async fn put_many(&self, puts: &[Put]) -> Result<(), StoreError> {
+        let pipeline = self.pool.next().pipeline();
+        for put in puts {
+            let ttl_ms = (put.ttl.as_millis() as i64).max(1);
+            let _: () = pipeline
+                .set(
+                    self.key(&put.key),
+                    Bytes::copy_from_slice(&put.value),
+                    Some(Expiration::PX(ttl_ms)),
+                    None,
+                    false,
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let _: i64 = self.pool.del(self.key(key)).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Journals first, then claims: a crash in between leaves a journal entry that recovery
+    /// replays (and the conversation's dedup window drops if it was answered), never an
+    /// acknowledged activity that nobody journaled.
+    pub async fn append_journal(
+        &self,
+        entries: &[JournalEntry],
+        dedup_ttl: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.pool.next();
+        let mut fields = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let json =
+                serde_json::to_string(entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            fields.push((entry.seq.to_string(), json));
+        }
+        let _: i64 = client
+            .hset(&self.journal_key, fields)
+            .await
+            .map_err(unavailable)?;
+
+        let pipeline = client.pipeline();
+        let ttl_ms = (dedup_ttl.as_millis() as i64).max(1);
+        for entry in entries {
+            let _: () = pipeline
+                .set(
+                    self.dedup_key(entry),
+                    1,
+                    Some(Expiration::PX(ttl_ms)),
+                    Some(SetOptions::NX),
+                    false,
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        let claims: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
+        let fresh: Vec<bool> = claims.iter().map(|v| !v.is_null()).collect();
+        let duplicates: Vec<String> = entries
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, fresh)| !**fresh)
+            .map(|(e, _)| e.seq.to_string())
+            .collect();
+        if !duplicates.is_empty() {
+            let _: i64 = client
+                .hdel(&self.journal_key, duplicates)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(fresh)
+    }
+
+    pub async fn complete_journal(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<String> = seqs.iter().map(u64::to_string).collect();
+        let _: i64 = self
+            .pool
+            .hdel(&self.journal_key, fields)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn pending_journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
+        let all: std::collections::HashMap<String, String> = self
+            .pool
+            .hgetall(&self.journal_key)
+            .await
+            .map_err(unavailable)?;
+        let mut entries = Vec::with_capacity(all.len());
+        for (field, json) in all {
+            match serde_json::from_str::<JournalEntry>(&json) {
+                Ok(entry) => entries.push(entry),
+                Err(e) => tracing::error!(%field, error = %e, "skipping a corrupt journal entry"),
+            }
+        }
+        Ok(entries)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = self.pool.ping(None).await.map_err(unavailable)?;
+        Ok(())
+    }
+}

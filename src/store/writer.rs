@@ -1,0 +1,300 @@
+//! The two writers between the conversations and the store.
+//!
+//! - [`Snapshots`]: write-behind. A turn hands over its conversation's latest snapshot and goes
+//!   on; snapshots of one key coalesce (only the newest is written), writes are batched, failed
+//!   ones are retried and counted, and reads look at pending snapshots before the store.
+//! - [`Journal`]: durable accept with group commit. Concurrent requests' activities are written
+//!   in one store operation; each request waits only for the write that holds its activity.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use metrics::{counter, histogram};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use super::{JournalEntry, Put, Store, StoreError, StoreHealth, now_ms};
+use crate::telemetry::{SNAPSHOT_DURATION, SNAPSHOT_FAILURES};
+
+const SNAPSHOT_BATCH: usize = 256;
+
+pub struct Snapshots {
+    store: Arc<Store>,
+    health: Arc<StoreHealth>,
+    /// Newest unwritten snapshot per key.
+    pending: DashMap<String, Put>,
+    max_pending: usize,
+    wake: Notify,
+}
+
+impl Snapshots {
+    pub fn new(store: Arc<Store>, health: Arc<StoreHealth>, max_pending: usize) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            health,
+            pending: DashMap::new(),
+            max_pending,
+            wake: Notify::new(),
+        })
+    }
+
+    /// Queues a snapshot; never waits. Returns false when it had to be dropped (queue full).
+    pub fn save(&self, put: Put) -> bool {
+        if self.pending.len() >= self.max_pending && !self.pending.contains_key(&put.key) {
+            counter!(SNAPSHOT_FAILURES).increment(1);
+            tracing::warn!("snapshot queue full; a snapshot was dropped");
+            return false;
+        }
+        self.pending.insert(put.key.clone(), put);
+        self.wake.notify_one();
+        true
+    }
+
+    /// The newest snapshot of `key`: a pending one, else the stored one.
+    pub async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(put) = self.pending.get(key) {
+            return Ok(Some(put.value.to_vec()));
+        }
+        let result = self.store.get(key).await;
+        self.health.observe("get", &result);
+        result
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Writes everything pending once; failed writes stay pending.
+    pub async fn flush_once(&self) -> Result<usize, StoreError> {
+        let keys: Vec<String> = self
+            .pending
+            .iter()
+            .take(SNAPSHOT_BATCH)
+            .map(|e| e.key().clone())
+            .collect();
+        let batch: Vec<Put> = keys
+            .iter()
+            .filter_map(|k| self.pending.remove(k).map(|(_, put)| put))
+            .collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let count = batch.len();
+        let result = self.store.put_many(batch.clone()).await;
+        self.health.observe("put", &result);
+        match result {
+            Ok(()) => {
+                let per_snapshot = started.elapsed().as_secs_f64() / count as f64;
+                for _ in 0..count {
+                    histogram!(SNAPSHOT_DURATION).record(per_snapshot);
+                }
+                Ok(count)
+            }
+            Err(error) => {
+                counter!(SNAPSHOT_FAILURES).increment(count as u64);
+                for put in batch {
+                    // A newer snapshot that arrived meanwhile wins.
+                    self.pending.entry(put.key.clone()).or_insert(put);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Writes pending snapshots until shutdown; backs off while the store fails.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.pending.is_empty() {
+                tokio::select! {
+                    _ = self.wake.notified() => {},
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                    _ = shutdown.changed() => return,
+                }
+            }
+            match self.flush_once().await {
+                Ok(_) => backoff = Duration::from_millis(100),
+                Err(_) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {},
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Drains what is pending (bounded by `deadline`), for shutdown.
+    pub async fn flush(&self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        while !self.pending.is_empty() && Instant::now() < until {
+            if self.flush_once().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if !self.pending.is_empty() {
+            tracing::warn!(
+                left = self.pending.len(),
+                "snapshots not written before exit"
+            );
+        }
+    }
+}
+
+enum JournalCommand {
+    Append(JournalEntry, oneshot::Sender<Result<bool, StoreError>>),
+    Complete(u64),
+}
+
+/// Handle of the durable-accept journal.
+pub struct Journal {
+    commands: mpsc::UnboundedSender<JournalCommand>,
+    next_seq: AtomicU64,
+    /// Appends waiting or being written; bounded so a stalled store sheds load.
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Journal {
+    /// Starts the writer task. `first_seq` must be above every journaled sequence.
+    pub fn start(
+        store: Arc<Store>,
+        health: Arc<StoreHealth>,
+        batch_max: usize,
+        dedup_ttl: Duration,
+        first_seq: u64,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let journal = Arc::new(Self {
+            commands: tx,
+            next_seq: AtomicU64::new(first_seq.max(now_ms() * 1_000)),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(batch_max.max(1) * 16)),
+        });
+        let task = tokio::spawn(run_journal(
+            store,
+            health,
+            rx,
+            batch_max.max(1),
+            dedup_ttl,
+            shutdown,
+        ));
+        (journal, task)
+    }
+
+    /// Records an accepted activity; resolves when it is durable. `Ok(false)`: another instance
+    /// already took this activity (global dedup).
+    pub async fn append(
+        &self,
+        integration: &str,
+        conversation_id: &str,
+        activity_id: &str,
+        body: &[u8],
+    ) -> Result<(u64, bool), StoreError> {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(StoreError::Unavailable("journal backlog is full".into()));
+        };
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let entry = JournalEntry {
+            seq,
+            integration: integration.to_owned(),
+            conversation_id: conversation_id.to_owned(),
+            activity_id: activity_id.to_owned(),
+            accepted_at_ms: now_ms(),
+            body: String::from_utf8_lossy(body).into_owned(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(JournalCommand::Append(entry, tx))
+            .map_err(|_| StoreError::Unavailable("journal writer stopped".into()))?;
+        let fresh = rx
+            .await
+            .map_err(|_| StoreError::Unavailable("journal writer stopped".into()))??;
+        Ok((seq, fresh))
+    }
+
+    /// Marks an activity answered (its reply was sent, or it needed none).
+    pub fn complete(&self, seq: u64) {
+        let _ = self.commands.send(JournalCommand::Complete(seq));
+    }
+}
+
+async fn run_journal(
+    store: Arc<Store>,
+    health: Arc<StoreHealth>,
+    mut commands: mpsc::UnboundedReceiver<JournalCommand>,
+    batch_max: usize,
+    dedup_ttl: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut completes: Vec<u64> = Vec::new();
+    let mut draining = false;
+    loop {
+        let first = if draining {
+            match commands.try_recv() {
+                Ok(c) => Some(c),
+                Err(_) => None,
+            }
+        } else {
+            tokio::select! {
+                c = commands.recv() => c,
+                _ = tokio::time::sleep(Duration::from_millis(200)), if !completes.is_empty() => None,
+                _ = shutdown.changed() => { draining = true; None }
+            }
+        };
+        let mut appends = Vec::new();
+        let mut waiters = Vec::new();
+        let mut next = first;
+        loop {
+            match next.take() {
+                Some(JournalCommand::Append(entry, done)) => {
+                    appends.push(entry);
+                    waiters.push(done);
+                }
+                Some(JournalCommand::Complete(seq)) => completes.push(seq),
+                None => {}
+            }
+            if appends.len() >= batch_max {
+                break;
+            }
+            match commands.try_recv() {
+                Ok(command) => next = Some(command),
+                Err(_) => break,
+            }
+        }
+        if !appends.is_empty() {
+            let result = store.append_journal(appends, dedup_ttl).await;
+            health.observe("journal_append", &result);
+            match result {
+                Ok(fresh) => {
+                    for (done, fresh) in waiters.into_iter().zip(fresh) {
+                        let _ = done.send(Ok(fresh));
+                    }
+                }
+                Err(error) => {
+                    for done in waiters {
+                        let _ = done.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        if !completes.is_empty() {
+            let batch = std::mem::take(&mut completes);
+            let result = store.complete_journal(batch.clone()).await;
+            health.observe("journal_complete", &result);
+            if result.is_err() {
+                // Kept for the next round: an answered activity must not be replayed later.
+                completes = batch;
+                if draining {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        if draining && commands.is_empty() && completes.is_empty() {
+            return;
+        }
+    }
+}
