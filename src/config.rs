@@ -137,6 +137,8 @@ pub struct StorageConfig {
     pub backend: StorageBackend,
     /// Directory of the embedded database file.
     pub path: PathBuf,
+    /// Page cache of the embedded database.
+    pub embedded_cache_bytes: usize,
     /// `redis://`, `rediss://`, `redis-cluster://host:port?node=host:port`, or
     /// `redis-sentinel://host:port/db?sentinelServiceName=name`.
     pub redis_url: String,
@@ -165,6 +167,7 @@ impl Default for StorageConfig {
         Self {
             backend: StorageBackend::Embedded,
             path: PathBuf::from("data"),
+            embedded_cache_bytes: 64 * 1024 * 1024,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_cluster_nodes: Vec::new(),
             redis_pool_size: 4,

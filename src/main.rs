@@ -10,6 +10,11 @@ use teams_router::config::Config;
 
 const DEFAULT_CONFIG: &str = "config/router.toml";
 
+/// mimalloc returns freed memory to the system, so resident memory falls back after idle
+/// conversations are passivated (glibc's arenas keep it).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Routes Microsoft Teams activities to many bots")]
 struct Cli {

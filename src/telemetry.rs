@@ -111,16 +111,20 @@ const SECONDS_BUCKETS: &[f64] = &[
 #[error("cannot install the metrics recorder: {0}")]
 pub struct RecorderError(String);
 
-/// Installs the process-wide recorder and registers every metric of the contract. Call it before
-/// building the registry, whose integrations register their own series.
+/// Installs the process-wide recorder (once; later calls share it) and registers every metric of
+/// the contract. Call it before building the registry, whose integrations register their series.
 pub fn install() -> Result<PrometheusHandle, RecorderError> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
         .map_err(|e| RecorderError(e.to_string()))?
         .install_recorder()
         .map_err(|e| RecorderError(e.to_string()))?;
     describe_all();
-    Ok(handle)
+    Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
 fn describe_all() {

@@ -5,4 +5,5 @@
 
 pub mod keys;
 pub mod mock;
+pub mod redis;
 pub mod router;

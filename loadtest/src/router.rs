@@ -104,6 +104,12 @@ impl RouterProcess {
         self.child.id()
     }
 
+    /// SIGKILL: the process dies at once, as in a crash.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(
         &mut self,

@@ -11,7 +11,8 @@ use metrics::{counter, histogram};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::session::{
-    HistoryEntry, RESET_CONFIRMATION, Role, SESSION_COMMAND, Session, is_reset_command, session_key,
+    ConversationRecord, HistoryEntry, RESET_CONFIRMATION, Role, SESSION_COMMAND, Session,
+    conversation_key, is_reset_command, session_key,
 };
 use super::{Conversation, ConversationSettings, Directory, Turn};
 use crate::activity::TurnActivity;
@@ -34,6 +35,9 @@ pub enum ConversationMsg {
     IdleCheck,
 }
 
+/// Turn work is boxed where the actor awaits it: an idle actor's task then holds only a small
+/// future, not the largest state any turn can reach (this is most of a live conversation's
+/// memory when there are hundreds of thousands of them).
 pub struct ConversationActor;
 
 pub struct ConversationArgs {
@@ -56,6 +60,9 @@ pub struct ConversationActorState {
     current: Option<RunningTurn>,
     /// The session and its key, loaded at the first turn.
     session: Option<(String, Session)>,
+    /// The conversation's dedup window and sequence, loaded at the first turn, and how long it
+    /// is kept in the store.
+    record: Option<(ConversationRecord, std::time::Duration)>,
     /// An idle check is scheduled (one at a time, however many turns ran).
     idle_check_armed: bool,
 }
@@ -80,6 +87,7 @@ impl Actor for ConversationActor {
             args,
             current: None,
             session: None,
+            record: None,
             idle_check_armed: false,
         })
     }
@@ -90,7 +98,7 @@ impl Actor for ConversationActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // Turns queued before this actor existed (or while its predecessor restarted).
-        start_next_turn(&myself, state).await;
+        Box::pin(start_next_turn(&myself, state)).await;
         Ok(())
     }
 
@@ -101,15 +109,15 @@ impl Actor for ConversationActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ConversationMsg::Wake => start_next_turn(&myself, state).await,
+            ConversationMsg::Wake => Box::pin(start_next_turn(&myself, state)).await,
             ConversationMsg::TurnFinished { reply_actor, reply } => {
                 if state
                     .current
                     .as_ref()
                     .is_some_and(|t| t.reply_actor == reply_actor)
                 {
-                    finish_turn(state, reply, true);
-                    start_next_turn(&myself, state).await;
+                    Box::pin(finish_turn(state, reply, true)).await;
+                    Box::pin(start_next_turn(&myself, state)).await;
                 }
             }
             ConversationMsg::IdleCheck => passivate_if_idle(&myself, state),
@@ -134,15 +142,15 @@ impl Actor for ConversationActor {
             .is_some_and(|t| t.reply_actor == cell.get_id())
         {
             tracing::error!(integration = %state.args.conversation.key.integration, %error, "turn failed");
-            finish_turn(state, None, false);
-            start_next_turn(&myself, state).await;
+            Box::pin(finish_turn(state, None, false)).await;
+            Box::pin(start_next_turn(&myself, state)).await;
         }
         Ok(())
     }
 }
 
-/// Ends the running turn: history, dedup window, snapshot, journal.
-fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply>, ok: bool) {
+/// Ends the running turn: history, dedup window, snapshots, journal.
+async fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply>, ok: bool) {
     let Some(turn) = state.current.take() else {
         return;
     };
@@ -151,6 +159,14 @@ fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply>, ok:
         counter!(TURNS_FAILED).increment(1);
     }
     let settings = &state.args.settings;
+    let persistence = &settings.persistence;
+    if let (Some(seq), Some(journal)) = (turn.journal_seq, &persistence.journal) {
+        // The next turn starts only once this one is recorded as answered, so a crash can
+        // repeat at most the turn in flight.
+        if let Err(error) = journal.record_answered(seq).await {
+            tracing::warn!(%error, "answered turn not recorded yet; the journal writer retries");
+        }
+    }
     if let Some((key, session)) = state.session.as_mut() {
         if let Some(reply) = reply {
             session.record(
@@ -160,31 +176,41 @@ fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply>, ok:
                     at_ms: now_ms(),
                     id: reply.id,
                 },
-                settings.persistence.limits,
+                persistence.limits,
             );
         }
-        session.mark_handled(&turn.activity_id, settings.dedup_window);
-        session.last_sequence += 1;
-        save_snapshot(settings, key, session);
+        let ttl = std::time::Duration::from_millis(session.remaining_ms(now_ms()));
+        save_snapshot(settings, key, session, ttl);
     }
-    if let (Some(seq), Some(journal)) = (turn.journal_seq, &settings.persistence.journal) {
-        journal.complete(seq);
+    if let Some((record, ttl)) = state.record.as_mut() {
+        record.mark_handled(&turn.activity_id, settings.dedup_window);
+        record.last_sequence += 1;
+        let key = conversation_key(
+            &state.args.conversation.key.integration,
+            &state.args.conversation.key.conversation_id,
+        );
+        save_snapshot(settings, &key, record, *ttl);
     }
     let mut shared = state.args.conversation.state();
     shared.busy = false;
     shared.last_activity = Instant::now();
 }
 
-fn save_snapshot(settings: &ConversationSettings, key: &str, session: &Session) {
-    match serde_json::to_vec(session) {
+fn save_snapshot(
+    settings: &ConversationSettings,
+    key: &str,
+    value: &impl serde::Serialize,
+    ttl: std::time::Duration,
+) {
+    match serde_json::to_vec(value) {
         Ok(bytes) => {
             settings.persistence.snapshots.save(Put {
                 key: key.to_owned(),
                 value: bytes.into(),
-                ttl: std::time::Duration::from_millis(session.remaining_ms(now_ms())),
+                ttl,
             });
         }
-        Err(error) => tracing::error!(%error, "session does not serialize"),
+        Err(error) => tracing::error!(%error, "snapshot does not serialize"),
     }
 }
 
@@ -266,11 +292,12 @@ async fn begin_turn(
         );
         return false;
     };
+    load_record(state, &integration).await;
     load_session(state, &integration, &activity).await;
     if state
-        .session
+        .record
         .as_ref()
-        .is_some_and(|(_, session)| session.has_handled(&activity.id))
+        .is_some_and(|(record, _)| record.has_handled(&activity.id))
     {
         // A redelivery that slipped past the in-memory window (after a restart or failover).
         counter!(ACTIVITIES_DUPLICATE).increment(1);
@@ -309,8 +336,8 @@ async fn begin_turn(
                 },
                 limits,
             );
+            session.turns += 1;
         }
-        session.turns += 1;
     }
     let activity_id = activity.id.clone();
     let reply = ReplyArgs {
@@ -340,6 +367,54 @@ async fn begin_turn(
     }
 }
 
+/// Loads the conversation's dedup window and sequence once per actor.
+async fn load_record(state: &mut ConversationActorState, integration: &Integration) {
+    if state.record.is_some() {
+        return;
+    }
+    let key = conversation_key(
+        &integration.record.id,
+        &state.args.conversation.key.conversation_id,
+    );
+    let record: ConversationRecord = load_snapshot(state, &key).await.unwrap_or_default();
+    {
+        // Later redeliveries are then caught at the door, without a turn.
+        let mut shared = state.args.conversation.state();
+        for id in &record.handled_ids {
+            shared.recent_ids.insert(id.as_str().into());
+        }
+    }
+    let ttl = std::time::Duration::from_millis(
+        integration
+            .record
+            .session_duration
+            .max(DEDUP_RECORD_MIN_TTL_MS),
+    );
+    state.record = Some((record, ttl));
+}
+
+/// A conversation's dedup window outlives short sessions: Teams redelivers within minutes.
+const DEDUP_RECORD_MIN_TTL_MS: u64 = 3_600_000;
+
+async fn load_snapshot<T: serde::de::DeserializeOwned>(
+    state: &ConversationActorState,
+    key: &str,
+) -> Option<T> {
+    match state.args.settings.persistence.snapshots.load(key).await {
+        Ok(bytes) => bytes.and_then(|b| match serde_json::from_slice::<T>(&b) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                tracing::error!(%error, "stored snapshot is unreadable; starting afresh");
+                None
+            }
+        }),
+        Err(error) => {
+            tracing::warn!(%error, "snapshot could not be loaded; starting from memory");
+            None
+        }
+    }
+}
+
 /// Makes `state.session` the session this activity belongs to: the one in memory, else the
 /// latest snapshot, else a new one (also when the stored one expired).
 async fn load_session(
@@ -352,29 +427,9 @@ async fn load_session(
     let duration = integration.record.session_duration;
     let loaded = match state.session.take() {
         Some((k, session)) if k == key => session,
-        _ => {
-            let stored = match state.args.settings.persistence.snapshots.load(&key).await {
-                Ok(bytes) => bytes.and_then(|b| match serde_json::from_slice::<Session>(&b) {
-                    Ok(s) => Some(s),
-                    Err(error) => {
-                        tracing::error!(%error, "stored session is unreadable; starting a new one");
-                        None
-                    }
-                }),
-                Err(error) => {
-                    tracing::warn!(%error, "session could not be loaded; starting from memory");
-                    None
-                }
-            };
-            if let Some(stored) = &stored {
-                // Later redeliveries are then caught at the door, without a turn.
-                let mut shared = state.args.conversation.state();
-                for id in &stored.handled_ids {
-                    shared.recent_ids.insert(id.as_str().into());
-                }
-            }
-            stored.unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration))
-        }
+        _ => load_snapshot::<Session>(state, &key)
+            .await
+            .unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration)),
     };
     let session = if loaded.is_expired(now) {
         loaded.restart(now, duration)

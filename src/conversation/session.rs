@@ -1,6 +1,9 @@
-//! A conversation's session: its history of turns (bounded by count and bytes), when it started,
-//! its counters, and the ids of the activities it has answered (the dedup window that survives
-//! passivation, restarts and failover). Stored as one snapshot under the contract's session key.
+//! What a conversation keeps beyond its actor, as two snapshots:
+//! - its [`Session`] (history of turns bounded by count and bytes, start, expiry, counters) under
+//!   the contract's session key, which in personal chats is the user's;
+//! - its [`ConversationRecord`] (the ids of the activities it answered and its turn sequence)
+//!   under the conversation's own key, so that redeliveries are caught per conversation after a
+//!   passivation, a restart or on another instance.
 
 use std::collections::VecDeque;
 
@@ -46,39 +49,18 @@ pub struct Session {
     pub expires_at_ms: u64,
     /// Turns run in this session.
     pub turns: u64,
-    /// Turns run in this conversation, across sessions.
-    pub last_sequence: u64,
     pub history: VecDeque<HistoryEntry>,
-    /// Ids of activities already handled, newest last.
-    pub handled_ids: VecDeque<String>,
 }
 
-impl Session {
-    pub fn new(conversation_id: &str, now_ms: u64, duration_ms: u64) -> Self {
-        Self {
-            conversation_id: conversation_id.to_owned(),
-            started_at_ms: now_ms,
-            expires_at_ms: now_ms.saturating_add(duration_ms),
-            turns: 0,
-            last_sequence: 0,
-            history: VecDeque::new(),
-            handled_ids: VecDeque::new(),
-        }
-    }
+/// Per conversation: the activities already answered (newest last) and the turn sequence.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationRecord {
+    pub handled_ids: VecDeque<String>,
+    pub last_sequence: u64,
+}
 
-    /// A fresh session that keeps what must outlive sessions: the dedup window and the sequence.
-    pub fn restart(&self, now_ms: u64, duration_ms: u64) -> Self {
-        Self {
-            last_sequence: self.last_sequence,
-            handled_ids: self.handled_ids.clone(),
-            ..Self::new(&self.conversation_id, now_ms, duration_ms)
-        }
-    }
-
-    pub fn is_expired(&self, now_ms: u64) -> bool {
-        now_ms >= self.expires_at_ms
-    }
-
+impl ConversationRecord {
     pub fn has_handled(&self, activity_id: &str) -> bool {
         self.handled_ids.iter().any(|id| id == activity_id)
     }
@@ -91,6 +73,32 @@ impl Session {
         while self.handled_ids.len() > window.max(1) {
             self.handled_ids.pop_front();
         }
+    }
+}
+
+/// `teams-conversation-{integrationId}-{conversationId}`
+pub fn conversation_key(integration: &str, conversation_id: &str) -> String {
+    format!("teams-conversation-{integration}-{conversation_id}")
+}
+
+impl Session {
+    pub fn new(conversation_id: &str, now_ms: u64, duration_ms: u64) -> Self {
+        Self {
+            conversation_id: conversation_id.to_owned(),
+            started_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(duration_ms),
+            turns: 0,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// A fresh session of the same conversation.
+    pub fn restart(&self, now_ms: u64, duration_ms: u64) -> Self {
+        Self::new(&self.conversation_id, now_ms, duration_ms)
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        now_ms >= self.expires_at_ms
     }
 
     /// Appends to the history, dropping the oldest entries beyond the limits.
@@ -197,25 +205,30 @@ mod tests {
     }
 
     #[test]
-    fn restart_keeps_dedup_and_sequence_but_not_history() {
+    fn restart_forgets_history_and_starts_a_new_window() {
         let mut s = Session::new("c", 0, 1000);
-        s.record(
-            entry("x"),
-            HistoryLimits {
-                max_entries: 5,
-                max_bytes: 100,
-            },
-        );
-        s.mark_handled("a1", 10);
-        s.last_sequence = 7;
+        let limits = HistoryLimits {
+            max_entries: 5,
+            max_bytes: 100,
+        };
+        s.record(entry("x"), limits);
         s.turns = 3;
         let fresh = s.restart(500, 1000);
         assert!(fresh.history.is_empty());
         assert_eq!(fresh.turns, 0);
-        assert_eq!(fresh.last_sequence, 7);
-        assert!(fresh.has_handled("a1"));
         assert_eq!(fresh.expires_at_ms, 1500);
         assert!(!fresh.is_expired(1499) && fresh.is_expired(1500));
+    }
+
+    #[test]
+    fn the_dedup_window_is_bounded() {
+        let mut r = ConversationRecord::default();
+        for id in ["a", "b", "c"] {
+            r.mark_handled(id, 2);
+        }
+        r.mark_handled("c", 2);
+        assert!(!r.has_handled("a") && r.has_handled("b") && r.has_handled("c"));
+        assert_eq!(r.handled_ids.len(), 2);
     }
 
     #[test]

@@ -60,9 +60,10 @@ pub enum Store {
 impl Store {
     pub async fn open(config: &StorageConfig, instance_id: &str) -> Result<Self, StoreError> {
         match config.backend {
-            StorageBackend::Embedded => {
-                Ok(Self::Embedded(Arc::new(EmbeddedStore::open(&config.path)?)))
-            }
+            StorageBackend::Embedded => Ok(Self::Embedded(Arc::new(EmbeddedStore::open(
+                &config.path,
+                config.embedded_cache_bytes,
+            )?))),
             StorageBackend::Redis => {
                 Ok(Self::Redis(RedisStore::connect(config, instance_id).await?))
             }

@@ -144,9 +144,11 @@ impl Snapshots {
     }
 }
 
+type Done<T> = oneshot::Sender<Result<T, StoreError>>;
+
 enum JournalCommand {
-    Append(JournalEntry, oneshot::Sender<Result<bool, StoreError>>),
-    Complete(u64),
+    Append(JournalEntry, Done<bool>),
+    Complete(u64, Option<Done<()>>),
 }
 
 /// Handle of the durable-accept journal.
@@ -215,9 +217,20 @@ impl Journal {
         Ok((seq, fresh))
     }
 
-    /// Marks an activity answered (its reply was sent, or it needed none).
+    /// Marks an activity answered (it needed no reply, or was dropped); does not wait.
     pub fn complete(&self, seq: u64) {
-        let _ = self.commands.send(JournalCommand::Complete(seq));
+        let _ = self.commands.send(JournalCommand::Complete(seq, None));
+    }
+
+    /// Records that an activity's reply was sent, and waits until that is durable: a crash
+    /// before this returns replays the turn (one duplicate message), a crash after does not.
+    pub async fn record_answered(&self, seq: u64) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(JournalCommand::Complete(seq, Some(tx)))
+            .map_err(|_| StoreError::Unavailable("journal writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("journal writer stopped".into()))?
     }
 }
 
@@ -230,13 +243,11 @@ async fn run_journal(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut completes: Vec<u64> = Vec::new();
+    let mut complete_waiters: Vec<Done<()>> = Vec::new();
     let mut draining = false;
     loop {
         let first = if draining {
-            match commands.try_recv() {
-                Ok(c) => Some(c),
-                Err(_) => None,
-            }
+            commands.try_recv().ok()
         } else {
             tokio::select! {
                 c = commands.recv() => c,
@@ -253,7 +264,10 @@ async fn run_journal(
                     appends.push(entry);
                     waiters.push(done);
                 }
-                Some(JournalCommand::Complete(seq)) => completes.push(seq),
+                Some(JournalCommand::Complete(seq, done)) => {
+                    completes.push(seq);
+                    complete_waiters.extend(done);
+                }
                 None => {}
             }
             if appends.len() >= batch_max {
@@ -284,6 +298,9 @@ async fn run_journal(
             let batch = std::mem::take(&mut completes);
             let result = store.complete_journal(batch.clone()).await;
             health.observe("journal_complete", &result);
+            for done in complete_waiters.drain(..) {
+                let _ = done.send(result.clone());
+            }
             if result.is_err() {
                 // Kept for the next round: an answered activity must not be replayed later.
                 completes = batch;

@@ -1,0 +1,568 @@
+//! State that survives (issue 3), over real processes: sessions and reset commands, a restart,
+//! `kill -9` in the middle of a burst (both stores), two routers sharing one Redis, a Redis outage
+//! under traffic, and passivation of many conversations.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use futures_util::stream;
+use loadtest::mock::MockMicrosoft;
+use loadtest::redis::RedisServer;
+use loadtest::router::RouterProcess;
+
+fn embedded_storage(dir: &std::path::Path, durable: bool) -> String {
+    format!("[storage]\npath = {dir:?}\ndurable_accept = {durable}\n")
+}
+
+fn redis_storage(server: &RedisServer, instance: &str, extra: &str) -> String {
+    format!(
+        "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\ninstance_id = \"{instance}\"\n{extra}\n",
+        server.url()
+    )
+}
+
+async fn new_mock() -> MockMicrosoft {
+    let mock = MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    mock
+}
+
+async fn spawn(mock: &MockMicrosoft, storage: &str, extra: &str) -> RouterProcess {
+    RouterProcess::spawn(&binary(), &config_with_storage(mock, storage, extra))
+        .await
+        .expect("router starts")
+}
+
+/// Sends one message and waits for its reply; returns the reply text.
+async fn say(
+    mock: &MockMicrosoft,
+    router: &RouterProcess,
+    conversation: &str,
+    id: &str,
+    text: &str,
+) -> String {
+    let before = mock.activities().len();
+    let (status, body) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &personal_message(mock, conversation, id, text),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let replies = mock
+        .wait_for_activities(before + 1, Duration::from_secs(10))
+        .await;
+    replies
+        .iter()
+        .rev()
+        .find(|r| r.reply_to_id.as_deref() == Some(id))
+        .map(|r| r.text().to_owned())
+        .unwrap_or_else(|| panic!("no reply to {id}"))
+}
+
+#[tokio::test]
+async fn sessions_remember_and_reset_commands_start_afresh() {
+    let mock = new_mock().await;
+    let router = spawn(
+        &mock,
+        &embedded_storage(&scratch_dir("sessions"), false),
+        "",
+    )
+    .await;
+    assert_eq!(say(&mock, &router, "s1", "1", "hello").await, "echo: hello");
+    assert_eq!(say(&mock, &router, "s1", "2", "world").await, "echo: world");
+    assert_eq!(
+        say(&mock, &router, "s1", "3", "///session").await,
+        "session: 2 turns, 4 messages remembered; your last message: \"world\""
+    );
+    for (i, command) in ["///reset", "///restart", "///new"].iter().enumerate() {
+        let id = format!("r{i}");
+        assert_eq!(
+            say(&mock, &router, "s1", &id, command).await,
+            "Started a new session."
+        );
+    }
+    assert_eq!(
+        say(&mock, &router, "s1", "5", "///session").await,
+        "session: 0 turns, nothing remembered yet"
+    );
+}
+
+#[tokio::test]
+async fn a_session_expires_after_the_integrations_session_duration() {
+    let mock = new_mock().await;
+    let dir = scratch_dir("expiry");
+    let text = config_with_storage(&mock, &embedded_storage(&dir, false), "").replace(
+        "botFrameworkAppSecret = \"multi-tenant-secret\"",
+        "botFrameworkAppSecret = \"multi-tenant-secret\"\nsessionDuration = 700",
+    );
+    let router = RouterProcess::spawn(&binary(), &text).await.unwrap();
+    say(&mock, &router, "e1", "1", "soon forgotten").await;
+    assert!(
+        say(&mock, &router, "e1", "2", "///session")
+            .await
+            .contains("soon forgotten")
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        say(&mock, &router, "e1", "3", "///session").await,
+        "session: 0 turns, nothing remembered yet"
+    );
+}
+
+#[tokio::test]
+async fn sessions_and_the_dedup_window_survive_a_restart() {
+    let mock = new_mock().await;
+    let dir = scratch_dir("restart");
+    let storage = embedded_storage(&dir, false);
+    let mut first = spawn(&mock, &storage, "").await;
+    say(&mock, &first, "r1", "1", "before the restart").await;
+    first.terminate(Duration::from_secs(15)).await.unwrap();
+
+    let second = spawn(&mock, &storage, "").await;
+    assert!(
+        say(&mock, &second, "r1", "2", "///session")
+            .await
+            .contains("before the restart")
+    );
+    // Teams redelivers activity 1 to the new process: acknowledged, not answered again.
+    let replies = mock.activities().len();
+    let (status, _) = post(
+        &http(),
+        &second.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &personal_message(&mock, "r1", "1", "before the restart"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mock.activities().len(), replies, "no second answer");
+}
+
+/// Sends a burst, kills the router with SIGKILL half-way, restarts it on the same store, and
+/// checks that every activity answered 200 got exactly one reply (duplicates reported).
+async fn kill_mid_burst(storage: &str, label: &str) {
+    const CONVERSATIONS: usize = 10;
+    const PER_CONVERSATION: usize = 40;
+    let mock = new_mock().await;
+    mock.set_connector_latency(Duration::from_millis(5));
+    let mut router = spawn(&mock, storage, "").await;
+    let url = Arc::new(router.callback_url("teams_prod"));
+    let token = Arc::new(mock.token_for(APP_ID));
+    let acked = Arc::new(parking_lot_free::Acked::default());
+    let client = http();
+    let total = CONVERSATIONS * PER_CONVERSATION;
+    let sender = {
+        let (acked, mock, client) = (Arc::clone(&acked), mock.clone(), client.clone());
+        tokio::spawn(async move {
+            stream::iter(0..total)
+                .for_each_concurrent(16, |i| {
+                    let (acked, mock, client, url, token) = (
+                        Arc::clone(&acked),
+                        mock.clone(),
+                        client.clone(),
+                        Arc::clone(&url),
+                        Arc::clone(&token),
+                    );
+                    async move {
+                        let conversation = format!("burst-{}", i % CONVERSATIONS);
+                        let id = format!("b{i}");
+                        let activity =
+                            personal_message(&mock, &conversation, &id, &format!("m{i}"));
+                        let response = client
+                            .post(url.as_str())
+                            .bearer_auth(token.as_str())
+                            .json(&activity)
+                            .send()
+                            .await;
+                        if response.is_ok_and(|r| r.status().as_u16() == 200) {
+                            acked.add(id);
+                        }
+                    }
+                })
+                .await;
+        })
+    };
+    // Kill once about half of the burst was acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.len() < total / 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    router.kill().await;
+    let _ = sender.await;
+    let acknowledged = acked.snapshot();
+    let replies_before_restart = mock.activities().len();
+    let router = spawn(&mock, storage, "").await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let counts = loop {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for reply in mock.activities() {
+            if let Some(id) = reply.reply_to_id {
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+        if acknowledged.iter().all(|id| counts.contains_key(id)) || Instant::now() > deadline {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let missing: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{label}: acknowledged but never answered: {missing:?}\n{}",
+        router.logs()
+    );
+    let duplicates: usize = counts.values().map(|n| n.saturating_sub(1)).sum();
+    let recovered = metric_sum(
+        &metrics(&router).await,
+        "teams_router_journal_recovered_total",
+        &[],
+    );
+    eprintln!(
+        "{label}: {} acknowledged before kill -9, {replies_before_restart} answered before it, \
+         {recovered} replayed from the journal after restart, {duplicates} duplicate replies (send/record window)",
+        acknowledged.len()
+    );
+    // At most one turn per conversation was between sending and recording when the process died.
+    assert!(
+        duplicates <= CONVERSATIONS,
+        "{label}: {duplicates} duplicates"
+    );
+}
+
+mod parking_lot_free {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    /// Ids answered 200, recorded by concurrent senders.
+    #[derive(Default)]
+    pub struct Acked(Mutex<HashSet<String>>);
+
+    impl Acked {
+        pub fn add(&self, id: String) {
+            self.0.lock().unwrap().insert(id);
+        }
+        pub fn len(&self) -> usize {
+            self.0.lock().unwrap().len()
+        }
+        pub fn snapshot(&self) -> HashSet<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+}
+
+#[tokio::test]
+async fn kill_9_mid_burst_loses_nothing_acknowledged_embedded() {
+    let dir = scratch_dir("kill9");
+    kill_mid_burst(&embedded_storage(&dir, true), "embedded").await;
+}
+
+#[tokio::test]
+async fn kill_9_mid_burst_loses_nothing_acknowledged_redis() {
+    let server = RedisServer::start().expect("redis-server");
+    kill_mid_burst(&redis_storage(&server, "kill9", ""), "redis").await;
+}
+
+#[tokio::test]
+async fn two_routers_share_one_redis() {
+    let server = RedisServer::start().expect("redis-server");
+    let mock = new_mock().await;
+    let a = spawn(&mock, &redis_storage(&server, "router-a", ""), "").await;
+    let b = spawn(&mock, &redis_storage(&server, "router-b", ""), "").await;
+    assert_eq!(
+        say(&mock, &a, "shared", "1", "remember me").await,
+        "echo: remember me"
+    );
+    // A's snapshot is written behind the turn; give it a moment to reach Redis.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let context = say(&mock, &b, "shared", "2", "///session").await;
+    assert!(
+        context.contains("remember me"),
+        "B continues A's session: {context}"
+    );
+
+    // Teams redelivers activity 1 to B after A answered it: acknowledged, not answered twice.
+    let replies = mock.activities().len();
+    let (status, _) = post(
+        &http(),
+        &b.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &personal_message(&mock, "shared", "1", "remember me"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mock.activities().len(), replies);
+    let scrape = metrics(&b).await;
+    assert_eq!(
+        metric_value(&scrape, "teams_router_activities_duplicate_total"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_redis_outage_under_traffic_degrades_and_catches_up() {
+    let mut server = RedisServer::start().expect("redis-server");
+    let mock = new_mock().await;
+    let refusing = spawn(&mock, &redis_storage(&server, "refusing", ""), "").await;
+    let accepting = spawn(
+        &mock,
+        &redis_storage(&server, "accepting", "on_unavailable = \"accept\""),
+        "",
+    )
+    .await;
+    let client = http();
+    let token = mock.token_for(APP_ID);
+    let send = |router: &RouterProcess, conversation: &str, id: String| {
+        let request = client
+            .post(router.callback_url("teams_prod"))
+            .bearer_auth(&token)
+            .json(&personal_message(
+                &mock,
+                conversation,
+                &id,
+                "during traffic",
+            ));
+        async move {
+            request.send().await.map(|r| {
+                (
+                    r.status().as_u16(),
+                    r.headers().get("retry-after").is_some(),
+                )
+            })
+        }
+    };
+    assert_eq!(send(&refusing, "o1", "before".into()).await.unwrap().0, 200);
+
+    server.stop();
+    let mut refused = 0;
+    for i in 0..20 {
+        let (status, retry_after) = send(&refusing, "o1", format!("down-{i}")).await.unwrap();
+        if status == 503 {
+            assert!(retry_after);
+            refused += 1;
+        }
+        assert_eq!(
+            send(&accepting, "o2", format!("down-{i}")).await.unwrap().0,
+            200,
+            "accept mode keeps taking activities"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        refused >= 19,
+        "refuse mode answers 503 while Redis is down ({refused}/20)"
+    );
+    let ready = client
+        .get(refusing.ops_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    assert!(ready.text().await.unwrap().contains("degraded"));
+    let scrape = metrics(&refusing).await;
+    assert!(metric_sum(&scrape, "teams_router_store_errors_total", &[]) >= 1.0);
+    assert_eq!(metric_value(&scrape, "teams_router_store_up"), Some(0.0));
+    assert!(
+        metric_sum(
+            &scrape,
+            "teams_router_activities_rejected_total",
+            &["reason=\"store_unavailable\""]
+        ) >= 19.0
+    );
+
+    server.resume().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut status = 0;
+    while Instant::now() < deadline {
+        status = client
+            .get(refusing.ops_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "ready again once Redis is back");
+    assert_eq!(send(&refusing, "o1", "after".into()).await.unwrap().0, 200);
+    // Every activity accepted by either router was answered, the outage notwithstanding.
+    let answered: HashSet<String> = mock
+        .wait_for_activities(23, Duration::from_secs(10))
+        .await
+        .into_iter()
+        .filter_map(|r| r.reply_to_id)
+        .collect();
+    assert!(answered.contains("before") && answered.contains("after"));
+    assert!(
+        (0..20).all(|i| answered.contains(&format!("down-{i}"))),
+        "accept mode answered during the outage"
+    );
+    // The snapshots that failed during the outage are written once Redis is back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrape = metrics(&accepting).await;
+        if metric_value(&scrape, "teams_router_store_up") == Some(1.0) || Instant::now() > deadline
+        {
+            assert_eq!(metric_value(&scrape, "teams_router_store_up"), Some(1.0));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refusing.pid().is_some() && accepting.pid().is_some(),
+        "no process died"
+    );
+}
+
+/// Reads VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn idle_conversations_passivate_at_scale_and_resume_with_history() {
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let conversations = env("PASSIVATION_CONVERSATIONS", 100_000);
+    let idle_ms = env("PASSIVATION_IDLE_MS", 3_000);
+    let mock = new_mock().await;
+    let dir = scratch_dir("passivation");
+    let router = spawn(
+        &mock,
+        &embedded_storage(&dir, false),
+        &format!("[conversation]\nidle_timeout_ms = {idle_ms}\nmax_active = 200000\n"),
+    )
+    .await;
+    let pid = router.pid().expect("pid");
+    let rss_start = rss_kib(pid);
+    let client = http();
+    let url = Arc::new(router.callback_url("teams_prod"));
+    let token = Arc::new(mock.token_for(APP_ID));
+    let activity_for = |i: usize, id: &str, text: &str| {
+        let mut activity = personal_message(&mock, &format!("p-{i}"), id, text);
+        // One user per personal chat, as in Teams: each has its own session.
+        activity["from"]["id"] = format!("29:user-{i}").into();
+        activity
+    };
+    // Peak of live conversations and of RSS, sampled while the conversations are touched.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (sampling, ops) = (Arc::clone(&sampling), router.ops_url("/metrics"));
+        tokio::spawn(async move {
+            let mut peak = (0.0f64, 0u64);
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(r) = http().get(&ops).send().await {
+                    let live = metric_value(
+                        &r.text().await.unwrap_or_default(),
+                        "teams_router_conversations_active",
+                    )
+                    .unwrap_or(0.0);
+                    if live > peak.0 {
+                        peak = (live, rss_kib(pid));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            peak
+        })
+    };
+    let started = Instant::now();
+    stream::iter(0..conversations)
+        .for_each_concurrent(64, |i| {
+            let (client, url, token) = (client.clone(), Arc::clone(&url), Arc::clone(&token));
+            let activity = activity_for(i, "1", &format!("note {i}"));
+            async move {
+                let response = client
+                    .post(url.as_str())
+                    .bearer_auth(token.as_str())
+                    .json(&activity)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status().as_u16(), 200);
+            }
+        })
+        .await;
+    let replies = mock
+        .wait_for_activities(conversations, Duration::from_secs(300))
+        .await;
+    let touched_in = started.elapsed();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (peak_live, rss_peak) = sampler.await.unwrap();
+    assert_eq!(
+        replies.len(),
+        conversations,
+        "every conversation answered once"
+    );
+
+    let deadline =
+        Instant::now() + Duration::from_secs(120) + Duration::from_millis(idle_ms as u64);
+    while metric_value(&metrics(&router).await, "teams_router_conversations_active") != Some(0.0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        metric_value(&metrics(&router).await, "teams_router_conversations_active"),
+        Some(0.0),
+        "all passivated"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = rss_kib(pid);
+    eprintln!(
+        "passivation: {conversations} conversations touched and answered in {touched_in:?}; peak {peak_live} live at once \
+         with RSS {rss_peak} KiB ({:.2} KiB per live conversation over the {rss_start} KiB at start); \
+         {rss_idle} KiB once all were passivated",
+        rss_peak.saturating_sub(rss_start) as f64 / peak_live.max(1.0)
+    );
+
+    // A sample of conversations resume with their history.
+    for i in (0..conversations).step_by((conversations / 20).max(1)) {
+        let before = mock.activities().len();
+        let (status, _) = post(
+            &client,
+            url.as_str(),
+            Some(token.as_str()),
+            &activity_for(i, "2", "///session"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let replies = mock
+            .wait_for_activities(before + 1, Duration::from_secs(10))
+            .await;
+        let answer = replies
+            .last()
+            .map(|r| r.text().to_owned())
+            .unwrap_or_default();
+        assert!(
+            answer.contains(&format!("note {i}")),
+            "conversation p-{i} resumed without history: {answer}"
+        );
+    }
+}
