@@ -61,8 +61,11 @@ struct Fixture {
 
 async fn setup() -> Fixture {
     let mock = MockMicrosoft::start().await;
+    let state_dir = std::env::temp_dir().join(format!("teams-router-bench-{}", std::process::id()));
     let config = format!(
         r#"
+[storage]
+path = {state_dir:?}
 [microsoft]
 openid_metadata_url = "{}"
 login_url = "{}"
