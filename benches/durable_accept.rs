@@ -21,8 +21,12 @@ const CONVERSATIONS: usize = 1_000;
 const SNAPSHOTS: usize = 20_000;
 
 fn reaction(conversation: usize, id: usize) -> Bytes {
-    let path = format!("{}/../shared/fixtures/activities/messagereaction-added.json", env!("CARGO_MANIFEST_DIR"));
-    let mut a: Value = serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("JSON");
+    let path = format!(
+        "{}/../shared/fixtures/activities/messagereaction-added.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut a: Value =
+        serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("JSON");
     a["conversation"]["id"] = format!("19:durable-{conversation}@thread.tacv2").into();
     a["id"] = format!("{id}").into();
     Bytes::from(serde_json::to_vec(&a).expect("JSON"))
@@ -38,18 +42,30 @@ async fn measure(label: &str, storage: &str) {
     let front = Arc::clone(&router.front);
     let journal = front.journal.clone().expect("durable accept is on");
     let integration = front.integration("dev").expect("integration");
-    let bodies: Vec<Bytes> = (0..ACTIVITIES).map(|i| reaction(i % CONVERSATIONS, i)).collect();
+    let bodies: Vec<Bytes> = (0..ACTIVITIES)
+        .map(|i| reaction(i % CONVERSATIONS, i))
+        .collect();
     let queue = Arc::new(std::sync::Mutex::new(bodies));
     let started = Instant::now();
     let workers: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
-            let (front, journal, integration, queue) =
-                (Arc::clone(&front), Arc::clone(&journal), Arc::clone(&integration), Arc::clone(&queue));
+            let (front, journal, integration, queue) = (
+                Arc::clone(&front),
+                Arc::clone(&journal),
+                Arc::clone(&integration),
+                Arc::clone(&queue),
+            );
             tokio::spawn(async move {
                 let mut accepted = 0usize;
                 loop {
-                    let Some(body) = queue.lock().expect("queue").pop() else { break };
-                    if front.admit_durably(&journal, &integration, None, body).await.is_ok() {
+                    let Some(body) = queue.lock().expect("queue").pop() else {
+                        break;
+                    };
+                    if front
+                        .admit_durably(&journal, &integration, None, body)
+                        .await
+                        .is_ok()
+                    {
                         accepted += 1;
                     }
                 }
@@ -75,7 +91,11 @@ async fn measure(label: &str, storage: &str) {
     }
     let started = Instant::now();
     for i in 0..SNAPSHOTS {
-        snapshots.save(Put { key: format!("bench-snapshot-{i}"), value: Arc::clone(&value), ttl: Duration::from_secs(600) });
+        snapshots.save(Put {
+            key: format!("bench-snapshot-{i}"),
+            value: Arc::clone(&value),
+            ttl: Duration::from_secs(600),
+        });
     }
     while snapshots.pending() > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -90,20 +110,28 @@ async fn measure(label: &str, storage: &str) {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         let dir = std::env::temp_dir().join(format!("teams-router-durable-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        measure("embedded (redb, fsync per group commit)", &format!("[storage]\npath = {dir:?}\ndurable_accept = true\n")).await;
+        measure(
+            "embedded (redb, fsync per group commit)",
+            &format!("[storage]\npath = {dir:?}\ndurable_accept = true\n"),
+        )
+        .await;
         let _ = std::fs::remove_dir_all(&dir);
         match RedisServer::start() {
-            Ok(server) => {
-                measure(
-                    "redis (loopback redis-server)",
-                    &format!("[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\ninstance_id = \"bench\"\n", server.url()),
-                )
-                .await
-            }
+            Ok(server) => measure(
+                "redis (loopback redis-server)",
+                &format!(
+                    "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\ninstance_id = \"bench\"\n",
+                    server.url()
+                ),
+            )
+            .await,
             Err(e) => println!("redis: skipped ({e})"),
         }
     });

@@ -67,14 +67,24 @@ async fn say(
 }
 
 #[tokio::test]
-async fn sessions_remember_and_reset_commands_start_afresh() {
-    let mock = new_mock().await;
-    let router = spawn(
-        &mock,
-        &embedded_storage(&scratch_dir("sessions"), false),
-        "",
-    )
+async fn sessions_remember_and_reset_commands_start_afresh_embedded() {
+    sessions_remember_and_reset_commands_start_afresh(&embedded_storage(
+        &scratch_dir("sessions"),
+        false,
+    ))
     .await;
+}
+
+#[tokio::test]
+async fn sessions_remember_and_reset_commands_start_afresh_redis() {
+    let server = RedisServer::start().expect("redis-server");
+    sessions_remember_and_reset_commands_start_afresh(&redis_storage(&server, "sessions", ""))
+        .await;
+}
+
+async fn sessions_remember_and_reset_commands_start_afresh(storage: &str) {
+    let mock = new_mock().await;
+    let router = spawn(&mock, storage, "").await;
     assert_eq!(say(&mock, &router, "s1", "1", "hello").await, "echo: hello");
     assert_eq!(say(&mock, &router, "s1", "2", "world").await, "echo: world");
     assert_eq!(
@@ -95,10 +105,26 @@ async fn sessions_remember_and_reset_commands_start_afresh() {
 }
 
 #[tokio::test]
-async fn a_session_expires_after_the_integrations_session_duration() {
+async fn a_session_expires_after_the_integrations_session_duration_embedded() {
+    a_session_expires_after_the_integrations_session_duration(&embedded_storage(
+        &scratch_dir("expiry"),
+        false,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_session_expires_after_the_integrations_session_duration_redis() {
+    let server = RedisServer::start().expect("redis-server");
+    a_session_expires_after_the_integrations_session_duration(&redis_storage(
+        &server, "expiry", "",
+    ))
+    .await;
+}
+
+async fn a_session_expires_after_the_integrations_session_duration(storage: &str) {
     let mock = new_mock().await;
-    let dir = scratch_dir("expiry");
-    let text = config_with_storage(&mock, &embedded_storage(&dir, false), "").replace(
+    let text = config_with_storage(&mock, storage, "").replace(
         "botFrameworkAppSecret = \"multi-tenant-secret\"",
         "botFrameworkAppSecret = \"multi-tenant-secret\"\nsessionDuration = 700",
     );
@@ -535,11 +561,21 @@ async fn idle_conversations_passivate_at_scale_and_resume_with_history() {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle = rss_kib(pid);
+    let on_disk: u64 = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
     eprintln!(
         "passivation: {conversations} conversations touched and answered in {touched_in:?}; peak {peak_live} live at once \
          with RSS {rss_peak} KiB ({:.2} KiB per live conversation over the {rss_start} KiB at start); \
-         {rss_idle} KiB once all were passivated",
-        rss_peak.saturating_sub(rss_start) as f64 / peak_live.max(1.0)
+         {rss_idle} KiB once all were passivated; store file {} KiB ({:.0} bytes per passivated conversation)",
+        rss_peak.saturating_sub(rss_start) as f64 / peak_live.max(1.0),
+        on_disk / 1024,
+        on_disk as f64 / conversations as f64
     );
 
     // A sample of conversations resume with their history.
