@@ -147,6 +147,7 @@ impl Router {
                 max_entries: config.conversation.history_max_turns,
                 max_bytes: config.conversation.history_max_bytes,
             },
+            shared_store: store.is_shared(),
         });
         let settings = ConversationSettings {
             mailbox_capacity: config.conversation.mailbox_capacity,
@@ -232,8 +233,8 @@ fn recover(directory: &Directory, journal: Option<&Journal>, entries: Vec<Journa
     }
 }
 
-/// Probes the store while it is down, so that readiness and metrics recover without traffic;
-/// the embedded store also drops its expired records here.
+/// Probes the store (Redis always, the embedded one while it fails), so that readiness and
+/// metrics follow its state without traffic; the embedded store also drops expired records here.
 async fn watch_store(
     store: Arc<Store>,
     health: Arc<StoreHealth>,
@@ -246,7 +247,8 @@ async fn watch_store(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        if !health.is_up() {
+        // A shared store can fail while this instance is idle; readiness must show it anyway.
+        if store.is_shared() || !health.is_up() {
             let result = store.ping().await;
             health.observe("ping", &result);
         }

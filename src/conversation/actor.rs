@@ -369,7 +369,7 @@ async fn begin_turn(
 
 /// Loads the conversation's dedup window and sequence once per actor.
 async fn load_record(state: &mut ConversationActorState, integration: &Integration) {
-    if state.record.is_some() {
+    if state.record.is_some() && !state.args.settings.persistence.shared_store {
         return;
     }
     let key = conversation_key(
@@ -425,8 +425,9 @@ async fn load_session(
     let key = session_key(&integration.record.id, activity);
     let now = now_ms();
     let duration = integration.record.session_duration;
+    let shared_store = state.args.settings.persistence.shared_store;
     let loaded = match state.session.take() {
-        Some((k, session)) if k == key => session,
+        Some((k, session)) if k == key && !shared_store => session,
         _ => load_snapshot::<Session>(state, &key)
             .await
             .unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration)),

@@ -48,6 +48,9 @@ pub struct Persistence {
     /// Present under durable accept: answered activities are completed in it.
     pub journal: Option<Arc<Journal>>,
     pub limits: HistoryLimits,
+    /// Other instances share the store: another one may have moved a conversation on, so
+    /// snapshots are read again at every turn instead of trusting the copy in memory.
+    pub shared_store: bool,
 }
 
 /// One accepted activity waiting for its turn.
