@@ -281,3 +281,50 @@ async fn health_and_readiness() {
     let missing = client.get(router.ops_url("/nope")).send().await.unwrap();
     assert_eq!(missing.status().as_u16(), 404);
 }
+
+#[tokio::test]
+async fn routers_sharing_one_data_directory_still_start_unless_durable() {
+    let mock = loadtest::mock::MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let dir = scratch_dir("shared-data");
+    let storage = format!("[storage]\npath = {dir:?}\n");
+    let first = loadtest::router::RouterProcess::spawn(
+        &binary(),
+        &config_with_storage(&mock, &storage, ""),
+    )
+    .await
+    .unwrap();
+    // A second process on the same directory keeps its state in a file of its own and serves.
+    let second = loadtest::router::RouterProcess::spawn(
+        &binary(),
+        &config_with_storage(&mock, &storage, ""),
+    )
+    .await
+    .unwrap();
+    for router in [&first, &second] {
+        let (status, body) = post(
+            &http(),
+            &router.callback_url("teams_prod"),
+            Some(&mock.token_for(APP_ID)),
+            &personal_message(&mock, "shared-dir", &router.addr.port().to_string(), "hi"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(
+        second.logs().contains("in use by another process"),
+        "{}",
+        second.logs()
+    );
+    // Under durable accept that would break the guarantee: the second process refuses to start.
+    let durable = format!("[storage]\npath = {dir:?}\ndurable_accept = true\n");
+    let refused = loadtest::router::RouterProcess::spawn(
+        &binary(),
+        &config_with_storage(&mock, &durable, ""),
+    )
+    .await;
+    let error = refused
+        .err()
+        .expect("a durable router must not share the file");
+    assert!(error.contains("in use by another process"), "{error}");
+}

@@ -14,6 +14,8 @@ const FILE_NAME: &str = "teams-router.redb";
 
 pub struct EmbeddedStore {
     db: Database,
+    /// Set when this process had to use a file of its own (see [`EmbeddedStore::open`]).
+    private_file: Option<std::path::PathBuf>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -21,20 +23,53 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedStore {
-    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+    /// Opens `dir/teams-router.redb`. The file belongs to one process; when another process
+    /// holds it and `allow_private` is set (no durable accept, so nothing acknowledged depends
+    /// on the file), this process uses a file of its own, removed when it stops, and says so.
+    pub fn open(dir: &Path, cache_bytes: usize, allow_private: bool) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
+        let create = |path: &Path| {
+            redb::Builder::new()
+                .set_cache_size(cache_bytes)
+                .create(path)
+        };
         let path = dir.join(FILE_NAME);
-        let db = redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let (db, private_file) = match create(&path) {
+            Ok(db) => (db, None),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if allow_private => {
+                let private = dir.join(format!("teams-router-{}.redb", std::process::id()));
+                tracing::warn!(
+                    shared = %path.display(),
+                    private = %private.display(),
+                    "the embedded store is in use by another process; this one keeps its state in a \
+                     file of its own, which does not outlive it (give each process its own storage.path)"
+                );
+                let db = create(&private).map_err(|e| {
+                    StoreError::Unavailable(format!("cannot open {}: {e}", private.display()))
+                })?;
+                (db, Some(private))
+            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Unavailable(format!(
+                    "{} is in use by another process; under durable accept each process needs its \
+                     own storage.path",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot open {}: {e}",
+                    path.display()
+                )));
+            }
+        };
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(KV).map_err(unavailable)?;
         txn.open_table(JOURNAL).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        Ok(Self { db })
+        Ok(Self { db, private_file })
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -143,4 +178,12 @@ fn split_expiry(bytes: &[u8]) -> Result<(u64, &[u8]), StoreError> {
         .split_first_chunk::<8>()
         .ok_or_else(|| StoreError::Corrupt("record shorter than its expiry".into()))?;
     Ok((u64::from_le_bytes(*head), payload))
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        if let Some(private) = &self.private_file {
+            let _ = std::fs::remove_file(private);
+        }
+    }
 }

@@ -63,6 +63,7 @@ impl Store {
             StorageBackend::Embedded => Ok(Self::Embedded(Arc::new(EmbeddedStore::open(
                 &config.path,
                 config.embedded_cache_bytes,
+                !config.durable_accept(),
             )?))),
             StorageBackend::Redis => {
                 Ok(Self::Redis(RedisStore::connect(config, instance_id).await?))

@@ -122,6 +122,9 @@ pub fn personal_message(mock: &MockMicrosoft, conversation: &str, id: &str, text
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        // The router closes keep-alive connections idle for its header read timeout (10 s);
+        // a client must not reuse one that old, or a request can race the close.
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()
         .expect("client")
 }
