@@ -12,6 +12,7 @@ const DEFAULT_CONFIG: &str = "config/router.toml";
 
 /// mimalloc returns freed memory to the system, so resident memory falls back after idle
 /// conversations are passivated (glibc's arenas keep it).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -16,8 +16,12 @@ pub const SINGLE_APP_ID: &str = "22222222-2222-2222-2222-222222222222";
 pub const SINGLE_APP_SECRET: &str = "single-tenant-secret";
 pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 
+/// The router binary under test; `TEAMS_ROUTER_BIN` runs the suite against another build (or a
+/// wrapper such as a profiler).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_teams-router"))
+    std::env::var_os("TEAMS_ROUTER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_teams-router")))
 }
 
 /// A config with three integrations: `teams_prod` (multi-tenant), `teams_single` (single-tenant,
