@@ -606,13 +606,13 @@ async fn idle_conversations_passivate_at_scale_and_resume_with_history() {
         on_disk as f64 / conversations as f64
     );
     // Memory the first round's conversations left behind is reused by the second's, not added to
-    // it: a leaked actor would cost about 13 KiB per conversation; allow 1 KiB for maps that keep
-    // their capacity and the store's growth.
+    // it: a leaked conversation actor would cost 13 KiB (release) to 35 KiB (debug); up to 4 KiB
+    // is allocator drift, maps that keep their capacity and the store's growth (about 1 KiB seen).
     let grown = rounds[1]
         .rss_passivated
         .saturating_sub(rounds[0].rss_passivated);
     assert!(
-        grown <= conversations as u64,
+        grown <= 4 * conversations as u64,
         "resident memory after passivation grew from {} to {} KiB over {conversations} conversations",
         rounds[0].rss_passivated,
         rounds[1].rss_passivated
