@@ -10,11 +10,11 @@ use teams_router::config::Config;
 
 const DEFAULT_CONFIG: &str = "config/router.toml";
 
-/// mimalloc returns freed memory to the system, so resident memory falls back after idle
-/// conversations are passivated (glibc's arenas keep it).
-#[cfg(feature = "mimalloc")]
+/// jemalloc's background threads return freed pages to the system, so resident memory falls back
+/// after idle conversations are passivated (glibc and mimalloc kept most of it mapped).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(version, about = "Routes Microsoft Teams activities to many bots")]
