@@ -55,7 +55,6 @@ pub struct Persistence {
 
 /// One accepted activity waiting for its turn.
 pub struct Turn {
-    pub activity_id: Arc<str>,
     /// The request body as received; parsed again by the actor, off the request path.
     pub body: Bytes,
     pub accepted_at: Instant,
@@ -162,12 +161,7 @@ impl Conversation {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn enqueue(
-        &self,
-        activity_id: &str,
-        turn: impl FnOnce(Arc<str>) -> Turn,
-        capacity: usize,
-    ) -> Enqueue {
+    fn enqueue(&self, activity_id: &str, turn: impl FnOnce() -> Turn, capacity: usize) -> Enqueue {
         let mut state = self.state();
         if state.closed {
             return Enqueue::Closed;
@@ -178,13 +172,12 @@ impl Conversation {
         if state.queue.len() >= capacity {
             return Enqueue::Full;
         }
-        let id: Arc<str> = activity_id.into();
-        state.recent_ids.insert(Arc::clone(&id));
+        state.recent_ids.insert(activity_id.into());
         // Only an idle actor needs waking: a busy one takes the next turn when its turn ends,
         // and a non-empty queue already has a wake-up on its way. Under load this spares one
         // cross-thread wake-up per activity.
         let needs_wake = !state.busy && state.queue.is_empty();
-        state.queue.push_back(turn(id));
+        state.queue.push_back(turn());
         state.last_activity = Instant::now();
         Enqueue::Queued(if needs_wake {
             state.actor.clone()
@@ -230,7 +223,7 @@ impl Directory {
     ) -> Admission {
         let accepted_at = Instant::now();
         let mut reply = None;
-        let mut make_turn = |id: Arc<str>| {
+        let mut make_turn = || {
             let invoke = if is_invoke {
                 let (tx, rx) = oneshot::channel();
                 reply = Some(rx);
@@ -239,7 +232,6 @@ impl Directory {
                 None
             };
             Turn {
-                activity_id: id,
                 body: body.clone(),
                 accepted_at,
                 invoke,

@@ -39,16 +39,16 @@ impl Snapshots {
         })
     }
 
-    /// Queues a snapshot; never waits. Returns false when it had to be dropped (queue full).
-    pub fn save(&self, put: Put) -> bool {
+    /// Queues a snapshot; never waits. When the queue is full, a new key's snapshot is dropped and
+    /// counted in `snapshot_failures_total`.
+    pub fn save(&self, put: Put) {
         if self.pending.len() >= self.max_pending && !self.pending.contains_key(&put.key) {
             counter!(SNAPSHOT_FAILURES).increment(1);
             tracing::warn!("snapshot queue full; a snapshot was dropped");
-            return false;
+            return;
         }
         self.pending.insert(put.key.clone(), put);
         self.wake.notify_one();
-        true
     }
 
     /// The newest snapshot of `key`: a pending one, else the stored one.
