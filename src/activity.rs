@@ -23,6 +23,16 @@ pub struct ActivityView<'a> {
     pub conversation: Option<ConversationView<'a>>,
     #[serde(rename = "channelData", borrow, default)]
     pub channel_data: Option<ChannelDataView<'a>>,
+    #[serde(borrow, default)]
+    pub from: Option<FromView<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FromView<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<&'a str>,
+    #[serde(rename = "aadObjectId", borrow, default)]
+    pub aad_object_id: Option<&'a str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +65,9 @@ pub struct Envelope<'a> {
     pub conversation_id: &'a str,
     /// `conversation.tenantId`, else `channelData.tenant.id`.
     pub tenant_id: Option<&'a str>,
+    /// `from.id` and `from.aadObjectId` (for `allowFrom`).
+    pub from_id: Option<&'a str>,
+    pub from_aad_object_id: Option<&'a str>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -91,6 +104,8 @@ impl<'a> ActivityView<'a> {
                         .and_then(|t| t.id)
                         .filter(|t| !t.is_empty())
                 }),
+            from_id: self.from.as_ref().and_then(|f| f.id),
+            from_aad_object_id: self.from.as_ref().and_then(|f| f.aad_object_id),
         })
     }
 }
@@ -163,6 +178,15 @@ pub struct TurnActivity {
     pub entities: Vec<Value>,
     #[serde(default)]
     pub members_added: Vec<Value>,
+    #[serde(default)]
+    pub members_removed: Vec<Value>,
+    #[serde(default)]
+    pub attachments: Vec<Value>,
+    /// `installationUpdate`: `add` or `remove` (and their `-upgrade` forms).
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub channel_data: Option<Value>,
 }
 
 impl TurnActivity {
@@ -175,6 +199,19 @@ impl TurnActivity {
             .get("id")
             .and_then(Value::as_str)
             .unwrap_or_default()
+    }
+
+    /// The sender's Teams user id (`from.id`).
+    pub fn from_field(&self, name: &str) -> Option<&str> {
+        self.from.as_ref()?.get(name)?.as_str()
+    }
+
+    /// The tenant: `conversation.tenantId`, else `channelData.tenant.id`.
+    pub fn tenant_id(&self) -> Option<&str> {
+        self.conversation
+            .get("tenantId")
+            .and_then(Value::as_str)
+            .or_else(|| self.channel_data.as_ref()?.get("tenant")?.get("id")?.as_str())
     }
 
     pub fn recipient_id(&self) -> Option<&str> {

@@ -10,6 +10,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::contacts::ContactBook;
+use crate::admin::events::EventLog;
+use crate::admin::secrets::{SecretError, Sealer};
+use crate::admin::setup::SetupChecker;
+use crate::admin::{self, Admin, AdminParts, Vault};
 use crate::auth::{KeyStore, Verifier};
 use crate::config::Config;
 use crate::connector::{self, Connector, TokenProvider};
@@ -45,6 +50,8 @@ pub enum AppError {
     Signal(std::io::Error),
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("secrets at rest: {0}")]
+    Secrets(#[from] SecretError),
 }
 
 /// Logs go to stderr (`RUST_LOG` filters, default `info`); stdout carries the listening line.
@@ -77,9 +84,6 @@ impl Router {
     pub async fn build(config: &Config) -> Result<Self, AppError> {
         let readiness = Arc::new(Readiness::default());
         let metrics = telemetry::install()?;
-        let registry = Arc::new(Registry::from_config(config));
-        readiness.set_needs_keys(registry.needs_signing_keys());
-
         let http = connector::http_client(&config.connector)?;
         let keys = Arc::new(KeyStore::new(
             http.clone(),
@@ -92,23 +96,61 @@ impl Router {
             &config.microsoft.login_url,
             &config.microsoft.oauth_scope,
         );
-        let connector = Arc::new(Connector::new(http, tokens, &config.connector));
+        let connector = Arc::new(Connector::new(http.clone(), tokens, &config.connector));
+        let (stop_store_tasks, store_stopped) = watch::channel(false);
+        let instance_id = config.storage.instance_id();
+        let store = Arc::new(Store::open(&config.storage, &instance_id).await?);
+        let health = Arc::new(StoreHealth::default());
+
+        let sealer = Arc::new(Sealer::from_config(
+            &config.security,
+            &config.storage,
+            |name| std::env::var(name).ok(),
+        )?);
+        if store.is_shared() && config.security.master_key_env.is_none() {
+            tracing::warn!(
+                "storage is shared but security.master_key_env is not set: every instance must use the same master key file"
+            );
+        }
+        let vault = Vault {
+            store: Arc::clone(&store),
+            health: Arc::clone(&health),
+            sealer,
+        };
+        let registry = Arc::new(Registry::default());
+        if let Err(error) = admin::load(&vault, &registry, None, config).await {
+            tracing::warn!(%error, "stored bots and integrations cannot be read; starting with the config's records until the store answers");
+            admin::load_seeds_only(&registry, config);
+        }
+        readiness.set_needs_keys(registry.needs_signing_keys());
+        let (events, event_sink, events_task) = EventLog::start(
+            Arc::clone(&store),
+            Arc::clone(&health),
+            config.admin.event_log_size,
+            store_stopped.clone(),
+        )
+        .await;
+        let contacts = ContactBook::load(
+            Arc::clone(&store),
+            Arc::clone(&health),
+            Duration::from_millis(config.admin.contact_touch_interval_ms),
+        )
+        .await;
         let services = Arc::new(ReplyServices {
             registry: Arc::clone(&registry),
             connector: Arc::clone(&connector),
             welcome_message: config.connector.welcome_message.clone(),
             apology: DEFAULT_APOLOGY.to_owned(),
+            events: event_sink.clone(),
+            contacts: Some(Arc::clone(&contacts)),
         });
-        let (stop_store_tasks, store_stopped) = watch::channel(false);
-        let instance_id = config.storage.instance_id();
-        let store = Arc::new(Store::open(&config.storage, &instance_id).await?);
-        let health = Arc::new(StoreHealth::default());
         let snapshots = Snapshots::new(
             Arc::clone(&store),
             Arc::clone(&health),
             config.storage.snapshot_pending_max,
         );
         let mut store_tasks = vec![
+            events_task,
             tokio::spawn(Arc::clone(&snapshots).run(store_stopped.clone())),
             tokio::spawn(watch_store(
                 Arc::clone(&store),
@@ -159,7 +201,35 @@ impl Router {
         };
         let (directory, supervisor_task) = Directory::start(settings, services).await?;
         recover(&directory, journal.as_deref(), recovered);
+        let setup = SetupChecker::new(
+            Arc::new(TokenProvider::new(
+                http,
+                &config.microsoft.login_url,
+                &config.microsoft.oauth_scope,
+            )),
+            Duration::from_millis(config.admin.setup_timeout_ms),
+        );
+        let admin = Admin::new(
+            AdminParts {
+                registry: Arc::clone(&registry),
+                directory: Arc::clone(&directory),
+                vault,
+                events,
+                sink: event_sink.clone(),
+                contacts,
+                setup,
+                readiness: Arc::clone(&readiness),
+            },
+            config,
+        );
+        if store.is_shared() {
+            store_tasks.push(tokio::spawn(
+                Arc::clone(&admin).run_sync(config.clone(), store_stopped.clone()),
+            ));
+        }
         let front = Arc::new(Front {
+            admin,
+            events: event_sink,
             registry,
             verifier,
             directory: Arc::clone(&directory),
@@ -289,11 +359,20 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 
     let (stop_front, front_stopped) = watch::channel(false);
     let (stop_background, background_stopped) = watch::channel(false);
-    if registry.needs_signing_keys() {
-        tokio::spawn(Arc::clone(&keys).run_refresher(
-            Duration::from_secs(config.microsoft.key_refresh_interval_secs.max(60)),
-            background_stopped.clone(),
-        ));
+    {
+        // Integrations created later through the API may be the first to need signing keys.
+        let mut stopped = background_stopped.clone();
+        let interval = Duration::from_secs(config.microsoft.key_refresh_interval_secs.max(60));
+        let keys = Arc::clone(&keys);
+        tokio::spawn(async move {
+            while !registry.needs_signing_keys() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stopped.changed() => return,
+                }
+            }
+            keys.run_refresher(interval, stopped).await;
+        });
     }
     let upkeep = tokio::spawn(telemetry::run_upkeep(
         metrics.clone(),

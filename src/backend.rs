@@ -71,6 +71,17 @@ fn echo(activity: &TurnActivity) -> Answer {
             } else {
                 activity.value.as_ref().map(Value::to_string)
             };
+            // Attachments reach the backend only when the integration allows them.
+            let attached = match activity.attachments.len() {
+                0 => String::new(),
+                1 => " [1 attachment]".to_owned(),
+                n => format!(" [{n} attachments]"),
+            };
+            let said = match (said, attached.is_empty()) {
+                (Some(s), _) => Some(format!("{s}{attached}")),
+                (None, false) => Some(attached.trim_start().to_owned()),
+                (None, true) => None,
+            };
             Answer {
                 text: said.map(|s| format!("echo: {s}")),
                 invoke: None,

@@ -39,6 +39,8 @@ pub struct Config {
     pub conversation: ConversationConfig,
     pub connector: ConnectorConfig,
     pub testing: TestingConfig,
+    pub security: SecurityConfig,
+    pub admin: AdminConfig,
     pub accounts: Vec<AccountRecord>,
     pub bots: Vec<BotRecord>,
     pub integrations: Vec<IntegrationRecord>,
@@ -288,6 +290,55 @@ pub struct TestingConfig {
     pub panic_trigger: Option<String>,
 }
 
+/// Secrets at rest: the master key that seals app secrets, webhook secrets and model API keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Environment variable holding the master key (32 bytes, base64 or hex). When absent, the
+    /// key is read from `master_key_file`, which is generated on first start.
+    pub master_key_env: Option<String>,
+    /// Default: `{storage.path}/master.key` (created with mode 0600).
+    pub master_key_file: Option<PathBuf>,
+    /// During a rotation: the previous master key, still accepted for reading; records sealed
+    /// with it are sealed again with the current key at start.
+    pub previous_master_key_env: Option<String>,
+}
+
+/// The management API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Events kept per integration (the oldest are dropped).
+    pub event_log_size: usize,
+    /// Quiet time after an update before the automatic setup check runs (several quick updates
+    /// cause one check).
+    pub setup_debounce_ms: u64,
+    /// How long a setup check waits for the token endpoint.
+    pub setup_timeout_ms: u64,
+    /// Largest `take` of a list request.
+    pub list_max_take: usize,
+    /// With a shared store: how often other instances' changes are picked up.
+    pub sync_interval_ms: u64,
+    /// A contact's `lastSeenAt` is written to the store at most this often.
+    pub contact_touch_interval_ms: u64,
+    /// Largest management request body.
+    pub body_limit_bytes: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            event_log_size: 500,
+            setup_debounce_ms: 1_000,
+            setup_timeout_ms: 10_000,
+            list_max_take: 100,
+            sync_interval_ms: 2_000,
+            contact_touch_interval_ms: 60_000,
+            body_limit_bytes: 65_536,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountRecord {
@@ -360,7 +411,7 @@ pub struct IntegrationRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_from: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub meta: BTreeMap<String, toml::Value>,
+    pub meta: BTreeMap<String, serde_json::Value>,
 }
 
 fn default_session_duration() -> u64 {
@@ -434,6 +485,13 @@ impl Config {
             {
                 account.api_key = Some(lookup(name, &format!("account {}", account.id))?);
             }
+        }
+        if let Some(name) = &self.security.master_key_env
+            && !env.contains_key(name)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "security.master_key_env: environment variable {name} is not set"
+            )));
         }
         for integration in &mut self.integrations {
             if integration.bot_framework_app_secret.is_none()

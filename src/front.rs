@@ -26,6 +26,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::activity::{Envelope, ParseError, with_envelope};
+use crate::admin::Admin;
+use crate::admin::events::{EventDraft, EventSink};
 use crate::auth::{AuthError, VerifiedToken, Verifier};
 use crate::backend::InvokeResponse;
 use crate::config::OnStoreUnavailable;
@@ -33,7 +35,9 @@ use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::{Admission, Directory};
 use crate::registry::{Integration, Registry};
 use crate::store::writer::Journal;
-use crate::telemetry::{self, ACTIVITIES_DUPLICATE, INGRESS_DURATION, Readiness};
+use crate::telemetry::{
+    self, ACTIVITIES_DUPLICATE, ACTIVITIES_IGNORED, ACTIVITY_TYPES, INGRESS_DURATION, Readiness,
+};
 
 pub type Body = Full<Bytes>;
 
@@ -167,8 +171,12 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The activity (and, later, management) listener.
+/// The activity and management listener.
 pub struct Front {
+    /// The management API (everything under `/api/v1/` but the callbacks).
+    pub admin: Arc<Admin>,
+    /// Each integration's event log.
+    pub events: EventSink,
     pub registry: Arc<Registry>,
     pub verifier: Arc<Verifier>,
     pub directory: Arc<Directory>,
@@ -190,6 +198,9 @@ impl Handler for Front {
             .and_then(|rest| rest.strip_suffix(CALLBACK_SUFFIX))
             .filter(|id| !id.is_empty() && !id.contains('/'))
         else {
+            if path.starts_with("/api/v1/") {
+                return self.admin.handle(request).await;
+            }
             return error(StatusCode::NOT_FOUND, "not_found", "no such route");
         };
         if request.method() != Method::POST {
@@ -209,6 +220,14 @@ impl Handler for Front {
             Ok(response) => response,
             Err(rejection) => {
                 telemetry::reject(rejection.reason);
+                if rejection.reason != "unknown_integration" {
+                    self.events.record(
+                        &Arc::from(integration_id.as_str()),
+                        EventDraft::new("callback.rejected")
+                            .reason(rejection.reason)
+                            .message(rejection.message.clone()),
+                    );
+                }
                 tracing::debug!(integration = %integration_id, reason = rejection.reason, message = %rejection.message, "activity refused");
                 rejection.into_response(self.retry_after_secs)
             }
@@ -294,6 +313,8 @@ pub enum Routed {
     Accepted(Option<tokio::sync::oneshot::Receiver<InvokeResponse>>),
     /// A redelivery, acknowledged and dropped.
     Duplicate,
+    /// Acknowledged and not given to the bot (the sender is not in `allowFrom`).
+    Ignored,
 }
 
 impl Front {
@@ -349,7 +370,7 @@ impl Front {
             None => self.admit(&integration, verified.as_deref(), body)?,
         };
         match routed {
-            Routed::Duplicate => Ok(empty(StatusCode::OK)),
+            Routed::Duplicate | Routed::Ignored => Ok(empty(StatusCode::OK)),
             Routed::Accepted(None) => Ok(empty(StatusCode::OK)),
             Routed::Accepted(Some(answer)) => {
                 let response = match tokio::time::timeout(self.invoke_timeout, answer).await {
@@ -406,6 +427,9 @@ impl Front {
         with_envelope(&body, |envelope| {
             let envelope = envelope.map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
+            if !sender_allowed(integration, &envelope) {
+                return Ok(self.ignore(integration, &envelope));
+            }
             let target = Target {
                 type_index: telemetry::activity_type_index(envelope.kind),
                 is_invoke: envelope.kind == "invoke",
@@ -474,13 +498,22 @@ impl Front {
         let target = with_envelope(&body, |envelope| {
             let envelope = envelope.map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
-            Ok::<Target<'static>, Rejection>(Target {
+            if !sender_allowed(integration, &envelope) {
+                return Ok(None);
+            }
+            Ok::<Option<Target<'static>>, Rejection>(Some(Target {
                 type_index: telemetry::activity_type_index(envelope.kind),
                 is_invoke: envelope.kind == "invoke",
                 conversation_id: std::borrow::Cow::Owned(envelope.conversation_id.to_owned()),
                 activity_id: std::borrow::Cow::Owned(envelope.id.to_owned()),
-            })
+            }))
         })?;
+        let Some(target) = target else {
+            return Ok(with_envelope(&body, |envelope| match envelope {
+                Ok(envelope) => self.ignore(integration, &envelope),
+                Err(_) => Routed::Ignored,
+            }));
+        };
         if self.directory.seen(
             &integration.id,
             &target.conversation_id,
@@ -535,6 +568,13 @@ impl Front {
         match admission {
             Admission::Accepted(answer) => {
                 integration.count_received(target.type_index);
+                self.events.record(
+                    &integration.id,
+                    EventDraft::new("callback.accepted").activity(
+                        ACTIVITY_TYPES[target.type_index.min(ACTIVITY_TYPES.len() - 1)],
+                        &target.activity_id,
+                    ),
+                );
                 Ok(Routed::Accepted(answer))
             }
             Admission::Duplicate => Ok(duplicate(integration, target.type_index)),
@@ -550,6 +590,36 @@ impl Front {
             )),
         }
     }
+}
+
+impl Front {
+    /// Acknowledges an activity whose sender `allowFrom` leaves out, without a turn.
+    fn ignore(&self, integration: &Integration, envelope: &Envelope<'_>) -> Routed {
+        counter!(ACTIVITIES_IGNORED, "reason" => "sender_not_allowed").increment(1);
+        self.events.record(
+            &integration.id,
+            EventDraft::new("callback.ignored")
+                .activity(envelope.kind, envelope.id)
+                .reason("sender_not_allowed"),
+        );
+        Routed::Ignored
+    }
+}
+
+/// Whether `allowFrom` lets this activity's sender reach the bot. Only what a user does is
+/// filtered (messages, invokes, reactions); membership and installation updates always pass.
+fn sender_allowed(integration: &Integration, envelope: &Envelope<'_>) -> bool {
+    let Some(allow) = &integration.allow_from else {
+        return true;
+    };
+    if !matches!(envelope.kind, "message" | "invoke" | "messageReaction") {
+        return true;
+    }
+    allow.allows(
+        envelope.from_id,
+        envelope.from_aad_object_id,
+        envelope.tenant_id,
+    )
 }
 
 /// Where an activity goes, borrowed from the parse buffer on the fast path or owned when the

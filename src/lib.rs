@@ -13,6 +13,8 @@
 //! - [`backend`]: the bot's brain (echo today).
 //! - [`connector`]: Bot Connector REST client, outbound tokens, retries.
 //! - [`registry`]: the live bot and integration records; [`config`]: the TOML + env settings.
+//! - [`admin`]: the management API (bots, integrations, setup checks, events, contacts) and
+//!   secrets at rest.
 //! - [`telemetry`]: metric names, the Prometheus recorder, readiness.
 //! - [`app`]: wires the rooms together, runs the listeners, shuts down gracefully.
 //!
@@ -21,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod activity;
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod backend;

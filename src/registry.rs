@@ -1,11 +1,14 @@
 //! The live records of bots and Teams integrations that the data path reads on every activity.
-//! Seeded from the config; the management API (issue 4) writes the same records. Lookups are by
-//! `&str` into a sharded map, so the hot path allocates nothing and shares no global lock.
+//! Seeded from the config and written by the management API ([`crate::admin`]); a change
+//! replaces the record's `Arc`, so the next activity sees it and running turns keep the one they
+//! started with. Lookups are by `&str` into a sharded map, so the hot path allocates nothing and
+//! shares no global lock.
 
 use std::sync::Arc;
 
 use dashmap::DashMap;
 use metrics::{Counter, counter};
+use serde::{Deserialize, Serialize};
 
 use crate::config::{BackendSpec, BotRecord, Config, IntegrationRecord};
 use crate::telemetry::{ACTIVITIES_RECEIVED, ACTIVITY_TYPES};
@@ -18,6 +21,12 @@ pub struct Integration {
     pub id: Arc<str>,
     /// Bot Framework credentials; `None` is development mode (loopback only, unsigned).
     pub credentials: Option<Arc<AppCredentials>>,
+    /// Who owns the record and when it changed.
+    pub owner: Owner,
+    /// The latest setup check.
+    pub setup: SetupResult,
+    /// `allowFrom`, parsed once; `None` lets everybody in.
+    pub allow_from: Option<AllowFrom>,
     /// `activities_received_total` handles, one per activity type label, made once so that the
     /// hot path does not build metric keys.
     received: Vec<Counter>,
@@ -42,8 +51,111 @@ impl std::fmt::Debug for AppCredentials {
     }
 }
 
+/// The account a record belongs to, and its timestamps (milliseconds since the epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Owner {
+    pub account: String,
+    pub created_at: u64,
+    pub updated_at: u64,
+    /// Creation order (microseconds, unique per record): lists sort by it.
+    #[serde(default)]
+    pub order: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SetupStatus {
+    /// Never checked.
+    #[default]
+    Unchecked,
+    /// A check is queued or running.
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+/// The outcome of the latest setup check (a live client-credentials request).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SetupResult {
+    pub status: SetupStatus,
+    pub checked_at: Option<u64>,
+    /// Why it failed: a stable code and a message that never quotes a secret or a tenant.
+    pub code: Option<String>,
+    pub message: Option<String>,
+}
+
+/// Who may talk to a bot: comma-separated entries, each matched against the sender's
+/// `aadObjectId` or `id`, or `tenant:<tenantId>` against the activity's tenant; `*` matches any
+/// run of characters (so `*` alone lets everybody in). Matching ignores ASCII case (the ids are
+/// GUIDs and Teams user ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowFrom {
+    senders: Vec<String>,
+    tenants: Vec<String>,
+}
+
+impl AllowFrom {
+    /// `None` for an absent or blank list (nobody is excluded).
+    pub fn parse(list: Option<&str>) -> Option<Self> {
+        let list = list?.trim();
+        if list.is_empty() {
+            return None;
+        }
+        let mut allow = Self {
+            senders: Vec::new(),
+            tenants: Vec::new(),
+        };
+        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            match entry.strip_prefix("tenant:") {
+                Some(tenant) => allow.tenants.push(tenant.trim().to_ascii_lowercase()),
+                None => allow.senders.push(entry.to_ascii_lowercase()),
+            }
+        }
+        Some(allow)
+    }
+
+    pub fn allows(
+        &self,
+        sender_id: Option<&str>,
+        aad_object_id: Option<&str>,
+        tenant: Option<&str>,
+    ) -> bool {
+        let any = |patterns: &[String], value: Option<&str>| {
+            value.is_some_and(|v| patterns.iter().any(|p| glob_match(p, v)))
+        };
+        any(&self.senders, aad_object_id)
+            || any(&self.senders, sender_id)
+            || any(&self.tenants, tenant)
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself, ignoring ASCII case.
+fn glob_match(pattern: &str, value: &str) -> bool {
+    let (p, v) = (pattern.as_bytes(), value.as_bytes());
+    let (mut pi, mut vi) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while vi < v.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, vi));
+            pi += 1;
+        } else if pi < p.len() && p[pi].eq_ignore_ascii_case(&v[vi]) {
+            pi += 1;
+            vi += 1;
+        } else if let Some((star_p, star_v)) = star {
+            pi = star_p + 1;
+            vi = star_v + 1;
+            star = Some((star_p, star_v + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
+}
+
 impl Integration {
-    pub fn new(record: IntegrationRecord) -> Self {
+    pub fn new(record: IntegrationRecord, owner: Owner, setup: SetupResult) -> Self {
         let credentials = record
             .bot_framework_app_id
             .as_deref()
@@ -66,8 +178,11 @@ impl Integration {
             .collect();
         Self {
             id,
+            allow_from: AllowFrom::parse(record.allow_from.as_deref()),
             record,
             credentials,
+            owner,
+            setup,
             received,
         }
     }
@@ -98,6 +213,7 @@ impl Integration {
 #[derive(Debug)]
 pub struct Bot {
     pub record: BotRecord,
+    pub owner: Owner,
 }
 
 impl Bot {
@@ -113,13 +229,25 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The config's records as they are, owned by the first account (tools and benches; the
+    /// router itself loads through [`crate::admin`], which also reads the store).
     pub fn from_config(config: &Config) -> Self {
         let registry = Self::default();
+        let owner = Owner {
+            account: config
+                .accounts
+                .first()
+                .map(|a| a.id.clone())
+                .unwrap_or_else(|| "default".into()),
+            created_at: 0,
+            updated_at: 0,
+            order: 0,
+        };
         for bot in &config.bots {
-            registry.put_bot(bot.clone());
+            registry.put_bot(bot.clone(), owner.clone());
         }
         for integration in &config.integrations {
-            registry.put_integration(integration.clone());
+            registry.put_integration(integration.clone(), owner.clone(), SetupResult::default());
         }
         registry
     }
@@ -132,15 +260,36 @@ impl Registry {
         self.bots.get(id).map(|e| Arc::clone(e.value()))
     }
 
-    pub fn put_integration(&self, record: IntegrationRecord) {
-        let integration = Arc::new(Integration::new(record));
-        self.integrations
-            .insert(integration.record.id.as_str().into(), integration);
+    pub fn put_integration(
+        &self,
+        record: IntegrationRecord,
+        owner: Owner,
+        setup: SetupResult,
+    ) -> Arc<Integration> {
+        let integration = Arc::new(Integration::new(record, owner, setup));
+        self.integrations.insert(
+            integration.record.id.as_str().into(),
+            Arc::clone(&integration),
+        );
+        integration
     }
 
-    pub fn put_bot(&self, record: BotRecord) {
-        self.bots
-            .insert(record.id.as_str().into(), Arc::new(Bot { record }));
+    pub fn put_bot(&self, record: BotRecord, owner: Owner) -> Arc<Bot> {
+        let bot = Arc::new(Bot { record, owner });
+        self.bots.insert(bot.record.id.as_str().into(), Arc::clone(&bot));
+        bot
+    }
+
+    pub fn remove_integration(&self, id: &str) -> Option<Arc<Integration>> {
+        self.integrations.remove(id).map(|(_, i)| i)
+    }
+
+    pub fn remove_bot(&self, id: &str) -> Option<Arc<Bot>> {
+        self.bots.remove(id).map(|(_, b)| b)
+    }
+
+    pub fn bots(&self) -> Vec<Arc<Bot>> {
+        self.bots.iter().map(|e| Arc::clone(e.value())).collect()
     }
 
     /// Every integration, for metric pre-registration and readiness.
@@ -154,5 +303,32 @@ impl Registry {
     /// True when at least one integration verifies tokens (so readiness needs signing keys).
     pub fn needs_signing_keys(&self) -> bool {
         self.integrations.iter().any(|e| !e.is_development())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_from_matches_ids_tenants_and_wildcards() {
+        let allow = AllowFrom::parse(Some(" 29:1abc , AAD-1*, tenant:T-9 ")).unwrap();
+        assert!(allow.allows(Some("29:1ABC"), None, None));
+        assert!(allow.allows(Some("29:other"), Some("aad-1234"), None));
+        assert!(allow.allows(None, None, Some("t-9")));
+        assert!(!allow.allows(Some("29:other"), Some("aad-2"), Some("t-8")));
+        assert!(!allow.allows(None, None, None));
+        assert!(AllowFrom::parse(Some("*")).unwrap().allows(Some("x"), None, None));
+        assert!(AllowFrom::parse(Some("  ")).is_none());
+        assert!(AllowFrom::parse(None).is_none());
+    }
+
+    #[test]
+    fn glob_matches_runs() {
+        assert!(glob_match("a*c", "abbbc"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*b*c", "aXbYc"));
+        assert!(!glob_match("a*c", "abbbd"));
+        assert!(!glob_match("abc", "abcd"));
     }
 }

@@ -13,6 +13,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 
 use crate::activity::TurnActivity;
+use crate::admin::contacts::{ContactBook, Sender};
+use crate::admin::events::{EventDraft, EventSink};
 use crate::backend::{Answer, Backend, InvokeResponse};
 use crate::connector::{Connector, Op, is_loopback_url};
 use crate::conversation::ConversationMsg;
@@ -27,6 +29,10 @@ pub struct ReplyServices {
     pub welcome_message: Option<String>,
     /// Sent instead of an answer when the backend fails.
     pub apology: String,
+    /// Each integration's event log.
+    pub events: EventSink,
+    /// Contact records of integrations with `contactCollection`.
+    pub contacts: Option<Arc<ContactBook>>,
 }
 
 pub struct ReplyArgs {
@@ -85,6 +91,10 @@ impl Actor for ReplyActor {
 }
 
 async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
+    observe(&args);
+    if !args.integration.record.attachments {
+        args.activity.attachments.clear();
+    }
     let text = if let Some(fixed) = args.say.take() {
         Some(fixed)
     } else {
@@ -114,6 +124,51 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
     send_message(&args, op, text?).await
 }
 
+/// What the integration's event log and contact book learn from the activity.
+fn observe(args: &ReplyArgs) {
+    let integration = &args.integration;
+    let activity = &args.activity;
+    let services = &args.services;
+    match activity.kind.as_str() {
+        "message" | "invoke" | "messageReaction" if integration.record.contact_collection => {
+            if let (Some(contacts), Some(user)) = (&services.contacts, activity.from_field("id")) {
+                contacts.touch(
+                    &integration.owner.account,
+                    &integration.record.id,
+                    &Sender {
+                        teams_user_id: user,
+                        aad_object_id: activity.from_field("aadObjectId"),
+                        name: activity.from_field("name"),
+                        tenant_id: activity.tenant_id(),
+                    },
+                );
+            }
+        }
+        "conversationUpdate" => services.events.record(
+            &integration.id,
+            EventDraft::new("conversationUpdate")
+                .activity(&activity.kind, &activity.id)
+                .message(format!(
+                    "members added: {}, removed: {}{}",
+                    activity.members_added.len(),
+                    activity.members_removed.len(),
+                    if activity.bot_was_added() {
+                        " (the bot was added)"
+                    } else {
+                        ""
+                    }
+                )),
+        ),
+        "installationUpdate" => services.events.record(
+            &integration.id,
+            EventDraft::new("installationUpdate")
+                .activity(&activity.kind, &activity.id)
+                .reason(activity.action.clone().unwrap_or_else(|| "unknown".into())),
+        ),
+        _ => {}
+    }
+}
+
 async fn answer(args: &ReplyArgs) -> Answer {
     let integration = &args.integration;
     let backend = args
@@ -133,6 +188,12 @@ async fn answer(args: &ReplyArgs) -> Answer {
         Ok(answer) => answer,
         Err(error) => {
             tracing::warn!(integration = %integration.id, %error, "backend failed; sending the apology");
+            args.services.events.record(
+                &integration.id,
+                EventDraft::new("backend.error")
+                    .activity(&args.activity.kind, &args.activity.id)
+                    .message(error.clone()),
+            );
             counter!(TURNS_FAILED).increment(1);
             Answer {
                 text: Some(args.services.apology.clone()),
@@ -176,6 +237,12 @@ async fn send_message(args: &ReplyArgs, op: Op, text: String) -> Option<SentRepl
         Err(error) => {
             counter!(TURNS_FAILED).increment(1);
             tracing::warn!(integration = %integration.id, %error, "reply not delivered");
+            args.services.events.record(
+                &integration.id,
+                EventDraft::new("connector.error")
+                    .activity(&activity.kind, &activity.id)
+                    .message(error.to_string()),
+            );
             None
         }
     }

@@ -29,9 +29,33 @@ pub const KEY_REFRESHES: &str = "teams_router_signing_key_refreshes_total";
 pub const STORE_ERRORS: &str = "teams_router_store_errors_total";
 pub const STORE_UP: &str = "teams_router_store_up";
 pub const JOURNAL_RECOVERED: &str = "teams_router_journal_recovered_total";
+pub const ACTIVITIES_IGNORED: &str = "teams_router_activities_ignored_total";
+pub const SETUP_CHECKS: &str = "teams_router_setup_checks_total";
+pub const EVENTS_DROPPED: &str = "teams_router_events_dropped_total";
+pub const CONTACTS: &str = "teams_router_contacts";
+
+/// Why an acknowledged activity was not given to its bot (`reason` label).
+pub const IGNORE_REASONS: &[&str] = &["sender_not_allowed"];
+/// Setup check outcomes (`result` label): `ok` or the failure code.
+pub const SETUP_RESULTS: &[&str] = &[
+    "ok",
+    "missing_credentials",
+    "invalid_secret",
+    "wrong_tenant",
+    "credentials_refused",
+    "token_endpoint_unreachable",
+    "token_endpoint_invalid",
+];
 
 /// Store operations (`op` label of `store_errors_total`).
-pub const STORE_OPS: &[&str] = &["get", "put", "journal_append", "journal_complete", "ping"];
+pub const STORE_OPS: &[&str] = &[
+    "get",
+    "put",
+    "journal_append",
+    "journal_complete",
+    "ping",
+    "records",
+];
 
 /// Activity `type` label values; anything else is counted as `other` so that a hostile sender
 /// cannot create series.
@@ -214,6 +238,34 @@ fn describe_all() {
         Unit::Count,
         "Accepted-but-unanswered activities found in the journal at start and run again."
     );
+    describe_counter!(
+        ACTIVITIES_IGNORED,
+        Unit::Count,
+        "Activities acknowledged and not given to the bot, by reason (allowFrom)."
+    );
+    describe_counter!(
+        SETUP_CHECKS,
+        Unit::Count,
+        "Integration setup checks (live client-credentials requests), by result."
+    );
+    describe_counter!(
+        EVENTS_DROPPED,
+        Unit::Count,
+        "Integration events not logged because the event queue was full."
+    );
+    describe_gauge!(
+        CONTACTS,
+        Unit::Count,
+        "Contact records held (integrations with contactCollection)."
+    );
+    for reason in IGNORE_REASONS {
+        counter!(ACTIVITIES_IGNORED, "reason" => *reason).increment(0);
+    }
+    for result in SETUP_RESULTS {
+        counter!(SETUP_CHECKS, "result" => *result).increment(0);
+    }
+    counter!(EVENTS_DROPPED).increment(0);
+    gauge!(CONTACTS).set(0.0);
     for op in STORE_OPS {
         counter!(STORE_ERRORS, "op" => *op).increment(0);
     }

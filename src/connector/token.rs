@@ -17,8 +17,14 @@ const MULTI_TENANT_AUTHORITY: &str = "botframework.com";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
-    #[error("token endpoint refused the credentials: HTTP {status}: {detail}")]
-    Refused { status: u16, detail: String },
+    /// `error` is the OAuth error and `aadsts` the Entra ID error number; the description is
+    /// not kept, because it can quote the tenant.
+    #[error("token endpoint refused the credentials: HTTP {status}: {error}{}", aadsts.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Refused {
+        status: u16,
+        error: String,
+        aadsts: Option<String>,
+    },
     #[error("token endpoint unreachable: {0}")]
     Unreachable(String),
     #[error("token endpoint answered an invalid document: {0}")]
@@ -101,6 +107,15 @@ impl TokenProvider {
         Ok(cached.access_token)
     }
 
+    /// Asks the token endpoint now, bypassing the cache (the setup check), and caches the token
+    /// it gets.
+    pub async fn check(&self, credentials: &AppCredentials) -> Result<(), TokenError> {
+        let key = Self::key(credentials);
+        let token = self.fetch(credentials, &key.authority).await?;
+        self.cache.insert(key, token).await;
+        Ok(())
+    }
+
     /// Drops the cached token, after the Connector refused it.
     pub async fn invalidate(&self, credentials: &AppCredentials) {
         self.cache.invalidate(&Self::key(credentials)).await;
@@ -142,17 +157,17 @@ impl TokenProvider {
         counter!(CONNECTOR_REQUESTS, "op" => "token", "status" => status.as_str().to_owned())
             .increment(1);
         if !status.is_success() {
-            let detail = match response.json::<TokenErrorResponse>().await {
-                Ok(body) => format!(
-                    "{}: {}",
-                    body.error.unwrap_or_default(),
-                    body.error_description.unwrap_or_default()
+            let (error, aadsts) = match response.json::<TokenErrorResponse>().await {
+                Ok(body) => (
+                    body.error.unwrap_or_else(|| "unknown".into()),
+                    body.error_description.as_deref().and_then(aadsts_code),
                 ),
-                Err(_) => "no error document".into(),
+                Err(_) => ("no error document".into(), None),
             };
             return Err(TokenError::Refused {
                 status: status.as_u16(),
-                detail,
+                error,
+                aadsts,
             });
         }
         let body: TokenResponse = response
@@ -170,5 +185,30 @@ impl TokenProvider {
             access_token: body.access_token.into(),
             renew_at: Instant::now() + renew_after,
         })
+    }
+}
+
+/// `AADSTS7000215` from an error description such as "AADSTS7000215: Invalid client secret...".
+fn aadsts_code(description: &str) -> Option<String> {
+    let start = description.find("AADSTS")?;
+    let digits = description[start + 6..]
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    (digits > 0).then(|| description[start..start + 6 + digits].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::aadsts_code;
+
+    #[test]
+    fn aadsts_codes_are_extracted_without_the_description() {
+        assert_eq!(
+            aadsts_code("AADSTS700016: Application with identifier 'x' was not found in the directory 'y'.").as_deref(),
+            Some("AADSTS700016")
+        );
+        assert_eq!(aadsts_code("no code here"), None);
+        assert_eq!(aadsts_code("AADSTS"), None);
     }
 }

@@ -33,6 +33,9 @@ pub enum ConversationMsg {
     },
     /// The idle timer fired; passivate if nothing happened since.
     IdleCheck,
+    /// The integration was deleted: finish what is queued (each turn is dropped, since the
+    /// integration is gone) and stop.
+    End,
 }
 
 /// Turn work is boxed where the actor awaits it: an idle actor's task then holds only a small
@@ -65,6 +68,8 @@ pub struct ConversationActorState {
     record: Option<(ConversationRecord, std::time::Duration)>,
     /// An idle check is scheduled (one at a time, however many turns ran).
     idle_check_armed: bool,
+    /// The conversation was ended: stop once nothing is left to run.
+    ending: bool,
 }
 
 impl Actor for ConversationActor {
@@ -89,6 +94,7 @@ impl Actor for ConversationActor {
             session: None,
             record: None,
             idle_check_armed: false,
+            ending: false,
         })
     }
 
@@ -121,6 +127,10 @@ impl Actor for ConversationActor {
                 }
             }
             ConversationMsg::IdleCheck => passivate_if_idle(&myself, state),
+            ConversationMsg::End => {
+                state.ending = true;
+                Box::pin(start_next_turn(&myself, state)).await;
+            }
         }
         Ok(())
     }
@@ -235,6 +245,10 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
         if begin_turn(myself, state, turn).await {
             return;
         }
+    }
+    if state.ending {
+        myself.stop(Some("integration deleted".into()));
+        return;
     }
     // Nothing left to do: check back after the idle timeout.
     let after = state.args.settings.idle_timeout;

@@ -330,6 +330,33 @@ impl Directory {
         }
     }
 
+    /// Ends every live conversation of a deleted integration: no more turns are taken, queued
+    /// ones are dropped by their actor (their integration is gone), and the actors stop. Stored
+    /// sessions stay. Returns how many conversations were ended.
+    pub fn end_integration(&self, integration: &str) -> usize {
+        let Some((_, per_integration)) = self.conversations.remove(integration) else {
+            return 0;
+        };
+        let mut ended = 0;
+        for (_, conversation) in per_integration {
+            let actor = {
+                let mut state = conversation.state();
+                state.closed = true;
+                state.actor.clone()
+            };
+            if let Some(actor) = actor {
+                let _ = actor.cast(ConversationMsg::End);
+            }
+            ended += 1;
+        }
+        let now = self
+            .active
+            .fetch_sub(ended, Ordering::AcqRel)
+            .saturating_sub(ended);
+        gauge!(CONVERSATIONS_ACTIVE).set(now as f64);
+        ended
+    }
+
     /// Activities accepted but not finished, over all conversations (for draining on shutdown).
     pub fn pending(&self) -> usize {
         self.conversations

@@ -10,6 +10,8 @@ use super::{JournalEntry, Put, StoreError, now_ms};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
+/// Management records (bots, integrations, contacts, event logs), keyed `{kind}/{id}`; no expiry.
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const FILE_NAME: &str = "teams-router.redb";
 
 pub struct EmbeddedStore {
@@ -68,6 +70,7 @@ impl EmbeddedStore {
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(KV).map_err(unavailable)?;
         txn.open_table(JOURNAL).map_err(unavailable)?;
+        txn.open_table(RECORDS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(Self { db, private_file })
     }
@@ -109,6 +112,45 @@ impl EmbeddedStore {
             .remove(key)
             .map_err(unavailable)?;
         txn.commit().map_err(unavailable)
+    }
+
+    pub fn put_records(&self, kind: &str, records: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        {
+            let mut table = txn.open_table(RECORDS).map_err(unavailable)?;
+            for (id, value) in records {
+                table
+                    .insert(format!("{kind}/{id}").as_str(), value.as_slice())
+                    .map_err(unavailable)?;
+            }
+        }
+        txn.commit().map_err(unavailable)
+    }
+
+    pub fn delete_record(&self, kind: &str, id: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(unavailable)?;
+        txn.open_table(RECORDS)
+            .map_err(unavailable)?
+            .remove(format!("{kind}/{id}").as_str())
+            .map_err(unavailable)?;
+        txn.commit().map_err(unavailable)
+    }
+
+    pub fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(RECORDS).map_err(unavailable)?;
+        // '0' is the byte after '/': the range holds exactly the keys `{kind}/...`.
+        let (start, end) = (format!("{kind}/"), format!("{kind}0"));
+        let mut out = Vec::new();
+        for item in table
+            .range(start.as_str()..end.as_str())
+            .map_err(unavailable)?
+        {
+            let (key, value) = item.map_err(unavailable)?;
+            let id = key.value()[start.len()..].to_owned();
+            out.push((id, value.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// One process owns the file, so every entry is new; redeliveries are caught by the

@@ -156,6 +156,52 @@ impl Store {
         }
     }
 
+    /// Writes management records of one kind (bots, integrations, contacts, event logs); they
+    /// never expire.
+    pub async fn put_records(
+        &self,
+        kind: &'static str,
+        records: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let s = Arc::clone(s);
+                blocking(move || s.put_records(kind, &records)).await
+            }
+            Self::Redis(s) => s.put_records(kind, &records).await,
+        }
+    }
+
+    pub async fn delete_record(&self, kind: &'static str, id: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let (s, id) = (Arc::clone(s), id.to_owned());
+                blocking(move || s.delete_record(kind, &id)).await
+            }
+            Self::Redis(s) => s.delete_record(kind, id).await,
+        }
+    }
+
+    /// Every record of a kind, as (id, value).
+    pub async fn records(&self, kind: &'static str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let s = Arc::clone(s);
+                blocking(move || s.records(kind)).await
+            }
+            Self::Redis(s) => s.records(kind).await,
+        }
+    }
+
+    /// A number that changes with every management write of any instance (shared store only;
+    /// a single process has nobody else's changes to pick up).
+    pub async fn records_revision(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Embedded(_) => Ok(0),
+            Self::Redis(s) => s.revision().await,
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
             Self::Embedded(_) => Ok(()),

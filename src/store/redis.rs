@@ -194,6 +194,72 @@ impl RedisStore {
         Ok(entries)
     }
 
+    fn records_key(&self, kind: &str) -> String {
+        format!("{}:records:{kind}", self.prefix)
+    }
+
+    fn revision_key(&self) -> String {
+        format!("{}:records:revision", self.prefix)
+    }
+
+    /// Writes management records and bumps the revision other instances poll.
+    pub async fn put_records(
+        &self,
+        kind: &str,
+        records: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<(String, Bytes)> = records
+            .iter()
+            .map(|(id, value)| (id.clone(), Bytes::copy_from_slice(value)))
+            .collect();
+        let pipeline = self.pool.next().pipeline();
+        let _: () = pipeline
+            .hset(self.records_key(kind), fields)
+            .await
+            .map_err(unavailable)?;
+        let _: () = pipeline
+            .incr(self.revision_key())
+            .await
+            .map_err(unavailable)?;
+        let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn delete_record(&self, kind: &str, id: &str) -> Result<(), StoreError> {
+        let pipeline = self.pool.next().pipeline();
+        let _: () = pipeline
+            .hdel(self.records_key(kind), id)
+            .await
+            .map_err(unavailable)?;
+        let _: () = pipeline
+            .incr(self.revision_key())
+            .await
+            .map_err(unavailable)?;
+        let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let all: std::collections::HashMap<String, Bytes> = self
+            .pool
+            .hgetall(self.records_key(kind))
+            .await
+            .map_err(unavailable)?;
+        Ok(all.into_iter().map(|(k, v)| (k, v.to_vec())).collect())
+    }
+
+    pub async fn revision(&self) -> Result<u64, StoreError> {
+        let value: Option<u64> = self
+            .pool
+            .get(self.revision_key())
+            .await
+            .map_err(unavailable)?;
+        Ok(value.unwrap_or(0))
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let _: String = self.pool.ping(None).await.map_err(unavailable)?;
         Ok(())

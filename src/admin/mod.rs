@@ -1,0 +1,1189 @@
+//! The management API (the shape of the seed's ChatBotKit Teams API): accounts and API keys,
+//! bots, Teams integrations with their setup checks and event logs, and contacts. Every write
+//! goes to the store first (secrets sealed, see [`secrets`]) and then into the live
+//! [`Registry`], so the next activity sees it without a restart. Writes are serialized by one
+//! lock; they are rare, and the data path never takes it.
+
+pub mod contacts;
+pub mod events;
+pub mod model;
+pub mod paging;
+pub mod secrets;
+pub mod setup;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aws_lc_rs::digest::{SHA256, digest};
+use bytes::Bytes;
+use dashmap::DashMap;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+
+use crate::config::{
+    AdminConfig, BotRecord, Config, DEFAULT_SESSION_DURATION_MS, IntegrationRecord,
+};
+use crate::conversation::Directory;
+use crate::registry::{Bot, Integration, Owner, Registry, SetupResult, SetupStatus};
+use crate::store::{Store, StoreError, StoreHealth, now_ms};
+use crate::telemetry::Readiness;
+use contacts::ContactBook;
+use events::{EventDraft, EventLog, EventSink};
+use model::{Invalid, StoredBot, StoredIntegration};
+use paging::{ListQuery, Position, meta_matches};
+use secrets::Sealer;
+use setup::SetupChecker;
+
+pub const BOTS_KIND: &str = "bots";
+pub const INTEGRATIONS_KIND: &str = "integrations";
+
+/// The OpenAPI 3.1 document of this API, as kept in the repository.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// Every management route (method, path template), as the OpenAPI document lists them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/v1/bot/create"),
+    ("GET", "/api/v1/bot/list"),
+    ("GET", "/api/v1/bot/{botId}/fetch"),
+    ("POST", "/api/v1/bot/{botId}/update"),
+    ("POST", "/api/v1/bot/{botId}/delete"),
+    ("POST", "/api/v1/integration/teams/create"),
+    ("GET", "/api/v1/integration/teams/list"),
+    ("GET", "/api/v1/integration/teams/{teamsIntegrationId}/fetch"),
+    ("POST", "/api/v1/integration/teams/{teamsIntegrationId}/update"),
+    ("POST", "/api/v1/integration/teams/{teamsIntegrationId}/delete"),
+    ("POST", "/api/v1/integration/teams/{teamsIntegrationId}/setup"),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/event/list",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/callback",
+    ),
+    ("GET", "/api/v1/contact/list"),
+    ("GET", "/api/v1/contact/{contactId}/fetch"),
+    ("GET", "/api/v1/openapi.json"),
+];
+
+type Body = Full<Bytes>;
+
+/// An API failure: status, stable code, message, and the field to blame when there is one.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such {what}"),
+        )
+    }
+
+    fn forbidden(what: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this {what} belongs to another account"),
+        )
+    }
+
+    fn store(error: StoreError) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the change could not be saved: {error}"),
+        )
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(field) = self.field {
+            body["error"]["field"] = json!(field);
+        }
+        let mut response = json_response(self.status, &body);
+        let headers = response.headers_mut();
+        match self.status {
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: invalid.code,
+            message: invalid.message,
+            field: invalid.field,
+        }
+    }
+}
+
+type ApiResult = Result<Value, ApiError>;
+
+/// Where records are kept: the store, its health, and the sealer of their secrets.
+#[derive(Clone)]
+pub struct Vault {
+    pub store: Arc<Store>,
+    pub health: Arc<StoreHealth>,
+    pub sealer: Arc<Sealer>,
+}
+
+/// What the management API works with.
+pub struct AdminParts {
+    pub registry: Arc<Registry>,
+    pub directory: Arc<Directory>,
+    pub vault: Vault,
+    pub events: Arc<EventLog>,
+    pub sink: EventSink,
+    pub contacts: Arc<ContactBook>,
+    pub setup: SetupChecker,
+    pub readiness: Arc<Readiness>,
+}
+
+pub struct Admin {
+    parts: AdminParts,
+    /// (account id, SHA-256 of its API key): keys are compared as digests, in constant time.
+    accounts: Vec<(String, [u8; 32])>,
+    settings: AdminConfig,
+    write_lock: tokio::sync::Mutex<()>,
+    /// Bumped per queued setup check of an integration; only the latest one runs.
+    setup_generation: DashMap<String, u64>,
+    /// The creation order of the newest record (microseconds, strictly increasing here).
+    last_order: AtomicU64,
+}
+
+fn key_digest(key: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, key.as_bytes()).as_ref());
+    out
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
+/// A new id: a prefix and 20 random characters of `[0-9a-z]`.
+fn new_id(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    let tail: String = (0..20)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}_{tail}")
+}
+
+fn sealed_context(kind: &str, id: &str) -> String {
+    format!("{kind}/{id}")
+}
+
+impl Admin {
+    pub fn new(parts: AdminParts, config: &Config) -> Arc<Self> {
+        let accounts = config
+            .accounts
+            .iter()
+            .filter_map(|a| Some((a.id.clone(), key_digest(a.api_key.as_deref()?))))
+            .collect();
+        let admin = Arc::new(Self {
+            parts,
+            accounts,
+            settings: config.admin.clone(),
+            write_lock: tokio::sync::Mutex::new(()),
+            setup_generation: DashMap::new(),
+            last_order: AtomicU64::new(0),
+        });
+        admin.refresh_readiness();
+        admin
+    }
+
+    pub fn sink(&self) -> &EventSink {
+        &self.parts.sink
+    }
+
+    /// A creation order after every earlier one of this process.
+    fn next_order(&self) -> u64 {
+        let now = now_micros();
+        let mut last = self.last_order.load(Ordering::Acquire);
+        loop {
+            let next = now.max(last + 1);
+            match self.last_order.compare_exchange_weak(
+                last,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    fn new_owner(&self, account: &str) -> Owner {
+        let now = now_ms();
+        Owner {
+            account: account.to_owned(),
+            created_at: now,
+            updated_at: now,
+            order: self.next_order(),
+        }
+    }
+
+    fn refresh_readiness(&self) {
+        self.parts
+            .readiness
+            .set_needs_keys(self.parts.registry.needs_signing_keys());
+    }
+
+    /// Answers one management request.
+    pub async fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        match self.route(request).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        }
+    }
+
+    async fn route(self: &Arc<Self>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let path = request.uri().path().to_owned();
+        let query = request.uri().query().map(str::to_owned);
+        let Some(rest) = path.strip_prefix("/api/v1/") else {
+            return Err(ApiError::not_found("route"));
+        };
+        let segments: Vec<&str> = rest.split('/').collect();
+        let method = request.method().clone();
+        let (allowed, action) = match segments.as_slice() {
+            ["openapi.json"] => ("GET", Action::OpenApi),
+            ["bot", "create"] => ("POST", Action::CreateBot),
+            ["bot", "list"] => ("GET", Action::ListBots),
+            ["bot", id, "fetch"] => ("GET", Action::FetchBot(id)),
+            ["bot", id, "update"] => ("POST", Action::UpdateBot(id)),
+            ["bot", id, "delete"] => ("POST", Action::DeleteBot(id)),
+            ["integration", "teams", "create"] => ("POST", Action::CreateIntegration),
+            ["integration", "teams", "list"] => ("GET", Action::ListIntegrations),
+            ["integration", "teams", id, "fetch"] => ("GET", Action::FetchIntegration(id)),
+            ["integration", "teams", id, "update"] => ("POST", Action::UpdateIntegration(id)),
+            ["integration", "teams", id, "delete"] => ("POST", Action::DeleteIntegration(id)),
+            ["integration", "teams", id, "setup"] => ("POST", Action::Setup(id)),
+            ["integration", "teams", id, "event", "list"] => ("GET", Action::ListEvents(id)),
+            ["contact", "list"] => ("GET", Action::ListContacts),
+            ["contact", id, "fetch"] => ("GET", Action::FetchContact(id)),
+            _ => return Err(ApiError::not_found("route")),
+        };
+        let method_ok = method.as_str() == allowed || (allowed == "GET" && method == Method::HEAD);
+        if !method_ok {
+            let mut response = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("use {allowed}"),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allowed));
+            return Ok(response);
+        }
+        if let Action::OpenApi = action {
+            let mut response = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return Ok(response);
+        }
+        let account = self.authenticate(&request)?;
+        let body = if allowed == "POST" {
+            self.read_body(request).await?
+        } else {
+            Bytes::new()
+        };
+        let query = query.as_deref();
+        let value = match action {
+            Action::OpenApi => unreachable_route(),
+            Action::CreateBot => self.create_bot(&account, &body).await,
+            Action::ListBots => self.list_bots(&account, query),
+            Action::FetchBot(id) => self.owned_bot(&account, id).map(|b| model::bot_view(&b.record, &b.owner)),
+            Action::UpdateBot(id) => self.update_bot(&account, id, &body).await,
+            Action::DeleteBot(id) => self.delete_bot(&account, id, &body).await,
+            Action::CreateIntegration => self.create_integration(&account, &body).await,
+            Action::ListIntegrations => self.list_integrations(&account, query),
+            Action::FetchIntegration(id) => self
+                .owned_integration(&account, id)
+                .map(|i| model::integration_view(&i.record, &i.owner, &i.setup)),
+            Action::UpdateIntegration(id) => self.update_integration(&account, id, &body).await,
+            Action::DeleteIntegration(id) => self.delete_integration(&account, id, &body).await,
+            Action::Setup(id) => self.setup_now(&account, id, &body).await,
+            Action::ListEvents(id) => self.list_events(&account, id, query),
+            Action::ListContacts => self.list_contacts(&account, query),
+            Action::FetchContact(id) => self.fetch_contact(&account, id),
+        }?;
+        Ok(json_response(StatusCode::OK, &value))
+    }
+
+    /// The account whose API key is the bearer token.
+    fn authenticate(&self, request: &Request<Incoming>) -> Result<String, ApiError> {
+        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+        let header = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("Authorization: Bearer <api key> is required"))?;
+        let key = header
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| unauthorized("Authorization: Bearer <api key> is required"))?;
+        let presented = key_digest(key);
+        // Every account is compared, so the time taken does not tell which one (or none) matched.
+        let mut found = None;
+        for (account, digest) in &self.accounts {
+            if bool::from(digest.ct_eq(&presented)) {
+                found = Some(account.clone());
+            }
+        }
+        found.ok_or_else(|| unauthorized("the API key is not valid"))
+    }
+
+    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, ApiError> {
+        let limit = self.settings.body_limit_bytes;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is over {limit} bytes"),
+            )
+        };
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        Limited::new(request.into_body(), limit)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    too_large()
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "body_unreadable",
+                        "the body could not be read",
+                    )
+                }
+            })
+    }
+
+    fn owned_bot(&self, account: &str, id: &str) -> Result<Arc<Bot>, ApiError> {
+        let bot = self
+            .parts
+            .registry
+            .bot(id)
+            .ok_or_else(|| ApiError::not_found("bot"))?;
+        if bot.owner.account != account {
+            return Err(ApiError::forbidden("bot"));
+        }
+        Ok(bot)
+    }
+
+    fn owned_integration(&self, account: &str, id: &str) -> Result<Arc<Integration>, ApiError> {
+        let integration = self
+            .parts
+            .registry
+            .integration(id)
+            .ok_or_else(|| ApiError::not_found("integration"))?;
+        if integration.owner.account != account {
+            return Err(ApiError::forbidden("integration"));
+        }
+        Ok(integration)
+    }
+
+    // --- bots -----------------------------------------------------------------------------
+
+    async fn create_bot(&self, account: &str, body: &[u8]) -> ApiResult {
+        let input: model::CreateBot = model::parse_body(body)?;
+        model::check_text("name", input.name.as_deref(), 256)?;
+        model::check_text("description", input.description.as_deref(), 4096)?;
+        model::check_backend(&input.backend)?;
+        let _guard = self.write_lock.lock().await;
+        let record = BotRecord {
+            id: new_id("bot"),
+            name: input.name,
+            description: input.description,
+            backend: input.backend,
+        };
+        let owner = self.new_owner(account);
+        save_bot(&self.parts.vault, &record, &owner, None).await?;
+        let id = record.id.clone();
+        self.parts.registry.put_bot(record, owner);
+        tracing::info!(bot = %id, account, "bot created");
+        Ok(json!({"id": id}))
+    }
+
+    fn list_bots(&self, account: &str, query: Option<&str>) -> ApiResult {
+        let query = ListQuery::parse(query, self.settings.list_max_take)?;
+        let items = self
+            .parts
+            .registry
+            .bots()
+            .into_iter()
+            .filter(|b| b.owner.account == account)
+            .map(|b| (position(&b.owner, &b.record.id), b))
+            .collect();
+        let (page, cursor) = query.page(items);
+        Ok(json!({
+            "items": page.iter().map(|b| model::bot_view(&b.record, &b.owner)).collect::<Vec<_>>(),
+            "cursor": cursor,
+        }))
+    }
+
+    async fn update_bot(&self, account: &str, id: &str, body: &[u8]) -> ApiResult {
+        let input: model::UpdateBot = model::parse_body(body)?;
+        let _guard = self.write_lock.lock().await;
+        let current = self.owned_bot(account, id)?;
+        let mut record = current.record.clone();
+        if let Some(name) = input.name {
+            model::check_text("name", name.as_deref(), 256)?;
+            record.name = name;
+        }
+        if let Some(description) = input.description {
+            model::check_text("description", description.as_deref(), 4096)?;
+            record.description = description;
+        }
+        if let Some(mut backend) = input.backend {
+            let same_kind =
+                std::mem::discriminant(&backend) == std::mem::discriminant(&record.backend);
+            if same_kind && model::backend_secret(&backend).is_none() {
+                model::set_backend_secret(
+                    &mut backend,
+                    model::backend_secret(&record.backend).map(str::to_owned),
+                );
+            }
+            model::check_backend(&backend)?;
+            record.backend = backend;
+        }
+        let mut owner = current.owner.clone();
+        owner.updated_at = now_ms().max(owner.updated_at);
+        save_bot(&self.parts.vault, &record, &owner, None).await?;
+        self.parts.registry.put_bot(record, owner);
+        tracing::info!(bot = %id, "bot updated");
+        Ok(json!({"id": id}))
+    }
+
+    async fn delete_bot(&self, account: &str, id: &str, body: &[u8]) -> ApiResult {
+        let _: model::NoFields = model::parse_body(body)?;
+        let _guard = self.write_lock.lock().await;
+        self.owned_bot(account, id)?;
+        let users: Vec<String> = self
+            .parts
+            .registry
+            .integrations()
+            .iter()
+            .filter(|i| i.record.bot_id == id)
+            .map(|i| i.record.id.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "bot_in_use",
+                format!(
+                    "the bot is used by {} integration(s) ({}); delete them or move them to another bot first",
+                    users.len(),
+                    users.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        self.parts
+            .vault
+            .store
+            .delete_record(BOTS_KIND, id)
+            .await
+            .map_err(ApiError::store)?;
+        self.parts.registry.remove_bot(id);
+        tracing::info!(bot = %id, "bot deleted");
+        Ok(json!({"id": id}))
+    }
+
+    // --- integrations -----------------------------------------------------------------------
+
+    /// The bot an integration may use: it exists and belongs to the same account.
+    fn usable_bot(&self, account: &str, bot_id: &str) -> Result<(), ApiError> {
+        match self.parts.registry.bot(bot_id) {
+            None => Err(Invalid::field("botId", format!("botId: no bot {bot_id:?}")).into()),
+            Some(bot) if bot.owner.account != account => Err(ApiError {
+                field: Some("botId".into()),
+                ..ApiError::forbidden("bot")
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    async fn create_integration(self: &Arc<Self>, account: &str, body: &[u8]) -> ApiResult {
+        let input: model::CreateIntegration = model::parse_body(body)?;
+        let record = IntegrationRecord {
+            id: new_id("teams"),
+            bot_id: input.bot_id,
+            name: input.name,
+            description: input.description,
+            blueprint_id: input.blueprint_id,
+            bot_framework_app_id: input.bot_framework_app_id.filter(|s| !s.is_empty()),
+            bot_framework_app_secret: input.bot_framework_app_secret.filter(|s| !s.is_empty()),
+            bot_framework_app_secret_env: None,
+            tenant_id: input.tenant_id.filter(|s| !s.is_empty()),
+            session_duration: input
+                .session_duration
+                .unwrap_or(DEFAULT_SESSION_DURATION_MS),
+            stream: input.stream.unwrap_or(false),
+            contact_collection: input.contact_collection.unwrap_or(false),
+            attachments: input.attachments.unwrap_or(false),
+            allow_from: input.allow_from,
+            meta: input
+                .meta
+                .map(|m| m.into_iter().filter(|(_, v)| !v.is_null()).collect())
+                .unwrap_or_default(),
+        };
+        model::check_integration_texts(&record)?;
+        let _guard = self.write_lock.lock().await;
+        self.usable_bot(account, &record.bot_id)?;
+        let owner = self.new_owner(account);
+        let setup = SetupResult {
+            status: SetupStatus::Pending,
+            ..SetupResult::default()
+        };
+        save_integration(&self.parts.vault, &record, &owner, &setup, None).await?;
+        let integration = self.parts.registry.put_integration(record, owner, setup);
+        self.refresh_readiness();
+        self.parts
+            .sink
+            .record(&integration.id, EventDraft::new("integration.created"));
+        tracing::info!(integration = %integration.id, account, "integration created");
+        self.queue_setup(integration.record.id.clone());
+        Ok(json!({"id": integration.record.id}))
+    }
+
+    fn list_integrations(&self, account: &str, query: Option<&str>) -> ApiResult {
+        let query = ListQuery::parse(query, self.settings.list_max_take)?;
+        let items = self
+            .parts
+            .registry
+            .integrations()
+            .into_iter()
+            .filter(|i| i.owner.account == account && meta_matches(&i.record.meta, &query.meta))
+            .map(|i| (position(&i.owner, &i.record.id), i))
+            .collect();
+        let (page, cursor) = query.page(items);
+        Ok(json!({
+            "items": page
+                .iter()
+                .map(|i| model::integration_view(&i.record, &i.owner, &i.setup))
+                .collect::<Vec<_>>(),
+            "cursor": cursor,
+        }))
+    }
+
+    async fn update_integration(self: &Arc<Self>, account: &str, id: &str, body: &[u8]) -> ApiResult {
+        let input: model::UpdateIntegration = model::parse_body(body)?;
+        let _guard = self.write_lock.lock().await;
+        let current = self.owned_integration(account, id)?;
+        let mut record = current.record.clone();
+        let mut changed = Vec::new();
+        macro_rules! set {
+            ($field:ident, $name:literal, $value:expr) => {
+                if let Some(value) = $value {
+                    record.$field = value;
+                    changed.push($name);
+                }
+            };
+        }
+        let blank_is_none = |v: Option<String>| v.filter(|s| !s.is_empty());
+        set!(name, "name", input.name);
+        set!(description, "description", input.description);
+        set!(blueprint_id, "blueprintId", input.blueprint_id);
+        set!(
+            bot_framework_app_id,
+            "botFrameworkAppId",
+            input.bot_framework_app_id.map(blank_is_none)
+        );
+        set!(
+            bot_framework_app_secret,
+            "botFrameworkAppSecret",
+            input.bot_framework_app_secret.map(blank_is_none)
+        );
+        set!(tenant_id, "tenantId", input.tenant_id.map(blank_is_none));
+        set!(
+            session_duration,
+            "sessionDuration",
+            input
+                .session_duration
+                .map(|d| d.unwrap_or(DEFAULT_SESSION_DURATION_MS))
+        );
+        set!(stream, "stream", input.stream);
+        set!(contact_collection, "contactCollection", input.contact_collection);
+        set!(attachments, "attachments", input.attachments);
+        set!(allow_from, "allowFrom", input.allow_from);
+        if let Some(bot_id) = input.bot_id {
+            self.usable_bot(account, &bot_id)?;
+            record.bot_id = bot_id;
+            changed.push("botId");
+        }
+        if let Some(patch) = input.meta {
+            model::merge_meta(&mut record.meta, patch);
+            changed.push("meta");
+        }
+        model::check_integration_texts(&record)?;
+        let mut owner = current.owner.clone();
+        owner.updated_at = now_ms().max(owner.updated_at);
+        let setup = SetupResult {
+            status: SetupStatus::Pending,
+            ..current.setup.clone()
+        };
+        save_integration(&self.parts.vault, &record, &owner, &setup, None).await?;
+        let integration = self.parts.registry.put_integration(record, owner, setup);
+        self.refresh_readiness();
+        self.parts.sink.record(
+            &integration.id,
+            EventDraft::new("integration.updated").message(format!("changed: {}", changed.join(", "))),
+        );
+        tracing::info!(integration = %id, fields = %changed.join(","), "integration updated");
+        self.queue_setup(id.to_owned());
+        Ok(json!({"id": id}))
+    }
+
+    async fn delete_integration(&self, account: &str, id: &str, body: &[u8]) -> ApiResult {
+        let _: model::NoFields = model::parse_body(body)?;
+        let _guard = self.write_lock.lock().await;
+        let integration = self.owned_integration(account, id)?;
+        self.parts
+            .vault
+            .store
+            .delete_record(INTEGRATIONS_KIND, id)
+            .await
+            .map_err(ApiError::store)?;
+        self.parts.registry.remove_integration(id);
+        self.setup_generation.remove(id);
+        let ended = self.parts.directory.end_integration(id);
+        self.refresh_readiness();
+        self.parts.sink.record(
+            &integration.id,
+            EventDraft::new("integration.deleted")
+                .message(format!("{ended} live conversation(s) ended")),
+        );
+        tracing::info!(integration = %id, conversations = ended, "integration deleted");
+        Ok(json!({"id": id}))
+    }
+
+    // --- setup ------------------------------------------------------------------------------
+
+    async fn setup_now(&self, account: &str, id: &str, body: &[u8]) -> ApiResult {
+        let _: model::NoFields = model::parse_body(body)?;
+        let integration = self.owned_integration(account, id)?;
+        // A queued automatic check would only repeat this one.
+        if let Some(mut generation) = self.setup_generation.get_mut(id) {
+            *generation += 1;
+        }
+        let result = self.run_setup(&integration).await;
+        match (result.status, result.code.clone()) {
+            (SetupStatus::Succeeded, _) => Ok(json!({"id": id})),
+            (_, code) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                setup_code(code.as_deref()),
+                result
+                    .message
+                    .unwrap_or_else(|| "the credential check failed".into()),
+            )),
+        }
+    }
+
+    /// Runs the check and keeps its result, unless the integration changed meanwhile (then the
+    /// check queued by that change has the final word).
+    async fn run_setup(&self, integration: &Integration) -> SetupResult {
+        let result = self.parts.setup.check(integration).await;
+        let kind = if result.status == SetupStatus::Succeeded {
+            "setup.succeeded"
+        } else {
+            "setup.failed"
+        };
+        let mut event = EventDraft::new(kind);
+        if let Some(code) = &result.code {
+            event = event.reason(code.clone());
+        }
+        if let Some(message) = &result.message {
+            event = event.message(message.clone());
+        }
+        self.parts.sink.record(&integration.id, event);
+        let _guard = self.write_lock.lock().await;
+        if let Some(current) = self.parts.registry.integration(&integration.record.id)
+            && current.owner == integration.owner
+        {
+            match save_integration(&self.parts.vault, &current.record, &current.owner, &result, None).await {
+                Ok(()) => {
+                    self.parts.registry.put_integration(
+                        current.record.clone(),
+                        current.owner.clone(),
+                        result.clone(),
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(integration = %current.id, error = %error.message, "setup result not saved")
+                }
+            }
+        }
+        result
+    }
+
+    /// Queues the automatic check after a change; quick successive changes cause one check.
+    fn queue_setup(self: &Arc<Self>, id: String) {
+        let generation = {
+            let mut entry = self.setup_generation.entry(id.clone()).or_insert(0);
+            *entry += 1;
+            *entry
+        };
+        let admin = Arc::downgrade(self);
+        let debounce = Duration::from_millis(self.settings.setup_debounce_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(debounce).await;
+            let Some(admin) = admin.upgrade() else {
+                return;
+            };
+            if admin.setup_generation.get(&id).map(|g| *g) != Some(generation) {
+                return;
+            }
+            if let Some(integration) = admin.parts.registry.integration(&id) {
+                admin.run_setup(&integration).await;
+            }
+        });
+    }
+
+    // --- events and contacts ----------------------------------------------------------------
+
+    fn list_events(&self, account: &str, id: &str, query: Option<&str>) -> ApiResult {
+        let query = ListQuery::parse(query, self.settings.list_max_take)?;
+        self.owned_integration(account, id)?;
+        let items = self
+            .parts
+            .events
+            .events(id)
+            .into_iter()
+            .map(|e| {
+                (
+                    Position {
+                        order: e.seq,
+                        id: String::new(),
+                    },
+                    e,
+                )
+            })
+            .collect();
+        let (page, cursor) = query.page(items);
+        Ok(json!({
+            "items": page.iter().map(model::event_view).collect::<Vec<_>>(),
+            "cursor": cursor,
+        }))
+    }
+
+    fn list_contacts(&self, account: &str, query: Option<&str>) -> ApiResult {
+        let query = ListQuery::parse(query, self.settings.list_max_take)?;
+        let integration = query.extra("integrationId");
+        let items = self
+            .parts
+            .contacts
+            .of_account(account, integration)
+            .into_iter()
+            .map(|c| {
+                (
+                    Position {
+                        order: c.first_seen_at,
+                        id: c.id.clone(),
+                    },
+                    c,
+                )
+            })
+            .collect();
+        let (page, cursor) = query.page(items);
+        Ok(json!({
+            "items": page.iter().map(model::contact_view).collect::<Vec<_>>(),
+            "cursor": cursor,
+        }))
+    }
+
+    fn fetch_contact(&self, account: &str, id: &str) -> ApiResult {
+        let contact = self
+            .parts
+            .contacts
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("contact"))?;
+        if contact.account != account {
+            return Err(ApiError::forbidden("contact"));
+        }
+        Ok(model::contact_view(&contact))
+    }
+
+    // --- other instances ------------------------------------------------------------------
+
+    /// With a shared store, picks up bots and integrations changed by other instances.
+    pub async fn run_sync(self: Arc<Self>, config: Config, mut shutdown: watch::Receiver<bool>) {
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(self.settings.sync_interval_ms.max(100)));
+        let mut seen = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let revision = match self.parts.vault.store.records_revision().await {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            if seen == Some(revision) {
+                continue;
+            }
+            let _guard = self.write_lock.lock().await;
+            match load(
+                &self.parts.vault,
+                &self.parts.registry,
+                Some(&self.parts.directory),
+                &config,
+            )
+            .await
+            {
+                Ok(()) => {
+                    seen = Some(revision);
+                    self.refresh_readiness();
+                }
+                Err(error) => tracing::warn!(%error, "records of other instances not loaded yet"),
+            }
+        }
+    }
+}
+
+enum Action<'a> {
+    OpenApi,
+    CreateBot,
+    ListBots,
+    FetchBot(&'a str),
+    UpdateBot(&'a str),
+    DeleteBot(&'a str),
+    CreateIntegration,
+    ListIntegrations,
+    FetchIntegration(&'a str),
+    UpdateIntegration(&'a str),
+    DeleteIntegration(&'a str),
+    Setup(&'a str),
+    ListEvents(&'a str),
+    ListContacts,
+    FetchContact(&'a str),
+}
+
+fn unreachable_route() -> ApiResult {
+    Err(ApiError::not_found("route"))
+}
+
+fn setup_code(code: Option<&str>) -> &'static str {
+    crate::telemetry::SETUP_RESULTS
+        .iter()
+        .find(|c| Some(**c) == code)
+        .copied()
+        .unwrap_or("setup_failed")
+}
+
+fn position(owner: &Owner, id: &str) -> Position {
+    Position {
+        order: owner.order,
+        id: id.to_owned(),
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+async fn save_bot(
+    parts: &Vault,
+    record: &BotRecord,
+    owner: &Owner,
+    seed_digest: Option<String>,
+) -> Result<(), ApiError> {
+    let mut stored = StoredBot {
+        record: record.clone(),
+        sealed_secret: model::backend_secret(&record.backend)
+            .map(|s| parts.sealer.seal(&sealed_context(BOTS_KIND, &record.id), s)),
+        owner: owner.clone(),
+        seed_digest,
+    };
+    model::set_backend_secret(&mut stored.record.backend, None);
+    let bytes = serde_json::to_vec(&stored)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    let result = parts
+        .store
+        .put_records(BOTS_KIND, vec![(record.id.clone(), bytes)])
+        .await;
+    parts.health.observe("records", &result);
+    result.map_err(ApiError::store)
+}
+
+async fn save_integration(
+    parts: &Vault,
+    record: &IntegrationRecord,
+    owner: &Owner,
+    setup: &SetupResult,
+    seed_digest: Option<String>,
+) -> Result<(), ApiError> {
+    let mut stored = StoredIntegration {
+        record: record.clone(),
+        sealed_secret: record
+            .bot_framework_app_secret
+            .as_deref()
+            .map(|s| parts.sealer.seal(&sealed_context(INTEGRATIONS_KIND, &record.id), s)),
+        owner: owner.clone(),
+        setup: setup.clone(),
+        seed_digest,
+    };
+    stored.record.bot_framework_app_secret = None;
+    stored.record.bot_framework_app_secret_env = None;
+    let bytes = serde_json::to_vec(&stored)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    let result = parts
+        .store
+        .put_records(INTEGRATIONS_KIND, vec![(record.id.clone(), bytes)])
+        .await;
+    parts.health.observe("records", &result);
+    result.map_err(ApiError::store)
+}
+
+/// Loads bots and integrations into the registry: the stored records, and the config's
+/// `[[bots]]`/`[[integrations]]` seeds. A seed is written over its stored record when the config
+/// entry changed since it was last seeded (the digest differs); otherwise the stored record,
+/// with the changes the API made to it, wins. Records sealed with a previous master key are
+/// sealed again with the current one. Records gone from the store leave the registry (another
+/// instance deleted them).
+pub async fn load(
+    parts: &Vault,
+    registry: &Registry,
+    directory: Option<&Directory>,
+    config: &Config,
+) -> Result<(), StoreError> {
+    let default_account = config
+        .accounts
+        .first()
+        .map(|a| a.id.clone())
+        .unwrap_or_else(|| "default".into());
+    let stored_bots = parts.store.records(BOTS_KIND).await;
+    parts.health.observe("records", &stored_bots);
+    let stored_integrations = parts.store.records(INTEGRATIONS_KIND).await;
+    parts.health.observe("records", &stored_integrations);
+    let (stored_bots, stored_integrations) = (stored_bots?, stored_integrations?);
+
+    let mut bots: HashMap<String, (BotRecord, Owner, Option<String>, bool)> = HashMap::new();
+    for (id, bytes) in stored_bots {
+        let Ok(stored) = serde_json::from_slice::<StoredBot>(&bytes) else {
+            tracing::error!(bot = %id, "stored bot is unreadable; skipped");
+            continue;
+        };
+        let mut record = stored.record;
+        let mut reseal = false;
+        if let Some(sealed) = &stored.sealed_secret {
+            match parts.sealer.open(&sealed_context(BOTS_KIND, &id), sealed) {
+                Ok(secret) => {
+                    reseal = parts.sealer.needs_reseal(sealed);
+                    model::set_backend_secret(&mut record.backend, Some(secret));
+                }
+                Err(error) => {
+                    tracing::error!(bot = %id, %error, "the bot's secret cannot be opened with the configured master key")
+                }
+            }
+        }
+        bots.insert(id, (record, stored.owner, stored.seed_digest, reseal));
+    }
+    let mut integrations: HashMap<String, (StoredIntegration, bool)> = HashMap::new();
+    for (id, bytes) in stored_integrations {
+        let Ok(mut stored) = serde_json::from_slice::<StoredIntegration>(&bytes) else {
+            tracing::error!(integration = %id, "stored integration is unreadable; skipped");
+            continue;
+        };
+        let mut reseal = false;
+        if let Some(sealed) = &stored.sealed_secret {
+            match parts
+                .sealer
+                .open(&sealed_context(INTEGRATIONS_KIND, &id), sealed)
+            {
+                Ok(secret) => {
+                    reseal = parts.sealer.needs_reseal(sealed);
+                    stored.record.bot_framework_app_secret = Some(secret);
+                }
+                Err(error) => {
+                    tracing::error!(integration = %id, %error, "the App Secret cannot be opened with the configured master key")
+                }
+            }
+        }
+        integrations.insert(id, (stored, reseal));
+    }
+
+    let now = now_ms();
+    for (index, seed) in config.bots.iter().enumerate() {
+        let digest = parts.sealer.fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
+        let keep = bots
+            .get(&seed.id)
+            .is_some_and(|(_, _, d, _)| d.as_deref() == Some(digest.as_str()));
+        if !keep {
+            let owner = bots.get(&seed.id).map(|(_, o, _, _)| o.clone()).unwrap_or(Owner {
+                account: default_account.clone(),
+                created_at: now,
+                updated_at: now,
+                order: now * 1000 + index as u64,
+            });
+            let owner = Owner { updated_at: now, ..owner };
+            if let Err(error) = save_bot(parts, seed, &owner, Some(digest.clone())).await {
+                tracing::warn!(bot = %seed.id, error = %error.message, "seeded bot not stored; the config entry is used from memory");
+            }
+            bots.insert(seed.id.clone(), (seed.clone(), owner, Some(digest), false));
+        }
+    }
+    for (index, seed) in config.integrations.iter().enumerate() {
+        let digest = parts.sealer.fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
+        let keep = integrations
+            .get(&seed.id)
+            .is_some_and(|(s, _)| s.seed_digest.as_deref() == Some(digest.as_str()));
+        if !keep {
+            let owner = integrations
+                .get(&seed.id)
+                .map(|(s, _)| s.owner.clone())
+                .unwrap_or(Owner {
+                    account: default_account.clone(),
+                    created_at: now,
+                    updated_at: now,
+                    order: now * 1000 + (config.bots.len() + index) as u64,
+                });
+            let owner = Owner { updated_at: now, ..owner };
+            let setup = SetupResult::default();
+            if let Err(error) =
+                save_integration(parts, seed, &owner, &setup, Some(digest.clone())).await
+            {
+                tracing::warn!(integration = %seed.id, error = %error.message, "seeded integration not stored; the config entry is used from memory");
+            }
+            integrations.insert(
+                seed.id.clone(),
+                (
+                    StoredIntegration {
+                        record: seed.clone(),
+                        sealed_secret: None,
+                        owner,
+                        setup,
+                        seed_digest: Some(digest),
+                    },
+                    false,
+                ),
+            );
+        }
+    }
+
+    for (id, (record, owner, digest, reseal)) in &bots {
+        if *reseal {
+            let _ = save_bot(parts, record, owner, digest.clone()).await;
+        }
+        let unchanged = registry
+            .bot(id)
+            .is_some_and(|b| b.owner == *owner && b.record.backend == record.backend);
+        if !unchanged {
+            registry.put_bot(record.clone(), owner.clone());
+        }
+    }
+    for bot in registry.bots() {
+        if !bots.contains_key(&bot.record.id) {
+            registry.remove_bot(&bot.record.id);
+        }
+    }
+    for (id, (stored, reseal)) in &integrations {
+        if *reseal {
+            let _ = save_integration(
+                parts,
+                &stored.record,
+                &stored.owner,
+                &stored.setup,
+                stored.seed_digest.clone(),
+            )
+            .await;
+        }
+        let unchanged = registry.integration(id).is_some_and(|i| {
+            i.owner == stored.owner
+                && i.setup == stored.setup
+                && i.record.bot_framework_app_secret == stored.record.bot_framework_app_secret
+        });
+        if !unchanged {
+            registry.put_integration(
+                stored.record.clone(),
+                stored.owner.clone(),
+                stored.setup.clone(),
+            );
+        }
+    }
+    for integration in registry.integrations() {
+        if !integrations.contains_key(&integration.record.id) {
+            registry.remove_integration(&integration.record.id);
+            if let Some(directory) = directory {
+                directory.end_integration(&integration.record.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The config's seeds alone, when the store cannot be read at start.
+pub fn load_seeds_only(registry: &Registry, config: &Config) {
+    let seeded = Registry::from_config(config);
+    for bot in seeded.bots() {
+        registry.put_bot(bot.record.clone(), bot.owner.clone());
+    }
+    for integration in seeded.integrations() {
+        registry.put_integration(
+            integration.record.clone(),
+            integration.owner.clone(),
+            SetupResult::default(),
+        );
+    }
+}
