@@ -48,16 +48,15 @@ pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Invali
             };
         }
         let message = inner.to_string();
-        // "unknown field `x`, expected ...": the field is in the message, the path is its parent.
         let unknown = message
             .strip_prefix("unknown field `")
             .and_then(|rest| rest.split_once('`'))
             .map(|(name, _)| name.to_owned());
+        // serde_path_to_error already ends the path with an unknown field's name.
         let field = match unknown {
             Some(name) if path == "." => Some(name),
-            Some(name) => Some(format!("{path}.{name}")),
-            None if path == "." => None,
-            None => Some(path),
+            _ if path == "." => None,
+            _ => Some(path),
         };
         let message = message
             .split(" at line ")
