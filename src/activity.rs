@@ -211,7 +211,13 @@ impl TurnActivity {
         self.conversation
             .get("tenantId")
             .and_then(Value::as_str)
-            .or_else(|| self.channel_data.as_ref()?.get("tenant")?.get("id")?.as_str())
+            .or_else(|| {
+                self.channel_data
+                    .as_ref()?
+                    .get("tenant")?
+                    .get("id")?
+                    .as_str()
+            })
     }
 
     pub fn recipient_id(&self) -> Option<&str> {

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::admin::contacts::ContactBook;
 use crate::admin::events::EventLog;
-use crate::admin::secrets::{SecretError, Sealer};
+use crate::admin::secrets::{Sealer, SecretError};
 use crate::admin::setup::SetupChecker;
 use crate::admin::{self, Admin, AdminParts, Vault};
 use crate::auth::{KeyStore, Verifier};

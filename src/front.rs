@@ -244,6 +244,8 @@ pub struct Rejection {
     pub reason: &'static str,
     pub message: String,
     pub field: Option<&'static str>,
+    /// Refused before the body was read: the connection cannot carry another request.
+    pub body_unread: bool,
 }
 
 impl Rejection {
@@ -253,6 +255,14 @@ impl Rejection {
             reason,
             message: message.into(),
             field: None,
+            body_unread: false,
+        }
+    }
+
+    fn before_body(self) -> Self {
+        Self {
+            body_unread: true,
+            ..self
         }
     }
 
@@ -296,11 +306,12 @@ impl Rejection {
             StatusCode::UNAUTHORIZED => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                // The rest of the body is never read, so the connection cannot be reused.
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
             _ => {}
+        }
+        if self.body_unread || self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is never read, so the connection cannot be reused; saying so
+            // keeps a client from sending its next request into a closing connection.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -339,12 +350,17 @@ impl Front {
         if declared_length.is_some_and(|n| n > self.body_limit) {
             return Err(too_large());
         }
-        let integration = self.integration(integration_id)?;
+        let integration = self
+            .integration(integration_id)
+            .map_err(Rejection::before_body)?;
         let authorization = request
             .headers()
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
-        let verified = self.authenticate(&integration, authorization, peer).await?;
+        let verified = self
+            .authenticate(&integration, authorization, peer)
+            .await
+            .map_err(Rejection::before_body)?;
 
         let body = Limited::new(request.into_body(), self.body_limit as usize)
             .collect()

@@ -276,7 +276,8 @@ impl Registry {
 
     pub fn put_bot(&self, record: BotRecord, owner: Owner) -> Arc<Bot> {
         let bot = Arc::new(Bot { record, owner });
-        self.bots.insert(bot.record.id.as_str().into(), Arc::clone(&bot));
+        self.bots
+            .insert(bot.record.id.as_str().into(), Arc::clone(&bot));
         bot
     }
 
@@ -318,7 +319,11 @@ mod tests {
         assert!(allow.allows(None, None, Some("t-9")));
         assert!(!allow.allows(Some("29:other"), Some("aad-2"), Some("t-8")));
         assert!(!allow.allows(None, None, None));
-        assert!(AllowFrom::parse(Some("*")).unwrap().allows(Some("x"), None, None));
+        assert!(
+            AllowFrom::parse(Some("*"))
+                .unwrap()
+                .allows(Some("x"), None, None)
+        );
         assert!(AllowFrom::parse(Some("  ")).is_none());
         assert!(AllowFrom::parse(None).is_none());
     }

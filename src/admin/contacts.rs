@@ -130,7 +130,8 @@ impl ContactBook {
                 }
             }
             contact.last_seen_at = now;
-            let stale = now.saturating_sub(contact.stored_at) >= self.touch_interval.as_millis() as u64;
+            let stale =
+                now.saturating_sub(contact.stored_at) >= self.touch_interval.as_millis() as u64;
             if changed || stale {
                 contact.stored_at = now;
                 serde_json::to_vec(&*contact).ok()

@@ -101,6 +101,9 @@ impl EventSink {
 struct Ring {
     next_seq: u64,
     events: VecDeque<Event>,
+    /// The account of the integration, so its log stays readable after it is deleted.
+    #[serde(default)]
+    account: Option<String>,
 }
 
 /// The logs, in memory and in the store.
@@ -163,6 +166,22 @@ impl EventLog {
         }
     }
 
+    /// Records which account an integration's log belongs to.
+    pub fn claim(&self, integration: &str, account: &str) {
+        let ring = self.rings.entry(integration.to_owned()).or_default();
+        let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
+        if ring.account.as_deref() != Some(account) {
+            ring.account = Some(account.to_owned());
+        }
+    }
+
+    /// The account a log belongs to, if it is known.
+    pub fn owner(&self, integration: &str) -> Option<String> {
+        let ring = self.rings.get(integration)?;
+        let ring = ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.account.clone()
+    }
+
     /// A copy of an integration's events, oldest first.
     pub fn events(&self, integration: &str) -> Vec<Event> {
         self.rings
@@ -203,12 +222,7 @@ impl EventLog {
         self.save(&mut dirty, &store, &health).await;
     }
 
-    async fn save(
-        &self,
-        dirty: &mut HashSet<Arc<str>>,
-        store: &Store,
-        health: &StoreHealth,
-    ) {
+    async fn save(&self, dirty: &mut HashSet<Arc<str>>, store: &Store, health: &StoreHealth) {
         if dirty.is_empty() {
             return;
         }

@@ -56,10 +56,22 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/bot/{botId}/delete"),
     ("POST", "/api/v1/integration/teams/create"),
     ("GET", "/api/v1/integration/teams/list"),
-    ("GET", "/api/v1/integration/teams/{teamsIntegrationId}/fetch"),
-    ("POST", "/api/v1/integration/teams/{teamsIntegrationId}/update"),
-    ("POST", "/api/v1/integration/teams/{teamsIntegrationId}/delete"),
-    ("POST", "/api/v1/integration/teams/{teamsIntegrationId}/setup"),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/fetch",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/update",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/delete",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/setup",
+    ),
     (
         "GET",
         "/api/v1/integration/teams/{teamsIntegrationId}/event/list",
@@ -131,6 +143,10 @@ impl ApiError {
             }
             StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                // The rest of the body is never read, so the connection cannot be reused.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -227,6 +243,12 @@ impl Admin {
             last_order: AtomicU64::new(0),
         });
         admin.refresh_readiness();
+        for integration in admin.parts.registry.integrations() {
+            admin
+                .parts
+                .events
+                .claim(&integration.record.id, &integration.owner.account);
+        }
         admin
     }
 
@@ -270,13 +292,30 @@ impl Admin {
 
     /// Answers one management request.
     pub async fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        match self.route(request).await {
+        let declares_body = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+            || request.headers().contains_key(header::TRANSFER_ENCODING);
+        let mut body_read = false;
+        let mut response = match self.route(request, &mut body_read).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
+        };
+        if declares_body && !body_read {
+            // Answered without reading the body: the connection cannot carry another request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        response
     }
 
-    async fn route(self: &Arc<Self>, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    async fn route(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+        body_read: &mut bool,
+    ) -> Result<Response<Body>, ApiError> {
         let path = request.uri().path().to_owned();
         let query = request.uri().query().map(str::to_owned);
         let Some(rest) = path.strip_prefix("/api/v1/") else {
@@ -325,7 +364,9 @@ impl Admin {
         }
         let account = self.authenticate(&request)?;
         let body = if allowed == "POST" {
-            self.read_body(request).await?
+            let body = self.read_body(request).await?;
+            *body_read = true;
+            body
         } else {
             Bytes::new()
         };
@@ -334,7 +375,9 @@ impl Admin {
             Action::OpenApi => unreachable_route(),
             Action::CreateBot => self.create_bot(&account, &body).await,
             Action::ListBots => self.list_bots(&account, query),
-            Action::FetchBot(id) => self.owned_bot(&account, id).map(|b| model::bot_view(&b.record, &b.owner)),
+            Action::FetchBot(id) => self
+                .owned_bot(&account, id)
+                .map(|b| model::bot_view(&b.record, &b.owner)),
             Action::UpdateBot(id) => self.update_bot(&account, id, &body).await,
             Action::DeleteBot(id) => self.delete_bot(&account, id, &body).await,
             Action::CreateIntegration => self.create_integration(&account, &body).await,
@@ -593,6 +636,7 @@ impl Admin {
         save_integration(&self.parts.vault, &record, &owner, &setup, None).await?;
         let integration = self.parts.registry.put_integration(record, owner, setup);
         self.refresh_readiness();
+        self.parts.events.claim(&integration.record.id, account);
         self.parts
             .sink
             .record(&integration.id, EventDraft::new("integration.created"));
@@ -621,7 +665,12 @@ impl Admin {
         }))
     }
 
-    async fn update_integration(self: &Arc<Self>, account: &str, id: &str, body: &[u8]) -> ApiResult {
+    async fn update_integration(
+        self: &Arc<Self>,
+        account: &str,
+        id: &str,
+        body: &[u8],
+    ) -> ApiResult {
         let input: model::UpdateIntegration = model::parse_body(body)?;
         let _guard = self.write_lock.lock().await;
         let current = self.owned_integration(account, id)?;
@@ -658,7 +707,11 @@ impl Admin {
                 .map(|d| d.unwrap_or(DEFAULT_SESSION_DURATION_MS))
         );
         set!(stream, "stream", input.stream);
-        set!(contact_collection, "contactCollection", input.contact_collection);
+        set!(
+            contact_collection,
+            "contactCollection",
+            input.contact_collection
+        );
         set!(attachments, "attachments", input.attachments);
         set!(allow_from, "allowFrom", input.allow_from);
         if let Some(bot_id) = input.bot_id {
@@ -682,7 +735,8 @@ impl Admin {
         self.refresh_readiness();
         self.parts.sink.record(
             &integration.id,
-            EventDraft::new("integration.updated").message(format!("changed: {}", changed.join(", "))),
+            EventDraft::new("integration.updated")
+                .message(format!("changed: {}", changed.join(", "))),
         );
         tracing::info!(integration = %id, fields = %changed.join(","), "integration updated");
         self.queue_setup(id.to_owned());
@@ -755,7 +809,15 @@ impl Admin {
         if let Some(current) = self.parts.registry.integration(&integration.record.id)
             && current.owner == integration.owner
         {
-            match save_integration(&self.parts.vault, &current.record, &current.owner, &result, None).await {
+            match save_integration(
+                &self.parts.vault,
+                &current.record,
+                &current.owner,
+                &result,
+                None,
+            )
+            .await
+            {
                 Ok(()) => {
                     self.parts.registry.put_integration(
                         current.record.clone(),
@@ -798,7 +860,18 @@ impl Admin {
 
     fn list_events(&self, account: &str, id: &str, query: Option<&str>) -> ApiResult {
         let query = ListQuery::parse(query, self.settings.list_max_take)?;
-        self.owned_integration(account, id)?;
+        // A deleted integration's log stays readable by its account.
+        match self.owned_integration(account, id) {
+            Ok(_) => {}
+            Err(error) if error.status == StatusCode::NOT_FOUND => {
+                match self.parts.events.owner(id) {
+                    Some(owner) if owner == account => {}
+                    Some(_) => return Err(ApiError::forbidden("integration")),
+                    None => return Err(error),
+                }
+            }
+            Err(error) => return Err(error),
+        }
         let items = self
             .parts
             .events
@@ -862,8 +935,9 @@ impl Admin {
 
     /// With a shared store, picks up bots and integrations changed by other instances.
     pub async fn run_sync(self: Arc<Self>, config: Config, mut shutdown: watch::Receiver<bool>) {
-        let mut tick =
-            tokio::time::interval(Duration::from_millis(self.settings.sync_interval_ms.max(100)));
+        let mut tick = tokio::time::interval(Duration::from_millis(
+            self.settings.sync_interval_ms.max(100),
+        ));
         let mut seen = None;
         loop {
             tokio::select! {
@@ -976,10 +1050,11 @@ async fn save_integration(
 ) -> Result<(), ApiError> {
     let mut stored = StoredIntegration {
         record: record.clone(),
-        sealed_secret: record
-            .bot_framework_app_secret
-            .as_deref()
-            .map(|s| parts.sealer.seal(&sealed_context(INTEGRATIONS_KIND, &record.id), s)),
+        sealed_secret: record.bot_framework_app_secret.as_deref().map(|s| {
+            parts
+                .sealer
+                .seal(&sealed_context(INTEGRATIONS_KIND, &record.id), s)
+        }),
         owner: owner.clone(),
         setup: setup.clone(),
         seed_digest,
@@ -1066,18 +1141,26 @@ pub async fn load(
 
     let now = now_ms();
     for (index, seed) in config.bots.iter().enumerate() {
-        let digest = parts.sealer.fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
+        let digest = parts
+            .sealer
+            .fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
         let keep = bots
             .get(&seed.id)
             .is_some_and(|(_, _, d, _)| d.as_deref() == Some(digest.as_str()));
         if !keep {
-            let owner = bots.get(&seed.id).map(|(_, o, _, _)| o.clone()).unwrap_or(Owner {
-                account: default_account.clone(),
-                created_at: now,
+            let owner = bots
+                .get(&seed.id)
+                .map(|(_, o, _, _)| o.clone())
+                .unwrap_or(Owner {
+                    account: default_account.clone(),
+                    created_at: now,
+                    updated_at: now,
+                    order: now * 1000 + index as u64,
+                });
+            let owner = Owner {
                 updated_at: now,
-                order: now * 1000 + index as u64,
-            });
-            let owner = Owner { updated_at: now, ..owner };
+                ..owner
+            };
             if let Err(error) = save_bot(parts, seed, &owner, Some(digest.clone())).await {
                 tracing::warn!(bot = %seed.id, error = %error.message, "seeded bot not stored; the config entry is used from memory");
             }
@@ -1085,7 +1168,9 @@ pub async fn load(
         }
     }
     for (index, seed) in config.integrations.iter().enumerate() {
-        let digest = parts.sealer.fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
+        let digest = parts
+            .sealer
+            .fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
         let keep = integrations
             .get(&seed.id)
             .is_some_and(|(s, _)| s.seed_digest.as_deref() == Some(digest.as_str()));
@@ -1099,7 +1184,10 @@ pub async fn load(
                     updated_at: now,
                     order: now * 1000 + (config.bots.len() + index) as u64,
                 });
-            let owner = Owner { updated_at: now, ..owner };
+            let owner = Owner {
+                updated_at: now,
+                ..owner
+            };
             let setup = SetupResult::default();
             if let Err(error) =
                 save_integration(parts, seed, &owner, &setup, Some(digest.clone())).await

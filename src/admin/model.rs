@@ -48,8 +48,10 @@ pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Invali
             };
         }
         let message = inner.to_string();
+        // "unknown field `x`, ..." and "missing field `x`" name the field in the message.
         let unknown = message
             .strip_prefix("unknown field `")
+            .or_else(|| message.strip_prefix("missing field `"))
             .and_then(|rest| rest.split_once('`'))
             .map(|(name, _)| name.to_owned());
         // serde_path_to_error already ends the path with an unknown field's name.
@@ -196,9 +198,12 @@ pub fn check_text(field: &str, value: Option<&str>, max: usize) -> Result<(), In
             field,
             format!("{field}: at most {max} bytes"),
         )),
-        Some(v) if v.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => Err(
-            Invalid::field(field, format!("{field}: control characters are not allowed")),
-        ),
+        Some(v) if v.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => {
+            Err(Invalid::field(
+                field,
+                format!("{field}: control characters are not allowed"),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -279,7 +284,11 @@ pub fn check_integration_texts(record: &IntegrationRecord) -> Result<(), Invalid
     check_text("name", record.name.as_deref(), 256)?;
     check_text("description", record.description.as_deref(), MAX_TEXT)?;
     check_text("blueprintId", record.blueprint_id.as_deref(), 256)?;
-    check_text("botFrameworkAppId", record.bot_framework_app_id.as_deref(), 256)?;
+    check_text(
+        "botFrameworkAppId",
+        record.bot_framework_app_id.as_deref(),
+        256,
+    )?;
     check_text(
         "botFrameworkAppSecret",
         record.bot_framework_app_secret.as_deref(),
@@ -341,7 +350,8 @@ pub fn iso_time(ms: u64) -> String {
 }
 
 fn iso_or_null(ms: Option<u64>) -> Value {
-    ms.map(|m| Value::String(iso_time(m))).unwrap_or(Value::Null)
+    ms.map(|m| Value::String(iso_time(m)))
+        .unwrap_or(Value::Null)
 }
 
 /// A bot as the API shows it: the backend without `secret`/`apiKey`.
@@ -419,7 +429,10 @@ mod tests {
         let e = parse_body::<UpdateIntegration>(br#"{"bogus": 1}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("bogus"));
         let e = parse_body::<CreateBot>(br#"{"backend": {"kind": "webhook"}}"#).unwrap_err();
-        assert!(e.field.as_deref().unwrap_or("").starts_with("backend"), "{e:?}");
+        assert!(
+            e.field.as_deref().unwrap_or("").starts_with("backend"),
+            "{e:?}"
+        );
         let e = parse_body::<CreateIntegration>(br#"{"botId": 5}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("botId"));
         let e = parse_body::<CreateIntegration>(br#"{"name": "x""#).unwrap_err();
@@ -442,6 +455,9 @@ mod tests {
         let mut meta = BTreeMap::from([("a".to_owned(), json!(1)), ("b".to_owned(), json!(2))]);
         let patch = json!({"b": null, "c": "x"}).as_object().cloned().unwrap();
         merge_meta(&mut meta, patch);
-        assert_eq!(serde_json::to_value(&meta).unwrap(), json!({"a": 1, "c": "x"}));
+        assert_eq!(
+            serde_json::to_value(&meta).unwrap(),
+            json!({"a": 1, "c": "x"})
+        );
     }
 }

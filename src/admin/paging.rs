@@ -118,7 +118,12 @@ pub fn meta_matches(
 ) -> bool {
     filters.iter().all(|(key, wanted)| match meta.get(key) {
         Some(serde_json::Value::String(s)) => s == wanted,
-        Some(other) => serde_json::from_str::<serde_json::Value>(wanted).ok().as_ref() == Some(other),
+        Some(other) => {
+            serde_json::from_str::<serde_json::Value>(wanted)
+                .ok()
+                .as_ref()
+                == Some(other)
+        }
         None => false,
     })
 }

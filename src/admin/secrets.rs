@@ -64,23 +64,24 @@ impl Sealer {
         storage: &StorageConfig,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, SecretError> {
-        let current = match &security.master_key_env {
-            Some(name) => {
-                let text = env(name).ok_or_else(|| {
-                    SecretError::Key(format!("environment variable {name} is not set"))
-                })?;
-                MasterKey::new(&decode_key(&text).map_err(|e| {
-                    SecretError::Key(format!("environment variable {name}: {e}"))
-                })?)?
-            }
-            None => {
-                let path = security
-                    .master_key_file
-                    .clone()
-                    .unwrap_or_else(|| storage.path.join("master.key"));
-                MasterKey::new(&load_or_create_key_file(&path)?)?
-            }
-        };
+        let current =
+            match &security.master_key_env {
+                Some(name) => {
+                    let text = env(name).ok_or_else(|| {
+                        SecretError::Key(format!("environment variable {name} is not set"))
+                    })?;
+                    MasterKey::new(&decode_key(&text).map_err(|e| {
+                        SecretError::Key(format!("environment variable {name}: {e}"))
+                    })?)?
+                }
+                None => {
+                    let path = security
+                        .master_key_file
+                        .clone()
+                        .unwrap_or_else(|| storage.path.join("master.key"));
+                    MasterKey::new(&load_or_create_key_file(&path)?)?
+                }
+            };
         let previous = match &security.previous_master_key_env {
             Some(name) => {
                 let text = env(name).ok_or_else(|| {

@@ -76,7 +76,11 @@ impl SetupChecker {
 /// Maps a token endpoint failure to the troubleshooting cases of the setup documentation.
 fn classify(error: &TokenError) -> (&'static str, String) {
     match error {
-        TokenError::Refused { status, error, aadsts } => {
+        TokenError::Refused {
+            status,
+            error,
+            aadsts,
+        } => {
             let code = aadsts.as_deref().unwrap_or("");
             let detail = if code.is_empty() {
                 format!("HTTP {status}, {error}")
@@ -87,12 +91,16 @@ fn classify(error: &TokenError) -> (&'static str, String) {
                 // Invalid or expired client secret.
                 "AADSTS7000215" | "AADSTS7000222" => (
                     "invalid_secret",
-                    format!("the App Secret was refused ({detail}): it may have expired or been regenerated; update botFrameworkAppSecret"),
+                    format!(
+                        "the App Secret was refused ({detail}): it may have expired or been regenerated; update botFrameworkAppSecret"
+                    ),
                 ),
                 // The app is not registered in that directory, or the directory does not exist.
                 "AADSTS700016" | "AADSTS90002" | "AADSTS900023" | "AADSTS90023" => (
                     "wrong_tenant",
-                    format!("the App ID is not registered in the tenant used for the check ({detail}): for a single-tenant bot set tenantId to its directory ID, for a multi-tenant bot clear it"),
+                    format!(
+                        "the App ID is not registered in the tenant used for the check ({detail}): for a single-tenant bot set tenantId to its directory ID, for a multi-tenant bot clear it"
+                    ),
                 ),
                 _ if error == "invalid_client" => (
                     "invalid_secret",

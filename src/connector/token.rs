@@ -205,7 +205,10 @@ mod tests {
     #[test]
     fn aadsts_codes_are_extracted_without_the_description() {
         assert_eq!(
-            aadsts_code("AADSTS700016: Application with identifier 'x' was not found in the directory 'y'.").as_deref(),
+            aadsts_code(
+                "AADSTS700016: Application with identifier 'x' was not found in the directory 'y'."
+            )
+            .as_deref(),
             Some("AADSTS700016")
         );
         assert_eq!(aadsts_code("no code here"), None);
