@@ -477,6 +477,37 @@ async fn lifecycle(storage: Storage) {
         json!([])
     );
 
+    // attachments: off by default (the fixture's attachment never reaches the backend), on at once.
+    let answered = mock.activities().len();
+    api.ok(
+        "POST",
+        &format!("/api/v1/integration/teams/{id}/update"),
+        Some(json!({"attachments": true})),
+    )
+    .await;
+    post(
+        &client,
+        &router.callback_url(&id),
+        Some(&token),
+        &message_from(&mock, "conv-attach", "at1", "29:user-a", "aad-a"),
+    )
+    .await;
+    let replies = mock
+        .wait_for_activities(answered + 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(replies[answered].text(), "echo: hello [1 attachment]");
+    assert!(
+        replies[..answered]
+            .iter()
+            .all(|r| !r.text().contains("attachment"))
+    );
+
+    // Membership and installation updates reach the event log.
+    let mut installed = fixture("installationupdate-add-team.json");
+    installed["serviceUrl"] = mock.service_url().into();
+    let (status, _) = post(&client, &router.callback_url(&id), Some(&token), &installed).await;
+    assert_eq!(status, 200);
+
     // Setup: a rotated secret is checked and used for the next outbound token; a bad secret and a
     // wrong tenant are 409 with their reason; quick updates cause one automatic check.
     mock.register_app(NEW_APP_ID, ROTATED_SECRET, None);
@@ -615,6 +646,7 @@ async fn lifecycle(storage: Storage) {
         "integration.updated",
         "callback.accepted",
         "callback.ignored",
+        "installationUpdate",
         "setup.succeeded",
         "setup.failed",
     ] {
