@@ -118,7 +118,7 @@ impl Router {
             sealer,
         };
         let registry = Arc::new(Registry::default());
-        if let Err(error) = admin::load(&vault, &registry, None, config).await {
+        if let Err(error) = admin::load(&vault, &registry, None, config, true).await {
             tracing::warn!(%error, "stored bots and integrations cannot be read; starting with the config's records until the store answers");
             admin::load_seeds_only(&registry, config);
         }

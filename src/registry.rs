@@ -61,6 +61,9 @@ pub struct Owner {
     /// Creation order (microseconds, unique per record): lists sort by it.
     #[serde(default)]
     pub order: u64,
+    /// For a record seeded from the config: the keyed digest of that config entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -242,6 +245,7 @@ impl Registry {
             created_at: 0,
             updated_at: 0,
             order: 0,
+            seed: None,
         };
         for bot in &config.bots {
             registry.put_bot(bot.clone(), owner.clone());

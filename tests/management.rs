@@ -928,6 +928,13 @@ async fn survives_restart(
         .unwrap()
         .to_owned();
     api.settled_setup(&id).await;
+    // A seeded record changed through the API keeps the change while its config entry is unchanged.
+    api.ok(
+        "POST",
+        "/api/v1/integration/teams/teams_prod/update",
+        Some(json!({"name": "renamed"})),
+    )
+    .await;
     router
         .terminate(Duration::from_secs(10))
         .await
@@ -938,6 +945,8 @@ async fn survives_restart(
     let api = Api::new(&router, ACME_KEY);
     let fetched = api.fetch_integration(&id).await;
     assert_eq!(fetched["meta"]["k"], "v");
+    assert_eq!(fetched["setupStatus"], "succeeded", "{fetched}");
+    assert_eq!(api.fetch_integration("teams_prod").await["name"], "renamed");
     assert_eq!(
         api.ok(
             "POST",
@@ -1292,4 +1301,101 @@ async fn schemathesis_finds_no_server_error() {
     );
     assert!(!report.contains("Server error"), "{report}");
     assert!(router.pid().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_one_instance_reaches_the_other_with_redis() {
+    let storage = Storage::redis();
+    let mock = start_mock().await;
+    let dir = scratch_dir("mgmt-two-instances");
+    let prefix = format!("mgmt-sync-{}", std::process::id());
+    let config = config_with_storage(
+        &mock,
+        &storage.table(&dir, &prefix),
+        &format!("{}sync_interval_ms = 200\n", accounts()),
+    );
+    let start = |instance: &'static str| {
+        let config = config.clone();
+        async move {
+            RouterProcess::spawn_with_env(
+                &binary(),
+                &config,
+                &[("TEAMS_ROUTER__STORAGE__INSTANCE_ID", instance)],
+            )
+            .await
+            .expect("router starts")
+        }
+    };
+    let (a, b) = (start("a").await, start("b").await);
+    let api_a = Api::new(&a, ACME_KEY);
+    let api_b = Api::new(&b, ACME_KEY);
+    let bot = api_a.create_echo_bot().await;
+    let id = api_a
+        .ok(
+            "POST",
+            "/api/v1/integration/teams/create",
+            Some(json!({"botId": bot, "botFrameworkAppId": NEW_APP_ID, "botFrameworkAppSecret": NEW_APP_SECRET})),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api_b
+        .get(&format!("/api/v1/integration/teams/{id}/fetch"))
+        .await
+        .0
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "instance b never saw the integration"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = mock.token_for(NEW_APP_ID);
+    let (status, _) = post(
+        &http(),
+        &b.callback_url(&id),
+        Some(&token),
+        &message_from(&mock, "conv-b", "b1", "29:u", "a"),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "the other instance's integration answers at once"
+    );
+    assert_eq!(
+        mock.wait_for_activities(1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+    // A delete on b reaches a.
+    api_b
+        .ok(
+            "POST",
+            &format!("/api/v1/integration/teams/{id}/delete"),
+            None,
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = post(
+            &http(),
+            &a.callback_url(&id),
+            Some(&token),
+            &message_from(&mock, "conv-a", "a1", "29:u", "a"),
+        )
+        .await;
+        if status == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instance a still serves a deleted integration: {}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -43,6 +43,9 @@ use setup::SetupChecker;
 
 pub const BOTS_KIND: &str = "bots";
 pub const INTEGRATIONS_KIND: &str = "integrations";
+/// Setup results, apart from their integration: a late result never writes back a record that
+/// another instance deleted meanwhile.
+pub const SETUP_KIND: &str = "setup";
 
 /// The OpenAPI 3.1 document of this API, as kept in the repository.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -281,6 +284,7 @@ impl Admin {
             created_at: now,
             updated_at: now,
             order: self.next_order(),
+            seed: None,
         }
     }
 
@@ -755,6 +759,9 @@ impl Admin {
             .map_err(ApiError::store)?;
         self.parts.registry.remove_integration(id);
         self.setup_generation.remove(id);
+        if let Err(error) = self.parts.vault.store.delete_record(SETUP_KIND, id).await {
+            tracing::warn!(integration = %id, %error, "setup result of a deleted integration not removed");
+        }
         let ended = self.parts.directory.end_integration(id);
         self.refresh_readiness();
         self.parts.sink.record(
@@ -809,15 +816,7 @@ impl Admin {
         if let Some(current) = self.parts.registry.integration(&integration.record.id)
             && current.owner == integration.owner
         {
-            match save_integration(
-                &self.parts.vault,
-                &current.record,
-                &current.owner,
-                &result,
-                None,
-            )
-            .await
-            {
+            match save_setup(&self.parts.vault, &current.record.id, &result).await {
                 Ok(()) => {
                     self.parts.registry.put_integration(
                         current.record.clone(),
@@ -957,6 +956,7 @@ impl Admin {
                 &self.parts.registry,
                 Some(&self.parts.directory),
                 &config,
+                false,
             )
             .await
             {
@@ -1028,7 +1028,7 @@ async fn save_bot(
         sealed_secret: model::backend_secret(&record.backend)
             .map(|s| parts.sealer.seal(&sealed_context(BOTS_KIND, &record.id), s)),
         owner: owner.clone(),
-        seed_digest,
+        seed_digest: seed_digest.or_else(|| owner.seed.clone()),
     };
     model::set_backend_secret(&mut stored.record.backend, None);
     let bytes = serde_json::to_vec(&stored)
@@ -1036,6 +1036,17 @@ async fn save_bot(
     let result = parts
         .store
         .put_records(BOTS_KIND, vec![(record.id.clone(), bytes)])
+        .await;
+    parts.health.observe("records", &result);
+    result.map_err(ApiError::store)
+}
+
+async fn save_setup(parts: &Vault, id: &str, setup: &SetupResult) -> Result<(), ApiError> {
+    let bytes = serde_json::to_vec(setup)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    let result = parts
+        .store
+        .put_records(SETUP_KIND, vec![(id.to_owned(), bytes)])
         .await;
     parts.health.observe("records", &result);
     result.map_err(ApiError::store)
@@ -1057,7 +1068,7 @@ async fn save_integration(
         }),
         owner: owner.clone(),
         setup: setup.clone(),
-        seed_digest,
+        seed_digest: seed_digest.or_else(|| owner.seed.clone()),
     };
     stored.record.bot_framework_app_secret = None;
     stored.record.bot_framework_app_secret_env = None;
@@ -1071,10 +1082,10 @@ async fn save_integration(
     result.map_err(ApiError::store)
 }
 
-/// Loads bots and integrations into the registry: the stored records, and the config's
-/// `[[bots]]`/`[[integrations]]` seeds. A seed is written over its stored record when the config
-/// entry changed since it was last seeded (the digest differs); otherwise the stored record,
-/// with the changes the API made to it, wins. Records sealed with a previous master key are
+/// Loads bots and integrations into the registry: the stored records, and (with `seed`, at
+/// start) the config's `[[bots]]`/`[[integrations]]`. A seed is written over its stored record
+/// when the config entry changed since it was last seeded (the digest differs); otherwise the
+/// stored record, with the changes the API made to it, wins. Records sealed with a previous master key are
 /// sealed again with the current one. Records gone from the store leave the registry (another
 /// instance deleted them).
 pub async fn load(
@@ -1082,6 +1093,7 @@ pub async fn load(
     registry: &Registry,
     directory: Option<&Directory>,
     config: &Config,
+    seed: bool,
 ) -> Result<(), StoreError> {
     let default_account = config
         .accounts
@@ -1092,7 +1104,13 @@ pub async fn load(
     parts.health.observe("records", &stored_bots);
     let stored_integrations = parts.store.records(INTEGRATIONS_KIND).await;
     parts.health.observe("records", &stored_integrations);
+    let stored_setups = parts.store.records(SETUP_KIND).await;
+    parts.health.observe("records", &stored_setups);
     let (stored_bots, stored_integrations) = (stored_bots?, stored_integrations?);
+    let setups: HashMap<String, SetupResult> = stored_setups?
+        .into_iter()
+        .filter_map(|(id, bytes)| Some((id, serde_json::from_slice(&bytes).ok()?)))
+        .collect();
 
     let mut bots: HashMap<String, (BotRecord, Owner, Option<String>, bool)> = HashMap::new();
     for (id, bytes) in stored_bots {
@@ -1113,7 +1131,11 @@ pub async fn load(
                 }
             }
         }
-        bots.insert(id, (record, stored.owner, stored.seed_digest, reseal));
+        let owner = Owner {
+            seed: stored.seed_digest.clone(),
+            ..stored.owner
+        };
+        bots.insert(id, (record, owner, stored.seed_digest, reseal));
     }
     let mut integrations: HashMap<String, (StoredIntegration, bool)> = HashMap::new();
     for (id, bytes) in stored_integrations {
@@ -1121,6 +1143,15 @@ pub async fn load(
             tracing::error!(integration = %id, "stored integration is unreadable; skipped");
             continue;
         };
+        stored.owner.seed = stored.seed_digest.clone();
+        // The latest check of this version of the record, if it is newer than the record.
+        if let Some(setup) = setups.get(&id)
+            && setup
+                .checked_at
+                .is_some_and(|at| at >= stored.owner.updated_at)
+        {
+            stored.setup = setup.clone();
+        }
         let mut reseal = false;
         if let Some(sealed) = &stored.sealed_secret {
             match parts
@@ -1140,7 +1171,12 @@ pub async fn load(
     }
 
     let now = now_ms();
-    for (index, seed) in config.bots.iter().enumerate() {
+    let (seed_bots, seed_integrations) = if seed {
+        (config.bots.as_slice(), config.integrations.as_slice())
+    } else {
+        (&[][..], &[][..])
+    };
+    for (index, seed) in seed_bots.iter().enumerate() {
         let digest = parts
             .sealer
             .fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
@@ -1156,9 +1192,11 @@ pub async fn load(
                     created_at: now,
                     updated_at: now,
                     order: now * 1000 + index as u64,
+                    seed: None,
                 });
             let owner = Owner {
                 updated_at: now,
+                seed: Some(digest.clone()),
                 ..owner
             };
             if let Err(error) = save_bot(parts, seed, &owner, Some(digest.clone())).await {
@@ -1167,7 +1205,7 @@ pub async fn load(
             bots.insert(seed.id.clone(), (seed.clone(), owner, Some(digest), false));
         }
     }
-    for (index, seed) in config.integrations.iter().enumerate() {
+    for (index, seed) in seed_integrations.iter().enumerate() {
         let digest = parts
             .sealer
             .fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
@@ -1183,9 +1221,11 @@ pub async fn load(
                     created_at: now,
                     updated_at: now,
                     order: now * 1000 + (config.bots.len() + index) as u64,
+                    seed: None,
                 });
             let owner = Owner {
                 updated_at: now,
+                seed: Some(digest.clone()),
                 ..owner
             };
             let setup = SetupResult::default();

@@ -12,6 +12,9 @@ use fred::types::{Expiration, SetOptions};
 use super::{JournalEntry, Put, StoreError};
 use crate::config::StorageConfig;
 
+/// Record kinds whose changes other instances pick up (see `admin::Admin::run_sync`).
+const SYNCED_KINDS: &[&str] = &["bots", "integrations", "setup"];
+
 pub struct RedisStore {
     pool: Pool,
     prefix: String,
@@ -202,7 +205,8 @@ impl RedisStore {
         format!("{}:records:revision", self.prefix)
     }
 
-    /// Writes management records and bumps the revision other instances poll.
+    /// Writes management records; a change of bots or integrations also bumps the revision other
+    /// instances poll (contacts and event logs are read where they are written).
     pub async fn put_records(
         &self,
         kind: &str,
@@ -220,10 +224,12 @@ impl RedisStore {
             .hset(self.records_key(kind), fields)
             .await
             .map_err(unavailable)?;
-        let _: () = pipeline
-            .incr(self.revision_key())
-            .await
-            .map_err(unavailable)?;
+        if SYNCED_KINDS.contains(&kind) {
+            let _: () = pipeline
+                .incr(self.revision_key())
+                .await
+                .map_err(unavailable)?;
+        }
         let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
         Ok(())
     }
@@ -234,10 +240,12 @@ impl RedisStore {
             .hdel(self.records_key(kind), id)
             .await
             .map_err(unavailable)?;
-        let _: () = pipeline
-            .incr(self.revision_key())
-            .await
-            .map_err(unavailable)?;
+        if SYNCED_KINDS.contains(&kind) {
+            let _: () = pipeline
+                .incr(self.revision_key())
+                .await
+                .map_err(unavailable)?;
+        }
         let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
         Ok(())
     }
