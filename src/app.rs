@@ -124,6 +124,7 @@ impl Router {
         }
         readiness.set_needs_keys(registry.needs_signing_keys());
         let (events, event_sink, events_task) = EventLog::start(
+            Arc::clone(&registry),
             Arc::clone(&store),
             Arc::clone(&health),
             config.admin.event_log_size,

@@ -36,7 +36,7 @@ use crate::conversation::{Admission, Directory};
 use crate::registry::{Integration, Registry};
 use crate::store::writer::Journal;
 use crate::telemetry::{
-    self, ACTIVITIES_DUPLICATE, ACTIVITIES_IGNORED, ACTIVITY_TYPES, INGRESS_DURATION, Readiness,
+    self, ACTIVITIES_DUPLICATE, ACTIVITIES_IGNORED, INGRESS_DURATION, Readiness,
 };
 
 pub type Body = Full<Bytes>;
@@ -584,13 +584,6 @@ impl Front {
         match admission {
             Admission::Accepted(answer) => {
                 integration.count_received(target.type_index);
-                self.events.record(
-                    &integration.id,
-                    EventDraft::new("callback.accepted").activity(
-                        ACTIVITY_TYPES[target.type_index.min(ACTIVITY_TYPES.len() - 1)],
-                        &target.activity_id,
-                    ),
-                );
                 Ok(Routed::Accepted(answer))
             }
             Admission::Duplicate => Ok(duplicate(integration, target.type_index)),

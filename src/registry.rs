@@ -5,6 +5,7 @@
 //! shares no global lock.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use metrics::{Counter, counter};
@@ -30,6 +31,8 @@ pub struct Integration {
     /// `activities_received_total` handles, one per activity type label, made once so that the
     /// hot path does not build metric keys.
     received: Vec<Counter>,
+    /// Activities acknowledged since the event log last summed them up, per activity type.
+    accepted: Vec<AtomicU64>,
 }
 
 /// What the outbound token request needs for one Bot Framework app.
@@ -187,6 +190,7 @@ impl Integration {
             owner,
             setup,
             received,
+            accepted: ACTIVITY_TYPES.iter().map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -195,6 +199,21 @@ impl Integration {
         if let Some(counter) = self.received.get(type_index) {
             counter.increment(1);
         }
+        if let Some(count) = self.accepted.get(type_index) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The activities acknowledged since the last call, as (type, count), and resets them.
+    pub fn take_accepted(&self) -> Vec<(&'static str, u64)> {
+        ACTIVITY_TYPES
+            .iter()
+            .zip(&self.accepted)
+            .filter_map(|(kind, count)| {
+                let n = count.swap(0, Ordering::Relaxed);
+                (n > 0).then_some((*kind, n))
+            })
+            .collect()
     }
 
     pub fn app_id(&self) -> Option<&str> {
@@ -271,10 +290,16 @@ impl Registry {
         setup: SetupResult,
     ) -> Arc<Integration> {
         let integration = Arc::new(Integration::new(record, owner, setup));
-        self.integrations.insert(
+        let replaced = self.integrations.insert(
             integration.record.id.as_str().into(),
             Arc::clone(&integration),
         );
+        // Counts the event log has not summed up yet move to the new version of the record.
+        if let Some(old) = replaced {
+            for (from, to) in old.accepted.iter().zip(&integration.accepted) {
+                to.fetch_add(from.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
         integration
     }
 

@@ -1,8 +1,10 @@
 //! Each integration's event log: what happened to it (callbacks accepted, refused or ignored,
 //! conversation and installation updates, setup results, connector and backend errors), bounded
 //! to the newest `admin.event_log_size` entries and kept in the store, where it outlives the
-//! integration. The request path only hands an event to a bounded queue ([`EventSink`]); one
-//! task appends them and writes changed logs to the store once a second.
+//! integration. Accepted callbacks are summed up once a second per integration (one event with
+//! the count per activity type), so the request path only bumps a counter and busy traffic does
+//! not push refusals and setup results out of the log. Other events go through a bounded queue
+//! ([`EventSink`]); one task appends them and writes changed logs to the store once a second.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,7 @@ use metrics::counter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use crate::registry::Registry;
 use crate::store::{Store, StoreHealth, now_ms};
 use crate::telemetry::EVENTS_DROPPED;
 
@@ -115,6 +118,7 @@ pub struct EventLog {
 impl EventLog {
     /// Loads the stored logs and starts the task that fills and saves them.
     pub async fn start(
+        registry: Arc<Registry>,
         store: Arc<Store>,
         health: Arc<StoreHealth>,
         capacity: usize,
@@ -143,7 +147,7 @@ impl EventLog {
             }
         }
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let task = tokio::spawn(Arc::clone(&log).run(rx, store, health, shutdown));
+        let task = tokio::spawn(Arc::clone(&log).run(rx, registry, store, health, shutdown));
         (log, EventSink { queue: Some(tx) }, task)
     }
 
@@ -196,6 +200,7 @@ impl EventLog {
     async fn run(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<(Arc<str>, EventDraft, u64)>,
+        registry: Arc<Registry>,
         store: Arc<Store>,
         health: Arc<StoreHealth>,
         mut shutdown: watch::Receiver<bool>,
@@ -211,15 +216,39 @@ impl EventLog {
                     }
                     None => break,
                 },
-                _ = flush.tick() => self.save(&mut dirty, &store, &health).await,
+                _ = flush.tick() => {
+                    self.sum_up_accepted(&registry, &mut dirty);
+                    self.save(&mut dirty, &store, &health).await;
+                }
                 _ = shutdown.changed() => break,
             }
         }
+        self.sum_up_accepted(&registry, &mut dirty);
         while let Ok((integration, draft, at)) = rx.try_recv() {
             self.append(&integration, draft, at);
             dirty.insert(integration);
         }
         self.save(&mut dirty, &store, &health).await;
+    }
+
+    /// One `callback.accepted` event per integration that acknowledged activities since the
+    /// last tick: the total in `reason`-free form, the count per type in the message.
+    fn sum_up_accepted(&self, registry: &Registry, dirty: &mut HashSet<Arc<str>>) {
+        for integration in registry.integrations() {
+            let counts = integration.take_accepted();
+            if counts.is_empty() {
+                continue;
+            }
+            let total: u64 = counts.iter().map(|(_, n)| n).sum();
+            let by_type: Vec<String> = counts.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            let draft = EventDraft::new("callback.accepted").message(format!(
+                "{total} activit{} accepted ({})",
+                if total == 1 { "y" } else { "ies" },
+                by_type.join(", ")
+            ));
+            self.append(&integration.id, draft, now_ms());
+            dirty.insert(Arc::clone(&integration.id));
+        }
     }
 
     async fn save(&self, dirty: &mut HashSet<Arc<str>>, store: &Store, health: &StoreHealth) {

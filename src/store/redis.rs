@@ -224,14 +224,7 @@ impl RedisStore {
             .hset(self.records_key(kind), fields)
             .await
             .map_err(unavailable)?;
-        if SYNCED_KINDS.contains(&kind) {
-            let _: () = pipeline
-                .incr(self.revision_key())
-                .await
-                .map_err(unavailable)?;
-        }
-        let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
-        Ok(())
+        self.finish_record_write(pipeline, kind).await
     }
 
     pub async fn delete_record(&self, kind: &str, id: &str) -> Result<(), StoreError> {
@@ -240,6 +233,15 @@ impl RedisStore {
             .hdel(self.records_key(kind), id)
             .await
             .map_err(unavailable)?;
+        self.finish_record_write(pipeline, kind).await
+    }
+
+    /// Sends a record write, with the revision bump when other instances follow that kind.
+    async fn finish_record_write(
+        &self,
+        pipeline: fred::clients::Pipeline<Client>,
+        kind: &str,
+    ) -> Result<(), StoreError> {
         if SYNCED_KINDS.contains(&kind) {
             let _: () = pipeline
                 .incr(self.revision_key())
