@@ -1274,7 +1274,11 @@ async fn schemathesis_finds_no_server_error() {
     )
     .await;
     let base = router.base_url();
+    // Schemathesis keeps a cache in its working directory: a scratch one, not the repository.
+    let workdir = scratch_dir("schemathesis-run");
+    std::fs::create_dir_all(&workdir).expect("scratch directory");
     let output = tokio::process::Command::new("schemathesis")
+        .current_dir(&workdir)
         .args([
             "run",
             &format!("{base}/api/v1/openapi.json"),
