@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The fields routing and verification need, borrowed from the parse buffer. simd-json unescapes
@@ -153,7 +153,7 @@ pub fn with_envelope<R>(body: &[u8], f: impl FnOnce(Result<Envelope<'_>, ParseEr
 /// The activity a turn works on, owned; parsed by the conversation actor, never on the request
 /// path. Objects the reply echoes back (`from`, `recipient`, `conversation`) stay as JSON so that
 /// every field Teams sent is preserved.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TurnActivity {
     #[serde(rename = "type")]
@@ -162,31 +162,34 @@ pub struct TurnActivity {
     pub service_url: String,
     pub channel_id: String,
     pub conversation: Value,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locale: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entities: Vec<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members_added: Vec<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members_removed: Vec<Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<Value>,
     /// `installationUpdate`: `add` or `remove` (and their `-upgrade` forms).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel_data: Option<Value>,
+    /// Every other field Teams sent, so that a webhook gets the activity whole.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 impl TurnActivity {

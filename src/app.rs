@@ -16,6 +16,7 @@ use crate::admin::secrets::{Sealer, SecretError};
 use crate::admin::setup::SetupChecker;
 use crate::admin::{self, Admin, AdminParts, Vault};
 use crate::auth::{KeyStore, Verifier};
+use crate::backend::BackendClient;
 use crate::config::Config;
 use crate::connector::{self, Connector, TokenProvider};
 use crate::conversation::session::HistoryLimits;
@@ -144,6 +145,13 @@ impl Router {
             apology: DEFAULT_APOLOGY.to_owned(),
             events: event_sink.clone(),
             contacts: Some(Arc::clone(&contacts)),
+            backends: BackendClient {
+                http: reqwest::Client::builder()
+                    .connect_timeout(Duration::from_millis(config.backend.connect_timeout_ms))
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build()?,
+                webhook_timeout: Duration::from_millis(config.backend.webhook_timeout_ms),
+            },
         });
         let snapshots = Snapshots::new(
             Arc::clone(&store),

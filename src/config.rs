@@ -41,6 +41,7 @@ pub struct Config {
     pub testing: TestingConfig,
     pub security: SecurityConfig,
     pub admin: AdminConfig,
+    pub backend: BackendConfig,
     pub accounts: Vec<AccountRecord>,
     pub bots: Vec<BotRecord>,
     pub integrations: Vec<IntegrationRecord>,
@@ -302,6 +303,24 @@ pub struct SecurityConfig {
     /// During a rotation: the previous master key, still accepted for reading; records sealed
     /// with it are sealed again with the current key at start.
     pub previous_master_key_env: Option<String>,
+}
+
+/// The bots' backends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// A webhook's whole answer (streamed or not) must arrive within this.
+    pub webhook_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            webhook_timeout_ms: 30_000,
+            connect_timeout_ms: 5_000,
+        }
+    }
 }
 
 /// The management API.

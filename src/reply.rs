@@ -15,9 +15,10 @@ use tokio::sync::oneshot;
 use crate::activity::TurnActivity;
 use crate::admin::contacts::{ContactBook, Sender};
 use crate::admin::events::{EventDraft, EventSink};
-use crate::backend::{Answer, Backend, InvokeResponse};
+use crate::backend::{Answer, Backend, BackendClient, InvokeResponse, TurnInput};
 use crate::connector::{Connector, Op, is_loopback_url};
 use crate::conversation::ConversationMsg;
+use crate::conversation::session::HistoryEntry;
 use crate::registry::{Integration, Registry};
 use crate::telemetry::{FIRST_REPLY, TURNS_FAILED};
 
@@ -33,6 +34,8 @@ pub struct ReplyServices {
     pub events: EventSink,
     /// Contact records of integrations with `contactCollection`.
     pub contacts: Option<Arc<ContactBook>>,
+    /// What backends share (HTTP client, timeouts).
+    pub backends: BackendClient,
 }
 
 pub struct ReplyArgs {
@@ -45,6 +48,9 @@ pub struct ReplyArgs {
     pub invoke: Option<oneshot::Sender<InvokeResponse>>,
     /// A fixed answer decided by the conversation (session commands) instead of the backend's.
     pub say: Option<String>,
+    /// The session this turn belongs to, and its history up to this activity.
+    pub session_id: String,
+    pub history: Vec<HistoryEntry>,
     /// Told when the turn is finished, with what was sent.
     pub conversation: ActorRef<ConversationMsg>,
 }
@@ -177,9 +183,16 @@ async fn answer(args: &ReplyArgs) -> Answer {
         .bot(&integration.record.bot_id)
         .ok_or_else(|| format!("bot {:?} does not exist", integration.record.bot_id))
         .and_then(|bot| Backend::from_spec(bot.backend()).map_err(|e| e.to_string()));
+    let input = TurnInput {
+        integration_id: &integration.record.id,
+        bot_id: &integration.record.bot_id,
+        session_id: &args.session_id,
+        history: &args.history,
+        activity: &args.activity,
+    };
     let result = match backend {
         Ok(backend) => backend
-            .answer(&args.activity)
+            .answer(&args.services.backends, &input)
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e),

@@ -354,7 +354,16 @@ async fn begin_turn(
         }
     }
     let activity_id = activity.id.clone();
+    let (session_id, history) = match &state.session {
+        Some((key, session)) => (
+            format!("{key}-{}", session.started_at_ms),
+            session.history.iter().cloned().collect(),
+        ),
+        None => (String::new(), Vec::new()),
+    };
     let reply = ReplyArgs {
+        session_id,
+        history,
         services: Arc::clone(&state.args.services),
         integration,
         activity,

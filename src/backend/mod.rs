@@ -1,10 +1,33 @@
-//! The bot's brain behind one interface. A backend gets the turn's activity and answers with a
-//! message text and, for invokes, the InvokeResponse. It knows nothing of Teams' wire protocol.
+//! The bot's brain behind one interface. A backend gets the turn (the activity and the session's
+//! history) and answers with a message text and, for invokes, the InvokeResponse. It knows
+//! nothing of Teams' wire protocol.
+
+pub mod webhook;
+
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::activity::TurnActivity;
 use crate::config::BackendSpec;
+use crate::conversation::session::HistoryEntry;
+
+/// What a backend is asked.
+pub struct TurnInput<'a> {
+    pub integration_id: &'a str,
+    pub bot_id: &'a str,
+    /// Names the session (its key and start), so a bot can keep its own state per session.
+    pub session_id: &'a str,
+    /// The session's earlier turns, oldest first (this activity's text is the last user entry).
+    pub history: &'a [HistoryEntry],
+    pub activity: &'a TurnActivity,
+}
+
+/// What backends share: the HTTP client and the limits.
+pub struct BackendClient {
+    pub http: reqwest::Client,
+    pub webhook_timeout: Duration,
+}
 
 /// The synchronous answer to an `invoke` activity (protocol.md §5.2).
 #[derive(Debug, Clone, PartialEq)]
@@ -38,24 +61,38 @@ pub struct Answer {
 pub enum BackendError {
     #[error("the {0} backend is not available in this build yet")]
     Unavailable(&'static str),
+    #[error("{0}")]
+    Failed(String),
 }
 
 pub enum Backend {
     Echo,
+    Webhook(webhook::Webhook),
 }
 
 impl Backend {
     pub fn from_spec(spec: &BackendSpec) -> Result<Self, BackendError> {
         match spec {
             BackendSpec::Echo => Ok(Self::Echo),
-            BackendSpec::Webhook { .. } => Err(BackendError::Unavailable("webhook")),
+            BackendSpec::Webhook { url, secret } => Ok(Self::Webhook(webhook::Webhook {
+                url: url.clone(),
+                secret: secret.clone(),
+            })),
             BackendSpec::Openai { .. } => Err(BackendError::Unavailable("openai")),
         }
     }
 
-    pub async fn answer(&self, activity: &TurnActivity) -> Result<Answer, BackendError> {
+    pub async fn answer(
+        &self,
+        client: &BackendClient,
+        input: &TurnInput<'_>,
+    ) -> Result<Answer, BackendError> {
         match self {
-            Self::Echo => Ok(echo(activity)),
+            Self::Echo => Ok(echo(input.activity)),
+            Self::Webhook(hook) => {
+                hook.answer(&client.http, client.webhook_timeout, input)
+                    .await
+            }
         }
     }
 }
@@ -133,7 +170,7 @@ mod tests {
             "text": "<at>Bot</at> hello",
             "entities": [{"type": "mention", "mentioned": {"id": "28:bot"}, "text": "<at>Bot</at>"}],
         }));
-        let answer = Backend::Echo.answer(&a).await.unwrap();
+        let answer = echo(&a);
         assert_eq!(answer.text.as_deref(), Some("echo: hello"));
     }
 
@@ -144,7 +181,7 @@ mod tests {
             "conversation": {"id": "c"}, "name": "adaptiveCard/action",
             "value": {"action": {"type": "Action.Execute", "data": {"x": 1}}},
         }));
-        let answer = Backend::Echo.answer(&a).await.unwrap();
+        let answer = echo(&a);
         let invoke = answer.invoke.unwrap();
         assert_eq!(invoke.status, 200);
         assert_eq!(invoke.body["value"], "echo: {\"x\":1}");

@@ -1,0 +1,289 @@
+//! The webhook backend: the turn is POSTed to the bot's URL as
+//! `{integrationId, botId, session: {id, history}, activity}`, signed with the bot's secret
+//! (`X-Teams-Router-Timestamp: <unix seconds>`, `X-Teams-Router-Signature: sha256=<hex HMAC-SHA-256
+//! of "<timestamp>.<body>">`, so a receiver can refuse replays of old requests). The answer is
+//! read by its content type:
+//! - `application/json`: `{"text"?, "invokeResponse"?: {"status", "body"}, "activities"?: [...]}`;
+//! - `application/x-ndjson`: one such object per line, or `{"delta": "..."}` pieces of text;
+//! - `text/event-stream`: the same objects as SSE `data:` (until `[DONE]` or the end).
+//!
+//! The whole exchange is bounded by `backend.webhook_timeout_ms`. A POST is not idempotent, so
+//! only a request that never reached the server (connection refused) is tried again.
+
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::hmac;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Answer, BackendError, InvokeResponse, TurnInput};
+
+pub const SIGNATURE_HEADER: &str = "x-teams-router-signature";
+pub const TIMESTAMP_HEADER: &str = "x-teams-router-timestamp";
+/// Text a webhook may send for one turn at most.
+const MAX_TEXT_BYTES: usize = 1 << 20;
+const CONNECT_ATTEMPTS: u32 = 3;
+
+pub struct Webhook {
+    pub url: String,
+    pub secret: Option<String>,
+}
+
+/// One object of a webhook answer (a whole JSON answer, an NDJSON line or an SSE event).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Piece {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    delta: Option<String>,
+    #[serde(default)]
+    invoke_response: Option<InvokePiece>,
+    #[serde(default)]
+    activities: Vec<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InvokePiece {
+    #[serde(default = "ok_status")]
+    status: u16,
+    #[serde(default)]
+    body: Value,
+}
+
+fn ok_status() -> u16 {
+    200
+}
+
+/// The HMAC-SHA-256 signature of a request body, as the `X-Teams-Router-Signature` value.
+pub fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    let mut context = hmac::Context::with_key(&key);
+    context.update(timestamp.to_string().as_bytes());
+    context.update(b".");
+    context.update(body);
+    let tag = context.sign();
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+impl Webhook {
+    pub async fn answer(
+        &self,
+        http: &reqwest::Client,
+        timeout: Duration,
+        input: &TurnInput<'_>,
+    ) -> Result<Answer, BackendError> {
+        let deadline = Instant::now() + timeout;
+        let body = serde_json::to_vec(&json!({
+            "integrationId": input.integration_id,
+            "botId": input.bot_id,
+            "session": {"id": input.session_id, "history": input.history},
+            "activity": input.activity,
+        }))
+        .map_err(|e| BackendError::Failed(format!("the turn does not serialize: {e}")))?;
+        let exchange = async {
+            let response = self.send(http, body).await?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(BackendError::Failed(format!(
+                    "the webhook answered HTTP {}",
+                    status.as_u16()
+                )));
+            }
+            let content_type = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            let mut answer = Assembly::default();
+            match content_type.as_str() {
+                "text/event-stream" => {
+                    let mut events = response.bytes_stream().eventsource();
+                    while let Some(event) = events.next().await {
+                        let event = event.map_err(|e| {
+                            BackendError::Failed(format!("the event stream broke: {e}"))
+                        })?;
+                        if event.data.trim() == "[DONE]" {
+                            break;
+                        }
+                        answer.add_json(event.data.as_bytes())?;
+                    }
+                }
+                "application/x-ndjson" | "application/jsonl" => {
+                    let mut stream = response.bytes_stream();
+                    let mut pending = Vec::new();
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk
+                            .map_err(|e| BackendError::Failed(format!("the stream broke: {e}")))?;
+                        pending.extend_from_slice(&chunk);
+                        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = pending.drain(..=end).collect();
+                            answer.add_json(&line)?;
+                        }
+                        answer.check_size(pending.len())?;
+                    }
+                    answer.add_json(&pending)?;
+                }
+                _ => {
+                    let bytes = response
+                        .bytes()
+                        .await
+                        .map_err(|e| BackendError::Failed(format!("the answer broke: {e}")))?;
+                    answer.check_size(bytes.len())?;
+                    if content_type.starts_with("text/plain") {
+                        answer.text.push_str(&String::from_utf8_lossy(&bytes));
+                    } else {
+                        answer.add_json(&bytes)?;
+                    }
+                }
+            }
+            Ok(answer.finish())
+        };
+        tokio::time::timeout_at(deadline.into(), exchange)
+            .await
+            .map_err(|_| {
+                BackendError::Failed(format!(
+                    "the webhook did not answer within {} ms",
+                    timeout.as_millis()
+                ))
+            })?
+    }
+
+    /// Sends the turn; a connection that was never made is tried again, nothing else.
+    async fn send(
+        &self,
+        http: &reqwest::Client,
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, BackendError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let timestamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            let mut request = http
+                .post(&self.url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(
+                    reqwest::header::ACCEPT,
+                    "application/json, application/x-ndjson, text/event-stream",
+                )
+                .header(TIMESTAMP_HEADER, timestamp.to_string());
+            if let Some(secret) = &self.secret {
+                request = request.header(SIGNATURE_HEADER, signature(secret, timestamp, &body));
+            }
+            match request.body(body.clone()).send().await {
+                Ok(response) => return Ok(response),
+                Err(error) if error.is_connect() && attempt < CONNECT_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+                Err(error) => {
+                    return Err(BackendError::Failed(format!(
+                        "the webhook cannot be reached: {}",
+                        error.without_url()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// The answer as it arrives piece by piece.
+#[derive(Default)]
+struct Assembly {
+    text: String,
+    invoke: Option<InvokeResponse>,
+}
+
+impl Assembly {
+    fn check_size(&self, more: usize) -> Result<(), BackendError> {
+        if self.text.len() + more > MAX_TEXT_BYTES {
+            return Err(BackendError::Failed(format!(
+                "the webhook's answer is over {MAX_TEXT_BYTES} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    fn add_json(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        let piece: Piece = serde_json::from_slice(bytes)
+            .map_err(|e| BackendError::Failed(format!("the webhook sent invalid JSON: {e}")))?;
+        if let Some(delta) = piece.delta {
+            self.check_size(delta.len())?;
+            self.text.push_str(&delta);
+        }
+        if let Some(text) = piece.text {
+            // A whole text replaces what the deltas built so far (a final summary).
+            self.check_size(text.len())?;
+            self.text = text;
+        }
+        for activity in piece.activities {
+            if let Some(text) = activity.get("text").and_then(Value::as_str) {
+                self.check_size(text.len())?;
+                if !self.text.is_empty() {
+                    self.text.push_str("\n\n");
+                }
+                self.text.push_str(text);
+            }
+        }
+        if let Some(invoke) = piece.invoke_response {
+            self.invoke = Some(InvokeResponse {
+                status: invoke.status,
+                body: invoke.body,
+            });
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Answer {
+        Answer {
+            text: (!self.text.is_empty()).then_some(self.text),
+            invoke: self.invoke,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_hmac_sha256_of_timestamp_and_body() {
+        // Known answer: HMAC-SHA-256("key", "1.{}").
+        let sig = signature("key", 1, b"{}");
+        assert!(sig.starts_with("sha256="));
+        assert_eq!(sig.len(), 7 + 64);
+        assert_ne!(sig, signature("key", 2, b"{}"));
+        assert_ne!(sig, signature("other", 1, b"{}"));
+    }
+
+    #[test]
+    fn pieces_assemble_deltas_texts_and_invoke_answers() {
+        let mut a = Assembly::default();
+        a.add_json(br#"{"delta": "Hel"}"#).unwrap();
+        a.add_json(br#"{"delta": "lo"}"#).unwrap();
+        a.add_json(b"  ").unwrap();
+        a.add_json(br#"{"invokeResponse": {"body": {"ok": true}}}"#)
+            .unwrap();
+        let answer = a.finish();
+        assert_eq!(answer.text.as_deref(), Some("Hello"));
+        assert_eq!(answer.invoke.unwrap().status, 200);
+        let mut b = Assembly::default();
+        assert!(b.add_json(b"{not json").is_err());
+        b.add_json(br#"{"activities": [{"type": "message", "text": "a"}, {"type": "message", "text": "b"}]}"#)
+            .unwrap();
+        assert_eq!(b.finish().text.as_deref(), Some("a\n\nb"));
+    }
+}
