@@ -151,6 +151,8 @@ impl Router {
                     .pool_idle_timeout(Duration::from_secs(30))
                     .build()?,
                 webhook_timeout: Duration::from_millis(config.backend.webhook_timeout_ms),
+                openai_timeout: Duration::from_millis(config.backend.openai_timeout_ms),
+                openai_history_max_chars: config.backend.openai_history_max_chars,
             },
         });
         let snapshots = Snapshots::new(

@@ -312,6 +312,10 @@ pub struct BackendConfig {
     /// A webhook's whole answer (streamed or not) must arrive within this.
     pub webhook_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// A model's whole streamed answer must arrive within this.
+    pub openai_timeout_ms: u64,
+    /// Characters of session history sent to a model at most (oldest turns go first).
+    pub openai_history_max_chars: usize,
 }
 
 impl Default for BackendConfig {
@@ -319,6 +323,8 @@ impl Default for BackendConfig {
         Self {
             webhook_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
+            openai_timeout_ms: 60_000,
+            openai_history_max_chars: 24_000,
         }
     }
 }

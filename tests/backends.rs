@@ -24,26 +24,12 @@ struct Hook {
 
 impl Hook {
     async fn start(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let hook = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let hook = hook.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let hook = hook.clone();
-                        async move { Ok::<_, Infallible>(hook.answer(request).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let addr = serve(move |request| {
+            let hook = hook.clone();
+            async move { hook.answer(request).await }
+        })
+        .await;
         format!("http://{addr}/hook")
     }
 
@@ -109,6 +95,34 @@ impl Hook {
             }
         }
     }
+}
+
+/// Serves `handle` on a free loopback port (HTTP/1.1).
+async fn serve<F, Fut>(handle: F) -> std::net::SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let handle = handle.clone();
+                    async move { Ok::<_, Infallible>(handle(request).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
 }
 
 fn reply(status: u16, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -208,5 +222,111 @@ webhook_timeout_ms = 1500
     assert_eq!(
         metric_value(&scrape, "teams_router_actor_restarts_total"),
         Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_backend_sends_the_system_prompt_and_history_and_reads_the_stream() {
+    let requests: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let seen = Arc::clone(&requests);
+    let addr = serve(move |request: Request<Incoming>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let path = request.uri().path().to_owned();
+            let authorization = request
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let body: Value =
+                serde_json::from_slice(&request.into_body().collect().await.unwrap().to_bytes())
+                    .unwrap();
+            if path != "/v1/chat/completions" || authorization != "Bearer sk-test-key" {
+                return reply(401, "application/json", "{\"error\":{\"message\":\"no\"}}".into());
+            }
+            let n = {
+                let mut seen = seen.lock().unwrap();
+                seen.push((authorization, body.clone()));
+                seen.len()
+            };
+            // The answer in pieces, as a model streams it; one event split over two lines.
+            let chunk = |content: &str| {
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]})
+                )
+            };
+            let sse = format!(
+                "{}{}{}data: {}\n\ndata: [DONE]\n\n",
+                chunk("Answer"),
+                chunk(" number"),
+                chunk(&format!(" {n}")),
+                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            );
+            reply(200, "text/event-stream", sse)
+        }
+    })
+    .await;
+    let extra = format!(
+        r#"
+[[bots]]
+id = "model"
+backend = {{ kind = "openai", baseUrl = "http://{addr}/v1", apiKey = "sk-test-key", model = "test-model", systemPrompt = "You are terse." }}
+
+[[integrations]]
+id = "teams_model"
+botId = "model"
+botFrameworkAppId = "{APP_ID}"
+botFrameworkAppSecret = "{APP_SECRET}"
+"#
+    );
+    let mock = loadtest::mock::MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let router = RouterProcess::spawn(&binary(), &config(&mock, &extra))
+        .await
+        .expect("router starts");
+    let token = mock.token_for(APP_ID);
+    let client = http();
+    for (n, text) in ["one", "two", "three"].iter().enumerate() {
+        let activity = personal_message(&mock, "conv-model", &format!("o{n}"), text);
+        let (status, _) = post(
+            &client,
+            &router.callback_url("teams_model"),
+            Some(&token),
+            &activity,
+        )
+        .await;
+        assert_eq!(status, 200);
+        mock.wait_for_activities(n + 1, Duration::from_secs(10))
+            .await;
+    }
+    let replies = mock.activities();
+    let said: Vec<&str> = replies.iter().map(|r| r.text()).collect();
+    assert_eq!(
+        said,
+        ["Answer number 1", "Answer number 2", "Answer number 3"]
+    );
+    let requests = requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 3);
+    let third = &requests[2].1;
+    assert_eq!(third["model"], "test-model");
+    assert_eq!(third["stream"], true);
+    let messages: Vec<(&str, &str)> = third["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            ("system", "You are terse."),
+            ("user", "one"),
+            ("assistant", "Answer number 1"),
+            ("user", "two"),
+            ("assistant", "Answer number 2"),
+            ("user", "three"),
+        ]
     );
 }

@@ -2,6 +2,7 @@
 //! history) and answers with a message text and, for invokes, the InvokeResponse. It knows
 //! nothing of Teams' wire protocol.
 
+pub mod openai;
 pub mod webhook;
 
 use std::time::Duration;
@@ -27,6 +28,9 @@ pub struct TurnInput<'a> {
 pub struct BackendClient {
     pub http: reqwest::Client,
     pub webhook_timeout: Duration,
+    pub openai_timeout: Duration,
+    /// Characters of history sent to a model at most.
+    pub openai_history_max_chars: usize,
 }
 
 /// The synchronous answer to an `invoke` activity (protocol.md §5.2).
@@ -59,8 +63,6 @@ pub struct Answer {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("the {0} backend is not available in this build yet")]
-    Unavailable(&'static str),
     #[error("{0}")]
     Failed(String),
 }
@@ -68,6 +70,7 @@ pub enum BackendError {
 pub enum Backend {
     Echo,
     Webhook(webhook::Webhook),
+    OpenAi(openai::OpenAi),
 }
 
 impl Backend {
@@ -78,7 +81,17 @@ impl Backend {
                 url: url.clone(),
                 secret: secret.clone(),
             })),
-            BackendSpec::Openai { .. } => Err(BackendError::Unavailable("openai")),
+            BackendSpec::Openai {
+                base_url,
+                api_key,
+                model,
+                system_prompt,
+            } => Ok(Self::OpenAi(openai::OpenAi {
+                base_url: base_url.clone(),
+                api_key: api_key.clone(),
+                model: model.clone(),
+                system_prompt: system_prompt.clone(),
+            })),
         }
     }
 
@@ -91,6 +104,18 @@ impl Backend {
             Self::Echo => Ok(echo(input.activity)),
             Self::Webhook(hook) => {
                 hook.answer(&client.http, client.webhook_timeout, input)
+                    .await
+            }
+            // A model answers messages; other activities (invokes, reactions) get nothing.
+            Self::OpenAi(_) if input.activity.kind != "message" => Ok(Answer::default()),
+            Self::OpenAi(model) => {
+                model
+                    .answer(
+                        &client.http,
+                        client.openai_timeout,
+                        client.openai_history_max_chars,
+                        input,
+                    )
                     .await
             }
         }
