@@ -104,20 +104,18 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
     let text = if let Some(fixed) = args.say.take() {
         Some(fixed)
     } else {
-        match args.activity.kind.as_str() {
-            "message" | "invoke" => {
-                let answer = answer(&args).await;
-                if let (Some(waiting), Some(response)) = (args.invoke.take(), answer.invoke) {
-                    // The request may have timed out already; then nobody listens.
-                    let _ = waiting.send(response);
-                }
-                answer.text
-            }
-            "conversationUpdate" if args.activity.bot_was_added() => {
-                args.services.welcome_message.clone()
-            }
-            other => {
-                tracing::info!(integration = %args.integration.id, kind = other, "activity recorded, nothing to answer");
+        // Every activity reaches the backend (a webhook gets lifecycle events, typed; echo and
+        // models answer only what users say); it is answered only when the backend says something.
+        let answer = answer(&args).await;
+        if let (Some(waiting), Some(response)) = (args.invoke.take(), answer.invoke) {
+            // The request may have timed out already; then nobody listens.
+            let _ = waiting.send(response);
+        }
+        match answer.text {
+            Some(text) => Some(text),
+            None if args.activity.bot_was_added() => args.services.welcome_message.clone(),
+            None => {
+                tracing::debug!(integration = %args.integration.id, kind = %args.activity.kind, "nothing to answer");
                 None
             }
         }
@@ -208,9 +206,11 @@ async fn answer(args: &ReplyArgs) -> Answer {
                     .message(error.clone()),
             );
             counter!(TURNS_FAILED).increment(1);
+            // Users hear an apology for what they said; a failed lifecycle event stays silent.
+            let kind = args.activity.kind.as_str();
             Answer {
-                text: Some(args.services.apology.clone()),
-                invoke: (args.activity.kind == "invoke")
+                text: matches!(kind, "message" | "invoke").then(|| args.services.apology.clone()),
+                invoke: (kind == "invoke")
                     .then(|| InvokeResponse::error("BackendFailed", "the bot could not answer")),
             }
         }

@@ -85,6 +85,20 @@ impl Hook {
                 reply(200, "application/json", "{\"text\":\"too late\"}".into())
             }
             "broken" => reply(200, "application/json", "{\"text\": ".into()),
+            _ if turn["activity"]["type"] == "invoke" => {
+                let slow = turn["activity"]["value"]["action"]["data"]["slow"] == true;
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                reply(
+                    200,
+                    "application/json",
+                    json!({"invokeResponse": {"status": 200, "body": {"statusCode": 200, "type": "application/vnd.microsoft.activity.message", "value": "from the webhook"}}}).to_string(),
+                )
+            }
+            _ if turn["activity"]["type"] != "message" => {
+                reply(200, "application/json", "{}".into())
+            }
             _ => {
                 let turns = turn["session"]["history"].as_array().map_or(0, Vec::len);
                 reply(
@@ -329,4 +343,113 @@ botFrameworkAppSecret = "{APP_SECRET}"
             ("user", "three"),
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_fixture_reaches_the_webhook_typed_and_in_order_and_invokes_get_its_answer() {
+    let hook = Hook::default();
+    let url = hook.start().await;
+    let extra = format!(
+        r#"
+[[bots]]
+id = "hook"
+backend = {{ kind = "webhook", url = "{url}", secret = "{HOOK_SECRET}" }}
+
+[[integrations]]
+id = "teams_hook"
+botId = "hook"
+botFrameworkAppId = "{APP_ID}"
+botFrameworkAppSecret = "{APP_SECRET}"
+
+[conversation]
+invoke_timeout_ms = 1000
+"#
+    );
+    let mock = loadtest::mock::MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let router = RouterProcess::spawn(&binary(), &config(&mock, &extra))
+        .await
+        .expect("router starts");
+    let token = mock.token_for(APP_ID);
+    let client = http();
+    let callback = router.callback_url("teams_hook");
+    let fixtures = [
+        "conversationupdate-channelcreated.json",
+        "conversationupdate-membersadded-personal.json",
+        "conversationupdate-membersadded-team.json",
+        "conversationupdate-membersremoved-team.json",
+        "installationupdate-add-team.json",
+        "messagereaction-added.json",
+        "messagereaction-removed.json",
+    ];
+    // Every event in one conversation, a message between each: the webhook sees them in order.
+    let mut expected = Vec::new();
+    for (n, name) in fixtures.iter().enumerate() {
+        let mut event = fixture(name);
+        event["serviceUrl"] = mock.service_url().into();
+        event["conversation"]["id"] = "conv-events".into();
+        event["id"] = format!("event-{n}").into();
+        let (status, _) = post(&client, &callback, Some(&token), &event).await;
+        assert_eq!(status, 200, "{name}");
+        expected.push(format!("event-{n}"));
+        let message = personal_message(&mock, "conv-events", &format!("msg-{n}"), &format!("m{n}"));
+        let (status, _) = post(&client, &callback, Some(&token), &message).await;
+        assert_eq!(status, 200);
+        expected.push(format!("msg-{n}"));
+    }
+    mock.wait_for_activities(fixtures.len(), Duration::from_secs(20))
+        .await;
+    let received = hook.received.lock().unwrap().clone();
+    let order: Vec<&str> = received
+        .iter()
+        .filter_map(|t| t["activity"]["id"].as_str())
+        .collect();
+    assert_eq!(order, expected, "each once, in order with the messages");
+    let types: Vec<(String, String)> = received
+        .iter()
+        .step_by(2)
+        .map(|t| {
+            (
+                t["event"]["type"].as_str().unwrap_or_default().to_owned(),
+                t["event"]["eventType"]
+                    .as_str()
+                    .or(t["event"]["action"].as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("conversationUpdate", "channelCreated"),
+            ("conversationUpdate", ""),
+            ("conversationUpdate", "teamMemberAdded"),
+            ("conversationUpdate", "teamMemberRemoved"),
+            ("installationUpdate", "add"),
+            ("messageReaction", ""),
+            ("messageReaction", ""),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    // Events the webhook answers with nothing get no message: only the 7 messages are answered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mock.activities().len(), fixtures.len());
+
+    // An invoke gets the webhook's InvokeResponse; a slow one gets the deadline answer.
+    let mut invoke = fixture("invoke-adaptivecard-action.json");
+    invoke["serviceUrl"] = mock.service_url().into();
+    invoke["conversation"]["id"] = "conv-invoke".into();
+    let (status, body) = post(&client, &callback, Some(&token), &invoke).await;
+    assert_eq!(status, 200);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["value"], "from the webhook", "{body}");
+    invoke["id"] = "slow-invoke".into();
+    invoke["value"]["action"]["data"] = json!({"slow": true});
+    let started = std::time::Instant::now();
+    let (status, body) = post(&client, &callback, Some(&token), &invoke).await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["value"]["code"], "Timeout", "{body}");
 }

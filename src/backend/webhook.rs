@@ -57,6 +57,34 @@ fn ok_status() -> u16 {
     200
 }
 
+/// What kind of turn this is, for a bot that dispatches on it: the activity type, Teams'
+/// `channelData.eventType` for conversation updates (channelCreated, teamRenamed, ...), the
+/// member changes, an installation's action, an invoke's or event's name.
+fn event_of(activity: &crate::activity::TurnActivity) -> Value {
+    let mut event = json!({"type": activity.kind});
+    let channel_event = activity
+        .channel_data
+        .as_ref()
+        .and_then(|c| c.get("eventType"))
+        .and_then(Value::as_str);
+    if let Some(kind) = channel_event {
+        event["eventType"] = json!(kind);
+    }
+    if !activity.members_added.is_empty() {
+        event["membersAdded"] = json!(activity.members_added.len());
+    }
+    if !activity.members_removed.is_empty() {
+        event["membersRemoved"] = json!(activity.members_removed.len());
+    }
+    if let Some(action) = &activity.action {
+        event["action"] = json!(action);
+    }
+    if let Some(name) = &activity.name {
+        event["name"] = json!(name);
+    }
+    event
+}
+
 /// The HMAC-SHA-256 signature of a request body, as the `X-Teams-Router-Signature` value.
 pub fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
@@ -80,6 +108,7 @@ impl Webhook {
         let body = serde_json::to_vec(&json!({
             "integrationId": input.integration_id,
             "botId": input.bot_id,
+            "event": event_of(input.activity),
             "session": {"id": input.session_id, "history": input.history},
             "activity": input.activity,
         }))
