@@ -1403,3 +1403,74 @@ async fn a_change_on_one_instance_reaches_the_other_with_redis() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_outlive_a_redis_that_restarts_empty() {
+    let mut storage = Storage::redis();
+    let mock = start_mock().await;
+    let dir = scratch_dir("mgmt-redis-empty");
+    let prefix = format!("mgmt-empty-{}", std::process::id());
+    let config = config_with_storage(
+        &mock,
+        &storage.table(&dir, &prefix),
+        &format!("{}sync_interval_ms = 200\n", accounts()),
+    );
+    let router = RouterProcess::spawn(&binary(), &config)
+        .await
+        .expect("router starts");
+    let api = Api::new(&router, ACME_KEY);
+    let bot = api.create_echo_bot().await;
+    let id = api
+        .ok(
+            "POST",
+            "/api/v1/integration/teams/create",
+            Some(json!({"botId": bot, "botFrameworkAppId": NEW_APP_ID, "botFrameworkAppSecret": NEW_APP_SECRET})),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    if let Storage::Redis(server) = &mut storage {
+        // No persistence: Redis comes back with nothing in it.
+        server.resume().expect("redis restarts");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let token = mock.token_for(NEW_APP_ID);
+    for (n, integration) in [id.as_str(), "teams_prod"].iter().enumerate() {
+        let (status, _) = post(
+            &http(),
+            &router.callback_url(integration),
+            Some(&token_for_integration(&mock, integration, &token)),
+            &message_from(&mock, &format!("conv-{n}"), &format!("m{n}"), "29:u", "a"),
+        )
+        .await;
+        assert_eq!(
+            status, 200,
+            "{integration} still served after Redis lost its data"
+        );
+    }
+    assert_eq!(
+        mock.wait_for_activities(2, Duration::from_secs(10))
+            .await
+            .len(),
+        2
+    );
+    // Written back: a second instance started now finds them in Redis.
+    let second = RouterProcess::spawn_with_env(
+        &binary(),
+        &config,
+        &[("TEAMS_ROUTER__STORAGE__INSTANCE_ID", "second")],
+    )
+    .await
+    .expect("second router starts");
+    let fetched = Api::new(&second, ACME_KEY).fetch_integration(&id).await;
+    assert_eq!(fetched["botId"], bot.as_str());
+}
+
+fn token_for_integration(mock: &MockMicrosoft, integration: &str, new_app_token: &str) -> String {
+    if integration == "teams_prod" {
+        mock.token_for(APP_ID)
+    } else {
+        new_app_token.to_owned()
+    }
+}

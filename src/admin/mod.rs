@@ -46,6 +46,9 @@ pub const INTEGRATIONS_KIND: &str = "integrations";
 /// Setup results, apart from their integration: a late result never writes back a record that
 /// another instance deleted meanwhile.
 pub const SETUP_KIND: &str = "setup";
+/// Deletions (`bot/{id}`, `integration/{id}` → when): other instances drop a record only when it
+/// was deleted, never merely because the store lost it (a Redis restarted without persistence).
+pub const DELETED_KIND: &str = "deleted";
 
 /// The OpenAPI 3.1 document of this API, as kept in the repository.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -580,6 +583,7 @@ impl Admin {
                 ),
             ));
         }
+        record_deletion(&self.parts.vault, "bot", id).await?;
         self.parts
             .vault
             .store
@@ -751,6 +755,7 @@ impl Admin {
         let _: model::NoFields = model::parse_body(body)?;
         let _guard = self.write_lock.lock().await;
         let integration = self.owned_integration(account, id)?;
+        record_deletion(&self.parts.vault, "integration", id).await?;
         self.parts
             .vault
             .store
@@ -1041,6 +1046,18 @@ async fn save_bot(
     result.map_err(ApiError::store)
 }
 
+async fn record_deletion(parts: &Vault, kind: &str, id: &str) -> Result<(), ApiError> {
+    let result = parts
+        .store
+        .put_records(
+            DELETED_KIND,
+            vec![(format!("{kind}/{id}"), now_ms().to_string().into_bytes())],
+        )
+        .await;
+    parts.health.observe("records", &result);
+    result.map_err(ApiError::store)
+}
+
 async fn save_setup(parts: &Vault, id: &str, setup: &SetupResult) -> Result<(), ApiError> {
     let bytes = serde_json::to_vec(setup)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
@@ -1104,6 +1121,10 @@ pub async fn load(
     parts.health.observe("records", &stored_bots);
     let stored_integrations = parts.store.records(INTEGRATIONS_KIND).await;
     parts.health.observe("records", &stored_integrations);
+    let stored_deletions = parts.store.records(DELETED_KIND).await;
+    parts.health.observe("records", &stored_deletions);
+    let deleted: std::collections::HashSet<String> =
+        stored_deletions?.into_iter().map(|(id, _)| id).collect();
     let stored_setups = parts.store.records(SETUP_KIND).await;
     parts.health.observe("records", &stored_setups);
     let (stored_bots, stored_integrations) = (stored_bots?, stored_integrations?);
@@ -1262,8 +1283,15 @@ pub async fn load(
         }
     }
     for bot in registry.bots() {
-        if !bots.contains_key(&bot.record.id) {
+        if bots.contains_key(&bot.record.id) {
+            continue;
+        }
+        if deleted.contains(&format!("bot/{}", bot.record.id)) {
             registry.remove_bot(&bot.record.id);
+        } else {
+            // The store lost it (not a deletion): write it back from memory.
+            tracing::warn!(bot = %bot.record.id, "bot missing from the store; written back");
+            let _ = save_bot(parts, &bot.record, &bot.owner, None).await;
         }
     }
     for (id, (stored, reseal)) in &integrations {
@@ -1291,11 +1319,25 @@ pub async fn load(
         }
     }
     for integration in registry.integrations() {
-        if !integrations.contains_key(&integration.record.id) {
-            registry.remove_integration(&integration.record.id);
+        let id = &integration.record.id;
+        if integrations.contains_key(id) {
+            continue;
+        }
+        if deleted.contains(&format!("integration/{id}")) {
+            registry.remove_integration(id);
             if let Some(directory) = directory {
-                directory.end_integration(&integration.record.id);
+                directory.end_integration(id);
             }
+        } else {
+            tracing::warn!(integration = %id, "integration missing from the store; written back");
+            let _ = save_integration(
+                parts,
+                &integration.record,
+                &integration.owner,
+                &integration.setup,
+                None,
+            )
+            .await;
         }
     }
     Ok(())
