@@ -379,7 +379,8 @@ impl Admin {
         };
         let query = query.as_deref();
         let value = match action {
-            Action::OpenApi => unreachable_route(),
+            // Served above, before authentication.
+            Action::OpenApi => Err(ApiError::not_found("route")),
             Action::CreateBot => self.create_bot(&account, &body).await,
             Action::ListBots => self.list_bots(&account, query),
             Action::FetchBot(id) => self
@@ -991,10 +992,6 @@ enum Action<'a> {
     ListEvents(&'a str),
     ListContacts,
     FetchContact(&'a str),
-}
-
-fn unreachable_route() -> ApiResult {
-    Err(ApiError::not_found("route"))
 }
 
 fn setup_code(code: Option<&str>) -> &'static str {
