@@ -139,6 +139,25 @@ where
     addr
 }
 
+/// A router whose integration `teams_{bot}` (the multi-tenant test app) uses the bot `bot` with
+/// `backend` (a TOML inline table); `extra` is more config.
+async fn start_with_bot(
+    bot: &str,
+    backend: &str,
+    extra: &str,
+) -> (loadtest::mock::MockMicrosoft, RouterProcess) {
+    let extra = format!(
+        "[[bots]]\nid = \"{bot}\"\nbackend = {backend}\n\n[[integrations]]\nid = \"teams_{bot}\"\n\
+         botId = \"{bot}\"\nbotFrameworkAppId = \"{APP_ID}\"\nbotFrameworkAppSecret = \"{APP_SECRET}\"\n\n{extra}\n"
+    );
+    let mock = loadtest::mock::MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let router = RouterProcess::spawn(&binary(), &config(&mock, &extra))
+        .await
+        .expect("router starts");
+    (mock, router)
+}
+
 fn reply(status: u16, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
@@ -152,27 +171,12 @@ fn reply(status: u16, content_type: &str, body: String) -> Response<Full<Bytes>>
 async fn the_webhook_backend_is_signed_and_answers_as_json_ndjson_or_sse() {
     let hook = Hook::default();
     let url = hook.start().await;
-    let extra = format!(
-        r#"
-[[bots]]
-id = "hook"
-backend = {{ kind = "webhook", url = "{url}", secret = "{HOOK_SECRET}" }}
-
-[[integrations]]
-id = "teams_hook"
-botId = "hook"
-botFrameworkAppId = "{APP_ID}"
-botFrameworkAppSecret = "{APP_SECRET}"
-
-[backend]
-webhook_timeout_ms = 1500
-"#
-    );
-    let mock = loadtest::mock::MockMicrosoft::start().await;
-    mock.register_app(APP_ID, APP_SECRET, None);
-    let router = RouterProcess::spawn(&binary(), &config(&mock, &extra))
-        .await
-        .expect("router starts");
+    let (mock, router) = start_with_bot(
+        "hook",
+        &format!(r#"{{ kind = "webhook", url = "{url}", secret = "{HOOK_SECRET}" }}"#),
+        "[backend]\nwebhook_timeout_ms = 1500",
+    )
+    .await;
     let token = mock.token_for(APP_ID);
     let client = http();
     let url = router.callback_url("teams_hook");
@@ -282,24 +286,12 @@ async fn the_openai_backend_sends_the_system_prompt_and_history_and_reads_the_st
         }
     })
     .await;
-    let extra = format!(
-        r#"
-[[bots]]
-id = "model"
-backend = {{ kind = "openai", baseUrl = "http://{addr}/v1", apiKey = "sk-test-key", model = "test-model", systemPrompt = "You are terse." }}
-
-[[integrations]]
-id = "teams_model"
-botId = "model"
-botFrameworkAppId = "{APP_ID}"
-botFrameworkAppSecret = "{APP_SECRET}"
-"#
-    );
-    let mock = loadtest::mock::MockMicrosoft::start().await;
-    mock.register_app(APP_ID, APP_SECRET, None);
-    let router = RouterProcess::spawn(&binary(), &config(&mock, &extra))
-        .await
-        .expect("router starts");
+    let (mock, router) = start_with_bot(
+        "model",
+        &format!(r#"{{ kind = "openai", baseUrl = "http://{addr}/v1", apiKey = "sk-test-key", model = "test-model", systemPrompt = "You are terse." }}"#),
+        "",
+    )
+    .await;
     let token = mock.token_for(APP_ID);
     let client = http();
     for (n, text) in ["one", "two", "three"].iter().enumerate() {
@@ -349,27 +341,12 @@ botFrameworkAppSecret = "{APP_SECRET}"
 async fn every_event_fixture_reaches_the_webhook_typed_and_in_order_and_invokes_get_its_answer() {
     let hook = Hook::default();
     let url = hook.start().await;
-    let extra = format!(
-        r#"
-[[bots]]
-id = "hook"
-backend = {{ kind = "webhook", url = "{url}", secret = "{HOOK_SECRET}" }}
-
-[[integrations]]
-id = "teams_hook"
-botId = "hook"
-botFrameworkAppId = "{APP_ID}"
-botFrameworkAppSecret = "{APP_SECRET}"
-
-[conversation]
-invoke_timeout_ms = 1000
-"#
-    );
-    let mock = loadtest::mock::MockMicrosoft::start().await;
-    mock.register_app(APP_ID, APP_SECRET, None);
-    let router = RouterProcess::spawn(&binary(), &config(&mock, &extra))
-        .await
-        .expect("router starts");
+    let (mock, router) = start_with_bot(
+        "hook",
+        &format!(r#"{{ kind = "webhook", url = "{url}", secret = "{HOOK_SECRET}" }}"#),
+        "[conversation]\ninvoke_timeout_ms = 1000",
+    )
+    .await;
     let token = mock.token_for(APP_ID);
     let client = http();
     let callback = router.callback_url("teams_hook");

@@ -179,6 +179,14 @@ impl Api {
     }
 }
 
+/// The string field `field` of every item of a list answer, in order.
+fn item_strings<'a>(list: &'a Value, field: &str) -> Vec<&'a str> {
+    list["items"]
+        .as_array()
+        .map(|items| items.iter().filter_map(|i| i[field].as_str()).collect())
+        .unwrap_or_default()
+}
+
 fn message_from(
     mock: &MockMicrosoft,
     conversation: &str,
@@ -236,12 +244,7 @@ async fn lifecycle(storage: Storage) {
         (Some("Hook"), Some("http://127.0.0.1:9/other"))
     );
     let listed = api.ok("GET", "/api/v1/bot/list?order=asc", None).await;
-    let ids: Vec<&str> = listed["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|b| b["id"].as_str())
-        .collect();
+    let ids: Vec<&str> = item_strings(&listed, "id").into_iter().collect();
     // The seeded echo bot belongs to the first account (acme), before the new ones.
     assert_eq!(
         ids,
@@ -450,12 +453,7 @@ async fn lifecycle(storage: Storage) {
             None,
         )
         .await;
-    let users: Vec<&str> = contacts["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|c| c["teamsUserId"].as_str())
-        .collect();
+    let users: Vec<&str> = item_strings(&contacts, "teamsUserId").into_iter().collect();
     assert_eq!(users, ["29:user-a", "29:user-c"], "{contacts}");
     let contact_id = contacts["items"][1]["id"].as_str().unwrap();
     let contact = api
@@ -635,12 +633,7 @@ async fn lifecycle(storage: Storage) {
             None,
         )
         .await;
-    let kinds: HashSet<&str> = events["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["type"].as_str())
-        .collect();
+    let kinds: HashSet<&str> = item_strings(&events, "type").into_iter().collect();
     for kind in [
         "integration.created",
         "integration.updated",
