@@ -237,6 +237,14 @@ impl TurnActivity {
     }
 
     /// True when a `conversationUpdate` says the bot itself was added.
+    /// A one-to-one chat with the bot (the only kind Teams streams answers into).
+    pub fn is_personal(&self) -> bool {
+        self.conversation
+            .get("conversationType")
+            .and_then(Value::as_str)
+            .is_some_and(|kind| kind == "personal")
+    }
+
     pub fn bot_was_added(&self) -> bool {
         let Some(bot) = self.recipient_id() else {
             return false;

@@ -24,12 +24,12 @@ use crate::conversation::{Admission, ConversationSettings, Directory, Persistenc
 use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::registry::Registry;
 use crate::reply::ReplyServices;
+use crate::reply::streaming::StreamSettings;
 use crate::store::writer::{Journal, Snapshots};
 use crate::store::{JournalEntry, Store, StoreError, StoreHealth};
 use crate::telemetry::{self, Readiness};
 
 /// Sent when the backend fails; the user always hears back.
-const DEFAULT_APOLOGY: &str = "Sorry, I could not answer that just now. Please try again.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -142,7 +142,8 @@ impl Router {
             registry: Arc::clone(&registry),
             connector: Arc::clone(&connector),
             welcome_message: config.connector.welcome_message.clone(),
-            apology: DEFAULT_APOLOGY.to_owned(),
+            apology: config.backend.apology.clone(),
+            streaming: StreamSettings::from(&config.streaming),
             events: event_sink.clone(),
             contacts: Some(Arc::clone(&contacts)),
             backends: BackendClient {
@@ -383,6 +384,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 }
             }
             keys.run_refresher(interval, stopped).await;
+        });
+    }
+    {
+        let connector = Arc::clone(&router.front.connector);
+        let mut stopped = background_stopped.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => connector.pacer().forget_idle(),
+                    _ = stopped.changed() => return,
+                }
+            }
         });
     }
     let upkeep = tokio::spawn(telemetry::run_upkeep(

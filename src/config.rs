@@ -42,6 +42,7 @@ pub struct Config {
     pub security: SecurityConfig,
     pub admin: AdminConfig,
     pub backend: BackendConfig,
+    pub streaming: StreamingConfig,
     pub accounts: Vec<AccountRecord>,
     pub bots: Vec<BotRecord>,
     pub integrations: Vec<IntegrationRecord>,
@@ -255,6 +256,12 @@ pub struct ConnectorConfig {
     pub allowed_service_hosts: Vec<String>,
     /// Sent to the conversation when the bot is added; none when absent.
     pub welcome_message: Option<String>,
+    /// Teams' limits per bot and conversation, as `[window_ms, sends]` pairs (protocol.md §3.4).
+    pub conversation_limits: Vec<[u64; 2]>,
+    /// Teams' limits per bot app and tenant, as `[window_ms, sends]` pairs.
+    pub app_limits: Vec<[u64; 2]>,
+    /// Outbound activities waiting for the limits at most; one more fails at once.
+    pub max_queued: usize,
 }
 
 impl Default for ConnectorConfig {
@@ -278,6 +285,9 @@ impl Default for ConnectorConfig {
             .map(String::from)
             .collect(),
             welcome_message: None,
+            conversation_limits: vec![[1_000, 7], [2_000, 8], [30_000, 60], [3_600_000, 1_800]],
+            app_limits: vec![[1_000, 50]],
+            max_queued: 100_000,
         }
     }
 }
@@ -316,6 +326,31 @@ pub struct BackendConfig {
     pub openai_timeout_ms: u64,
     /// Characters of session history sent to a model at most (oldest turns go first).
     pub openai_history_max_chars: usize,
+    /// Said to the user instead of an answer when the bot's backend fails.
+    pub apology: String,
+}
+
+/// Teams streaming of answers in personal chats (integrations with `stream: true`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingConfig {
+    /// Time between two streaming updates at least (from the end of one to the start of the
+    /// next); Teams asks for 1.5 to 2 s of buffering and throttles faster streams.
+    pub interval_ms: u64,
+    /// The informative update that starts a stream (at most 1000 characters).
+    pub informative_text: String,
+    /// Teams ends a stream 2 minutes after it started; later text goes as one plain message.
+    pub max_duration_ms: u64,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1_500,
+            informative_text: "Working on it…".into(),
+            max_duration_ms: 110_000,
+        }
+    }
 }
 
 impl Default for BackendConfig {
@@ -325,6 +360,7 @@ impl Default for BackendConfig {
             connect_timeout_ms: 5_000,
             openai_timeout_ms: 60_000,
             openai_history_max_chars: 24_000,
+            apology: "Sorry, I could not answer that just now. Please try again.".into(),
         }
     }
 }
@@ -378,7 +414,12 @@ pub struct AccountRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendSpec {
-    Echo,
+    /// Says back what it is told; `wordDelayMs` streams the answer word by word (demos, tests).
+    #[serde(rename_all = "camelCase")]
+    Echo {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        word_delay_ms: Option<u64>,
+    },
     Webhook {
         url: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -566,6 +607,27 @@ impl Config {
         }
         if self.connector.max_attempts == 0 {
             return invalid("connector.max_attempts must be at least 1".into());
+        }
+        let informative = self.streaming.informative_text.chars().count();
+        if informative == 0 || informative > 1_000 {
+            return invalid(
+                "streaming.informative_text must have 1 to 1000 characters (Teams' limit)".into(),
+            );
+        }
+        if self.streaming.max_duration_ms > 120_000 {
+            return invalid(
+                "streaming.max_duration_ms: Teams ends streams after 120000 ms".into(),
+            );
+        }
+        for (key, limits) in [
+            ("connector.conversation_limits", &self.connector.conversation_limits),
+            ("connector.app_limits", &self.connector.app_limits),
+        ] {
+            if limits.iter().any(|[window, count]| *window == 0 || *count == 0) {
+                return invalid(format!(
+                    "{key}: every [window_ms, sends] pair needs a positive window and count"
+                ));
+            }
         }
         if self.storage.backend == StorageBackend::Redis
             && !self.storage.redis_url.starts_with("redis")

@@ -33,6 +33,11 @@ pub const ACTIVITIES_IGNORED: &str = "teams_router_activities_ignored_total";
 pub const SETUP_CHECKS: &str = "teams_router_setup_checks_total";
 pub const EVENTS_DROPPED: &str = "teams_router_events_dropped_total";
 pub const CONTACTS: &str = "teams_router_contacts";
+pub const CONNECTOR_QUEUE_DEPTH: &str = "teams_router_connector_queue_depth";
+pub const STREAMS: &str = "teams_router_streams_total";
+
+/// How a streamed answer ended (`outcome` label).
+pub const STREAM_OUTCOMES: &[&str] = &["completed", "fallback", "cancelled"];
 
 /// Why an acknowledged activity was not given to its bot (`reason` label).
 pub const IGNORE_REASONS: &[&str] = &["sender_not_allowed"];
@@ -74,7 +79,14 @@ pub const ACTIVITY_TYPES: &[&str] = &[
 ];
 
 /// Connector operations (`op` label).
-pub const CONNECTOR_OPS: &[&str] = &["reply", "send", "token"];
+pub const CONNECTOR_OPS: &[&str] = &[
+    "reply",
+    "send",
+    "update",
+    "delete",
+    "create_conversation",
+    "token",
+];
 /// Status label values created at start; others appear when they happen.
 const CONNECTOR_STATUSES: &[&str] = &[
     "200", "201", "202", "401", "429", "500", "502", "503", "504", "error",
@@ -266,6 +278,20 @@ fn describe_all() {
     }
     counter!(EVENTS_DROPPED).increment(0);
     gauge!(CONTACTS).set(0.0);
+    describe_gauge!(
+        CONNECTOR_QUEUE_DEPTH,
+        Unit::Count,
+        "Outbound activities waiting for room in Teams' rate limits."
+    );
+    gauge!(CONNECTOR_QUEUE_DEPTH).set(0.0);
+    describe_counter!(
+        STREAMS,
+        Unit::Count,
+        "Answers streamed into Teams, by outcome (completed, fallback: Teams refused the stream and one message was sent, cancelled: the user stopped it)."
+    );
+    for outcome in STREAM_OUTCOMES {
+        counter!(STREAMS, "outcome" => *outcome).increment(0);
+    }
     for op in STORE_OPS {
         counter!(STORE_ERRORS, "op" => *op).increment(0);
     }

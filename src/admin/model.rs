@@ -258,7 +258,13 @@ pub fn check_backend(backend: &BackendSpec) -> Result<(), Invalid> {
         )),
     };
     match backend {
-        BackendSpec::Echo => Ok(()),
+        BackendSpec::Echo { word_delay_ms } => match word_delay_ms {
+            Some(ms) if *ms > 10_000 => Err(Invalid::field(
+                "backend.wordDelayMs",
+                format!("backend.wordDelayMs: {ms} is over 10000"),
+            )),
+            _ => Ok(()),
+        },
         BackendSpec::Webhook { url, secret } => {
             http_url("backend.url", url)?;
             check_text("backend.secret", secret.as_deref(), MAX_TEXT)
@@ -303,7 +309,7 @@ pub fn check_integration_texts(record: &IntegrationRecord) -> Result<(), Invalid
 /// The secret of a backend, if it has one.
 pub fn backend_secret(backend: &BackendSpec) -> Option<&str> {
     match backend {
-        BackendSpec::Echo => None,
+        BackendSpec::Echo { .. } => None,
         BackendSpec::Webhook { secret, .. } => secret.as_deref(),
         BackendSpec::Openai { api_key, .. } => api_key.as_deref(),
     }
@@ -311,7 +317,7 @@ pub fn backend_secret(backend: &BackendSpec) -> Option<&str> {
 
 pub fn set_backend_secret(backend: &mut BackendSpec, value: Option<String>) {
     match backend {
-        BackendSpec::Echo => {}
+        BackendSpec::Echo { .. } => {}
         BackendSpec::Webhook { secret, .. } => *secret = value,
         BackendSpec::Openai { api_key, .. } => *api_key = value,
     }

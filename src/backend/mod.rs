@@ -8,6 +8,7 @@ pub mod webhook;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use crate::activity::TurnActivity;
 use crate::config::BackendSpec;
@@ -56,9 +57,61 @@ impl InvokeResponse {
 
 #[derive(Debug, Default, PartialEq)]
 pub struct Answer {
-    /// Sent to the conversation as one message; none for nothing to say.
+    /// The answer's message (streamed into Teams as it was produced); none for nothing to say.
     pub text: Option<String>,
     pub invoke: Option<InvokeResponse>,
+    /// Attachments (cards) of the answer's message.
+    pub attachments: Vec<Value>,
+    /// More activities to send after the message, in order, each as given (addressing added).
+    pub activities: Vec<Value>,
+    /// Earlier messages of the bot to replace: each activity names the message by its `id`.
+    pub updates: Vec<Value>,
+    /// Ids of earlier messages of the bot to delete.
+    pub deletes: Vec<String>,
+}
+
+impl Answer {
+    pub fn text(text: Option<String>) -> Self {
+        Self {
+            text,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the answer sends or changes anything in the conversation.
+    pub fn says_anything(&self) -> bool {
+        self.text.is_some()
+            || !self.attachments.is_empty()
+            || !self.activities.is_empty()
+            || !self.updates.is_empty()
+            || !self.deletes.is_empty()
+    }
+}
+
+/// Where a backend puts the text of its answer as it is produced, so the reply can stream it
+/// into Teams while the rest is still coming. Pieces are appended to one growing text: Teams'
+/// streaming updates carry the whole text so far, and a reader that falls behind just sees more.
+pub struct Deltas {
+    text: watch::Sender<String>,
+}
+
+impl Deltas {
+    /// A sink and the reader of its growing text.
+    pub fn channel() -> (Self, watch::Receiver<String>) {
+        let (text, reader) = watch::channel(String::new());
+        (Self { text }, reader)
+    }
+
+    /// A sink nobody reads (the answer is sent as one message).
+    pub fn unread() -> Self {
+        Self::channel().0
+    }
+
+    pub fn push(&self, piece: &str) {
+        if !piece.is_empty() {
+            self.text.send_modify(|text| text.push_str(piece));
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +121,9 @@ pub enum BackendError {
 }
 
 pub enum Backend {
-    Echo,
+    Echo {
+        word_delay: Option<Duration>,
+    },
     Webhook(webhook::Webhook),
     OpenAi(openai::OpenAi),
 }
@@ -76,7 +131,11 @@ pub enum Backend {
 impl Backend {
     pub fn from_spec(spec: &BackendSpec) -> Result<Self, BackendError> {
         match spec {
-            BackendSpec::Echo => Ok(Self::Echo),
+            BackendSpec::Echo { word_delay_ms } => Ok(Self::Echo {
+                word_delay: word_delay_ms
+                    .filter(|ms| *ms > 0)
+                    .map(Duration::from_millis),
+            }),
             BackendSpec::Webhook { url, secret } => Ok(Self::Webhook(webhook::Webhook {
                 url: url.clone(),
                 secret: secret.clone(),
@@ -95,15 +154,23 @@ impl Backend {
         }
     }
 
+    /// The answer to the turn; its text is also pushed into `deltas` as it is produced.
     pub async fn answer(
         &self,
         client: &BackendClient,
         input: &TurnInput<'_>,
+        deltas: &Deltas,
     ) -> Result<Answer, BackendError> {
         match self {
-            Self::Echo => Ok(echo(input.activity)),
+            Self::Echo { word_delay } => {
+                let answer = echo(input.activity);
+                if let Some(text) = &answer.text {
+                    stream_words(text, *word_delay, deltas).await;
+                }
+                Ok(answer)
+            }
             Self::Webhook(hook) => {
-                hook.answer(&client.http, client.webhook_timeout, input)
+                hook.answer(&client.http, client.webhook_timeout, input, deltas)
                     .await
             }
             // A model answers messages; other activities (invokes, reactions) get nothing.
@@ -115,11 +182,29 @@ impl Backend {
                         client.openai_timeout,
                         client.openai_history_max_chars,
                         input,
+                        deltas,
                     )
                     .await
             }
         }
     }
+}
+
+/// Pushes `text` word by word (each piece a word and the space before it), `delay` apart.
+async fn stream_words(text: &str, delay: Option<Duration>, deltas: &Deltas) {
+    let Some(delay) = delay else {
+        deltas.push(text);
+        return;
+    };
+    let mut start = 0;
+    for (i, _) in text.match_indices(' ') {
+        if i > start {
+            deltas.push(&text[start..i]);
+            start = i;
+            tokio::time::sleep(delay).await;
+        }
+    }
+    deltas.push(&text[start..]);
 }
 
 /// Echo answers a message with `echo: <text>` (bot mentions stripped), a card submission with its
@@ -144,10 +229,7 @@ fn echo(activity: &TurnActivity) -> Answer {
                 (None, false) => Some(attached.trim_start().to_owned()),
                 (None, true) => None,
             };
-            Answer {
-                text: said.map(|s| format!("echo: {s}")),
-                invoke: None,
-            }
+            Answer::text(said.map(|s| format!("echo: {s}")))
         }
         "invoke" => {
             let body = match activity.name.as_deref() {
@@ -171,8 +253,8 @@ fn echo(activity: &TurnActivity) -> Answer {
                 _ => json!({}),
             };
             Answer {
-                text: None,
                 invoke: Some(InvokeResponse { status: 200, body }),
+                ..Answer::default()
             }
         }
         _ => Answer::default(),
@@ -197,6 +279,22 @@ mod tests {
         }));
         let answer = echo(&a);
         assert_eq!(answer.text.as_deref(), Some("echo: hello"));
+    }
+
+    #[tokio::test]
+    async fn words_stream_one_by_one() {
+        let (deltas, mut reader) = Deltas::channel();
+        let seen = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while reader.changed().await.is_ok() {
+                seen.push(reader.borrow_and_update().clone());
+            }
+            seen
+        });
+        stream_words("echo: a  b", Some(Duration::from_millis(20)), &deltas).await;
+        drop(deltas);
+        let seen = seen.await.unwrap();
+        assert_eq!(seen, ["echo:", "echo: a", "echo: a ", "echo: a  b"]);
     }
 
     #[tokio::test]

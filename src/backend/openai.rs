@@ -10,7 +10,7 @@ use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use super::{Answer, BackendError, TurnInput};
+use super::{Answer, BackendError, Deltas, TurnInput};
 use crate::conversation::session::{HistoryEntry, Role};
 
 /// Text a model may send for one turn at most.
@@ -57,6 +57,7 @@ impl OpenAi {
         timeout: Duration,
         history_budget: usize,
         input: &TurnInput<'_>,
+        deltas: &Deltas,
     ) -> Result<Answer, BackendError> {
         let url = format!("{}/chat/completions", self.base_url.trim_end_matches('/'));
         let body = json!({
@@ -108,12 +109,10 @@ impl OpenAi {
                         )));
                     }
                     text.push_str(delta);
+                    deltas.push(delta);
                 }
             }
-            Ok(Answer {
-                text: (!text.is_empty()).then_some(text),
-                invoke: None,
-            })
+            Ok(Answer::text((!text.is_empty()).then_some(text)))
         };
         tokio::time::timeout(timeout, exchange).await.map_err(|_| {
             BackendError::Failed(format!(

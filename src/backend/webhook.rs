@@ -3,9 +3,14 @@
 //! (`X-Teams-Router-Timestamp: <unix seconds>`, `X-Teams-Router-Signature: sha256=<hex HMAC-SHA-256
 //! of "<timestamp>.<body>">`, so a receiver can refuse replays of old requests). The answer is
 //! read by its content type:
-//! - `application/json`: `{"text"?, "invokeResponse"?: {"status", "body"}, "activities"?: [...]}`;
-//! - `application/x-ndjson`: one such object per line, or `{"delta": "..."}` pieces of text;
-//! - `text/event-stream`: the same objects as SSE `data:` (until `[DONE]` or the end).
+//! - `application/json`: `{"text"?, "attachments"?: [...], "invokeResponse"?: {"status", "body"},
+//!   "activities"?: [...], "update"?: [{"id", ...activity}], "delete"?: ["id"]}`: the message,
+//!   its cards, an invoke's answer, more activities sent as they are, and earlier messages of the
+//!   bot to replace or delete (ids from the session history);
+//! - `application/x-ndjson`: one such object per line, or `{"delta": "..."}` pieces of text,
+//!   streamed into Teams as they arrive;
+//! - `text/event-stream`: the same objects as SSE `data:` (until `[DONE]` or the end);
+//! - `text/plain`: the message text.
 //!
 //! The whole exchange is bounded by `backend.webhook_timeout_ms`. A POST is not idempotent, so
 //! only a request that never reached the server (connection refused) is tried again.
@@ -18,13 +23,15 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Answer, BackendError, InvokeResponse, TurnInput};
+use super::{Answer, BackendError, Deltas, InvokeResponse, TurnInput};
 
 pub const SIGNATURE_HEADER: &str = "x-teams-router-signature";
 pub const TIMESTAMP_HEADER: &str = "x-teams-router-timestamp";
 /// Text a webhook may send for one turn at most.
 const MAX_TEXT_BYTES: usize = 1 << 20;
 const CONNECT_ATTEMPTS: u32 = 3;
+/// Activities, attachments and updates one answer may carry at most.
+const MAX_ACTIVITIES: usize = 50;
 
 pub struct Webhook {
     pub url: String,
@@ -42,7 +49,13 @@ struct Piece {
     #[serde(default)]
     invoke_response: Option<InvokePiece>,
     #[serde(default)]
+    attachments: Vec<Value>,
+    #[serde(default)]
     activities: Vec<Value>,
+    #[serde(default)]
+    update: Vec<Value>,
+    #[serde(default)]
+    delete: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +116,7 @@ impl Webhook {
         http: &reqwest::Client,
         timeout: Duration,
         input: &TurnInput<'_>,
+        deltas: &Deltas,
     ) -> Result<Answer, BackendError> {
         let deadline = Instant::now() + timeout;
         let body = serde_json::to_vec(&json!({
@@ -132,7 +146,10 @@ impl Webhook {
                 .unwrap_or("")
                 .trim()
                 .to_ascii_lowercase();
-            let mut answer = Assembly::default();
+            let mut answer = Assembly {
+                deltas: Some(deltas),
+                ..Assembly::default()
+            };
             match content_type.as_str() {
                 "text/event-stream" => {
                     let mut events = response.bytes_stream().eventsource();
@@ -228,12 +245,18 @@ impl Webhook {
 
 /// The answer as it arrives piece by piece.
 #[derive(Default)]
-struct Assembly {
+struct Assembly<'a> {
     text: String,
     invoke: Option<InvokeResponse>,
+    attachments: Vec<Value>,
+    activities: Vec<Value>,
+    updates: Vec<Value>,
+    deletes: Vec<String>,
+    /// Where text deltas are streamed to as they arrive.
+    deltas: Option<&'a Deltas>,
 }
 
-impl Assembly {
+impl Assembly<'_> {
     fn check_size(&self, more: usize) -> Result<(), BackendError> {
         if self.text.len() + more > MAX_TEXT_BYTES {
             return Err(BackendError::Failed(format!(
@@ -252,21 +275,35 @@ impl Assembly {
         if let Some(delta) = piece.delta {
             self.check_size(delta.len())?;
             self.text.push_str(&delta);
+            if let Some(deltas) = self.deltas {
+                deltas.push(&delta);
+            }
         }
         if let Some(text) = piece.text {
             // A whole text replaces what the deltas built so far (a final summary).
             self.check_size(text.len())?;
             self.text = text;
         }
-        for activity in piece.activities {
-            if let Some(text) = activity.get("text").and_then(Value::as_str) {
-                self.check_size(text.len())?;
-                if !self.text.is_empty() {
-                    self.text.push_str("\n\n");
-                }
-                self.text.push_str(text);
-            }
+        let extra = piece.attachments.len() + piece.activities.len() + piece.update.len();
+        if self.attachments.len() + self.activities.len() + self.updates.len() + extra
+            > MAX_ACTIVITIES
+        {
+            return Err(BackendError::Failed(format!(
+                "the webhook's answer has more than {MAX_ACTIVITIES} activities and attachments"
+            )));
         }
+        self.attachments.extend(piece.attachments);
+        self.activities
+            .extend(piece.activities.into_iter().filter(Value::is_object));
+        for update in piece.update {
+            if update.get("id").and_then(Value::as_str).is_none() {
+                return Err(BackendError::Failed(
+                    "an update of the webhook's answer names no message id".into(),
+                ));
+            }
+            self.updates.push(update);
+        }
+        self.deletes.extend(piece.delete);
         if let Some(invoke) = piece.invoke_response {
             self.invoke = Some(InvokeResponse {
                 status: invoke.status,
@@ -280,6 +317,10 @@ impl Assembly {
         Answer {
             text: (!self.text.is_empty()).then_some(self.text),
             invoke: self.invoke,
+            attachments: self.attachments,
+            activities: self.activities,
+            updates: self.updates,
+            deletes: self.deletes,
         }
     }
 }
@@ -313,6 +354,13 @@ mod tests {
         assert!(b.add_json(b"{not json").is_err());
         b.add_json(br#"{"activities": [{"type": "message", "text": "a"}, {"type": "message", "text": "b"}]}"#)
             .unwrap();
-        assert_eq!(b.finish().text.as_deref(), Some("a\n\nb"));
+        b.add_json(br#"{"update": [{"id": "7", "text": "edited"}], "delete": ["8"]}"#)
+            .unwrap();
+        assert!(b.add_json(br#"{"update": [{"text": "no id"}]}"#).is_err());
+        let answer = b.finish();
+        assert_eq!(answer.text, None);
+        assert_eq!(answer.activities.len(), 2);
+        assert_eq!(answer.updates[0]["id"], "7");
+        assert_eq!(answer.deletes, ["8"]);
     }
 }

@@ -4,6 +4,7 @@
 //! so those retries are counted under their own reasons.
 
 pub mod backoff;
+pub mod pacing;
 pub mod token;
 
 use std::sync::Arc;
@@ -34,15 +35,54 @@ pub enum Op {
     Reply,
     /// `POST v3/conversations/{id}/activities`
     Send,
+    /// `PUT v3/conversations/{id}/activities/{activityId}`
+    Update,
+    /// `DELETE v3/conversations/{id}/activities/{activityId}`
+    Delete,
+    /// `POST v3/conversations`
+    CreateConversation,
 }
 
 impl Op {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Op::Reply => "reply",
             Op::Send => "send",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::CreateConversation => "create_conversation",
         }
     }
+
+    fn method(self) -> reqwest::Method {
+        match self {
+            Op::Reply | Op::Send | Op::CreateConversation => reqwest::Method::POST,
+            Op::Update => reqwest::Method::PUT,
+            Op::Delete => reqwest::Method::DELETE,
+        }
+    }
+}
+
+/// Where an outbound request goes and on whose behalf.
+#[derive(Debug, Clone, Copy)]
+pub struct Route<'a> {
+    /// None for a development-mode integration (no token).
+    pub credentials: Option<&'a AppCredentials>,
+    /// The tenant of the conversation (Teams limits each app per tenant).
+    pub tenant: Option<&'a str>,
+    pub service_url: &'a str,
+    /// The conversation, or for a new conversation the user or channel it is created with.
+    pub conversation_id: &'a str,
+}
+
+/// How hard a request is tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Retried on throttling and transient errors, as Microsoft advises.
+    Retried,
+    /// One attempt (a fresh token after a 401 aside): for streaming updates, whose failure the
+    /// caller answers by falling back to one message.
+    Once,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +95,26 @@ pub enum ConnectorError {
     Rejected { status: u16, detail: String },
     #[error("connector request failed after {attempts} attempts: {last}")]
     Exhausted { attempts: u32, last: String },
+    #[error(transparent)]
+    QueueFull(#[from] pacing::QueueFull),
+}
+
+impl ConnectorError {
+    /// The HTTP status the Connector refused with, if it did.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The Connector's error text (code and message), empty when it gave none.
+    pub fn detail(&self) -> &str {
+        match self {
+            Self::Rejected { detail, .. } | Self::Exhausted { last: detail, .. } => detail,
+            _ => "",
+        }
+    }
 }
 
 pub struct Connector {
@@ -63,6 +123,17 @@ pub struct Connector {
     backoff: Backoff,
     max_attempts: u32,
     allowed_hosts: Vec<String>,
+    pacer: pacing::Pacer,
+}
+
+fn limits(pairs: &[[u64; 2]]) -> Vec<pacing::Limit> {
+    pairs
+        .iter()
+        .map(|[window_ms, count]| pacing::Limit {
+            window: Duration::from_millis(*window_ms),
+            count: usize::try_from(*count).unwrap_or(usize::MAX),
+        })
+        .collect()
 }
 
 impl Connector {
@@ -77,11 +148,21 @@ impl Connector {
             },
             max_attempts: config.max_attempts,
             allowed_hosts: config.allowed_service_hosts.clone(),
+            pacer: pacing::Pacer::new(
+                limits(&config.conversation_limits),
+                limits(&config.app_limits),
+                config.max_queued,
+            ),
         }
     }
 
     pub fn tokens(&self) -> &TokenProvider {
         &self.tokens
+    }
+
+    /// The outbound send logs (their idle entries are dropped periodically).
+    pub fn pacer(&self) -> &pacing::Pacer {
+        &self.pacer
     }
 
     /// Whether replies may go to `service_url`: https to an allowed host suffix, or any loopback
@@ -90,114 +171,261 @@ impl Connector {
         service_url_allowed(service_url, &self.allowed_hosts)
     }
 
-    /// Posts `activity` and returns the id the Connector gave it (none on a 202 without body).
-    pub async fn post_activity(
+    /// Sends `activity` into the conversation (as a reply to `reply_to_id` when given) and
+    /// returns the id the Connector gave it (none on a 202 without body).
+    pub async fn send(
         &self,
-        op: Op,
-        credentials: Option<&AppCredentials>,
-        service_url: &str,
-        conversation_id: &str,
+        route: Route<'_>,
         reply_to_id: Option<&str>,
         activity: &Value,
+        delivery: Delivery,
     ) -> Result<Option<String>, ConnectorError> {
-        if !self.service_url_allowed(service_url) {
-            return Err(ConnectorError::ServiceUrlNotAllowed(service_url.to_owned()));
+        let (op, id) = match reply_to_id {
+            Some(id) => (Op::Reply, Some(id)),
+            None => (Op::Send, None),
+        };
+        let url = activities_url(route.service_url, route.conversation_id, id);
+        let body = self
+            .execute(op, route, &url, Some(activity), delivery)
+            .await?;
+        Ok(resource_id(&body))
+    }
+
+    /// Replaces an earlier message of the bot.
+    pub async fn update(
+        &self,
+        route: Route<'_>,
+        activity_id: &str,
+        activity: &Value,
+    ) -> Result<Option<String>, ConnectorError> {
+        let url = activities_url(route.service_url, route.conversation_id, Some(activity_id));
+        let body = self
+            .execute(Op::Update, route, &url, Some(activity), Delivery::Retried)
+            .await?;
+        Ok(resource_id(&body))
+    }
+
+    /// Deletes an earlier message of the bot.
+    pub async fn delete(&self, route: Route<'_>, activity_id: &str) -> Result<(), ConnectorError> {
+        let url = activities_url(route.service_url, route.conversation_id, Some(activity_id));
+        self.execute(Op::Delete, route, &url, None, Delivery::Retried)
+            .await
+            .map(drop)
+    }
+
+    /// `POST v3/conversations`: a new personal chat, or a new thread in a channel. Returns the
+    /// `ConversationResourceResponse` (`id`, `activityId`, `serviceUrl`).
+    pub async fn create_conversation(
+        &self,
+        route: Route<'_>,
+        parameters: &Value,
+    ) -> Result<Value, ConnectorError> {
+        let mut url = route.service_url.trim_end_matches('/').to_owned();
+        url.push_str("/v3/conversations");
+        let body = self
+            .execute(
+                Op::CreateConversation,
+                route,
+                &url,
+                Some(parameters),
+                Delivery::Retried,
+            )
+            .await?;
+        Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    /// Sends a typing indicator if the conversation's limits have room right now; it is never
+    /// worth delaying or retrying (the answer itself follows).
+    pub async fn send_typing(&self, route: Route<'_>, activity: &Value) -> bool {
+        if !self.service_url_allowed(route.service_url) {
+            return false;
         }
-        let url = activities_url(service_url, conversation_id, reply_to_id);
-        let body = serde_json::to_vec(activity).map_err(|e| ConnectorError::Rejected {
-            status: 0,
-            detail: format!("activity does not serialize: {e}"),
-        })?;
+        let Some(permit) = self.pacer.admit_now(&app_key(&route), route.conversation_id) else {
+            return false;
+        };
+        let url = activities_url(route.service_url, route.conversation_id, None);
+        let sent = self
+            .attempt(Op::Send, route, &url, Some(activity))
+            .await
+            .is_ok_and(|outcome| matches!(outcome, Attempt::Done(_)));
+        drop(permit);
+        sent
+    }
+
+    async fn attempt(
+        &self,
+        op: Op,
+        route: Route<'_>,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<Attempt, ConnectorError> {
+        let mut request = self
+            .http
+            .request(op.method(), url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(body) = body {
+            let body = serde_json::to_vec(body).map_err(|e| ConnectorError::Rejected {
+                status: 0,
+                detail: format!("activity does not serialize: {e}"),
+            })?;
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        if let Some(credentials) = route.credentials {
+            let token = self.tokens.token(credentials).await?;
+            request = request.bearer_auth(&*token);
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(err) => {
+                counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => "error").increment(1);
+                let reason = if err.is_connect() {
+                    "connect"
+                } else {
+                    "ambiguous_timeout"
+                };
+                return Ok(Attempt::Failed {
+                    reason,
+                    retry_after: None,
+                    status: None,
+                    last: err.without_url().to_string(),
+                });
+            }
+        };
+        let status = response.status();
+        counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => status.as_str().to_owned())
+            .increment(1);
+        if status.is_success() {
+            return Ok(Attempt::Done(response.bytes().await.unwrap_or_default()));
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let correlation = response
+            .headers()
+            .get("x-correlating-operationid")
+            .or_else(|| response.headers().get("ms-cv"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let detail = response.text().await.unwrap_or_default();
+        let detail: String = detail.chars().take(512).collect();
+        Ok(match classify(status) {
+            Retry::Never => {
+                tracing::warn!(op = op.label(), %status, %correlation, %detail, "connector refused the request");
+                Attempt::Refused {
+                    status: status.as_u16(),
+                    detail,
+                }
+            }
+            Retry::AfterTokenRefresh => Attempt::Unauthorized { detail },
+            Retry::With(reason) => Attempt::Failed {
+                reason,
+                retry_after,
+                status: Some(status.as_u16()),
+                last: format!("HTTP {status} {detail}"),
+            },
+        })
+    }
+
+    /// One request with pacing, the token, and the retries `delivery` allows; returns the body.
+    async fn execute(
+        &self,
+        op: Op,
+        route: Route<'_>,
+        url: &str,
+        body: Option<&Value>,
+        delivery: Delivery,
+    ) -> Result<bytes::Bytes, ConnectorError> {
+        if !self.service_url_allowed(route.service_url) {
+            return Err(ConnectorError::ServiceUrlNotAllowed(
+                route.service_url.to_owned(),
+            ));
+        }
+        let app = app_key(&route);
+        let max_attempts = match delivery {
+            Delivery::Retried => self.max_attempts,
+            Delivery::Once => 1,
+        };
         let mut refreshed_token = false;
-        let mut last = String::new();
         let mut retry = 0;
         let mut attempt = 0;
-        while attempt < self.max_attempts {
+        loop {
             attempt += 1;
-            let mut request = self
-                .http
-                .post(&url)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .header(reqwest::header::ACCEPT, "application/json")
-                .body(body.clone());
-            if let Some(credentials) = credentials {
-                let token = self.tokens.token(credentials).await?;
-                request = request.bearer_auth(&*token);
-            }
-            let (reason, retry_after) = match request.send().await {
-                Ok(response) => {
-                    let status = response.status();
-                    counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => status.as_str().to_owned())
-                        .increment(1);
-                    if status.is_success() {
-                        return Ok(resource_id(response).await);
-                    }
-                    let retry_after = response
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
-                    let correlation = response
-                        .headers()
-                        .get("x-correlating-operationid")
-                        .or_else(|| response.headers().get("ms-cv"))
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned();
-                    let detail = response.text().await.unwrap_or_default();
-                    let detail: String = detail.chars().take(512).collect();
-                    last = format!("HTTP {status} {detail}");
-                    match classify(status) {
-                        Retry::Never => {
-                            tracing::warn!(%status, %correlation, %detail, "connector refused the activity");
-                            return Err(ConnectorError::Rejected {
-                                status: status.as_u16(),
-                                detail,
-                            });
-                        }
-                        Retry::AfterTokenRefresh => {
-                            let Some(credentials) = credentials.filter(|_| !refreshed_token) else {
-                                return Err(ConnectorError::Rejected {
-                                    status: status.as_u16(),
-                                    detail,
-                                });
-                            };
-                            refreshed_token = true;
-                            self.tokens.invalidate(credentials).await;
-                            counter!(CONNECTOR_RETRIES, "reason" => "unauthorized").increment(1);
-                            // A fresh token is retried at once and does not use up an attempt.
-                            attempt -= 1;
-                            continue;
-                        }
-                        Retry::With(reason) => (reason, retry_after),
-                    }
+            let permit = self.pacer.admit(&app, route.conversation_id).await?;
+            let outcome = self.attempt(op, route, url, body).await;
+            drop(permit);
+            let (reason, retry_after, status, last) = match outcome? {
+                Attempt::Done(bytes) => return Ok(bytes),
+                Attempt::Refused { status, detail } => {
+                    return Err(ConnectorError::Rejected { status, detail });
                 }
-                Err(err) => {
-                    counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => "error")
-                        .increment(1);
-                    let reason = if err.is_connect() {
-                        "connect"
-                    } else {
-                        "ambiguous_timeout"
+                Attempt::Unauthorized { detail } => {
+                    let Some(credentials) = route.credentials.filter(|_| !refreshed_token) else {
+                        return Err(ConnectorError::Rejected {
+                            status: 401,
+                            detail,
+                        });
                     };
-                    last = err.without_url().to_string();
-                    (reason, None)
+                    refreshed_token = true;
+                    self.tokens.invalidate(credentials).await;
+                    counter!(CONNECTOR_RETRIES, "reason" => "unauthorized").increment(1);
+                    // A fresh token is retried at once and does not use up an attempt.
+                    attempt -= 1;
+                    continue;
                 }
+                Attempt::Failed {
+                    reason,
+                    retry_after,
+                    status,
+                    last,
+                } => (reason, retry_after, status, last),
             };
-            if attempt == self.max_attempts {
-                break;
+            if attempt >= max_attempts {
+                if let (Delivery::Once, Some(status)) = (delivery, status) {
+                    // The caller decides what a refused stream update means; it needs the status.
+                    return Err(ConnectorError::Rejected {
+                        status,
+                        detail: last,
+                    });
+                }
+                return Err(ConnectorError::Exhausted {
+                    attempts: max_attempts,
+                    last,
+                });
             }
             counter!(CONNECTOR_RETRIES, "reason" => reason).increment(1);
             let wait = self.backoff.delay(retry, retry_after);
             retry += 1;
-            tracing::debug!(reason, ?wait, attempt, "retrying connector request");
+            tracing::debug!(op = op.label(), reason, ?wait, attempt, "retrying connector request");
             tokio::time::sleep(wait).await;
         }
-        Err(ConnectorError::Exhausted {
-            attempts: self.max_attempts,
-            last,
-        })
     }
+}
+
+/// What one attempt came to.
+enum Attempt {
+    Done(bytes::Bytes),
+    Refused { status: u16, detail: String },
+    Unauthorized { detail: String },
+    Failed {
+        reason: &'static str,
+        retry_after: Option<Duration>,
+        status: Option<u16>,
+        last: String,
+    },
+}
+
+/// Teams limits each bot app per tenant.
+fn app_key(route: &Route<'_>) -> String {
+    format!(
+        "{}\u{0}{}",
+        route.credentials.map(|c| c.app_id.as_str()).unwrap_or(""),
+        route.tenant.unwrap_or("")
+    )
 }
 
 enum Retry {
@@ -217,9 +445,8 @@ fn classify(status: StatusCode) -> Retry {
     }
 }
 
-async fn resource_id(response: reqwest::Response) -> Option<String> {
-    let bytes = response.bytes().await.ok()?;
-    let value: Value = serde_json::from_slice(&bytes).ok()?;
+fn resource_id(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
     value.get("id")?.as_str().map(str::to_owned)
 }
 

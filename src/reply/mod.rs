@@ -15,12 +15,15 @@ use tokio::sync::oneshot;
 use crate::activity::TurnActivity;
 use crate::admin::contacts::{ContactBook, Sender};
 use crate::admin::events::{EventDraft, EventSink};
-use crate::backend::{Answer, Backend, BackendClient, InvokeResponse, TurnInput};
-use crate::connector::{Connector, Op, is_loopback_url};
+use crate::backend::{Answer, Backend, BackendClient, Deltas, InvokeResponse, TurnInput};
+use crate::connector::{Connector, ConnectorError, Delivery, Route, is_loopback_url};
 use crate::conversation::ConversationMsg;
 use crate::conversation::session::HistoryEntry;
 use crate::registry::{Integration, Registry};
 use crate::telemetry::{FIRST_REPLY, TURNS_FAILED};
+use streaming::{Ending, Stream, StreamSettings};
+
+pub mod streaming;
 
 /// What every reply needs, shared by all turns.
 pub struct ReplyServices {
@@ -30,6 +33,8 @@ pub struct ReplyServices {
     pub welcome_message: Option<String>,
     /// Sent instead of an answer when the backend fails.
     pub apology: String,
+    /// How answers are streamed into personal chats.
+    pub streaming: StreamSettings,
     /// Each integration's event log.
     pub events: EventSink,
     /// Contact records of integrations with `contactCollection`.
@@ -101,31 +106,180 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
     if !args.integration.record.attachments {
         args.activity.attachments.clear();
     }
-    let text = if let Some(fixed) = args.say.take() {
-        Some(fixed)
+    if let Some(fixed) = args.say.take() {
+        let message = outbound_message(&args.activity, &fixed, Vec::new());
+        return send_message(&args, message, fixed).await;
+    }
+    let invoke = args.invoke.take();
+    let streamed = args.integration.record.stream
+        && args.activity.kind == "message"
+        && args.activity.is_personal();
+    // Every activity reaches the backend (a webhook gets lifecycle events, typed; echo and
+    // models answer only what users say); it is answered only when the backend says something.
+    let (deltas, text) = Deltas::channel();
+    let answering = async {
+        let answer = answer(&args, &deltas).await;
+        // The streamed text is complete: the stream's follower moves on to the final message.
+        drop(deltas);
+        answer
+    };
+    let base = outbound_message(&args.activity, "", Vec::new());
+    let route = route(&args);
+    let (mut answer, stream) = if streamed {
+        let mut stream = Stream::new(
+            &args.services.connector,
+            route,
+            &base,
+            &args.services.streaming,
+        );
+        let (answer, ()) = tokio::join!(answering, stream.follow(text));
+        (answer, Some(stream))
     } else {
-        // Every activity reaches the backend (a webhook gets lifecycle events, typed; echo and
-        // models answer only what users say); it is answered only when the backend says something.
-        let answer = answer(&args).await;
-        if let (Some(waiting), Some(response)) = (args.invoke.take(), answer.invoke) {
-            // The request may have timed out already; then nobody listens.
-            let _ = waiting.send(response);
-        }
-        match answer.text {
-            Some(text) => Some(text),
-            None if args.activity.bot_was_added() => args.services.welcome_message.clone(),
-            None => {
+        let typing = async {
+            if args.activity.kind == "message" {
+                let mut typing = base.clone();
+                typing["type"] = json!("typing");
+                if let Some(fields) = typing.as_object_mut() {
+                    fields.remove("text");
+                    fields.remove("textFormat");
+                }
+                args.services.connector.send_typing(route, &typing).await;
+            }
+        };
+        let (answer, ()) = tokio::join!(answering, typing);
+        (answer, None)
+    };
+    if let (Some(waiting), Some(response)) = (invoke, answer.invoke.take()) {
+        // The request may have timed out already; then nobody listens.
+        let _ = waiting.send(response);
+    }
+    if answer.text.is_none() && answer.attachments.is_empty() && args.activity.bot_was_added() {
+        answer.text = args.services.welcome_message.clone();
+    }
+    let text = answer.text.take();
+    let attachments = std::mem::take(&mut answer.attachments);
+    let sent = match (text, attachments.is_empty()) {
+        (None, true) => {
+            if let Some(stream) = stream {
+                // A stream was started for an answer that says nothing: it must still end.
+                let message = outbound_message(&args.activity, NOTHING_TO_SAY, Vec::new());
+                finish_stream(&args, stream, message, NOTHING_TO_SAY.into()).await
+            } else {
                 tracing::debug!(integration = %args.integration.id, kind = %args.activity.kind, "nothing to answer");
                 None
             }
         }
+        (text, _) => {
+            let text = text.unwrap_or_default();
+            let message = outbound_message(&args.activity, &text, attachments);
+            match stream {
+                Some(stream) => finish_stream(&args, stream, message, text).await,
+                None => send_message(&args, message, text).await,
+            }
+        }
     };
-    let op = if args.activity.kind == "conversationUpdate" {
-        Op::Send
-    } else {
-        Op::Reply
-    };
-    send_message(&args, op, text?).await
+    follow_up(&args, answer).await;
+    sent
+}
+
+/// What a final message says when the backend streamed nothing (Teams refuses an empty one).
+const NOTHING_TO_SAY: &str = "…";
+
+/// Where this turn's activities go.
+fn route(args: &ReplyArgs) -> Route<'_> {
+    Route {
+        credentials: args.integration.credentials.as_deref(),
+        tenant: args.activity.tenant_id(),
+        service_url: &args.activity.service_url,
+        conversation_id: args.activity.conversation_id(),
+    }
+}
+
+async fn finish_stream(
+    args: &ReplyArgs,
+    stream: Stream<'_>,
+    message: Value,
+    text: String,
+) -> Option<SentReply> {
+    match stream.finish(message.clone()).await {
+        Ending::Completed { id } => {
+            histogram!(FIRST_REPLY).record(args.accepted_at.elapsed().as_secs_f64());
+            Some(SentReply { text, id })
+        }
+        Ending::Cancelled => {
+            args.services.events.record(
+                &args.integration.id,
+                EventDraft::new("stream.cancelled")
+                    .activity(&args.activity.kind, &args.activity.id)
+                    .message("the user stopped the streamed answer"),
+            );
+            None
+        }
+        Ending::Fallback(reason) => {
+            tracing::info!(integration = %args.integration.id, %reason, "stream refused; sending one message");
+            args.services.events.record(
+                &args.integration.id,
+                EventDraft::new("stream.fallback")
+                    .activity(&args.activity.kind, &args.activity.id)
+                    .message(reason),
+            );
+            send_message(args, message, text).await
+        }
+    }
+}
+
+/// The answer's further activities, then its updates and deletions of earlier messages.
+async fn follow_up(args: &ReplyArgs, answer: Answer) {
+    let connector = &args.services.connector;
+    let route = route(args);
+    if !delivery_allowed(args) {
+        return;
+    }
+    for extra in answer.activities {
+        let activity = addressed(&args.activity, extra);
+        if let Err(error) = connector
+            .send(route, Some(&args.activity.id), &activity, Delivery::Retried)
+            .await
+        {
+            connector_failed(args, &error);
+        }
+    }
+    for update in answer.updates {
+        let Some(id) = update.get("id").and_then(Value::as_str).map(str::to_owned) else {
+            continue;
+        };
+        let activity = addressed(&args.activity, update);
+        if let Err(error) = connector.update(route, &id, &activity).await {
+            connector_failed(args, &error);
+        }
+    }
+    for id in answer.deletes {
+        if let Err(error) = connector.delete(route, &id).await {
+            connector_failed(args, &error);
+        }
+    }
+}
+
+fn delivery_allowed(args: &ReplyArgs) -> bool {
+    if args.integration.is_development() && !is_loopback_url(&args.activity.service_url) {
+        tracing::warn!(
+            integration = %args.integration.id,
+            "development-mode integration: replies go only to loopback service URLs; reply dropped"
+        );
+        return false;
+    }
+    true
+}
+
+fn connector_failed(args: &ReplyArgs, error: &ConnectorError) {
+    counter!(TURNS_FAILED).increment(1);
+    tracing::warn!(integration = %args.integration.id, %error, "activity not delivered");
+    args.services.events.record(
+        &args.integration.id,
+        EventDraft::new("connector.error")
+            .activity(&args.activity.kind, &args.activity.id)
+            .message(error.to_string()),
+    );
 }
 
 /// What the integration's event log and contact book learn from the activity.
@@ -173,7 +327,7 @@ fn observe(args: &ReplyArgs) {
     }
 }
 
-async fn answer(args: &ReplyArgs) -> Answer {
+async fn answer(args: &ReplyArgs, deltas: &Deltas) -> Answer {
     let integration = &args.integration;
     let backend = args
         .services
@@ -190,7 +344,7 @@ async fn answer(args: &ReplyArgs) -> Answer {
     };
     let result = match backend {
         Ok(backend) => backend
-            .answer(&args.services.backends, &input)
+            .answer(&args.services.backends, &input, deltas)
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e),
@@ -212,57 +366,51 @@ async fn answer(args: &ReplyArgs) -> Answer {
                 text: matches!(kind, "message" | "invoke").then(|| args.services.apology.clone()),
                 invoke: (kind == "invoke")
                     .then(|| InvokeResponse::error("BackendFailed", "the bot could not answer")),
+                ..Answer::default()
             }
         }
     }
 }
 
-async fn send_message(args: &ReplyArgs, op: Op, text: String) -> Option<SentReply> {
-    let activity = &args.activity;
-    let integration = &args.integration;
-    if integration.is_development() && !is_loopback_url(&activity.service_url) {
-        tracing::warn!(
-            integration = %integration.id,
-            "development-mode integration: replies go only to loopback service URLs; reply dropped"
-        );
+async fn send_message(args: &ReplyArgs, message: Value, text: String) -> Option<SentReply> {
+    if !delivery_allowed(args) {
         return None;
     }
-    let outbound = outbound_message(activity, text.clone());
-    let reply_to = (op == Op::Reply).then_some(activity.id.as_str());
+    let activity = &args.activity;
+    // A bot added to a conversation speaks into it; anything else is a reply to the activity.
+    let reply_to = (activity.kind != "conversationUpdate").then_some(activity.id.as_str());
     let result = args
         .services
         .connector
-        .post_activity(
-            op,
-            integration.credentials.as_deref(),
-            &activity.service_url,
-            activity.conversation_id(),
-            reply_to,
-            &outbound,
-        )
+        .send(route(args), reply_to, &message, Delivery::Retried)
         .await;
     match result {
         Ok(id) => {
             histogram!(FIRST_REPLY).record(args.accepted_at.elapsed().as_secs_f64());
-            tracing::debug!(integration = %integration.id, id = id.as_deref().unwrap_or(""), "reply sent");
+            tracing::debug!(integration = %args.integration.id, id = id.as_deref().unwrap_or(""), "reply sent");
             Some(SentReply { text, id })
         }
         Err(error) => {
-            counter!(TURNS_FAILED).increment(1);
-            tracing::warn!(integration = %integration.id, %error, "reply not delivered");
-            args.services.events.record(
-                &integration.id,
-                EventDraft::new("connector.error")
-                    .activity(&activity.kind, &activity.id)
-                    .message(error.to_string()),
-            );
+            connector_failed(args, &error);
             None
         }
     }
 }
 
+/// An activity of the bot's, addressed into the activity's conversation: what the backend gave
+/// (a card, an edited message) with the addressing it left out filled in.
+fn addressed(activity: &TurnActivity, given: Value) -> Value {
+    let mut message = outbound_message(activity, "", Vec::new());
+    if let (Some(fields), Value::Object(given)) = (message.as_object_mut(), given) {
+        fields.remove("text");
+        fields.remove("textFormat");
+        fields.extend(given);
+    }
+    message
+}
+
 /// A message addressed back into the activity's conversation.
-fn outbound_message(activity: &TurnActivity, text: String) -> Value {
+fn outbound_message(activity: &TurnActivity, text: &str, attachments: Vec<Value>) -> Value {
     let mut message = Map::new();
     message.insert("type".into(), json!("message"));
     message.insert("text".into(), json!(text));
@@ -281,6 +429,9 @@ fn outbound_message(activity: &TurnActivity, text: String) -> Value {
     }
     if let Some(locale) = &activity.locale {
         message.insert("locale".into(), json!(locale));
+    }
+    if !attachments.is_empty() {
+        message.insert("attachments".into(), Value::Array(attachments));
     }
     Value::Object(message)
 }

@@ -1,0 +1,307 @@
+//! Outbound pacing to Teams' documented limits (protocol.md §3.4), so that a burst is smoothed
+//! instead of answered with 429s. Teams counts sends in sliding windows: per bot and conversation
+//! 7 in 1 s, 8 in 2 s, 60 in 30 s and 1,800 in an hour; per bot app and tenant 50 in 1 s. A token
+//! bucket can honour one window exactly but a set of windows only by giving up most of the short
+//! windows' burst or the long windows' rate (a 500-message burst would take twice as long), so
+//! each key keeps the times of its recent sends, and a send waits until every window of its
+//! conversation and of its app has room: the fastest schedule Teams accepts.
+//!
+//! A send is counted from when it is admitted until its request is finished, and then at the time
+//! it finished: Teams sees a request when it arrives, which is never after it finished, so the
+//! router's count of any window is never below Teams' own. Admission is atomic over both keys.
+//! At most `max_queued` sends wait at once; beyond that a send is refused at once, so memory stays
+//! bounded when Teams is slower than the bots.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use metrics::gauge;
+use parking_lot::Mutex;
+
+use crate::telemetry::CONNECTOR_QUEUE_DEPTH;
+
+/// A limit: at most `count` sends in any `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub window: Duration,
+    pub count: usize,
+}
+
+/// The sends of one key (a conversation, or an app in a tenant).
+#[derive(Default)]
+struct Log {
+    /// Finish times of sends within the longest window, oldest first.
+    finished: VecDeque<Instant>,
+    /// Sends admitted and not finished yet (they count in every window).
+    in_flight: usize,
+}
+
+impl Log {
+    /// When one more send fits every limit: `None` for now, else the earliest time to try again.
+    fn room(&mut self, limits: &[Limit], now: Instant) -> Option<Instant> {
+        let longest = limits.iter().map(|l| l.window).max().unwrap_or_default();
+        while self
+            .finished
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= longest)
+        {
+            self.finished.pop_front();
+        }
+        let mut retry_at: Option<Instant> = None;
+        for limit in limits {
+            let in_window = self
+                .finished
+                .iter()
+                .rev()
+                .take_while(|t| now.saturating_duration_since(**t) < limit.window)
+                .count();
+            let used = in_window + self.in_flight;
+            if used < limit.count {
+                continue;
+            }
+            // The window has room again when enough of its oldest sends have left it; sends
+            // still in flight leave it only after they finish (retried shortly).
+            let must_leave = used + 1 - limit.count;
+            let at = if must_leave <= in_window {
+                let oldest = self.finished.len() - in_window;
+                self.finished[oldest + must_leave - 1] + limit.window
+            } else {
+                now + IN_FLIGHT_POLL
+            };
+            retry_at = Some(retry_at.map_or(at, |r| r.max(at)));
+        }
+        retry_at
+    }
+
+    fn is_idle(&self, limits: &[Limit], now: Instant) -> bool {
+        let longest = limits.iter().map(|l| l.window).max().unwrap_or_default();
+        self.in_flight == 0
+            && self
+                .finished
+                .back()
+                .is_none_or(|t| now.saturating_duration_since(*t) >= longest)
+    }
+}
+
+/// How soon a send blocked only by sends in flight looks again.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(20);
+
+pub struct Pacer {
+    conversation_limits: Vec<Limit>,
+    app_limits: Vec<Limit>,
+    conversations: DashMap<String, Arc<Mutex<Log>>>,
+    apps: DashMap<String, Arc<Mutex<Log>>>,
+    waiting: AtomicUsize,
+    max_queued: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0} outbound activities are already waiting for Teams' rate limits")]
+pub struct QueueFull(pub usize);
+
+/// An admitted send; dropping it records the send as finished now.
+pub struct Permit {
+    logs: [Arc<Mutex<Log>>; 2],
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        for log in &self.logs {
+            let mut log = log.lock();
+            log.in_flight = log.in_flight.saturating_sub(1);
+            log.finished.push_back(now);
+        }
+    }
+}
+
+/// Counts a waiting send in the queue depth while it lives.
+struct Waiting<'a>(&'a Pacer);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let left = self.0.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+        gauge!(CONNECTOR_QUEUE_DEPTH).set(left as f64);
+    }
+}
+
+impl Pacer {
+    pub fn new(conversation_limits: Vec<Limit>, app_limits: Vec<Limit>, max_queued: usize) -> Self {
+        Self {
+            conversation_limits,
+            app_limits,
+            conversations: DashMap::new(),
+            apps: DashMap::new(),
+            waiting: AtomicUsize::new(0),
+            max_queued,
+        }
+    }
+
+    fn logs(&self, app: &str, conversation: &str) -> [Arc<Mutex<Log>>; 2] {
+        let conversation_key = format!("{app}\u{0}{conversation}");
+        let conversation_log = Arc::clone(
+            self.conversations
+                .entry(conversation_key)
+                .or_default()
+                .value(),
+        );
+        let app_log = match self.apps.get(app) {
+            Some(log) => Arc::clone(log.value()),
+            None => Arc::clone(self.apps.entry(app.to_owned()).or_default().value()),
+        };
+        [conversation_log, app_log]
+    }
+
+    /// Admits the send if both windows have room now.
+    fn try_admit(&self, logs: &[Arc<Mutex<Log>>; 2], now: Instant) -> Result<(), Instant> {
+        // Always conversation first, then app: one lock order, no deadlock.
+        let mut conversation = logs[0].lock();
+        let mut app = logs[1].lock();
+        let wait_conversation = conversation.room(&self.conversation_limits, now);
+        let wait_app = app.room(&self.app_limits, now);
+        match (wait_conversation, wait_app) {
+            (None, None) => {
+                conversation.in_flight += 1;
+                app.in_flight += 1;
+                Ok(())
+            }
+            (a, b) => Err(a.max(b).unwrap_or(now + IN_FLIGHT_POLL)),
+        }
+    }
+
+    /// Waits until `conversation` of `app` (an app id and tenant) may send one more activity.
+    pub async fn admit(&self, app: &str, conversation: &str) -> Result<Permit, QueueFull> {
+        let logs = self.logs(app, conversation);
+        if self.try_admit(&logs, Instant::now()).is_ok() {
+            return Ok(Permit { logs });
+        }
+        let waiting = self.waiting.fetch_add(1, Ordering::AcqRel) + 1;
+        let _waiting = Waiting(self);
+        if waiting > self.max_queued {
+            return Err(QueueFull(self.max_queued));
+        }
+        gauge!(CONNECTOR_QUEUE_DEPTH).set(waiting as f64);
+        loop {
+            match self.try_admit(&logs, Instant::now()) {
+                Ok(()) => return Ok(Permit { logs }),
+                Err(retry_at) => tokio::time::sleep_until(retry_at.into()).await,
+            }
+        }
+    }
+
+    /// Admits the send only if it needs no wait (typing indicators: never worth a delay).
+    pub fn admit_now(&self, app: &str, conversation: &str) -> Option<Permit> {
+        let logs = self.logs(app, conversation);
+        self.try_admit(&logs, Instant::now())
+            .ok()
+            .map(|()| Permit { logs })
+    }
+
+    /// Forgets keys whose windows are empty again (conversations quiet for a while).
+    pub fn forget_idle(&self) {
+        let now = Instant::now();
+        self.conversations
+            .retain(|_, log| !log.lock().is_idle(&self.conversation_limits, now));
+        self.apps
+            .retain(|_, log| !log.lock().is_idle(&self.app_limits, now));
+    }
+
+    /// Keys with a send log (for tests and the upkeep log).
+    pub fn tracked(&self) -> usize {
+        self.conversations.len() + self.apps.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn teams() -> Pacer {
+        let ms = Duration::from_millis;
+        Pacer::new(
+            vec![
+                Limit { window: ms(1_000), count: 7 },
+                Limit { window: ms(2_000), count: 8 },
+                Limit { window: ms(30_000), count: 60 },
+                Limit { window: ms(3_600_000), count: 1_800 },
+            ],
+            vec![Limit { window: ms(1_000), count: 50 }],
+            100,
+        )
+    }
+
+    fn max_in_window(times: &[Instant], window: Duration) -> usize {
+        times
+            .iter()
+            .map(|start| {
+                times
+                    .iter()
+                    .filter(|t| **t >= *start && t.duration_since(*start) < window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_burst_in_one_conversation_keeps_within_teams_windows() {
+        let pacer = teams();
+        let started = Instant::now();
+        let mut sent = Vec::new();
+        for _ in 0..12 {
+            let permit = pacer.admit("app", "conv").await.unwrap();
+            sent.push(Instant::now());
+            drop(permit);
+        }
+        assert!(max_in_window(&sent, Duration::from_secs(1)) <= 7, "{sent:?}");
+        assert!(max_in_window(&sent, Duration::from_secs(2)) <= 8, "{sent:?}");
+        // 8 at once, then the 2 s window lets one more through as each of those leaves it.
+        assert!(started.elapsed() >= Duration::from_millis(1_990));
+        assert!(started.elapsed() < Duration::from_secs(8));
+        // Another conversation is not held up.
+        let other = Instant::now();
+        drop(pacer.admit("app", "other").await.unwrap());
+        assert!(other.elapsed() < Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn the_app_window_is_shared_by_its_conversations() {
+        let pacer = teams();
+        let started = Instant::now();
+        let mut sent = Vec::new();
+        for i in 0..60 {
+            let permit = pacer.admit("app", &format!("c{}", i % 30)).await.unwrap();
+            sent.push(Instant::now());
+            drop(permit);
+        }
+        assert!(max_in_window(&sent, Duration::from_secs(1)) <= 50);
+        assert!(started.elapsed() >= Duration::from_millis(990));
+        // Another app is not held up.
+        assert!(pacer.admit_now("other-app", "c0").is_some());
+    }
+
+    #[tokio::test]
+    async fn sends_in_flight_count_and_the_queue_is_bounded() {
+        let pacer = Arc::new(Pacer::new(
+            vec![Limit { window: Duration::from_secs(1), count: 1 }],
+            vec![],
+            1,
+        ));
+        let first = pacer.admit("app", "c").await.unwrap();
+        assert!(pacer.admit_now("app", "c").is_none(), "in flight counts");
+        let waiting = {
+            let pacer = Arc::clone(&pacer);
+            tokio::spawn(async move { pacer.admit("app", "c").await.map(drop) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(pacer.admit("app", "c").await.is_err(), "queue of one is full");
+        drop(first);
+        assert!(waiting.await.unwrap().is_ok());
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        pacer.forget_idle();
+        assert_eq!(pacer.tracked(), 0);
+    }
+}
