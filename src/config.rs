@@ -341,6 +341,9 @@ pub struct StreamingConfig {
     pub informative_text: String,
     /// Teams ends a stream 2 minutes after it started; later text goes as one plain message.
     pub max_duration_ms: u64,
+    /// An answer not streamed (group chats, channels, `stream: false`) that takes longer than
+    /// this gets a typing indicator first, repeated while the user waits.
+    pub typing_delay_ms: u64,
 }
 
 impl Default for StreamingConfig {
@@ -349,6 +352,7 @@ impl Default for StreamingConfig {
             interval_ms: 1_500,
             informative_text: "Working on it…".into(),
             max_duration_ms: 110_000,
+            typing_delay_ms: 250,
         }
     }
 }
@@ -615,15 +619,19 @@ impl Config {
             );
         }
         if self.streaming.max_duration_ms > 120_000 {
-            return invalid(
-                "streaming.max_duration_ms: Teams ends streams after 120000 ms".into(),
-            );
+            return invalid("streaming.max_duration_ms: Teams ends streams after 120000 ms".into());
         }
         for (key, limits) in [
-            ("connector.conversation_limits", &self.connector.conversation_limits),
+            (
+                "connector.conversation_limits",
+                &self.connector.conversation_limits,
+            ),
             ("connector.app_limits", &self.connector.app_limits),
         ] {
-            if limits.iter().any(|[window, count]| *window == 0 || *count == 0) {
+            if limits
+                .iter()
+                .any(|[window, count]| *window == 0 || *count == 0)
+            {
                 return invalid(format!(
                     "{key}: every [window_ms, sends] pair needs a positive window and count"
                 ));

@@ -39,6 +39,8 @@ pub enum ConnectorFault {
 /// One activity the mock connector accepted.
 #[derive(Debug, Clone)]
 pub struct RecordedActivity {
+    /// `POST` (send, reply), `PUT` (update) or `DELETE`.
+    pub method: String,
     /// The request path as sent (percent-encoded).
     pub raw_path: String,
     /// `conversationId` from the path, decoded.
@@ -57,6 +59,51 @@ impl RecordedActivity {
             .and_then(Value::as_str)
             .unwrap_or_default()
     }
+
+    /// The activity's `type`.
+    pub fn kind(&self) -> &str {
+        self.body
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// The `streaminfo` entity of a streamed update or final message.
+    pub fn stream_info(&self) -> Option<&Value> {
+        stream_info(&self.body)
+    }
+}
+
+fn stream_info(activity: &Value) -> Option<&Value> {
+    activity
+        .get("entities")?
+        .as_array()?
+        .iter()
+        .find(|e| e.get("type").and_then(Value::as_str) == Some("streaminfo"))
+}
+
+/// Teams' documented rate limits (protocol.md §3.4), as `(window, sends)`.
+pub const TEAMS_CONVERSATION_LIMITS: &[(Duration, usize)] = &[
+    (Duration::from_secs(1), 7),
+    (Duration::from_secs(2), 8),
+    (Duration::from_secs(30), 60),
+    (Duration::from_secs(3600), 1800),
+];
+pub const TEAMS_APP_TENANT_LIMITS: &[(Duration, usize)] = &[(Duration::from_secs(1), 50)];
+
+/// A stream the mock connector opened (protocol.md §4.2).
+#[derive(Debug, Clone)]
+struct OpenStream {
+    conversation: String,
+    last_sequence: u64,
+    finished: bool,
+}
+
+/// What a conversation was created with (`POST v3/conversations`).
+#[derive(Debug, Clone)]
+pub struct CreatedConversation {
+    pub id: String,
+    pub parameters: Value,
 }
 
 #[derive(Default)]
@@ -73,7 +120,17 @@ struct State {
     connector_latency: Duration,
     connector_attempts: usize,
     activities: Vec<RecordedActivity>,
+    /// Plain typing indicators (no stream), kept apart from the answers.
+    typing: Vec<RecordedActivity>,
     next_id: u64,
+    streams: HashMap<String, OpenStream>,
+    /// Stream starts are refused with this (status, code, message) while set.
+    stream_refusal: Option<(u16, String, String)>,
+    enforce_limits: bool,
+    /// Receipt times per (bot, conversation) and per (bot, tenant).
+    sends: HashMap<String, VecDeque<Instant>>,
+    throttled: usize,
+    created: Vec<CreatedConversation>,
 }
 
 /// The running mock; dropping it stops nothing (the server lives until the runtime ends).
@@ -207,6 +264,34 @@ impl MockMicrosoft {
         self.state.lock().connector_latency = latency;
     }
 
+    /// Refuses every stream start with `status` and Teams' `code`/`message` (protocol.md §4.4),
+    /// or (None) accepts streams again.
+    pub fn refuse_streams(&self, refusal: Option<(u16, &str, &str)>) {
+        self.state.lock().stream_refusal =
+            refusal.map(|(status, code, message)| (status, code.to_owned(), message.to_owned()));
+    }
+
+    /// Answers 429 to any request over Teams' documented limits (per bot and conversation, per
+    /// bot and tenant), as Teams does.
+    pub fn enforce_teams_limits(&self, enforce: bool) {
+        self.state.lock().enforce_limits = enforce;
+    }
+
+    /// Requests refused with 429 for going over the limits.
+    pub fn throttled(&self) -> usize {
+        self.state.lock().throttled
+    }
+
+    /// Typing indicators outside streams.
+    pub fn typing(&self) -> Vec<RecordedActivity> {
+        self.state.lock().typing.clone()
+    }
+
+    /// Conversations created with `POST v3/conversations`.
+    pub fn created_conversations(&self) -> Vec<CreatedConversation> {
+        self.state.lock().created.clone()
+    }
+
     /// Every connector request, faulted or not.
     pub fn connector_attempts(&self) -> usize {
         self.state.lock().connector_attempts
@@ -250,7 +335,9 @@ impl MockMicrosoft {
             ) => self.metadata(),
             (Method::GET, "/v1/.well-known/keys") => self.keys(),
             (Method::POST, p) if p.ends_with("/oauth2/v2.0/token") => self.token(request).await,
-            (Method::POST, p) if p.contains("/v3/conversations/") => self.connector(request).await,
+            (Method::POST | Method::PUT | Method::DELETE, p) if p.contains("/v3/conversations") => {
+                self.connector(request).await
+            }
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 json!({"error": {"code": "NotFound", "message": path}}),
@@ -346,6 +433,7 @@ impl MockMicrosoft {
     }
 
     async fn connector(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let method = request.method().clone();
         let raw_path = request.uri().path().to_owned();
         let authorization = request
             .headers()
@@ -353,49 +441,64 @@ impl MockMicrosoft {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let body = read_body(request).await;
+        let activity = if method == Method::DELETE {
+            Value::Null
+        } else {
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(activity) => activity,
+                Err(_) => {
+                    return connector_error(
+                        StatusCode::BAD_REQUEST,
+                        "BadSyntax",
+                        "body is not JSON",
+                    );
+                }
+            }
+        };
+        // Typing indicators are cosmetic: they neither take scripted faults nor count as attempts.
+        let plain_typing = method == Method::POST
+            && activity.get("type").and_then(Value::as_str) == Some("typing")
+            && stream_info(&activity).is_none();
         let latency = {
             let mut state = self.state.lock();
-            state.connector_attempts += 1;
+            if !plain_typing {
+                state.connector_attempts += 1;
+            }
             state.connector_latency
         };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
         let mut state = self.state.lock();
-        if state.connector_requires_auth {
-            let token = authorization
-                .as_deref()
-                .and_then(|h| h.strip_prefix("Bearer "));
-            if !token.is_some_and(|t| state.issued_tokens.contains_key(t)) {
-                return connector_error(
-                    StatusCode::UNAUTHORIZED,
-                    "Unauthorized",
-                    "Authorization has been denied for this request.",
-                );
-            }
+        let token = authorization
+            .as_deref()
+            .and_then(|h| h.strip_prefix("Bearer "));
+        let bot = token
+            .and_then(|t| state.issued_tokens.get(t))
+            .cloned()
+            .unwrap_or_default();
+        if state.connector_requires_auth && bot.is_empty() {
+            return connector_error(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "Authorization has been denied for this request.",
+            );
         }
-        if let Some(fault) = state.connector_faults.pop_front() {
-            return match fault {
-                ConnectorFault::Throttle { retry_after_secs } => {
-                    let mut r = connector_error(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "TooManyRequests",
-                        "API calls quota exceeded",
-                    );
-                    r.headers_mut()
-                        .insert(hyper::header::RETRY_AFTER, retry_after_secs.into());
-                    r
-                }
-                ConnectorFault::Status(code) => connector_error(
-                    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                    "ServiceError",
-                    "injected failure",
-                ),
-            };
+        if !plain_typing {
+            if let Some(fault) = state.connector_faults.pop_front() {
+                return match fault {
+                    ConnectorFault::Throttle { retry_after_secs } => throttled(retry_after_secs),
+                    ConnectorFault::Status(code) => connector_error(
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                        "ServiceError",
+                        "injected failure",
+                    ),
+                };
+            }
         }
         let Some(rest) = raw_path
             .strip_prefix(SERVICE_PATH_PREFIX)
-            .and_then(|p| p.strip_prefix("v3/conversations/"))
+            .and_then(|p| p.strip_prefix("v3/conversations"))
         else {
             return connector_error(
                 StatusCode::NOT_FOUND,
@@ -403,10 +506,11 @@ impl MockMicrosoft {
                 "unknown service path (regional prefix lost?)",
             );
         };
-        let segments: Vec<&str> = rest.split('/').collect();
-        let (conversation, reply_to) = match segments.as_slice() {
-            [conversation, "activities"] => (*conversation, None),
-            [conversation, "activities", id] => (*conversation, Some(*id)),
+        let segments: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
+        let (conversation, activity_id) = match (&method, segments.as_slice()) {
+            (&Method::POST, [""]) => ("", None),
+            (&Method::POST, [conversation, "activities"]) => (*conversation, None),
+            (_, [conversation, "activities", id]) => (*conversation, Some(*id)),
             _ => {
                 return connector_error(
                     StatusCode::NOT_FOUND,
@@ -415,28 +519,228 @@ impl MockMicrosoft {
                 );
             }
         };
-        let Ok(activity) = serde_json::from_slice::<Value>(&body) else {
-            return connector_error(StatusCode::BAD_REQUEST, "BadSyntax", "body is not JSON");
-        };
         let decode = |s: &str| {
             percent_encoding::percent_decode_str(s)
                 .decode_utf8_lossy()
                 .into_owned()
         };
+        let conversation_id = decode(conversation);
+        if state.enforce_limits {
+            let tenant = activity
+                .pointer("/channelData/tenant/id")
+                .or_else(|| activity.pointer("/conversation/tenantId"))
+                .or_else(|| activity.get("tenantId"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let now = Instant::now();
+            let keys = [
+                (
+                    format!("c\u{0}{bot}\u{0}{conversation_id}"),
+                    TEAMS_CONVERSATION_LIMITS,
+                ),
+                (format!("t\u{0}{bot}\u{0}{tenant}"), TEAMS_APP_TENANT_LIMITS),
+            ];
+            let over = keys.iter().any(|(key, limits)| {
+                let log = state.sends.entry(key.clone()).or_default();
+                while log
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(3600))
+                {
+                    log.pop_front();
+                }
+                limits.iter().any(|(window, count)| {
+                    log.iter()
+                        .rev()
+                        .take_while(|t| now.duration_since(**t) < *window)
+                        .count()
+                        >= *count
+                })
+            });
+            if over {
+                state.throttled += 1;
+                return throttled(1);
+            }
+            for (key, _) in keys {
+                state.sends.entry(key).or_default().push_back(now);
+            }
+        }
         let id = state.next_id;
         state.next_id += 1;
-        state.activities.push(RecordedActivity {
+        let record = RecordedActivity {
+            method: method.to_string(),
             raw_path: raw_path.clone(),
-            conversation_id: decode(conversation),
-            reply_to_id: reply_to.map(decode),
-            body: activity,
+            conversation_id: conversation_id.clone(),
+            reply_to_id: activity_id.map(decode),
+            body: activity.clone(),
             authorization,
             received_at: Instant::now(),
-        });
+        };
+        let response = if method == Method::POST && conversation.is_empty() {
+            let created = format!("a:created-{id}");
+            let mut first = None;
+            if let Some(message) = activity.get("activity").filter(|a| a.is_object()) {
+                // A first message starts a channel thread: its replies live at `;messageid=`.
+                first = Some(format!("1{id:012}"));
+                state.activities.push(RecordedActivity {
+                    conversation_id: created.clone(),
+                    body: message.clone(),
+                    ..record.clone()
+                });
+            }
+            state.created.push(CreatedConversation {
+                id: created.clone(),
+                parameters: activity,
+            });
+            json_response(
+                StatusCode::CREATED,
+                json!({"id": created, "activityId": first, "serviceUrl": format!("http://{}{}", self.addr, SERVICE_PATH_PREFIX)}),
+            )
+        } else if method == Method::POST {
+            if plain_typing {
+                state.typing.push(record);
+                drop(state);
+                return json_response(StatusCode::OK, json!({}));
+            }
+            match stream_step(&mut state, &conversation_id, &activity, id) {
+                Err(refused) => return refused,
+                Ok(Some(response)) => {
+                    state.activities.push(record);
+                    response
+                }
+                Ok(None) => {
+                    state.activities.push(record);
+                    json_response(StatusCode::OK, json!({"id": format!("1{id:012}")}))
+                }
+            }
+        } else {
+            let answer = match method {
+                Method::PUT => json!({"id": activity_id.map(decode)}),
+                _ => json!({}),
+            };
+            state.activities.push(record);
+            json_response(StatusCode::OK, answer)
+        };
         drop(state);
         self.arrived.notify_waiters();
-        json_response(StatusCode::OK, json!({"id": format!("1{id:012}")}))
+        response
     }
+}
+
+/// Checks a streamed update or final message against Teams' rules (protocol.md §4): `Ok(None)`
+/// for an activity outside any stream, `Ok(Some)` with the 201/202 answer, `Err` for a refusal.
+fn stream_step(
+    state: &mut State,
+    conversation: &str,
+    activity: &Value,
+    id: u64,
+) -> Result<Option<Response<Full<Bytes>>>, Response<Full<Bytes>>> {
+    let Some(info) = stream_info(activity) else {
+        return Ok(None);
+    };
+    let field = |name: &str| info.get(name).and_then(Value::as_str);
+    let kind = activity
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let stream_type = field("streamType").unwrap_or("streaming");
+    let sequence = info.get("streamSequence").and_then(Value::as_u64);
+    let text = activity
+        .get("text")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let bad = |message: &str| connector_error(StatusCode::BAD_REQUEST, "BadArgument", message);
+    match (kind, stream_type) {
+        ("typing", "informative" | "streaming") if sequence.is_none() => {
+            return Err(bad(
+                "Only start streaming and continue streaming types are allowed as a typing activity",
+            ));
+        }
+        ("typing", "informative" | "streaming") | ("message", "final") => {}
+        _ => {
+            return Err(bad(
+                "Only start streaming and continue streaming types are allowed as a typing activity",
+            ));
+        }
+    }
+    if kind == "message" && sequence.is_some() {
+        return Err(bad(
+            "final streaming message must not carry a streamSequence",
+        ));
+    }
+    let Some(stream_id) = field("streamId") else {
+        if kind == "message" {
+            return Err(bad("a final streaming message needs its streamId"));
+        }
+        if let Some((status, code, message)) = state.stream_refusal.clone() {
+            return Err(connector_error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+                &code,
+                &message,
+            ));
+        }
+        if text.is_empty() {
+            return Err(bad("Start streaming activities should include text"));
+        }
+        if sequence != Some(1) {
+            return Err(bad("a stream starts at streamSequence 1"));
+        }
+        let stream_id = format!("1{id:012}");
+        state.streams.insert(
+            stream_id.clone(),
+            OpenStream {
+                conversation: conversation.to_owned(),
+                last_sequence: 1,
+                finished: false,
+            },
+        );
+        return Ok(Some(json_response(
+            StatusCode::CREATED,
+            json!({"id": stream_id}),
+        )));
+    };
+    let Some(stream) = state.streams.get_mut(stream_id) else {
+        return Err(bad("unknown streamId"));
+    };
+    if stream.conversation != conversation {
+        return Err(bad("the stream belongs to another conversation"));
+    }
+    if stream.finished {
+        return Err(connector_error(
+            StatusCode::FORBIDDEN,
+            "ContentStreamNotAllowed",
+            "Content stream is not allowed on an already completed streamed message",
+        ));
+    }
+    match sequence {
+        Some(n) if n <= stream.last_sequence => Err(json_response(
+            StatusCode::ACCEPTED,
+            json!({"error": {"code": "ContentStreamSequenceOrderPreConditionFailed", "message": "out of order"}}),
+        )),
+        Some(n) => {
+            stream.last_sequence = n;
+            Ok(Some(json_response(StatusCode::ACCEPTED, json!({}))))
+        }
+        None => {
+            if text.is_empty() {
+                return Err(bad("the final streaming message must have text"));
+            }
+            stream.finished = true;
+            Ok(Some(json_response(StatusCode::ACCEPTED, json!({}))))
+        }
+    }
+}
+
+/// Teams' throttling answer.
+fn throttled(retry_after_secs: u64) -> Response<Full<Bytes>> {
+    let mut response = connector_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequests",
+        "API calls quota exceeded",
+    );
+    response
+        .headers_mut()
+        .insert(hyper::header::RETRY_AFTER, retry_after_secs.into());
+    response
 }
 
 async fn read_body(request: Request<Incoming>) -> Bytes {

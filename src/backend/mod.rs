@@ -121,9 +121,7 @@ pub enum BackendError {
 }
 
 pub enum Backend {
-    Echo {
-        word_delay: Option<Duration>,
-    },
+    Echo { word_delay: Option<Duration> },
     Webhook(webhook::Webhook),
     OpenAi(openai::OpenAi),
 }

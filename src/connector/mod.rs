@@ -240,7 +240,10 @@ impl Connector {
         if !self.service_url_allowed(route.service_url) {
             return false;
         }
-        let Some(permit) = self.pacer.admit_now(&app_key(&route), route.conversation_id) else {
+        let Some(permit) = self
+            .pacer
+            .admit_now(&app_key(&route), route.conversation_id)
+        else {
             return false;
         };
         let url = activities_url(route.service_url, route.conversation_id, None);
@@ -400,7 +403,13 @@ impl Connector {
             counter!(CONNECTOR_RETRIES, "reason" => reason).increment(1);
             let wait = self.backoff.delay(retry, retry_after);
             retry += 1;
-            tracing::debug!(op = op.label(), reason, ?wait, attempt, "retrying connector request");
+            tracing::debug!(
+                op = op.label(),
+                reason,
+                ?wait,
+                attempt,
+                "retrying connector request"
+            );
             tokio::time::sleep(wait).await;
         }
     }
@@ -409,8 +418,13 @@ impl Connector {
 /// What one attempt came to.
 enum Attempt {
     Done(bytes::Bytes),
-    Refused { status: u16, detail: String },
-    Unauthorized { detail: String },
+    Refused {
+        status: u16,
+        detail: String,
+    },
+    Unauthorized {
+        detail: String,
+    },
     Failed {
         reason: &'static str,
         retry_after: Option<Duration>,

@@ -223,12 +223,27 @@ mod tests {
         let ms = Duration::from_millis;
         Pacer::new(
             vec![
-                Limit { window: ms(1_000), count: 7 },
-                Limit { window: ms(2_000), count: 8 },
-                Limit { window: ms(30_000), count: 60 },
-                Limit { window: ms(3_600_000), count: 1_800 },
+                Limit {
+                    window: ms(1_000),
+                    count: 7,
+                },
+                Limit {
+                    window: ms(2_000),
+                    count: 8,
+                },
+                Limit {
+                    window: ms(30_000),
+                    count: 60,
+                },
+                Limit {
+                    window: ms(3_600_000),
+                    count: 1_800,
+                },
             ],
-            vec![Limit { window: ms(1_000), count: 50 }],
+            vec![Limit {
+                window: ms(1_000),
+                count: 50,
+            }],
             100,
         )
     }
@@ -256,8 +271,14 @@ mod tests {
             sent.push(Instant::now());
             drop(permit);
         }
-        assert!(max_in_window(&sent, Duration::from_secs(1)) <= 7, "{sent:?}");
-        assert!(max_in_window(&sent, Duration::from_secs(2)) <= 8, "{sent:?}");
+        assert!(
+            max_in_window(&sent, Duration::from_secs(1)) <= 7,
+            "{sent:?}"
+        );
+        assert!(
+            max_in_window(&sent, Duration::from_secs(2)) <= 8,
+            "{sent:?}"
+        );
         // 8 at once, then the 2 s window lets one more through as each of those leaves it.
         assert!(started.elapsed() >= Duration::from_millis(1_990));
         assert!(started.elapsed() < Duration::from_secs(8));
@@ -286,7 +307,10 @@ mod tests {
     #[tokio::test]
     async fn sends_in_flight_count_and_the_queue_is_bounded() {
         let pacer = Arc::new(Pacer::new(
-            vec![Limit { window: Duration::from_secs(1), count: 1 }],
+            vec![Limit {
+                window: Duration::from_secs(1),
+                count: 1,
+            }],
             vec![],
             1,
         ));
@@ -297,7 +321,10 @@ mod tests {
             tokio::spawn(async move { pacer.admit("app", "c").await.map(drop) })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(pacer.admit("app", "c").await.is_err(), "queue of one is full");
+        assert!(
+            pacer.admit("app", "c").await.is_err(),
+            "queue of one is full"
+        );
         drop(first);
         assert!(waiting.await.unwrap().is_ok());
         tokio::time::sleep(Duration::from_millis(1_100)).await;

@@ -135,18 +135,30 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
         let (answer, ()) = tokio::join!(answering, stream.follow(text));
         (answer, Some(stream))
     } else {
+        // Like the SDKs' typing middleware: a user waiting for an answer sees the bot typing
+        // (Teams shows it for a few seconds), a quick answer comes without one.
         let typing = async {
-            if args.activity.kind == "message" {
-                let mut typing = base.clone();
-                typing["type"] = json!("typing");
-                if let Some(fields) = typing.as_object_mut() {
-                    fields.remove("text");
-                    fields.remove("textFormat");
-                }
+            if args.activity.kind != "message" {
+                return std::future::pending().await;
+            }
+            let mut typing = base.clone();
+            typing["type"] = json!("typing");
+            if let Some(fields) = typing.as_object_mut() {
+                fields.remove("text");
+                fields.remove("textFormat");
+            }
+            let settings = &args.services.streaming;
+            tokio::time::sleep(settings.typing_delay).await;
+            loop {
                 args.services.connector.send_typing(route, &typing).await;
+                tokio::time::sleep(TYPING_REPEAT).await;
             }
         };
-        let (answer, ()) = tokio::join!(answering, typing);
+        let answer = tokio::select! {
+            biased;
+            answer = answering => answer,
+            never = typing => never,
+        };
         (answer, None)
     };
     if let (Some(waiting), Some(response)) = (invoke, answer.invoke.take()) {
@@ -181,6 +193,9 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
     follow_up(&args, answer).await;
     sent
 }
+
+/// Teams shows a typing indicator for about three seconds.
+const TYPING_REPEAT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What a final message says when the backend streamed nothing (Teams refuses an empty one).
 const NOTHING_TO_SAY: &str = "…";

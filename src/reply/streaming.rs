@@ -21,6 +21,8 @@ use crate::telemetry::STREAMS;
 
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
+    /// Without streaming, a typing indicator once the answer takes this long.
+    pub typing_delay: Duration,
     pub interval: Duration,
     pub informative_text: String,
     pub max_duration: Duration,
@@ -29,6 +31,7 @@ pub struct StreamSettings {
 impl From<&StreamingConfig> for StreamSettings {
     fn from(config: &StreamingConfig) -> Self {
         Self {
+            typing_delay: Duration::from_millis(config.typing_delay_ms),
             interval: Duration::from_millis(config.interval_ms),
             informative_text: config.informative_text.clone(),
             max_duration: Duration::from_millis(config.max_duration_ms),
@@ -49,7 +52,9 @@ pub enum Broken {
 #[derive(Debug, PartialEq)]
 pub enum Ending {
     /// The final message closed the stream; its id is the stream id.
-    Completed { id: Option<String> },
+    Completed {
+        id: Option<String>,
+    },
     /// Send the answer as one plain message instead.
     Fallback(String),
     Cancelled,

@@ -64,6 +64,9 @@ login_url = "{login}"
 [connector]
 backoff_base_ms = 20
 backoff_max_ms = 200
+# Teams' limits (the default) make a 10,000-reply test take minutes; tests/streaming.rs checks them.
+conversation_limits = [[1000, 100000]]
+app_limits = [[1000, 1000000]]
 
 [[bots]]
 id = "echo"
