@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::admin::contacts::ContactBook;
 use crate::admin::events::EventLog;
+use crate::admin::proactive::AddressBook;
 use crate::admin::secrets::{Sealer, SecretError};
 use crate::admin::setup::SetupChecker;
 use crate::admin::{self, Admin, AdminParts, Vault};
@@ -138,6 +139,7 @@ impl Router {
             Duration::from_millis(config.admin.contact_touch_interval_ms),
         )
         .await;
+        let addresses = AddressBook::load(Arc::clone(&store), Arc::clone(&health)).await;
         let services = Arc::new(ReplyServices {
             registry: Arc::clone(&registry),
             connector: Arc::clone(&connector),
@@ -146,6 +148,7 @@ impl Router {
             streaming: StreamSettings::from(&config.streaming),
             events: event_sink.clone(),
             contacts: Some(Arc::clone(&contacts)),
+            addresses: Some(Arc::clone(&addresses)),
             backends: BackendClient {
                 http: reqwest::Client::builder()
                     .connect_timeout(Duration::from_millis(config.backend.connect_timeout_ms))
@@ -231,6 +234,8 @@ impl Router {
                 contacts,
                 setup,
                 readiness: Arc::clone(&readiness),
+                addresses: Arc::clone(&addresses),
+                connector: Arc::clone(&connector),
             },
             config,
         );

@@ -484,17 +484,20 @@ impl MockMicrosoft {
                 "Authorization has been denied for this request.",
             );
         }
-        if !plain_typing {
-            if let Some(fault) = state.connector_faults.pop_front() {
-                return match fault {
-                    ConnectorFault::Throttle { retry_after_secs } => throttled(retry_after_secs),
-                    ConnectorFault::Status(code) => connector_error(
-                        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                        "ServiceError",
-                        "injected failure",
-                    ),
-                };
-            }
+        let fault = if plain_typing {
+            None
+        } else {
+            state.connector_faults.pop_front()
+        };
+        if let Some(fault) = fault {
+            return match fault {
+                ConnectorFault::Throttle { retry_after_secs } => throttled(retry_after_secs),
+                ConnectorFault::Status(code) => connector_error(
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    "ServiceError",
+                    "injected failure",
+                ),
+            };
         }
         let Some(rest) = raw_path
             .strip_prefix(SERVICE_PATH_PREFIX)
@@ -602,12 +605,12 @@ impl MockMicrosoft {
                 return json_response(StatusCode::OK, json!({}));
             }
             match stream_step(&mut state, &conversation_id, &activity, id) {
-                Err(refused) => return refused,
-                Ok(Some(response)) => {
+                StreamStep::Refused(refused) => return refused,
+                StreamStep::Accepted(response) => {
                     state.activities.push(record);
                     response
                 }
-                Ok(None) => {
+                StreamStep::Outside => {
                     state.activities.push(record);
                     json_response(StatusCode::OK, json!({"id": format!("1{id:012}")}))
                 }
@@ -626,14 +629,31 @@ impl MockMicrosoft {
     }
 }
 
-/// Checks a streamed update or final message against Teams' rules (protocol.md §4): `Ok(None)`
-/// for an activity outside any stream, `Ok(Some)` with the 201/202 answer, `Err` for a refusal.
-fn stream_step(
+type Reply = Response<Full<Bytes>>;
+
+enum StreamStep {
+    /// Not part of a stream.
+    Outside,
+    /// Accepted, with the 201 (start) or 202 answer.
+    Accepted(Response<Full<Bytes>>),
+    Refused(Response<Full<Bytes>>),
+}
+
+/// Checks a streamed update or final message against Teams' rules (protocol.md §4).
+fn stream_step(state: &mut State, conversation: &str, activity: &Value, id: u64) -> StreamStep {
+    match stream_rules(state, conversation, activity, id) {
+        Ok(Some(accepted)) => StreamStep::Accepted(accepted),
+        Ok(None) => StreamStep::Outside,
+        Err(refused) => StreamStep::Refused(*refused),
+    }
+}
+
+fn stream_rules(
     state: &mut State,
     conversation: &str,
     activity: &Value,
     id: u64,
-) -> Result<Option<Response<Full<Bytes>>>, Response<Full<Bytes>>> {
+) -> Result<Option<Reply>, Box<Reply>> {
     let Some(info) = stream_info(activity) else {
         return Ok(None);
     };
@@ -651,38 +671,42 @@ fn stream_step(
     let bad = |message: &str| connector_error(StatusCode::BAD_REQUEST, "BadArgument", message);
     match (kind, stream_type) {
         ("typing", "informative" | "streaming") if sequence.is_none() => {
-            return Err(bad(
+            return Err(Box::new(bad(
                 "Only start streaming and continue streaming types are allowed as a typing activity",
-            ));
+            )));
         }
         ("typing", "informative" | "streaming") | ("message", "final") => {}
         _ => {
-            return Err(bad(
+            return Err(Box::new(bad(
                 "Only start streaming and continue streaming types are allowed as a typing activity",
-            ));
+            )));
         }
     }
     if kind == "message" && sequence.is_some() {
-        return Err(bad(
+        return Err(Box::new(bad(
             "final streaming message must not carry a streamSequence",
-        ));
+        )));
     }
     let Some(stream_id) = field("streamId") else {
         if kind == "message" {
-            return Err(bad("a final streaming message needs its streamId"));
+            return Err(Box::new(bad(
+                "a final streaming message needs its streamId",
+            )));
         }
         if let Some((status, code, message)) = state.stream_refusal.clone() {
-            return Err(connector_error(
+            return Err(Box::new(connector_error(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
                 &code,
                 &message,
-            ));
+            )));
         }
         if text.is_empty() {
-            return Err(bad("Start streaming activities should include text"));
+            return Err(Box::new(bad(
+                "Start streaming activities should include text",
+            )));
         }
         if sequence != Some(1) {
-            return Err(bad("a stream starts at streamSequence 1"));
+            return Err(Box::new(bad("a stream starts at streamSequence 1")));
         }
         let stream_id = format!("1{id:012}");
         state.streams.insert(
@@ -699,30 +723,30 @@ fn stream_step(
         )));
     };
     let Some(stream) = state.streams.get_mut(stream_id) else {
-        return Err(bad("unknown streamId"));
+        return Err(Box::new(bad("unknown streamId")));
     };
     if stream.conversation != conversation {
-        return Err(bad("the stream belongs to another conversation"));
+        return Err(Box::new(bad("the stream belongs to another conversation")));
     }
     if stream.finished {
-        return Err(connector_error(
+        return Err(Box::new(connector_error(
             StatusCode::FORBIDDEN,
             "ContentStreamNotAllowed",
             "Content stream is not allowed on an already completed streamed message",
-        ));
+        )));
     }
     match sequence {
-        Some(n) if n <= stream.last_sequence => Err(json_response(
+        Some(n) if n <= stream.last_sequence => Err(Box::new(json_response(
             StatusCode::ACCEPTED,
             json!({"error": {"code": "ContentStreamSequenceOrderPreConditionFailed", "message": "out of order"}}),
-        )),
+        ))),
         Some(n) => {
             stream.last_sequence = n;
             Ok(Some(json_response(StatusCode::ACCEPTED, json!({}))))
         }
         None => {
             if text.is_empty() {
-                return Err(bad("the final streaming message must have text"));
+                return Err(Box::new(bad("the final streaming message must have text")));
             }
             stream.finished = true;
             Ok(Some(json_response(StatusCode::ACCEPTED, json!({}))))

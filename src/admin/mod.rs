@@ -8,6 +8,7 @@ pub mod contacts;
 pub mod events;
 pub mod model;
 pub mod paging;
+pub mod proactive;
 pub mod secrets;
 pub mod setup;
 
@@ -81,6 +82,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     (
         "GET",
         "/api/v1/integration/teams/{teamsIntegrationId}/event/list",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/message",
     ),
     (
         "POST",
@@ -191,6 +196,9 @@ pub struct AdminParts {
     pub contacts: Arc<ContactBook>,
     pub setup: SetupChecker,
     pub readiness: Arc<Readiness>,
+    /// Where proactive messages go, learned from traffic.
+    pub addresses: Arc<proactive::AddressBook>,
+    pub connector: Arc<crate::connector::Connector>,
 }
 
 pub struct Admin {
@@ -344,6 +352,7 @@ impl Admin {
             ["integration", "teams", id, "delete"] => ("POST", Action::DeleteIntegration(id)),
             ["integration", "teams", id, "setup"] => ("POST", Action::Setup(id)),
             ["integration", "teams", id, "event", "list"] => ("GET", Action::ListEvents(id)),
+            ["integration", "teams", id, "message"] => ("POST", Action::SendMessage(id)),
             ["contact", "list"] => ("GET", Action::ListContacts),
             ["contact", id, "fetch"] => ("GET", Action::FetchContact(id)),
             _ => return Err(ApiError::not_found("route")),
@@ -397,6 +406,7 @@ impl Admin {
             Action::DeleteIntegration(id) => self.delete_integration(&account, id, &body).await,
             Action::Setup(id) => self.setup_now(&account, id, &body).await,
             Action::ListEvents(id) => self.list_events(&account, id, query),
+            Action::SendMessage(id) => self.send_message(&account, id, &body).await,
             Action::ListContacts => self.list_contacts(&account, query),
             Action::FetchContact(id) => self.fetch_contact(&account, id),
         }?;
@@ -781,6 +791,40 @@ impl Admin {
 
     // --- setup ------------------------------------------------------------------------------
 
+    /// A proactive message into a conversation, a user's personal chat or a channel.
+    async fn send_message(&self, account: &str, id: &str, body: &[u8]) -> ApiResult {
+        let integration = self.owned_integration(account, id)?;
+        let request: proactive::MessageRequest = model::parse_body(body)?;
+        proactive::send(
+            &self.parts.addresses,
+            &self.parts.connector,
+            &integration,
+            request,
+        )
+        .await
+        .map_err(|error| {
+            let message = error.to_string();
+            match error {
+                proactive::ProactiveError::Invalid { field, .. } => ApiError {
+                    field: Some(field.to_owned()),
+                    ..ApiError::new(StatusCode::BAD_REQUEST, "invalid", message)
+                },
+                proactive::ProactiveError::Unknown(_) => {
+                    ApiError::new(StatusCode::NOT_FOUND, "conversation_unknown", message)
+                }
+                proactive::ProactiveError::Development => {
+                    ApiError::new(StatusCode::CONFLICT, "development_mode", message)
+                }
+                proactive::ProactiveError::Connector(
+                    crate::connector::ConnectorError::QueueFull(_),
+                ) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "connector_busy", message),
+                proactive::ProactiveError::Connector(_) => {
+                    ApiError::new(StatusCode::BAD_GATEWAY, "connector_failed", message)
+                }
+            }
+        })
+    }
+
     async fn setup_now(&self, account: &str, id: &str, body: &[u8]) -> ApiResult {
         let _: model::NoFields = model::parse_body(body)?;
         let integration = self.owned_integration(account, id)?;
@@ -990,6 +1034,7 @@ enum Action<'a> {
     DeleteIntegration(&'a str),
     Setup(&'a str),
     ListEvents(&'a str),
+    SendMessage(&'a str),
     ListContacts,
     FetchContact(&'a str),
 }

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use crate::activity::TurnActivity;
 use crate::admin::contacts::{ContactBook, Sender};
 use crate::admin::events::{EventDraft, EventSink};
+use crate::admin::proactive::AddressBook;
 use crate::backend::{Answer, Backend, BackendClient, Deltas, InvokeResponse, TurnInput};
 use crate::connector::{Connector, ConnectorError, Delivery, Route, is_loopback_url};
 use crate::conversation::ConversationMsg;
@@ -39,6 +40,8 @@ pub struct ReplyServices {
     pub events: EventSink,
     /// Contact records of integrations with `contactCollection`.
     pub contacts: Option<Arc<ContactBook>>,
+    /// Where proactive messages can go, learned from every activity.
+    pub addresses: Option<Arc<AddressBook>>,
     /// What backends share (HTTP client, timeouts).
     pub backends: BackendClient,
 }
@@ -302,6 +305,9 @@ fn observe(args: &ReplyArgs) {
     let integration = &args.integration;
     let activity = &args.activity;
     let services = &args.services;
+    if let Some(addresses) = &services.addresses {
+        addresses.learn(&integration.record.id, activity);
+    }
     match activity.kind.as_str() {
         "message" | "invoke" | "messageReaction" if integration.record.contact_collection => {
             if let (Some(contacts), Some(user)) = (&services.contacts, activity.from_field("id")) {
