@@ -394,6 +394,13 @@ impl Front {
                     Ok(Err(_)) => InvokeResponse::error("TurnFailed", "the bot failed to answer"),
                     Err(_) => {
                         tracing::warn!(integration = %integration.id, "invoke answer missed its deadline");
+                        self.events.record(
+                            &integration.id,
+                            EventDraft::new("invoke.timeout").message(format!(
+                                "the bot did not answer the invoke within {} ms; Teams got an error body",
+                                self.invoke_timeout.as_millis()
+                            )),
+                        );
                         InvokeResponse::error("Timeout", "the bot did not answer in time")
                     }
                 };

@@ -85,6 +85,29 @@ impl Hook {
                 reply(200, "application/json", "{\"text\":\"too late\"}".into())
             }
             "broken" => reply(200, "application/json", "{\"text\": ".into()),
+            "revise" | "remove" => {
+                // Change the bot's last message, known by the id in the session history.
+                let last_bot_message = turn["session"]["history"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .find(|e| e["role"] == "bot" && e["id"].is_string())
+                    .map(|e| e["id"].clone())
+                    .unwrap();
+                let answer = if text == "revise" {
+                    json!({
+                        "update": [{"id": last_bot_message, "text": "json: after (revised)"}],
+                        "activities": [{"type": "message", "attachments": [{
+                            "contentType": "application/vnd.microsoft.card.adaptive",
+                            "content": {"type": "AdaptiveCard", "version": "1.5", "body": []}
+                        }]}],
+                    })
+                } else {
+                    json!({"delete": [last_bot_message]})
+                };
+                reply(200, "application/json", answer.to_string())
+            }
             _ if turn["activity"]["type"] == "invoke" => {
                 let slow = turn["activity"]["value"]["action"]["data"]["slow"] == true;
                 if slow {
@@ -236,6 +259,31 @@ async fn the_webhook_backend_is_signed_and_answers_as_json_ndjson_or_sse() {
     assert!(second["activity"]["channelData"]["tenant"]["id"].is_string());
     // Attachments are off for this integration.
     assert!(second["activity"].get("attachments").is_none());
+
+    // A webhook answer may update an earlier message, add a card, and delete a message.
+    for (n, text) in ["revise", "remove"].iter().enumerate() {
+        let activity = personal_message(&mock, "conv-hook", &format!("r{n}"), text);
+        assert_eq!(post(&client, &url, Some(&token), &activity).await.0, 200);
+    }
+    let changes = mock
+        .wait_for_activities(texts.len() + 3, Duration::from_secs(20))
+        .await;
+    let changes = &changes[texts.len()..];
+    assert_eq!(changes.len(), 3, "{changes:#?}");
+    // The answer's activities go first, then its updates.
+    assert_eq!(changes[0].method, "POST");
+    assert_eq!(
+        changes[0].body["attachments"][0]["contentType"],
+        "application/vnd.microsoft.card.adaptive"
+    );
+    assert_eq!(changes[0].reply_to_id.as_deref(), Some("r0"));
+    assert_eq!(changes[1].method, "PUT");
+    assert_eq!(changes[1].text(), "json: after (revised)");
+    assert_eq!(changes[1].body["conversation"]["id"], "conv-hook");
+    let after_id = changes[1].reply_to_id.clone().unwrap();
+    // Only answers with text enter the history: "remove" deletes the same message.
+    assert_eq!(changes[2].method, "DELETE");
+    assert_eq!(changes[2].reply_to_id.as_deref(), Some(after_id.as_str()));
     let scrape = metrics(&router).await;
     assert_eq!(
         metric_value(&scrape, "teams_router_actor_restarts_total"),

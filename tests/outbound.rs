@@ -474,3 +474,90 @@ async fn bursts_are_paced_within_teams_limits_and_every_message_is_answered_once
         0.0
     );
 }
+
+/// Router CPU time (user + system) of a process, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second: u64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100);
+    Duration::from_micros(ticks * 1_000_000 / per_second)
+}
+
+/// The router's own time per turn, streamed or not (BENCHMARKS.md): the CPU the router process
+/// spends per answered message with the echo backend (no backend wait) and a mock connector on
+/// loopback, so what is counted is the router's work, not backend or connector latency.
+/// `cargo test --release --test outbound streamed_turn_overhead -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement for BENCHMARKS.md"]
+async fn streamed_turn_overhead() {
+    let mock = MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let extra = format!(
+        "[[integrations]]\nid = \"teams_streamed\"\nbotId = \"echo\"\nbotFrameworkAppId = \"{APP_ID}\"\nbotFrameworkAppSecret = \"{APP_SECRET}\"\nstream = true\n\n[conversation]\nmailbox_capacity = 1000\n"
+    );
+    let router = RouterProcess::spawn(&binary(), &config(&mock, &extra))
+        .await
+        .expect("router starts");
+    let pid = router.pid().expect("pid");
+    let token = mock.token_for(APP_ID);
+    let (conversations, per_conversation) = (50, 40);
+    let mut expected = 0;
+    for (integration, label) in [("teams_prod", "plain"), ("teams_streamed", "streamed")] {
+        // Warm up (connections, token, actors), then measure.
+        for round in ["warm", "measured"] {
+            let batch: Vec<(String, Vec<Value>)> = (0..conversations)
+                .map(|c| {
+                    let conversation = format!("a:{label}-{round}-{c}");
+                    let activities = (0..per_conversation)
+                        .map(|i| {
+                            personal_message(
+                                &mock,
+                                &conversation,
+                                &format!("{c}-{i}"),
+                                &format!("m{i}"),
+                            )
+                        })
+                        .collect();
+                    (conversation, activities)
+                })
+                .collect();
+            let turns = conversations * per_conversation;
+            let connector_before = mock.connector_attempts();
+            let cpu_before = cpu_time(pid);
+            let started = Instant::now();
+            send_in_order(router.callback_url(integration), token.clone(), batch).await;
+            expected += turns;
+            // Each answer ends with one message activity.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while mock
+                .activities()
+                .iter()
+                .filter(|a| a.kind() == "message")
+                .count()
+                < expected
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let wall = started.elapsed();
+            let cpu = cpu_time(pid) - cpu_before;
+            let requests = mock.connector_attempts() - connector_before;
+            if round == "measured" {
+                eprintln!(
+                    "{label}: {turns} turns in {wall:?} ({:.0} turns/s), router CPU {:.1} us per turn, {:.2} connector requests per turn",
+                    turns as f64 / wall.as_secs_f64(),
+                    cpu.as_secs_f64() * 1e6 / turns as f64,
+                    requests as f64 / turns as f64,
+                );
+            }
+        }
+    }
+}
