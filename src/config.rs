@@ -260,7 +260,8 @@ pub struct ConnectorConfig {
     pub conversation_limits: Vec<[u64; 2]>,
     /// Teams' limits per bot app and tenant, as `[window_ms, sends]` pairs.
     pub app_limits: Vec<[u64; 2]>,
-    /// Outbound activities waiting for the limits at most; one more fails at once.
+    /// Outbound activities of one bot (app and tenant) waiting for the limits at most; one more
+    /// fails at once.
     pub max_queued: usize,
 }
 

@@ -9,8 +9,9 @@
 //! A send is counted from when it is admitted until its request is finished, and then at the time
 //! it finished: Teams sees a request when it arrives, which is never after it finished, so the
 //! router's count of any window is never below Teams' own. Admission is atomic over both keys.
-//! At most `max_queued` sends wait at once; beyond that a send is refused at once, so memory stays
-//! bounded when Teams is slower than the bots.
+//! At most `max_queued` sends of one bot (app and tenant) wait at once; beyond that its next send
+//! is refused at once, so memory stays bounded when Teams is slower than the bot, and one bot's
+//! backlog never refuses another bot's sends.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ struct Log {
     finished: VecDeque<Instant>,
     /// Sends admitted and not finished yet (they count in every window).
     in_flight: usize,
+    /// Sends of this key waiting for room (bounded per bot: the app key's count).
+    waiting: usize,
 }
 
 impl Log {
@@ -79,6 +82,7 @@ impl Log {
     fn is_idle(&self, limits: &[Limit], now: Instant) -> bool {
         let longest = limits.iter().map(|l| l.window).max().unwrap_or_default();
         self.in_flight == 0
+            && self.waiting == 0
             && self
                 .finished
                 .back()
@@ -99,7 +103,7 @@ pub struct Pacer {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("{0} outbound activities are already waiting for Teams' rate limits")]
+#[error("{0} outbound activities of this bot are already waiting for Teams' rate limits")]
 pub struct QueueFull(pub usize);
 
 /// An admitted send; dropping it records the send as finished now.
@@ -118,12 +122,18 @@ impl Drop for Permit {
     }
 }
 
-/// Counts a waiting send in the queue depth while it lives.
-struct Waiting<'a>(&'a Pacer);
+/// Counts a waiting send in its bot's queue and the queue depth while it lives.
+struct Waiting<'a> {
+    pacer: &'a Pacer,
+    app: Arc<Mutex<Log>>,
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let left = self.0.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+        let mut app = self.app.lock();
+        app.waiting = app.waiting.saturating_sub(1);
+        drop(app);
+        let left = self.pacer.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
         gauge!(CONNECTOR_QUEUE_DEPTH).set(left as f64);
     }
 }
@@ -178,9 +188,17 @@ impl Pacer {
         if self.try_admit(&logs, Instant::now()).is_ok() {
             return Ok(Permit { logs });
         }
+        let bot_waiting = {
+            let mut app = logs[1].lock();
+            app.waiting += 1;
+            app.waiting
+        };
         let waiting = self.waiting.fetch_add(1, Ordering::AcqRel) + 1;
-        let _waiting = Waiting(self);
-        if waiting > self.max_queued {
+        let _waiting = Waiting {
+            pacer: self,
+            app: Arc::clone(&logs[1]),
+        };
+        if bot_waiting > self.max_queued {
             return Err(QueueFull(self.max_queued));
         }
         gauge!(CONNECTOR_QUEUE_DEPTH).set(waiting as f64);
