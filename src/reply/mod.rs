@@ -114,7 +114,10 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
         return send_message(&args, message, fixed).await;
     }
     let invoke = args.invoke.take();
-    let streamed = args.integration.record.stream
+    // A development-mode integration speaks only to loopback: no stream, no typing elsewhere.
+    let deliverable = deliverable(&args);
+    let streamed = deliverable
+        && args.integration.record.stream
         && args.activity.kind == "message"
         && args.activity.is_personal();
     // Every activity reaches the backend (a webhook gets lifecycle events, typed; echo and
@@ -141,7 +144,7 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
         // Like the SDKs' typing middleware: a user waiting for an answer sees the bot typing
         // (Teams shows it for a few seconds), a quick answer comes without one.
         let typing = async {
-            if args.activity.kind != "message" {
+            if args.activity.kind != "message" || !deliverable {
                 return std::future::pending().await;
             }
             let mut typing = base.clone();
@@ -250,7 +253,7 @@ async fn finish_stream(
 async fn follow_up(args: &ReplyArgs, answer: Answer) {
     let connector = &args.services.connector;
     let route = route(args);
-    if !delivery_allowed(args) {
+    if !deliverable(args) {
         return;
     }
     for extra in answer.activities {
@@ -278,8 +281,12 @@ async fn follow_up(args: &ReplyArgs, answer: Answer) {
     }
 }
 
+fn deliverable(args: &ReplyArgs) -> bool {
+    !args.integration.is_development() || is_loopback_url(&args.activity.service_url)
+}
+
 fn delivery_allowed(args: &ReplyArgs) -> bool {
-    if args.integration.is_development() && !is_loopback_url(&args.activity.service_url) {
+    if !deliverable(args) {
         tracing::warn!(
             integration = %args.integration.id,
             "development-mode integration: replies go only to loopback service URLs; reply dropped"
