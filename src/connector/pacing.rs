@@ -45,7 +45,7 @@ struct Log {
 impl Log {
     /// When one more send fits every limit: `None` for now, else the earliest time to try again.
     fn room(&mut self, limits: &[Limit], now: Instant) -> Option<Instant> {
-        let longest = limits.iter().map(|l| l.window).max().unwrap_or_default();
+        let longest = limits.iter().map(|l| l.window).max().unwrap_or_default() + SAFETY_MARGIN;
         while self
             .finished
             .front()
@@ -55,11 +55,14 @@ impl Log {
         }
         let mut retry_at: Option<Instant> = None;
         for limit in limits {
+            // Teams counts a request when it arrives; a margin absorbs what the network and a
+            // busy machine add between that and the router's own clock readings.
+            let window = limit.window + SAFETY_MARGIN;
             let in_window = self
                 .finished
                 .iter()
                 .rev()
-                .take_while(|t| now.saturating_duration_since(**t) < limit.window)
+                .take_while(|t| now.saturating_duration_since(**t) < window)
                 .count();
             let used = in_window + self.in_flight;
             if used < limit.count {
@@ -70,7 +73,7 @@ impl Log {
             let must_leave = used + 1 - limit.count;
             let at = if must_leave <= in_window {
                 let oldest = self.finished.len() - in_window;
-                self.finished[oldest + must_leave - 1] + limit.window
+                self.finished[oldest + must_leave - 1] + window
             } else {
                 now + IN_FLIGHT_POLL
             };
@@ -80,7 +83,7 @@ impl Log {
     }
 
     fn is_idle(&self, limits: &[Limit], now: Instant) -> bool {
-        let longest = limits.iter().map(|l| l.window).max().unwrap_or_default();
+        let longest = limits.iter().map(|l| l.window).max().unwrap_or_default() + SAFETY_MARGIN;
         self.in_flight == 0
             && self.waiting == 0
             && self
@@ -89,6 +92,9 @@ impl Log {
                 .is_none_or(|t| now.saturating_duration_since(*t) >= longest)
     }
 }
+
+/// Added to every window.
+const SAFETY_MARGIN: Duration = Duration::from_millis(100);
 
 /// How soon a send blocked only by sends in flight looks again.
 const IN_FLIGHT_POLL: Duration = Duration::from_millis(20);
@@ -221,10 +227,14 @@ impl Pacer {
     /// Forgets keys whose windows are empty again (conversations quiet for a while).
     pub fn forget_idle(&self) {
         let now = Instant::now();
-        self.conversations
-            .retain(|_, log| !log.lock().is_idle(&self.conversation_limits, now));
-        self.apps
-            .retain(|_, log| !log.lock().is_idle(&self.app_limits, now));
+        // A log some send still holds (about to be admitted) is kept: dropping it would let
+        // the next send of that key start a fresh log and miss this one.
+        self.conversations.retain(|_, log| {
+            Arc::strong_count(log) > 1 || !log.lock().is_idle(&self.conversation_limits, now)
+        });
+        self.apps.retain(|_, log| {
+            Arc::strong_count(log) > 1 || !log.lock().is_idle(&self.app_limits, now)
+        });
     }
 
     /// Keys with a send log (for tests and the upkeep log).
@@ -345,7 +355,7 @@ mod tests {
         );
         drop(first);
         assert!(waiting.await.unwrap().is_ok());
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
         pacer.forget_idle();
         assert_eq!(pacer.tracked(), 0);
     }
