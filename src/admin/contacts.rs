@@ -11,7 +11,7 @@ use dashmap::DashMap;
 use metrics::gauge;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreHealth, now_ms};
+use crate::store::{Store, StoreHealth, load_records, now_ms};
 use crate::telemetry::CONTACTS;
 
 pub const STORE_KIND: &str = "contacts";
@@ -72,23 +72,8 @@ impl ContactBook {
             health: Arc::clone(&health),
             touch_interval,
         });
-        match store.records(STORE_KIND).await {
-            Ok(records) => {
-                for (id, bytes) in records {
-                    match serde_json::from_slice::<Contact>(&bytes) {
-                        Ok(contact) => {
-                            book.contacts.insert(id, contact);
-                        }
-                        Err(error) => {
-                            tracing::warn!(contact = %id, %error, "stored contact is unreadable; skipped")
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                health.observe("records", &Err::<(), _>(error.clone()));
-                tracing::warn!(%error, "contacts could not be loaded");
-            }
+        for (id, contact) in load_records::<Contact>(&store, &health, STORE_KIND).await {
+            book.contacts.insert(id, contact);
         }
         gauge!(CONTACTS).set(book.contacts.len() as f64);
         book

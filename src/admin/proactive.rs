@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::activity::TurnActivity;
 use crate::connector::{Connector, ConnectorError, Delivery, Route, is_loopback_url};
 use crate::registry::Integration;
-use crate::store::{Store, StoreHealth};
+use crate::store::{Store, StoreHealth, load_records};
 
 pub const STORE_KIND: &str = "addresses";
 
@@ -59,23 +59,8 @@ impl AddressBook {
             store: Arc::clone(&store),
             health: Arc::clone(&health),
         });
-        match store.records(STORE_KIND).await {
-            Ok(records) => {
-                for (id, bytes) in records {
-                    match serde_json::from_slice::<Address>(&bytes) {
-                        Ok(address) => {
-                            book.addresses.insert(id, address);
-                        }
-                        Err(error) => {
-                            tracing::warn!(address = %id, %error, "stored address is unreadable; skipped")
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                health.observe("records", &Err::<(), _>(error.clone()));
-                tracing::warn!(%error, "addresses could not be loaded");
-            }
+        for (id, address) in load_records::<Address>(&store, &health, STORE_KIND).await {
+            book.addresses.insert(id, address);
         }
         book
     }

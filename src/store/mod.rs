@@ -219,6 +219,32 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
 }
 
+/// Every readable record of `kind` (an unreadable one is logged and skipped; a store that
+/// cannot be read gives none, and its health says so).
+pub async fn load_records<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    health: &StoreHealth,
+    kind: &'static str,
+) -> Vec<(String, T)> {
+    match store.records(kind).await {
+        Ok(records) => records
+            .into_iter()
+            .filter_map(|(id, bytes)| match serde_json::from_slice::<T>(&bytes) {
+                Ok(record) => Some((id, record)),
+                Err(error) => {
+                    tracing::warn!(kind, record = %id, %error, "stored record is unreadable; skipped");
+                    None
+                }
+            })
+            .collect(),
+        Err(error) => {
+            health.observe("records", &Err::<(), _>(error.clone()));
+            tracing::warn!(kind, %error, "records could not be loaded");
+            Vec::new()
+        }
+    }
+}
+
 /// Whether the store answers, tracked from the outcome of real operations; a change is logged
 /// once, not per failure.
 #[derive(Debug)]
