@@ -515,11 +515,17 @@ async fn idle_conversations_passivate_at_scale_and_resume_with_history() {
         // Peak of live conversations and of RSS, sampled while the conversations are touched.
         let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let sampler = {
-            let (sampling, ops) = (Arc::clone(&sampling), router.ops_url("/metrics"));
+            // One client for every sample: building one per sample reads the system's CA
+            // certificates each time, which fails while the test holds thousands of sockets.
+            let (sampling, ops, client) = (
+                Arc::clone(&sampling),
+                router.ops_url("/metrics"),
+                client.clone(),
+            );
             tokio::spawn(async move {
                 let mut peak = (0.0f64, 0u64);
                 while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Ok(r) = http().get(&ops).send().await {
+                    if let Ok(r) = client.get(&ops).send().await {
                         let text = r.text().await.unwrap_or_default();
                         let live =
                             metric_value(&text, "teams_router_conversations_active").unwrap_or(0.0);
