@@ -3,8 +3,8 @@
 //! chat with a user (created with `POST v3/conversations` when there is none yet), or starts a new
 //! thread in a team channel. Teams must be addressed with the serviceUrl, tenant and bot account
 //! of that conversation or team (protocol.md §3.1, §3.2), so the address book learns them from
-//! every activity an integration receives, and keeps them in the store so that a restarted router
-//! can still reach them.
+//! every activity an integration receives, and keeps them in the store (in batches, once a second)
+//! so that a restarted router can still reach them.
 
 use std::sync::Arc;
 
@@ -41,7 +41,13 @@ pub struct AddressBook {
     addresses: DashMap<String, Address>,
     store: Arc<Store>,
     health: Arc<StoreHealth>,
+    /// New and changed addresses, written to the store together once a second: a burst of new
+    /// conversations must not become one store transaction each.
+    unsaved: parking_lot::Mutex<Vec<(String, Vec<u8>)>>,
 }
+
+/// How often learned addresses reach the store.
+const SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn record_id(integration: &str, key: &str) -> String {
     let hash = digest(&SHA256, format!("{integration}\u{0}{key}").as_bytes());
@@ -58,11 +64,39 @@ impl AddressBook {
             addresses: DashMap::new(),
             store: Arc::clone(&store),
             health: Arc::clone(&health),
+            unsaved: parking_lot::Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&book);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SAVE_INTERVAL);
+            loop {
+                tick.tick().await;
+                let Some(book) = weak.upgrade() else {
+                    return;
+                };
+                book.save().await;
+            }
         });
         for (id, address) in load_records::<Address>(&store, &health, STORE_KIND).await {
             book.addresses.insert(id, address);
         }
         book
+    }
+
+    /// Writes what was learned since the last save; a failed write is tried again next time.
+    async fn save(&self) {
+        let batch = std::mem::take(&mut *self.unsaved.lock());
+        if batch.is_empty() {
+            return;
+        }
+        let result = self.store.put_records(STORE_KIND, batch.clone()).await;
+        self.health.observe("records", &result);
+        if let Err(error) = result {
+            tracing::warn!(%error, addresses = batch.len(), "addresses not stored; retried in a second");
+            let mut unsaved = self.unsaved.lock();
+            let newer = std::mem::replace(&mut *unsaved, batch);
+            unsaved.extend(newer);
+        }
     }
 
     pub fn get(&self, integration: &str, key: &str) -> Option<Address> {
@@ -87,10 +121,16 @@ impl AddressBook {
             conversation: conversation.cloned(),
         };
         let conversation = Some(&activity.conversation);
-        let mut learned = vec![address(
-            format!("conv:{}", activity.conversation_id()),
-            conversation,
-        )];
+        let by_conversation = address(format!("conv:{}", activity.conversation_id()), conversation);
+        // A conversation seen before from the same address taught the rest already.
+        if self
+            .addresses
+            .get(&record_id(integration, &by_conversation.key))
+            .is_some_and(|a| *a == by_conversation)
+        {
+            return;
+        }
+        let mut learned = vec![by_conversation];
         if activity.is_personal() {
             for user in [
                 activity.from_field("id"),
@@ -127,17 +167,9 @@ impl AddressBook {
                 self.addresses.insert(id, address);
             }
         }
-        if to_store.is_empty() {
-            return;
+        if !to_store.is_empty() {
+            self.unsaved.lock().extend(to_store);
         }
-        let book = Arc::clone(self);
-        tokio::spawn(async move {
-            let result = book.store.put_records(STORE_KIND, to_store).await;
-            book.health.observe("records", &result);
-            if let Err(error) = result {
-                tracing::warn!(%error, "addresses not stored; kept in memory");
-            }
-        });
     }
 }
 
@@ -422,9 +454,5 @@ fn remember(book: &Arc<AddressBook>, address: Address, conversation_id: &str) {
         }
         book.addresses.insert(id, address);
     }
-    let book = Arc::clone(book);
-    tokio::spawn(async move {
-        let result = book.store.put_records(STORE_KIND, to_store).await;
-        book.health.observe("records", &result);
-    });
+    book.unsaved.lock().extend(to_store);
 }
