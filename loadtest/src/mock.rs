@@ -131,7 +131,15 @@ struct State {
     sends: HashMap<String, VecDeque<Instant>>,
     throttled: usize,
     created: Vec<CreatedConversation>,
+    /// Whether accepted activities are kept for [`MockMicrosoft::activities`] (a long load run
+    /// observes them instead).
+    retain: bool,
+    /// Every Nth connector request (typing aside) answers this fault.
+    periodic_fault: Option<(u64, ConnectorFault)>,
 }
+
+/// Called with every activity the connector accepts, as it is accepted.
+pub type Observer = Arc<dyn Fn(&RecordedActivity) + Send + Sync>;
 
 /// The running mock; dropping it stops nothing (the server lives until the runtime ends).
 #[derive(Clone)]
@@ -141,28 +149,37 @@ pub struct MockMicrosoft {
     arrived: Arc<Notify>,
     /// The key `token_for` signs with.
     signer: Arc<Mutex<Arc<SigningKey>>>,
+    observer: Arc<arc_swap::ArcSwapOption<Observer>>,
 }
 
 impl MockMicrosoft {
     /// Starts on a free loopback port with one published key endorsing `msteams`.
     pub async fn start() -> Self {
+        match Self::start_on("127.0.0.1:0".parse().expect("loopback address")).await {
+            Ok(mock) => mock,
+            Err(e) => panic!("bind mock Microsoft: {e}"),
+        }
+    }
+
+    /// Starts on `addr` (a fixed port lets a router running elsewhere be configured against it).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
         let key = Arc::new(SigningKey::generate("key-1", &["msteams"]));
         let state = State {
             openid_available: true,
             published: vec![Arc::clone(&key)],
             connector_requires_auth: true,
             next_id: 1,
+            retain: true,
             ..State::default()
         };
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind mock Microsoft");
-        let addr = listener.local_addr().expect("mock address");
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let mock = Self {
             addr,
             state: Arc::new(Mutex::new(state)),
             arrived: Arc::new(Notify::new()),
             signer: Arc::new(Mutex::new(key)),
+            observer: Arc::new(arc_swap::ArcSwapOption::empty()),
         };
         let server = mock.clone();
         tokio::spawn(async move {
@@ -182,7 +199,7 @@ impl MockMicrosoft {
                 });
             }
         });
-        mock
+        Ok(mock)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -275,6 +292,18 @@ impl MockMicrosoft {
     /// bot and tenant), as Teams does.
     pub fn enforce_teams_limits(&self, enforce: bool) {
         self.state.lock().enforce_limits = enforce;
+    }
+
+    /// Calls `observer` with every accepted activity from now on; with `retain` false the mock
+    /// stops keeping them (memory stays flat in a long run).
+    pub fn observe(&self, observer: Option<Observer>, retain: bool) {
+        self.observer.store(observer.map(Arc::new));
+        self.state.lock().retain = retain;
+    }
+
+    /// Answers every `every`th connector request (typing aside) with `fault`; `None` stops it.
+    pub fn set_periodic_fault(&self, fault: Option<(u64, ConnectorFault)>) {
+        self.state.lock().periodic_fault = fault.filter(|(every, _)| *every > 0);
     }
 
     /// Requests refused with 429 for going over the limits.
@@ -484,10 +513,17 @@ impl MockMicrosoft {
                 "Authorization has been denied for this request.",
             );
         }
+        let attempt = state.connector_attempts as u64;
         let fault = if plain_typing {
             None
         } else {
-            state.connector_faults.pop_front()
+            state.connector_faults.pop_front().or_else(|| {
+                state
+                    .periodic_fault
+                    .as_ref()
+                    .filter(|(every, _)| attempt % every == 0)
+                    .map(|(_, fault)| fault.clone())
+            })
         };
         if let Some(fault) = fault {
             return match fault {
@@ -594,6 +630,7 @@ impl MockMicrosoft {
                 id: created.clone(),
                 parameters: activity,
             });
+            drop(state);
             json_response(
                 StatusCode::CREATED,
                 json!({"id": created, "activityId": first, "serviceUrl": format!("http://{}{}", self.addr, SERVICE_PATH_PREFIX)}),
@@ -607,11 +644,11 @@ impl MockMicrosoft {
             match stream_step(&mut state, &conversation_id, &activity, id) {
                 StreamStep::Refused(refused) => return refused,
                 StreamStep::Accepted(response) => {
-                    state.activities.push(record);
+                    self.accept(state, record);
                     response
                 }
                 StreamStep::Outside => {
-                    state.activities.push(record);
+                    self.accept(state, record);
                     json_response(StatusCode::OK, json!({"id": format!("1{id:012}")}))
                 }
             }
@@ -620,12 +657,31 @@ impl MockMicrosoft {
                 Method::PUT => json!({"id": activity_id.map(decode)}),
                 _ => json!({}),
             };
-            state.activities.push(record);
+            self.accept(state, record);
             json_response(StatusCode::OK, answer)
         };
-        drop(state);
         self.arrived.notify_waiters();
         response
+    }
+}
+
+impl MockMicrosoft {
+    /// Records an accepted activity (when retaining) and shows it to the observer, outside the lock.
+    fn accept(&self, mut state: parking_lot::MutexGuard<'_, State>, record: RecordedActivity) {
+        let observer = self.observer.load_full();
+        match (state.retain, observer) {
+            (true, None) => state.activities.push(record),
+            (true, Some(observer)) => {
+                state.activities.push(record.clone());
+                drop(state);
+                observer(&record);
+            }
+            (false, Some(observer)) => {
+                drop(state);
+                observer(&record);
+            }
+            (false, None) => {}
+        }
     }
 }
 

@@ -1,0 +1,204 @@
+//! `--spawn`: the harness builds the router (release), writes a config pointing it at the mock
+//! Microsoft side, starts Redis when the scenario wants it, and starts the router.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::harness::{Spawned, Target};
+use crate::mock::MockMicrosoft;
+use crate::redis::RedisServer;
+use crate::router::RouterProcess;
+use crate::scenario::Scenario;
+
+/// The management API key of a spawned router.
+pub const API_KEY: &str = "loadtest-api-key";
+/// The bot every spawned integration answers with.
+pub const BOT_ID: &str = "echo";
+
+/// Integration `i` of a run: id, app id, secret.
+pub fn integration(i: usize) -> (String, String, String) {
+    (
+        format!("loadtest_{i}"),
+        format!("00000000-0000-4000-8000-{i:012}"),
+        format!("loadtest-secret-{i}"),
+    )
+}
+
+/// The router binary: `TEAMS_ROUTER_BIN`, or the workspace's release build, built now (a no-op
+/// when it is up to date), so a run never measures a stale router.
+pub fn router_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(path) = explicit {
+        return Ok(path.to_owned());
+    }
+    if let Some(path) = std::env::var_os("TEAMS_ROUTER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no workspace above loadtest/")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building the router: cargo build --release -p teams-router --bin teams-router");
+    let output = Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "teams-router",
+            "--bin",
+            "teams-router",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cargo build: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("cargo build failed ({})", output.status));
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "teams-router")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| "cargo build did not report the teams-router executable".to_string())
+}
+
+/// A free loopback port (fixed for the run, so a restarted router listens where it did).
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// What a spawned run owns besides the router: its Redis and state directory.
+pub struct Environment {
+    pub redis: Option<RedisServer>,
+    pub state_dir: PathBuf,
+}
+
+impl Drop for Environment {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// The router config for `scenario` against `mock`.
+pub fn router_config(
+    scenario: &Scenario,
+    mock: &MockMicrosoft,
+    listen: &str,
+    ops_listen: &str,
+    storage: &str,
+) -> String {
+    let limits = if scenario.connector.teams_limits {
+        // The router's defaults are Teams' documented limits.
+        String::new()
+    } else {
+        "conversation_limits = [[1000, 1000000]]\napp_limits = [[1000, 10000000]]\n".into()
+    };
+    let mut config = format!(
+        r#"{storage}
+
+[server]
+listen = "{listen}"
+ops_listen = "{ops_listen}"
+max_connections = 20000
+
+[microsoft]
+openid_metadata_url = "{metadata}"
+login_url = "{login}"
+
+[connector]
+backoff_base_ms = 50
+backoff_max_ms = 1000
+{limits}
+[conversation]
+mailbox_capacity = 100000
+
+[[accounts]]
+id = "loadtest"
+api_key = "{API_KEY}"
+
+[[bots]]
+id = "{BOT_ID}"
+backend = {{ kind = "echo" }}
+"#,
+        metadata = mock.openid_metadata_url(),
+        login = mock.login_url(),
+    );
+    for i in 0..scenario.integrations {
+        let (id, app, secret) = integration(i);
+        config.push_str(&format!(
+            "\n[[integrations]]\nid = \"{id}\"\nbotId = \"{BOT_ID}\"\nbotFrameworkAppId = \"{app}\"\nbotFrameworkAppSecret = \"{secret}\"\n"
+        ));
+    }
+    config.push('\n');
+    config.push_str(&scenario.router.extra_config);
+    config
+}
+
+/// Registers the run's apps at the mock.
+pub fn register_apps(scenario: &Scenario, mock: &MockMicrosoft) {
+    for i in 0..scenario.integrations {
+        let (_, app, secret) = integration(i);
+        mock.register_app(&app, &secret, None);
+    }
+}
+
+/// Starts everything a spawned run needs; returns the target, the process and what to clean up.
+pub async fn spawn(
+    scenario: &Scenario,
+    mock: &MockMicrosoft,
+    binary: &Path,
+) -> Result<(Target, Spawned, Environment), String> {
+    register_apps(scenario, mock);
+    let state_dir = std::env::temp_dir().join(format!(
+        "teams-router-loadtest-{}-{}",
+        std::process::id(),
+        free_port()?
+    ));
+    let mut environment = Environment {
+        redis: None,
+        state_dir,
+    };
+    let storage = if scenario.router.storage == "redis" {
+        let redis = RedisServer::start()?;
+        let storage = format!(
+            "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\ninstance_id = \"loadtest\"\n",
+            redis.url()
+        );
+        environment.redis = Some(redis);
+        storage
+    } else {
+        format!("[storage]\npath = {:?}\n", environment.state_dir)
+    };
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let ops_listen = format!("127.0.0.1:{}", free_port()?);
+    let config = router_config(scenario, mock, &listen, &ops_listen, &storage);
+    // Per-turn info lines would cost the router more than the turn; warnings still show.
+    let env = vec![(
+        "RUST_LOG".to_string(),
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+    )];
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let process = RouterProcess::spawn_with_env(binary, &config, &env_refs).await?;
+    let target = Target {
+        base_url: process.base_url(),
+        integrations: (0..scenario.integrations)
+            .map(|i| {
+                let (id, app, _) = integration(i);
+                (id, app)
+            })
+            .collect(),
+        management: Some((API_KEY.into(), BOT_ID.into())),
+    };
+    let spawned = Spawned {
+        process,
+        binary: binary.to_owned(),
+        config,
+        env,
+    };
+    Ok((target, spawned, environment))
+}
