@@ -99,6 +99,7 @@ struct Stats {
     bad_tokens_rejected: u64,
     bad_tokens_accepted: u64,
     invokes_without_body: u64,
+    invoke_answers_on_redelivery: u64,
     samples: Vec<Sample>,
 }
 
@@ -357,12 +358,26 @@ impl Run {
             Some(Duplicate::Concurrent) => Some(async {
                 let outcome = self.deliver(c.integration, &body).await;
                 self.count_duplicate(&outcome);
+                outcome
             }),
             _ => None,
         };
         let original = self.deliver(c.integration, &body);
         let outcome = match concurrent {
-            Some(duplicate) => futures_util::future::join(original, duplicate).await.0,
+            Some(duplicate) => {
+                let (original, duplicate) = futures_util::future::join(original, duplicate).await;
+                // Whichever of two concurrent deliveries the router took first carries the
+                // invoke's answer; the other is acknowledged as a redelivery, without one.
+                match (&original, &duplicate) {
+                    (Outcome::Acked { body, .. }, Outcome::Acked { body: answer, .. })
+                        if plan.kind == Kind::Invoke && body.is_empty() && !answer.is_empty() =>
+                    {
+                        self.stats.lock().invoke_answers_on_redelivery += 1;
+                        duplicate
+                    }
+                    _ => original,
+                }
+            }
             None => original.await,
         };
         self.record(&plan, &id, &outcome);
@@ -516,9 +531,10 @@ pub async fn run(
     let started = Instant::now();
     let send_secs = scenario.send_secs();
     let forged_kid = mock.signing_key().kid.clone();
-    let forged = tokio::task::spawn_blocking(move || SigningKey::generate(&forged_kid, &["msteams"]))
-        .await
-        .map_err(|e| format!("forged key: {e}"))?;
+    let forged =
+        tokio::task::spawn_blocking(move || SigningKey::generate(&forged_kid, &["msteams"]))
+            .await
+            .map_err(|e| format!("forged key: {e}"))?;
     let run = Arc::new(Run {
         scenario: scenario.clone(),
         started,
@@ -1007,6 +1023,7 @@ fn build_report(run: &Run, saturated: bool, router_logs: String) -> Report {
     report.bad_tokens_rejected = stats.bad_tokens_rejected;
     report.bad_tokens_accepted = stats.bad_tokens_accepted;
     report.invokes_without_body = stats.invokes_without_body;
+    report.invoke_answers_on_redelivery = stats.invoke_answers_on_redelivery;
     report.harness_saturated = saturated;
     report.ack_latency = crate::report::Latency::from_histogram(&ack);
     report.e2e_latency = crate::report::Latency::from_histogram(&e2e);

@@ -96,8 +96,11 @@ async fn run(cli: Cli) -> Result<bool, String> {
     }
     scenario.validate()?;
     let out = cli.out.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/loadtest")
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        manifest
+            .parent()
+            .unwrap_or(manifest)
+            .join("target/loadtest")
             .join(&scenario.name)
     });
 

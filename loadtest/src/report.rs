@@ -109,6 +109,8 @@ pub struct Report {
     pub bad_tokens_rejected: u64,
     pub bad_tokens_accepted: u64,
     pub invokes_without_body: u64,
+    /// Invokes whose concurrent redelivery, not the original request, got the answer.
+    pub invoke_answers_on_redelivery: u64,
     pub connector_throttled: u64,
     pub harness_saturated: bool,
     pub ack_latency: Latency,
@@ -169,7 +171,10 @@ impl Report {
         check(
             "replies in order per conversation",
             self.order_violations == 0,
-            format!("{} replies overtook a later activity's", self.order_violations),
+            format!(
+                "{} replies overtook a later activity's",
+                self.order_violations
+            ),
         );
         check(
             "every reply answers a sent activity",
@@ -187,7 +192,10 @@ impl Report {
         check(
             "invokes answered with a body",
             self.invokes_without_body == 0,
-            format!("{} invokes without an InvokeResponse body", self.invokes_without_body),
+            format!(
+                "{} invokes without an InvokeResponse body ({} answered on the concurrent redelivery)",
+                self.invokes_without_body, self.invoke_answers_on_redelivery
+            ),
         );
         if let Some(limit) = self.scenario.checks.e2e_p99_ms {
             check(
@@ -327,7 +335,11 @@ impl Report {
         if !self.lost_examples.is_empty() {
             let _ = writeln!(out, "  lost, for example: {:?}", self.lost_examples);
         }
-        let _ = writeln!(out, "  verdict: {}", if self.passed { "PASS" } else { "FAIL" });
+        let _ = writeln!(
+            out,
+            "  verdict: {}",
+            if self.passed { "PASS" } else { "FAIL" }
+        );
         out
     }
 
@@ -371,10 +383,26 @@ impl Report {
 
     fn latency_plot(&self) -> Result<String, String> {
         let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = vec![
-            ("ack p50", RGBColor(120, 160, 220), pick(&self.seconds, |s| s.ack_p50_ms)),
-            ("ack p99", RGBColor(30, 80, 200), pick(&self.seconds, |s| s.ack_p99_ms)),
-            ("e2e p50", RGBColor(240, 150, 100), pick(&self.seconds, |s| s.e2e_p50_ms)),
-            ("e2e p99", RGBColor(200, 40, 30), pick(&self.seconds, |s| s.e2e_p99_ms)),
+            (
+                "ack p50",
+                RGBColor(120, 160, 220),
+                pick(&self.seconds, |s| s.ack_p50_ms),
+            ),
+            (
+                "ack p99",
+                RGBColor(30, 80, 200),
+                pick(&self.seconds, |s| s.ack_p99_ms),
+            ),
+            (
+                "e2e p50",
+                RGBColor(240, 150, 100),
+                pick(&self.seconds, |s| s.e2e_p50_ms),
+            ),
+            (
+                "e2e p99",
+                RGBColor(200, 40, 30),
+                pick(&self.seconds, |s| s.e2e_p99_ms),
+            ),
         ];
         line_chart(
             "Latency by second the activity was due (ms, log scale)",
@@ -387,12 +415,34 @@ impl Report {
 
     fn throughput_plot(&self) -> Result<String, String> {
         let series = vec![
-            ("sent/s", RGBColor(120, 120, 120), pick(&self.seconds, |s| s.sent as f64)),
-            ("acked/s", RGBColor(30, 80, 200), pick(&self.seconds, |s| s.acked as f64)),
-            ("replies/s", RGBColor(40, 150, 60), pick(&self.seconds, |s| s.replies as f64)),
-            ("refused/s", RGBColor(200, 40, 30), pick(&self.seconds, |s| s.errors as f64)),
+            (
+                "sent/s",
+                RGBColor(120, 120, 120),
+                pick(&self.seconds, |s| s.sent as f64),
+            ),
+            (
+                "acked/s",
+                RGBColor(30, 80, 200),
+                pick(&self.seconds, |s| s.acked as f64),
+            ),
+            (
+                "replies/s",
+                RGBColor(40, 150, 60),
+                pick(&self.seconds, |s| s.replies as f64),
+            ),
+            (
+                "refused/s",
+                RGBColor(200, 40, 30),
+                pick(&self.seconds, |s| s.errors as f64),
+            ),
         ];
-        line_chart("Throughput", "seconds into the run", "per second", series, false)
+        line_chart(
+            "Throughput",
+            "seconds into the run",
+            "per second",
+            series,
+            false,
+        )
     }
 
     fn process_plot(&self) -> Result<String, String> {

@@ -10,12 +10,15 @@ const PERSONAL_MESSAGE: &str =
     include_str!("../../../shared/fixtures/activities/personal-message.json");
 const CHANNEL_MESSAGE: &str =
     include_str!("../../../shared/fixtures/activities/channel-message-mention.json");
-const MEMBERS_ADDED_PERSONAL: &str =
-    include_str!("../../../shared/fixtures/activities/conversationupdate-membersadded-personal.json");
+const MEMBERS_ADDED_PERSONAL: &str = include_str!(
+    "../../../shared/fixtures/activities/conversationupdate-membersadded-personal.json"
+);
 const MEMBERS_ADDED_TEAM: &str =
     include_str!("../../../shared/fixtures/activities/conversationupdate-membersadded-team.json");
-const REACTION: &str = include_str!("../../../shared/fixtures/activities/messagereaction-added.json");
-const INVOKE: &str = include_str!("../../../shared/fixtures/activities/invoke-adaptivecard-action.json");
+const REACTION: &str =
+    include_str!("../../../shared/fixtures/activities/messagereaction-added.json");
+const INVOKE: &str =
+    include_str!("../../../shared/fixtures/activities/invoke-adaptivecard-action.json");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -181,7 +184,11 @@ impl Mix {
         }
         let total = self.tail.last().copied().unwrap_or(1.0);
         let x = rng.random::<f64>() * total;
-        self.hot + self.tail.partition_point(|c| *c < x).min(self.tail.len() - 1)
+        self.hot
+            + self
+                .tail
+                .partition_point(|c| *c < x)
+                .min(self.tail.len() - 1)
     }
 
     pub fn kind(&self, rng: &mut impl Rng) -> Kind {
@@ -269,6 +276,9 @@ mod tests {
         let hot: usize = counts[..5].iter().sum();
         assert!((28_000..32_000).contains(&hot), "{hot}");
         assert!(counts[5] > counts[500] * 10, "a skewed tail");
-        assert!(counts.iter().filter(|c| **c > 0).count() > 900, "a long tail");
+        assert!(
+            counts.iter().filter(|c| **c > 0).count() > 900,
+            "a long tail"
+        );
     }
 }
