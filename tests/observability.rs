@@ -132,8 +132,11 @@ async fn start_prometheus(ops: std::net::SocketAddr) -> Prometheus {
 
 async fn query(client: &reqwest::Client, prometheus: &Prometheus, expr: &str) -> Value {
     client
-        .get(format!("{}/api/v1/query", prometheus.url))
-        .query(&[("query", expr)])
+        .get(format!(
+            "{}/api/v1/query?query={}",
+            prometheus.url,
+            url::form_urlencoded::byte_serialize(expr.as_bytes()).collect::<String>()
+        ))
         .send()
         .await
         .expect("query")

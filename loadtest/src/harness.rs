@@ -890,7 +890,7 @@ impl Progress {
                         bar.set_position(run.started.elapsed().as_secs().min(send_secs as u64));
                         bar.set_message(line);
                     }
-                    None if show && tick % 20 == 0 => eprintln!("{line}"),
+                    None if show && tick.is_multiple_of(20) => eprintln!("{line}"),
                     None => {}
                 }
             }

@@ -521,7 +521,7 @@ impl MockMicrosoft {
                 state
                     .periodic_fault
                     .as_ref()
-                    .filter(|(every, _)| attempt % every == 0)
+                    .filter(|(every, _)| attempt.is_multiple_of(*every))
                     .map(|(_, fault)| fault.clone())
             })
         };

@@ -382,7 +382,7 @@ impl Report {
     }
 
     fn latency_plot(&self) -> Result<String, String> {
-        let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = vec![
+        let series: Series<'_> = vec![
             (
                 "ack p50",
                 RGBColor(120, 160, 220),
