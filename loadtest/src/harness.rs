@@ -585,6 +585,7 @@ pub async fn run(
         background.push(tokio::spawn(watch_ramp(
             Arc::clone(&run),
             ramp.stop_backlog_secs,
+            ramp.e2e_p99_ms,
         )));
     }
 
@@ -795,12 +796,27 @@ async fn update_bot(run: &Run, api_key: &str, bot: &str, body: &serde_json::Valu
     }
 }
 
-/// Stops the ramp once the router is this many seconds of replies behind.
-async fn watch_ramp(run: Arc<Run>, backlog_secs: f64) {
+/// Stops the ramp once the router is this many seconds of replies behind, or once a finished
+/// step's end-to-end p99 is four times the sustainable limit (the knee is behind us; going on only
+/// builds a backlog that takes minutes to drain).
+async fn watch_ramp(run: Arc<Run>, backlog_secs: f64, e2e_limit_ms: f64) {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let elapsed = run.started.elapsed().as_secs_f64();
-        let (rate, _) = run.scenario.rate_at(elapsed);
+        let (rate, step) = run.scenario.rate_at(elapsed);
+        let previous = step.checked_sub(1).and_then(|k| {
+            let stats = run.stats.lock();
+            stats.steps.get(k).map(|s| (s.rate, ms(&s.e2e, 0.99)))
+        });
+        if let Some((previous_rate, p99)) = previous
+            && p99 > 4.0 * e2e_limit_ms
+        {
+            eprintln!(
+                "ramp: the {previous_rate}/s step had an end-to-end p99 of {p99:.0} ms (over 4 × {e2e_limit_ms} ms); stopping"
+            );
+            run.stop.store(true, Ordering::Relaxed);
+            return;
+        }
         let outstanding = run.tracker.lock().outstanding as f64;
         if outstanding > backlog_secs * rate {
             eprintln!(
