@@ -131,33 +131,6 @@ fn end_to_end(c: &mut Criterion) {
     let next_id = Arc::new(AtomicU64::new(1));
     let expected = Arc::new(AtomicU64::new(0));
 
-    // Warm up: token cache, outbound token, connections, and every conversation's actor.
-    let warm: Vec<Bytes> = (0..CONVERSATIONS)
-        .map(|i| {
-            message(
-                &fixture.template,
-                i,
-                next_id.fetch_add(1, Ordering::Relaxed),
-            )
-        })
-        .collect();
-    runtime.block_on(async {
-        for body in warm {
-            let verified = front
-                .authenticate(&integration, Some(header.as_bytes()), peer)
-                .await
-                .unwrap();
-            front
-                .admit(&integration, verified.as_deref(), body)
-                .unwrap();
-        }
-        expected.fetch_add(CONVERSATIONS as u64, Ordering::Relaxed);
-        fixture
-            .replies
-            .wait_for(expected.load(Ordering::Relaxed))
-            .await;
-    });
-
     // Sends `iters` messages from a runtime worker (as request handlers run, so waking an actor
     // costs what it does there) and returns the time until their replies arrived; one at a time
     // waits for each reply before the next activity.
@@ -198,6 +171,9 @@ fn end_to_end(c: &mut Criterion) {
         });
         runtime.block_on(task).unwrap()
     };
+
+    // Warm up: token cache, outbound token, connections, and every conversation's actor.
+    time_messages(CONVERSATIONS as u64, false);
 
     let mut group = c.benchmark_group("end_to_end");
     group.bench_function("one_message_round_trip", |b| {
