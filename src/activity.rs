@@ -76,6 +76,8 @@ pub enum ParseError {
     Malformed(String),
     #[error("missing field: {0}")]
     MissingField(&'static str),
+    #[error("the JSON nests deeper than {MAX_NESTING} levels")]
+    TooDeep,
 }
 
 impl<'a> ActivityView<'a> {
@@ -150,6 +152,42 @@ pub fn with_envelope<R>(body: &[u8], f: impl FnOnce(Result<Envelope<'_>, ParseEr
     })
 }
 
+/// Arrays and objects an activity may nest at most. Teams' deepest payloads (Adaptive Cards in
+/// attachments and invoke values) stay far below it; the actor's parser refuses input past 128.
+pub const MAX_NESTING: usize = 64;
+
+/// What the envelope parse does not see but the actor's full parse needs: nesting no deeper than
+/// [`MAX_NESTING`]. Checked on the request path, so that nothing is acknowledged that the
+/// conversation could not read. One pass over the bytes, no allocation.
+pub fn admissible(body: &[u8]) -> Result<(), ParseError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(ParseError::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The activity a turn works on, owned; parsed by the conversation actor, never on the request
 /// path. Objects the reply echoes back (`from`, `recipient`, `conversation`) stay as JSON so that
 /// every field Teams sent is preserved.
@@ -193,8 +231,23 @@ pub struct TurnActivity {
 }
 
 impl TurnActivity {
+    /// Parses the activity as leniently as the envelope check that admitted it: a key given
+    /// twice keeps its last value, and a field of the wrong type (a number where text belongs,
+    /// an object where a list belongs) counts as absent, so an acknowledged activity always
+    /// reaches its turn.
     pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(body)
+        let mut fields: serde_json::Map<String, Value> = serde_json::from_slice(body)?;
+        for name in ["text", "name", "locale", "action"] {
+            if fields.get(name).is_some_and(|v| !v.is_string()) {
+                fields.remove(name);
+            }
+        }
+        for name in ["entities", "membersAdded", "membersRemoved", "attachments"] {
+            if fields.get(name).is_some_and(|v| !v.is_array()) {
+                fields.remove(name);
+            }
+        }
+        serde_json::from_value(Value::Object(fields))
     }
 
     pub fn conversation_id(&self) -> &str {

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity::{Envelope, ParseError, with_envelope};
+use crate::activity::{Envelope, ParseError, admissible, with_envelope};
 use crate::admin::Admin;
 use crate::admin::events::{EventDraft, EventSink};
 use crate::auth::{AuthError, VerifiedToken, Verifier};
@@ -281,6 +281,11 @@ impl Rejection {
                 "malformed_json",
                 format!("malformed JSON: {detail}"),
             ),
+            ParseError::TooDeep => Self::new(
+                StatusCode::BAD_REQUEST,
+                "too_deep",
+                ParseError::TooDeep.to_string(),
+            ),
             ParseError::MissingField(field) => Self {
                 field: Some(field),
                 ..Self::new(
@@ -447,6 +452,8 @@ impl Front {
         verified: Option<&VerifiedToken>,
         body: Bytes,
     ) -> Result<Routed, Rejection> {
+        // Before the parse: nesting is bounded before any parser walks it.
+        admissible(&body).map_err(Rejection::parse)?;
         with_envelope(&body, |envelope| {
             let envelope = envelope.map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
@@ -518,6 +525,7 @@ impl Front {
         verified: Option<&VerifiedToken>,
         body: Bytes,
     ) -> Result<Routed, Rejection> {
+        admissible(&body).map_err(Rejection::parse)?;
         let target = with_envelope(&body, |envelope| {
             let envelope = envelope.map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;

@@ -215,36 +215,7 @@ impl Verifier {
         token: &str,
         app_id: &str,
     ) -> Result<Arc<VerifiedToken>, AuthError> {
-        let mut parts = token.split('.');
-        let (Some(header_b64), Some(payload_b64), Some(_sig), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(AuthError::MalformedToken(
-                "expected three dot-separated parts",
-            ));
-        };
-        let header_json = URL_SAFE_NO_PAD
-            .decode(header_b64)
-            .map_err(|_| AuthError::MalformedToken("header is not base64url"))?;
-        let header: UnverifiedHeader<'_> = serde_json::from_slice(&header_json)
-            .map_err(|_| AuthError::MalformedToken("header is not a JSON object"))?;
-        if header.alg != Some("RS256") {
-            return Err(AuthError::UnsupportedAlgorithm);
-        }
-        let kid = header
-            .kid
-            .ok_or(AuthError::MalformedToken("header has no kid"))?;
-
-        // The issuer is checked before any signature work, as the SDKs do.
-        let payload_json = URL_SAFE_NO_PAD
-            .decode(payload_b64)
-            .map_err(|_| AuthError::MalformedToken("payload is not base64url"))?;
-        let unverified: UnverifiedIssuer = serde_json::from_slice(&payload_json)
-            .map_err(|_| AuthError::MalformedToken("payload is not a JSON object"))?;
-        if unverified.iss.as_deref() != Some(self.issuer.as_str()) {
-            return Err(AuthError::BadIssuer);
-        }
-
+        let kid = inspect_unverified(token, &self.issuer)?;
         let key = self.signing_key(&kid).await?;
 
         let mut validation = Validation::new(Algorithm::RS256);
@@ -301,8 +272,43 @@ impl Verifier {
     }
 }
 
+/// The checks made before any signature work, as the SDKs make them: three base64url parts, a
+/// JSON header with `alg` RS256 and a `kid`, and a JSON payload whose `iss` is `issuer`. Returns
+/// the `kid` to look the signing key up by. Nothing here trusts the token yet.
+pub fn inspect_unverified(token: &str, issuer: &str) -> Result<String, AuthError> {
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(payload_b64), Some(_sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::MalformedToken(
+            "expected three dot-separated parts",
+        ));
+    };
+    let header_json = URL_SAFE_NO_PAD
+        .decode(header_b64)
+        .map_err(|_| AuthError::MalformedToken("header is not base64url"))?;
+    let header: UnverifiedHeader<'_> = serde_json::from_slice(&header_json)
+        .map_err(|_| AuthError::MalformedToken("header is not a JSON object"))?;
+    if header.alg != Some("RS256") {
+        return Err(AuthError::UnsupportedAlgorithm);
+    }
+    let kid = header
+        .kid
+        .ok_or(AuthError::MalformedToken("header has no kid"))?
+        .into_owned();
+    let payload_json = URL_SAFE_NO_PAD
+        .decode(payload_b64)
+        .map_err(|_| AuthError::MalformedToken("payload is not base64url"))?;
+    let unverified: UnverifiedIssuer = serde_json::from_slice(&payload_json)
+        .map_err(|_| AuthError::MalformedToken("payload is not a JSON object"))?;
+    if unverified.iss.as_deref() != Some(issuer) {
+        return Err(AuthError::BadIssuer);
+    }
+    Ok(kid)
+}
+
 /// The token of a `Bearer <token>` header (scheme compared case-insensitively).
-fn bearer_token(header: Option<&[u8]>) -> Result<&str, AuthError> {
+pub fn bearer_token(header: Option<&[u8]>) -> Result<&str, AuthError> {
     let header = header.ok_or(AuthError::MissingToken)?;
     let header = std::str::from_utf8(header)
         .map_err(|_| AuthError::MalformedToken("header is not UTF-8"))?;

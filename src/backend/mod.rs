@@ -120,6 +120,37 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// Bytes of one answer's body a backend may send at most, whatever its framing: a line with no
+/// end, an SSE event that never closes or a huge JSON document fails the turn instead of growing
+/// the router's memory until the deadline.
+pub const MAX_ANSWER_BODY_BYTES: usize = 4 << 20;
+
+/// `body` with its total length bounded by `limit`; the first chunk past it is an error.
+pub fn capped<S, B, E>(
+    body: S,
+    limit: usize,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, BackendError>>
+where
+    S: futures_util::Stream<Item = Result<B, E>>,
+    B: Into<bytes::Bytes>,
+    E: std::fmt::Display,
+{
+    use futures_util::StreamExt;
+    let mut total = 0usize;
+    body.map(move |chunk| {
+        let chunk: bytes::Bytes = chunk
+            .map_err(|e| BackendError::Failed(format!("the answer broke: {e}")))?
+            .into();
+        total = total.saturating_add(chunk.len());
+        if total > limit {
+            return Err(BackendError::Failed(format!(
+                "the answer's body is over {limit} bytes"
+            )));
+        }
+        Ok(chunk)
+    })
+}
+
 pub enum Backend {
     Echo { word_delay: Option<Duration> },
     Webhook(webhook::Webhook),

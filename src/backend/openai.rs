@@ -6,11 +6,12 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
 
-use super::{Answer, BackendError, Deltas, TurnInput};
+use super::{Answer, BackendError, Deltas, MAX_ANSWER_BODY_BYTES, TurnInput, capped};
 use crate::conversation::session::{HistoryEntry, Role};
 
 /// Text a model may send for one turn at most.
@@ -50,6 +51,48 @@ pub fn messages(system: Option<&str>, history: &[HistoryEntry], budget_chars: us
     messages
 }
 
+/// Reads a streamed Chat Completion (server-sent events until `data: [DONE]`), pushing each
+/// content delta to `deltas`. The body is bounded by [`MAX_ANSWER_BODY_BYTES`].
+pub async fn read_completion<S, B, E>(body: S, deltas: &Deltas) -> Result<Answer, BackendError>
+where
+    S: Stream<Item = Result<B, E>>,
+    B: Into<Bytes>,
+    E: std::fmt::Display,
+{
+    let body = std::pin::pin!(capped(body, MAX_ANSWER_BODY_BYTES));
+    let mut text = String::new();
+    let mut events = body.eventsource();
+    while let Some(event) = events.next().await {
+        let event =
+            event.map_err(|e| BackendError::Failed(format!("the event stream broke: {e}")))?;
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            break;
+        }
+        if data.is_empty() {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data)
+            .map_err(|e| BackendError::Failed(format!("the model sent invalid JSON: {e}")))?;
+        if let Some(error) = chunk.get("error") {
+            return Err(BackendError::Failed(format!("the model failed: {error}")));
+        }
+        if let Some(delta) = chunk
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+        {
+            if text.len() + delta.len() > MAX_TEXT_BYTES {
+                return Err(BackendError::Failed(format!(
+                    "the model's answer is over {MAX_TEXT_BYTES} bytes"
+                )));
+            }
+            text.push_str(delta);
+            deltas.push(delta);
+        }
+    }
+    Ok(Answer::text((!text.is_empty()).then_some(text)))
+}
+
 impl OpenAi {
     pub async fn answer(
         &self,
@@ -81,38 +124,7 @@ impl OpenAi {
                     status.as_u16()
                 )));
             }
-            let mut text = String::new();
-            let mut events = response.bytes_stream().eventsource();
-            while let Some(event) = events.next().await {
-                let event = event
-                    .map_err(|e| BackendError::Failed(format!("the event stream broke: {e}")))?;
-                let data = event.data.trim();
-                if data == "[DONE]" {
-                    break;
-                }
-                if data.is_empty() {
-                    continue;
-                }
-                let chunk: Value = serde_json::from_str(data).map_err(|e| {
-                    BackendError::Failed(format!("the model sent invalid JSON: {e}"))
-                })?;
-                if let Some(error) = chunk.get("error") {
-                    return Err(BackendError::Failed(format!("the model failed: {error}")));
-                }
-                if let Some(delta) = chunk
-                    .pointer("/choices/0/delta/content")
-                    .and_then(Value::as_str)
-                {
-                    if text.len() + delta.len() > MAX_TEXT_BYTES {
-                        return Err(BackendError::Failed(format!(
-                            "the model's answer is over {MAX_TEXT_BYTES} bytes"
-                        )));
-                    }
-                    text.push_str(delta);
-                    deltas.push(delta);
-                }
-            }
-            Ok(Answer::text((!text.is_empty()).then_some(text)))
+            read_completion(response.bytes_stream(), deltas).await
         };
         tokio::time::timeout(timeout, exchange).await.map_err(|_| {
             BackendError::Failed(format!(

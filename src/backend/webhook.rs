@@ -18,12 +18,15 @@
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::hmac;
+use bytes::Bytes;
 use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Answer, BackendError, Deltas, InvokeResponse, TurnInput};
+use super::{
+    Answer, BackendError, Deltas, InvokeResponse, MAX_ANSWER_BODY_BYTES, TurnInput, capped,
+};
 
 pub const SIGNATURE_HEADER: &str = "x-teams-router-signature";
 pub const TIMESTAMP_HEADER: &str = "x-teams-router-timestamp";
@@ -141,57 +144,8 @@ impl Webhook {
                 .get(reqwest::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            let mut answer = Assembly {
-                deltas: Some(deltas),
-                ..Assembly::default()
-            };
-            match content_type.as_str() {
-                "text/event-stream" => {
-                    let mut events = response.bytes_stream().eventsource();
-                    while let Some(event) = events.next().await {
-                        let event = event.map_err(|e| {
-                            BackendError::Failed(format!("the event stream broke: {e}"))
-                        })?;
-                        if event.data.trim() == "[DONE]" {
-                            break;
-                        }
-                        answer.add_json(event.data.as_bytes())?;
-                    }
-                }
-                "application/x-ndjson" | "application/jsonl" => {
-                    let mut stream = response.bytes_stream();
-                    let mut pending = Vec::new();
-                    while let Some(chunk) = stream.next().await {
-                        let chunk = chunk
-                            .map_err(|e| BackendError::Failed(format!("the stream broke: {e}")))?;
-                        pending.extend_from_slice(&chunk);
-                        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                            let line: Vec<u8> = pending.drain(..=end).collect();
-                            answer.add_json(&line)?;
-                        }
-                        answer.check_size(pending.len())?;
-                    }
-                    answer.add_json(&pending)?;
-                }
-                _ => {
-                    let bytes = response
-                        .bytes()
-                        .await
-                        .map_err(|e| BackendError::Failed(format!("the answer broke: {e}")))?;
-                    answer.check_size(bytes.len())?;
-                    if content_type.starts_with("text/plain") {
-                        answer.text.push_str(&String::from_utf8_lossy(&bytes));
-                    } else {
-                        answer.add_json(&bytes)?;
-                    }
-                }
-            }
-            Ok(answer.finish())
+                .to_owned();
+            read_answer(&content_type, response.bytes_stream(), Some(deltas)).await
         };
         tokio::time::timeout_at(deadline.into(), exchange)
             .await
@@ -241,6 +195,69 @@ impl Webhook {
             }
         }
     }
+}
+
+/// Reads a webhook's answer body by its content type (see the module's documentation), streaming
+/// text deltas to `deltas` as they arrive. The body is bounded by [`MAX_ANSWER_BODY_BYTES`].
+pub async fn read_answer<S, B, E>(
+    content_type: &str,
+    body: S,
+    deltas: Option<&Deltas>,
+) -> Result<Answer, BackendError>
+where
+    S: Stream<Item = Result<B, E>>,
+    B: Into<Bytes>,
+    E: std::fmt::Display,
+{
+    let content_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let mut body = std::pin::pin!(capped(body, MAX_ANSWER_BODY_BYTES));
+    let mut answer = Assembly {
+        deltas,
+        ..Assembly::default()
+    };
+    match content_type.as_str() {
+        "text/event-stream" => {
+            let mut events = body.eventsource();
+            while let Some(event) = events.next().await {
+                let event = event
+                    .map_err(|e| BackendError::Failed(format!("the event stream broke: {e}")))?;
+                if event.data.trim() == "[DONE]" {
+                    break;
+                }
+                answer.add_json(event.data.as_bytes())?;
+            }
+        }
+        "application/x-ndjson" | "application/jsonl" => {
+            let mut pending = Vec::new();
+            while let Some(chunk) = body.next().await {
+                pending.extend_from_slice(&chunk?);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    answer.add_json(&line)?;
+                }
+                answer.check_size(pending.len())?;
+            }
+            answer.add_json(&pending)?;
+        }
+        _ => {
+            let mut whole = Vec::new();
+            while let Some(chunk) = body.next().await {
+                whole.extend_from_slice(&chunk?);
+            }
+            if content_type.starts_with("text/plain") {
+                answer.check_size(whole.len())?;
+                answer.text.push_str(&String::from_utf8_lossy(&whole));
+            } else {
+                answer.add_json(&whole)?;
+            }
+        }
+    }
+    Ok(answer.finish())
 }
 
 /// The answer as it arrives piece by piece.
