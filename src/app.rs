@@ -20,8 +20,9 @@ use crate::auth::{KeyStore, Verifier};
 use crate::backend::BackendClient;
 use crate::config::Config;
 use crate::connector::{self, Connector, TokenProvider};
+use crate::conversation::admission::Gate;
 use crate::conversation::session::HistoryLimits;
-use crate::conversation::{Admission, ConversationSettings, Directory, Persistence};
+use crate::conversation::{Admission, Arrival, ConversationSettings, Directory, Persistence};
 use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::registry::Registry;
 use crate::reply::ReplyServices;
@@ -252,6 +253,8 @@ impl Router {
             directory: Arc::clone(&directory),
             connector,
             body_limit: config.server.body_limit_bytes,
+            body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
+            admission: Arc::new(Gate::new(config.admission.clone())),
             invoke_timeout: Duration::from_millis(config.conversation.invoke_timeout_ms),
             retry_after_secs: config.conversation.retry_after_secs,
             required_endorsements: config.microsoft.required_endorsements.clone(),
@@ -310,9 +313,12 @@ fn recover(directory: &Directory, journal: Option<&Journal>, entries: Vec<Journa
             &integration,
             &entry.conversation_id,
             &entry.activity_id,
-            false,
-            bytes::Bytes::from(entry.body),
-            Some(entry.seq),
+            Arrival {
+                body: bytes::Bytes::from(entry.body),
+                is_invoke: false,
+                journal_seq: Some(entry.seq),
+                ticket: None,
+            },
         );
         if !matches!(admission, Admission::Accepted(_)) {
             journal.complete(entry.seq);

@@ -37,6 +37,7 @@ pub struct Config {
     pub microsoft: MicrosoftConfig,
     pub storage: StorageConfig,
     pub conversation: ConversationConfig,
+    pub admission: AdmissionConfig,
     pub connector: ConnectorConfig,
     pub testing: TestingConfig,
     pub security: SecurityConfig,
@@ -66,6 +67,35 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     /// How long SIGTERM waits for running turns before exiting.
     pub shutdown_timeout_ms: u64,
+    /// A request body not received in full this long after its headers is refused (408), so
+    /// that a sender trickling bytes cannot hold a connection and a request slot.
+    pub body_read_timeout_ms: u64,
+}
+
+/// How much work the router takes before shedding load (see `conversation::admission`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Activities acknowledged and not finished (queued or in their turn), over all
+    /// integrations; past it, 503 + Retry-After.
+    pub max_pending: usize,
+    /// The same, per integration; past it, 429 + Retry-After for that integration only.
+    pub max_pending_per_integration: usize,
+    /// Turns running at once (backend and connector work), over all integrations; more wait.
+    pub max_turns_in_flight: usize,
+    /// Turns running at once per integration; more wait.
+    pub max_turns_in_flight_per_integration: usize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            max_pending: 50_000,
+            max_pending_per_integration: 10_000,
+            max_turns_in_flight: 4_096,
+            max_turns_in_flight_per_integration: 1_024,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -79,6 +109,7 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             shutdown_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
         }
     }
 }
@@ -604,6 +635,20 @@ impl Config {
                 Ok(u) if matches!(u.scheme(), "http" | "https") => {}
                 _ => return invalid(format!("{key}: {value:?} is not an http(s) URL")),
             }
+        }
+        let admission = &self.admission;
+        if [
+            admission.max_pending,
+            admission.max_pending_per_integration,
+            admission.max_turns_in_flight,
+            admission.max_turns_in_flight_per_integration,
+        ]
+        .contains(&0)
+        {
+            return invalid("every admission.* limit must be positive".into());
+        }
+        if self.server.body_read_timeout_ms == 0 {
+            return invalid("server.body_read_timeout_ms must be positive".into());
         }
         if self.conversation.mailbox_capacity == 0 || self.conversation.max_active == 0 {
             return invalid(

@@ -32,7 +32,8 @@ use crate::auth::{AuthError, VerifiedToken, Verifier};
 use crate::backend::InvokeResponse;
 use crate::config::OnStoreUnavailable;
 use crate::connector::{Connector, service_url_allowed};
-use crate::conversation::{Admission, Directory};
+use crate::conversation::admission::{Gate, Refusal, Ticket};
+use crate::conversation::{Admission, Arrival, Directory};
 use crate::registry::{Integration, Registry};
 use crate::store::writer::Journal;
 use crate::telemetry::{
@@ -182,6 +183,10 @@ pub struct Front {
     pub directory: Arc<Directory>,
     pub connector: Arc<Connector>,
     pub body_limit: u64,
+    /// How long a request body may take to arrive after its headers.
+    pub body_read_timeout: Duration,
+    /// Bounds on pending activities, global and per integration.
+    pub admission: Arc<Gate>,
     pub invoke_timeout: Duration,
     pub retry_after_secs: u64,
     pub required_endorsements: Vec<String>,
@@ -367,21 +372,34 @@ impl Front {
             .await
             .map_err(Rejection::before_body)?;
 
-        let body = Limited::new(request.into_body(), self.body_limit as usize)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    too_large()
-                } else {
-                    Rejection::new(
-                        StatusCode::BAD_REQUEST,
-                        "body_unreadable",
-                        "the body could not be read",
-                    )
-                }
-            })?
-            .to_bytes();
+        let body = tokio::time::timeout(
+            self.body_read_timeout,
+            Limited::new(request.into_body(), self.body_limit as usize).collect(),
+        )
+        .await
+        .map_err(|_| {
+            Rejection::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the body did not arrive within {} ms",
+                    self.body_read_timeout.as_millis()
+                ),
+            )
+            .before_body()
+        })?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "body_unreadable",
+                    "the body could not be read",
+                )
+            }
+        })?
+        .to_bytes();
 
         let routed = match &self.journal {
             Some(journal) => {
@@ -466,7 +484,11 @@ impl Front {
                 conversation_id: envelope.conversation_id.into(),
                 activity_id: envelope.id.into(),
             };
-            self.route(integration, &target, body.clone(), None)
+            let ticket = match self.take_place(integration, &target) {
+                Ok(ticket) => ticket,
+                Err(outcome) => return outcome,
+            };
+            self.route(integration, &target, body.clone(), None, ticket)
         })
     }
 
@@ -552,6 +574,10 @@ impl Front {
         ) {
             return Ok(duplicate(integration, target.type_index));
         }
+        let ticket = match self.take_place(integration, &target) {
+            Ok(ticket) => ticket,
+            Err(outcome) => return outcome,
+        };
         let journal_seq = match journal
             .append(
                 &integration.id,
@@ -574,11 +600,43 @@ impl Front {
                 OnStoreUnavailable::Accept => None,
             },
         };
-        let routed = self.route(integration, &target, body, journal_seq);
+        let routed = self.route(integration, &target, body, journal_seq, ticket);
         if let (Ok(Routed::Duplicate) | Err(_), Some(seq)) = (&routed, journal_seq) {
             journal.complete(seq);
         }
         routed
+    }
+
+    /// A place among pending activities, or the answer when there is none: a redelivery of
+    /// something already seen is still acknowledged as a duplicate, anything else is shed.
+    fn take_place(
+        &self,
+        integration: &Integration,
+        target: &Target<'_>,
+    ) -> Result<Ticket, Result<Routed, Rejection>> {
+        let refusal = match self.admission.admit(&integration.id) {
+            Ok(ticket) => return Ok(ticket),
+            Err(refusal) => refusal,
+        };
+        if self.directory.seen(
+            &integration.id,
+            &target.conversation_id,
+            &target.activity_id,
+        ) {
+            return Err(Ok(duplicate(integration, target.type_index)));
+        }
+        Err(Err(match refusal {
+            Refusal::Integration => Rejection::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "integration_overloaded",
+                "this integration has too many activities pending",
+            ),
+            Refusal::Global => Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the router has too many activities pending",
+            ),
+        }))
     }
 
     fn route(
@@ -587,14 +645,18 @@ impl Front {
         target: &Target<'_>,
         body: Bytes,
         journal_seq: Option<u64>,
+        ticket: Ticket,
     ) -> Result<Routed, Rejection> {
         let admission = self.directory.accept(
             &integration.id,
             &target.conversation_id,
             &target.activity_id,
-            target.is_invoke,
-            body,
-            journal_seq,
+            Arrival {
+                body,
+                is_invoke: target.is_invoke,
+                journal_seq,
+                ticket: Some(ticket),
+            },
         );
         match admission {
             Admission::Accepted(answer) => {

@@ -126,6 +126,9 @@ pub const REJECT_REASONS: &[&str] = &[
     "service_url_not_allowed",
     "mailbox_full",
     "overloaded",
+    "integration_overloaded",
+    "too_deep",
+    "body_timeout",
     "store_unavailable",
 ];
 

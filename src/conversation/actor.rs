@@ -56,6 +56,11 @@ struct RunningTurn {
     started: Instant,
     activity_id: String,
     journal_seq: Option<u64>,
+    /// The activity's pending place and the turn's in-flight place, given back at its end.
+    _admission: Option<(
+        super::admission::Ticket,
+        Option<super::admission::TurnPermit>,
+    )>,
 }
 
 pub struct ConversationActorState {
@@ -266,7 +271,7 @@ async fn begin_turn(
         accepted_at,
         mut invoke,
         journal_seq,
-        ..
+        ticket,
     } = turn;
     let skip = |state: &mut ConversationActorState,
                 reason: &str,
@@ -372,6 +377,15 @@ async fn begin_turn(
         say,
         conversation: myself.clone(),
     };
+    // Past the bound of turns in flight, this conversation waits here for a place; its mailbox
+    // keeps filling and the request path sheds on the pending bound.
+    let admission = match ticket {
+        Some(ticket) => {
+            let permit = ticket.turn_permit().await;
+            Some((ticket, permit))
+        }
+        None => None,
+    };
     match Actor::spawn_linked(None, ReplyActor, reply, myself.get_cell()).await {
         Ok((reply_actor, _)) => {
             state.current = Some(RunningTurn {
@@ -379,6 +393,7 @@ async fn begin_turn(
                 started: Instant::now(),
                 activity_id,
                 journal_seq,
+                _admission: admission,
             });
             true
         }

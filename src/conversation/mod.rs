@@ -7,6 +7,7 @@
 //! it. The mutex guarding them is per conversation, never shared by all requests.
 
 mod actor;
+pub mod admission;
 pub mod session;
 mod supervisor;
 
@@ -61,6 +62,20 @@ pub struct Turn {
     pub invoke: Option<oneshot::Sender<InvokeResponse>>,
     /// The activity's journal entry under durable accept.
     pub journal_seq: Option<u64>,
+    /// Its place among pending activities (none for activities replayed from the journal).
+    pub ticket: Option<admission::Ticket>,
+}
+
+/// An activity arriving at its conversation.
+pub struct Arrival {
+    /// The request body as received.
+    pub body: Bytes,
+    /// An invoke: the request waits for the bot's answer.
+    pub is_invoke: bool,
+    /// Its journal entry under durable accept.
+    pub journal_seq: Option<u64>,
+    /// Its place among pending activities (none for activities replayed from the journal).
+    pub ticket: Option<admission::Ticket>,
 }
 
 /// What happened to an activity offered to its conversation.
@@ -217,10 +232,14 @@ impl Directory {
         integration: &Arc<str>,
         conversation_id: &str,
         activity_id: &str,
-        is_invoke: bool,
-        body: Bytes,
-        journal_seq: Option<u64>,
+        arrival: Arrival,
     ) -> Admission {
+        let Arrival {
+            body,
+            is_invoke,
+            journal_seq,
+            mut ticket,
+        } = arrival;
         let accepted_at = Instant::now();
         let mut reply = None;
         let mut make_turn = || {
@@ -236,6 +255,7 @@ impl Directory {
                 accepted_at,
                 invoke,
                 journal_seq,
+                ticket: ticket.take(),
             }
         };
         // A conversation that passivated between lookup and enqueue is replaced; twice at most.

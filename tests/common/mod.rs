@@ -107,6 +107,18 @@ pub async fn start(extra: &str) -> (MockMicrosoft, RouterProcess) {
     (mock, router)
 }
 
+/// Like [`start`], with settings given as `TEAMS_ROUTER__SECTION__KEY` environment overrides
+/// (the config's own tables cannot be repeated in `extra`).
+pub async fn start_with_env(env: &[(&str, &str)]) -> (MockMicrosoft, RouterProcess) {
+    let mock = MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    mock.register_app(SINGLE_APP_ID, SINGLE_APP_SECRET, Some(TENANT));
+    let router = RouterProcess::spawn_with_env(&binary(), &config(&mock, ""), env)
+        .await
+        .expect("router starts");
+    (mock, router)
+}
+
 pub fn fixture(name: &str) -> Value {
     let path = format!(
         "{}/../shared/fixtures/activities/{name}",

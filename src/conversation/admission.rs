@@ -1,0 +1,195 @@
+//! Admission limits: how much work the router takes before it sheds load, over all integrations
+//! and per integration, so that one noisy bot cannot starve the others.
+//!
+//! - *Pending* activities (acknowledged and not finished: queued in a mailbox or in their turn)
+//!   are bounded on the request path. Over an integration's own bound the activity gets 429
+//!   (`integration_overloaded`), over the global one 503 (`overloaded`), both with Retry-After,
+//!   so the Bot Connector redelivers later. A [`Ticket`] counts one pending activity and gives
+//!   its place back when dropped, whatever ends the activity.
+//! - *Turns in flight* (backend and connector work running at once) are bounded where a
+//!   conversation starts a turn: past the bound, turns wait for a place and their activities
+//!   stay pending, which is what the request path then sheds on.
+//!
+//! The request path touches one atomic per bound and one sharded map lookup; no lock is shared by
+//! all requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::AdmissionConfig;
+
+/// Why an activity was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The router as a whole has as much pending work as it takes.
+    Global,
+    /// This integration has as much pending work as it may have.
+    Integration,
+}
+
+pub struct Gate {
+    config: AdmissionConfig,
+    pending: Arc<AtomicUsize>,
+    turns: Arc<Semaphore>,
+    integrations: DashMap<Arc<str>, Arc<IntegrationLoad>>,
+}
+
+struct IntegrationLoad {
+    pending: AtomicUsize,
+    turns: Arc<Semaphore>,
+}
+
+/// One admitted activity's place; given back when dropped.
+pub struct Ticket {
+    global: Arc<AtomicUsize>,
+    load: Arc<IntegrationLoad>,
+    turns: Arc<Semaphore>,
+}
+
+/// A running turn's places among the turns in flight; given back when dropped.
+pub struct TurnPermit {
+    _integration: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
+}
+
+impl Gate {
+    pub fn new(config: AdmissionConfig) -> Self {
+        Self {
+            pending: Arc::new(AtomicUsize::new(0)),
+            turns: Arc::new(Semaphore::new(config.max_turns_in_flight.max(1))),
+            integrations: DashMap::new(),
+            config,
+        }
+    }
+
+    /// Takes a place for one activity of `integration`, or says which bound is reached.
+    pub fn admit(&self, integration: &Arc<str>) -> Result<Ticket, Refusal> {
+        let load = self.load(integration);
+        if load.pending.fetch_add(1, Ordering::AcqRel) >= self.config.max_pending_per_integration {
+            load.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Integration);
+        }
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.config.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            load.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Global);
+        }
+        Ok(Ticket {
+            global: Arc::clone(&self.pending),
+            load,
+            turns: Arc::clone(&self.turns),
+        })
+    }
+
+    /// Activities admitted and not finished, over all integrations.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    fn load(&self, integration: &Arc<str>) -> Arc<IntegrationLoad> {
+        if let Some(load) = self.integrations.get(integration) {
+            return Arc::clone(load.value());
+        }
+        let per_integration = self.config.max_turns_in_flight_per_integration.max(1);
+        Arc::clone(
+            self.integrations
+                .entry(Arc::clone(integration))
+                .or_insert_with(|| {
+                    Arc::new(IntegrationLoad {
+                        pending: AtomicUsize::new(0),
+                        turns: Arc::new(Semaphore::new(per_integration)),
+                    })
+                })
+                .value(),
+        )
+    }
+}
+
+impl Ticket {
+    /// Waits for a place among the turns in flight: the integration's own first, so that an
+    /// integration at its bound does not hold places of the global one while it waits.
+    pub async fn turn_permit(&self) -> Option<TurnPermit> {
+        let integration = Arc::clone(&self.load.turns).acquire_owned().await.ok()?;
+        let global = Arc::clone(&self.turns).acquire_owned().await.ok()?;
+        Some(TurnPermit {
+            _integration: integration,
+            _global: global,
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.load.pending.fetch_sub(1, Ordering::AcqRel);
+        self.global.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(max_pending: usize, per_integration: usize, turns: usize) -> Gate {
+        Gate::new(AdmissionConfig {
+            max_pending,
+            max_pending_per_integration: per_integration,
+            max_turns_in_flight: turns,
+            max_turns_in_flight_per_integration: turns,
+        })
+    }
+
+    #[test]
+    fn an_integration_at_its_bound_leaves_room_for_the_others() {
+        let gate = gate(5, 2, 10);
+        let hot: Arc<str> = "hot".into();
+        let calm: Arc<str> = "calm".into();
+        let a = gate.admit(&hot).unwrap();
+        let _b = gate.admit(&hot).unwrap();
+        assert_eq!(gate.admit(&hot).err(), Some(Refusal::Integration));
+        let _c = gate.admit(&calm).unwrap();
+        assert_eq!(gate.pending(), 3);
+        drop(a);
+        assert!(
+            gate.admit(&hot).is_ok(),
+            "a finished activity gives its place back"
+        );
+        assert_eq!(
+            gate.pending(),
+            3,
+            "the refused and the dropped ticket hold no place"
+        );
+    }
+
+    #[test]
+    fn the_global_bound_refuses_everyone_until_work_finishes() {
+        let gate = gate(2, 2, 10);
+        let tickets: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|id| gate.admit(&Arc::from(*id)).unwrap())
+            .collect();
+        assert_eq!(gate.admit(&Arc::from("c")).err(), Some(Refusal::Global));
+        drop(tickets);
+        assert_eq!(gate.pending(), 0);
+        assert!(gate.admit(&Arc::from("c")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn turns_in_flight_wait_for_a_place() {
+        let gate = gate(10, 10, 1);
+        let id: Arc<str> = "x".into();
+        let first = gate.admit(&id).unwrap();
+        let second = gate.admit(&id).unwrap();
+        let running = first.turn_permit().await.unwrap();
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), second.turn_permit()).await;
+        assert!(
+            waiting.is_err(),
+            "the second turn waits while the first runs"
+        );
+        drop(running);
+        assert!(second.turn_permit().await.is_some());
+    }
+}

@@ -1,0 +1,435 @@
+//! The bad-input catalogue (README, "Security"): every hostile input gets a clear status and
+//! reason, never reaches a bot, and the router keeps serving. Each test is one row or a few.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use loadtest::keys::{connector_claims, now_secs};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn host_port(router: &loadtest::router::RouterProcess) -> String {
+    router.base_url().trim_start_matches("http://").to_owned()
+}
+
+/// Writes `request` on a fresh connection and reads until the router closes it (or `wait`).
+async fn exchange(addr: &str, request: &[u8], wait: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    // The router may answer and close before it has read everything (a 431, a 413): a write
+    // error is part of the answer, not a test failure.
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn dev_message(mock: &loadtest::mock::MockMicrosoft, conversation: &str, id: &str) -> Value {
+    personal_message(mock, conversation, id, "hello")
+}
+
+async fn post_raw(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, Value) {
+    let mut request = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// The router answers an ordinary activity at once: whatever came before did not hurt it.
+async fn still_serving(
+    router: &loadtest::router::RouterProcess,
+    mock: &loadtest::mock::MockMicrosoft,
+) {
+    let started = Instant::now();
+    let (status, _) = post(
+        &http(),
+        &router.callback_url("teams_dev"),
+        None,
+        &dev_message(mock, "a:still-serving", &format!("s-{}", now_secs())),
+    )
+    .await;
+    assert_eq!(status, 200, "the router still takes activities");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "and promptly: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn bodies_that_parse_badly_are_refused_and_odd_but_valid_ones_answered() {
+    let (mock, router) = start("").await;
+    // Development mode replies unauthenticated.
+    mock.set_connector_requires_auth(false);
+    let client = http();
+    let url = router.callback_url("teams_dev");
+    let base = serde_json::to_string(&dev_message(&mock, "a:bodies", "b-1")).unwrap();
+    let with = |field: &str| format!("{},{field}}}", base.trim_end_matches('}'));
+
+    // Deep nesting: refused before any parser walks it.
+    let deep = with(&format!(
+        "\"value\":{}{}",
+        "[".repeat(20_000),
+        "]".repeat(20_000)
+    ));
+    let (status, body) = post_raw(&client, &url, None, deep.into_bytes()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("too_deep"))
+    );
+
+    // A routing field given twice: which one would count is ambiguous, so neither does.
+    let twice = with("\"serviceUrl\":\"https://169.254.169.254/\"");
+    let (status, body) = post_raw(&client, &url, None, twice.into_bytes()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("malformed_json"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate")
+    );
+
+    // Invalid UTF-8 inside a string.
+    let mut invalid = with("\"x\":\"AB\"").into_bytes();
+    let at = invalid.len() - 3;
+    invalid[at] = 0xff;
+    let (status, body) = post_raw(&client, &url, None, invalid).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("malformed_json"))
+    );
+
+    // A non-routing key given twice is read as JSON parsers commonly do (the last one wins),
+    // and the activity is answered.
+    let mut repeated = dev_message(&mock, "a:repeated", "b-2");
+    repeated.as_object_mut().unwrap().remove("text");
+    let repeated = serde_json::to_string(&repeated).unwrap();
+    let repeated = format!(
+        "{},\"text\":\"first\",\"text\":\"second\"}}",
+        repeated.trim_end_matches('}')
+    );
+    let (status, _) = post_raw(&client, &url, None, repeated.into_bytes()).await;
+    assert_eq!(status, 200);
+
+    // A huge string in a body under the limit (64 KiB here): taken and answered.
+    let mut huge = dev_message(&mock, "a:huge", "b-3");
+    huge["text"] = json!("é".repeat(25_000));
+    let (status, _) = post(&client, &url, None, &huge).await;
+    assert_eq!(status, 200);
+    // A wrongly typed field the envelope does not read is treated as absent.
+    let mut odd = dev_message(&mock, "a:odd", "b-4");
+    odd["entities"] = json!({"not": "a list"});
+    odd["text"] = json!("typed oddly");
+    odd["locale"] = json!(42);
+    let (status, _) = post(&client, &url, None, &odd).await;
+    assert_eq!(status, 200);
+
+    let replies = mock.wait_for_activities(3, Duration::from_secs(10)).await;
+    let texts: Vec<&str> = replies.iter().map(|r| r.text()).collect();
+    assert!(texts.contains(&"echo: second"), "{texts:?}\n{}", router.logs());
+    assert!(texts.contains(&"echo: typed oddly"), "{texts:?}");
+    assert!(texts.iter().any(|t| t.starts_with("echo: éé")), "{texts:?}");
+
+    let scrape = metrics(&router).await;
+    assert!(
+        metric_sum(
+            &scrape,
+            "teams_router_activities_rejected_total",
+            &["reason=\"too_deep\""]
+        ) >= 1.0
+    );
+    assert!(
+        metric_sum(
+            &scrape,
+            "teams_router_activities_rejected_total",
+            &["reason=\"malformed_json\""]
+        ) >= 2.0
+    );
+    still_serving(&router, &mock).await;
+}
+
+#[tokio::test]
+async fn oversized_tokens_and_header_floods_are_refused() {
+    let (mock, router) = start("").await;
+    let addr = host_port(&router);
+    let client = http();
+    let body = dev_message(&mock, "a:tokens", "t-1");
+
+    // A token over 16 KiB is refused before it is decoded.
+    let big = format!(
+        "{}.{}.{}",
+        "e".repeat(8_000),
+        "e".repeat(8_000),
+        "e".repeat(1_000)
+    );
+    let (status, text) = post(
+        &client,
+        &router.callback_url("teams_prod"),
+        Some(&big),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 401, "{text}");
+    assert!(
+        text.contains("malformed_token") && text.contains("too large"),
+        "{text}"
+    );
+
+    // A 1 MB token is over the header limit: 431 before the request reaches the router.
+    let huge_token = "e".repeat(1 << 20);
+    let request = format!(
+        "POST /api/v1/integration/teams/teams_prod/callback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {huge_token}\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    let answer = exchange(&addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+
+    // 10,000 headers: 431 as well.
+    let mut request =
+        String::from("POST /api/v1/integration/teams/teams_dev/callback HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..10_000 {
+        request.push_str(&format!("X-Flood-{i}: {i}\r\n"));
+    }
+    request.push_str("Content-Length: 2\r\n\r\n{}");
+    let answer = exchange(&addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    still_serving(&router, &mock).await;
+}
+
+#[tokio::test]
+async fn slow_senders_are_cut_off_and_others_served_meanwhile() {
+    let (mock, router) = start_with_env(&[
+        ("TEAMS_ROUTER__SERVER__HEADER_READ_TIMEOUT_MS", "500"),
+        ("TEAMS_ROUTER__SERVER__BODY_READ_TIMEOUT_MS", "500"),
+    ])
+    .await;
+    let addr = host_port(&router);
+
+    // Slowloris: 50 connections trickling header bytes.
+    let mut trickles = Vec::new();
+    for _ in 0..50 {
+        let addr = addr.clone();
+        trickles.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(&addr).await.expect("connect");
+            let started = Instant::now();
+            let _ = stream
+                .write_all(b"POST /api/v1/integration/teams/teams_dev/callback HTTP/1.1\r\n")
+                .await;
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if stream.write_all(b"X").await.is_err() {
+                    break;
+                }
+                let mut byte = [0u8; 1];
+                if let Ok(Ok(0)) =
+                    tokio::time::timeout(Duration::from_millis(1), stream.read(&mut byte)).await
+                {
+                    break;
+                }
+            }
+            started.elapsed()
+        }));
+    }
+    still_serving(&router, &mock).await;
+    for trickle in trickles {
+        let held = trickle.await.unwrap();
+        assert!(
+            held < Duration::from_secs(5),
+            "a trickling sender was cut off after {held:?}"
+        );
+    }
+
+    // A body trickled after complete headers: 408 with its reason.
+    let mut stream = TcpStream::connect(&addr).await.expect("connect");
+    stream
+        .write_all(b"POST /api/v1/integration/teams/teams_dev/callback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let scrape = metrics(&router).await;
+    assert!(
+        metric_sum(
+            &scrape,
+            "teams_router_activities_rejected_total",
+            &["reason=\"body_timeout\""]
+        ) >= 1.0
+    );
+    still_serving(&router, &mock).await;
+}
+
+#[tokio::test]
+async fn pipelined_garbage_ends_the_connection_after_the_good_requests() {
+    let (mock, router) = start("").await;
+    mock.set_connector_requires_auth(false);
+    let addr = host_port(&router);
+    let body = serde_json::to_string(&dev_message(&mock, "a:pipelined", "p-1")).unwrap();
+    let mut request = format!(
+        "POST /api/v1/integration/teams/teams_dev/callback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(b"\x00\x01GARBAGE \xff\xfe / HTTP/9.9\r\n\r\n");
+    let answer = exchange(&addr, &request, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("HTTP/1.1 400"),
+        "the garbage gets a 400: {answer}"
+    );
+    mock.wait_for_activities(1, Duration::from_secs(10)).await;
+    still_serving(&router, &mock).await;
+}
+
+#[tokio::test]
+async fn odd_integration_ids_and_paths_reach_no_integration() {
+    let (mock, router) = start("").await;
+    let addr = host_port(&router);
+    let body = serde_json::to_string(&dev_message(&mock, "a:paths", "x-1")).unwrap();
+    let paths = [
+        "/api/v1/integration/teams/../teams_dev/callback",
+        "/api/v1/integration/teams/..%2Fteams_dev/callback",
+        "/api/v1/integration/teams/%2e%2e%2fteams_dev/callback",
+        "/api/v1/integration/teams/teams%5Fdev/callback",
+        "/api/v1/integration/teams/teams_dev%00/callback",
+        "/api/v1/integration/teams/teams_dev%2F..%2F..%2Fetc%2Fpasswd/callback",
+        "/api/v1/integration/teams/%c0%ae%c0%ae/callback",
+        "/api/v1/integration/teams/TEAMS_DEV/callback",
+        "/api/v1/integration/teams//callback",
+        "/api/v1/integration/teams/teams_dev/callback/../callback",
+        "/api/v1/integration/teams/teams_dev/callback%2F",
+    ];
+    for path in paths {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = exchange(&addr, request.as_bytes(), Duration::from_secs(5)).await;
+        let status = answer.get(9..12).unwrap_or("");
+        assert!(
+            matches!(status, "400" | "401" | "404"),
+            "{path}: {}",
+            &answer[..answer.len().min(300)]
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(mock.activities().is_empty(), "no odd path reached the bot");
+    still_serving(&router, &mock).await;
+}
+
+#[tokio::test]
+async fn service_urls_at_private_addresses_are_refused_even_with_a_valid_token() {
+    let (mock, router) = start_with_env(&[(
+        "TEAMS_ROUTER__CONNECTOR__ALLOWED_SERVICE_HOSTS",
+        r#"["botframework.com", "smba.trafficmanager.net", "10.0.0.8"]"#,
+    )])
+    .await;
+    let client = http();
+    let key = mock.signing_key();
+    for (i, service_url) in [
+        "https://169.254.169.254/",
+        "https://10.0.0.9/",
+        "https://192.168.1.1/",
+        "https://[fd00::1]/",
+        "https://smba.trafficmanager.net@10.0.0.9/",
+        "https://smba.trafficmanager.net.attacker.example/",
+        "http://10.0.0.8/",
+        "https://metadata.google.internal/",
+        "file:///etc/passwd",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // The token vouches for exactly this serviceUrl: the refusal is the router's own.
+        let token = key.sign(&connector_claims(APP_ID, service_url));
+        let mut activity = personal_message(&mock, "a:ssrf", &format!("ssrf-{i}"), "hi");
+        activity["serviceUrl"] = json!(service_url);
+        let (status, text) = post(
+            &client,
+            &router.callback_url("teams_prod"),
+            Some(&token),
+            &activity,
+        )
+        .await;
+        assert_eq!(status, 400, "{service_url}: {text}");
+        assert!(
+            text.contains("service_url_not_allowed"),
+            "{service_url}: {text}"
+        );
+    }
+    // A private host the operator allowed (here one https address) is taken.
+    let allowed = "https://10.0.0.8/";
+    let token = key.sign(&connector_claims(APP_ID, allowed));
+    let mut activity = personal_message(&mock, "a:ssrf", "ssrf-allowed", "hi");
+    activity["serviceUrl"] = json!(allowed);
+    let (status, text) = post(
+        &client,
+        &router.callback_url("teams_prod"),
+        Some(&token),
+        &activity,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let scrape = metrics(&router).await;
+    assert!(
+        metric_sum(
+            &scrape,
+            "teams_router_activities_rejected_total",
+            &["reason=\"service_url_not_allowed\""]
+        ) >= 9.0
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_token_is_refused_once_it_expired_even_for_a_known_activity() {
+    let (mock, router) = start_with_env(&[("TEAMS_ROUTER__MICROSOFT__CLOCK_SKEW_SECS", "0")]).await;
+    let client = http();
+    let mut claims = connector_claims(APP_ID, &mock.service_url());
+    claims["exp"] = json!(now_secs() + 2);
+    let token = mock.signing_key().sign(&claims);
+    let activity = personal_message(&mock, "a:replay", "r-1", "hi");
+    let url = router.callback_url("teams_prod");
+    assert_eq!(post(&client, &url, Some(&token), &activity).await.0, 200);
+    // Cached verified token, still valid: a redelivery is a duplicate.
+    assert_eq!(post(&client, &url, Some(&token), &activity).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    for replayed in [
+        activity.clone(),
+        personal_message(&mock, "a:replay", "r-2", "again"),
+    ] {
+        let (status, text) = post(&client, &url, Some(&token), &replayed).await;
+        assert_eq!(status, 401, "{text}");
+        assert!(text.contains("expired"), "{text}");
+    }
+    let replies = mock.wait_for_activities(1, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mock.activities().len(), 1, "{replies:?}");
+}
