@@ -79,10 +79,16 @@ pub async fn serve<H: Handler>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    // HTTP/2 abuse bounds: headers (a Bot Connector request carries a few KB), streams the
+    // client resets before they are served (rapid reset), and streams the router itself has to
+    // reset; past the latter two the connection is closed with GOAWAY.
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(1024))
         .keep_alive_interval(Duration::from_secs(30));
     let builder = Arc::new(builder);
     loop {

@@ -143,7 +143,11 @@ async fn bodies_that_parse_badly_are_refused_and_odd_but_valid_ones_answered() {
 
     let replies = mock.wait_for_activities(3, Duration::from_secs(10)).await;
     let texts: Vec<&str> = replies.iter().map(|r| r.text()).collect();
-    assert!(texts.contains(&"echo: second"), "{texts:?}\n{}", router.logs());
+    assert!(
+        texts.contains(&"echo: second"),
+        "{texts:?}\n{}",
+        router.logs()
+    );
     assert!(texts.contains(&"echo: typed oddly"), "{texts:?}");
     assert!(texts.iter().any(|t| t.starts_with("echo: éé")), "{texts:?}");
 
@@ -198,6 +202,7 @@ async fn oversized_tokens_and_header_floods_are_refused() {
         "POST /api/v1/integration/teams/teams_prod/callback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {huge_token}\r\nContent-Length: 2\r\n\r\n{{}}"
     );
     let answer = exchange(&addr, request.as_bytes(), Duration::from_secs(5)).await;
+    eprintln!("1 MB token: {:?}", answer.lines().next());
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
         "{}",
@@ -432,4 +437,86 @@ async fn a_replayed_token_is_refused_once_it_expired_even_for_a_known_activity()
     let replies = mock.wait_for_activities(1, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(mock.activities().len(), 1, "{replies:?}");
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_and_flow_control_abuse_leave_the_router_serving() {
+    let (mock, router) = start("").await;
+    let addr = host_port(&router);
+    let uri = format!("http://{addr}/api/v1/integration/teams/teams_dev/callback");
+
+    // Rapid reset (CVE-2023-44487): open streams and cancel them at once, as fast as possible.
+    let tcp = TcpStream::connect(&addr).await.expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let driver = tokio::spawn(connection);
+    let started = Instant::now();
+    let mut opened = 0;
+    for _ in 0..20_000 {
+        let request = http::Request::post(&uri).body(()).expect("request");
+        match client.send_request(request, false) {
+            Ok((_response, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                opened += 1;
+            }
+            Err(_) => break,
+        }
+        if client.clone().ready().await.is_err() {
+            break;
+        }
+    }
+    drop(client);
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    assert!(
+        ended.is_ok(),
+        "the router ends an abusive connection ({opened} streams reset in {:?})",
+        started.elapsed()
+    );
+    eprintln!(
+        "rapid reset: {opened} streams opened and reset before the router closed the connection, {:?}",
+        started.elapsed()
+    );
+    still_serving(&router, &mock).await;
+
+    // Flow-control abuse: a client that grants no window and never reads, on many streams.
+    let tcp = TcpStream::connect(&addr).await.expect("connect");
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let stalled = tokio::spawn(connection);
+    let mut responses = Vec::new();
+    for i in 0..200 {
+        let mut client = match client.clone().ready().await {
+            Ok(c) => c,
+            Err(_) => break,
+        };
+        let request = http::Request::get(format!(
+            "http://{addr}/api/v1/integration/teams/x{i}/callback"
+        ))
+        .body(())
+        .expect("request");
+        match client.send_request(request, true) {
+            Ok((response, _)) => responses.push(response),
+            Err(_) => break,
+        }
+    }
+    eprintln!(
+        "flow control: {} streams stalled on a zero window",
+        responses.len()
+    );
+    // The router has answers it cannot send; others must not notice.
+    for _ in 0..5 {
+        still_serving(&router, &mock).await;
+    }
+    drop(responses);
+    drop(client);
+    stalled.abort();
+    still_serving(&router, &mock).await;
+    let health = http()
+        .get(router.ops_url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
 }
