@@ -276,6 +276,10 @@ impl Default for ConversationConfig {
 pub struct ConnectorConfig {
     /// Attempts per outbound call, the first one included.
     pub max_attempts: u32,
+    /// A message that still fails after `max_attempts` (429, 412, 5xx, timeouts, refused
+    /// connections) is tried again, at `backoff_max_ms` at most apart, until this long after its
+    /// first attempt; the conversation's next turn waits meanwhile.
+    pub retry_window_ms: u64,
     /// First backoff step; doubled per attempt, with full jitter.
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
@@ -300,6 +304,7 @@ impl Default for ConnectorConfig {
     fn default() -> Self {
         Self {
             max_attempts: 4,
+            retry_window_ms: 120_000,
             backoff_base_ms: 500,
             backoff_max_ms: 20_000,
             max_retry_after_secs: 60,

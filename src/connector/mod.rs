@@ -122,6 +122,7 @@ pub struct Connector {
     tokens: TokenProvider,
     backoff: Backoff,
     max_attempts: u32,
+    retry_window: std::time::Duration,
     allowed_hosts: Vec<String>,
     pacer: pacing::Pacer,
 }
@@ -147,6 +148,7 @@ impl Connector {
                 max_retry_after: Duration::from_secs(config.max_retry_after_secs),
             },
             max_attempts: config.max_attempts,
+            retry_window: std::time::Duration::from_millis(config.retry_window_ms),
             allowed_hosts: config.allowed_service_hosts.clone(),
             pacer: pacing::Pacer::new(
                 limits(&config.conversation_limits),
@@ -356,6 +358,7 @@ impl Connector {
         let mut refreshed_token = false;
         let mut retry = 0;
         let mut attempt = 0;
+        let first_attempt = std::time::Instant::now();
         loop {
             attempt += 1;
             let permit = self.pacer.admit(&app, route.conversation_id).await?;
@@ -387,7 +390,11 @@ impl Connector {
                     last,
                 } => (reason, retry_after, status, last),
             };
-            if attempt >= max_attempts {
+            // A retried delivery outlives an outage of the connector up to the retry window
+            // (a minute of 503s must not lose the answer); past both bounds it gives up.
+            let window_open = matches!(delivery, Delivery::Retried)
+                && first_attempt.elapsed() < self.retry_window;
+            if attempt >= max_attempts && !window_open {
                 if let (Delivery::Once, Some(status)) = (delivery, status) {
                     // The caller decides what a refused stream update means; it needs the status.
                     return Err(ConnectorError::Rejected {
@@ -396,7 +403,7 @@ impl Connector {
                     });
                 }
                 return Err(ConnectorError::Exhausted {
-                    attempts: max_attempts,
+                    attempts: attempt,
                     last,
                 });
             }

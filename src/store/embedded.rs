@@ -15,7 +15,10 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const FILE_NAME: &str = "teams-router.redb";
 
 pub struct EmbeddedStore {
-    db: Database,
+    /// `None` after a failed reopen; the next operation tries again.
+    db: parking_lot::RwLock<Option<Database>>,
+    path: std::path::PathBuf,
+    cache_bytes: usize,
     /// Set when this process had to use a file of its own (see [`EmbeddedStore::open`]).
     private_file: Option<std::path::PathBuf>,
 }
@@ -32,11 +35,7 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
-        let create = |path: &Path| {
-            redb::Builder::new()
-                .set_cache_size(cache_bytes)
-                .create(path)
-        };
+        let create = |path: &Path| create(path, cache_bytes);
         let path = dir.join(FILE_NAME);
         let (db, private_file) = match create(&path) {
             Ok(db) => (db, None),
@@ -72,147 +71,234 @@ impl EmbeddedStore {
         txn.open_table(JOURNAL).map_err(unavailable)?;
         txn.open_table(RECORDS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        Ok(Self { db, private_file })
+        Ok(Self {
+            path: private_file.clone().unwrap_or(path),
+            db: parking_lot::RwLock::new(Some(db)),
+            cache_bytes,
+            private_file,
+        })
+    }
+
+    /// Runs `op` on the database. redb refuses every operation after a failed write (a full
+    /// disk, an I/O error) until the file is reopened; the store then reopens it, so that it
+    /// serves again as soon as the cause is gone instead of until the process restarts.
+    fn with_db<T>(
+        &self,
+        op: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        {
+            let guard = self.db.read();
+            if let Some(db) = guard.as_ref() {
+                let result = op(db);
+                if !matches!(&result, Err(StoreError::Unavailable(m)) if m.contains(POISONED)) {
+                    return result;
+                }
+                drop(guard);
+                self.reopen();
+                return result;
+            }
+        }
+        self.reopen();
+        match self.db.read().as_ref() {
+            Some(db) => op(db),
+            None => Err(StoreError::Unavailable(format!(
+                "{} cannot be reopened",
+                self.path.display()
+            ))),
+        }
+    }
+
+    fn reopen(&self) {
+        let mut guard = self.db.write();
+        // The old handle holds the file's lock: it goes first.
+        *guard = None;
+        match create(&self.path, self.cache_bytes) {
+            Ok(db) => {
+                tracing::info!(path = %self.path.display(), "embedded store reopened after an I/O error");
+                *guard = Some(db);
+            }
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "embedded store cannot be reopened yet");
+            }
+        }
+    }
+
+    /// A write transaction end to end: whether the file takes writes.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(KV).map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
-        let table = txn.open_table(KV).map_err(unavailable)?;
-        let Some(value) = table.get(key).map_err(unavailable)? else {
-            return Ok(None);
-        };
-        let bytes = value.value();
-        let (expiry, payload) = split_expiry(bytes)?;
-        Ok((expiry > now_ms()).then(|| payload.to_vec()))
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(KV).map_err(unavailable)?;
+            let Some(value) = table.get(key).map_err(unavailable)? else {
+                return Ok(None);
+            };
+            let bytes = value.value();
+            let (expiry, payload) = split_expiry(bytes)?;
+            Ok((expiry > now_ms()).then(|| payload.to_vec()))
+        })
     }
 
     pub fn put_many(&self, puts: &[Put]) -> Result<(), StoreError> {
-        let now = now_ms();
-        let txn = self.db.begin_write().map_err(unavailable)?;
-        {
-            let mut table = txn.open_table(KV).map_err(unavailable)?;
-            let mut buf = Vec::new();
-            for put in puts {
-                buf.clear();
-                let expiry = now.saturating_add(put.ttl.as_millis() as u64);
-                buf.extend_from_slice(&expiry.to_le_bytes());
-                buf.extend_from_slice(&put.value);
-                table
-                    .insert(put.key.as_str(), buf.as_slice())
-                    .map_err(unavailable)?;
+        self.with_db(|db| {
+            let now = now_ms();
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(KV).map_err(unavailable)?;
+                let mut buf = Vec::new();
+                for put in puts {
+                    buf.clear();
+                    let expiry = now.saturating_add(put.ttl.as_millis() as u64);
+                    buf.extend_from_slice(&expiry.to_le_bytes());
+                    buf.extend_from_slice(&put.value);
+                    table
+                        .insert(put.key.as_str(), buf.as_slice())
+                        .map_err(unavailable)?;
+                }
             }
-        }
-        txn.commit().map_err(unavailable)
+            txn.commit().map_err(unavailable)
+        })
     }
 
     pub fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(unavailable)?;
-        txn.open_table(KV)
-            .map_err(unavailable)?
-            .remove(key)
-            .map_err(unavailable)?;
-        txn.commit().map_err(unavailable)
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(KV)
+                .map_err(unavailable)?
+                .remove(key)
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
     }
 
     pub fn put_records(&self, kind: &str, records: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(unavailable)?;
-        {
-            let mut table = txn.open_table(RECORDS).map_err(unavailable)?;
-            for (id, value) in records {
-                table
-                    .insert(format!("{kind}/{id}").as_str(), value.as_slice())
-                    .map_err(unavailable)?;
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(RECORDS).map_err(unavailable)?;
+                for (id, value) in records {
+                    table
+                        .insert(format!("{kind}/{id}").as_str(), value.as_slice())
+                        .map_err(unavailable)?;
+                }
             }
-        }
-        txn.commit().map_err(unavailable)
+            txn.commit().map_err(unavailable)
+        })
     }
 
     pub fn delete_record(&self, kind: &str, id: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(unavailable)?;
-        txn.open_table(RECORDS)
-            .map_err(unavailable)?
-            .remove(format!("{kind}/{id}").as_str())
-            .map_err(unavailable)?;
-        txn.commit().map_err(unavailable)
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(RECORDS)
+                .map_err(unavailable)?
+                .remove(format!("{kind}/{id}").as_str())
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
     }
 
     pub fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
-        let table = txn.open_table(RECORDS).map_err(unavailable)?;
-        // '0' is the byte after '/': the range holds exactly the keys `{kind}/...`.
-        let (start, end) = (format!("{kind}/"), format!("{kind}0"));
-        let mut out = Vec::new();
-        for item in table
-            .range(start.as_str()..end.as_str())
-            .map_err(unavailable)?
-        {
-            let (key, value) = item.map_err(unavailable)?;
-            let id = key.value()[start.len()..].to_owned();
-            out.push((id, value.value().to_vec()));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RECORDS).map_err(unavailable)?;
+            // '0' is the byte after '/': the range holds exactly the keys `{kind}/...`.
+            let (start, end) = (format!("{kind}/"), format!("{kind}0"));
+            let mut out = Vec::new();
+            for item in table
+                .range(start.as_str()..end.as_str())
+                .map_err(unavailable)?
+            {
+                let (key, value) = item.map_err(unavailable)?;
+                let id = key.value()[start.len()..].to_owned();
+                out.push((id, value.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// One process owns the file, so every entry is new; redeliveries are caught by the
     /// conversation's dedup window, which is part of its snapshot.
     pub fn append_journal(&self, entries: &[JournalEntry]) -> Result<Vec<bool>, StoreError> {
-        let txn = self.db.begin_write().map_err(unavailable)?;
-        {
-            let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
-            for entry in entries {
-                let bytes =
-                    serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                table
-                    .insert(entry.seq, bytes.as_slice())
-                    .map_err(unavailable)?;
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
+                for entry in entries {
+                    let bytes = serde_json::to_vec(entry)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    table
+                        .insert(entry.seq, bytes.as_slice())
+                        .map_err(unavailable)?;
+                }
             }
-        }
-        txn.commit().map_err(unavailable)?;
-        Ok(vec![true; entries.len()])
+            txn.commit().map_err(unavailable)?;
+            Ok(vec![true; entries.len()])
+        })
     }
 
     pub fn complete_journal(&self, seqs: &[u64]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(unavailable)?;
-        {
-            let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
-            for seq in seqs {
-                table.remove(seq).map_err(unavailable)?;
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(JOURNAL).map_err(unavailable)?;
+                for seq in seqs {
+                    table.remove(seq).map_err(unavailable)?;
+                }
             }
-        }
-        txn.commit().map_err(unavailable)
+            txn.commit().map_err(unavailable)
+        })
     }
 
     pub fn pending_journal(&self) -> Result<Vec<JournalEntry>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
-        let table = txn.open_table(JOURNAL).map_err(unavailable)?;
-        let mut entries = Vec::new();
-        for item in table.iter().map_err(unavailable)? {
-            let (_, value) = item.map_err(unavailable)?;
-            match serde_json::from_slice::<JournalEntry>(value.value()) {
-                Ok(entry) => entries.push(entry),
-                Err(e) => tracing::error!(error = %e, "skipping a corrupt journal entry"),
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(JOURNAL).map_err(unavailable)?;
+            let mut entries = Vec::new();
+            for item in table.iter().map_err(unavailable)? {
+                let (_, value) = item.map_err(unavailable)?;
+                match serde_json::from_slice::<JournalEntry>(value.value()) {
+                    Ok(entry) => entries.push(entry),
+                    Err(e) => tracing::error!(error = %e, "skipping a corrupt journal entry"),
+                }
             }
-        }
-        Ok(entries)
+            Ok(entries)
+        })
     }
 
     pub fn sweep_expired(&self) -> Result<usize, StoreError> {
-        let now = now_ms();
-        let txn = self.db.begin_write().map_err(unavailable)?;
-        let mut removed = 0;
-        {
-            let mut table = txn.open_table(KV).map_err(unavailable)?;
-            table
-                .retain(|_, value| {
-                    let keep = split_expiry(value).map(|(e, _)| e > now).unwrap_or(false);
-                    removed += usize::from(!keep);
-                    keep
-                })
-                .map_err(unavailable)?;
-        }
-        txn.commit().map_err(unavailable)?;
-        Ok(removed)
+        self.with_db(|db| {
+            let now = now_ms();
+            let txn = db.begin_write().map_err(unavailable)?;
+            let mut removed = 0;
+            {
+                let mut table = txn.open_table(KV).map_err(unavailable)?;
+                table
+                    .retain(|_, value| {
+                        let keep = split_expiry(value).map(|(e, _)| e > now).unwrap_or(false);
+                        removed += usize::from(!keep);
+                        keep
+                    })
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(removed)
+        })
     }
+}
+
+/// What redb says once a write failed, until the file is reopened.
+const POISONED: &str = "Previous I/O error";
+
+fn create(path: &Path, cache_bytes: usize) -> Result<Database, redb::DatabaseError> {
+    redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)
 }
 
 fn split_expiry(bytes: &[u8]) -> Result<(u64, &[u8]), StoreError> {

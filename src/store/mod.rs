@@ -204,7 +204,10 @@ impl Store {
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
-            Self::Embedded(_) => Ok(()),
+            Self::Embedded(s) => {
+                let s = Arc::clone(s);
+                blocking(move || s.ping()).await
+            }
             Self::Redis(s) => s.ping().await,
         }
     }

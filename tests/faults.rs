@@ -1,0 +1,478 @@
+//! Faults of the router's neighbours, injected under traffic: the Bot Connector failing or hanging,
+//! Microsoft's OpenID metadata down past the key cache, Redis slow, the disk of the embedded
+//! store full, and the router killed in the middle of a streamed answer. Each is survived with
+//! nothing acknowledged lost. (Redis killed, a backend hanging, and kill -9 mid-burst are in
+//! `tests/state.rs` and `tests/backends.rs`.)
+//!
+//! `TEAMS_ROUTER_LONG=1` (`bash .ci/run --long`) runs the outages for their full length (a
+//! minute); the default is a shorter outage of the same shape.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use loadtest::keys::{SigningKey, connector_claims, now_secs};
+use loadtest::mock::{ConnectorFault, MockMicrosoft};
+use loadtest::redis::RedisServer;
+use loadtest::router::RouterProcess;
+use serde_json::json;
+
+fn long_mode() -> bool {
+    std::env::var_os("TEAMS_ROUTER_LONG").is_some_and(|v| v != "0")
+}
+
+/// How long an outage lasts: a minute in long mode.
+fn outage() -> Duration {
+    if long_mode() {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(8)
+    }
+}
+
+/// Replies per activity id answered, from what the mock connector recorded.
+fn answers(mock: &MockMicrosoft) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for reply in mock.activities() {
+        if let Some(id) = reply.reply_to_id {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+async fn wait_for_answers(
+    mock: &MockMicrosoft,
+    ids: &[String],
+    timeout: Duration,
+) -> HashMap<String, usize> {
+    let until = Instant::now() + timeout;
+    loop {
+        let counts = answers(mock);
+        if ids.iter().all(|id| counts.contains_key(id)) || Instant::now() > until {
+            return counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Posts a message until the router takes it, as the Bot Connector redelivers refused ones.
+async fn deliver(
+    router: &RouterProcess,
+    mock: &MockMicrosoft,
+    conversation: &str,
+    id: &str,
+) -> u32 {
+    let client = http();
+    let activity = personal_message(mock, conversation, id, id);
+    for attempt in 1..=200 {
+        let response = client
+            .post(router.callback_url("teams_prod"))
+            .bearer_auth(mock.token_for(APP_ID))
+            .json(&activity)
+            .send()
+            .await;
+        if response.is_ok_and(|r| r.status().as_u16() == 200) {
+            return attempt;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{id} was never acknowledged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_failing_with_5xx_then_429_loses_no_answer() {
+    let (mock, router) = start("").await;
+    let outage = outage();
+    mock.set_periodic_fault(Some((1, ConnectorFault::Status(503))));
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    let mut n = 0;
+    while started.elapsed() < outage {
+        if started.elapsed() > outage / 2 {
+            // Second half: Teams throttling instead of failing.
+            mock.set_periodic_fault(Some((
+                1,
+                ConnectorFault::Throttle {
+                    retry_after_secs: 1,
+                },
+            )));
+        }
+        let id = format!("outage-{n}");
+        deliver(&router, &mock, &format!("a:outage-{}", n % 5), &id).await;
+        ids.push(id);
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(
+        answers(&mock).is_empty(),
+        "nothing got through during the outage"
+    );
+    mock.set_periodic_fault(None);
+    let recovered = Instant::now();
+    let counts = wait_for_answers(&mock, &ids, Duration::from_secs(60)).await;
+    let missing: Vec<&String> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
+    assert!(missing.is_empty(), "answers lost: {missing:?}");
+    assert!(
+        counts.values().all(|&c| c == 1),
+        "answered once each: {counts:?}"
+    );
+    let scrape = metrics(&router).await;
+    eprintln!(
+        "connector outage {outage:?}: {} activities acknowledged during it, all {} answered once within {:?} of recovery; {} retries",
+        ids.len(),
+        counts.len(),
+        recovered.elapsed(),
+        metric_sum(&scrape, "teams_router_connector_retries_total", &[])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_connector_is_timed_out_and_answered_when_it_recovers() {
+    let (mock, router) =
+        start_with_env(&[("TEAMS_ROUTER__CONNECTOR__REQUEST_TIMEOUT_MS", "500")]).await;
+    mock.set_connector_latency(Duration::from_secs(3600));
+    let ids: Vec<String> = (0..6).map(|i| format!("hang-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        deliver(&router, &mock, &format!("a:hang-{}", i % 3), id).await;
+    }
+    tokio::time::sleep(outage() / 2).await;
+    assert!(mock.activities().is_empty());
+    mock.set_connector_latency(Duration::ZERO);
+    let counts = wait_for_answers(&mock, &ids, Duration::from_secs(60)).await;
+    assert_eq!(counts.len(), ids.len(), "every answer arrived: {counts:?}");
+    let scrape = metrics(&router).await;
+    let timeouts = metric_sum(
+        &scrape,
+        "teams_router_connector_retries_total",
+        &["reason=\"ambiguous_timeout\""],
+    );
+    assert!(timeouts >= 1.0, "timeouts counted apart");
+    eprintln!(
+        "hanging connector: {} answers delivered after recovery, {} timed-out attempts retried, duplicates {}",
+        counts.len(),
+        timeouts,
+        counts.values().filter(|&&c| c > 1).count()
+    );
+}
+
+#[tokio::test]
+async fn openid_metadata_down_longer_than_the_key_cache_keeps_verifying_with_known_keys() {
+    let (mock, router) = start_with_env(&[
+        ("TEAMS_ROUTER__MICROSOFT__KEY_REFRESH_INTERVAL_SECS", "1"),
+        ("TEAMS_ROUTER__MICROSOFT__UNKNOWN_KID_REFRESH_BURST", "10"),
+    ])
+    .await;
+    let client = http();
+    let url = router.callback_url("teams_prod");
+    let key = mock.signing_key();
+    // A token signed now, not one the verified-token cache has seen.
+    let fresh_token = |key: &SigningKey, n: u32| {
+        let mut claims = connector_claims(APP_ID, &mock.service_url());
+        claims["exp"] = json!(now_secs() + 3600 + i64::from(n));
+        key.sign(&claims)
+    };
+    let activity = |id: &str| personal_message(&mock, "a:openid", id, id);
+    assert_eq!(
+        post(&client, &url, Some(&fresh_token(&key, 0)), &activity("o-0"))
+            .await
+            .0,
+        200
+    );
+
+    mock.set_openid_available(false);
+    let down = Instant::now();
+    let mut n = 1;
+    while down.elapsed() < outage() {
+        let (status, text) = post(
+            &client,
+            &url,
+            Some(&fresh_token(&key, n)),
+            &activity(&format!("o-{n}")),
+        )
+        .await;
+        assert_eq!(
+            status, 200,
+            "known keys keep verifying while discovery is down: {text}"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ready = client.get(router.ops_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "still ready with cached keys");
+    // An unknown key cannot be looked up: refused, not let in.
+    let stranger = SigningKey::generate("rotated-in", &["msteams"]);
+    let (status, text) = post(
+        &client,
+        &url,
+        Some(&fresh_token(&stranger, 0)),
+        &activity("o-x"),
+    )
+    .await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("unknown_key"), "{text}");
+
+    // Discovery is back, with a rotated key: the router picks it up.
+    let rotated = std::sync::Arc::new(SigningKey::generate("rotated-in-2", &["msteams"]));
+    mock.rotate_to(std::sync::Arc::clone(&rotated));
+    mock.set_openid_available(true);
+    let (status, text) = post(
+        &client,
+        &url,
+        Some(&fresh_token(&rotated, 0)),
+        &activity("o-rotated"),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let ids: Vec<String> = (0..n)
+        .map(|i| format!("o-{i}"))
+        .chain(["o-rotated".into()])
+        .collect();
+    let counts = wait_for_answers(&mock, &ids, Duration::from_secs(20)).await;
+    assert_eq!(counts.len(), ids.len());
+    eprintln!(
+        "OpenID down {:?} (key refresh every 1 s): {} fresh tokens verified with cached keys, unknown kid 401, rotated key taken after recovery",
+        down.elapsed(),
+        n - 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stalling_for_seconds_loses_nothing_acknowledged() {
+    let server = RedisServer::start().expect("redis-server");
+    let mock = MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let storage = format!(
+        "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\ninstance_id = \"stall\"\nredis_command_timeout_ms = 500\n",
+        server.url()
+    );
+    let router = RouterProcess::spawn(&binary(), &config_with_storage(&mock, &storage, ""))
+        .await
+        .expect("router starts");
+    let port = server.port();
+    let stall_secs = if long_mode() { 20 } else { 3 };
+    let stall = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &port.to_string(),
+                "DEBUG",
+                "SLEEP",
+                &stall_secs.to_string(),
+            ])
+            .output()
+            .expect("redis-cli")
+    });
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    let mut redelivered = 0;
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(stall_secs + 3) {
+        let id = format!("stall-{n}");
+        redelivered += deliver(&router, &mock, &format!("a:stall-{}", n % 4), &id).await - 1;
+        ids.push(id);
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stalled = stall.join().expect("stall thread");
+    assert!(stalled.status.success(), "{stalled:?}");
+    let counts = wait_for_answers(&mock, &ids, Duration::from_secs(30)).await;
+    let missing: Vec<&String> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    assert!(counts.values().all(|&c| c == 1), "once each");
+    let scrape = metrics(&router).await;
+    eprintln!(
+        "Redis stalled {stall_secs} s: {} acknowledged and answered once, {redelivered} refusals redelivered, store errors {}",
+        ids.len(),
+        metric_sum(&scrape, "teams_router_store_errors_total", &[])
+    );
+}
+
+fn mount_small_tmpfs(dir: &Path, size: &str) -> bool {
+    std::fs::create_dir_all(dir).expect("mount point");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted && std::env::var_os("CI").is_some() {
+        panic!("CI must be able to mount a small tmpfs (root) to fill a disk");
+    }
+    mounted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_with_503_and_recovers_when_space_returns() {
+    let dir = scratch_dir("full-disk");
+    if !mount_small_tmpfs(&dir, "8m") {
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(&dir);
+    let mock = MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let storage = format!(
+        "[storage]\npath = {:?}\ndurable_accept = true\n",
+        dir.join("state")
+    );
+    let router = RouterProcess::spawn(&binary(), &config_with_storage(&mock, &storage, ""))
+        .await
+        .expect("router starts");
+    let client = http();
+    let send = |id: String| {
+        let request = client
+            .post(router.callback_url("teams_prod"))
+            .bearer_auth(mock.token_for(APP_ID))
+            .json(&personal_message(&mock, "a:disk", &id, &id));
+        async move {
+            request
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(send("d-before".into()).await, 200);
+
+    // Fill the disk.
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+
+    let mut acknowledged = vec!["d-before".to_owned()];
+    let mut refused = 0;
+    for i in 0..40 {
+        let id = format!("d-full-{i}");
+        match send(id.clone()).await {
+            200 => acknowledged.push(id),
+            503 => refused += 1,
+            other => panic!("unexpected status {other} with a full disk"),
+        }
+    }
+    assert!(refused > 0, "a full disk refuses durable accepts");
+    let ready = client.get(router.ops_url("/readyz")).send().await.unwrap();
+    let readiness = ready.status().as_u16();
+
+    std::fs::remove_file(&filler).expect("free the disk");
+    let freed = Instant::now();
+    let mut back = None;
+    for i in 0..100 {
+        let id = format!("d-after-{i}");
+        if send(id.clone()).await == 200 {
+            acknowledged.push(id);
+            back = Some(freed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(back) = back else {
+        let logs = router.logs();
+        let tail: Vec<&str> = logs.lines().rev().take(15).collect();
+        panic!("not accepting again once space returned: {tail:#?}");
+    };
+    let counts = wait_for_answers(&mock, &acknowledged, Duration::from_secs(30)).await;
+    let missing: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .collect();
+    assert!(missing.is_empty(), "acknowledged and lost: {missing:?}");
+    let scrape = metrics(&router).await;
+    eprintln!(
+        "disk full: {refused} of 40 refused with 503 (readyz {readiness}), {} acknowledged while full; accepting again {back:?} after space returned; all {} acknowledged answered; store errors {}",
+        acknowledged.len() - 2,
+        acknowledged.len(),
+        metric_sum(&scrape, "teams_router_store_errors_total", &[])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_sends_the_final_message_after_restart() {
+    let mock = MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let dir = scratch_dir("mid-stream");
+    let storage = format!("[storage]\npath = {dir:?}\ndurable_accept = true\n");
+    let bots = format!(
+        r#"
+[[bots]]
+id = "slow"
+backend = {{ kind = "echo", wordDelayMs = 150 }}
+
+[[integrations]]
+id = "teams_stream"
+botId = "slow"
+botFrameworkAppId = "{APP_ID}"
+botFrameworkAppSecret = "{APP_SECRET}"
+stream = true
+"#
+    );
+    let config = config_with_storage(&mock, &storage, &bots);
+    let mut router = RouterProcess::spawn(&binary(), &config)
+        .await
+        .expect("router starts");
+    let words: Vec<String> = (0..30).map(|i| format!("w{i}")).collect();
+    let text = words.join(" ");
+    let (status, _) = post(
+        &http(),
+        &router.callback_url("teams_stream"),
+        Some(&mock.token_for(APP_ID)),
+        &personal_message(&mock, "a:stream-kill", "sk-1", &text),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Wait until the stream is open and has shown some text, then kill the router.
+    let until = Instant::now() + Duration::from_secs(10);
+    let stream_updates = |mock: &MockMicrosoft| {
+        mock.activities()
+            .iter()
+            .filter(|a| a.conversation_id == "a:stream-kill" && a.kind() == "typing")
+            .count()
+    };
+    while stream_updates(&mock) < 2 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stream_updates(&mock) >= 2, "the stream started");
+    router.kill().await;
+    let final_before = mock
+        .activities()
+        .iter()
+        .filter(|a| a.kind() == "message" && a.conversation_id == "a:stream-kill")
+        .count();
+    assert_eq!(final_before, 0, "killed before the final message");
+
+    let restarted = Instant::now();
+    let _router = RouterProcess::spawn(&binary(), &config)
+        .await
+        .expect("router restarts");
+    let until = Instant::now() + Duration::from_secs(30);
+    let final_message = loop {
+        let found = mock
+            .activities()
+            .into_iter()
+            .find(|a| a.kind() == "message" && a.conversation_id == "a:stream-kill");
+        if found.is_some() || Instant::now() > until {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let final_message = final_message.expect("a final message after the restart");
+    assert_eq!(final_message.text(), format!("echo: {text}"));
+    eprintln!(
+        "kill -9 mid-stream: final message with the whole answer {:?} after the restart",
+        restarted.elapsed()
+    );
+}
