@@ -5,6 +5,8 @@
 //! ([`scenario`]), traffic ([`traffic`]), the run ([`harness`]), the report ([`report`]) and the
 //! spawned setup ([`spawn`]). The `loadtest` binary drives them.
 
+#![forbid(unsafe_code)]
+
 pub mod harness;
 pub mod keys;
 pub mod mock;

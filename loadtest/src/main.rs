@@ -2,6 +2,8 @@
 //! spawns the router against a mock Microsoft side, drives the scenario's traffic, and exits
 //! non-zero when a correctness check fails.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
