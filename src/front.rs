@@ -33,7 +33,7 @@ use crate::backend::InvokeResponse;
 use crate::config::OnStoreUnavailable;
 use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::admission::{Gate, Refusal, Ticket};
-use crate::conversation::{Admission, Arrival, Directory};
+use crate::conversation::{Admission, Arrival, Directory, InvokeAnswer};
 use crate::registry::{Integration, Registry};
 use crate::store::writer::Journal;
 use crate::telemetry::{
@@ -337,9 +337,10 @@ impl Rejection {
 #[derive(Debug)]
 pub enum Routed {
     /// Queued; an invoke carries the receiver of the bot's answer.
-    Accepted(Option<tokio::sync::oneshot::Receiver<InvokeResponse>>),
-    /// A redelivery, acknowledged and dropped.
-    Duplicate,
+    Accepted(Option<InvokeAnswer>),
+    /// A redelivery, acknowledged and not run again; a redelivered invoke waits for the
+    /// original's answer.
+    Duplicate(Option<InvokeAnswer>),
     /// Acknowledged and not given to the bot (the sender is not in `allowFrom`).
     Ignored,
 }
@@ -415,12 +416,16 @@ impl Front {
             None => self.admit(&integration, verified.as_deref(), body)?,
         };
         match routed {
-            Routed::Duplicate | Routed::Ignored => Ok(empty(StatusCode::OK)),
+            Routed::Duplicate(None) | Routed::Ignored => Ok(empty(StatusCode::OK)),
             Routed::Accepted(None) => Ok(empty(StatusCode::OK)),
-            Routed::Accepted(Some(answer)) => {
-                let response = match tokio::time::timeout(self.invoke_timeout, answer).await {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(_)) => InvokeResponse::error("TurnFailed", "the bot failed to answer"),
+            Routed::Accepted(Some(mut answer)) | Routed::Duplicate(Some(mut answer)) => {
+                let answered =
+                    tokio::time::timeout(self.invoke_timeout, answer.wait_for(Option::is_some))
+                        .await
+                        .map(|answered| answered.map(|response| response.clone()));
+                let response = match answered {
+                    Ok(Ok(Some(response))) => response,
+                    Ok(_) => InvokeResponse::error("TurnFailed", "the bot failed to answer"),
                     Err(_) => {
                         tracing::warn!(integration = %integration.id, "invoke answer missed its deadline");
                         self.events.record(
@@ -578,7 +583,7 @@ impl Front {
             &target.conversation_id,
             &target.activity_id,
         ) {
-            return Ok(duplicate(integration, target.type_index));
+            return Ok(self.redelivery(integration, &target));
         }
         let ticket = match self.take_place(integration, &target) {
             Ok(ticket) => ticket,
@@ -594,7 +599,7 @@ impl Front {
             .await
         {
             Ok((seq, true)) => Some(seq),
-            Ok((_, false)) => return Ok(duplicate(integration, target.type_index)),
+            Ok((_, false)) => return Ok(self.redelivery(integration, &target)),
             Err(error) => match self.on_store_unavailable {
                 OnStoreUnavailable::Refuse => {
                     return Err(Rejection::new(
@@ -607,10 +612,25 @@ impl Front {
             },
         };
         let routed = self.route(integration, &target, body, journal_seq, ticket);
-        if let (Ok(Routed::Duplicate) | Err(_), Some(seq)) = (&routed, journal_seq) {
+        if let (Ok(Routed::Duplicate(_)) | Err(_), Some(seq)) = (&routed, journal_seq) {
             journal.complete(seq);
         }
         routed
+    }
+
+    /// A redelivery of an activity the conversation has seen: acknowledged; an invoke gets the
+    /// original's answer when this instance still has it.
+    fn redelivery(&self, integration: &Integration, target: &Target<'_>) -> Routed {
+        let answer = if target.is_invoke {
+            self.directory.invoke_answer(
+                &integration.id,
+                &target.conversation_id,
+                &target.activity_id,
+            )
+        } else {
+            None
+        };
+        duplicate(integration, target.type_index, answer)
     }
 
     /// A place among pending activities, or the answer when there is none: a redelivery of
@@ -629,7 +649,7 @@ impl Front {
             &target.conversation_id,
             &target.activity_id,
         ) {
-            return Err(Ok(duplicate(integration, target.type_index)));
+            return Err(Ok(self.redelivery(integration, target)));
         }
         Err(Err(match refusal {
             Refusal::Integration => Rejection::new(
@@ -669,7 +689,7 @@ impl Front {
                 integration.count_received(target.type_index);
                 Ok(Routed::Accepted(answer))
             }
-            Admission::Duplicate => Ok(duplicate(integration, target.type_index)),
+            Admission::Duplicate(answer) => Ok(duplicate(integration, target.type_index, answer)),
             Admission::MailboxFull => Err(Rejection::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "mailbox_full",
@@ -723,10 +743,10 @@ struct Target<'a> {
     activity_id: std::borrow::Cow<'a, str>,
 }
 
-fn duplicate(integration: &Integration, type_index: usize) -> Routed {
+fn duplicate(integration: &Integration, type_index: usize, answer: Option<InvokeAnswer>) -> Routed {
     integration.count_received(type_index);
     counter!(ACTIVITIES_DUPLICATE).increment(1);
-    Routed::Duplicate
+    Routed::Duplicate(answer)
 }
 
 /// The ops listener: `/metrics`, `/healthz`, `/readyz`.

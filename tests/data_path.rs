@@ -187,6 +187,42 @@ async fn an_invoke_is_answered_synchronously_with_the_bots_invoke_response() {
 }
 
 #[tokio::test]
+async fn a_redelivered_invoke_gets_the_original_invoke_response_concurrently_and_later() {
+    let (mock, router) = start("").await;
+    // A slow connector keeps the turn (and so the original request) busy a while.
+    mock.set_connector_latency(Duration::from_millis(300));
+    let mut activity = fixture("invoke-adaptivecard-action.json");
+    activity["serviceUrl"] = mock.service_url().into();
+    let client = http();
+    let url = router.callback_url("teams_prod");
+    let token = mock.token_for(APP_ID);
+    let (original, concurrent) =
+        tokio::join!(post(&client, &url, Some(&token), &activity), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            post(&client, &url, Some(&token), &activity).await
+        });
+    let later = post(&client, &url, Some(&token), &activity).await;
+    for (what, (status, body)) in [
+        ("original", original),
+        ("concurrent", concurrent),
+        ("later", later),
+    ] {
+        assert_eq!(status, 200, "{what}");
+        let body: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{what}: not the InvokeResponse ({e}): {body:?}"));
+        assert_eq!(
+            body["value"], "echo: {\"feedback\":\"test invokes\"}",
+            "{what}"
+        );
+    }
+    let scrape = metrics(&router).await;
+    assert_eq!(
+        metric_value(&scrape, "teams_router_activities_duplicate_total"),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
 async fn a_redelivered_activity_is_answered_once_also_when_concurrent() {
     let (mock, router) = start("").await;
     let client = http();

@@ -275,13 +275,13 @@ async fn begin_turn(
     } = turn;
     let skip = |state: &mut ConversationActorState,
                 reason: &str,
-                invoke: Option<tokio::sync::oneshot::Sender<InvokeResponse>>,
+                invoke: Option<super::InvokeReply>,
                 failed: bool| {
         if failed {
             counter!(TURNS_FAILED).increment(1);
         }
         if let Some(waiting) = invoke {
-            let _ = waiting.send(InvokeResponse::error("TurnFailed", reason));
+            waiting.send(InvokeResponse::error("TurnFailed", reason));
         }
         if let (Some(seq), Some(journal)) = (journal_seq, &state.args.settings.persistence.journal)
         {

@@ -21,7 +21,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use metrics::gauge;
 use ractor::ActorRef;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 use crate::backend::InvokeResponse;
 use crate::reply::ReplyServices;
@@ -59,7 +59,7 @@ pub struct Turn {
     /// The request body as received; parsed again by the actor, off the request path.
     pub body: Bytes,
     pub accepted_at: Instant,
-    pub invoke: Option<oneshot::Sender<InvokeResponse>>,
+    pub invoke: Option<InvokeReply>,
     /// The activity's journal entry under durable accept.
     pub journal_seq: Option<u64>,
     /// Its place among pending activities (none for activities replayed from the journal).
@@ -78,12 +78,38 @@ pub struct Arrival {
     pub ticket: Option<admission::Ticket>,
 }
 
+/// Where the answer to an invoke is published, once: the request that brought the invoke and any
+/// redelivery of it wait on the same answer, so each of them gets the bot's InvokeResponse.
+pub struct InvokeReply(watch::Sender<Option<InvokeResponse>>);
+
+/// The waiting side of an [`InvokeReply`]; it ends without a value when the turn ends unanswered.
+pub type InvokeAnswer = watch::Receiver<Option<InvokeResponse>>;
+
+impl InvokeReply {
+    fn new() -> (Self, InvokeAnswer) {
+        let (tx, rx) = watch::channel(None);
+        (Self(tx), rx)
+    }
+
+    pub fn send(self, response: InvokeResponse) {
+        self.0.send_replace(Some(response));
+    }
+
+    fn subscribe(&self) -> InvokeAnswer {
+        self.0.subscribe()
+    }
+}
+
+/// Invoke answers a conversation keeps for redeliveries of the same invoke.
+const REMEMBERED_INVOKES: usize = 16;
+
 /// What happened to an activity offered to its conversation.
 pub enum Admission {
     /// Queued; an invoke gets the receiver of its answer.
-    Accepted(Option<oneshot::Receiver<InvokeResponse>>),
-    /// Seen before in this conversation: acknowledged and dropped.
-    Duplicate,
+    Accepted(Option<InvokeAnswer>),
+    /// Seen before in this conversation: acknowledged and not run again. A redelivered invoke
+    /// gets the original's answer.
+    Duplicate(Option<InvokeAnswer>),
     /// The conversation's queue is full.
     MailboxFull,
     /// Too many conversations in memory.
@@ -112,6 +138,17 @@ struct ConversationState {
     /// A turn is being run by a reply actor.
     busy: bool,
     last_activity: Instant,
+    /// The answers of the latest invokes, by activity id.
+    invokes: VecDeque<(Arc<str>, InvokeAnswer)>,
+}
+
+impl ConversationState {
+    fn invoke_answer(&self, activity_id: &str) -> Option<InvokeAnswer> {
+        self.invokes
+            .iter()
+            .find(|(id, _)| &**id == activity_id)
+            .map(|(_, answer)| answer.clone())
+    }
 }
 
 /// The most recent activity ids, bounded by count.
@@ -148,7 +185,7 @@ impl DedupWindow {
 enum Enqueue {
     /// Queued; the actor to wake, when it is idle.
     Queued(Option<ActorRef<ConversationMsg>>),
-    Duplicate,
+    Duplicate(Option<InvokeAnswer>),
     Full,
     Closed,
 }
@@ -164,6 +201,7 @@ impl Conversation {
                 closed: false,
                 busy: false,
                 last_activity: Instant::now(),
+                invokes: VecDeque::new(),
             }),
         }
     }
@@ -182,7 +220,7 @@ impl Conversation {
             return Enqueue::Closed;
         }
         if state.recent_ids.contains(activity_id) {
-            return Enqueue::Duplicate;
+            return Enqueue::Duplicate(state.invoke_answer(activity_id));
         }
         if state.queue.len() >= capacity {
             return Enqueue::Full;
@@ -192,7 +230,16 @@ impl Conversation {
         // and a non-empty queue already has a wake-up on its way. Under load this spares one
         // cross-thread wake-up per activity.
         let needs_wake = !state.busy && state.queue.is_empty();
-        state.queue.push_back(turn());
+        let turn = turn();
+        if let Some(reply) = &turn.invoke {
+            if state.invokes.len() == REMEMBERED_INVOKES {
+                state.invokes.pop_front();
+            }
+            state
+                .invokes
+                .push_back((activity_id.into(), reply.subscribe()));
+        }
+        state.queue.push_back(turn);
         state.last_activity = Instant::now();
         Enqueue::Queued(if needs_wake {
             state.actor.clone()
@@ -244,7 +291,7 @@ impl Directory {
         let mut reply = None;
         let mut make_turn = || {
             let invoke = if is_invoke {
-                let (tx, rx) = oneshot::channel();
+                let (tx, rx) = InvokeReply::new();
                 reply = Some(rx);
                 Some(tx)
             } else {
@@ -276,7 +323,7 @@ impl Directory {
                     }
                     return Admission::Accepted(reply);
                 }
-                Enqueue::Duplicate => return Admission::Duplicate,
+                Enqueue::Duplicate(answer) => return Admission::Duplicate(answer),
                 Enqueue::Full => return Admission::MailboxFull,
                 Enqueue::Closed => self.remove(&conversation),
             }
@@ -289,6 +336,18 @@ impl Directory {
     pub fn seen(&self, integration: &str, conversation_id: &str, activity_id: &str) -> bool {
         self.lookup(integration, conversation_id)
             .is_some_and(|c| c.state().recent_ids.contains(activity_id))
+    }
+
+    /// The answer of an invoke the conversation has seen (for a redelivery of it).
+    pub fn invoke_answer(
+        &self,
+        integration: &str,
+        conversation_id: &str,
+        activity_id: &str,
+    ) -> Option<InvokeAnswer> {
+        self.lookup(integration, conversation_id)?
+            .state()
+            .invoke_answer(activity_id)
     }
 
     fn lookup(&self, integration: &str, conversation_id: &str) -> Option<Arc<Conversation>> {

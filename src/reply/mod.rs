@@ -10,7 +10,6 @@ use std::time::Instant;
 use metrics::{counter, histogram};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value, json};
-use tokio::sync::oneshot;
 
 use crate::activity::TurnActivity;
 use crate::admin::contacts::{ContactBook, Sender};
@@ -18,8 +17,8 @@ use crate::admin::events::{EventDraft, EventSink};
 use crate::admin::proactive::AddressBook;
 use crate::backend::{Answer, Backend, BackendClient, Deltas, InvokeResponse, TurnInput};
 use crate::connector::{Connector, ConnectorError, Delivery, Route, is_loopback_url};
-use crate::conversation::ConversationMsg;
 use crate::conversation::session::HistoryEntry;
+use crate::conversation::{ConversationMsg, InvokeReply};
 use crate::registry::{Integration, Registry};
 use crate::telemetry::{FIRST_REPLY, TURNS_FAILED};
 use streaming::{Ending, Stream, StreamSettings};
@@ -53,7 +52,7 @@ pub struct ReplyArgs {
     /// When the router acknowledged the activity (for `first_reply_seconds`).
     pub accepted_at: Instant,
     /// The HTTP request of an invoke, waiting for the InvokeResponse.
-    pub invoke: Option<oneshot::Sender<InvokeResponse>>,
+    pub invoke: Option<InvokeReply>,
     /// A fixed answer decided by the conversation (session commands) instead of the backend's.
     pub say: Option<String>,
     /// The session this turn belongs to, and its history up to this activity.
@@ -168,8 +167,8 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
         (answer, None)
     };
     if let (Some(waiting), Some(response)) = (invoke, answer.invoke.take()) {
-        // The request may have timed out already; then nobody listens.
-        let _ = waiting.send(response);
+        // The request may have timed out already; a redelivery of the invoke still gets it.
+        waiting.send(response);
     }
     if answer.text.is_none() && answer.attachments.is_empty() && args.activity.bot_was_added() {
         answer.text = args.services.welcome_message.clone();
