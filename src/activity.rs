@@ -348,6 +348,33 @@ mod tests {
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
+    /// Found by the `activity_envelope` fuzz target: the envelope check ignores keys it does not
+    /// route by, so the actor's parse must take whatever the envelope check let through.
+    #[test]
+    fn acknowledged_activities_with_repeated_or_odd_keys_parse() {
+        let base = r#"{"type":"message","id":"1","serviceUrl":"https://x/","channelId":"msteams","conversation":{"id":"a"}"#;
+        for extra in [
+            r#","recipient":{"id":"28:a"},"recipient":{"id":"28:b"}"#,
+            r#","text":"first","text":"second""#,
+            r#","text":5,"locale":[],"name":{},"action":true"#,
+            r#","entities":{"type":"mention"},"membersAdded":"x","attachments":1"#,
+        ] {
+            let body = format!("{base}{extra}}}");
+            let routable = with_envelope(body.as_bytes(), |e| e.is_ok());
+            assert!(routable && admissible(body.as_bytes()).is_ok(), "{body}");
+            let turn =
+                TurnActivity::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(turn.id, "1");
+        }
+        let twice = format!("{base},\"text\":\"first\",\"text\":\"second\"}}");
+        let turn = TurnActivity::parse(twice.as_bytes()).unwrap();
+        assert_eq!(turn.text.as_deref(), Some("second"));
+        let deep = format!("{base},\"value\":{}{}}}", "[".repeat(65), "]".repeat(65));
+        assert_eq!(admissible(deep.as_bytes()), Err(ParseError::TooDeep));
+        let in_string = format!("{base},\"text\":\"{}\"}}", "[".repeat(1000));
+        assert_eq!(admissible(in_string.as_bytes()), Ok(()));
+    }
+
     #[test]
     fn envelope_of_every_fixture() {
         for name in [

@@ -17,8 +17,6 @@ fuzz_target!(|data: &[u8]| {
         .map(|c| Ok(Bytes::copy_from_slice(c)))
         .collect();
     let deltas = Deltas::unread();
-    let _ = futures_executor::block_on(read_completion(
-        futures_util::stream::iter(chunks),
-        &deltas,
-    ));
+    let _ =
+        futures_executor::block_on(read_completion(futures_util::stream::iter(chunks), &deltas));
 });
