@@ -353,3 +353,50 @@ async fn one_noisy_integration_does_not_starve_fifty_others() {
         "normal p99 {normal_p99:?}"
     );
 }
+
+#[tokio::test]
+async fn connections_past_the_bound_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockMicrosoft::start().await;
+    mock.set_connector_requires_auth(false);
+    let config = config(&mock, "").replace(
+        "body_limit_bytes = 65536",
+        "body_limit_bytes = 65536\nmax_connections = 4",
+    );
+    let router = RouterProcess::spawn(&binary(), &config)
+        .await
+        .expect("router starts");
+    let addr = router.base_url().trim_start_matches("http://").to_owned();
+    // Four connections hold every permit (open, idle, headers not finished).
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(b"GET /x HTTP/1.1\r\n").await.unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fifth = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    fifth
+        .write_all(b"GET /api/v1/integration/teams/teams_dev/callback HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(500), fifth.read_to_end(&mut answer)).await;
+    assert!(waited.is_err(), "the fifth connection waits for a permit");
+    // The ops listener has permits of its own.
+    let health = http().get(router.ops_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let freed = Instant::now();
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(5), fifth.read_to_end(&mut answer))
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    eprintln!(
+        "connections: max_connections = 4, the fifth waited and was served {:?} after one closed",
+        freed.elapsed()
+    );
+}
