@@ -10,7 +10,7 @@ use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use loadtest::mock::MockMicrosoft;
 use serde_json::Value;
-use teams_router::activity::{ActivityView, with_envelope};
+use teams_router::activity::{ActivityView, admissible, with_envelope};
 use teams_router::app::Router;
 use teams_router::config::Config;
 
@@ -39,6 +39,10 @@ fn parse(c: &mut Criterion) {
                 e.map(|e| e.conversation_id.len())
             })
         })
+    });
+    // The nesting bound checked before the parse (one pass over the bytes).
+    group.bench_function("nesting_check", |b| {
+        b.iter(|| admissible(std::hint::black_box(&body)).is_ok())
     });
     group.bench_function("serde_json_borrowed_envelope", |b| {
         b.iter(|| {

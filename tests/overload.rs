@@ -158,6 +158,9 @@ fn p99(mut latencies: Vec<Duration>) -> Duration {
         .unwrap_or_default()
 }
 
+/// The load tests here run one at a time: each is sized to the machine, not to a share of it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn start_router(integrations: &str, admission: &str) -> (MockMicrosoft, RouterProcess) {
     let mock = MockMicrosoft::start().await;
     // Development-mode integrations reply unauthenticated.
@@ -174,6 +177,7 @@ async fn start_router(integrations: &str, admission: &str) -> (MockMicrosoft, Ro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_times_capacity_is_shed_while_what_is_admitted_stays_fast_and_answered() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     // Capacity: 8 turns in flight of 50-100 ms (two words at 50 ms, the first sent at once).
     let (mock, router) = start_router(
         &slow_integrations("busy_", 8),
@@ -253,6 +257,7 @@ async fn three_times_capacity_is_shed_while_what_is_admitted_stays_fast_and_answ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_noisy_integration_does_not_starve_fifty_others() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let mut integrations = slow_integrations("normal_", 50);
     integrations.push_str("\n[[integrations]]\nid = \"hot\"\nbotId = \"slow\"\n");
     let (mock, router) = start_router(
