@@ -444,6 +444,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     wait_for_signal().await?;
     tracing::info!("shutting down: no new activities; finishing running turns");
     readiness.set_draining();
+    router.front.connector.stop_retrying();
     let _ = stop_front.send(true);
     let _ = front_task.await;
     router.drain(drain).await;

@@ -276,9 +276,9 @@ impl Default for ConversationConfig {
 pub struct ConnectorConfig {
     /// Attempts per outbound call, the first one included.
     pub max_attempts: u32,
-    /// A message that still fails after `max_attempts` (429, 412, 5xx, timeouts, refused
-    /// connections) is tried again, at `backoff_max_ms` at most apart, until this long after its
-    /// first attempt; the conversation's next turn waits meanwhile.
+    /// A message that still fails after `max_attempts` (429, 412, 5xx, timeouts; not a refused
+    /// connection) is tried again, at `backoff_max_ms` at most apart, until this long after its
+    /// first attempt, unless the process is shutting down; the conversation's next turn waits.
     pub retry_window_ms: u64,
     /// First backoff step; doubled per attempt, with full jitter.
     pub backoff_base_ms: u64,

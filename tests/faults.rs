@@ -270,10 +270,13 @@ async fn redis_stalling_for_seconds_loses_nothing_acknowledged() {
     let started = Instant::now();
     let mut ids = Vec::new();
     let mut redelivered = 0;
+    let mut slowest = Duration::ZERO;
     let mut n = 0;
     while started.elapsed() < Duration::from_secs(stall_secs + 3) {
         let id = format!("stall-{n}");
+        let sent = Instant::now();
         redelivered += deliver(&router, &mock, &format!("a:stall-{}", n % 4), &id).await - 1;
+        slowest = slowest.max(sent.elapsed());
         ids.push(id);
         n += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -286,7 +289,7 @@ async fn redis_stalling_for_seconds_loses_nothing_acknowledged() {
     assert!(counts.values().all(|&c| c == 1), "once each");
     let scrape = metrics(&router).await;
     eprintln!(
-        "Redis stalled {stall_secs} s: {} acknowledged and answered once, {redelivered} refusals redelivered, store errors {}",
+        "Redis stalled {stall_secs} s: {} acknowledged and answered once, {redelivered} refusals redelivered, slowest acknowledgement {slowest:?}, store errors {}",
         ids.len(),
         metric_sum(&scrape, "teams_router_store_errors_total", &[])
     );

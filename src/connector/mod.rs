@@ -123,6 +123,8 @@ pub struct Connector {
     backoff: Backoff,
     max_attempts: u32,
     retry_window: std::time::Duration,
+    /// Set when the process starts shutting down: no retries past `max_attempts`.
+    stopping: std::sync::atomic::AtomicBool,
     allowed_hosts: Vec<String>,
     pacer: pacing::Pacer,
 }
@@ -149,6 +151,7 @@ impl Connector {
             },
             max_attempts: config.max_attempts,
             retry_window: std::time::Duration::from_millis(config.retry_window_ms),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             allowed_hosts: config.allowed_service_hosts.clone(),
             pacer: pacing::Pacer::new(
                 limits(&config.conversation_limits),
@@ -169,6 +172,12 @@ impl Connector {
 
     /// Whether replies may go to `service_url`: https to an allowed host suffix, or any loopback
     /// host (http is accepted only there).
+    /// The process is shutting down: deliveries stop retrying past `max_attempts`.
+    pub fn stop_retrying(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     pub fn service_url_allowed(&self, service_url: &str) -> bool {
         service_url_allowed(service_url, &self.allowed_hosts)
     }
@@ -390,9 +399,14 @@ impl Connector {
                     last,
                 } => (reason, retry_after, status, last),
             };
-            // A retried delivery outlives an outage of the connector up to the retry window
-            // (a minute of 503s must not lose the answer); past both bounds it gives up.
+            // A retried delivery outlives an outage of the connector up to the retry window (a
+            // minute of 503s or 429s must not lose the answer); past both bounds it gives up. An
+            // address that refuses connections is not a connector having a bad minute, and a
+            // process shutting down does not wait: under durable accept the turn runs again at
+            // the next start.
             let window_open = matches!(delivery, Delivery::Retried)
+                && reason != "connect"
+                && !self.stopping.load(std::sync::atomic::Ordering::Acquire)
                 && first_attempt.elapsed() < self.retry_window;
             if attempt >= max_attempts && !window_open {
                 if let (Delivery::Once, Some(status)) = (delivery, status) {
