@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -30,32 +29,6 @@ fn outage() -> Duration {
         Duration::from_secs(60)
     } else {
         Duration::from_secs(8)
-    }
-}
-
-/// Replies per activity id answered, from what the mock connector recorded.
-fn answers(mock: &MockMicrosoft) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for reply in mock.activities() {
-        if let Some(id) = reply.reply_to_id {
-            *counts.entry(id).or_insert(0) += 1;
-        }
-    }
-    counts
-}
-
-async fn wait_for_answers(
-    mock: &MockMicrosoft,
-    ids: &[String],
-    timeout: Duration,
-) -> HashMap<String, usize> {
-    let until = Instant::now() + timeout;
-    loop {
-        let counts = answers(mock);
-        if ids.iter().all(|id| counts.contains_key(id)) || Instant::now() > until {
-            return counts;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -108,12 +81,12 @@ async fn the_connector_failing_with_5xx_then_429_loses_no_answer() {
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     assert!(
-        answers(&mock).is_empty(),
+        replies_by_id(&mock).is_empty(),
         "nothing got through during the outage"
     );
     mock.set_periodic_fault(None);
     let recovered = Instant::now();
-    let counts = wait_for_answers(&mock, &ids, Duration::from_secs(60)).await;
+    let counts = wait_for_replies(&mock, &ids, Duration::from_secs(60)).await;
     let missing: Vec<&String> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
     assert!(missing.is_empty(), "answers lost: {missing:?}");
     assert!(
@@ -142,7 +115,7 @@ async fn a_hanging_connector_is_timed_out_and_answered_when_it_recovers() {
     tokio::time::sleep(outage() / 2).await;
     assert!(mock.activities().is_empty());
     mock.set_connector_latency(Duration::ZERO);
-    let counts = wait_for_answers(&mock, &ids, Duration::from_secs(60)).await;
+    let counts = wait_for_replies(&mock, &ids, Duration::from_secs(60)).await;
     assert_eq!(counts.len(), ids.len(), "every answer arrived: {counts:?}");
     let scrape = metrics(&router).await;
     let timeouts = metric_sum(
@@ -231,7 +204,7 @@ async fn openid_metadata_down_longer_than_the_key_cache_keeps_verifying_with_kno
         .map(|i| format!("o-{i}"))
         .chain(["o-rotated".into()])
         .collect();
-    let counts = wait_for_answers(&mock, &ids, Duration::from_secs(20)).await;
+    let counts = wait_for_replies(&mock, &ids, Duration::from_secs(20)).await;
     assert_eq!(counts.len(), ids.len());
     eprintln!(
         "OpenID down {:?} (key refresh every 1 s): {} fresh tokens verified with cached keys, unknown kid 401, rotated key taken after recovery",
@@ -290,7 +263,7 @@ async fn redis_stalling_for_seconds_loses_nothing_acknowledged() {
         "OK",
         "{stalled:?}"
     );
-    let counts = wait_for_answers(&mock, &ids, Duration::from_secs(30)).await;
+    let counts = wait_for_replies(&mock, &ids, Duration::from_secs(30)).await;
     let missing: Vec<&String> = ids.iter().filter(|id| !counts.contains_key(*id)).collect();
     assert!(missing.is_empty(), "lost: {missing:?}");
     assert!(counts.values().all(|&c| c == 1), "once each");
@@ -395,7 +368,7 @@ async fn a_full_disk_refuses_with_503_and_recovers_when_space_returns() {
         let tail: Vec<&str> = logs.lines().rev().take(15).collect();
         panic!("not accepting again once space returned: {tail:#?}");
     };
-    let counts = wait_for_answers(&mock, &acknowledged, Duration::from_secs(30)).await;
+    let counts = wait_for_replies(&mock, &acknowledged, Duration::from_secs(30)).await;
     let missing: Vec<&String> = acknowledged
         .iter()
         .filter(|id| !counts.contains_key(*id))

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,31 +20,6 @@ fn sigterm(router: &RouterProcess) {
         .status()
         .expect("kill");
     assert!(status.success());
-}
-
-fn replies_by_id(mock: &MockMicrosoft) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for reply in mock.activities() {
-        if let Some(id) = reply.reply_to_id {
-            *counts.entry(id).or_insert(0) += 1;
-        }
-    }
-    counts
-}
-
-async fn wait_for_replies(
-    mock: &MockMicrosoft,
-    ids: &[String],
-    timeout: Duration,
-) -> HashMap<String, usize> {
-    let until = Instant::now() + timeout;
-    loop {
-        let counts = replies_by_id(mock);
-        if ids.iter().all(|id| counts.contains_key(id)) || Instant::now() > until {
-            return counts;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn new_mock() -> MockMicrosoft {

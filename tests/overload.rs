@@ -245,14 +245,7 @@ async fn three_times_capacity_is_shed_while_what_is_admitted_stays_fast_and_answ
         "admitted p99 {over_p99:?}"
     );
     let scrape = metrics(&router).await;
-    assert_eq!(
-        metric_sum(
-            &scrape,
-            "teams_router_activities_rejected_total",
-            &["reason=\"overloaded\""]
-        ),
-        shed.len() as f64
-    );
+    assert_eq!(rejected(&scrape, "overloaded"), shed.len() as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -226,19 +226,8 @@ async fn kill_mid_burst(storage: &str, label: &str) {
     let replies_before_restart = mock.activities().len();
     let router = spawn(&mock, storage, "").await;
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let counts = loop {
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        for reply in mock.activities() {
-            if let Some(id) = reply.reply_to_id {
-                *counts.entry(id).or_default() += 1;
-            }
-        }
-        if acknowledged.iter().all(|id| counts.contains_key(id)) || Instant::now() > deadline {
-            break counts;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let acknowledged_ids: Vec<String> = acknowledged.iter().cloned().collect();
+    let counts = wait_for_replies(&mock, &acknowledged_ids, Duration::from_secs(60)).await;
     let missing: Vec<&String> = acknowledged
         .iter()
         .filter(|id| !counts.contains_key(*id))

@@ -195,3 +195,39 @@ pub fn metric_sum(scrape: &str, name: &str, labels: &[&str]) -> f64 {
         })
         .sum()
 }
+
+/// `activities_rejected_total` for one reason.
+pub fn rejected(scrape: &str, reason: &str) -> f64 {
+    metric_sum(
+        scrape,
+        "teams_router_activities_rejected_total",
+        &[&format!("reason=\"{reason}\"")],
+    )
+}
+
+/// How many replies the mock connector recorded per activity id they answer.
+pub fn replies_by_id(mock: &MockMicrosoft) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for reply in mock.activities() {
+        if let Some(id) = reply.reply_to_id {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Waits until every one of `ids` has a reply (or `timeout`); returns the counts per id.
+pub async fn wait_for_replies(
+    mock: &MockMicrosoft,
+    ids: &[String],
+    timeout: Duration,
+) -> std::collections::HashMap<String, usize> {
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        let counts = replies_by_id(mock);
+        if ids.iter().all(|id| counts.contains_key(id)) || std::time::Instant::now() > until {
+            return counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
