@@ -448,7 +448,7 @@ async fn http2_rapid_reset_and_flow_control_abuse_leave_the_router_serving() {
         started.elapsed()
     );
     eprintln!(
-        "rapid reset: {opened} streams opened and reset before the router closed the connection, {:?}",
+        "rapid reset: {opened} streams opened and reset on one connection in {:?}",
         started.elapsed()
     );
     still_serving(&router, &mock).await;
