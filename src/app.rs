@@ -399,12 +399,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     {
         let connector = Arc::clone(&router.front.connector);
+        let admission = Arc::clone(&router.front.admission);
         let mut stopped = background_stopped.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => connector.pacer().forget_idle(),
+                    _ = tick.tick() => {
+                        connector.pacer().forget_idle();
+                        admission.forget_idle();
+                    }
                     _ = stopped.changed() => return,
                 }
             }

@@ -389,20 +389,7 @@ async fn kill_9_mid_stream_sends_the_final_message_after_restart() {
     mock.register_app(APP_ID, APP_SECRET, None);
     let dir = scratch_dir("mid-stream");
     let storage = format!("[storage]\npath = {dir:?}\ndurable_accept = true\n");
-    let bots = format!(
-        r#"
-[[bots]]
-id = "slow"
-backend = {{ kind = "echo", wordDelayMs = 150 }}
-
-[[integrations]]
-id = "teams_stream"
-botId = "slow"
-botFrameworkAppId = "{APP_ID}"
-botFrameworkAppSecret = "{APP_SECRET}"
-stream = true
-"#
-    );
+    let bots = streaming_bot(150);
     let config = config_with_storage(&mock, &storage, &bots);
     let mut router = RouterProcess::spawn(&binary(), &config)
         .await

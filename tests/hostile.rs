@@ -440,17 +440,19 @@ async fn http2_rapid_reset_and_flow_control_abuse_leave_the_router_serving() {
             break;
         }
     }
-    drop(client);
+    // The client is kept: the connection may only end because the router ended it (GOAWAY
+    // ENHANCE_YOUR_CALM once too many resets pile up, then close).
     let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
-    assert!(
-        ended.is_ok(),
-        "the router ends an abusive connection ({opened} streams reset in {:?})",
-        started.elapsed()
-    );
     eprintln!(
-        "rapid reset: {opened} streams opened and reset on one connection in {:?}",
+        "rapid reset: {opened} streams opened and reset on one connection in {:?}, ended: {ended:?}",
         started.elapsed()
     );
+    assert!(
+        matches!(ended, Ok(Ok(Err(_)))),
+        "the router ends an abusive connection with an error ({opened} streams reset in {:?}): {ended:?}",
+        started.elapsed()
+    );
+    drop(client);
     still_serving(&router, &mock).await;
 
     // Flow-control abuse: a client that grants no window and never reads, on many streams.

@@ -21,18 +21,8 @@ fn stream_bots() -> String {
 [[accounts]]
 id = "ops"
 api_key = "{API_KEY}"
-
-[[bots]]
-id = "slow"
-backend = {{ kind = "echo", wordDelayMs = 120 }}
-
-[[integrations]]
-id = "teams_stream"
-botId = "slow"
-botFrameworkAppId = "{APP_ID}"
-botFrameworkAppSecret = "{APP_SECRET}"
-stream = true
-"#
+{}"#,
+        streaming_bot(120)
     )
 }
 

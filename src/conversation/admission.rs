@@ -89,6 +89,19 @@ impl Gate {
         self.pending.load(Ordering::Acquire)
     }
 
+    /// Forgets integrations with nothing admitted (deleted ones among them), so the map holds
+    /// only integrations with work. A load some ticket still holds is kept; the next activity
+    /// of a forgotten integration starts a fresh one, at zero as the forgotten one was.
+    pub fn forget_idle(&self) {
+        self.integrations
+            .retain(|_, load| Arc::strong_count(load) > 1);
+    }
+
+    /// Integrations with an admission entry (for tests).
+    pub fn tracked_integrations(&self) -> usize {
+        self.integrations.len()
+    }
+
     fn load(&self, integration: &Arc<str>) -> Arc<IntegrationLoad> {
         if let Some(load) = self.integrations.get(integration) {
             return Arc::clone(load.value());
@@ -173,6 +186,21 @@ mod tests {
         drop(tickets);
         assert_eq!(gate.pending(), 0);
         assert!(gate.admit(&Arc::from("c")).is_ok());
+    }
+
+    #[test]
+    fn idle_integrations_are_forgotten_and_busy_ones_kept() {
+        let gate = gate(10, 10, 10);
+        let busy = gate.admit(&Arc::from("busy")).unwrap();
+        drop(gate.admit(&Arc::from("deleted")).unwrap());
+        assert_eq!(gate.tracked_integrations(), 2);
+        gate.forget_idle();
+        assert_eq!(gate.tracked_integrations(), 1);
+        drop(busy);
+        assert_eq!(gate.pending(), 0);
+        gate.forget_idle();
+        assert_eq!(gate.tracked_integrations(), 0);
+        assert!(gate.admit(&Arc::from("busy")).is_ok());
     }
 
     #[tokio::test]

@@ -231,3 +231,22 @@ pub async fn wait_for_replies(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A bot `slow` whose echo answer arrives a word every `word_delay_ms`, behind the streaming
+/// integration `teams_stream`.
+pub fn streaming_bot(word_delay_ms: u64) -> String {
+    format!(
+        r#"
+[[bots]]
+id = "slow"
+backend = {{ kind = "echo", wordDelayMs = {word_delay_ms} }}
+
+[[integrations]]
+id = "teams_stream"
+botId = "slow"
+botFrameworkAppId = "{APP_ID}"
+botFrameworkAppSecret = "{APP_SECRET}"
+stream = true
+"#
+    )
+}
