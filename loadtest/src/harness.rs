@@ -63,6 +63,9 @@ struct Pending {
     conversation: u32,
     seq: u32,
     scheduled: Instant,
+    /// When the latest delivery of it was sent: for an answered message, the one the router
+    /// admitted (a refused delivery is never answered).
+    last_attempt: Instant,
     step: u32,
     acked: bool,
     replies: u32,
@@ -108,6 +111,8 @@ struct SecondStats {
     acked: u64,
     replies: u64,
     errors: u64,
+    /// Deliveries the router shed (429 or 503), by when it answered.
+    shed: u64,
     ack: Histogram<u64>,
     e2e: Histogram<u64>,
 }
@@ -117,8 +122,10 @@ struct StepStats {
     offered: u64,
     acked: u64,
     refused: u64,
+    shed: u64,
     ack: Histogram<u64>,
     e2e: Histogram<u64>,
+    admitted_e2e: Histogram<u64>,
     lost: u64,
 }
 
@@ -135,6 +142,7 @@ impl Stats {
                 acked: 0,
                 replies: 0,
                 errors: 0,
+                shed: 0,
                 ack: histogram(2),
                 e2e: histogram(2),
             });
@@ -149,8 +157,10 @@ impl Stats {
                 offered: 0,
                 acked: 0,
                 refused: 0,
+                shed: 0,
                 ack: histogram(3),
                 e2e: histogram(3),
+                admitted_e2e: histogram(3),
                 lost: 0,
             });
         }
@@ -271,14 +281,26 @@ impl Run {
         }
     }
 
-    /// POSTs until acknowledged, redelivering after transport errors, 429 and 5xx as the Bot
-    /// Connector does; gives up after `max_attempts` or at the run's deadline.
-    async fn deliver(&self, integration: usize, body: &Bytes) -> Outcome {
+    /// POSTs activity `id` of `plan` until acknowledged, redelivering after transport errors,
+    /// 429 and 5xx as the Bot Connector does; gives up after `max_attempts` or at the run's
+    /// deadline.
+    async fn deliver(&self, plan: &Plan, id: &str, body: &Bytes) -> Outcome {
+        let integration = self.conversations[plan.conversation].integration;
         let url = self.url(integration);
         let mut backoff = Duration::from_millis(100);
         for attempt in 1..=self.scenario.max_attempts {
             let token = self.token(integration);
-            let wait = match self.post(&url, &token, body).await {
+            if let Some(pending) = self.tracker.lock().pending.get_mut(id) {
+                pending.last_attempt = Instant::now();
+            }
+            let answer = self.post(&url, &token, body).await;
+            if let Ok((429 | 503, _, _)) = answer {
+                let mut stats = self.stats.lock();
+                let now = self.elapsed_secs(Instant::now());
+                stats.second(now).shed += 1;
+                stats.step(plan.step, plan.rate).shed += 1;
+            }
+            let wait = match answer {
                 Ok((status, body, _)) if (200..300).contains(&status) => {
                     return Outcome::Acked { status, body };
                 }
@@ -348,6 +370,7 @@ impl Run {
                     conversation: plan.conversation as u32,
                     seq,
                     scheduled: plan.scheduled,
+                    last_attempt: plan.scheduled,
                     step: plan.step as u32,
                     acked: false,
                     replies: 0,
@@ -356,13 +379,13 @@ impl Run {
         }
         let concurrent = match plan.duplicate {
             Some(Duplicate::Concurrent) => Some(async {
-                let outcome = self.deliver(c.integration, &body).await;
+                let outcome = self.deliver(&plan, &id, &body).await;
                 self.count_duplicate(&outcome);
                 outcome
             }),
             _ => None,
         };
-        let original = self.deliver(c.integration, &body);
+        let original = self.deliver(&plan, &id, &body);
         let outcome = match concurrent {
             Some(duplicate) => {
                 let (original, duplicate) = futures_util::future::join(original, duplicate).await;
@@ -382,7 +405,7 @@ impl Run {
         };
         self.record(&plan, &id, &outcome);
         if matches!(plan.duplicate, Some(Duplicate::After)) {
-            let duplicate = self.deliver(c.integration, &body).await;
+            let duplicate = self.deliver(&plan, &id, &body).await;
             self.count_duplicate(&duplicate);
         }
         drop(sequencer);
@@ -458,10 +481,11 @@ impl Run {
             tracker.duplicate_replies += 1;
             return;
         }
-        let (conversation, seq, scheduled, step, acked) = (
+        let (conversation, seq, scheduled, last_attempt, step, acked) = (
             pending.conversation as usize,
             pending.seq,
             pending.scheduled,
+            pending.last_attempt,
             pending.step as usize,
             pending.acked,
         );
@@ -489,6 +513,8 @@ impl Run {
         stats.second(self.elapsed_secs(now)).replies += 1;
         if let Some(step) = stats.steps.get_mut(step) {
             step.e2e.saturating_record(latency);
+            step.admitted_e2e
+                .saturating_record(now.saturating_duration_since(last_attempt).as_micros() as u64);
         }
     }
 }
@@ -975,14 +1001,19 @@ fn build_report(run: &Run, saturated: bool, router_logs: String) -> Report {
             acked: s.acked,
             replies: s.replies,
             errors: s.errors,
+            shed: s.shed,
             ack_p50_ms: ms(&s.ack, 0.5),
             ack_p99_ms: ms(&s.ack, 0.99),
             e2e_p50_ms: ms(&s.e2e, 0.5),
             e2e_p99_ms: ms(&s.e2e, 0.99),
         })
         .collect();
-    let step_secs = scenario.ramp.as_ref().map(|r| r.step_secs).unwrap_or(1.0);
-    let steps: Vec<Step> = if scenario.ramp.is_some() {
+    let step_secs = |i: usize| match (&scenario.ramp, scenario.phases.get(i)) {
+        (Some(ramp), _) => ramp.step_secs,
+        (None, Some(phase)) => phase.secs,
+        (None, None) => 1.0,
+    };
+    let steps: Vec<Step> = if scenario.ramp.is_some() || !scenario.phases.is_empty() {
         stats
             .steps
             .iter()
@@ -990,10 +1021,12 @@ fn build_report(run: &Run, saturated: bool, router_logs: String) -> Report {
             .map(|(i, s)| Step {
                 index: i as u64,
                 offered_rate: s.rate,
-                achieved_rate: s.acked as f64 / step_secs,
+                achieved_rate: s.acked as f64 / step_secs(i),
                 offered: s.offered,
                 acked: s.acked,
                 refused: s.refused,
+                shed: s.shed,
+                admitted_e2e_p99_ms: ms(&s.admitted_e2e, 0.99),
                 lost: s.lost,
                 ack_p99_ms: ms(&s.ack, 0.99),
                 e2e_p50_ms: ms(&s.e2e, 0.5),

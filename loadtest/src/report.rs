@@ -48,13 +48,15 @@ pub struct Second {
     pub acked: u64,
     pub replies: u64,
     pub errors: u64,
+    /// Deliveries the router shed with 429 or 503 in this second.
+    pub shed: u64,
     pub ack_p50_ms: f64,
     pub ack_p99_ms: f64,
     pub e2e_p50_ms: f64,
     pub e2e_p99_ms: f64,
 }
 
-/// One rate step of a ramp; activities belong to the step they were scheduled in.
+/// One rate step of a ramp, or one phase; activities belong to the step they were scheduled in.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
     pub index: u64,
@@ -63,6 +65,10 @@ pub struct Step {
     pub offered: u64,
     pub acked: u64,
     pub refused: u64,
+    /// Deliveries of its activities the router shed (429 or 503).
+    pub shed: u64,
+    /// End-to-end p99 from the delivery the router admitted, not from the first one.
+    pub admitted_e2e_p99_ms: f64,
     pub lost: u64,
     pub ack_p99_ms: f64,
     pub e2e_p50_ms: f64,
@@ -117,6 +123,8 @@ pub struct Report {
     pub e2e_latency: Latency,
     /// The highest ramp step that was sustainable (see `Ramp`), if any.
     pub max_sustainable_rate: Option<f64>,
+    /// With phases: how long after the rate dropped the router still shed (0: not at all).
+    pub recovery_secs: Option<f64>,
     pub router_cpu_mean_percent: Option<f64>,
     pub router_rss_max_mib: Option<f64>,
     pub seconds: Vec<Second>,
@@ -216,6 +224,7 @@ impl Report {
             let sustainable = |s: &Step| {
                 s.lost == 0
                     && s.refused == 0
+                    && s.shed == 0
                     && s.e2e_p99_ms > 0.0
                     && s.e2e_p99_ms < ramp.e2e_p99_ms
                     && s.achieved_rate >= 0.95 * s.offered_rate
@@ -228,6 +237,31 @@ impl Report {
                 .last()
                 .map(|s| s.offered_rate);
         }
+        self.recovery_secs = self.recovery_after_drop();
+        if let Some(limit) = self.scenario.checks.admitted_e2e_p99_ms {
+            let worst = self
+                .steps
+                .iter()
+                .map(|s| s.admitted_e2e_p99_ms)
+                .fold(0.0, f64::max);
+            check(
+                "admitted end-to-end p99 in every phase",
+                worst > 0.0 && worst <= limit,
+                format!("worst phase {worst:.1} ms (limit {limit} ms)"),
+            );
+        }
+        if let Some(limit) = self.scenario.checks.recovery_secs {
+            check(
+                "recovery after the rate dropped",
+                self.recovery_secs.is_some_and(|r| r <= limit),
+                format!(
+                    "{} (limit {limit} s)",
+                    self.recovery_secs
+                        .map(|r| format!("last shed {r:.0} s after the drop"))
+                        .unwrap_or_else(|| "the rate never dropped".into())
+                ),
+            );
+        }
         if !self.samples.is_empty() {
             self.router_cpu_mean_percent = Some(
                 self.samples.iter().map(|s| s.cpu_percent).sum::<f64>() / self.samples.len() as f64,
@@ -239,6 +273,21 @@ impl Report {
     }
 
     /// The table printed at the end of a run.
+    /// Seconds from the first drop in the phases' rate to the end of the last second in which
+    /// the router shed a delivery (0 when it shed nothing after the drop).
+    fn recovery_after_drop(&self) -> Option<f64> {
+        let phases = &self.scenario.phases;
+        let drop = (1..phases.len()).find(|&i| phases[i].rate < phases[i - 1].rate)?;
+        let drop_at: f64 = phases[..drop].iter().map(|p| p.secs).sum();
+        let last_shed = self
+            .seconds
+            .iter()
+            .filter(|s| s.shed > 0 && (s.t + 1) as f64 > drop_at)
+            .map(|s| (s.t + 1) as f64)
+            .reduce(f64::max);
+        Some(last_shed.map_or(0.0, |end| (end - drop_at).max(0.0)))
+    }
+
     pub fn summary(&self) -> String {
         let mut out = String::new();
         let s = &self.scenario;
@@ -289,32 +338,43 @@ impl Report {
         if !self.steps.is_empty() {
             let _ = writeln!(
                 out,
-                "  ramp steps: offered/s achieved/s  ack p99   e2e p50   e2e p99   lost refused"
+                "  steps: offered/s achieved/s  ack p99   e2e p50   e2e p99 admitted p99   lost refused   shed"
             );
             for step in &self.steps {
                 let _ = writeln!(
                     out,
-                    "  {:>17.0} {:>10.1} {:>8.1} {:>9.1} {:>9.1} {:>6} {:>7}",
+                    "  {:>16.0} {:>10.1} {:>8.1} {:>9.1} {:>9.1} {:>12.1} {:>6} {:>7} {:>6}",
                     step.offered_rate,
                     step.achieved_rate,
                     step.ack_p99_ms,
                     step.e2e_p50_ms,
                     step.e2e_p99_ms,
+                    step.admitted_e2e_p99_ms,
                     step.lost,
-                    step.refused
+                    step.refused,
+                    step.shed
                 );
             }
-            row(
-                &mut out,
-                "max sustainable rate",
-                match self.max_sustainable_rate {
-                    Some(rate) => format!(
-                        "{rate:.0}/s (e2e p99 < {} ms, nothing lost)",
-                        s.ramp.as_ref().map(|r| r.e2e_p99_ms).unwrap_or_default()
-                    ),
-                    None => "none of the steps".into(),
-                },
-            );
+            if let Some(recovery) = self.recovery_secs {
+                row(
+                    &mut out,
+                    "recovery",
+                    format!("last shed {recovery:.0} s after the rate dropped"),
+                );
+            }
+            if s.ramp.is_some() {
+                row(
+                    &mut out,
+                    "max sustainable rate",
+                    match self.max_sustainable_rate {
+                        Some(rate) => format!(
+                            "{rate:.0}/s (e2e p99 < {} ms, nothing lost)",
+                            s.ramp.as_ref().map(|r| r.e2e_p99_ms).unwrap_or_default()
+                        ),
+                        None => "none of the steps".into(),
+                    },
+                );
+            }
         }
         if self.harness_saturated {
             row(
@@ -596,6 +656,7 @@ mod tests {
                 acked: 20,
                 replies: 16,
                 errors: 0,
+                shed: 0,
                 ack_p50_ms: 1.0,
                 ack_p99_ms: 3.0,
                 e2e_p50_ms: 4.0,
@@ -642,6 +703,8 @@ mod tests {
             offered: 10,
             acked: 10,
             refused: 0,
+            shed: 0,
+            admitted_e2e_p99_ms: p99,
             lost: 0,
             ack_p99_ms: 1.0,
             e2e_p50_ms: 1.0,

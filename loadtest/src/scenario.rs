@@ -11,6 +11,8 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("ramp", include_str!("../scenarios/ramp.toml")),
     ("storm", include_str!("../scenarios/storm.toml")),
     ("failover", include_str!("../scenarios/failover.toml")),
+    ("capacity", include_str!("../scenarios/capacity.toml")),
+    ("overload", include_str!("../scenarios/overload.toml")),
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +54,9 @@ pub struct Scenario {
     pub backend: BackendSim,
     pub router: RouterSetup,
     pub ramp: Option<Ramp>,
+    /// Rate phases one after another, instead of `rate` and `duration_secs` (an overload run: the
+    /// sustainable rate, three times it, and back).
+    pub phases: Vec<Phase>,
     pub failover: Option<Failover>,
     pub checks: Checks,
 }
@@ -82,6 +87,7 @@ impl Default for Scenario {
             backend: BackendSim::default(),
             router: RouterSetup::default(),
             ramp: None,
+            phases: Vec::new(),
             failover: None,
             checks: Checks::default(),
         }
@@ -173,6 +179,9 @@ pub struct RouterSetup {
     pub storage: String,
     /// Appended to the generated router config (spawn mode).
     pub extra_config: String,
+    /// The echo bot answers after this many milliseconds a word (0: at once), from the start:
+    /// a deployment whose capacity is set by its bots, not by the router's CPU.
+    pub word_delay_ms: u64,
 }
 
 impl Default for RouterSetup {
@@ -180,8 +189,17 @@ impl Default for RouterSetup {
         Self {
             storage: "embedded".into(),
             extra_config: String::new(),
+            word_delay_ms: 0,
         }
     }
+}
+
+/// `rate` activities a second for `secs` seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    pub rate: f64,
+    pub secs: f64,
 }
 
 /// Rate steps: `start_rate`, `start_rate + step_rate`, ... up to `max_rate`, each for `step_secs`.
@@ -238,6 +256,11 @@ pub struct Checks {
     pub e2e_p99_ms: Option<f64>,
     /// Fail when fewer than this share of the offered activities were acknowledged.
     pub min_ack_share: Option<f64>,
+    /// Fail when, in any phase, the end-to-end p99 of what the router admitted (from the
+    /// delivery it acknowledged to the reply) is over this many milliseconds.
+    pub admitted_e2e_p99_ms: Option<f64>,
+    /// Fail when the router still sheds more than this many seconds after the rate dropped.
+    pub recovery_secs: Option<f64>,
 }
 
 impl Scenario {
@@ -276,6 +299,15 @@ impl Scenario {
                 Err(format!("{what} must be between 0 and 1"))
             }
         };
+        if !self.phases.is_empty() {
+            if self.ramp.is_some() {
+                return Err("phases and ramp cannot be combined".into());
+            }
+            for phase in &self.phases {
+                positive("phases.rate", phase.rate)?;
+                positive("phases.secs", phase.secs)?;
+            }
+        }
         match &self.ramp {
             Some(ramp) => {
                 positive("ramp.start_rate", ramp.start_rate)?;
@@ -323,6 +355,16 @@ impl Scenario {
 
     /// The offered rate at `elapsed` seconds into the run, and the ramp step it belongs to.
     pub fn rate_at(&self, elapsed: f64) -> (f64, usize) {
+        if let Some(last) = self.phases.last() {
+            let mut end = 0.0;
+            for (index, phase) in self.phases.iter().enumerate() {
+                end += phase.secs;
+                if elapsed < end {
+                    return (phase.rate, index);
+                }
+            }
+            return (last.rate, self.phases.len() - 1);
+        }
         match &self.ramp {
             Some(ramp) => {
                 let step = (elapsed / ramp.step_secs).floor().max(0.0) as usize;
@@ -337,6 +379,9 @@ impl Scenario {
 
     /// How long traffic is sent for.
     pub fn send_secs(&self) -> f64 {
+        if !self.phases.is_empty() {
+            return self.phases.iter().map(|p| p.secs).sum();
+        }
         match &self.ramp {
             Some(ramp) => {
                 let steps = if ramp.step_rate > 0.0 {
@@ -379,6 +424,28 @@ mod tests {
         assert_eq!(scenario.rate_at(0.5), (100.0, 0));
         assert_eq!(scenario.rate_at(2.1), (150.0, 1));
         assert_eq!(scenario.rate_at(5.9), (200.0, 2));
+    }
+
+    #[test]
+    fn phases_follow_each_other() {
+        let scenario = Scenario {
+            phases: vec![
+                Phase {
+                    rate: 100.0,
+                    secs: 2.0,
+                },
+                Phase {
+                    rate: 300.0,
+                    secs: 3.0,
+                },
+            ],
+            ..Scenario::default()
+        };
+        assert!(scenario.validate().is_ok());
+        assert_eq!(scenario.send_secs(), 5.0);
+        assert_eq!(scenario.rate_at(1.9), (100.0, 0));
+        assert_eq!(scenario.rate_at(2.0), (300.0, 1));
+        assert_eq!(scenario.rate_at(4.9), (300.0, 1));
     }
 
     #[test]

@@ -123,10 +123,11 @@ api_key = "{API_KEY}"
 
 [[bots]]
 id = "{BOT_ID}"
-backend = {{ kind = "echo" }}
+backend = {{ kind = "echo", wordDelayMs = {word_delay_ms} }}
 "#,
         metadata = mock.openid_metadata_url(),
         login = mock.login_url(),
+        word_delay_ms = scenario.router.word_delay_ms,
     );
     for i in 0..scenario.integrations {
         let (id, app, secret) = integration(i);

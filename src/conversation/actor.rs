@@ -75,6 +75,9 @@ pub struct ConversationActorState {
     idle_check_armed: bool,
     /// The conversation was ended: stop once nothing is left to run.
     ending: bool,
+    /// A snapshot of it found the writer's queue full and was dropped: the conversation stays
+    /// in memory (it does not passivate) until its snapshots are queued again.
+    unsaved: bool,
 }
 
 impl Actor for ConversationActor {
@@ -100,6 +103,7 @@ impl Actor for ConversationActor {
             record: None,
             idle_check_armed: false,
             ending: false,
+            unsaved: false,
         })
     }
 
@@ -182,33 +186,44 @@ async fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply
             tracing::warn!(%error, "answered turn not recorded yet; the journal writer retries");
         }
     }
-    if let Some((key, session)) = state.session.as_mut() {
-        if let Some(reply) = reply {
-            session.record(
-                HistoryEntry {
-                    role: Role::Bot,
-                    text: reply.text,
-                    at_ms: now_ms(),
-                    id: reply.id,
-                },
-                persistence.limits,
-            );
-        }
-        let ttl = std::time::Duration::from_millis(session.remaining_ms(now_ms()));
-        save_snapshot(settings, key, session, ttl);
+    if let (Some((_, session)), Some(reply)) = (state.session.as_mut(), reply) {
+        session.record(
+            HistoryEntry {
+                role: Role::Bot,
+                text: reply.text,
+                at_ms: now_ms(),
+                id: reply.id,
+            },
+            persistence.limits,
+        );
     }
-    if let Some((record, ttl)) = state.record.as_mut() {
+    if let Some((record, _)) = state.record.as_mut() {
         record.mark_handled(&turn.activity_id, settings.dedup_window);
         record.last_sequence += 1;
+    }
+    state.unsaved = !save_snapshots(state);
+    let mut shared = state.args.conversation.state();
+    shared.busy = false;
+    shared.last_activity = Instant::now();
+}
+
+/// Hands the session and the conversation record to the snapshot writer; `false` when one of
+/// them was dropped (queue full).
+fn save_snapshots(state: &ConversationActorState) -> bool {
+    let settings = &state.args.settings;
+    let mut queued = true;
+    if let Some((key, session)) = &state.session {
+        let ttl = std::time::Duration::from_millis(session.remaining_ms(now_ms()));
+        queued &= save_snapshot(settings, key, session, ttl);
+    }
+    if let Some((record, ttl)) = &state.record {
         let key = conversation_key(
             &state.args.conversation.key.integration,
             &state.args.conversation.key.conversation_id,
         );
-        save_snapshot(settings, &key, record, *ttl);
+        queued &= save_snapshot(settings, &key, record, *ttl);
     }
-    let mut shared = state.args.conversation.state();
-    shared.busy = false;
-    shared.last_activity = Instant::now();
+    queued
 }
 
 fn save_snapshot(
@@ -216,16 +231,18 @@ fn save_snapshot(
     key: &str,
     value: &impl serde::Serialize,
     ttl: std::time::Duration,
-) {
+) -> bool {
     match serde_json::to_vec(value) {
-        Ok(bytes) => {
-            settings.persistence.snapshots.save(Put {
-                key: key.to_owned(),
-                value: bytes.into(),
-                ttl,
-            });
+        Ok(bytes) => settings.persistence.snapshots.save(Put {
+            key: key.to_owned(),
+            value: bytes.into(),
+            ttl,
+        }),
+        // Not a queue problem: keeping the conversation in memory would not make it serialize.
+        Err(error) => {
+            tracing::error!(%error, "snapshot does not serialize");
+            true
         }
-        Err(error) => tracing::error!(%error, "snapshot does not serialize"),
     }
 }
 
@@ -492,6 +509,14 @@ fn arm_idle_check(
 fn passivate_if_idle(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) {
     state.idle_check_armed = false;
     let idle_timeout = state.args.settings.idle_timeout;
+    if state.unsaved {
+        // Passivating now would lose what the dropped snapshot held; try again, else wait.
+        state.unsaved = !save_snapshots(state);
+        if state.unsaved {
+            arm_idle_check(myself, state, idle_timeout);
+            return;
+        }
+    }
     let remaining = {
         let mut shared = state.args.conversation.state();
         let quiet_for = shared.last_activity.elapsed();

@@ -2,7 +2,8 @@
 //!
 //! - [`Snapshots`]: write-behind. A turn hands over its conversation's latest snapshot and goes
 //!   on; snapshots of one key coalesce (only the newest is written), writes are batched, failed
-//!   ones are retried and counted, and reads look at pending snapshots before the store.
+//!   ones are retried and counted, and reads look at pending snapshots before the store. A
+//!   snapshot stays pending until the store has it, so a read never falls between the two.
 //! - [`Journal`]: durable accept with group commit. Concurrent requests' activities are written
 //!   in one store operation; each request waits only for the write that holds its activity.
 
@@ -22,8 +23,9 @@ const SNAPSHOT_BATCH: usize = 256;
 pub struct Snapshots {
     store: Arc<Store>,
     health: Arc<StoreHealth>,
-    /// Newest unwritten snapshot per key.
-    pending: DashMap<String, Put>,
+    /// Newest unwritten snapshot per key, with the order it was saved in.
+    pending: DashMap<String, (u64, Put)>,
+    saved: AtomicU64,
     max_pending: usize,
     wake: Notify,
 }
@@ -34,27 +36,30 @@ impl Snapshots {
             store,
             health,
             pending: DashMap::new(),
+            saved: AtomicU64::new(0),
             max_pending,
             wake: Notify::new(),
         })
     }
 
-    /// Queues a snapshot; never waits. When the queue is full, a new key's snapshot is dropped and
-    /// counted in `snapshot_failures_total`.
-    pub fn save(&self, put: Put) {
+    /// Queues a snapshot; never waits. When the queue is full, a new key's snapshot is dropped,
+    /// counted in `snapshot_failures_total`, and `false` says so (the caller keeps its state).
+    pub fn save(&self, put: Put) -> bool {
         if self.pending.len() >= self.max_pending && !self.pending.contains_key(&put.key) {
             counter!(SNAPSHOT_FAILURES).increment(1);
             tracing::warn!("snapshot queue full; a snapshot was dropped");
-            return;
+            return false;
         }
-        self.pending.insert(put.key.clone(), put);
+        let order = self.saved.fetch_add(1, Ordering::Relaxed);
+        self.pending.insert(put.key.clone(), (order, put));
         self.wake.notify_one();
+        true
     }
 
     /// The newest snapshot of `key`: a pending one, else the stored one.
     pub async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(put) = self.pending.get(key) {
-            return Ok(Some(put.value.to_vec()));
+        if let Some(entry) = self.pending.get(key) {
+            return Ok(Some(entry.1.value.to_vec()));
         }
         let result = self.store.get(key).await;
         self.health.observe("get", &result);
@@ -65,27 +70,29 @@ impl Snapshots {
         self.pending.len()
     }
 
-    /// Writes everything pending once; failed writes stay pending.
+    /// Writes a batch of what is pending; a written snapshot leaves the queue only once the
+    /// store has it, and only if no newer one of its key came meanwhile. Failed writes stay.
     pub async fn flush_once(&self) -> Result<usize, StoreError> {
-        let keys: Vec<String> = self
+        let (orders, batch): (Vec<u64>, Vec<Put>) = self
             .pending
             .iter()
             .take(SNAPSHOT_BATCH)
-            .map(|e| e.key().clone())
-            .collect();
-        let batch: Vec<Put> = keys
-            .iter()
-            .filter_map(|k| self.pending.remove(k).map(|(_, put)| put))
-            .collect();
+            .map(|entry| entry.value().clone())
+            .unzip();
         if batch.is_empty() {
             return Ok(0);
         }
         let started = Instant::now();
         let count = batch.len();
-        let result = self.store.put_many(batch.clone()).await;
+        let keys: Vec<String> = batch.iter().map(|put| put.key.clone()).collect();
+        let result = self.store.put_many(batch).await;
         self.health.observe("put", &result);
         match result {
             Ok(()) => {
+                for (key, order) in keys.iter().zip(orders) {
+                    self.pending
+                        .remove_if(key, |_, (pending, _)| *pending == order);
+                }
                 let per_snapshot = started.elapsed().as_secs_f64() / count as f64;
                 for _ in 0..count {
                     histogram!(SNAPSHOT_DURATION).record(per_snapshot);
@@ -94,10 +101,6 @@ impl Snapshots {
             }
             Err(error) => {
                 counter!(SNAPSHOT_FAILURES).increment(count as u64);
-                for put in batch {
-                    // A newer snapshot that arrived meanwhile wins.
-                    self.pending.entry(put.key.clone()).or_insert(put);
-                }
                 Err(error)
             }
         }
@@ -313,5 +316,80 @@ async fn run_journal(
         if draining && commands.is_empty() && completes.is_empty() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn snapshots(name: &str, max_pending: usize) -> (Arc<Snapshots>, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("teams-router-writer-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = EmbeddedStore::open(&dir, 1 << 20, false).unwrap();
+        let store = Arc::new(Store::Embedded(Arc::new(store)));
+        (
+            Snapshots::new(store, Arc::new(StoreHealth::default()), max_pending),
+            dir,
+        )
+    }
+
+    fn put(key: &str, value: &str) -> Put {
+        Put {
+            key: key.into(),
+            value: value.as_bytes().into(),
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_readable_before_during_and_after_its_write() {
+        let (snapshots, dir) = snapshots("readable", 10);
+        assert!(snapshots.save(put("a", "1")));
+        assert_eq!(
+            snapshots.load("a").await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        // Reads while the batch is being written: the snapshot is pending or stored, never
+        // neither.
+        let reader = {
+            let snapshots = Arc::clone(&snapshots);
+            tokio::spawn(async move {
+                for _ in 0..200 {
+                    assert_eq!(
+                        snapshots.load("a").await.unwrap().as_deref(),
+                        Some(&b"1"[..])
+                    );
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        assert_eq!(snapshots.flush_once().await.unwrap(), 1);
+        reader.await.unwrap();
+        assert_eq!(snapshots.pending(), 0);
+        assert_eq!(
+            snapshots.load("a").await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_new_keys_and_coalesces_known_ones() {
+        let (snapshots, dir) = snapshots("full", 2);
+        assert!(snapshots.save(put("a", "1")));
+        assert!(snapshots.save(put("b", "1")));
+        assert!(!snapshots.save(put("c", "1")), "a new key is refused");
+        assert!(snapshots.save(put("a", "2")), "a known key is replaced");
+        assert_eq!(
+            snapshots.load("a").await.unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        snapshots.flush_once().await.unwrap();
+        assert!(snapshots.save(put("c", "1")), "room again once written");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
