@@ -295,15 +295,6 @@ async fn a_full_disk_refuses_with_503_and_recovers_when_space_returns() {
         eprintln!("skipped: cannot mount a tmpfs here (not root)");
         return;
     }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.0)
-                .status();
-        }
-    }
     let _unmount = Unmount(&dir);
     let mock = MockMicrosoft::start().await;
     mock.register_app(APP_ID, APP_SECRET, None);
@@ -330,12 +321,7 @@ async fn a_full_disk_refuses_with_503_and_recovers_when_space_returns() {
     };
     assert_eq!(send("d-before".into()).await, 200);
 
-    // Fill the disk.
-    let filler = dir.join("filler");
-    let mut file = std::fs::File::create(&filler).expect("filler");
-    let chunk = vec![0u8; 64 * 1024];
-    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
-    drop(file);
+    let filler = fill_disk(&dir);
 
     let mut acknowledged = vec!["d-before".to_owned()];
     let mut refused = 0;
@@ -380,6 +366,113 @@ async fn a_full_disk_refuses_with_503_and_recovers_when_space_returns() {
         acknowledged.len() - 2,
         acknowledged.len(),
         metric_sum(&scrape, "teams_router_store_errors_total", &[])
+    );
+}
+
+/// Unmounts a test's tmpfs when the test ends, however it ends.
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0)
+            .status();
+    }
+}
+
+/// Writes until the file system is full; returns the file to remove to free it.
+fn fill_disk(dir: &Path) -> std::path::PathBuf {
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    filler
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_whose_snapshots_cannot_be_written_stay_in_memory_until_they_are() {
+    let dir = scratch_dir("unsaved");
+    if !mount_small_tmpfs(&dir, "8m") {
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    }
+    let _unmount = Unmount(&dir);
+    let mock = MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    // Room for four snapshots (two conversations' session and record) while the disk is full.
+    let storage = format!(
+        "[storage]\npath = {:?}\ndurable_accept = false\nsnapshot_pending_max = 4\n",
+        dir.join("state")
+    );
+    let router = RouterProcess::spawn(
+        &binary(),
+        &config_with_storage(&mock, &storage, "[conversation]\nidle_timeout_ms = 300\n"),
+    )
+    .await
+    .expect("router starts");
+    let filler = fill_disk(&dir);
+
+    let client = http();
+    let token = mock.token_for(APP_ID);
+    let url = router.callback_url("teams_prod");
+    let conversations = 6;
+    let mut ids = Vec::new();
+    for i in 0..conversations {
+        let id = format!("keep-{i}");
+        let mut message =
+            personal_message(&mock, &format!("a:keep-{i}"), &id, &format!("note {i}"));
+        // One user per personal chat, as in Teams: each has its own session.
+        message["from"]["id"] = format!("29:keep-{i}").into();
+        assert_eq!(post(&client, &url, Some(&token), &message).await.0, 200);
+        ids.push(id);
+    }
+    let counts = wait_for_replies(&mock, &ids, Duration::from_secs(20)).await;
+    assert_eq!(counts.len(), conversations, "every conversation answered");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let scrape = metrics(&router).await;
+    let live = metric_value(&scrape, "teams_router_conversations_active").unwrap_or(0.0);
+    let dropped = metric_sum(&scrape, "teams_router_snapshot_failures_total", &[]);
+    assert!(
+        dropped > 0.0,
+        "snapshots were dropped or failed, and counted"
+    );
+    // Passivating would lose a dropped snapshot: such conversations wait in memory, and pass
+    // once their snapshots are written, with their history.
+    std::fs::remove_file(&filler).expect("free the disk");
+    let freed = Instant::now();
+    let until = freed + Duration::from_secs(30);
+    while metric_value(&metrics(&router).await, "teams_router_conversations_active") != Some(0.0)
+        && Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let passivated_in = freed.elapsed();
+    assert_eq!(
+        metric_value(&metrics(&router).await, "teams_router_conversations_active"),
+        Some(0.0),
+        "every conversation passivates once its snapshots are written"
+    );
+    for i in 0..conversations {
+        let id = format!("keep-{i}-session");
+        let mut command = personal_message(&mock, &format!("a:keep-{i}"), &id, "///session");
+        command["from"]["id"] = format!("29:keep-{i}").into();
+        assert_eq!(post(&client, &url, Some(&token), &command).await.0, 200);
+        wait_for_replies(&mock, std::slice::from_ref(&id), Duration::from_secs(10)).await;
+        let answer = mock
+            .activities()
+            .into_iter()
+            .find(|a| a.reply_to_id.as_deref() == Some(id.as_str()))
+            .map(|a| a.text().to_owned())
+            .unwrap_or_default();
+        assert!(
+            answer.contains(&format!("note {i}")),
+            "conversation a:keep-{i} resumed without its history: {answer}"
+        );
+    }
+    eprintln!(
+        "snapshots unwritable (disk full): {live} of {conversations} conversations live after 5 idle timeouts, {dropped} snapshots dropped or failed; \
+         all passivated {passivated_in:?} after space returned and resumed with their history"
     );
 }
 
