@@ -691,6 +691,45 @@ mod tests {
     }
 
     #[test]
+    fn recovery_counts_from_the_drop_to_the_last_shed_second() {
+        use crate::scenario::Phase;
+        let mut report = sample_report();
+        report.scenario.phases = vec![
+            Phase {
+                rate: 100.0,
+                secs: 2.0,
+            },
+            Phase {
+                rate: 300.0,
+                secs: 2.0,
+            },
+            Phase {
+                rate: 100.0,
+                secs: 4.0,
+            },
+        ];
+        report.scenario.checks.recovery_secs = Some(0.5);
+        for second in &mut report.seconds {
+            second.shed = u64::from((2..=3).contains(&second.t));
+        }
+        report.evaluate();
+        assert_eq!(
+            report.recovery_secs,
+            Some(0.0),
+            "no shedding after the drop at 4 s"
+        );
+        assert!(report.passed, "{}", report.summary());
+        report.seconds[4].shed = 1;
+        report.evaluate();
+        assert_eq!(
+            report.recovery_secs,
+            Some(1.0),
+            "shed until the end of second 4"
+        );
+        assert!(!report.passed);
+    }
+
+    #[test]
     fn the_knee_is_the_last_sustainable_step() {
         let mut report = Report::new(Scenario {
             ramp: Some(crate::scenario::Ramp::default()),

@@ -182,6 +182,9 @@ pub struct RouterSetup {
     /// The echo bot answers after this many milliseconds a word (0: at once), from the start:
     /// a deployment whose capacity is set by its bots, not by the router's CPU.
     pub word_delay_ms: u64,
+    /// `conversation.mailbox_capacity`: activities one conversation may have waiting (past it,
+    /// 429 `mailbox_full`). Lifted by default so that runs measure the router, not this bound.
+    pub mailbox_capacity: usize,
 }
 
 impl Default for RouterSetup {
@@ -190,6 +193,7 @@ impl Default for RouterSetup {
             storage: "embedded".into(),
             extra_config: String::new(),
             word_delay_ms: 0,
+            mailbox_capacity: 100_000,
         }
     }
 }

@@ -115,7 +115,7 @@ backoff_base_ms = 50
 backoff_max_ms = 1000
 {limits}
 [conversation]
-mailbox_capacity = 100000
+mailbox_capacity = {mailbox_capacity}
 
 [[accounts]]
 id = "loadtest"
@@ -128,6 +128,7 @@ backend = {{ kind = "echo", wordDelayMs = {word_delay_ms} }}
         metadata = mock.openid_metadata_url(),
         login = mock.login_url(),
         word_delay_ms = scenario.router.word_delay_ms,
+        mailbox_capacity = scenario.router.mailbox_capacity,
     );
     for i in 0..scenario.integrations {
         let (id, app, secret) = integration(i);

@@ -10,6 +10,7 @@ use std::time::Instant;
 use metrics::{counter, histogram};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
+use super::admission::TurnPermit;
 use super::session::{
     ConversationRecord, HistoryEntry, RESET_CONFIRMATION, Role, SESSION_COMMAND, Session,
     conversation_key, is_reset_command, session_key,
@@ -56,12 +57,17 @@ struct RunningTurn {
     started: Instant,
     activity_id: String,
     journal_seq: Option<u64>,
-    /// The activity's pending place and the turn's in-flight place, given back at its end.
-    _admission: Option<(
-        super::admission::Ticket,
-        Option<super::admission::TurnPermit>,
-    )>,
+    /// The activity's pending place and the turn's in-flight place: the first is given back
+    /// at the turn's end, the second may pass to the conversation's next turn.
+    admission: Option<(super::admission::Ticket, Option<TurnPermit>)>,
 }
+
+/// Turns one conversation may run in a row on one in-flight place before it queues for a new
+/// one. Passing the place on lets a busy conversation drain its mailbox at the pace of its turns
+/// instead of queueing behind every other conversation once per activity (which, past the bound
+/// of turns in flight, made a hot conversation's latency grow with its backlog); the cap keeps a
+/// few busy conversations from holding every place.
+const TURNS_PER_PLACE: u32 = 8;
 
 pub struct ConversationActorState {
     args: ConversationArgs,
@@ -78,6 +84,10 @@ pub struct ConversationActorState {
     /// A snapshot of it found the writer's queue full and was dropped: the conversation stays
     /// in memory (it does not passivate) until its snapshots are queued again.
     unsaved: bool,
+    /// The in-flight place of the turn that just ended, kept for the next queued one.
+    kept_place: Option<TurnPermit>,
+    /// Turns run in a row on the current place (the running one included).
+    place_turns: u32,
 }
 
 impl Actor for ConversationActor {
@@ -104,6 +114,8 @@ impl Actor for ConversationActor {
             idle_check_armed: false,
             ending: false,
             unsaved: false,
+            kept_place: None,
+            place_turns: 0,
         })
     }
 
@@ -170,9 +182,13 @@ impl Actor for ConversationActor {
 
 /// Ends the running turn: history, dedup window, snapshots, journal.
 async fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply>, ok: bool) {
-    let Some(turn) = state.current.take() else {
+    let Some(mut turn) = state.current.take() else {
         return;
     };
+    if let Some((ticket, permit)) = turn.admission.take() {
+        drop(ticket);
+        state.kept_place = permit;
+    }
     histogram!(TURN_DURATION).record(turn.started.elapsed().as_secs_f64());
     if !ok {
         counter!(TURNS_FAILED).increment(1);
@@ -268,6 +284,8 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
             return;
         }
     }
+    // Nothing queued: the place goes to another conversation.
+    state.kept_place = None;
     if state.ending {
         myself.stop(Some("integration deleted".into()));
         return;
@@ -398,7 +416,18 @@ async fn begin_turn(
     // keeps filling and the request path sheds on the pending bound.
     let admission = match ticket {
         Some(ticket) => {
-            let permit = ticket.turn_permit().await;
+            let permit = match state.kept_place.take() {
+                Some(permit) if state.place_turns < TURNS_PER_PLACE => {
+                    state.place_turns += 1;
+                    Some(permit)
+                }
+                kept => {
+                    // Given back first: this conversation queues behind the others.
+                    drop(kept);
+                    state.place_turns = 1;
+                    ticket.turn_permit().await
+                }
+            };
             Some((ticket, permit))
         }
         None => None,
@@ -410,7 +439,7 @@ async fn begin_turn(
                 started: Instant::now(),
                 activity_id,
                 journal_seq,
-                _admission: admission,
+                admission,
             });
             true
         }
