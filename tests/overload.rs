@@ -403,3 +403,65 @@ async fn connections_past_the_bound_wait_until_one_closes() {
         freed.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_conversation_past_its_mailbox_is_told_to_retry_while_others_are_served() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    // A bot that takes 300 ms a word, and room for two waiting activities per conversation.
+    let integrations = "[[bots]]\nid = \"slower\"\nbackend = { kind = \"echo\", wordDelayMs = 300 }\n\
+         \n[[integrations]]\nid = \"mb0\"\nbotId = \"slower\"\n\
+         \n[conversation]\nmailbox_capacity = 2\n";
+    let (mock, router) = start_router(integrations, "").await;
+    let replies = Replies::default();
+    replies.watch(&mock);
+    let client = reqwest::Client::new();
+    let to = |conversation: &str, id: String| {
+        send(
+            client.clone(),
+            router.base_url(),
+            mock.service_url(),
+            "mb0".into(),
+            conversation.into(),
+            id,
+        )
+    };
+
+    // Ten at once to one conversation: one runs, two wait, the rest are told to come back.
+    let burst =
+        futures_util::future::join_all((0..10).map(|i| to("a:busy", format!("busy-{i}")))).await;
+    let taken: Vec<&Sent> = burst.iter().filter(|s| s.status == 200).collect();
+    let refused: Vec<&Sent> = burst.iter().filter(|s| s.status == 429).collect();
+    assert_eq!(taken.len() + refused.len(), burst.len(), "{burst:?}");
+    assert!(
+        (1..=4).contains(&taken.len()),
+        "one running and two waiting at most (give or take a finished turn): {burst:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|s| { s.reason.as_deref() == Some("mailbox_full") && s.retry_after })
+    );
+    // Another conversation of the same bot is taken meanwhile.
+    let calm = to("a:calm", "calm-1".into()).await;
+    assert_eq!(calm.status, 200, "{calm:?}");
+
+    let answered = replies.wait_for(&taken, Duration::from_secs(20)).await;
+    assert_eq!(answered.len(), taken.len(), "every taken activity answered");
+    assert_eq!(
+        replies
+            .wait_for(&[&calm], Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+    let scrape = metrics(&router).await;
+    assert_eq!(rejected(&scrape, "mailbox_full"), refused.len() as f64);
+    // Drained, the conversation takes activities again.
+    let again = to("a:busy", "busy-again".into()).await;
+    assert_eq!(again.status, 200, "{again:?}");
+    eprintln!(
+        "mailbox of 2: {} of 10 taken at once, {} told 429 mailbox_full with Retry-After; another conversation taken meanwhile",
+        taken.len(),
+        refused.len()
+    );
+}
