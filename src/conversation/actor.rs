@@ -430,7 +430,11 @@ async fn begin_turn(
             };
             Some((ticket, permit))
         }
-        None => None,
+        // A turn admitted without a ticket (replayed from the journal) takes no place.
+        None => {
+            state.kept_place = None;
+            None
+        }
     };
     match Actor::spawn_linked(None, ReplyActor, reply, myself.get_cell()).await {
         Ok((reply_actor, _)) => {

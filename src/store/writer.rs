@@ -26,6 +26,9 @@ pub struct Snapshots {
     /// Newest unwritten snapshot per key, with the order it was saved in.
     pending: DashMap<String, (u64, Put)>,
     saved: AtomicU64,
+    /// One batch at a time (the writer loop, or the flush at shutdown): a key's snapshots reach
+    /// the store in the order they were saved.
+    writing: tokio::sync::Mutex<()>,
     max_pending: usize,
     wake: Notify,
 }
@@ -37,6 +40,7 @@ impl Snapshots {
             health,
             pending: DashMap::new(),
             saved: AtomicU64::new(0),
+            writing: tokio::sync::Mutex::new(()),
             max_pending,
             wake: Notify::new(),
         })
@@ -73,6 +77,7 @@ impl Snapshots {
     /// Writes a batch of what is pending; a written snapshot leaves the queue only once the
     /// store has it, and only if no newer one of its key came meanwhile. Failed writes stay.
     pub async fn flush_once(&self) -> Result<usize, StoreError> {
+        let _writing = self.writing.lock().await;
         let (orders, batch): (Vec<u64>, Vec<Put>) = self
             .pending
             .iter()
