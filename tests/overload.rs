@@ -465,3 +465,56 @@ async fn one_conversation_past_its_mailbox_is_told_to_retry_while_others_are_ser
         refused.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_conversation_keeps_its_turn_place_for_up_to_eight_turns() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    // One place for turns, taking 100 ms each.
+    let integrations = "[[bots]]\nid = \"paced\"\nbackend = { kind = \"echo\", wordDelayMs = 100 }\n\
+         \n[[integrations]]\nid = \"kp0\"\nbotId = \"paced\"\n";
+    let (mock, router) = start_router(
+        integrations,
+        "max_turns_in_flight = 1\nmax_turns_in_flight_per_integration = 1",
+    )
+    .await;
+    let replies = Replies::default();
+    replies.watch(&mock);
+    let client = reqwest::Client::new();
+    let to = |conversation: &str, id: String| {
+        send(
+            client.clone(),
+            router.base_url(),
+            mock.service_url(),
+            "kp0".into(),
+            conversation.into(),
+            id,
+        )
+    };
+    // Ten activities queue in one conversation; another conversation then waits for the place.
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        sent.push(to("a:busy", format!("busy-{i}")).await);
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    sent.push(to("a:other", "other-0".into()).await);
+    assert!(sent.iter().all(|s| s.status == 200), "{sent:?}");
+    let all: Vec<&Sent> = sent.iter().collect();
+    assert_eq!(
+        replies.wait_for(&all, Duration::from_secs(20)).await.len(),
+        11
+    );
+    let mut order: Vec<(Instant, String)> = replies
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, at)| (*at, id.clone()))
+        .collect();
+    order.sort();
+    let order: Vec<String> = order.into_iter().map(|(_, id)| id).collect();
+    // The busy conversation runs eight turns on its place, then queues behind the other one.
+    let mut expected: Vec<String> = (0..8).map(|i| format!("busy-{i}")).collect();
+    expected.push("other-0".into());
+    expected.extend((8..10).map(|i| format!("busy-{i}")));
+    assert_eq!(order, expected);
+}
