@@ -22,7 +22,7 @@ const SNAPSHOTS: usize = 20_000;
 
 fn reaction(conversation: usize, id: usize) -> Bytes {
     let path = format!(
-        "{}/../shared/fixtures/activities/messagereaction-added.json",
+        "{}/fixtures/activities/messagereaction-added.json",
         env!("CARGO_MANIFEST_DIR")
     );
     let mut a: Value =
@@ -38,7 +38,7 @@ async fn measure(label: &str, storage: &str) {
          [[integrations]]\nid = \"dev\"\nbotId = \"echo\"\n"
     );
     let config = Config::from_sources(&config, Vec::new()).expect("config");
-    let router = Router::build(&config).await.expect("router");
+    let router = Router::build(&config, &|_| None).await.expect("router");
     let front = Arc::clone(&router.front);
     let journal = front.journal.clone().expect("durable accept is on");
     let integration = front.integration("dev").expect("integration");

@@ -23,7 +23,7 @@ const CONVERSATIONS: usize = 1000;
 
 fn personal_message() -> Value {
     let path = format!(
-        "{}/../shared/fixtures/activities/personal-message.json",
+        "{}/fixtures/activities/personal-message.json",
         env!("CARGO_MANIFEST_DIR")
     );
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
@@ -98,7 +98,7 @@ botFrameworkAppSecret = "{APP_SECRET}"
         mock.login_url()
     );
     let config = Config::from_sources(&config, Vec::new()).unwrap();
-    let router = Router::build(&config).await.unwrap();
+    let router = Router::build(&config, &|_| None).await.unwrap();
     router.keys.refresh().await.unwrap();
     let mut template = personal_message();
     template["serviceUrl"] = mock.service_url().into();

@@ -17,10 +17,7 @@ use teams_router::config::Config;
 const APP_ID: &str = "bench-app";
 
 fn fixture(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../shared/fixtures/activities/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/fixtures/activities/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -89,7 +86,7 @@ botFrameworkAppSecret = "unused"
         mock.login_url()
     );
     let config = Config::from_sources(&config, Vec::new()).unwrap();
-    let router = Router::build(&config).await.unwrap();
+    let router = Router::build(&config, &|_| None).await.unwrap();
     router.keys.refresh().await.unwrap();
     Fixture { mock, router }
 }

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -84,7 +84,11 @@ pub struct Router {
 
 impl Router {
     /// Installs the process-wide metrics recorder (once per process) and starts the supervisor.
-    pub async fn build(config: &Config) -> Result<Self, AppError> {
+    /// `env` looks up the environment variables the config names (the master key's).
+    pub async fn build(
+        config: &Config,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
+    ) -> Result<Self, AppError> {
         let readiness = Arc::new(Readiness::default());
         let metrics = telemetry::install()?;
         let http = connector::http_client(&config.connector)?;
@@ -105,11 +109,7 @@ impl Router {
         let store = Arc::new(Store::open(&config.storage, &instance_id).await?);
         let health = Arc::new(StoreHealth::default());
 
-        let sealer = Arc::new(Sealer::from_config(
-            &config.security,
-            &config.storage,
-            |name| std::env::var(name).ok(),
-        )?);
+        let sealer = Arc::new(Sealer::from_config(&config.security, &config.storage, env)?);
         if store.is_shared() && config.security.master_key_env.is_none() {
             tracing::warn!(
                 "storage is shared but security.master_key_env is not set: every instance must use the same master key file"
@@ -276,8 +276,8 @@ impl Router {
 
     /// Waits (up to `deadline`) for accepted activities to finish, then stops the actors.
     pub async fn drain(self, deadline: Duration) {
-        let until = Instant::now() + deadline;
-        while self.directory.pending() > 0 && Instant::now() < until {
+        let until = crate::clock::now() + deadline;
+        while self.directory.pending() > 0 && crate::clock::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left = self.directory.pending();
@@ -334,7 +334,7 @@ async fn watch_store(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut sweep_due = Instant::now() + Duration::from_secs(60);
+    let mut sweep_due = crate::clock::now() + Duration::from_secs(60);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -345,8 +345,8 @@ async fn watch_store(
             let result = store.ping().await;
             health.observe("ping", &result);
         }
-        if Instant::now() >= sweep_due {
-            sweep_due = Instant::now() + Duration::from_secs(60);
+        if crate::clock::now() >= sweep_due {
+            sweep_due = crate::clock::now() + Duration::from_secs(60);
             if let Err(error) = store.sweep_expired().await {
                 tracing::warn!(%error, "expired records could not be swept");
             }
@@ -354,108 +354,157 @@ async fn watch_store(
     }
 }
 
-pub async fn run(config: Config) -> Result<(), AppError> {
-    let router = Router::build(&config).await?;
-    let registry = Arc::clone(&router.front.registry);
-    let readiness = Arc::clone(&router.readiness);
-    let keys = Arc::clone(&router.keys);
-    let metrics = router.metrics.clone();
+/// A router serving on its listeners, until [`Serving::shutdown`] drains it.
+pub struct Serving {
+    /// The traffic listener's address (activities and the management API).
+    pub addr: SocketAddr,
+    /// The ops listener's address (`/metrics`, `/healthz`, `/readyz`).
+    pub ops_addr: SocketAddr,
+    /// Whether the traffic listener speaks TLS.
+    pub tls: bool,
+    router: Router,
+    /// Stops the traffic listener (first step of a shutdown).
+    stop_front: watch::Sender<bool>,
+    front_task: tokio::task::JoinHandle<()>,
+    /// Stops the ops listener and the background tasks (last step).
+    stop_background: watch::Sender<bool>,
+    background_tasks: Vec<tokio::task::JoinHandle<()>>,
+    drain: Duration,
+}
 
-    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-        (Some(cert), Some(key)) => Some(front::tls_acceptor(cert, key).map_err(AppError::Tls)?),
-        _ => None,
-    };
-    let listener = bind("server.listen", &config.server.listen).await?;
-    let ops_listener = bind("server.ops_listen", &config.server.ops_listen).await?;
-    let addr = local_addr(&listener);
-    let ops_addr = local_addr(&ops_listener);
-    readiness.set_listening();
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, %ops_addr, integrations = registry.integrations().len(), "teams-router listening");
+impl Serving {
+    /// Builds the router, binds both listeners and starts the background tasks.
+    pub async fn start(
+        config: &Config,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
+    ) -> Result<Self, AppError> {
+        let router = Router::build(config, env).await?;
+        let registry = Arc::clone(&router.front.registry);
+        let readiness = Arc::clone(&router.readiness);
+        let keys = Arc::clone(&router.keys);
+        let metrics = router.metrics.clone();
+
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => Some(front::tls_acceptor(cert, key).map_err(AppError::Tls)?),
+            _ => None,
+        };
+        let listener = bind("server.listen", &config.server.listen).await?;
+        let ops_listener = bind("server.ops_listen", &config.server.ops_listen).await?;
+        let addr = local_addr(&listener);
+        let ops_addr = local_addr(&ops_listener);
+        readiness.set_listening();
+        tracing::info!(%addr, %ops_addr, integrations = registry.integrations().len(), "teams-router listening");
+
+        let (stop_front, front_stopped) = watch::channel(false);
+        let (stop_background, background_stopped) = watch::channel(false);
+        let mut background_tasks = Vec::new();
+        {
+            // Integrations created later through the API may be the first to need signing keys.
+            let mut stopped = background_stopped.clone();
+            let interval = Duration::from_secs(config.microsoft.key_refresh_interval_secs.max(60));
+            let keys = Arc::clone(&keys);
+            background_tasks.push(tokio::spawn(async move {
+                while !registry.needs_signing_keys() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stopped.changed() => return,
+                    }
+                }
+                keys.run_refresher(interval, stopped).await;
+            }));
+        }
+        {
+            let connector = Arc::clone(&router.front.connector);
+            let admission = Arc::clone(&router.front.admission);
+            let mut stopped = background_stopped.clone();
+            background_tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            connector.pacer().forget_idle();
+                            admission.forget_idle();
+                        }
+                        _ = stopped.changed() => return,
+                    }
+                }
+            }));
+        }
+        background_tasks.push(tokio::spawn(telemetry::run_upkeep(
+            metrics.clone(),
+            background_stopped.clone(),
+        )));
+
+        let limits = ListenerLimits {
+            max_connections: config.server.max_connections,
+            header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+        };
+        let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
+        let front_task = tokio::spawn(front::serve(
+            listener,
+            tls.clone(),
+            Arc::clone(&router.front),
+            limits,
+            front_stopped,
+            drain,
+        ));
+        let ops = Arc::new(Ops { metrics, readiness });
+        background_tasks.push(tokio::spawn(front::serve(
+            ops_listener,
+            None,
+            ops,
+            limits,
+            background_stopped,
+            Duration::from_secs(1),
+        )));
+        Ok(Self {
+            addr,
+            ops_addr,
+            tls: tls.is_some(),
+            router,
+            stop_front,
+            front_task,
+            stop_background,
+            background_tasks,
+            drain,
+        })
+    }
+
+    /// The rooms behind the listeners.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The graceful stop: no new activities, running turns finished (up to
+    /// `server.shutdown_timeout_ms`), snapshots flushed, then the ops listener closed.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new activities; finishing running turns");
+        self.router.readiness.set_draining();
+        self.router.front.connector.stop_retrying();
+        let _ = self.stop_front.send(true);
+        let _ = self.front_task.await;
+        self.router.drain(self.drain).await;
+        let _ = self.stop_background.send(true);
+        for task in self.background_tasks {
+            let _ = task.await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let serving = Serving::start(&config, &|name| std::env::var(name).ok()).await?;
+    let scheme = if serving.tls { "https" } else { "http" };
     // One line on stdout that scripts and tests read to find the ports.
     let mut stdout = std::io::stdout();
     let _ = writeln!(
         stdout,
-        "teams-router listening on {scheme}://{addr} (ops http://{ops_addr})"
+        "teams-router listening on {scheme}://{} (ops http://{})",
+        serving.addr, serving.ops_addr
     );
     let _ = stdout.flush();
-
-    let (stop_front, front_stopped) = watch::channel(false);
-    let (stop_background, background_stopped) = watch::channel(false);
-    {
-        // Integrations created later through the API may be the first to need signing keys.
-        let mut stopped = background_stopped.clone();
-        let interval = Duration::from_secs(config.microsoft.key_refresh_interval_secs.max(60));
-        let keys = Arc::clone(&keys);
-        tokio::spawn(async move {
-            while !registry.needs_signing_keys() {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stopped.changed() => return,
-                }
-            }
-            keys.run_refresher(interval, stopped).await;
-        });
-    }
-    {
-        let connector = Arc::clone(&router.front.connector);
-        let admission = Arc::clone(&router.front.admission);
-        let mut stopped = background_stopped.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        connector.pacer().forget_idle();
-                        admission.forget_idle();
-                    }
-                    _ = stopped.changed() => return,
-                }
-            }
-        });
-    }
-    let upkeep = tokio::spawn(telemetry::run_upkeep(
-        metrics.clone(),
-        background_stopped.clone(),
-    ));
-
-    let limits = ListenerLimits {
-        max_connections: config.server.max_connections,
-        header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
-    };
-    let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
-    let front_task = tokio::spawn(front::serve(
-        listener,
-        tls,
-        Arc::clone(&router.front),
-        limits,
-        front_stopped,
-        drain,
-    ));
-    let ops = Arc::new(Ops {
-        metrics,
-        readiness: Arc::clone(&readiness),
-    });
-    let ops_task = tokio::spawn(front::serve(
-        ops_listener,
-        None,
-        ops,
-        limits,
-        background_stopped,
-        Duration::from_secs(1),
-    ));
-
     wait_for_signal().await?;
-    tracing::info!("shutting down: no new activities; finishing running turns");
-    readiness.set_draining();
-    router.front.connector.stop_retrying();
-    let _ = stop_front.send(true);
-    let _ = front_task.await;
-    router.drain(drain).await;
-    let _ = stop_background.send(true);
-    let _ = ops_task.await;
-    let _ = upkeep.await;
-    tracing::info!("stopped");
+    serving.shutdown().await;
     Ok(())
 }
 

@@ -12,8 +12,8 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use loadtest::router::RouterProcess;
 use serde_json::{Value, json};
+use teams_router::testkit::TestRouter;
 
 const HOOK_SECRET: &str = "webhook-signing-secret";
 
@@ -168,14 +168,14 @@ async fn start_with_bot(
     bot: &str,
     backend: &str,
     extra: &str,
-) -> (loadtest::mock::MockMicrosoft, RouterProcess) {
+) -> (loadtest::mock::MockMicrosoft, TestRouter) {
     let extra = format!(
         "[[bots]]\nid = \"{bot}\"\nbackend = {backend}\n\n[[integrations]]\nid = \"teams_{bot}\"\n\
          botId = \"{bot}\"\nbotFrameworkAppId = \"{APP_ID}\"\nbotFrameworkAppSecret = \"{APP_SECRET}\"\n\n{extra}\n"
     );
     let mock = loadtest::mock::MockMicrosoft::start().await;
     mock.register_app(APP_ID, APP_SECRET, None);
-    let router = RouterProcess::spawn(&binary(), &config(&mock, &extra))
+    let router = TestRouter::start(&config(&mock, &extra))
         .await
         .expect("router starts");
     (mock, router)
@@ -284,6 +284,7 @@ async fn the_webhook_backend_is_signed_and_answers_as_json_ndjson_or_sse() {
     // Only answers with text enter the history: "remove" deletes the same message.
     assert_eq!(changes[2].method, "DELETE");
     assert_eq!(changes[2].reply_to_id.as_deref(), Some(after_id.as_str()));
+    // No other router of this test process panics a turn, so the shared count is this one's.
     let scrape = metrics(&router).await;
     assert_eq!(
         metric_value(&scrape, "teams_router_actor_restarts_total"),

@@ -5,7 +5,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::*;
 use futures_util::StreamExt;
@@ -96,7 +98,7 @@ async fn a_channel_thread_reply_strips_the_mention_and_encodes_the_conversation_
 
 #[tokio::test]
 async fn events_without_an_answer_are_accepted_and_counted() {
-    let (mock, router) = start("").await;
+    let (mock, router) = start_process("").await;
     let client = http();
     let token = mock.token_for(APP_ID);
     for name in [
@@ -188,7 +190,7 @@ async fn an_invoke_is_answered_synchronously_with_the_bots_invoke_response() {
 
 #[tokio::test]
 async fn a_redelivered_invoke_gets_the_original_invoke_response_concurrently_and_later() {
-    let (mock, router) = start("").await;
+    let (mock, router) = start_process("").await;
     // A slow connector keeps the turn (and so the original request) busy a while.
     mock.set_connector_latency(Duration::from_millis(300));
     let mut activity = fixture("invoke-adaptivecard-action.json");
@@ -224,7 +226,7 @@ async fn a_redelivered_invoke_gets_the_original_invoke_response_concurrently_and
 
 #[tokio::test]
 async fn a_redelivered_activity_is_answered_once_also_when_concurrent() {
-    let (mock, router) = start("").await;
+    let (mock, router) = start_process("").await;
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
@@ -260,10 +262,11 @@ async fn a_redelivered_activity_is_answered_once_also_when_concurrent() {
     );
 }
 
-#[tokio::test]
+/// 200 × 50 in long mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_conversations_under_concurrency_are_answered_once_each_in_order() {
-    const CONVERSATIONS: usize = 200;
-    const MESSAGES: usize = 50;
+    let conversations = sized(100, 200);
+    let messages = sized(20, 50);
     let (mock, router) = start("").await;
     let client = http();
     let url = Arc::new(router.callback_url("teams_prod"));
@@ -271,7 +274,7 @@ async fn many_conversations_under_concurrency_are_answered_once_each_in_order() 
     let started = Instant::now();
     // Every conversation sends its messages one after another (each acknowledged before the
     // next), and 64 conversations are in flight at any time.
-    let failures: Vec<String> = stream::iter(0..CONVERSATIONS)
+    let failures: Vec<String> = stream::iter(0..conversations)
         .map(|c| {
             let (client, url, token, mock) = (
                 client.clone(),
@@ -281,7 +284,7 @@ async fn many_conversations_under_concurrency_are_answered_once_each_in_order() 
             );
             async move {
                 let mut failures = Vec::new();
-                for m in 0..MESSAGES {
+                for m in 0..messages {
                     let activity = personal_message(
                         &mock,
                         &format!("load-{c}"),
@@ -301,7 +304,7 @@ async fn many_conversations_under_concurrency_are_answered_once_each_in_order() 
         .collect()
         .await;
     assert!(failures.is_empty(), "{failures:?}");
-    let total = CONVERSATIONS * MESSAGES;
+    let total = conversations * messages;
     let replies = mock
         .wait_for_activities(total, Duration::from_secs(120))
         .await;
@@ -325,11 +328,11 @@ async fn many_conversations_under_concurrency_are_answered_once_each_in_order() 
             .or_default()
             .push(n);
     }
-    assert_eq!(per_conversation.len(), CONVERSATIONS);
+    assert_eq!(per_conversation.len(), conversations);
     for (conversation, order) in per_conversation {
         assert_eq!(
             order,
-            (0..MESSAGES).collect::<Vec<_>>(),
+            (0..messages).collect::<Vec<_>>(),
             "{conversation} out of order or duplicated"
         );
     }
@@ -338,7 +341,7 @@ async fn many_conversations_under_concurrency_are_answered_once_each_in_order() 
 
 #[tokio::test]
 async fn a_panicking_turn_is_restarted_without_losing_queued_activities() {
-    let (mock, router) = start("[testing]\npanic_trigger = \"boom\"\n").await;
+    let (mock, router) = start_process("[testing]\npanic_trigger = \"boom\"\n").await;
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
@@ -398,7 +401,7 @@ async fn a_panicking_turn_is_restarted_without_losing_queued_activities() {
 
 #[tokio::test]
 async fn connector_throttling_is_retried_after_retry_after() {
-    let (mock, router) = start("").await;
+    let (mock, router) = start_process("").await;
     mock.push_connector_faults([ConnectorFault::Throttle {
         retry_after_secs: 1,
     }]);
@@ -441,7 +444,7 @@ async fn connector_throttling_is_retried_after_retry_after() {
 
 #[tokio::test]
 async fn ambiguous_5xx_is_retried_and_counted_apart_and_other_4xx_is_not_retried() {
-    let (mock, router) = start("").await;
+    let (mock, router) = start_process("").await;
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
@@ -488,7 +491,7 @@ async fn ambiguous_5xx_is_retried_and_counted_apart_and_other_4xx_is_not_retried
 
 #[tokio::test]
 async fn a_connector_401_refreshes_the_token_once_and_retries() {
-    let (mock, router) = start("").await;
+    let (mock, router) = start_process("").await;
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
@@ -690,7 +693,7 @@ async fn http2_prior_knowledge_is_served() {
 
 #[tokio::test]
 async fn metrics_are_exported_from_the_first_scrape_and_count_traffic() {
-    let (mock, router) = start("").await;
+    let (mock, router) = start_process("").await;
     let first = metrics(&router).await;
     for name in [
         "teams_router_activities_received_total",
@@ -827,7 +830,7 @@ async fn metrics_are_exported_from_the_first_scrape_and_count_traffic() {
 
 #[tokio::test]
 async fn sigterm_finishes_running_turns_and_exits_cleanly() {
-    let (mock, mut router) = start("").await;
+    let (mock, mut router) = start_process("").await;
     mock.set_connector_latency(Duration::from_millis(300));
     let (status, _) = post(
         &http(),

@@ -18,10 +18,6 @@ use loadtest::redis::RedisServer;
 use loadtest::router::RouterProcess;
 use serde_json::json;
 
-fn long_mode() -> bool {
-    std::env::var_os("TEAMS_ROUTER_LONG").is_some_and(|v| v != "0")
-}
-
 /// How long an outage lasts: a minute in long mode.
 fn outage() -> Duration {
     if long_mode() {
@@ -57,7 +53,7 @@ async fn deliver(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connector_failing_with_5xx_then_429_loses_no_answer() {
-    let (mock, router) = start("").await;
+    let (mock, router) = start_process("").await;
     let outage = outage();
     mock.set_periodic_fault(Some((1, ConnectorFault::Status(503))));
     let started = Instant::now();
@@ -105,7 +101,7 @@ async fn the_connector_failing_with_5xx_then_429_loses_no_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_connector_is_timed_out_and_answered_when_it_recovers() {
     let (mock, router) =
-        start_with_env(&[("TEAMS_ROUTER__CONNECTOR__REQUEST_TIMEOUT_MS", "500")]).await;
+        start_process_with_env(&[("TEAMS_ROUTER__CONNECTOR__REQUEST_TIMEOUT_MS", "500")]).await;
     mock.set_connector_latency(Duration::from_secs(3600));
     let ids: Vec<String> = (0..6).map(|i| format!("hang-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn host_port(router: &loadtest::router::RouterProcess) -> String {
+fn host_port(router: &impl Endpoint) -> String {
     router.base_url().trim_start_matches("http://").to_owned()
 }
 
@@ -50,10 +50,7 @@ async fn post_raw(
 }
 
 /// The router answers an ordinary activity at once: whatever came before did not hurt it.
-async fn still_serving(
-    router: &loadtest::router::RouterProcess,
-    mock: &loadtest::mock::MockMicrosoft,
-) {
+async fn still_serving(router: &impl Endpoint, mock: &loadtest::mock::MockMicrosoft) {
     let started = Instant::now();
     let (status, _) = post(
         &http(),
@@ -72,7 +69,7 @@ async fn still_serving(
 
 #[tokio::test]
 async fn bodies_that_parse_badly_are_refused_and_odd_but_valid_ones_answered() {
-    let (mock, router) = start("").await;
+    let (mock, router) = start_process("").await;
     // Development mode replies unauthenticated.
     mock.set_connector_requires_auth(false);
     let client = http();
@@ -215,7 +212,7 @@ async fn oversized_tokens_and_header_floods_are_refused() {
 
 #[tokio::test]
 async fn slow_senders_are_cut_off_and_others_served_meanwhile() {
-    let (mock, router) = start_with_env(&[
+    let (mock, router) = start_process_with_env(&[
         ("TEAMS_ROUTER__SERVER__HEADER_READ_TIMEOUT_MS", "500"),
         ("TEAMS_ROUTER__SERVER__BODY_READ_TIMEOUT_MS", "500"),
     ])
@@ -334,7 +331,7 @@ async fn odd_integration_ids_and_paths_reach_no_integration() {
 
 #[tokio::test]
 async fn service_urls_at_private_addresses_are_refused_even_with_a_valid_token() {
-    let (mock, router) = start_with_env(&[(
+    let (mock, router) = start_process_with_env(&[(
         "TEAMS_ROUTER__CONNECTOR__ALLOWED_SERVICE_HOSTS",
         r#"["botframework.com", "smba.trafficmanager.net", "10.0.0.8"]"#,
     )])

@@ -464,6 +464,7 @@ struct Round {
     rss_passivated: u64,
 }
 
+/// 100,000 conversations in long mode (and with `PASSIVATION_CONVERSATIONS`); 3,000 by default.
 #[tokio::test]
 async fn idle_conversations_passivate_at_scale_and_resume_with_history() {
     let env = |name: &str, default: usize| {
@@ -472,7 +473,7 @@ async fn idle_conversations_passivate_at_scale_and_resume_with_history() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    let conversations = env("PASSIVATION_CONVERSATIONS", 100_000);
+    let conversations = env("PASSIVATION_CONVERSATIONS", sized(3_000, 100_000));
     let idle_ms = env("PASSIVATION_IDLE_MS", 3_000);
     let mock = new_mock().await;
     let dir = scratch_dir("passivation");

@@ -465,7 +465,7 @@ impl Run {
         if activity.method != "POST" || activity.kind() != "message" {
             return;
         }
-        let now = activity.received_at;
+        let now = activity.received_at.into_std();
         let mut tracker = self.tracker.lock();
         tracker.replies += 1;
         let Some(pending) = activity

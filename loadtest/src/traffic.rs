@@ -1,24 +1,20 @@
 //! The traffic of a run: which conversation and activity type comes next (skewed, mixed), and the
-//! activity bodies, built from the real Teams payloads in `shared/fixtures/activities/`.
+//! activity bodies, built from the real Teams payloads in `fixtures/activities/`.
 
 use rand::Rng;
 use serde_json::{Value, json};
 
 use crate::scenario::Scenario;
 
-const PERSONAL_MESSAGE: &str =
-    include_str!("../../../shared/fixtures/activities/personal-message.json");
+const PERSONAL_MESSAGE: &str = include_str!("../../fixtures/activities/personal-message.json");
 const CHANNEL_MESSAGE: &str =
-    include_str!("../../../shared/fixtures/activities/channel-message-mention.json");
-const MEMBERS_ADDED_PERSONAL: &str = include_str!(
-    "../../../shared/fixtures/activities/conversationupdate-membersadded-personal.json"
-);
+    include_str!("../../fixtures/activities/channel-message-mention.json");
+const MEMBERS_ADDED_PERSONAL: &str =
+    include_str!("../../fixtures/activities/conversationupdate-membersadded-personal.json");
 const MEMBERS_ADDED_TEAM: &str =
-    include_str!("../../../shared/fixtures/activities/conversationupdate-membersadded-team.json");
-const REACTION: &str =
-    include_str!("../../../shared/fixtures/activities/messagereaction-added.json");
-const INVOKE: &str =
-    include_str!("../../../shared/fixtures/activities/invoke-adaptivecard-action.json");
+    include_str!("../../fixtures/activities/conversationupdate-membersadded-team.json");
+const REACTION: &str = include_str!("../../fixtures/activities/messagereaction-added.json");
+const INVOKE: &str = include_str!("../../fixtures/activities/invoke-adaptivecard-action.json");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

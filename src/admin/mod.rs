@@ -220,7 +220,7 @@ fn key_digest(key: &str) -> [u8; 32] {
 }
 
 fn now_micros() -> u64 {
-    std::time::SystemTime::now()
+    crate::clock::system_now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or_default()

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::DecodingKey;
@@ -163,7 +165,7 @@ impl KeyStore {
         }
         Ok(KeySet {
             keys,
-            loaded_at: Some(Instant::now()),
+            loaded_at: Some(crate::clock::now()),
         })
     }
 

@@ -9,17 +9,18 @@ pub mod keys;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{Quota, RateLimiter};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
 pub use keys::{DiscoveryError, KeyStore};
 
+use crate::clock::{DirectRateLimiter, RouterClock};
 use crate::config::MicrosoftConfig;
 
 /// Why a request was not let in. `reason()` is the metric label and the body's reason.
@@ -125,6 +126,8 @@ struct UnverifiedIssuer {
 struct Claims {
     exp: u64,
     #[serde(default)]
+    nbf: Option<u64>,
+    #[serde(default)]
     serviceurl: Option<String>,
 }
 
@@ -148,7 +151,7 @@ pub struct Verifier {
     cache: moka::sync::Cache<Box<str>, Arc<VerifiedToken>>,
     issuer: String,
     clock_skew_secs: u64,
-    unknown_kid_refreshes: DefaultDirectRateLimiter,
+    unknown_kid_refreshes: DirectRateLimiter,
 }
 
 const VERIFIED_TOKEN_CACHE_ENTRIES: u64 = 100_000;
@@ -171,7 +174,7 @@ impl Verifier {
                 .build(),
             issuer: config.token_issuer.clone(),
             clock_skew_secs: config.clock_skew_secs,
-            unknown_kid_refreshes: RateLimiter::direct(quota),
+            unknown_kid_refreshes: RateLimiter::direct_with_clock(quota, RouterClock),
         }
     }
 
@@ -203,7 +206,7 @@ impl Verifier {
         if &*verified.audience != app_id {
             return Err(AuthError::BadAudience);
         }
-        if verified.expires_at + self.clock_skew_secs <= now_secs() {
+        if verified.expires_at.saturating_add(self.clock_skew_secs) <= now_secs() {
             return Err(AuthError::Expired);
         }
         Ok(verified)
@@ -219,8 +222,10 @@ impl Verifier {
         let key = self.signing_key(&kid).await?;
 
         let mut validation = Validation::new(Algorithm::RS256);
-        validation.leeway = self.clock_skew_secs;
-        validation.validate_nbf = true;
+        // Lifetimes are checked below against the router's clock (virtual under a paused test
+        // runtime); jsonwebtoken would read the system clock.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.set_issuer(&[self.issuer.as_str()]);
         validation.set_audience(&[app_id]);
@@ -240,6 +245,17 @@ impl Verifier {
                 _ => AuthError::MalformedToken("the token could not be decoded"),
             },
         )?;
+        let now = now_secs();
+        if data.claims.exp.saturating_add(self.clock_skew_secs) <= now {
+            return Err(AuthError::Expired);
+        }
+        if data
+            .claims
+            .nbf
+            .is_some_and(|nbf| nbf > now.saturating_add(self.clock_skew_secs))
+        {
+            return Err(AuthError::NotYetValid);
+        }
         Ok(Arc::new(VerifiedToken {
             audience: app_id.into(),
             service_url: data.claims.serviceurl.map(Into::into),
@@ -325,10 +341,7 @@ pub fn bearer_token(header: Option<&[u8]>) -> Result<&str, AuthError> {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
+    crate::clock::unix_secs()
 }
 
 #[cfg(test)]

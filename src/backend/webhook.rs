@@ -15,7 +15,7 @@
 //! The whole exchange is bounded by `backend.webhook_timeout_ms`. A POST is not idempotent, so
 //! only a request that never reached the server (connection refused) is tried again.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_lc_rs::hmac;
 use bytes::Bytes;
@@ -121,7 +121,7 @@ impl Webhook {
         input: &TurnInput<'_>,
         deltas: &Deltas,
     ) -> Result<Answer, BackendError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::now() + timeout;
         let body = serde_json::to_vec(&json!({
             "integrationId": input.integration_id,
             "botId": input.bot_id,
@@ -166,10 +166,7 @@ impl Webhook {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let timestamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or_default();
+            let timestamp = crate::clock::unix_secs();
             let mut request = http
                 .post(&self.url)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")

@@ -1,7 +1,7 @@
 //! Retry timing: exponential backoff with full jitter, and the server's `Retry-After` hint
 //! honoured but clamped.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -35,7 +35,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(
-        when.duration_since(SystemTime::now())
+        when.duration_since(crate::clock::system_now())
             .unwrap_or(Duration::ZERO),
     )
 }

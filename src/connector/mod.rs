@@ -367,7 +367,7 @@ impl Connector {
         let mut refreshed_token = false;
         let mut retry = 0;
         let mut attempt = 0;
-        let first_attempt = std::time::Instant::now();
+        let first_attempt = crate::clock::now();
         loop {
             attempt += 1;
             let permit = self.pacer.admit(&app, route.conversation_id).await?;

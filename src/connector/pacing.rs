@@ -16,7 +16,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 use dashmap::DashMap;
 use metrics::gauge;
@@ -119,7 +121,7 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         for log in &self.logs {
             let mut log = log.lock();
             log.in_flight = log.in_flight.saturating_sub(1);
@@ -191,7 +193,7 @@ impl Pacer {
     /// Waits until `conversation` of `app` (an app id and tenant) may send one more activity.
     pub async fn admit(&self, app: &str, conversation: &str) -> Result<Permit, QueueFull> {
         let logs = self.logs(app, conversation);
-        if self.try_admit(&logs, Instant::now()).is_ok() {
+        if self.try_admit(&logs, crate::clock::now()).is_ok() {
             return Ok(Permit { logs });
         }
         let bot_waiting = {
@@ -209,7 +211,7 @@ impl Pacer {
         }
         gauge!(CONNECTOR_QUEUE_DEPTH).set(waiting as f64);
         loop {
-            match self.try_admit(&logs, Instant::now()) {
+            match self.try_admit(&logs, crate::clock::now()) {
                 Ok(()) => return Ok(Permit { logs }),
                 Err(retry_at) => tokio::time::sleep_until(retry_at.into()).await,
             }
@@ -219,14 +221,14 @@ impl Pacer {
     /// Admits the send only if it needs no wait (typing indicators: never worth a delay).
     pub fn admit_now(&self, app: &str, conversation: &str) -> Option<Permit> {
         let logs = self.logs(app, conversation);
-        self.try_admit(&logs, Instant::now())
+        self.try_admit(&logs, crate::clock::now())
             .ok()
             .map(|()| Permit { logs })
     }
 
     /// Forgets keys whose windows are empty again (conversations quiet for a while).
     pub fn forget_idle(&self) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         // A log some send still holds (about to be admitted) is kept: dropping it would let
         // the next send of that key start a fresh log and miss this one.
         self.conversations.retain(|_, log| {
@@ -292,11 +294,11 @@ mod tests {
     #[tokio::test]
     async fn a_burst_in_one_conversation_keeps_within_teams_windows() {
         let pacer = teams();
-        let started = Instant::now();
+        let started = crate::clock::now();
         let mut sent = Vec::new();
         for _ in 0..12 {
             let permit = pacer.admit("app", "conv").await.unwrap();
-            sent.push(Instant::now());
+            sent.push(crate::clock::now());
             drop(permit);
         }
         assert!(
@@ -311,7 +313,7 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(1_990));
         assert!(started.elapsed() < Duration::from_secs(8));
         // Another conversation is not held up.
-        let other = Instant::now();
+        let other = crate::clock::now();
         drop(pacer.admit("app", "other").await.unwrap());
         assert!(other.elapsed() < Duration::from_millis(100));
     }
@@ -319,11 +321,11 @@ mod tests {
     #[tokio::test]
     async fn the_app_window_is_shared_by_its_conversations() {
         let pacer = teams();
-        let started = Instant::now();
+        let started = crate::clock::now();
         let mut sent = Vec::new();
         for i in 0..60 {
             let permit = pacer.admit("app", &format!("c{}", i % 30)).await.unwrap();
-            sent.push(Instant::now());
+            sent.push(crate::clock::now());
             drop(permit);
         }
         assert!(max_in_window(&sent, Duration::from_secs(1)) <= 50);

@@ -3,7 +3,9 @@
 //! scope), cached until five minutes before it expires, one request in flight per key.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 use metrics::counter;
 use serde::Deserialize;
@@ -94,7 +96,7 @@ impl TokenProvider {
     pub async fn token(&self, credentials: &AppCredentials) -> Result<Arc<str>, TokenError> {
         let key = Self::key(credentials);
         if let Some(cached) = self.cache.get(&key).await {
-            if Instant::now() < cached.renew_at {
+            if crate::clock::now() < cached.renew_at {
                 return Ok(cached.access_token);
             }
             self.cache.invalidate(&key).await;
@@ -183,7 +185,7 @@ impl TokenProvider {
         };
         Ok(CachedToken {
             access_token: body.access_token.into(),
-            renew_at: Instant::now() + renew_after,
+            renew_at: crate::clock::now() + renew_after,
         })
     }
 }

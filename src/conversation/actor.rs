@@ -4,8 +4,8 @@
 //! instance), checked for redeliveries, updated after every turn and handed to the snapshot
 //! writer. Idle actors passivate.
 
+use crate::clock::Instant;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
 
 use metrics::{counter, histogram};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -220,7 +220,7 @@ async fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply
     state.unsaved = !save_snapshots(state);
     let mut shared = state.args.conversation.state();
     shared.busy = false;
-    shared.last_activity = Instant::now();
+    shared.last_activity = crate::clock::now();
 }
 
 /// Hands the session and the conversation record to the snapshot writer; `false` when one of
@@ -440,7 +440,7 @@ async fn begin_turn(
         Ok((reply_actor, _)) => {
             state.current = Some(RunningTurn {
                 reply_actor: reply_actor.get_id(),
-                started: Instant::now(),
+                started: crate::clock::now(),
                 activity_id,
                 journal_seq,
                 admission,

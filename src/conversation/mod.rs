@@ -14,7 +14,9 @@ mod supervisor;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -200,7 +202,7 @@ impl Conversation {
                 actor: None,
                 closed: false,
                 busy: false,
-                last_activity: Instant::now(),
+                last_activity: crate::clock::now(),
                 invokes: VecDeque::new(),
             }),
         }
@@ -240,7 +242,7 @@ impl Conversation {
                 .push_back((activity_id.into(), reply.subscribe()));
         }
         state.queue.push_back(turn);
-        state.last_activity = Instant::now();
+        state.last_activity = crate::clock::now();
         Enqueue::Queued(if needs_wake {
             state.actor.clone()
         } else {
@@ -287,7 +289,7 @@ impl Directory {
             journal_seq,
             mut ticket,
         } = arrival;
-        let accepted_at = Instant::now();
+        let accepted_at = crate::clock::now();
         let mut reply = None;
         let mut make_turn = || {
             let invoke = if is_invoke {

@@ -4,8 +4,8 @@
 //! `conversation`, `replyToId` = the activity). It stops when the turn is done; its conversation
 //! actor starts the next turn only then, which keeps turns of a conversation in order.
 
+use crate::clock::Instant;
 use std::sync::Arc;
-use std::time::Instant;
 
 use metrics::{counter, histogram};
 use ractor::{Actor, ActorProcessingErr, ActorRef};

@@ -9,7 +9,9 @@
 //! updates are sent and the answer goes as one plain message; when the user pressed Stop, nothing
 //! more is sent.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 use metrics::counter;
 use serde_json::{Value, json};
@@ -87,7 +89,7 @@ impl<'a> Stream<'a> {
             route,
             base,
             settings,
-            started: Instant::now(),
+            started: crate::clock::now(),
             stream_id: None,
             sequence: 0,
             streamed: String::new(),
@@ -100,7 +102,7 @@ impl<'a> Stream<'a> {
     pub async fn follow(&mut self, mut text: watch::Receiver<String>) {
         let informative = self.settings.informative_text.clone();
         self.update("informative", &informative).await;
-        let mut last_update = Instant::now();
+        let mut last_update = crate::clock::now();
         loop {
             if text.changed().await.is_err() {
                 return;
@@ -138,7 +140,7 @@ impl<'a> Stream<'a> {
                     self.streamed = current;
                 }
             }
-            last_update = Instant::now();
+            last_update = crate::clock::now();
         }
     }
 

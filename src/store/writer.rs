@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use metrics::{counter, histogram};
@@ -87,7 +87,7 @@ impl Snapshots {
         if batch.is_empty() {
             return Ok(0);
         }
-        let started = Instant::now();
+        let started = crate::clock::now();
         let count = batch.len();
         let keys: Vec<String> = batch.iter().map(|put| put.key.clone()).collect();
         let result = self.store.put_many(batch).await;
@@ -137,8 +137,8 @@ impl Snapshots {
 
     /// Drains what is pending (bounded by `deadline`), for shutdown.
     pub async fn flush(&self, deadline: Duration) {
-        let until = Instant::now() + deadline;
-        while !self.pending.is_empty() && Instant::now() < until {
+        let until = crate::clock::now() + deadline;
+        while !self.pending.is_empty() && crate::clock::now() < until {
             if self.flush_once().await.is_err() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -1,5 +1,9 @@
-//! Shared by the integration tests: the mock Microsoft side, a router process with a config
-//! pointing at it, and activities built from the real fixtures.
+//! Shared by the integration tests: the mock Microsoft side, a router with a config pointing at
+//! it (in this process by default, or the binary for what only a process shows), and activities
+//! built from the real fixtures.
+//!
+//! The metrics recorder is process-wide, so a test that asserts a metric's value runs the binary
+//! ([`start_process`]): routers of other tests in this process would count into its figures.
 
 #![allow(dead_code)]
 
@@ -9,6 +13,7 @@ use std::time::Duration;
 use loadtest::mock::MockMicrosoft;
 use loadtest::router::RouterProcess;
 use serde_json::Value;
+use teams_router::testkit::TestRouter;
 
 pub const APP_ID: &str = "11111111-1111-1111-1111-111111111111";
 pub const APP_SECRET: &str = "multi-tenant-secret";
@@ -96,23 +101,84 @@ botId = "echo"
     )
 }
 
-/// A mock with both apps registered, and a router configured against it.
-pub async fn start(extra: &str) -> (MockMicrosoft, RouterProcess) {
+/// What a test talks to: the router in this process or the binary.
+pub trait Endpoint {
+    fn addr(&self) -> std::net::SocketAddr;
+    fn base_url(&self) -> String;
+    fn callback_url(&self, integration: &str) -> String;
+    fn ops_url(&self, path: &str) -> String;
+}
+
+impl Endpoint for RouterProcess {
+    fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+    fn base_url(&self) -> String {
+        RouterProcess::base_url(self)
+    }
+    fn callback_url(&self, integration: &str) -> String {
+        RouterProcess::callback_url(self, integration)
+    }
+    fn ops_url(&self, path: &str) -> String {
+        RouterProcess::ops_url(self, path)
+    }
+}
+
+impl Endpoint for TestRouter {
+    fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+    fn base_url(&self) -> String {
+        TestRouter::base_url(self)
+    }
+    fn callback_url(&self, integration: &str) -> String {
+        TestRouter::callback_url(self, integration)
+    }
+    fn ops_url(&self, path: &str) -> String {
+        TestRouter::ops_url(self, path)
+    }
+}
+
+/// A mock with both apps registered.
+pub async fn mock() -> MockMicrosoft {
     let mock = MockMicrosoft::start().await;
     mock.register_app(APP_ID, APP_SECRET, None);
     mock.register_app(SINGLE_APP_ID, SINGLE_APP_SECRET, Some(TENANT));
+    mock
+}
+
+/// A mock with both apps registered, and a router in this process configured against it.
+pub async fn start(extra: &str) -> (MockMicrosoft, TestRouter) {
+    let mock = mock().await;
+    let router = TestRouter::start(&config(&mock, extra))
+        .await
+        .expect("router starts");
+    (mock, router)
+}
+
+/// Like [`start`], with settings given as `TEAMS_ROUTER__SECTION__KEY` overrides (the config's
+/// own tables cannot be repeated in `extra`).
+pub async fn start_with_env(env: &[(&str, &str)]) -> (MockMicrosoft, TestRouter) {
+    let mock = mock().await;
+    let router = TestRouter::start_with_env(&config(&mock, ""), env)
+        .await
+        .expect("router starts");
+    (mock, router)
+}
+
+/// Like [`start`], with the router binary in a process of its own: for tests of what only a
+/// process shows (signals, exit codes, logs) and tests that assert metric values.
+pub async fn start_process(extra: &str) -> (MockMicrosoft, RouterProcess) {
+    let mock = mock().await;
     let router = RouterProcess::spawn(&binary(), &config(&mock, extra))
         .await
         .expect("router starts");
     (mock, router)
 }
 
-/// Like [`start`], with settings given as `TEAMS_ROUTER__SECTION__KEY` environment overrides
-/// (the config's own tables cannot be repeated in `extra`).
-pub async fn start_with_env(env: &[(&str, &str)]) -> (MockMicrosoft, RouterProcess) {
-    let mock = MockMicrosoft::start().await;
-    mock.register_app(APP_ID, APP_SECRET, None);
-    mock.register_app(SINGLE_APP_ID, SINGLE_APP_SECRET, Some(TENANT));
+/// [`start_with_env`] with the binary.
+pub async fn start_process_with_env(env: &[(&str, &str)]) -> (MockMicrosoft, RouterProcess) {
+    let mock = mock().await;
     let router = RouterProcess::spawn_with_env(&binary(), &config(&mock, ""), env)
         .await
         .expect("router starts");
@@ -120,10 +186,7 @@ pub async fn start_with_env(env: &[(&str, &str)]) -> (MockMicrosoft, RouterProce
 }
 
 pub fn fixture(name: &str) -> Value {
-    let path = format!(
-        "{}/../shared/fixtures/activities/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/fixtures/activities/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     serde_json::from_str(&text).expect("fixture is JSON")
 }
@@ -163,7 +226,7 @@ pub async fn post(
     (status, response.text().await.unwrap_or_default())
 }
 
-pub async fn metrics(router: &RouterProcess) -> String {
+pub async fn metrics(router: &(impl Endpoint + ?Sized)) -> String {
     http()
         .get(router.ops_url("/metrics"))
         .send()
@@ -222,10 +285,10 @@ pub async fn wait_for_replies(
     ids: &[String],
     timeout: Duration,
 ) -> std::collections::HashMap<String, usize> {
-    let until = std::time::Instant::now() + timeout;
+    let until = tokio::time::Instant::now() + timeout;
     loop {
         let counts = replies_by_id(mock);
-        if ids.iter().all(|id| counts.contains_key(id)) || std::time::Instant::now() > until {
+        if ids.iter().all(|id| counts.contains_key(id)) || tokio::time::Instant::now() > until {
             return counts;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -249,4 +312,15 @@ botFrameworkAppSecret = "{APP_SECRET}"
 stream = true
 "#
     )
+}
+
+/// `TEAMS_ROUTER_LONG=1` (`scripts/test.sh --long`, `.ci/run --long`): the full-size version of
+/// a test whose default version is shortened to keep the default suite fast.
+pub fn long_mode() -> bool {
+    std::env::var_os("TEAMS_ROUTER_LONG").is_some_and(|v| v != "0")
+}
+
+/// `short` in the default suite, `long` in long mode.
+pub fn sized(short: usize, long: usize) -> usize {
+    if long_mode() { long } else { short }
 }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The README's test command. On a fresh Debian machine with only a Rust toolchain it first installs
+# what the tests need beyond cargo, when missing:
+#   redis-server and promtool (Debian packages redis-server and prometheus, with apt as root);
+#   schemathesis (PyPI), into a virtual environment of the project's own (target/tools/venv).
+# Then it runs the default suite (`cargo test --workspace`) and the smoke load run.
+# `--long` (or TEAMS_ROUTER_LONG=1) runs the long versions of the tests as well (docs/testing.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+  --long) export TEAMS_ROUTER_LONG=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--long]" >&2; exit 2 ;;
+esac
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: $1 is missing and installing it needs root (apt-get install $2)" >&2
+    exit 1
+  fi
+}
+
+apt_packages=()
+command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
+command -v promtool >/dev/null 2>&1 || apt_packages+=(prometheus)
+venv="target/tools/venv"
+if [ ! -x "$venv/bin/python" ] && ! python3 -m venv --help >/dev/null 2>&1; then
+  apt_packages+=(python3-venv)
+fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  need_root "${apt_packages[*]}" "${apt_packages[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+fi
+
+if [ ! -x "$venv/bin/schemathesis" ]; then
+  command -v python3 >/dev/null 2>&1 || { need_root python3 python3; apt-get install -y -qq python3 >/dev/null; }
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check schemathesis
+fi
+export PATH="$PWD/$venv/bin:$PATH"
+
+echo "tools: $(redis-server --version | cut -d' ' -f1-3), $(promtool --version 2>&1 | head -1 | cut -d' ' -f1-3), schemathesis $(schemathesis --version | awk '{print $NF}')"
+
+cargo test --workspace
+cargo run --release -p loadtest -- smoke
