@@ -822,7 +822,9 @@ async fn metrics_are_exported_from_the_first_scrape_and_count_traffic() {
             );
         }
         Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("promtool not installed ({e}); .ci/run installs it")
+            eprintln!(
+                "skipped the promtool check: promtool is not installed ({e}); scripts/test.sh installs it"
+            )
         }
         Err(e) => panic!("promtool is required in CI: {e}"),
     }

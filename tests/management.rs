@@ -1108,7 +1108,7 @@ fn hostile_body(rng: &mut Rng, valid: &[Value]) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_hostile_bodies_get_only_client_errors() {
+async fn thousands_of_hostile_bodies_get_only_client_errors() {
     let mock = start_mock().await;
     let dir = scratch_dir("mgmt-fuzz");
     let router = spawn(&mock, &Storage::Embedded, &dir, "").await;
@@ -1144,7 +1144,9 @@ async fn ten_thousand_hostile_bodies_get_only_client_errors() {
     ];
     let client = http();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let bodies: Vec<(String, Vec<u8>)> = (0..10_000)
+    // 10,000 in long mode.
+    let count = sized(2_000, 10_000);
+    let bodies: Vec<(String, Vec<u8>)> = (0..count)
         .map(|n| {
             (
                 endpoints[n % endpoints.len()].clone(),
@@ -1177,9 +1179,9 @@ async fn ten_thousand_hostile_bodies_get_only_client_errors() {
         })
         .await;
     let statuses = statuses.lock().unwrap().clone();
-    assert_eq!(statuses.values().sum::<usize>(), 10_000);
+    assert_eq!(statuses.values().sum::<usize>(), count);
     assert!(
-        statuses.get(&400).copied().unwrap_or(0) > 5_000,
+        statuses.get(&400).copied().unwrap_or(0) > count / 2,
         "{statuses:?}"
     );
     assert_eq!(api.get("/api/v1/bot/list").await.0, 200, "still serving");
@@ -1245,9 +1247,9 @@ async fn schemathesis_finds_no_server_error() {
     if !available {
         assert!(
             std::env::var("CI").is_err(),
-            "schemathesis is required in CI (pip install schemathesis)"
+            "schemathesis is required in CI (scripts/test.sh installs it)"
         );
-        eprintln!("schemathesis not installed; skipped");
+        eprintln!("skipped: schemathesis is not installed (scripts/test.sh installs it)");
         return;
     }
     let mock = start_mock().await;
@@ -1280,7 +1282,8 @@ async fn schemathesis_finds_no_server_error() {
             "--checks",
             "not_a_server_error",
             "--max-examples",
-            "40",
+            // 40 in long mode.
+            &sized(10, 40).to_string(),
             "--header",
         ])
         .arg(format!("Authorization: Bearer {ACME_KEY}"))

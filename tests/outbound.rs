@@ -373,7 +373,7 @@ async fn send_in_order(url: String, token: String, conversations: Vec<(String, V
 
 /// Teams' documented limits, enforced by the mock, with the router's defaults. In long mode
 /// 500 messages in one conversation and 5,000 across 50, against the binary in real time (about
-/// four minutes); by default 300 and 1,000 across 20, against a router in this process with the
+/// four minutes); by default 200 and 500 across 10, against a router in this process with the
 /// runtime paused, so the pacing windows pass in virtual time.
 #[tokio::test]
 async fn bursts_are_paced_within_teams_limits_and_every_message_is_answered_once_in_order() {
@@ -381,7 +381,7 @@ async fn bursts_are_paced_within_teams_limits_and_every_message_is_answered_once
         (500, 50, 100)
     } else {
         tokio::time::pause();
-        (300, 20, 50)
+        (200, 10, 50)
     };
     let total = in_one + conversations * in_each;
     let mock = MockMicrosoft::start().await;

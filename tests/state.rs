@@ -329,10 +329,21 @@ async fn two_routers_share_one_redis() {
 async fn a_redis_outage_under_traffic_degrades_and_catches_up() {
     let mut server = RedisServer::start().expect("redis-server");
     let mock = new_mock().await;
-    let refusing = spawn(&mock, &redis_storage(&server, "refusing", ""), "").await;
+    // Commands give up after 200 ms (1 s by default), so that twenty sends into the outage
+    // take seconds, not a minute.
+    let refusing = spawn(
+        &mock,
+        &redis_storage(&server, "refusing", "redis_command_timeout_ms = 200"),
+        "",
+    )
+    .await;
     let accepting = spawn(
         &mock,
-        &redis_storage(&server, "accepting", "on_unavailable = \"accept\""),
+        &redis_storage(
+            &server,
+            "accepting",
+            "on_unavailable = \"accept\"\nredis_command_timeout_ms = 200",
+        ),
         "",
     )
     .await;
@@ -464,7 +475,7 @@ struct Round {
     rss_passivated: u64,
 }
 
-/// 100,000 conversations in long mode (and with `PASSIVATION_CONVERSATIONS`); 3,000 by default.
+/// 100,000 conversations in long mode (and with `PASSIVATION_CONVERSATIONS`); 1,000 by default.
 #[tokio::test]
 async fn idle_conversations_passivate_at_scale_and_resume_with_history() {
     let env = |name: &str, default: usize| {
@@ -473,7 +484,7 @@ async fn idle_conversations_passivate_at_scale_and_resume_with_history() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    let conversations = env("PASSIVATION_CONVERSATIONS", sized(3_000, 100_000));
+    let conversations = env("PASSIVATION_CONVERSATIONS", sized(1_000, 100_000));
     let idle_ms = env("PASSIVATION_IDLE_MS", 3_000);
     let mock = new_mock().await;
     let dir = scratch_dir("passivation");

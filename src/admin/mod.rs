@@ -4,13 +4,13 @@
 //! [`Registry`], so the next activity sees it without a restart. Writes are serialized by one
 //! lock; they are rare, and the data path never takes it.
 
-pub mod contacts;
-pub mod events;
+pub(crate) mod contacts;
+pub(crate) mod events;
 pub mod model;
-pub mod paging;
+pub(crate) mod paging;
 pub mod proactive;
-pub mod secrets;
-pub mod setup;
+pub(crate) mod secrets;
+pub(crate) mod setup;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! the key's endorsements and the `serviceurl` claim. A verified token is cached until it expires,
 //! so the Connector's reused token costs a hash lookup instead of an RSA verification.
 
-pub mod keys;
+pub(crate) mod keys;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

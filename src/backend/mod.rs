@@ -77,15 +77,6 @@ impl Answer {
             ..Self::default()
         }
     }
-
-    /// Whether the answer sends or changes anything in the conversation.
-    pub fn says_anything(&self) -> bool {
-        self.text.is_some()
-            || !self.attachments.is_empty()
-            || !self.activities.is_empty()
-            || !self.updates.is_empty()
-            || !self.deletes.is_empty()
-    }
 }
 
 /// Where a backend puts the text of its answer as it is produced, so the reply can stream it

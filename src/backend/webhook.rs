@@ -147,7 +147,7 @@ impl Webhook {
                 .to_owned();
             read_answer(&content_type, response.bytes_stream(), Some(deltas)).await
         };
-        tokio::time::timeout_at(deadline.into(), exchange)
+        tokio::time::timeout_at(deadline, exchange)
             .await
             .map_err(|_| {
                 BackendError::Failed(format!(

@@ -7,7 +7,6 @@ pub mod backoff;
 pub mod pacing;
 pub mod token;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::counter;
@@ -568,9 +567,6 @@ pub fn http_client(config: &ConnectorConfig) -> Result<reqwest::Client, reqwest:
         ))
         .build()
 }
-
-/// Outbound connector with its own clients, shared by every reply.
-pub type SharedConnector = Arc<Connector>;
 
 #[cfg(test)]
 mod tests {

@@ -213,7 +213,7 @@ impl Pacer {
         loop {
             match self.try_admit(&logs, crate::clock::now()) {
                 Ok(()) => return Ok(Permit { logs }),
-                Err(retry_at) => tokio::time::sleep_until(retry_at.into()).await,
+                Err(retry_at) => tokio::time::sleep_until(retry_at).await,
             }
         }
     }

@@ -7,8 +7,8 @@
 //! it. The mutex guarding them is per conversation, never shared by all requests.
 
 mod actor;
-pub mod admission;
-pub mod session;
+pub(crate) mod admission;
+pub(crate) mod session;
 mod supervisor;
 
 use std::collections::{HashSet, VecDeque};

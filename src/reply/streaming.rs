@@ -115,7 +115,7 @@ impl<'a> Stream<'a> {
             let mut finished = false;
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(next.into()) => break,
+                    _ = tokio::time::sleep_until(next) => break,
                     changed = text.changed() => if changed.is_err() {
                         finished = true;
                         break;

@@ -9,7 +9,7 @@
 
 mod embedded;
 mod redis;
-pub mod writer;
+pub(crate) mod writer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
