@@ -137,19 +137,12 @@ async fn events_without_an_answer_are_accepted_and_counted() {
 
 #[tokio::test]
 async fn the_bot_added_to_a_chat_sends_the_configured_welcome() {
-    let mock = loadtest::mock::MockMicrosoft::start().await;
-    mock.register_app(APP_ID, APP_SECRET, None);
-    // Set through the environment, as an operator would override one key.
-    let router = loadtest::router::RouterProcess::spawn_with_env(
-        &binary(),
-        &config(&mock, ""),
-        &[(
-            "TEAMS_ROUTER__CONNECTOR__WELCOME_MESSAGE",
-            "Hi, I am the echo bot.",
-        )],
-    )
-    .await
-    .unwrap();
+    // Set as an environment override, as an operator would override one key.
+    let (mock, router) = start_with_env(&[(
+        "TEAMS_ROUTER__CONNECTOR__WELCOME_MESSAGE",
+        "Hi, I am the echo bot.",
+    )])
+    .await;
     let mut activity = fixture("conversationupdate-membersadded-personal.json");
     activity["serviceUrl"] = mock.service_url().into();
     activity["recipient"]["id"] = json!("28:f5d48856-5b42-41a0-8c3a-c5f944b679b0");

@@ -197,7 +197,7 @@ async fn a_key_without_the_channel_endorsement_is_refused() {
     let webchat_only = Arc::new(SigningKey::generate("webchat-key", &["webchat"]));
     let teams_key = mock.signing_key();
     mock.rotate_to(Arc::clone(&webchat_only));
-    let router = loadtest::router::RouterProcess::spawn(&binary(), &config(&mock, ""))
+    let router = teams_router::testkit::TestRouter::start(&config(&mock, ""))
         .await
         .unwrap();
     let client = http();
@@ -280,7 +280,7 @@ async fn discovery_down_with_no_cached_key_is_503_until_it_comes_back() {
     let mock = loadtest::mock::MockMicrosoft::start().await;
     mock.register_app(APP_ID, APP_SECRET, None);
     mock.set_openid_available(false);
-    let router = loadtest::router::RouterProcess::spawn(&binary(), &config(&mock, ""))
+    let router = teams_router::testkit::TestRouter::start(&config(&mock, ""))
         .await
         .unwrap();
     let client = http();

@@ -29,11 +29,11 @@ api_key = "{API_KEY}"
     )
 }
 
-async fn start_streaming() -> (MockMicrosoft, RouterProcess) {
-    let mock = MockMicrosoft::start().await;
-    mock.register_app(APP_ID, APP_SECRET, None);
-    mock.register_app(SINGLE_APP_ID, SINGLE_APP_SECRET, Some(TENANT));
-    let router = RouterProcess::spawn(&binary(), &config(&mock, &stream_bots()))
+/// A router in this process with the streaming bots. Only the streaming test streams, so the
+/// process-wide `streams_total` it asserts counts its own streams.
+async fn start_streaming() -> (MockMicrosoft, TestRouter) {
+    let mock = common::mock().await;
+    let router = TestRouter::start(&config(&mock, &stream_bots()))
         .await
         .expect("router starts");
     (mock, router)

@@ -14,6 +14,7 @@ use futures_util::stream;
 use loadtest::mock::MockMicrosoft;
 use loadtest::redis::RedisServer;
 use loadtest::router::RouterProcess;
+use teams_router::testkit::TestRouter;
 
 fn embedded_storage(dir: &std::path::Path, durable: bool) -> String {
     format!("[storage]\npath = {dir:?}\ndurable_accept = {durable}\n")
@@ -32,6 +33,14 @@ async fn new_mock() -> MockMicrosoft {
     mock
 }
 
+/// A router in this process.
+async fn start_with_storage(mock: &MockMicrosoft, storage: &str, extra: &str) -> TestRouter {
+    TestRouter::start(&config_with_storage(mock, storage, extra))
+        .await
+        .expect("router starts")
+}
+
+/// The router binary, for what only a process shows (restarts, kill -9, RSS, metric values).
 async fn spawn(mock: &MockMicrosoft, storage: &str, extra: &str) -> RouterProcess {
     RouterProcess::spawn(&binary(), &config_with_storage(mock, storage, extra))
         .await
@@ -41,7 +50,7 @@ async fn spawn(mock: &MockMicrosoft, storage: &str, extra: &str) -> RouterProces
 /// Sends one message and waits for its reply; returns the reply text.
 async fn say(
     mock: &MockMicrosoft,
-    router: &RouterProcess,
+    router: &impl Endpoint,
     conversation: &str,
     id: &str,
     text: &str,
@@ -84,7 +93,7 @@ async fn sessions_remember_and_reset_commands_start_afresh_redis() {
 
 async fn sessions_remember_and_reset_commands_start_afresh(storage: &str) {
     let mock = new_mock().await;
-    let router = spawn(&mock, storage, "").await;
+    let router = start_with_storage(&mock, storage, "").await;
     assert_eq!(say(&mock, &router, "s1", "1", "hello").await, "echo: hello");
     assert_eq!(say(&mock, &router, "s1", "2", "world").await, "echo: world");
     assert_eq!(
@@ -104,38 +113,55 @@ async fn sessions_remember_and_reset_commands_start_afresh(storage: &str) {
     );
 }
 
+/// A half-hour session in virtual time: the router runs in this process on a paused runtime
+/// (the embedded store's blocking calls hold the clock while they run). Half an hour, not the
+/// default day, because the mock signs its tokens for an hour of the system's time.
 #[tokio::test]
 async fn a_session_expires_after_the_integrations_session_duration_embedded() {
-    a_session_expires_after_the_integrations_session_duration(&embedded_storage(
-        &scratch_dir("expiry"),
-        false,
-    ))
+    tokio::time::pause();
+    a_session_expires_after_the_integrations_session_duration(
+        &embedded_storage(&scratch_dir("expiry"), false),
+        Some(1_800_000),
+        Duration::from_secs(1_800),
+    )
     .await;
 }
 
+/// Redis answers in real time (a paused clock would run past its replies), so a short
+/// `sessionDuration` here.
 #[tokio::test]
 async fn a_session_expires_after_the_integrations_session_duration_redis() {
     let server = RedisServer::start().expect("redis-server");
-    a_session_expires_after_the_integrations_session_duration(&redis_storage(
-        &server, "expiry", "",
-    ))
+    a_session_expires_after_the_integrations_session_duration(
+        &redis_storage(&server, "expiry", ""),
+        Some(700),
+        Duration::from_millis(700),
+    )
     .await;
 }
 
-async fn a_session_expires_after_the_integrations_session_duration(storage: &str) {
+async fn a_session_expires_after_the_integrations_session_duration(
+    storage: &str,
+    session_duration_ms: Option<u64>,
+    duration: Duration,
+) {
     let mock = new_mock().await;
-    let text = config_with_storage(&mock, storage, "").replace(
-        "botFrameworkAppSecret = \"multi-tenant-secret\"",
-        "botFrameworkAppSecret = \"multi-tenant-secret\"\nsessionDuration = 700",
-    );
-    let router = RouterProcess::spawn(&binary(), &text).await.unwrap();
+    let mut text = config_with_storage(&mock, storage, "");
+    if let Some(ms) = session_duration_ms {
+        text = text.replace(
+            "botFrameworkAppSecret = \"multi-tenant-secret\"",
+            &format!("botFrameworkAppSecret = \"multi-tenant-secret\"\nsessionDuration = {ms}"),
+        );
+    }
+    let router = TestRouter::start(&text).await.expect("router starts");
     say(&mock, &router, "e1", "1", "soon forgotten").await;
     assert!(
         say(&mock, &router, "e1", "2", "///session")
             .await
-            .contains("soon forgotten")
+            .contains("soon forgotten"),
+        "remembered within the session's duration"
     );
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(duration + Duration::from_millis(200)).await;
     assert_eq!(
         say(&mock, &router, "e1", "3", "///session").await,
         "session: 0 turns, nothing remembered yet"
