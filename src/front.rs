@@ -225,6 +225,8 @@ impl Handler for Front {
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
             return response;
         }
+        // The system's clock, not the router's (`crate::clock`): a latency histogram measures
+        // real time, virtual or not.
         let started = Instant::now();
         let integration_id = integration_id.to_owned();
         let response = match self.activity(request, peer, &integration_id).await {
