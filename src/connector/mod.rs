@@ -125,8 +125,15 @@ pub struct Connector {
     /// Set when the process starts shutting down: no retries past `max_attempts`.
     stopping: std::sync::atomic::AtomicBool,
     allowed_hosts: Vec<String>,
+    /// [`service_url_allowed`]'s verdict per service URL: a Connector has few (one per region
+    /// and tenant), and the URL parse would cost the hot path about a microsecond per activity.
+    service_url_verdicts: moka::sync::Cache<Box<str>, bool>,
     pacer: pacing::Pacer,
 }
+
+/// Distinct service URLs whose verdict is kept; an attacker sending many forged ones only
+/// evicts verdicts, which are computed again.
+const SERVICE_URL_VERDICTS: u64 = 4_096;
 
 fn limits(pairs: &[[u64; 2]]) -> Vec<pacing::Limit> {
     pairs
@@ -152,6 +159,7 @@ impl Connector {
             retry_window: std::time::Duration::from_millis(config.retry_window_ms),
             stopping: std::sync::atomic::AtomicBool::new(false),
             allowed_hosts: config.allowed_service_hosts.clone(),
+            service_url_verdicts: moka::sync::Cache::new(SERVICE_URL_VERDICTS),
             pacer: pacing::Pacer::new(
                 limits(&config.conversation_limits),
                 limits(&config.app_limits),
@@ -178,7 +186,13 @@ impl Connector {
     }
 
     pub fn service_url_allowed(&self, service_url: &str) -> bool {
-        service_url_allowed(service_url, &self.allowed_hosts)
+        if let Some(verdict) = self.service_url_verdicts.get(service_url) {
+            return verdict;
+        }
+        let verdict = service_url_allowed(service_url, &self.allowed_hosts);
+        self.service_url_verdicts
+            .insert(service_url.into(), verdict);
+        verdict
     }
 
     /// Sends `activity` into the conversation (as a reply to `reply_to_id` when given) and
@@ -503,50 +517,44 @@ pub fn activities_url(
     url
 }
 
-/// Checked on every inbound activity, so it parses just the scheme and host, without allocating.
+/// Whether replies may go to `service_url`: https to a host under an allowed suffix (or an
+/// address listed as it is), or any loopback host (http is accepted only there). The host is the one the HTTP client will use:
+/// `url::Url`'s parse, the same reqwest makes (a hand-split host and the client's can differ, as
+/// for `https://evil.example\\.botframework.com/`). Backslashes and userinfo are refused outright.
 pub fn service_url_allowed(service_url: &str, allowed_hosts: &[String]) -> bool {
-    let (https, rest) = if let Some(rest) = strip_prefix_ignore_case(service_url, "https://") {
-        (true, rest)
-    } else if let Some(rest) = strip_prefix_ignore_case(service_url, "http://") {
-        (false, rest)
-    } else {
-        return false;
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('@') {
-        // Userinfo in a service URL is never legitimate and hides the real host.
+    if service_url.contains('\\') {
         return false;
     }
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => match v6.split_once(']') {
-            Some((ip, _)) => ip,
-            None => return false,
-        },
-        None => authority.split(':').next().unwrap_or_default(),
+    let Ok(url) = url::Url::parse(service_url) else {
+        return false;
     };
-    if host.is_empty() {
+    if !url.username().is_empty() || url.password().is_some() {
         return false;
     }
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    loopback
-        || https
-            && allowed_hosts.iter().any(|suffix| {
-                let suffix = suffix.trim_start_matches('.');
-                host.len() >= suffix.len()
-                    && host.is_char_boundary(host.len() - suffix.len())
-                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                    && (host.len() == suffix.len()
-                        || host.as_bytes()[host.len() - suffix.len() - 1] == b'.')
-            })
+    let https = match url.scheme() {
+        "https" => true,
+        "http" => false,
+        _ => return false,
+    };
+    let listed = |host: &str| allowed_hosts.iter().any(|entry| entry == host);
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || https && listed(&ip.to_string()),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback() || https && listed(&ip.to_string()),
+        Some(url::Host::Domain(host)) => {
+            host.eq_ignore_ascii_case("localhost")
+                || https && allowed_hosts.iter().any(|suffix| host_under(host, suffix))
+        }
+        None => false,
+    }
 }
 
-fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| &s[prefix.len()..])
+/// `host` is `suffix` or a subdomain of it (ASCII case-insensitive).
+fn host_under(host: &str, suffix: &str) -> bool {
+    let suffix = suffix.trim_start_matches('.');
+    host.len() >= suffix.len()
+        && host.is_char_boundary(host.len() - suffix.len())
+        && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        && (host.len() == suffix.len() || host.as_bytes()[host.len() - suffix.len() - 1] == b'.')
 }
 
 /// True for a loopback service URL (development-mode integrations reply only there).
@@ -607,6 +615,12 @@ mod tests {
             ("https://127.0.0.1.evil.example/", false),
             ("https://botframework.com:443/x", true),
             ("http://", false),
+            // The client would connect to evil.example (a backslash ends the host in a URL).
+            ("https://evil.example\\.botframework.com/", false),
+            ("https://evil.example\\@smba.trafficmanager.net/", false),
+            ("https://user:pw@smba.trafficmanager.net/", false),
+            ("https://smba.trafficmanager.net.evil.example/", false),
+            ("http://127.0.0.1\\@evil.example/", false),
         ] {
             assert_eq!(service_url_allowed(url, &allowed), ok, "{url}");
         }
