@@ -354,3 +354,48 @@ async fn development_mode_takes_unsigned_loopback_activities_and_replies_unauthe
     );
     assert_eq!(mock.token_requests(), 0);
 }
+
+/// A token verified (and cached) under a key that Microsoft then retires is verified again at its
+/// next use, and refused. The router runs in this process with the runtime paused, so its
+/// minute-long key refresh interval passes in virtual time.
+#[tokio::test]
+async fn a_cached_token_is_refused_once_its_key_is_retired() {
+    tokio::time::pause();
+    let (mock, router) =
+        start_with_env(&[("TEAMS_ROUTER__MICROSOFT__KEY_REFRESH_INTERVAL_SECS", "60")]).await;
+    let client = http();
+    let url = router.callback_url("teams_prod");
+    let token = mock.token_for(APP_ID);
+    let (status, body) = post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "c-retired", "1", "a"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    let retired = mock.signing_key();
+    mock.rotate_to(Arc::new(SigningKey::generate("key-after", &["msteams"])));
+    mock.retire_key(&retired.kid);
+    // The refresher runs every key_refresh_interval_secs.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let (status, body) = post(
+        &client,
+        &url,
+        Some(&token),
+        &personal_message(&mock, "c-retired", "2", "b"),
+    )
+    .await;
+    assert_eq!(status, 401, "a token of a retired key: {body}");
+    assert!(body.contains("unknown_key"), "{body}");
+    // Tokens of the published key keep working.
+    let (status, body) = post(
+        &client,
+        &url,
+        Some(&mock.token_for(APP_ID)),
+        &personal_message(&mock, "c-retired", "3", "c"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}

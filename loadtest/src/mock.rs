@@ -252,6 +252,11 @@ impl MockMicrosoft {
         *self.signer.lock() = key;
     }
 
+    /// Takes the key `kid` out of the JWKS (Microsoft retiring a key after a rotation).
+    pub fn retire_key(&self, kid: &str) {
+        self.state.lock().published.retain(|key| key.kid != kid);
+    }
+
     /// Makes the OpenID metadata and key endpoints answer 503 (false) or work (true).
     pub fn set_openid_available(&self, available: bool) {
         self.state.lock().openid_available = available;

@@ -93,6 +93,11 @@ impl KeyStore {
         self.current.load_full()
     }
 
+    /// Whether the published set holds `kid` (no reference count taken: the hot path asks).
+    pub fn has_key(&self, kid: &str) -> bool {
+        self.current.load().keys.contains_key(kid)
+    }
+
     pub fn has_keys(&self) -> bool {
         self.current.load().loaded_at.is_some()
     }

@@ -82,6 +82,8 @@ pub struct VerifiedToken {
     /// Seconds since the epoch.
     pub expires_at: u64,
     pub endorsements: Arc<[Box<str>]>,
+    /// The signing key's id: a cached token is trusted only while its key is published.
+    pub kid: Box<str>,
 }
 
 impl VerifiedToken {
@@ -190,7 +192,12 @@ impl Verifier {
     ) -> Result<Arc<VerifiedToken>, AuthError> {
         let token = bearer_token(authorization)?;
         if let Some(verified) = self.cache.get(token) {
-            return self.check_cached(verified, app_id);
+            if self.keys.has_key(&verified.kid) {
+                return self.check_cached(verified, app_id);
+            }
+            // Its key has left the published set (rotated out, revoked): verified again, which
+            // refuses it unless a refresh finds the key still published.
+            self.cache.invalidate(token);
         }
         let verified = self.verify_uncached(token, app_id).await?;
         // Cached until expiry plus skew, the same window a fresh verification would allow.
@@ -261,6 +268,7 @@ impl Verifier {
             service_url: data.claims.serviceurl.map(Into::into),
             expires_at: data.claims.exp,
             endorsements: Arc::clone(&key.endorsements),
+            kid: kid.into(),
         }))
     }
 
@@ -368,6 +376,7 @@ mod tests {
             service_url: Some("https://smba.trafficmanager.net/amer/".into()),
             expires_at: now_secs() + 60,
             endorsements: vec!["msteams".into()].into(),
+            kid: "key-1".into(),
         };
         let url = "https://smba.trafficmanager.net/amer/";
         assert_eq!(token.check_activity("msteams", url, &[]), Ok(()));
