@@ -720,13 +720,14 @@ impl Front {
     }
 }
 
-/// Whether `allowFrom` lets this activity's sender reach the bot. Only what a user does is
-/// filtered (messages, invokes, reactions); membership and installation updates always pass.
+/// Whether `allowFrom` lets this activity's sender reach the bot. Everything a sender causes is
+/// filtered (messages and their edits and deletions, invokes, reactions, events); membership and
+/// installation updates always pass, so the bot learns where it is installed.
 fn sender_allowed(integration: &Integration, envelope: &Envelope<'_>) -> bool {
     let Some(allow) = &integration.allow_from else {
         return true;
     };
-    if !matches!(envelope.kind, "message" | "invoke" | "messageReaction") {
+    if matches!(envelope.kind, "conversationUpdate" | "installationUpdate") {
         return true;
     }
     allow.allows(

@@ -413,6 +413,22 @@ async fn lifecycle(storage: Storage) {
         .await;
         assert_eq!(status, 200);
     }
+    // Whatever else user-b causes is left out too: an edit, a deletion, an event.
+    for (n, kind) in ["messageUpdate", "messageDelete", "event"]
+        .iter()
+        .enumerate()
+    {
+        let mut activity = message_from(
+            &mock,
+            "conv-allow-0",
+            &format!("b{n}"),
+            "29:user-b",
+            "aad-x",
+        );
+        activity["type"] = json!(kind);
+        let (status, _) = post(&client, &router.callback_url(&id), Some(&token), &activity).await;
+        assert_eq!(status, 200);
+    }
     let replies = mock
         .wait_for_activities(before + 1, Duration::from_secs(10))
         .await;
@@ -431,7 +447,8 @@ async fn lifecycle(storage: Storage) {
             "teams_router_activities_ignored_total",
             &["reason=\"sender_not_allowed\""]
         ),
-        1.0
+        4.0,
+        "a message, an edit, a deletion and an event of user-b"
     );
     api.ok(
         "POST",
