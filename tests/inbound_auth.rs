@@ -193,9 +193,11 @@ async fn every_inbound_check_refuses_with_its_status_and_no_reply() {
 async fn a_key_without_the_channel_endorsement_is_refused() {
     let mock = loadtest::mock::MockMicrosoft::start().await;
     mock.register_app(APP_ID, APP_SECRET, None);
-    // Microsoft publishes a second key that endorses only Web Chat.
+    // Microsoft publishes a key that endorses only Web Chat, and one without any endorsement.
     let webchat_only = Arc::new(SigningKey::generate("webchat-key", &["webchat"]));
+    let unendorsed = Arc::new(SigningKey::generate("unendorsed-key", &[]));
     let teams_key = mock.signing_key();
+    mock.rotate_to(Arc::clone(&unendorsed));
     mock.rotate_to(Arc::clone(&webchat_only));
     let router = teams_router::testkit::TestRouter::start(&config(&mock, ""))
         .await
@@ -206,6 +208,10 @@ async fn a_key_without_the_channel_endorsement_is_refused() {
 
     let activity = personal_message(&mock, "c-endorse", "1", "hello");
     let (status, body) = post(&client, &url, Some(&webchat_only.sign(&claims)), &activity).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("missing_endorsement"), "{body}");
+    // A key without an endorsements list endorses no channel.
+    let (status, body) = post(&client, &url, Some(&unendorsed.sign(&claims)), &activity).await;
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("missing_endorsement"), "{body}");
     // The same activity signed by the key that endorses msteams is accepted.

@@ -94,7 +94,8 @@ impl VerifiedToken {
         service_url: &str,
         required_endorsements: &[String],
     ) -> Result<(), AuthError> {
-        if !self.endorsements.is_empty() && !self.endorsements.iter().any(|e| &**e == channel_id) {
+        // A key without an endorsements list endorses no channel.
+        if !self.endorsements.iter().any(|e| &**e == channel_id) {
             return Err(AuthError::MissingEndorsement(channel_id.to_owned()));
         }
         if let Some(missing) = required_endorsements
@@ -388,6 +389,17 @@ mod tests {
             token.check_activity("msteams", "https://evil.example/", &[]),
             Err(AuthError::ServiceUrlMismatch)
         );
+        let unendorsed = VerifiedToken {
+            audience: "app".into(),
+            service_url: Some(url.into()),
+            expires_at: now_secs() + 60,
+            endorsements: Vec::new().into(),
+            kid: "key-2".into(),
+        };
+        assert!(matches!(
+            unendorsed.check_activity("msteams", url, &[]),
+            Err(AuthError::MissingEndorsement(_))
+        ));
         assert!(matches!(
             token.check_activity("msteams", url, &["other".into()]),
             Err(AuthError::MissingEndorsement(_))
