@@ -294,8 +294,8 @@ async fn the_webhook_backend_is_signed_and_answers_as_json_ndjson_or_sse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_backend_sends_the_system_prompt_and_history_and_reads_the_stream() {
-    let requests: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
-    let seen = Arc::clone(&requests);
+    let requests_seen: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let seen = Arc::clone(&requests_seen);
     let addr = serve(move |request: Request<Incoming>| {
         let seen = Arc::clone(&seen);
         async move {
@@ -362,7 +362,7 @@ async fn the_openai_backend_sends_the_system_prompt_and_history_and_reads_the_st
         said,
         ["Answer number 1", "Answer number 2", "Answer number 3"]
     );
-    let requests = requests.lock().unwrap().clone();
+    let requests = requests_seen.lock().unwrap().clone();
     assert_eq!(requests.len(), 3);
     let third = &requests[2].1;
     assert_eq!(third["model"], "test-model");
@@ -383,6 +383,36 @@ async fn the_openai_backend_sends_the_system_prompt_and_history_and_reads_the_st
             ("assistant", "Answer number 2"),
             ("user", "three"),
         ]
+    );
+
+    // After ///reset the model starts from nothing: the router's confirmation is not a turn.
+    for (n, text) in ["///reset", "four"].iter().enumerate() {
+        let activity = personal_message(&mock, "conv-model", &format!("r{n}"), text);
+        let (status, _) = post(
+            &client,
+            &router.callback_url("teams_model"),
+            Some(&token),
+            &activity,
+        )
+        .await;
+        assert_eq!(status, 200);
+        mock.wait_for_activities(4 + n, Duration::from_secs(10))
+            .await;
+    }
+    let replies = mock.activities();
+    assert_eq!(replies[3].text(), "Started a new session.");
+    let requests = requests_seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 4, "///reset is answered by the router");
+    let messages: Vec<(&str, &str)> = requests[3].1["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        messages,
+        [("system", "You are terse."), ("user", "four")],
+        "nothing of the old session, not even the reset confirmation"
     );
 }
 

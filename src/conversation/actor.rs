@@ -57,6 +57,9 @@ struct RunningTurn {
     started: Instant,
     activity_id: String,
     journal_seq: Option<u64>,
+    /// A session command (`///reset`, `///session`): the router answers it, and neither the
+    /// command nor its answer is a turn of the conversation with the bot.
+    session_command: bool,
     /// The activity's pending place and the turn's in-flight place: the first is given back
     /// at the turn's end, the second may pass to the conversation's next turn.
     admission: Option<(super::admission::Ticket, Option<TurnPermit>)>,
@@ -202,7 +205,9 @@ async fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply
             tracing::warn!(%error, "answered turn not recorded yet; the journal writer retries");
         }
     }
-    if let (Some((_, session)), Some(reply)) = (state.session.as_mut(), reply) {
+    if let (Some((_, session)), Some(reply), false) =
+        (state.session.as_mut(), reply, turn.session_command)
+    {
         session.record(
             HistoryEntry {
                 role: Role::Bot,
@@ -393,6 +398,7 @@ async fn begin_turn(
             session.turns += 1;
         }
     }
+    let session_command = say.is_some();
     let activity_id = activity.id.clone();
     let (session_id, history) = match &state.session {
         Some((key, session)) => (
@@ -443,6 +449,7 @@ async fn begin_turn(
                 started: crate::clock::now(),
                 activity_id,
                 journal_seq,
+                session_command,
                 admission,
             });
             true
