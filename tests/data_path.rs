@@ -177,8 +177,14 @@ async fn an_invoke_is_answered_synchronously_with_the_bots_invoke_response() {
     assert_eq!(status, 200);
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
     assert_eq!(body["statusCode"], 200);
-    assert_eq!(body["type"], "application/vnd.microsoft.activity.message");
-    assert_eq!(body["value"], "echo: {\"feedback\":\"test invokes\"}");
+    assert_eq!(body["type"], "application/vnd.microsoft.card.adaptive");
+    let card = &body["value"];
+    assert_eq!(card["type"], "AdaptiveCard");
+    assert_eq!(card["version"], "1.4");
+    assert_eq!(
+        card["body"][0]["text"],
+        "echo: {\"feedback\":\"test invokes\"}"
+    );
 }
 
 #[tokio::test]
@@ -206,7 +212,7 @@ async fn a_redelivered_invoke_gets_the_original_invoke_response_concurrently_and
         let body: serde_json::Value = serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("{what}: not the InvokeResponse ({e}): {body:?}"));
         assert_eq!(
-            body["value"], "echo: {\"feedback\":\"test invokes\"}",
+            body["value"]["body"][0]["text"], "echo: {\"feedback\":\"test invokes\"}",
             "{what}"
         );
     }

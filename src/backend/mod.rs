@@ -261,10 +261,20 @@ fn echo(activity: &TurnActivity) -> Answer {
                         .and_then(|a| a.get("data"))
                         .map(Value::to_string)
                         .unwrap_or_else(|| "{}".into());
+                    // A card, as a real bot updates the card that was clicked.
                     json!({
                         "statusCode": 200,
-                        "type": "application/vnd.microsoft.activity.message",
-                        "value": format!("echo: {data}"),
+                        "type": "application/vnd.microsoft.card.adaptive",
+                        "value": {
+                            "type": "AdaptiveCard",
+                            "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                            "version": "1.4",
+                            "body": [{
+                                "type": "TextBlock",
+                                "text": format!("echo: {data}"),
+                                "wrap": true,
+                            }],
+                        },
                     })
                 }
                 Some("task/fetch" | "task/submit") => json!({
@@ -318,7 +328,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn echo_answers_card_actions_synchronously() {
+    async fn echo_answers_card_actions_with_a_card() {
         let a = activity(json!({
             "type": "invoke", "id": "f:1", "serviceUrl": "s", "channelId": "msteams",
             "conversation": {"id": "c"}, "name": "adaptiveCard/action",
@@ -327,7 +337,12 @@ mod tests {
         let answer = echo(&a);
         let invoke = answer.invoke.unwrap();
         assert_eq!(invoke.status, 200);
-        assert_eq!(invoke.body["value"], "echo: {\"x\":1}");
+        assert_eq!(
+            invoke.body["type"],
+            "application/vnd.microsoft.card.adaptive"
+        );
+        assert_eq!(invoke.body["value"]["type"], "AdaptiveCard");
+        assert_eq!(invoke.body["value"]["body"][0]["text"], "echo: {\"x\":1}");
         assert_eq!(answer.text, None);
     }
 }
