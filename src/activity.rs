@@ -13,6 +13,10 @@ use serde_json::Value;
 pub struct ActivityView<'a> {
     #[serde(rename = "type", borrow, default)]
     pub kind: Option<&'a str>,
+    /// An invoke's name (`adaptiveCard/action`, `signin/tokenExchange`, ...); only invokes
+    /// use it, so a value of another type reads as none rather than refusing the activity.
+    #[serde(borrow, default, deserialize_with = "string_or_none")]
+    pub name: Option<&'a str>,
     #[serde(borrow, default)]
     pub id: Option<&'a str>,
     #[serde(rename = "serviceUrl", borrow, default)]
@@ -55,6 +59,55 @@ pub struct TenantView<'a> {
     pub id: Option<&'a str>,
 }
 
+fn string_or_none<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de str>, D::Error> {
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+    struct StringOrNone;
+    impl<'de> Visitor<'de> for StringOrNone {
+        type Value = Option<&'de str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+    deserializer.deserialize_any(StringOrNone)
+}
+
 /// The routing envelope with every required field present.
 #[derive(Debug, Clone, Copy)]
 pub struct Envelope<'a> {
@@ -68,6 +121,8 @@ pub struct Envelope<'a> {
     /// `from.id` and `from.aadObjectId` (for `allowFrom`).
     pub from_id: Option<&'a str>,
     pub from_aad_object_id: Option<&'a str>,
+    /// An invoke's name.
+    pub name: Option<&'a str>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -108,6 +163,7 @@ impl<'a> ActivityView<'a> {
                 }),
             from_id: self.from.as_ref().and_then(|f| f.id),
             from_aad_object_id: self.from.as_ref().and_then(|f| f.aad_object_id),
+            name: self.name,
         })
     }
 }

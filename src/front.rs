@@ -335,14 +335,23 @@ impl Rejection {
     }
 }
 
+/// An invoke waiting for the bot's answer.
+#[derive(Debug)]
+pub struct PendingInvoke {
+    answer: InvokeAnswer,
+    /// An Adaptive Card action that misses the deadline gets an error card (Teams shows it on
+    /// the card); any other invoke left unanswered gets 501, as the SDKs answer.
+    card_action: bool,
+}
+
 /// An activity its conversation took.
 #[derive(Debug)]
 pub enum Routed {
     /// Queued; an invoke carries the receiver of the bot's answer.
-    Accepted(Option<InvokeAnswer>),
+    Accepted(Option<PendingInvoke>),
     /// A redelivery, acknowledged and not run again; a redelivered invoke waits for the
     /// original's answer.
-    Duplicate(Option<InvokeAnswer>),
+    Duplicate(Option<PendingInvoke>),
     /// Acknowledged and not given to the bot (the sender is not in `allowFrom`).
     Ignored,
 }
@@ -420,14 +429,27 @@ impl Front {
         match routed {
             Routed::Duplicate(None) | Routed::Ignored => Ok(empty(StatusCode::OK)),
             Routed::Accepted(None) => Ok(empty(StatusCode::OK)),
-            Routed::Accepted(Some(mut answer)) | Routed::Duplicate(Some(mut answer)) => {
-                let answered =
-                    tokio::time::timeout(self.invoke_timeout, answer.wait_for(Option::is_some))
-                        .await
-                        .map(|answered| answered.map(|response| response.clone()));
+            Routed::Accepted(Some(mut pending)) | Routed::Duplicate(Some(mut pending)) => {
+                let answered = tokio::time::timeout(
+                    self.invoke_timeout,
+                    pending.answer.wait_for(Option::is_some),
+                )
+                .await
+                .map(|answered| answered.map(|response| response.clone()));
                 let response = match answered {
                     Ok(Ok(Some(response))) => response,
-                    Ok(_) => InvokeResponse::error("TurnFailed", "the bot failed to answer"),
+                    // The turn ended without an InvokeResponse (the bot gave none, or failed).
+                    Ok(_) => return Ok(empty(StatusCode::NOT_IMPLEMENTED)),
+                    Err(_) if !pending.card_action => {
+                        self.events.record(
+                            &integration.id,
+                            EventDraft::new("invoke.timeout").message(format!(
+                                "the bot did not answer the invoke within {} ms; Teams got 501",
+                                self.invoke_timeout.as_millis()
+                            )),
+                        );
+                        return Ok(empty(StatusCode::NOT_IMPLEMENTED));
+                    }
                     Err(_) => {
                         tracing::warn!(integration = %integration.id, "invoke answer missed its deadline");
                         self.events.record(
@@ -494,6 +516,7 @@ impl Front {
             let target = Target {
                 type_index: telemetry::activity_type_index(envelope.kind),
                 is_invoke: envelope.kind == "invoke",
+                card_action: is_card_action(&envelope),
                 conversation_id: envelope.conversation_id.into(),
                 activity_id: envelope.id.into(),
             };
@@ -570,6 +593,7 @@ impl Front {
             Ok::<Option<Target<'static>>, Rejection>(Some(Target {
                 type_index: telemetry::activity_type_index(envelope.kind),
                 is_invoke: envelope.kind == "invoke",
+                card_action: is_card_action(&envelope),
                 conversation_id: std::borrow::Cow::Owned(envelope.conversation_id.to_owned()),
                 activity_id: std::borrow::Cow::Owned(envelope.id.to_owned()),
             }))
@@ -632,7 +656,7 @@ impl Front {
         } else {
             None
         };
-        duplicate(integration, target.type_index, answer)
+        duplicate(integration, target, answer)
     }
 
     /// A place among pending activities, or the answer when there is none: a redelivery of
@@ -689,9 +713,12 @@ impl Front {
         match admission {
             Admission::Accepted(answer) => {
                 integration.count_received(target.type_index);
-                Ok(Routed::Accepted(answer))
+                Ok(Routed::Accepted(answer.map(|answer| PendingInvoke {
+                    answer,
+                    card_action: target.card_action,
+                })))
             }
-            Admission::Duplicate(answer) => Ok(duplicate(integration, target.type_index, answer)),
+            Admission::Duplicate(answer) => Ok(duplicate(integration, target, answer)),
             Admission::MailboxFull => Err(Rejection::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "mailbox_full",
@@ -742,14 +769,27 @@ fn sender_allowed(integration: &Integration, envelope: &Envelope<'_>) -> bool {
 struct Target<'a> {
     type_index: usize,
     is_invoke: bool,
+    /// An `adaptiveCard/action` invoke (its deadline answer is an error card).
+    card_action: bool,
     conversation_id: std::borrow::Cow<'a, str>,
     activity_id: std::borrow::Cow<'a, str>,
 }
 
-fn duplicate(integration: &Integration, type_index: usize, answer: Option<InvokeAnswer>) -> Routed {
-    integration.count_received(type_index);
+fn duplicate(
+    integration: &Integration,
+    target: &Target<'_>,
+    answer: Option<InvokeAnswer>,
+) -> Routed {
+    integration.count_received(target.type_index);
     counter!(ACTIVITIES_DUPLICATE).increment(1);
-    Routed::Duplicate(answer)
+    Routed::Duplicate(answer.map(|answer| PendingInvoke {
+        answer,
+        card_action: target.card_action,
+    }))
+}
+
+fn is_card_action(envelope: &Envelope<'_>) -> bool {
+    envelope.kind == "invoke" && envelope.name == Some("adaptiveCard/action")
 }
 
 /// The ops listener: `/metrics`, `/healthz`, `/readyz`.

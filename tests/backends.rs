@@ -108,6 +108,10 @@ impl Hook {
                 };
                 reply(200, "application/json", answer.to_string())
             }
+            // An invoke the bot does not handle: an answer without an invokeResponse.
+            _ if turn["activity"]["name"] == "task/fetch" => {
+                reply(200, "application/json", "{}".into())
+            }
             _ if turn["activity"]["type"] == "invoke" => {
                 let slow = turn["activity"]["value"]["action"]["data"]["slow"] == true;
                 if slow {
@@ -508,4 +512,26 @@ async fn every_event_fixture_reaches_the_webhook_typed_and_in_order_and_invokes_
     assert!(started.elapsed() < Duration::from_millis(2500));
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["value"]["code"], "Timeout", "{body}");
+
+    // An invoke the bot leaves unanswered gets 501, as the SDKs answer; so does one whose
+    // backend fails, and no apology message goes into the chat for it.
+    let posted = mock.activities().len();
+    let mut unanswered = invoke.clone();
+    unanswered["id"] = "task-fetch".into();
+    unanswered["name"] = "task/fetch".into();
+    unanswered["conversation"]["id"] = "conv-invoke-2".into();
+    let (status, body) = post(&client, &callback, Some(&token), &unanswered).await;
+    assert_eq!(status, 501, "{body}");
+    let mut failing = invoke.clone();
+    failing["id"] = "broken-invoke".into();
+    failing["text"] = "broken".into();
+    failing["conversation"]["id"] = "conv-invoke-2".into();
+    let (status, body) = post(&client, &callback, Some(&token), &failing).await;
+    assert_eq!(status, 501, "{body}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        mock.activities().len(),
+        posted,
+        "no message for an unanswered or failed invoke"
+    );
 }

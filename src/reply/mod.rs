@@ -15,7 +15,7 @@ use crate::activity::TurnActivity;
 use crate::admin::contacts::{ContactBook, Sender};
 use crate::admin::events::{EventDraft, EventSink};
 use crate::admin::proactive::AddressBook;
-use crate::backend::{Answer, Backend, BackendClient, Deltas, InvokeResponse, TurnInput};
+use crate::backend::{Answer, Backend, BackendClient, Deltas, TurnInput};
 use crate::connector::{Connector, ConnectorError, Delivery, Route, is_loopback_url};
 use crate::conversation::session::HistoryEntry;
 use crate::conversation::{ConversationMsg, InvokeReply};
@@ -387,12 +387,10 @@ async fn answer(args: &ReplyArgs, deltas: &Deltas) -> Answer {
                     .message(error.clone()),
             );
             counter!(TURNS_FAILED).increment(1);
-            // Users hear an apology for what they said; a failed lifecycle event stays silent.
-            let kind = args.activity.kind.as_str();
+            // Users hear an apology for what they said; a failed lifecycle event stays silent,
+            // and so does a failed invoke (its request is answered 501, as the SDKs answer).
             Answer {
-                text: matches!(kind, "message" | "invoke").then(|| args.services.apology.clone()),
-                invoke: (kind == "invoke")
-                    .then(|| InvokeResponse::error("BackendFailed", "the bot could not answer")),
+                text: (args.activity.kind == "message").then(|| args.services.apology.clone()),
                 ..Answer::default()
             }
         }
