@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use common::*;
-use loadtest::mock::{MockMicrosoft, RecordedActivity};
+use loadtest::mock::{ConnectorFault, MockMicrosoft, RecordedActivity};
 use loadtest::router::RouterProcess;
 use serde_json::{Value, json};
 use teams_router::testkit::TestRouter;
@@ -283,12 +283,24 @@ async fn proactive_messages_reach_known_conversations_new_personal_chats_and_cha
     let (status, body) = send(json!({"userId": user, "text": "by user"})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["conversationId"], "a:known-1");
-    // 3. A user never seen: a new personal conversation is created in the tenant.
+    // 3. A user never seen: a new personal conversation is created in the tenant. The create is
+    // get-or-create, so an ambiguous 502 is retried.
+    mock.push_connector_faults([ConnectorFault::Status(502)]);
     let (status, body) =
         send(json!({"userId": "29:new-user", "tenantId": tenant, "text": "welcome aboard"})).await;
     assert_eq!(status, 200, "{body}");
     let created_chat = body["conversationId"].as_str().unwrap().to_owned();
-    // 4. A new thread in the team channel.
+    // 4. A new thread in the team channel. Its create posts the first message: after an
+    // ambiguous 502 it is not retried (it may have been posted) and the send fails clearly.
+    mock.push_connector_faults([ConnectorFault::Status(502)]);
+    let (status, body) = send(json!({"channelId": channel_id, "text": "new release thread"})).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not retried")),
+        "{body}"
+    );
     let (status, body) = send(json!({"channelId": channel_id, "text": "new release thread"})).await;
     assert_eq!(status, 200, "{body}");
     let thread = body["conversationId"].as_str().unwrap().to_owned();

@@ -94,6 +94,12 @@ pub enum ConnectorError {
     Rejected { status: u16, detail: String },
     #[error("connector request failed after {attempts} attempts: {last}")]
     Exhausted { attempts: u32, last: String },
+    /// A request that posts a message (a new channel thread) failed in a way that leaves open
+    /// whether it was posted: not retried, so it is never posted twice.
+    #[error(
+        "the connector may have posted it ({last}); not retried, so that it is not posted twice"
+    )]
+    MayHavePosted { last: String },
     #[error(transparent)]
     QueueFull(#[from] pacing::QueueFull),
 }
@@ -110,7 +116,9 @@ impl ConnectorError {
     /// The Connector's error text (code and message), empty when it gave none.
     pub fn detail(&self) -> &str {
         match self {
-            Self::Rejected { detail, .. } | Self::Exhausted { last: detail, .. } => detail,
+            Self::Rejected { detail, .. }
+            | Self::Exhausted { last: detail, .. }
+            | Self::MayHavePosted { last: detail } => detail,
             _ => "",
         }
     }
@@ -377,6 +385,10 @@ impl Connector {
             Delivery::Retried => self.max_attempts,
             Delivery::Once => 1,
         };
+        // A create that carries a first message (a new channel thread) posts it; a 1:1 create
+        // without one is get-or-create and safe to repeat.
+        let posts_a_message =
+            op == Op::CreateConversation && body.is_some_and(|b| b.get("activity").is_some());
         let mut refreshed_token = false;
         let mut retry = 0;
         let mut attempt = 0;
@@ -412,6 +424,9 @@ impl Connector {
                     last,
                 } => (reason, retry_after, status, last),
             };
+            if posts_a_message && reason.starts_with("ambiguous") {
+                return Err(ConnectorError::MayHavePosted { last });
+            }
             // A retried delivery outlives an outage of the connector up to the retry window (a
             // minute of 503s or 429s must not lose the answer); past both bounds it gives up. An
             // address that refuses connections is not a connector having a bad minute, and a
