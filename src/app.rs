@@ -89,8 +89,16 @@ impl Router {
         config: &Config,
         env: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<Self, AppError> {
+        Self::build_with_metrics(config, env, telemetry::install()?).await
+    }
+
+    /// [`Router::build`] recording into the recorder of `metrics` (already the current one).
+    pub(crate) async fn build_with_metrics(
+        config: &Config,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
+        metrics: PrometheusHandle,
+    ) -> Result<Self, AppError> {
         let readiness = Arc::new(Readiness::default());
-        let metrics = telemetry::install()?;
         let http = connector::http_client(&config.connector)?;
         let keys = Arc::new(KeyStore::new(
             http.clone(),
@@ -378,7 +386,16 @@ impl Serving {
         config: &Config,
         env: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<Self, AppError> {
-        let router = Router::build(config, env).await?;
+        Self::start_with_metrics(config, env, telemetry::install()?).await
+    }
+
+    /// [`Serving::start`] recording into the recorder of `metrics` (already the current one).
+    pub(crate) async fn start_with_metrics(
+        config: &Config,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
+        metrics: PrometheusHandle,
+    ) -> Result<Self, AppError> {
+        let router = Router::build_with_metrics(config, env, metrics).await?;
         let registry = Arc::clone(&router.front.registry);
         let readiness = Arc::clone(&router.readiness);
         let keys = Arc::clone(&router.keys);

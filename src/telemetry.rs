@@ -157,13 +157,32 @@ pub fn install() -> Result<PrometheusHandle, RecorderError> {
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-        .map_err(|e| RecorderError(e.to_string()))?
+    let handle = builder()?
         .install_recorder()
         .map_err(|e| RecorderError(e.to_string()))?;
     describe_all();
     Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// A recorder for the calling thread alone (the process-wide one stays as it is), with every
+/// metric of the contract registered: what an in-process test router on a current-thread
+/// runtime records goes here, so its figures are its own. The recorder lives as long as the
+/// process (a test's worth of series).
+pub(crate) fn install_on_this_thread()
+-> Result<(PrometheusHandle, metrics::LocalRecorderGuard<'static>), RecorderError> {
+    let recorder = builder()?.build_recorder();
+    let handle = recorder.handle();
+    let recorder: &'static metrics_exporter_prometheus::PrometheusRecorder =
+        Box::leak(Box::new(recorder));
+    let guard = metrics::set_default_local_recorder(recorder);
+    describe_all();
+    Ok((handle, guard))
+}
+
+fn builder() -> Result<PrometheusBuilder, RecorderError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .map_err(|e| RecorderError(e.to_string()))
 }
 
 fn describe_all() {

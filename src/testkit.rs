@@ -7,8 +7,10 @@
 //! What only a process shows (signals, `kill -9`, exit codes, configuration errors at start, the
 //! listening line) is tested by spawning the binary instead.
 //!
-//! The metrics recorder is process-wide: routers started in one test process share it, so a test
-//! that asserts a metric's value either spawns the binary or uses labels no other test touches.
+//! The metrics recorder is process-wide: routers started with [`TestRouter::start`] in one test
+//! process share it. A test that asserts a metric's value starts its router with
+//! [`TestRouter::start_counting`] on a current-thread runtime (the default of `#[tokio::test]`):
+//! that router records into a recorder of the test's thread alone, and its `/metrics` shows it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -23,6 +25,8 @@ pub struct TestRouter {
     /// The ops listener (`/metrics`, `/healthz`, `/readyz`).
     pub ops_addr: SocketAddr,
     serving: Option<Serving>,
+    /// Keeps the test thread's own recorder current (see [`TestRouter::start_counting`]).
+    _own_metrics: Option<metrics::LocalRecorderGuard<'static>>,
 }
 
 impl TestRouter {
@@ -35,6 +39,27 @@ impl TestRouter {
     /// the config names (`api_key_env`, `master_key_env`, ...) given here instead of read from
     /// the process environment.
     pub async fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Result<Self, String> {
+        Self::launch(config_toml, env, false).await
+    }
+
+    /// Like [`TestRouter::start_with_env`], with metrics of its own: what the router records on
+    /// this thread goes to a recorder that no other router shares, so a test can assert exact
+    /// values. Needs a current-thread runtime (every task of the router then runs on this
+    /// thread), and one such router per test.
+    pub async fn start_counting(config_toml: &str, env: &[(&str, &str)]) -> Result<Self, String> {
+        if tokio::runtime::Handle::current().runtime_flavor()
+            != tokio::runtime::RuntimeFlavor::CurrentThread
+        {
+            return Err("start_counting needs a current-thread runtime".to_owned());
+        }
+        Self::launch(config_toml, env, true).await
+    }
+
+    async fn launch(
+        config_toml: &str,
+        env: &[(&str, &str)],
+        own_metrics: bool,
+    ) -> Result<Self, String> {
         // One crypto provider for the process, as the binary's `main` installs it.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let pairs: Vec<(String, String)> = env
@@ -49,13 +74,20 @@ impl TestRouter {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
         };
-        let serving = Serving::start(&config, &lookup)
-            .await
-            .map_err(|e| format!("router does not start: {e}"))?;
+        let (serving, guard) = if own_metrics {
+            let (metrics, guard) = crate::telemetry::install_on_this_thread()
+                .map_err(|e| format!("metrics recorder: {e}"))?;
+            let serving = Serving::start_with_metrics(&config, &lookup, metrics).await;
+            (serving, Some(guard))
+        } else {
+            (Serving::start(&config, &lookup).await, None)
+        };
+        let serving = serving.map_err(|e| format!("router does not start: {e}"))?;
         Ok(Self {
             addr: serving.addr,
             ops_addr: serving.ops_addr,
             serving: Some(serving),
+            _own_metrics: guard,
         })
     }
 

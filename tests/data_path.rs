@@ -98,7 +98,7 @@ async fn a_channel_thread_reply_strips_the_mention_and_encodes_the_conversation_
 
 #[tokio::test]
 async fn events_without_an_answer_are_accepted_and_counted() {
-    let (mock, router) = start_process("").await;
+    let (mock, router) = start_counting("").await;
     let client = http();
     let token = mock.token_for(APP_ID);
     for name in [
@@ -189,7 +189,7 @@ async fn an_invoke_is_answered_synchronously_with_the_bots_invoke_response() {
 
 #[tokio::test]
 async fn a_redelivered_invoke_gets_the_original_invoke_response_concurrently_and_later() {
-    let (mock, router) = start_process("").await;
+    let (mock, router) = start_counting("").await;
     // A slow connector keeps the turn (and so the original request) busy a while.
     mock.set_connector_latency(Duration::from_millis(300));
     let mut activity = fixture("invoke-adaptivecard-action.json");
@@ -225,7 +225,7 @@ async fn a_redelivered_invoke_gets_the_original_invoke_response_concurrently_and
 
 #[tokio::test]
 async fn a_redelivered_activity_is_answered_once_also_when_concurrent() {
-    let (mock, router) = start_process("").await;
+    let (mock, router) = start_counting("").await;
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
@@ -340,7 +340,7 @@ async fn many_conversations_under_concurrency_are_answered_once_each_in_order() 
 
 #[tokio::test]
 async fn a_panicking_turn_is_restarted_without_losing_queued_activities() {
-    let (mock, router) = start_process("[testing]\npanic_trigger = \"boom\"\n").await;
+    let (mock, router) = start_counting("[testing]\npanic_trigger = \"boom\"\n").await;
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
@@ -400,7 +400,7 @@ async fn a_panicking_turn_is_restarted_without_losing_queued_activities() {
 
 #[tokio::test]
 async fn connector_throttling_is_retried_after_retry_after() {
-    let (mock, router) = start_process("").await;
+    let (mock, router) = start_counting("").await;
     mock.push_connector_faults([ConnectorFault::Throttle {
         retry_after_secs: 1,
     }]);
@@ -443,7 +443,7 @@ async fn connector_throttling_is_retried_after_retry_after() {
 
 #[tokio::test]
 async fn ambiguous_5xx_is_retried_and_counted_apart_and_other_4xx_is_not_retried() {
-    let (mock, router) = start_process("").await;
+    let (mock, router) = start_counting("").await;
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
@@ -490,7 +490,7 @@ async fn ambiguous_5xx_is_retried_and_counted_apart_and_other_4xx_is_not_retried
 
 #[tokio::test]
 async fn a_connector_401_refreshes_the_token_once_and_retries() {
-    let (mock, router) = start_process("").await;
+    let (mock, router) = start_counting("").await;
     let client = http();
     let url = router.callback_url("teams_prod");
     let token = mock.token_for(APP_ID);
@@ -692,7 +692,7 @@ async fn http2_prior_knowledge_is_served() {
 
 #[tokio::test]
 async fn metrics_are_exported_from_the_first_scrape_and_count_traffic() {
-    let (mock, router) = start_process("").await;
+    let (mock, router) = start_counting("").await;
     let first = metrics(&router).await;
     for name in [
         "teams_router_activities_received_total",

@@ -212,7 +212,7 @@ async fn oversized_tokens_and_header_floods_are_refused() {
 
 #[tokio::test]
 async fn slow_senders_are_cut_off_and_others_served_meanwhile() {
-    let (mock, router) = start_process_with_env(&[
+    let (mock, router) = start_counting_with_env(&[
         ("TEAMS_ROUTER__SERVER__HEADER_READ_TIMEOUT_MS", "500"),
         ("TEAMS_ROUTER__SERVER__BODY_READ_TIMEOUT_MS", "500"),
     ])
@@ -331,7 +331,7 @@ async fn odd_integration_ids_and_paths_reach_no_integration() {
 
 #[tokio::test]
 async fn service_urls_at_private_addresses_are_refused_even_with_a_valid_token() {
-    let (mock, router) = start_process_with_env(&[(
+    let (mock, router) = start_counting_with_env(&[(
         "TEAMS_ROUTER__CONNECTOR__ALLOWED_SERVICE_HOSTS",
         r#"["botframework.com", "smba.trafficmanager.net", "10.0.0.8"]"#,
     )])

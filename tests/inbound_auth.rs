@@ -12,7 +12,7 @@ use serde_json::json;
 
 #[tokio::test]
 async fn every_inbound_check_refuses_with_its_status_and_no_reply() {
-    let (mock, router) = start_process("").await;
+    let (mock, router) = start_counting("").await;
     let client = http();
     let prod = router.callback_url("teams_prod");
     let single = router.callback_url("teams_single");

@@ -166,8 +166,27 @@ pub async fn start_with_env(env: &[(&str, &str)]) -> (MockMicrosoft, TestRouter)
     (mock, router)
 }
 
+/// Like [`start`], with metrics of the router's own (`TestRouter::start_counting`): for a test
+/// that asserts metric values, on a current-thread runtime (`#[tokio::test]`).
+pub async fn start_counting(extra: &str) -> (MockMicrosoft, TestRouter) {
+    let mock = mock().await;
+    let router = TestRouter::start_counting(&config(&mock, extra), &[])
+        .await
+        .expect("router starts");
+    (mock, router)
+}
+
+/// [`start_counting`] with `TEAMS_ROUTER__SECTION__KEY` overrides.
+pub async fn start_counting_with_env(env: &[(&str, &str)]) -> (MockMicrosoft, TestRouter) {
+    let mock = mock().await;
+    let router = TestRouter::start_counting(&config(&mock, ""), env)
+        .await
+        .expect("router starts");
+    (mock, router)
+}
+
 /// Like [`start`], with the router binary in a process of its own: for tests of what only a
-/// process shows (signals, exit codes, logs) and tests that assert metric values.
+/// process shows (signals, exit codes, logs), and for metric values on a multi-thread runtime.
 pub async fn start_process(extra: &str) -> (MockMicrosoft, RouterProcess) {
     let mock = mock().await;
     let router = RouterProcess::spawn(&binary(), &config(&mock, extra))
