@@ -347,19 +347,41 @@ async fn the_openai_backend_sends_the_system_prompt_and_history_and_reads_the_st
     .await;
     let token = mock.token_for(APP_ID);
     let client = http();
-    for (n, text) in ["one", "two", "three"].iter().enumerate() {
-        let activity = personal_message(&mock, "conv-model", &format!("o{n}"), text);
-        let (status, _) = post(
-            &client,
-            &router.callback_url("teams_model"),
-            Some(&token),
-            &activity,
-        )
-        .await;
-        assert_eq!(status, 200);
-        mock.wait_for_activities(n + 1, Duration::from_secs(10))
-            .await;
-    }
+    // Each message is answered before the next is sent.
+    let say = |texts: &'static [&'static str]| {
+        let (client, url, token, mock) = (
+            client.clone(),
+            router.callback_url("teams_model"),
+            token.clone(),
+            mock.clone(),
+        );
+        async move {
+            for text in texts {
+                let answered = mock.activities().len();
+                let activity = personal_message(&mock, "conv-model", &format!("m-{text}"), text);
+                let (status, _) = post(&client, &url, Some(&token), &activity).await;
+                assert_eq!(status, 200);
+                mock.wait_for_activities(answered + 1, Duration::from_secs(10))
+                    .await;
+            }
+        }
+    };
+    // The chat messages a request to the model carried, as `role: content`.
+    let messages = |request: &Value| -> Vec<String> {
+        request["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}: {}",
+                    m["role"].as_str().unwrap(),
+                    m["content"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    say(&["one", "two", "three"]).await;
     let replies = mock.activities();
     let said: Vec<&str> = replies.iter().map(|r| r.text()).collect();
     assert_eq!(
@@ -371,51 +393,26 @@ async fn the_openai_backend_sends_the_system_prompt_and_history_and_reads_the_st
     let third = &requests[2].1;
     assert_eq!(third["model"], "test-model");
     assert_eq!(third["stream"], true);
-    let messages: Vec<(&str, &str)> = third["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
-        .collect();
     assert_eq!(
-        messages,
+        messages(third),
         [
-            ("system", "You are terse."),
-            ("user", "one"),
-            ("assistant", "Answer number 1"),
-            ("user", "two"),
-            ("assistant", "Answer number 2"),
-            ("user", "three"),
+            "system: You are terse.",
+            "user: one",
+            "assistant: Answer number 1",
+            "user: two",
+            "assistant: Answer number 2",
+            "user: three",
         ]
     );
 
     // After ///reset the model starts from nothing: the router's confirmation is not a turn.
-    for (n, text) in ["///reset", "four"].iter().enumerate() {
-        let activity = personal_message(&mock, "conv-model", &format!("r{n}"), text);
-        let (status, _) = post(
-            &client,
-            &router.callback_url("teams_model"),
-            Some(&token),
-            &activity,
-        )
-        .await;
-        assert_eq!(status, 200);
-        mock.wait_for_activities(4 + n, Duration::from_secs(10))
-            .await;
-    }
-    let replies = mock.activities();
-    assert_eq!(replies[3].text(), "Started a new session.");
+    say(&["///reset", "four"]).await;
+    assert_eq!(mock.activities()[3].text(), "Started a new session.");
     let requests = requests_seen.lock().unwrap().clone();
     assert_eq!(requests.len(), 4, "///reset is answered by the router");
-    let messages: Vec<(&str, &str)> = requests[3].1["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
-        .collect();
     assert_eq!(
-        messages,
-        [("system", "You are terse."), ("user", "four")],
+        messages(&requests[3].1),
+        ["system: You are terse.", "user: four"],
         "nothing of the old session, not even the reset confirmation"
     );
 }
