@@ -3,7 +3,8 @@
 # what the tests need beyond cargo, when missing:
 #   redis-server and promtool (Debian packages redis-server and prometheus, with apt as root);
 #   schemathesis (PyPI), into a virtual environment of the project's own (target/tools/venv).
-# Then it runs the default suite (`cargo test --workspace`) and the smoke load run.
+# Then it runs the default suite (`cargo test --workspace`; the smoke load scenario is one of its
+# tests, `tests/load.rs`, against the debug router).
 # `--long` (or TEAMS_ROUTER_LONG=1) runs every test at its full size (README, "Testing").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,9 +46,12 @@ export PATH="$PWD/$venv/bin:$PATH"
 echo "tools: $(redis-server --version | cut -d' ' -f1-3), $(promtool --version 2>&1 | head -1 | cut -d' ' -f1-3), schemathesis $(schemathesis --version | awk '{print $NF}')"
 
 cargo test --workspace
-# The smoke load run against the release router. Both binaries come from one build, so cargo
-# resolves features once and compiles each crate once (`cargo run -p loadtest` and the router
-# built on its own would each resolve their own set, and rebuild most of the graph).
-cargo build --release -p teams-router -p loadtest --bins
-target_dir="${CARGO_TARGET_DIR:-target}"
-TEAMS_ROUTER_BIN="$target_dir/release/teams-router" "$target_dir/release/loadtest" smoke
+
+# Long mode: the smoke load run against the release router too. Both binaries come from one
+# build, so cargo resolves features once and compiles each crate once (`cargo run -p loadtest`
+# and the router built on its own would each resolve their own set, and rebuild most of the graph).
+if [ "${TEAMS_ROUTER_LONG:-0}" != 0 ]; then
+  cargo build --release -p teams-router -p loadtest --bins
+  target_dir="${CARGO_TARGET_DIR:-target}"
+  TEAMS_ROUTER_BIN="$target_dir/release/teams-router" "$target_dir/release/loadtest" smoke
+fi
