@@ -440,25 +440,23 @@ impl Front {
                     Ok(Ok(Some(response))) => response,
                     // The turn ended without an InvokeResponse (the bot gave none, or failed).
                     Ok(_) => return Ok(empty(StatusCode::NOT_IMPLEMENTED)),
-                    Err(_) if !pending.card_action => {
-                        self.events.record(
-                            &integration.id,
-                            EventDraft::new("invoke.timeout").message(format!(
-                                "the bot did not answer the invoke within {} ms; Teams got 501",
-                                self.invoke_timeout.as_millis()
-                            )),
-                        );
-                        return Ok(empty(StatusCode::NOT_IMPLEMENTED));
-                    }
                     Err(_) => {
                         tracing::warn!(integration = %integration.id, "invoke answer missed its deadline");
+                        let answered_with = if pending.card_action {
+                            "an error card"
+                        } else {
+                            "501"
+                        };
                         self.events.record(
                             &integration.id,
                             EventDraft::new("invoke.timeout").message(format!(
-                                "the bot did not answer the invoke within {} ms; Teams got an error body",
+                                "the bot did not answer the invoke within {} ms; Teams got {answered_with}",
                                 self.invoke_timeout.as_millis()
                             )),
                         );
+                        if !pending.card_action {
+                            return Ok(empty(StatusCode::NOT_IMPLEMENTED));
+                        }
                         InvokeResponse::error("Timeout", "the bot did not answer in time")
                     }
                 };
