@@ -18,6 +18,7 @@ use crate::admin::setup::SetupChecker;
 use crate::admin::{self, Admin, AdminParts, Vault};
 use crate::auth::{KeyStore, Verifier};
 use crate::backend::BackendClient;
+use crate::backend::egress::EgressPolicy;
 use crate::config::Config;
 use crate::connector::{self, Connector, TokenProvider};
 use crate::conversation::admission::Gate;
@@ -55,6 +56,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("secrets at rest: {0}")]
     Secrets(#[from] SecretError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Logs go to stderr (`RUST_LOG` filters, default `info`); stdout carries the listening line.
@@ -112,6 +115,13 @@ impl Router {
             &config.microsoft.oauth_scope,
         );
         let connector = Arc::new(Connector::new(http.clone(), tokens, &config.connector));
+        let egress = Arc::new(
+            EgressPolicy::new(
+                &config.security.backend_allow,
+                &config.security.backend_deny,
+            )
+            .map_err(AppError::Config)?,
+        );
         let (stop_store_tasks, store_stopped) = watch::channel(false);
         let instance_id = config.storage.instance_id();
         let store = Arc::new(Store::open(&config.storage, &instance_id).await?);
@@ -159,10 +169,11 @@ impl Router {
             contacts: Some(Arc::clone(&contacts)),
             addresses: Some(Arc::clone(&addresses)),
             backends: BackendClient {
-                http: reqwest::Client::builder()
-                    .connect_timeout(Duration::from_millis(config.backend.connect_timeout_ms))
-                    .pool_idle_timeout(Duration::from_secs(30))
-                    .build()?,
+                http: BackendClient::http_client(
+                    &egress,
+                    Duration::from_millis(config.backend.connect_timeout_ms),
+                )?,
+                egress: Arc::clone(&egress),
                 webhook_timeout: Duration::from_millis(config.backend.webhook_timeout_ms),
                 openai_timeout: Duration::from_millis(config.backend.openai_timeout_ms),
                 openai_history_max_chars: config.backend.openai_history_max_chars,
@@ -245,6 +256,7 @@ impl Router {
                 readiness: Arc::clone(&readiness),
                 addresses: Arc::clone(&addresses),
                 connector: Arc::clone(&connector),
+                egress,
             },
             config,
         );

@@ -350,6 +350,11 @@ pub struct SecurityConfig {
     /// During a rotation: the previous master key, still accepted for reading; records sealed
     /// with it are sealed again with the current key at start.
     pub previous_master_key_env: Option<String>,
+    /// Backend destinations allowed beyond the default (https to public addresses): CIDRs,
+    /// addresses or host patterns (`*.corp.example.com`); a covered destination may use http.
+    pub backend_allow: Vec<String>,
+    /// Backend destinations refused whatever else allows them (same forms).
+    pub backend_deny: Vec<String>,
 }
 
 /// The bots' backends.
@@ -734,6 +739,24 @@ impl Config {
                     "integration {}: botFrameworkAppId is set but botFrameworkAppSecret \
                      (or botFrameworkAppSecretEnv) is missing",
                     integration.id
+                ));
+            }
+        }
+        let egress = crate::backend::egress::EgressPolicy::new(
+            &self.security.backend_allow,
+            &self.security.backend_deny,
+        )
+        .map_err(ConfigError::Invalid)?;
+        for bot in &self.bots {
+            let (field, url) = match &bot.backend {
+                BackendSpec::Echo { .. } => continue,
+                BackendSpec::Webhook { url, .. } => ("url", url),
+                BackendSpec::Openai { base_url, .. } => ("baseUrl", base_url),
+            };
+            if let Err(refused) = egress.screen(url) {
+                return invalid(format!(
+                    "bot {}: backend.{field} {url:?} is refused: {refused}",
+                    bot.id
                 ));
             }
         }

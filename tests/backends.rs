@@ -532,3 +532,204 @@ async fn every_event_fixture_reaches_the_webhook_typed_and_in_order_and_invokes_
         "no message for an unanswered or failed invoke"
     );
 }
+
+const ACCOUNT_KEY: &str = "egress-test-key";
+const LOOPBACK_ALLOWED: &str = "backend_allow = [\"127.0.0.0/8\"]";
+
+/// Creates a bot through the management API; the status and the body.
+async fn create_bot(router: &TestRouter, backend: Value) -> (u16, Value) {
+    let response = http()
+        .post(format!("{}/api/v1/bot/create", router.base_url()))
+        .bearer_auth(ACCOUNT_KEY)
+        .json(&json!({ "backend": backend }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn events_of(router: &TestRouter, integration: &str) -> Vec<Value> {
+    let body: Value = http()
+        .get(format!(
+            "{}/api/v1/integration/teams/{integration}/event/list?take=500",
+            router.base_url()
+        ))
+        .bearer_auth(ACCOUNT_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// Issue 15, point 1: a management API caller cannot point a backend into the router's own
+/// network (loopback, metadata, private ranges), not with an address, a name, a redirect, nor a
+/// record stored before the policy changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_cannot_reach_internal_addresses() {
+    // An internal service whose answer must never reach Teams, and a backend that redirects to it.
+    let internal_hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hits = Arc::clone(&internal_hits);
+    let internal = serve(move |_request| {
+        let hits = Arc::clone(&hits);
+        async move {
+            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            reply(200, "text/plain", "INTERNAL-SECRET".into())
+        }
+    })
+    .await;
+    let redirector = serve(move |_request| async move {
+        let mut response = reply(302, "text/plain", String::new());
+        response
+            .headers_mut()
+            .insert("location", format!("http://{internal}/").parse().unwrap());
+        response
+    })
+    .await;
+
+    let mock = loadtest::mock::MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let state = scratch_dir("egress");
+    let storage = format!("[storage]\npath = {state:?}\n");
+    let account = format!("[[accounts]]\nid = \"ops\"\napi_key = \"{ACCOUNT_KEY}\"\n");
+
+    // The default policy: https to public addresses only.
+    let strict = config_with_storage(&mock, &storage, &account).replace(LOOPBACK_ALLOWED, "");
+    let mut router = TestRouter::start(&strict).await.expect("router starts");
+    for (backend, field) in [
+        (
+            json!({"kind": "webhook", "url": format!("http://{internal}/")}),
+            "backend.url",
+        ),
+        (
+            json!({"kind": "webhook", "url": format!("https://{internal}/")}),
+            "backend.url",
+        ),
+        (
+            json!({"kind": "webhook", "url": "https://169.254.169.254/latest/meta-data/"}),
+            "backend.url",
+        ),
+        (
+            json!({"kind": "webhook", "url": "https://10.0.0.8/hook"}),
+            "backend.url",
+        ),
+        (
+            json!({"kind": "webhook", "url": "https://[::ffff:192.168.0.1]/hook"}),
+            "backend.url",
+        ),
+        (
+            json!({"kind": "webhook", "url": "https://100.64.0.1/hook"}),
+            "backend.url",
+        ),
+        (
+            json!({"kind": "webhook", "url": format!("https://localhost:{}/", internal.port())}),
+            "backend.url",
+        ),
+        (
+            json!({"kind": "webhook", "url": "http://bots.example.com/hook"}),
+            "backend.url",
+        ),
+        (
+            json!({"kind": "openai", "baseUrl": "https://[fd00::1]/v1", "model": "m"}),
+            "backend.baseUrl",
+        ),
+    ] {
+        let (status, body) = create_bot(&router, backend.clone()).await;
+        assert_eq!(status, 400, "{backend} was accepted: {body}");
+        assert_eq!(body["error"]["field"], field, "{body}");
+    }
+    // A config entry is held to the same policy.
+    let seeded = format!(
+        "{account}[[bots]]\nid = \"internal\"\nbackend = {{ kind = \"webhook\", url = \"http://{internal}/\" }}\n"
+    );
+    let refused = TestRouter::start(
+        &config_with_storage(&mock, &storage, &seeded).replace(LOOPBACK_ALLOWED, ""),
+    )
+    .await
+    .err()
+    .expect("a config bot pointing at loopback is refused");
+    assert!(refused.to_string().contains("bot internal"), "{refused}");
+    router.terminate(Duration::from_secs(10)).await.unwrap();
+
+    // Loopback allowed: a backend there that redirects is not followed.
+    let open = config_with_storage(&mock, &storage, &account);
+    let mut router = TestRouter::start(&open).await.expect("router starts");
+    let (status, body) = create_bot(
+        &router,
+        json!({"kind": "webhook", "url": format!("http://{redirector}/")}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let redirecting = body["id"].as_str().unwrap().to_owned();
+    let (status, body) = create_bot(
+        &router,
+        json!({"kind": "webhook", "url": format!("http://{internal}/")}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let direct = body["id"].as_str().unwrap().to_owned();
+    let mut integrations = Vec::new();
+    for bot in [&redirecting, &direct] {
+        let body: Value = http()
+            .post(format!("{}/api/v1/integration/teams/create", router.base_url()))
+            .bearer_auth(ACCOUNT_KEY)
+            .json(&json!({"botId": bot, "botFrameworkAppId": APP_ID, "botFrameworkAppSecret": APP_SECRET}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        integrations.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let token = mock.token_for(APP_ID);
+    let activity = personal_message(&mock, "conv-redirect", "r1", "hello");
+    let (status, _) = post(
+        &http(),
+        &router.callback_url(&integrations[0]),
+        Some(&token),
+        &activity,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let counts = wait_for_replies(&mock, &["r1".into()], Duration::from_secs(20)).await;
+    assert_eq!(counts.get("r1"), Some(&1));
+    router.terminate(Duration::from_secs(10)).await.unwrap();
+
+    // The policy tightened after the bot was saved: the call is refused, and the log says why.
+    let mut router = TestRouter::start(&strict).await.expect("router starts");
+    let activity = personal_message(&mock, "conv-direct", "d1", "hello");
+    let (status, _) = post(
+        &http(),
+        &router.callback_url(&integrations[1]),
+        Some(&token),
+        &activity,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let counts = wait_for_replies(&mock, &["d1".into()], Duration::from_secs(20)).await;
+    assert_eq!(counts.get("d1"), Some(&1));
+    let events = events_of(&router, &integrations[1]).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "backend.error" && e.to_string().contains("outbound policy")),
+        "{events:?}"
+    );
+    router.terminate(Duration::from_secs(10)).await.unwrap();
+
+    assert_eq!(
+        internal_hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the internal service was reached"
+    );
+    for reply in mock.activities() {
+        assert!(
+            !reply.text().contains("INTERNAL-SECRET"),
+            "the internal answer reached Teams"
+        );
+    }
+}

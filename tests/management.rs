@@ -1044,16 +1044,19 @@ async fn secrets_are_sealed_at_rest_and_the_master_key_rotates() {
         .to_owned();
     let new_key = "a".repeat(64);
     let mock = start_mock().await;
-    let rotation = "\n[security]\nmaster_key_env = \"TR_MASTER_KEY\"\nprevious_master_key_env = \"TR_OLD_MASTER_KEY\"\n";
-    let config = config_with_storage(
-        &mock,
-        &storage.table(&dir, ""),
-        &format!("{}{rotation}", accounts()),
-    );
+    let config = config_with_storage(&mock, &storage.table(&dir, ""), &accounts());
     let mut router = RouterProcess::spawn_with_env(
         &binary(),
         &config,
-        &[("TR_MASTER_KEY", &new_key), ("TR_OLD_MASTER_KEY", &old_key)],
+        &[
+            ("TEAMS_ROUTER__SECURITY__MASTER_KEY_ENV", "TR_MASTER_KEY"),
+            (
+                "TEAMS_ROUTER__SECURITY__PREVIOUS_MASTER_KEY_ENV",
+                "TR_OLD_MASTER_KEY",
+            ),
+            ("TR_MASTER_KEY", &new_key),
+            ("TR_OLD_MASTER_KEY", &old_key),
+        ],
     )
     .await
     .expect("router starts with the rotated key");
@@ -1073,15 +1076,17 @@ async fn secrets_are_sealed_at_rest_and_the_master_key_rotates() {
         .expect("router stops");
 
     // Resealed at that start: the old key is no longer needed.
-    let rotated = "\n[security]\nmaster_key_env = \"TR_MASTER_KEY\"\n";
-    let config = config_with_storage(
-        &mock,
-        &storage.table(&dir, ""),
-        &format!("{}{rotated}", accounts()),
-    );
-    let router = RouterProcess::spawn_with_env(&binary(), &config, &[("TR_MASTER_KEY", &new_key)])
-        .await
-        .expect("router starts");
+    let config = config_with_storage(&mock, &storage.table(&dir, ""), &accounts());
+    let router = RouterProcess::spawn_with_env(
+        &binary(),
+        &config,
+        &[
+            ("TEAMS_ROUTER__SECURITY__MASTER_KEY_ENV", "TR_MASTER_KEY"),
+            ("TR_MASTER_KEY", &new_key),
+        ],
+    )
+    .await
+    .expect("router starts");
     let api = Api::new(&router, ACME_KEY);
     assert_eq!(
         api.ok(

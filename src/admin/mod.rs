@@ -29,7 +29,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use crate::config::{
-    AdminConfig, BotRecord, Config, DEFAULT_SESSION_DURATION_MS, IntegrationRecord,
+    AdminConfig, BackendSpec, BotRecord, Config, DEFAULT_SESSION_DURATION_MS, IntegrationRecord,
 };
 use crate::conversation::Directory;
 use crate::registry::{Bot, Integration, Owner, Registry, SetupResult, SetupStatus};
@@ -199,6 +199,8 @@ pub struct AdminParts {
     /// Where proactive messages go, learned from traffic.
     pub addresses: Arc<proactive::AddressBook>,
     pub connector: Arc<crate::connector::Connector>,
+    /// Where backends may point (`[security] backend_allow` / `backend_deny`).
+    pub egress: Arc<crate::backend::egress::EgressPolicy>,
 }
 
 pub struct Admin {
@@ -501,11 +503,32 @@ impl Admin {
 
     // --- bots -----------------------------------------------------------------------------
 
+    /// 400 naming the field when the outbound policy refuses the backend's URL.
+    async fn check_destination(&self, backend: &BackendSpec) -> Result<(), ApiError> {
+        let (field, url) = match backend {
+            BackendSpec::Echo { .. } => return Ok(()),
+            BackendSpec::Webhook { url, .. } => ("backend.url", url),
+            BackendSpec::Openai { base_url, .. } => ("backend.baseUrl", base_url),
+        };
+        self.parts
+            .egress
+            .admit(url)
+            .await
+            .map(drop)
+            .map_err(|refused| {
+                ApiError::from(model::Invalid::field(
+                    field,
+                    format!("{field}: {url:?} is refused by the outbound policy: {refused}"),
+                ))
+            })
+    }
+
     async fn create_bot(&self, account: &str, body: &[u8]) -> ApiResult {
         let input: model::CreateBot = model::parse_body(body)?;
         model::check_text("name", input.name.as_deref(), 256)?;
         model::check_text("description", input.description.as_deref(), 4096)?;
         model::check_backend(&input.backend)?;
+        self.check_destination(&input.backend).await?;
         let _guard = self.write_lock.lock().await;
         let record = BotRecord {
             id: new_id("bot"),
@@ -561,6 +584,7 @@ impl Admin {
                 );
             }
             model::check_backend(&backend)?;
+            self.check_destination(&backend).await?;
             record.backend = backend;
         }
         let mut owner = current.owner.clone();

@@ -2,6 +2,7 @@
 //! history) and answers with a message text and, for invokes, the InvokeResponse. It knows
 //! nothing of Teams' wire protocol.
 
+pub mod egress;
 pub mod openai;
 pub mod webhook;
 
@@ -25,13 +26,45 @@ pub struct TurnInput<'a> {
     pub activity: &'a TurnActivity,
 }
 
-/// What backends share: the HTTP client and the limits.
+/// What backends share: the HTTP client, the outbound policy and the limits.
 pub struct BackendClient {
+    /// Built by [`BackendClient::http_client`]: no redirects, no proxy, the policy's resolver.
     pub http: reqwest::Client,
+    pub egress: std::sync::Arc<egress::EgressPolicy>,
     pub webhook_timeout: Duration,
     pub openai_timeout: Duration,
     /// Characters of history sent to a model at most.
     pub openai_history_max_chars: usize,
+}
+
+impl BackendClient {
+    /// The client backends are called with: it follows no redirect (a 302 would turn the POST
+    /// into a GET to wherever the backend points), ignores proxy variables (the policy judges
+    /// the destination, not a proxy) and connects only to addresses the policy allows.
+    pub fn http_client(
+        egress: &std::sync::Arc<egress::EgressPolicy>,
+        connect_timeout: Duration,
+    ) -> reqwest::Result<reqwest::Client> {
+        reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(egress::PolicyResolver {
+                policy: std::sync::Arc::clone(egress),
+            })
+            .build()
+    }
+
+    /// The URL a backend may be called at, or why not (checked before every call: the policy
+    /// may have changed since the backend was saved, and address hosts never reach the resolver).
+    pub fn screen(&self, field: &str, url: &str) -> Result<(), BackendError> {
+        self.egress.screen(url).map(drop).map_err(|refused| {
+            BackendError::Failed(format!(
+                "backend.{field} is refused by the outbound policy: {refused}"
+            ))
+        })
+    }
 }
 
 /// The synchronous answer to an `invoke` activity (protocol.md §5.2).
@@ -190,12 +223,14 @@ impl Backend {
                 Ok(answer)
             }
             Self::Webhook(hook) => {
+                client.screen("url", &hook.url)?;
                 hook.answer(&client.http, client.webhook_timeout, input, deltas)
                     .await
             }
             // A model answers messages; other activities (invokes, reactions) get nothing.
             Self::OpenAi(_) if input.activity.kind != "message" => Ok(Answer::default()),
             Self::OpenAi(model) => {
+                client.screen("baseUrl", &model.base_url)?;
                 model
                     .answer(
                         &client.http,

@@ -66,6 +66,10 @@ body_limit_bytes = 65536
 openid_metadata_url = "{metadata}"
 login_url = "{login}"
 
+[security]
+# The mock webhooks and model servers listen on loopback.
+backend_allow = ["127.0.0.0/8"]
+
 [connector]
 backoff_base_ms = 20
 backoff_max_ms = 200
