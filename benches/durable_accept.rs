@@ -35,7 +35,7 @@ fn reaction(conversation: usize, id: usize) -> Bytes {
 async fn measure(label: &str, storage: &str) {
     let config = format!(
         "{storage}\n[conversation]\nmailbox_capacity = 100000\n[[bots]]\nid = \"echo\"\nbackend = {{ kind = \"echo\" }}\n\
-         [[integrations]]\nid = \"dev\"\nbotId = \"echo\"\n"
+         [[integrations]]\nid = \"dev\"\nbotId = \"echo\"\ndevelopment = true\n"
     );
     let config = Config::from_sources(&config, Vec::new()).expect("config");
     let router = Router::build(&config, &|_| None).await.expect("router");

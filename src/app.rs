@@ -115,6 +115,14 @@ impl Router {
             &config.microsoft.oauth_scope,
         );
         let connector = Arc::new(Connector::new(http.clone(), tokens, &config.connector));
+        for integration in &config.integrations {
+            if integration.bot_framework_app_id.is_none() && !integration.development {
+                tracing::warn!(
+                    integration = %integration.id,
+                    "no botFrameworkAppId and not development = true: this integration accepts no activity"
+                );
+            }
+        }
         let egress = Arc::new(
             EgressPolicy::new(
                 &config.security.backend_allow,

@@ -524,6 +524,11 @@ pub struct IntegrationRecord {
     pub allow_from: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub meta: BTreeMap<String, serde_json::Value>,
+    /// Development mode (config only, never through the API): no App ID, unsigned activities
+    /// from loopback peers, replies only to loopback service URLs. Refused unless `server.listen`
+    /// is a loopback address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub development: bool,
 }
 
 fn default_session_duration() -> u64 {
@@ -708,6 +713,11 @@ impl Config {
                 return invalid(format!("bots: duplicate id {:?}", bot.id));
             }
         }
+        let listen_is_loopback = self
+            .server
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
         let mut seen_integrations = std::collections::HashSet::new();
         for integration in &self.integrations {
             check_id("integrations", &integration.id)?;
@@ -734,6 +744,21 @@ impl Config {
                 .bot_framework_app_secret
                 .as_deref()
                 .is_some_and(|s| !s.is_empty());
+            if integration.development && has_app_id {
+                return invalid(format!(
+                    "integration {}: development = true is for an integration without \
+                     botFrameworkAppId (unsigned local traffic); remove one of them",
+                    integration.id
+                ));
+            }
+            if integration.development && !listen_is_loopback {
+                return invalid(format!(
+                    "integration {}: development = true accepts unsigned activities from loopback \
+                     peers, so it is allowed only while server.listen is a loopback address \
+                     (it is {:?})",
+                    integration.id, self.server.listen
+                ));
+            }
             if has_app_id && !has_secret {
                 return invalid(format!(
                     "integration {}: botFrameworkAppId is set but botFrameworkAppSecret \

@@ -490,6 +490,7 @@ impl Front {
                     .await
                     .map_err(Rejection::auth)?,
             )),
+            None if !integration.is_development() => Err(Rejection::auth(AuthError::NoCredentials)),
             None if peer.ip().is_loopback() => Ok(None),
             None => Err(Rejection::auth(AuthError::NotLoopback)),
         }

@@ -20,7 +20,7 @@ pub struct Integration {
     pub record: IntegrationRecord,
     /// `id` shared with every conversation of this integration.
     pub id: Arc<str>,
-    /// Bot Framework credentials; `None` is development mode (loopback only, unsigned).
+    /// Bot Framework credentials; `None` accepts nothing, unless in development mode.
     pub credentials: Option<Arc<AppCredentials>>,
     /// Who owns the record and when it changed.
     pub owner: Owner,
@@ -227,8 +227,10 @@ impl Integration {
             .and_then(|c| c.tenant_id.as_deref())
     }
 
+    /// Development mode: said so in the config, and no App ID (an integration without one that
+    /// is not in development mode accepts nothing).
     pub fn is_development(&self) -> bool {
-        self.credentials.is_none()
+        self.record.development && self.credentials.is_none()
     }
 }
 
@@ -332,7 +334,7 @@ impl Registry {
 
     /// True when at least one integration verifies tokens (so readiness needs signing keys).
     pub fn needs_signing_keys(&self) -> bool {
-        self.integrations.iter().any(|e| !e.is_development())
+        self.integrations.iter().any(|e| e.credentials.is_some())
     }
 }
 

@@ -120,6 +120,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "serviceurl_mismatch",
     "tenant_mismatch",
     "not_loopback",
+    "no_credentials",
     "discovery_unavailable",
     "malformed_json",
     "missing_field",

@@ -361,6 +361,92 @@ async fn development_mode_takes_unsigned_loopback_activities_and_replies_unauthe
     assert_eq!(mock.token_requests(), 0);
 }
 
+/// Issue 15, point 4: development mode is what the config says, not what a missing App ID
+/// implies. An integration created through the API without credentials accepts nothing (even from
+/// loopback, which is every client behind a same-host proxy), and a development integration is
+/// refused outright on a listener that is not loopback.
+#[tokio::test]
+async fn only_a_config_development_integration_takes_unsigned_activities() {
+    let key = "dev-mode-test-key";
+    let (mock, router) = start(&format!(
+        "[[accounts]]\nid = \"ops\"\napi_key = \"{key}\"\n"
+    ))
+    .await;
+    mock.set_connector_requires_auth(false);
+    let client = http();
+    let created: serde_json::Value = client
+        .post(format!(
+            "{}/api/v1/integration/teams/create",
+            router.base_url()
+        ))
+        .bearer_auth(key)
+        .json(&json!({"botId": "echo", "name": "no credentials"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().expect("created").to_owned();
+    let activity = personal_message(&mock, "nocred-1", "1", "let me in");
+    let (status, body) = post(&client, &router.callback_url(&id), None, &activity).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("no_credentials"), "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let fetched = loop {
+        let fetched: serde_json::Value = client
+            .get(format!(
+                "{}/api/v1/integration/teams/{id}/fetch",
+                router.base_url()
+            ))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if fetched["setupStatus"] != "pending" || std::time::Instant::now() > deadline {
+            break fetched;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(fetched["setupStatus"], "failed", "{fetched}");
+    // The API cannot ask for development mode.
+    let (status, _) = {
+        let response = client
+            .post(format!(
+                "{}/api/v1/integration/teams/create",
+                router.base_url()
+            ))
+            .bearer_auth(key)
+            .json(&json!({"botId": "echo", "development": true}))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), ())
+    };
+    assert_eq!(status, 400);
+    // The configured development integration still works, from loopback.
+    let (status, body) = post(&client, &router.callback_url("teams_dev"), None, &activity).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        mock.wait_for_activities(1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+
+    // On a listener every client can reach, a development integration is a startup error.
+    let public =
+        config(&mock, "").replace("listen = \"127.0.0.1:0\"\n", "listen = \"0.0.0.0:0\"\n");
+    let refused = teams_router::testkit::TestRouter::start(&public)
+        .await
+        .err()
+        .expect("development mode on 0.0.0.0 is refused");
+    assert!(refused.to_string().contains("development"), "{refused}");
+}
+
 /// A token verified (and cached) under a key that Microsoft then retires is verified again at its
 /// next use, and refused. The router runs in this process with the runtime paused, so its
 /// minute-long key refresh interval passes in virtual time.

@@ -24,7 +24,7 @@ fn slow_integrations(prefix: &str, count: usize) -> String {
         String::from("[[bots]]\nid = \"slow\"\nbackend = { kind = \"echo\", wordDelayMs = 50 }\n");
     for i in 0..count {
         toml.push_str(&format!(
-            "\n[[integrations]]\nid = \"{prefix}{i}\"\nbotId = \"slow\"\n"
+            "\n[[integrations]]\nid = \"{prefix}{i}\"\nbotId = \"slow\"\ndevelopment = true\n"
         ));
     }
     toml
@@ -259,7 +259,8 @@ async fn three_times_capacity_is_shed_while_what_is_admitted_stays_fast_and_answ
 async fn one_noisy_integration_does_not_starve_fifty_others() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let mut integrations = slow_integrations("normal_", 50);
-    integrations.push_str("\n[[integrations]]\nid = \"hot\"\nbotId = \"slow\"\n");
+    integrations
+        .push_str("\n[[integrations]]\nid = \"hot\"\nbotId = \"slow\"\ndevelopment = true\n");
     let (mock, router) = start_router(
         &integrations,
         "max_pending_per_integration = 16\nmax_turns_in_flight_per_integration = 4\nmax_turns_in_flight = 64\n",
@@ -411,7 +412,7 @@ async fn one_conversation_past_its_mailbox_is_told_to_retry_while_others_are_ser
     let _alone = ONE_AT_A_TIME.lock().await;
     // A bot that takes 300 ms a word, and room for two waiting activities per conversation.
     let integrations = "[[bots]]\nid = \"slower\"\nbackend = { kind = \"echo\", wordDelayMs = 300 }\n\
-         \n[[integrations]]\nid = \"mb0\"\nbotId = \"slower\"\n\
+         \n[[integrations]]\nid = \"mb0\"\nbotId = \"slower\"\ndevelopment = true\n\
          \n[conversation]\nmailbox_capacity = 2\n";
     let (mock, router) = start_router(integrations, "").await;
     let replies = Replies::default();
@@ -473,7 +474,7 @@ async fn a_busy_conversation_keeps_its_turn_place_for_up_to_eight_turns() {
     let _alone = ONE_AT_A_TIME.lock().await;
     // One place for turns, taking 100 ms each.
     let integrations = "[[bots]]\nid = \"paced\"\nbackend = { kind = \"echo\", wordDelayMs = 100 }\n\
-         \n[[integrations]]\nid = \"kp0\"\nbotId = \"paced\"\n";
+         \n[[integrations]]\nid = \"kp0\"\nbotId = \"paced\"\ndevelopment = true\n";
     let (mock, router) = start_router(
         integrations,
         "max_turns_in_flight = 1\nmax_turns_in_flight_per_integration = 1",

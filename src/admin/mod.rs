@@ -667,6 +667,8 @@ impl Admin {
                 .meta
                 .map(|m| m.into_iter().filter(|(_, v)| !v.is_null()).collect())
                 .unwrap_or_default(),
+            // Never through the API: an integration without credentials accepts nothing.
+            development: false,
         };
         model::check_integration_texts(&record)?;
         let _guard = self.write_lock.lock().await;

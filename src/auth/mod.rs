@@ -50,6 +50,11 @@ pub enum AuthError {
     ServiceUrlMismatch,
     #[error("development-mode integrations accept unsigned activities from loopback peers only")]
     NotLoopback,
+    #[error(
+        "the integration has no App ID: it accepts no activity until botFrameworkAppId and \
+         botFrameworkAppSecret are set"
+    )]
+    NoCredentials,
     #[error("signing keys are unavailable: {0}")]
     DiscoveryUnavailable(String),
 }
@@ -69,6 +74,7 @@ impl AuthError {
             Self::MissingEndorsement(_) => "missing_endorsement",
             Self::ServiceUrlMismatch => "serviceurl_mismatch",
             Self::NotLoopback => "not_loopback",
+            Self::NoCredentials => "no_credentials",
             Self::DiscoveryUnavailable(_) => "discovery_unavailable",
         }
     }

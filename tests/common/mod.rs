@@ -97,6 +97,7 @@ tenantId = "{TENANT}"
 [[integrations]]
 id = "teams_dev"
 botId = "echo"
+development = true
 
 {extra}
 "#,
