@@ -275,6 +275,7 @@ impl Router {
         }
         let front = Arc::new(Front {
             admin,
+            serves_admin: config.admin.listen.is_none(),
             events: event_sink,
             registry,
             verifier,
@@ -388,6 +389,8 @@ pub struct Serving {
     pub addr: SocketAddr,
     /// The ops listener's address (`/metrics`, `/healthz`, `/readyz`).
     pub ops_addr: SocketAddr,
+    /// The management API's own listener (`admin.listen`), if it has one.
+    pub admin_addr: Option<SocketAddr>,
     /// Whether the traffic listener speaks TLS.
     pub tls: bool,
     router: Router,
@@ -427,8 +430,13 @@ impl Serving {
         };
         let listener = bind("server.listen", &config.server.listen).await?;
         let ops_listener = bind("server.ops_listen", &config.server.ops_listen).await?;
+        let admin_listener = match &config.admin.listen {
+            Some(admin) => Some(bind("admin.listen", admin).await?),
+            None => None,
+        };
         let addr = local_addr(&listener);
         let ops_addr = local_addr(&ops_listener);
+        let admin_addr = admin_listener.as_ref().map(local_addr);
         readiness.set_listening();
         tracing::info!(%addr, %ops_addr, integrations = registry.integrations().len(), "teams-router listening");
 
@@ -477,6 +485,19 @@ impl Serving {
             header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
         };
         let drain = Duration::from_millis(config.server.shutdown_timeout_ms);
+        if let Some(admin_listener) = admin_listener {
+            let handler = Arc::new(front::AdminListener {
+                admin: Arc::clone(&router.front.admin),
+            });
+            background_tasks.push(tokio::spawn(front::serve(
+                admin_listener,
+                tls.clone(),
+                handler,
+                limits,
+                front_stopped.clone(),
+                Duration::from_secs(1),
+            )));
+        }
         let front_task = tokio::spawn(front::serve(
             listener,
             tls.clone(),
@@ -497,6 +518,7 @@ impl Serving {
         Ok(Self {
             addr,
             ops_addr,
+            admin_addr,
             tls: tls.is_some(),
             router,
             stop_front,
@@ -534,9 +556,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let scheme = if serving.tls { "https" } else { "http" };
     // One line on stdout that scripts and tests read to find the ports.
     let mut stdout = std::io::stdout();
+    let admin = serving
+        .admin_addr
+        .map(|a| format!(", admin {scheme}://{a}"))
+        .unwrap_or_default();
     let _ = writeln!(
         stdout,
-        "teams-router listening on {scheme}://{} (ops http://{})",
+        "teams-router listening on {scheme}://{} (ops http://{}{admin})",
         serving.addr, serving.ops_addr
     );
     let _ = stdout.flush();

@@ -8,6 +8,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The API key of `config/router.toml`, which anybody can read: loopback listeners only.
+pub const SHIPPED_DEVELOPMENT_API_KEY: &str = "dev-api-key-change-me";
+
 /// Prefix of environment overrides; segments are separated by a double underscore.
 pub const ENV_PREFIX: &str = "TEAMS_ROUTER__";
 
@@ -430,6 +433,12 @@ pub struct AdminConfig {
     pub contact_touch_interval_ms: u64,
     /// Largest management request body.
     pub body_limit_bytes: usize,
+    /// Serves the management API on its own address (say, a private interface); the traffic
+    /// listener then answers only activities. Default: the traffic listener (`server.listen`).
+    pub listen: Option<String>,
+    /// Failed API-key attempts a client address may make in a minute; past them, its requests
+    /// with a wrong or missing key get 429 (a valid key still passes).
+    pub failed_auth_per_minute: u32,
 }
 
 impl Default for AdminConfig {
@@ -442,6 +451,8 @@ impl Default for AdminConfig {
             sync_interval_ms: 2_000,
             contact_touch_interval_ms: 60_000,
             body_limit_bytes: 65_536,
+            listen: None,
+            failed_auth_per_minute: 20,
         }
     }
 }
@@ -632,6 +643,34 @@ impl Config {
                     "{key}: {value:?} is not an address like 127.0.0.1:3978"
                 ));
             }
+        }
+        if let Some(admin) = &self.admin.listen
+            && admin.parse::<SocketAddr>().is_err()
+        {
+            return invalid(format!(
+                "admin.listen: {admin:?} is not an address like 127.0.0.1:3979"
+            ));
+        }
+        if self.admin.failed_auth_per_minute == 0 {
+            return invalid("admin.failed_auth_per_minute must be positive".into());
+        }
+        let admin_listen = self.admin.listen.as_deref().unwrap_or(&self.server.listen);
+        let admin_is_loopback = admin_listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !admin_is_loopback
+            && let Some(account) = self
+                .accounts
+                .iter()
+                .find(|a| a.api_key.as_deref() == Some(SHIPPED_DEVELOPMENT_API_KEY))
+        {
+            return invalid(format!(
+                "account {}: the shipped development API key {SHIPPED_DEVELOPMENT_API_KEY:?} is \
+                 published in the README; it is refused while the management API listens on \
+                 {admin_listen:?}, which is not loopback. Give the account a key of its own \
+                 (api_key_env = \"NAME\"), or serve the API on loopback (admin.listen)",
+                account.id
+            ));
         }
         if self.server.body_limit_bytes == 0 {
             return invalid("server.body_limit_bytes must be greater than 0".into());

@@ -54,6 +54,20 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<Body>> + Send;
 }
 
+/// The management API on a listener of its own (`admin.listen`).
+pub struct AdminListener {
+    pub admin: Arc<Admin>,
+}
+
+impl Handler for AdminListener {
+    async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if request.uri().path().starts_with("/api/v1/") {
+            return self.admin.handle(request, peer).await;
+        }
+        error(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+}
+
 /// Connection-level limits of a listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerLimits {
@@ -182,6 +196,8 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
 pub struct Front {
     /// The management API (everything under `/api/v1/` but the callbacks).
     pub admin: Arc<Admin>,
+    /// False when the management API has a listener of its own (`admin.listen`).
+    pub serves_admin: bool,
     /// Each integration's event log.
     pub events: EventSink,
     pub registry: Arc<Registry>,
@@ -209,8 +225,8 @@ impl Handler for Front {
             .and_then(|rest| rest.strip_suffix(CALLBACK_SUFFIX))
             .filter(|id| !id.is_empty() && !id.contains('/'))
         else {
-            if path.starts_with("/api/v1/") {
-                return self.admin.handle(request).await;
+            if self.serves_admin && path.starts_with("/api/v1/") {
+                return self.admin.handle(request, peer).await;
             }
             return error(StatusCode::NOT_FOUND, "not_found", "no such route");
         };

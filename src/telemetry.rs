@@ -35,6 +35,10 @@ pub const EVENTS_DROPPED: &str = "teams_router_events_dropped_total";
 pub const CONTACTS: &str = "teams_router_contacts";
 pub const CONNECTOR_QUEUE_DEPTH: &str = "teams_router_connector_queue_depth";
 pub const STREAMS: &str = "teams_router_streams_total";
+pub const ADMIN_AUTH_FAILURES: &str = "teams_router_admin_auth_failures_total";
+
+/// What a management request with a wrong or missing API key got (`outcome` label).
+pub const ADMIN_AUTH_OUTCOMES: &[&str] = &["unauthorized", "rate_limited"];
 
 /// How a streamed answer ended (`outcome` label).
 pub const STREAM_OUTCOMES: &[&str] = &["completed", "fallback", "cancelled"];
@@ -314,6 +318,14 @@ fn describe_all() {
     );
     for outcome in STREAM_OUTCOMES {
         counter!(STREAMS, "outcome" => *outcome).increment(0);
+    }
+    describe_counter!(
+        ADMIN_AUTH_FAILURES,
+        Unit::Count,
+        "Management requests with a wrong or missing API key, by outcome (unauthorized: 401; rate_limited: 429, the client address had admin.failed_auth_per_minute failures)."
+    );
+    for outcome in ADMIN_AUTH_OUTCOMES {
+        counter!(ADMIN_AUTH_FAILURES, "outcome" => *outcome).increment(0);
     }
     for op in STORE_OPS {
         counter!(STORE_ERRORS, "op" => *op).increment(0);

@@ -24,6 +24,8 @@ pub struct TestRouter {
     pub addr: SocketAddr,
     /// The ops listener (`/metrics`, `/healthz`, `/readyz`).
     pub ops_addr: SocketAddr,
+    /// The management API's own listener (`admin.listen`), if configured.
+    pub admin_addr: Option<SocketAddr>,
     serving: Option<Serving>,
     /// Keeps the test thread's own recorder current (see [`TestRouter::start_counting`]).
     _own_metrics: Option<metrics::LocalRecorderGuard<'static>>,
@@ -86,6 +88,7 @@ impl TestRouter {
         Ok(Self {
             addr: serving.addr,
             ops_addr: serving.ops_addr,
+            admin_addr: serving.admin_addr,
             serving: Some(serving),
             _own_metrics: guard,
         })

@@ -498,3 +498,102 @@ async fn http2_rapid_reset_and_flow_control_abuse_leave_the_router_serving() {
         .expect("healthz");
     assert_eq!(health.status(), 200);
 }
+
+/// Issue 15, point 5: the management API can live on its own listener, a wrong key is slowed per
+/// client address (429 after `admin.failed_auth_per_minute` failures, while a right key from the
+/// same address passes), and the published development key never guards a public listener.
+#[tokio::test]
+async fn the_management_api_can_be_kept_off_the_traffic_port_and_guessing_keys_is_slowed() {
+    let key = "ops-key-of-its-own";
+    let (mock, router) = start_counting(&format!(
+        "[[accounts]]\nid = \"ops\"\napi_key = \"{key}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\nfailed_auth_per_minute = 3\n"
+    ))
+    .await;
+    let admin = format!("http://{}", router.admin_addr.expect("an admin listener"));
+    let client = http();
+    let list = |base: &str, key: Option<&str>| {
+        let mut request = client.get(format!("{base}/api/v1/bot/list"));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    // Not on the traffic listener; there, only activities.
+    let on_traffic = list(&router.base_url(), Some(key)).await.unwrap();
+    assert_eq!(on_traffic.status().as_u16(), 404);
+    let (status, body) = post(
+        &client,
+        &router.callback_url("teams_dev"),
+        None,
+        &dev_message(&mock, "adm-1", "1"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        list(&admin, Some(key)).await.unwrap().status().as_u16(),
+        200
+    );
+
+    for attempt in 0..3 {
+        let wrong = if attempt == 0 { None } else { Some("guess") };
+        let refused = list(&admin, wrong).await.unwrap();
+        assert_eq!(refused.status().as_u16(), 401, "attempt {attempt}");
+    }
+    let limited = list(&admin, Some("another-guess")).await.unwrap();
+    assert_eq!(limited.status().as_u16(), 429);
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_failed_attempts", "{body}");
+    assert!(!body.to_string().contains("another-guess"));
+    // The right key from the same address still gets in.
+    assert_eq!(
+        list(&admin, Some(key)).await.unwrap().status().as_u16(),
+        200
+    );
+    let scrape = metrics(&router).await;
+    assert_eq!(
+        metric_value(
+            &scrape,
+            "teams_router_admin_auth_failures_total{outcome=\"unauthorized\"}"
+        ),
+        Some(3.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        metric_value(
+            &scrape,
+            "teams_router_admin_auth_failures_total{outcome=\"rate_limited\"}"
+        ),
+        Some(1.0)
+    );
+
+    // The shipped development key on a listener others can reach: a startup error.
+    let public = config(
+        &mock,
+        "[[accounts]]\nid = \"default\"\napi_key = \"dev-api-key-change-me\"\n",
+    )
+    .replace("development = true\n", "")
+    .replace(
+        "listen = \"127.0.0.1:0\"\nops",
+        "listen = \"0.0.0.0:0\"\nops",
+    );
+    let refused = teams_router::testkit::TestRouter::start(&public)
+        .await
+        .err()
+        .expect("the development key is refused on 0.0.0.0");
+    assert!(refused.contains("development API key"), "{refused}");
+    // Behind a loopback admin listener, the same key is fine.
+    let private_admin = public.replace(
+        "[[accounts]]",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[accounts]]",
+    );
+    let mut started = teams_router::testkit::TestRouter::start(&private_admin)
+        .await
+        .expect("starts with the API on loopback");
+    started.terminate(Duration::from_secs(10)).await.unwrap();
+}

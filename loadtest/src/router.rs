@@ -136,13 +136,16 @@ impl Drop for RouterProcess {
     }
 }
 
-/// `teams-router listening on http://A (ops http://B)`
+/// `teams-router listening on http://A (ops http://B)`, or `(ops http://B, admin http://C)`
+/// when the management API has its own listener.
 fn parse_listening_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let rest = line.strip_prefix("teams-router listening on ")?;
     let (main, ops) = rest.split_once(" (ops ")?;
     let main = main.split("://").nth(1)?.parse().ok()?;
     let ops = ops
         .trim_end_matches(')')
+        .split(", ")
+        .next()?
         .split("://")
         .nth(1)?
         .parse()

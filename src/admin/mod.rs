@@ -213,7 +213,19 @@ pub struct Admin {
     setup_generation: DashMap<String, u64>,
     /// The creation order of the newest record (microseconds, strictly increasing here).
     last_order: AtomicU64,
+    /// Failed API-key attempts per client address (`admin.failed_auth_per_minute`).
+    failed_auth: FailedAuthLimiter,
 }
+
+type FailedAuthLimiter = governor::RateLimiter<
+    std::net::IpAddr,
+    governor::state::keyed::DefaultKeyedStateStore<std::net::IpAddr>,
+    crate::clock::RouterClock,
+    governor::middleware::NoOpMiddleware<std::time::Instant>,
+>;
+
+/// Client addresses remembered by the failed-attempt limiter before the idle ones are dropped.
+const FAILED_AUTH_ADDRESSES: usize = 4096;
 
 fn key_digest(key: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
@@ -257,6 +269,13 @@ impl Admin {
             write_lock: tokio::sync::Mutex::new(()),
             setup_generation: DashMap::new(),
             last_order: AtomicU64::new(0),
+            failed_auth: governor::RateLimiter::dashmap_with_clock(
+                governor::Quota::per_minute(
+                    std::num::NonZeroU32::new(config.admin.failed_auth_per_minute)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                ),
+                crate::clock::RouterClock,
+            ),
         });
         admin.refresh_readiness();
         for integration in admin.parts.registry.integrations() {
@@ -307,15 +326,19 @@ impl Admin {
             .set_needs_keys(self.parts.registry.needs_signing_keys());
     }
 
-    /// Answers one management request.
-    pub async fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+    /// Answers one management request from `peer`.
+    pub async fn handle(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> Response<Body> {
         let declares_body = request
             .headers()
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0")
             || request.headers().contains_key(header::TRANSFER_ENCODING);
         let mut body_read = false;
-        let mut response = match self.route(request, &mut body_read).await {
+        let mut response = match self.route(request, peer, &mut body_read).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
         };
@@ -331,6 +354,7 @@ impl Admin {
     async fn route(
         self: &Arc<Self>,
         request: Request<Incoming>,
+        peer: std::net::SocketAddr,
         body_read: &mut bool,
     ) -> Result<Response<Body>, ApiError> {
         let path = request.uri().path().to_owned();
@@ -380,7 +404,10 @@ impl Admin {
             );
             return Ok(response);
         }
-        let account = self.authenticate(&request)?;
+        let account = match self.authenticate(&request) {
+            Ok(account) => account,
+            Err(error) => return Ok(self.refuse_failed_auth(error, peer)),
+        };
         let body = if allowed == "POST" {
             let body = self.read_body(request).await?;
             *body_read = true;
@@ -413,6 +440,43 @@ impl Admin {
             Action::FetchContact(id) => self.fetch_contact(&account, id),
         }?;
         Ok(json_response(StatusCode::OK, &value))
+    }
+
+    /// 401 for a wrong or missing key, or 429 once `peer` has had its share of failures this
+    /// minute: guessing keys is slowed per address, while a valid key from the same address (a
+    /// proxy in front of many clients) still passes. The key itself is never logged.
+    fn refuse_failed_auth(&self, error: ApiError, peer: std::net::SocketAddr) -> Response<Body> {
+        use governor::clock::Clock;
+        if self.failed_auth.len() > FAILED_AUTH_ADDRESSES {
+            self.failed_auth.retain_recent();
+        }
+        match self.failed_auth.check_key(&peer.ip()) {
+            Ok(()) => {
+                metrics::counter!(crate::telemetry::ADMIN_AUTH_FAILURES, "outcome" => "unauthorized")
+                    .increment(1);
+                error.into_response()
+            }
+            Err(not_until) => {
+                metrics::counter!(crate::telemetry::ADMIN_AUTH_FAILURES, "outcome" => "rate_limited")
+                    .increment(1);
+                let wait = not_until.wait_time_from(crate::clock::RouterClock.now());
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let mut response = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_failed_attempts",
+                    format!(
+                        "too many requests with a wrong or missing API key from this address; \
+                         retry in {} s",
+                        seconds.max(1)
+                    ),
+                )
+                .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                response
+            }
+        }
     }
 
     /// The account whose API key is the bearer token.
