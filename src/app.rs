@@ -186,6 +186,7 @@ impl Router {
                 openai_timeout: Duration::from_millis(config.backend.openai_timeout_ms),
                 openai_history_max_chars: config.backend.openai_history_max_chars,
             },
+            exchanges: Default::default(),
         });
         let snapshots = Snapshots::new(
             Arc::clone(&store),

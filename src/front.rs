@@ -35,6 +35,7 @@ use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::admission::{Gate, Refusal, Ticket};
 use crate::conversation::{Admission, Arrival, Directory, InvokeAnswer};
 use crate::registry::{Integration, Registry};
+use crate::reply::exchanges::{ExchangeRequest, TOKEN_EXCHANGE};
 use crate::store::writer::Journal;
 use crate::telemetry::{
     self, ACTIVITIES_DUPLICATE, ACTIVITIES_IGNORED, INGRESS_DURATION, Readiness,
@@ -355,9 +356,38 @@ impl Rejection {
 #[derive(Debug)]
 pub struct PendingInvoke {
     answer: InvokeAnswer,
-    /// An Adaptive Card action that misses the deadline gets an error card (Teams shows it on
-    /// the card); any other invoke left unanswered gets 501, as the SDKs answer.
-    card_action: bool,
+    /// What Teams gets when the bot misses the deadline.
+    deadline: DeadlineAnswer,
+}
+
+/// The answer to an invoke the bot did not answer in time.
+#[derive(Debug, Clone)]
+enum DeadlineAnswer {
+    /// An Adaptive Card action: an error card (Teams shows it on the card).
+    ErrorCard,
+    /// A token exchange: 412, so the client falls back to the sign-in card.
+    ExchangeFailed(ExchangeRequest),
+    /// Anything else: 501, as the SDKs answer an unhandled invoke.
+    NotImplemented,
+}
+
+impl DeadlineAnswer {
+    /// Decided from the envelope; only a token exchange reads its `value` (rare, off the hot path).
+    fn of(envelope: &Envelope<'_>, body: &[u8]) -> Self {
+        if envelope.kind != "invoke" {
+            return Self::NotImplemented;
+        }
+        match envelope.name {
+            Some("adaptiveCard/action") => Self::ErrorCard,
+            Some(TOKEN_EXCHANGE) => {
+                let value = serde_json::from_slice::<serde_json::Value>(body)
+                    .ok()
+                    .and_then(|mut activity| activity.get_mut("value").map(std::mem::take));
+                Self::ExchangeFailed(ExchangeRequest::from_value(value.as_ref()))
+            }
+            _ => Self::NotImplemented,
+        }
+    }
 }
 
 /// An activity its conversation took.
@@ -458,10 +488,10 @@ impl Front {
                     Ok(_) => return Ok(empty(StatusCode::NOT_IMPLEMENTED)),
                     Err(_) => {
                         tracing::warn!(integration = %integration.id, "invoke answer missed its deadline");
-                        let answered_with = if pending.card_action {
-                            "an error card"
-                        } else {
-                            "501"
+                        let answered_with = match pending.deadline {
+                            DeadlineAnswer::ErrorCard => "an error card",
+                            DeadlineAnswer::ExchangeFailed(_) => "412",
+                            DeadlineAnswer::NotImplemented => "501",
                         };
                         self.events.record(
                             &integration.id,
@@ -470,13 +500,23 @@ impl Front {
                                 self.invoke_timeout.as_millis()
                             )),
                         );
-                        if !pending.card_action {
-                            return Ok(empty(StatusCode::NOT_IMPLEMENTED));
+                        match &pending.deadline {
+                            DeadlineAnswer::ErrorCard => {
+                                InvokeResponse::error("Timeout", "the bot did not answer in time")
+                            }
+                            DeadlineAnswer::ExchangeFailed(request) => {
+                                request.failed("the bot did not answer in time")
+                            }
+                            DeadlineAnswer::NotImplemented => {
+                                return Ok(empty(StatusCode::NOT_IMPLEMENTED));
+                            }
                         }
-                        InvokeResponse::error("Timeout", "the bot did not answer in time")
                     }
                 };
                 let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+                if response.body.is_null() {
+                    return Ok(empty(status));
+                }
                 Ok(json_response(status, &response.body))
             }
         }
@@ -531,7 +571,7 @@ impl Front {
             let target = Target {
                 type_index: telemetry::activity_type_index(envelope.kind),
                 is_invoke: envelope.kind == "invoke",
-                card_action: is_card_action(&envelope),
+                deadline: DeadlineAnswer::of(&envelope, &body),
                 conversation_id: envelope.conversation_id.into(),
                 activity_id: envelope.id.into(),
             };
@@ -608,7 +648,7 @@ impl Front {
             Ok::<Option<Target<'static>>, Rejection>(Some(Target {
                 type_index: telemetry::activity_type_index(envelope.kind),
                 is_invoke: envelope.kind == "invoke",
-                card_action: is_card_action(&envelope),
+                deadline: DeadlineAnswer::of(&envelope, &body),
                 conversation_id: std::borrow::Cow::Owned(envelope.conversation_id.to_owned()),
                 activity_id: std::borrow::Cow::Owned(envelope.id.to_owned()),
             }))
@@ -730,7 +770,7 @@ impl Front {
                 integration.count_received(target.type_index);
                 Ok(Routed::Accepted(answer.map(|answer| PendingInvoke {
                     answer,
-                    card_action: target.card_action,
+                    deadline: target.deadline.clone(),
                 })))
             }
             Admission::Duplicate(answer) => Ok(duplicate(integration, target, answer)),
@@ -784,8 +824,8 @@ fn sender_allowed(integration: &Integration, envelope: &Envelope<'_>) -> bool {
 struct Target<'a> {
     type_index: usize,
     is_invoke: bool,
-    /// An `adaptiveCard/action` invoke (its deadline answer is an error card).
-    card_action: bool,
+    /// What an invoke gets if the bot misses the deadline.
+    deadline: DeadlineAnswer,
     conversation_id: std::borrow::Cow<'a, str>,
     activity_id: std::borrow::Cow<'a, str>,
 }
@@ -799,12 +839,8 @@ fn duplicate(
     counter!(ACTIVITIES_DUPLICATE).increment(1);
     Routed::Duplicate(answer.map(|answer| PendingInvoke {
         answer,
-        card_action: target.card_action,
+        deadline: target.deadline.clone(),
     }))
-}
-
-fn is_card_action(envelope: &Envelope<'_>) -> bool {
-    envelope.kind == "invoke" && envelope.name == Some("adaptiveCard/action")
 }
 
 /// The ops listener: `/metrics`, `/healthz`, `/readyz`.

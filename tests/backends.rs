@@ -108,6 +108,14 @@ impl Hook {
                 };
                 reply(200, "application/json", answer.to_string())
             }
+            // SSO: the bot exchanges the token; "good" ones succeed, others get no answer.
+            _ if turn["activity"]["name"] == "signin/tokenExchange" => {
+                if turn["activity"]["value"]["token"] == "good" {
+                    reply(200, "application/json", json!({"invokeResponse": {"status": 200}}).to_string())
+                } else {
+                    reply(200, "application/json", "{}".into())
+                }
+            }
             // An invoke the bot does not handle: an answer without an invokeResponse.
             _ if turn["activity"]["name"] == "task/fetch" => {
                 reply(200, "application/json", "{}".into())
@@ -530,6 +538,101 @@ async fn every_event_fixture_reaches_the_webhook_typed_and_in_order_and_invokes_
         mock.activities().len(),
         posted,
         "no message for an unanswered or failed invoke"
+    );
+
+    // Past the deadline, only a card action gets the error card; any other invoke gets 501.
+    let mut slow_query = invoke.clone();
+    slow_query["id"] = "slow-query".into();
+    slow_query["name"] = "composeExtension/query".into();
+    slow_query["conversation"]["id"] = "conv-invoke-3".into();
+    let (status, body) = post(&client, &callback, Some(&token), &slow_query).await;
+    assert_eq!(status, 501, "{body}");
+    assert!(body.is_empty(), "{body}");
+}
+
+/// Issue 15, point 8: `signin/tokenExchange` as botbuilder's token-exchange middleware answers it.
+/// Teams sends one per signed-in client with the same `value.id`: a failed exchange is 412 with
+/// `{id, connectionName, failureDetail}`; once one succeeded, the others get 200 with an empty
+/// body and never reach the bot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_exchanges_are_answered_412_on_failure_and_deduplicated_by_value_id() {
+    let hook = Hook::default();
+    let url = hook.start().await;
+    let (mock, router) = start_with_bot(
+        "hook",
+        &format!(r#"{{ kind = "webhook", url = "{url}", secret = "{HOOK_SECRET}" }}"#),
+        "",
+    )
+    .await;
+    let token = mock.token_for(APP_ID);
+    let client = http();
+    let callback = router.callback_url("teams_hook");
+    let exchange = |activity_id: &str, exchange_id: &str, sso_token: &str| {
+        let mut invoke = personal_message(&mock, "conv-sso", activity_id, "");
+        invoke["type"] = "invoke".into();
+        invoke["name"] = "signin/tokenExchange".into();
+        invoke["value"] = json!({"id": exchange_id, "connectionName": "graph", "token": sso_token});
+        invoke
+    };
+    let exchanges_seen = |hook: &Hook| {
+        hook.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t["activity"]["name"] == "signin/tokenExchange")
+            .count()
+    };
+
+    // A failed exchange: 412 with what botbuilder sends.
+    let (status, body) = post(
+        &client,
+        &callback,
+        Some(&token),
+        &exchange("x1", "sso-1", "bad"),
+    )
+    .await;
+    assert_eq!(status, 412, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["id"], "sso-1");
+    assert_eq!(body["connectionName"], "graph");
+    assert!(body["failureDetail"].is_string(), "{body}");
+    // The next client's invoke of the same sign-in is exchanged, and succeeds.
+    let (status, body) = post(
+        &client,
+        &callback,
+        Some(&token),
+        &exchange("x2", "sso-1", "good"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(exchanges_seen(&hook), 2);
+    // Every later client's duplicate: 200, empty, and the bot never sees it.
+    for (n, id) in ["x3", "x4"].iter().enumerate() {
+        let (status, body) = post(
+            &client,
+            &callback,
+            Some(&token),
+            &exchange(id, "sso-1", "good"),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (200, ""), "duplicate {n}");
+    }
+    assert_eq!(exchanges_seen(&hook), 2);
+    // Another sign-in is its own.
+    let (status, _) = post(
+        &client,
+        &callback,
+        Some(&token),
+        &exchange("x5", "sso-2", "good"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(exchanges_seen(&hook), 3);
+    // No message went into the chat for any of it.
+    assert!(
+        mock.activities().is_empty(),
+        "{:?}",
+        mock.activities().len()
     );
 }
 

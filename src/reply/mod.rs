@@ -23,6 +23,7 @@ use crate::registry::{Integration, Registry};
 use crate::telemetry::{FIRST_REPLY, TURNS_FAILED};
 use streaming::{Ending, Stream, StreamSettings};
 
+pub mod exchanges;
 pub mod streaming;
 
 /// What every reply needs, shared by all turns.
@@ -43,6 +44,8 @@ pub struct ReplyServices {
     pub addresses: Option<Arc<AddressBook>>,
     /// What backends share (HTTP client, timeouts).
     pub backends: BackendClient,
+    /// SSO token exchanges in flight and done (duplicates from other clients are not re-run).
+    pub exchanges: exchanges::TokenExchanges,
 }
 
 pub struct ReplyArgs {
@@ -113,6 +116,25 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
         return send_message(&args, message, fixed).await;
     }
     let invoke = args.invoke.take();
+    let exchange = exchanges::ExchangeRequest::of(&args.activity);
+    let exchanging = match &exchange {
+        Some(request) => match args
+            .services
+            .exchanges
+            .claim(&args.integration.id, &request.id)
+            .await
+        {
+            exchanges::Claim::AlreadyExchanged => {
+                // Another client's invoke of this sign-in was exchanged: 200, empty, no bot.
+                if let Some(waiting) = invoke {
+                    waiting.send(exchanges::already_exchanged());
+                }
+                return None;
+            }
+            exchanges::Claim::Exchange(exchanging) => Some(exchanging),
+        },
+        None => None,
+    };
     // A development-mode integration speaks only to loopback: no stream, no typing elsewhere.
     let deliverable = deliverable(&args);
     let streamed = deliverable
@@ -166,6 +188,18 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
         };
         (answer, None)
     };
+    if let Some(request) = &exchange {
+        let succeeded = answer
+            .invoke
+            .as_ref()
+            .is_some_and(|r| (200..300).contains(&r.status));
+        if answer.invoke.is_none() {
+            answer.invoke = Some(request.failed("the bot did not exchange the token"));
+        }
+        if let Some(exchanging) = exchanging {
+            exchanging.finish(succeeded);
+        }
+    }
     if let (Some(waiting), Some(response)) = (invoke, answer.invoke.take()) {
         // The request may have timed out already; a redelivery of the invoke still gets it.
         waiting.send(response);
