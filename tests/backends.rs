@@ -836,3 +836,92 @@ async fn backends_cannot_reach_internal_addresses() {
         );
     }
 }
+
+/// Issue 15, point 2: a stored webhook secret is not sent to a new origin. Changing only the path
+/// keeps it; changing the host or port drops it unless the same update gives one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_secret_never_follows_its_url_to_another_origin() {
+    // Two servers that note whether each request came signed (i.e. with the secret).
+    let seen: Arc<Mutex<Vec<(u16, bool)>>> = Arc::default();
+    let recorder = |seen: Arc<Mutex<Vec<(u16, bool)>>>, port_label: u16| {
+        move |request: Request<Incoming>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let signed = request.headers().contains_key("x-teams-router-signature");
+                seen.lock().unwrap().push((port_label, signed));
+                reply(200, "application/json", json!({"text": "ok"}).to_string())
+            }
+        }
+    };
+    let first = serve(recorder(Arc::clone(&seen), 1)).await;
+    let second = serve(recorder(Arc::clone(&seen), 2)).await;
+
+    let mock = loadtest::mock::MockMicrosoft::start().await;
+    mock.register_app(APP_ID, APP_SECRET, None);
+    let account = format!("[[accounts]]\nid = \"ops\"\napi_key = \"{ACCOUNT_KEY}\"\n");
+    let mut router = TestRouter::start(&config(&mock, &account))
+        .await
+        .expect("router starts");
+    let (status, body) = create_bot(
+        &router,
+        json!({"kind": "webhook", "url": format!("http://{first}/hook"), "secret": "s3cret"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let bot = body["id"].as_str().unwrap().to_owned();
+    let api = |path: String, body: Value| {
+        http()
+            .post(format!("{}{path}", router.base_url()))
+            .bearer_auth(ACCOUNT_KEY)
+            .json(&body)
+            .send()
+    };
+    let created: Value = api(
+        "/api/v1/integration/teams/create".into(),
+        json!({"botId": bot, "botFrameworkAppId": APP_ID, "botFrameworkAppSecret": APP_SECRET}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let integration = created["id"].as_str().unwrap().to_owned();
+    let token = mock.token_for(APP_ID);
+    let mut said = 0;
+    let mut say = async |router: &TestRouter| {
+        said += 1;
+        let id = format!("s{said}");
+        let activity = personal_message(&mock, "conv-secret", &id, "hello");
+        let (status, _) = post(
+            &http(),
+            &router.callback_url(&integration),
+            Some(&token),
+            &activity,
+        )
+        .await;
+        assert_eq!(status, 200);
+        wait_for_replies(&mock, &[id], Duration::from_secs(20)).await;
+    };
+    say(&router).await;
+    // Same origin, another path: the secret stays.
+    let update = |url: String| json!({"backend": {"kind": "webhook", "url": url}});
+    let response = api(
+        format!("/api/v1/bot/{bot}/update"),
+        update(format!("http://{first}/other")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    say(&router).await;
+    // Another port: the secret does not go along.
+    let response = api(
+        format!("/api/v1/bot/{bot}/update"),
+        update(format!("http://{second}/hook")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    say(&router).await;
+    assert_eq!(*seen.lock().unwrap(), [(1, true), (1, true), (2, false)]);
+    router.terminate(Duration::from_secs(10)).await.unwrap();
+}

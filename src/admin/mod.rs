@@ -255,6 +255,16 @@ fn sealed_context(kind: &str, id: &str) -> String {
     format!("{kind}/{id}")
 }
 
+/// A bot's secret is sealed for its record and its backend's origin, so that a sealed value
+/// cannot be replayed into a record pointing elsewhere. Values sealed before the origin was
+/// covered open with [`sealed_context`] and are sealed again.
+fn bot_sealed_context(record: &BotRecord) -> String {
+    match model::backend_origin(&record.backend) {
+        Some(origin) => format!("{BOTS_KIND}/{}@{origin}", record.id),
+        None => sealed_context(BOTS_KIND, &record.id),
+    }
+}
+
 impl Admin {
     pub fn new(parts: AdminParts, config: &Config) -> Arc<Self> {
         let accounts = config
@@ -641,7 +651,11 @@ impl Admin {
         if let Some(mut backend) = input.backend {
             let same_kind =
                 std::mem::discriminant(&backend) == std::mem::discriminant(&record.backend);
-            if same_kind && model::backend_secret(&backend).is_none() {
+            // A stored secret stays only with its origin: a new host gets it only if it is given
+            // again, in this same update.
+            let same_origin =
+                model::backend_origin(&backend) == model::backend_origin(&record.backend);
+            if same_kind && same_origin && model::backend_secret(&backend).is_none() {
                 model::set_backend_secret(
                     &mut backend,
                     model::backend_secret(&record.backend).map(str::to_owned),
@@ -1163,7 +1177,7 @@ async fn save_bot(
     let mut stored = StoredBot {
         record: record.clone(),
         sealed_secret: model::backend_secret(&record.backend)
-            .map(|s| parts.sealer.seal(&sealed_context(BOTS_KIND, &record.id), s)),
+            .map(|s| parts.sealer.seal(&bot_sealed_context(record), s)),
         owner: owner.clone(),
         seed_digest: seed_digest.or_else(|| owner.seed.clone()),
     };
@@ -1274,9 +1288,17 @@ pub async fn load(
         let mut record = stored.record;
         let mut reseal = false;
         if let Some(sealed) = &stored.sealed_secret {
-            match parts.sealer.open(&sealed_context(BOTS_KIND, &id), sealed) {
-                Ok(secret) => {
-                    reseal = parts.sealer.needs_reseal(sealed);
+            let opened = match parts.sealer.open(&bot_sealed_context(&record), sealed) {
+                Ok(secret) => Ok((secret, parts.sealer.needs_reseal(sealed))),
+                Err(error) => parts
+                    .sealer
+                    .open(&sealed_context(BOTS_KIND, &id), sealed)
+                    .map(|secret| (secret, true))
+                    .map_err(|_| error),
+            };
+            match opened {
+                Ok((secret, stale)) => {
+                    reseal = stale;
                     model::set_backend_secret(&mut record.backend, Some(secret));
                 }
                 Err(error) => {

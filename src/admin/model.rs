@@ -306,6 +306,18 @@ pub fn check_integration_texts(record: &IntegrationRecord) -> Result<(), Invalid
     check_meta(&record.meta)
 }
 
+/// Where a backend's secret may be sent: the origin (scheme, host, port) of its URL.
+pub fn backend_origin(backend: &BackendSpec) -> Option<String> {
+    let url = match backend {
+        BackendSpec::Echo { .. } => return None,
+        BackendSpec::Webhook { url, .. } => url,
+        BackendSpec::Openai { base_url, .. } => base_url,
+    };
+    url::Url::parse(url)
+        .ok()
+        .map(|u| u.origin().ascii_serialization())
+}
+
 /// The secret of a backend, if it has one.
 pub fn backend_secret(backend: &BackendSpec) -> Option<&str> {
     match backend {
