@@ -146,11 +146,13 @@ impl Router {
             health: Arc::clone(&health),
             sealer,
         };
+        admin::check_master_key(&vault).await;
         let registry = Arc::new(Registry::default());
         if let Err(error) = admin::load(&vault, &registry, None, config, true).await {
             tracing::warn!(%error, "stored bots and integrations cannot be read; starting with the config's records until the store answers");
             admin::load_seeds_only(&registry, config);
         }
+        readiness.set_registry(Arc::clone(&registry));
         readiness.set_needs_keys(registry.needs_signing_keys());
         let (events, event_sink, events_task) = EventLog::start(
             Arc::clone(&registry),

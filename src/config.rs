@@ -348,7 +348,8 @@ pub struct SecurityConfig {
     /// Environment variable holding the master key (32 bytes, base64 or hex). When absent, the
     /// key is read from `master_key_file`, which is generated on first start.
     pub master_key_env: Option<String>,
-    /// Default: `{storage.path}/master.key` (created with mode 0600).
+    /// Default: beside the data directory, `{storage.path}.master.key` (`data.master.key`;
+    /// created with mode 0600), so that a copy of the data does not carry its key.
     pub master_key_file: Option<PathBuf>,
     /// During a rotation: the previous master key, still accepted for reading; records sealed
     /// with it are sealed again with the current key at start.

@@ -250,6 +250,17 @@ impl Bot {
 pub struct Registry {
     integrations: DashMap<Box<str>, Arc<Integration>>,
     bots: DashMap<Box<str>, Arc<Bot>>,
+    /// Records ("bot/ID", "integration/ID") whose stored secret cannot be opened here.
+    unreadable_secrets: arc_swap::ArcSwap<std::collections::BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("integrations", &self.integrations.len())
+            .field("bots", &self.bots.len())
+            .finish()
+    }
 }
 
 impl Registry {
@@ -275,6 +286,22 @@ impl Registry {
             registry.put_integration(integration.clone(), owner.clone(), SetupResult::default());
         }
         registry
+    }
+
+    pub fn set_unreadable_secrets(&self, records: std::collections::BTreeSet<String>) {
+        metrics::gauge!(crate::telemetry::SECRETS_UNREADABLE).set(records.len() as f64);
+        self.unreadable_secrets.store(Arc::new(records));
+    }
+
+    /// Records whose stored secret cannot be opened with this process's master key.
+    pub fn unreadable_secrets(&self) -> Arc<std::collections::BTreeSet<String>> {
+        self.unreadable_secrets.load_full()
+    }
+
+    /// Whether the bot's stored secret cannot be opened here (it must not be called without it).
+    pub fn bot_secret_unreadable(&self, bot_id: &str) -> bool {
+        let unreadable = self.unreadable_secrets.load();
+        !unreadable.is_empty() && unreadable.contains(&format!("bot/{bot_id}"))
     }
 
     pub fn integration(&self, id: &str) -> Option<Arc<Integration>> {

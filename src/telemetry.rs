@@ -36,6 +36,7 @@ pub const CONTACTS: &str = "teams_router_contacts";
 pub const CONNECTOR_QUEUE_DEPTH: &str = "teams_router_connector_queue_depth";
 pub const STREAMS: &str = "teams_router_streams_total";
 pub const ADMIN_AUTH_FAILURES: &str = "teams_router_admin_auth_failures_total";
+pub const SECRETS_UNREADABLE: &str = "teams_router_secrets_unreadable";
 
 /// What a management request with a wrong or missing API key got (`outcome` label).
 pub const ADMIN_AUTH_OUTCOMES: &[&str] = &["unauthorized", "rate_limited"];
@@ -324,6 +325,12 @@ fn describe_all() {
         Unit::Count,
         "Management requests with a wrong or missing API key, by outcome (unauthorized: 401; rate_limited: 429, the client address had admin.failed_auth_per_minute failures)."
     );
+    describe_gauge!(
+        SECRETS_UNREADABLE,
+        Unit::Count,
+        "Stored records whose secret cannot be opened with this router's master key and has no config value (not used; /readyz names them)."
+    );
+    gauge!(SECRETS_UNREADABLE).set(0.0);
     for outcome in ADMIN_AUTH_OUTCOMES {
         counter!(ADMIN_AUTH_FAILURES, "outcome" => *outcome).increment(0);
     }
@@ -373,6 +380,8 @@ pub struct Readiness {
     draining: AtomicBool,
     /// Under durable accept: whether the store can record activities.
     durable_store: std::sync::OnceLock<Arc<crate::store::StoreHealth>>,
+    /// Records whose stored secret this process cannot open make it unready.
+    registry: std::sync::OnceLock<Arc<crate::registry::Registry>>,
 }
 
 impl Readiness {
@@ -392,19 +401,36 @@ impl Readiness {
     pub fn set_durable_store(&self, health: Arc<crate::store::StoreHealth>) {
         let _ = self.durable_store.set(health);
     }
+    pub fn set_registry(&self, registry: Arc<crate::registry::Registry>) {
+        let _ = self.registry.set(registry);
+    }
     /// `Err` names what is missing.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), std::borrow::Cow<'static, str>> {
         if self.draining.load(Ordering::Acquire) {
-            return Err("shutting down");
+            return Err("shutting down".into());
         }
         if !self.listening.load(Ordering::Acquire) {
-            return Err("listener not bound");
+            return Err("listener not bound".into());
         }
         if self.needs_keys.load(Ordering::Acquire) && !self.keys_loaded.load(Ordering::Acquire) {
-            return Err("OpenID metadata and signing keys not loaded yet");
+            return Err("OpenID metadata and signing keys not loaded yet".into());
         }
         if self.durable_store.get().is_some_and(|h| !h.is_up()) {
-            return Err("degraded: the store is unavailable, durable accept cannot be honoured");
+            return Err(
+                "degraded: the store is unavailable, durable accept cannot be honoured".into(),
+            );
+        }
+        if let Some(registry) = self.registry.get() {
+            let unreadable = registry.unreadable_secrets();
+            if !unreadable.is_empty() {
+                let names: Vec<&str> = unreadable.iter().map(String::as_str).collect();
+                return Err(format!(
+                    "stored secrets of {} cannot be opened with this router's master key (sealed \
+                     by a router with another key?); these records are not used",
+                    names.join(", ")
+                )
+                .into());
+            }
         }
         Ok(())
     }

@@ -1021,7 +1021,11 @@ async fn secrets_are_sealed_at_rest_and_the_master_key_rotates() {
         .await
         .expect("router stops");
 
-    let key_file = dir.join("master.key");
+    // Beside the data directory, not in it.
+    let key_file = dir.with_file_name(format!(
+        "{}.master.key",
+        dir.file_name().unwrap().to_string_lossy()
+    ));
     let mode = std::fs::metadata(&key_file)
         .expect("key file")
         .permissions()
@@ -1505,4 +1509,123 @@ fn token_for_integration(mock: &MockMicrosoft, integration: &str, new_app_token:
     } else {
         new_app_token.to_owned()
     }
+}
+
+/// Issue 15, point 6: two routers on one Redis with different master keys. Neither overwrites the
+/// other's sealed config secrets, each uses its config's value where it cannot open the stored one
+/// (so no wrong secret goes on the wire), an API-created secret that cannot be opened shows on
+/// `/readyz` and in a metric, and the mismatch is told at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_with_different_master_keys_on_one_store_never_send_a_wrong_secret() {
+    let storage = Storage::redis();
+    let mock = start_mock().await;
+    let dir = scratch_dir("mgmt-two-keys");
+    let prefix = format!("mgmt-keys-{}", std::process::id());
+    let config = config_with_storage(
+        &mock,
+        &storage.table(&dir, &prefix),
+        &format!("{}sync_interval_ms = 200\n", accounts()),
+    );
+    let start = |instance: &'static str, key: String| {
+        let config = config.clone();
+        async move {
+            RouterProcess::spawn_with_env(
+                &binary(),
+                &config,
+                &[
+                    ("TEAMS_ROUTER__STORAGE__INSTANCE_ID", instance),
+                    ("TEAMS_ROUTER__SECURITY__MASTER_KEY_ENV", "TR_KEY"),
+                    ("TR_KEY", &key),
+                ],
+            )
+            .await
+            .expect("router starts")
+        }
+    };
+    let a = start("a", "a".repeat(64)).await;
+    let api_a = Api::new(&a, ACME_KEY);
+    let bot = api_a.create_echo_bot().await;
+    let created = api_a
+        .ok(
+            "POST",
+            "/api/v1/integration/teams/create",
+            Some(json!({"botId": bot, "botFrameworkAppId": NEW_APP_ID, "botFrameworkAppSecret": NEW_APP_SECRET})),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = start("b", "b".repeat(64)).await;
+    assert!(
+        b.logs().contains("master key is not the one"),
+        "the mismatch is told at start: {}",
+        b.logs()
+    );
+
+    // Both serve the config's integration with the config's secret, also after syncing.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let token = mock.token_for(APP_ID);
+    for (n, router) in [&a, &b, &a].into_iter().enumerate() {
+        let id = format!("k{n}");
+        let (status, _) = post(
+            &http(),
+            &router.callback_url("teams_prod"),
+            Some(&token),
+            &message_from(&mock, &format!("conv-k{n}"), &id, "29:u", "hello"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let counts = wait_for_replies(&mock, &[id.clone()], Duration::from_secs(15)).await;
+        assert_eq!(
+            counts.get(&id),
+            Some(&1),
+            "router {n}: {}\n{}",
+            a.logs(),
+            b.logs()
+        );
+    }
+
+    // b cannot open the App Secret a sealed through the API: not used, and told.
+    let ready = http().get(b.ops_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let why: Value = ready.json().await.unwrap();
+    assert!(
+        why["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("integration/{created}")),
+        "{why}"
+    );
+    let scrape = metrics(&b).await;
+    assert_eq!(
+        metric_value(&scrape, "teams_router_secrets_unreadable"),
+        Some(1.0),
+        "{scrape}"
+    );
+    let before = mock.token_requests();
+    let (status, _) = post(
+        &http(),
+        &b.callback_url(&created),
+        Some(&mock.token_for(NEW_APP_ID)),
+        &message_from(&mock, "conv-kx", "kx", "29:u", "hello"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        mock.token_requests(),
+        before,
+        "no token request with a wrong secret"
+    );
+    // a is unaffected.
+    assert_eq!(
+        http()
+            .get(a.ops_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
 }

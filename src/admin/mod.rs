@@ -43,6 +43,9 @@ use secrets::Sealer;
 use setup::SetupChecker;
 
 pub const BOTS_KIND: &str = "bots";
+/// The keyed digest of the master key that sealed the store's secrets (`Sealer::key_check`).
+pub const KEY_CHECK_KIND: &str = "keycheck";
+const KEY_CHECK_ID: &str = "master";
 pub const INTEGRATIONS_KIND: &str = "integrations";
 /// Setup results, apart from their integration: a late result never writes back a record that
 /// another instance deleted meanwhile.
@@ -253,6 +256,101 @@ fn new_id(prefix: &str) -> String {
 
 fn sealed_context(kind: &str, id: &str) -> String {
     format!("{kind}/{id}")
+}
+
+/// Tells at start whether routers sharing this store seal with another master key (each would
+/// then be unable to open the other's secrets). The store keeps a keyed digest of a fixed text,
+/// which says nothing about the key; a rotation (the previous key's digest) takes it over.
+pub async fn check_master_key(parts: &Vault) {
+    let ours = parts.sealer.key_check();
+    let stored = match parts.store.records(KEY_CHECK_KIND).await {
+        Ok(records) => records
+            .into_iter()
+            .find(|(id, _)| id == KEY_CHECK_ID)
+            .map(|(_, value)| String::from_utf8_lossy(&value).into_owned()),
+        Err(error) => {
+            tracing::warn!(%error, "cannot compare this router's master key with the store's");
+            return;
+        }
+    };
+    match stored {
+        Some(stored) if stored == ours => return,
+        Some(stored) if Some(&stored) != parts.sealer.previous_key_check().as_ref() => {
+            tracing::error!(
+                "this router's master key is not the one the store's secrets were sealed with: routers sharing this store must all use the same key (security.master_key_env); secrets this router cannot open are not used (see /readyz), and the secrets it seals cannot be opened by the others"
+            );
+            return;
+        }
+        _ => {}
+    }
+    if let Err(error) = parts
+        .store
+        .put_records(
+            KEY_CHECK_KIND,
+            vec![(KEY_CHECK_ID.to_owned(), ours.into_bytes())],
+        )
+        .await
+    {
+        tracing::warn!(%error, "cannot record the master key's check value");
+    }
+}
+
+/// The digest a seeded record keeps of its config entry: `v2:<SHA-256 of the entry without its
+/// secret>:<master key id>:<keyed digest of the secret>`. The first part is the same for every
+/// process, so routers with different master keys agree on whether the entry changed; only the
+/// secret's part needs the key that wrote it.
+fn seed_digest(sealer: &Sealer, public: &impl serde::Serialize, secret: Option<&str>) -> String {
+    let public = digest(&SHA256, &serde_json::to_vec(public).unwrap_or_default());
+    let public: String = public.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let secret = sealer.fingerprint(secret.unwrap_or_default().as_bytes());
+    format!("v2:{public}:{}:{secret}", sealer.key_id())
+}
+
+enum SeedVerdict {
+    /// The config entry is the one the record was seeded from: the record (and any change the
+    /// API made to it) stands.
+    Same,
+    /// The same entry, recorded by the first digest scheme: stands, its digest is renewed.
+    Legacy,
+    /// The config entry changed since (or was never stored): it is written over the record.
+    Changed,
+}
+
+fn seed_verdict(
+    sealer: &Sealer,
+    stored: Option<&str>,
+    public: &impl serde::Serialize,
+    secret: Option<&str>,
+    whole: &impl serde::Serialize,
+) -> SeedVerdict {
+    let Some(stored) = stored else {
+        return SeedVerdict::Changed;
+    };
+    let Some(rest) = stored.strip_prefix("v2:") else {
+        let legacy = sealer.legacy_fingerprint(&serde_json::to_vec(whole).unwrap_or_default());
+        return if legacy == stored {
+            SeedVerdict::Legacy
+        } else {
+            SeedVerdict::Changed
+        };
+    };
+    let mut parts = rest.splitn(3, ':');
+    let (Some(stored_public), Some(key_id), Some(stored_secret)) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return SeedVerdict::Changed;
+    };
+    let ours = seed_digest(sealer, public, secret);
+    if ours.split(':').nth(1) != Some(stored_public) {
+        return SeedVerdict::Changed;
+    }
+    match sealer.fingerprint_by(key_id, secret.unwrap_or_default().as_bytes()) {
+        Some(digest) if digest == stored_secret => SeedVerdict::Same,
+        Some(_) => SeedVerdict::Changed,
+        // Written by a router with another master key: whether the secret changed cannot be
+        // told, and overwriting would lock that router out of its own records.
+        None => SeedVerdict::Same,
+    }
 }
 
 /// A bot's secret is sealed for its record and its backend's origin, so that a sealed value
@@ -1279,6 +1377,8 @@ pub async fn load(
         .filter_map(|(id, bytes)| Some((id, serde_json::from_slice(&bytes).ok()?)))
         .collect();
 
+    // Records whose stored secret this process cannot open ("bot/ID", "integration/ID").
+    let mut unreadable: std::collections::BTreeSet<String> = Default::default();
     let mut bots: HashMap<String, (BotRecord, Owner, Option<String>, bool)> = HashMap::new();
     for (id, bytes) in stored_bots {
         let Ok(stored) = serde_json::from_slice::<StoredBot>(&bytes) else {
@@ -1302,7 +1402,8 @@ pub async fn load(
                     model::set_backend_secret(&mut record.backend, Some(secret));
                 }
                 Err(error) => {
-                    tracing::error!(bot = %id, %error, "the bot's secret cannot be opened with the configured master key")
+                    tracing::error!(bot = %id, %error, "the bot's secret cannot be opened with the configured master key");
+                    unreadable.insert(format!("bot/{id}"));
                 }
             }
         }
@@ -1338,7 +1439,8 @@ pub async fn load(
                     stored.record.bot_framework_app_secret = Some(secret);
                 }
                 Err(error) => {
-                    tracing::error!(integration = %id, %error, "the App Secret cannot be opened with the configured master key")
+                    tracing::error!(integration = %id, %error, "the App Secret cannot be opened with the configured master key");
+                    unreadable.insert(format!("integration/{id}"));
                 }
             }
         }
@@ -1352,78 +1454,148 @@ pub async fn load(
         (&[][..], &[][..])
     };
     for (index, seed) in seed_bots.iter().enumerate() {
-        let digest = parts
-            .sealer
-            .fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
-        let keep = bots
-            .get(&seed.id)
-            .is_some_and(|(_, _, d, _)| d.as_deref() == Some(digest.as_str()));
-        if !keep {
-            let owner = bots
-                .get(&seed.id)
-                .map(|(_, o, _, _)| o.clone())
-                .unwrap_or(Owner {
-                    account: default_account.clone(),
-                    created_at: now,
-                    updated_at: now,
-                    order: now * 1000 + index as u64,
-                    seed: None,
-                });
-            let owner = Owner {
-                updated_at: now,
-                seed: Some(digest.clone()),
-                ..owner
-            };
-            if let Err(error) = save_bot(parts, seed, &owner, Some(digest.clone())).await {
-                tracing::warn!(bot = %seed.id, error = %error.message, "seeded bot not stored; the config entry is used from memory");
+        let mut public = seed.clone();
+        model::set_backend_secret(&mut public.backend, None);
+        let secret = model::backend_secret(&seed.backend);
+        let digest = seed_digest(&parts.sealer, &public, secret);
+        let stored = bots.get_mut(&seed.id);
+        let verdict = seed_verdict(
+            &parts.sealer,
+            stored.as_ref().and_then(|b| b.2.as_deref()),
+            &public,
+            secret,
+            seed,
+        );
+        match (verdict, stored) {
+            (SeedVerdict::Same, _) => continue,
+            (SeedVerdict::Legacy, Some(stored)) => {
+                // Written before digests were derived: same entry, its digest is renewed.
+                stored.1.seed = Some(digest.clone());
+                stored.2 = Some(digest);
+                stored.3 = true;
+                continue;
             }
-            bots.insert(seed.id.clone(), (seed.clone(), owner, Some(digest), false));
+            _ => {}
         }
+        let owner = bots
+            .get(&seed.id)
+            .map(|(_, o, _, _)| o.clone())
+            .unwrap_or(Owner {
+                account: default_account.clone(),
+                created_at: now,
+                updated_at: now,
+                order: now * 1000 + index as u64,
+                seed: None,
+            });
+        let owner = Owner {
+            updated_at: now,
+            seed: Some(digest.clone()),
+            ..owner
+        };
+        if let Err(error) = save_bot(parts, seed, &owner, Some(digest.clone())).await {
+            tracing::warn!(bot = %seed.id, error = %error.message, "seeded bot not stored; the config entry is used from memory");
+        }
+        unreadable.remove(&format!("bot/{}", seed.id));
+        bots.insert(seed.id.clone(), (seed.clone(), owner, Some(digest), false));
     }
     for (index, seed) in seed_integrations.iter().enumerate() {
-        let digest = parts
-            .sealer
-            .fingerprint(&serde_json::to_vec(seed).unwrap_or_default());
-        let keep = integrations
-            .get(&seed.id)
-            .is_some_and(|(s, _)| s.seed_digest.as_deref() == Some(digest.as_str()));
-        if !keep {
-            let owner = integrations
-                .get(&seed.id)
-                .map(|(s, _)| s.owner.clone())
-                .unwrap_or(Owner {
-                    account: default_account.clone(),
-                    created_at: now,
-                    updated_at: now,
-                    order: now * 1000 + (config.bots.len() + index) as u64,
-                    seed: None,
-                });
-            let owner = Owner {
-                updated_at: now,
-                seed: Some(digest.clone()),
-                ..owner
-            };
-            let setup = SetupResult::default();
-            if let Err(error) =
-                save_integration(parts, seed, &owner, &setup, Some(digest.clone())).await
-            {
-                tracing::warn!(integration = %seed.id, error = %error.message, "seeded integration not stored; the config entry is used from memory");
+        let mut public = seed.clone();
+        public.bot_framework_app_secret = None;
+        let secret = seed.bot_framework_app_secret.as_deref();
+        let digest = seed_digest(&parts.sealer, &public, secret);
+        let stored = integrations.get_mut(&seed.id);
+        let verdict = seed_verdict(
+            &parts.sealer,
+            stored.as_ref().and_then(|i| i.0.seed_digest.as_deref()),
+            &public,
+            secret,
+            seed,
+        );
+        match (verdict, stored) {
+            (SeedVerdict::Same, _) => continue,
+            (SeedVerdict::Legacy, Some(stored)) => {
+                stored.0.owner.seed = Some(digest.clone());
+                stored.0.seed_digest = Some(digest);
+                stored.1 = true;
+                continue;
             }
-            integrations.insert(
-                seed.id.clone(),
-                (
-                    StoredIntegration {
-                        record: seed.clone(),
-                        sealed_secret: None,
-                        owner,
-                        setup,
-                        seed_digest: Some(digest),
-                    },
-                    false,
-                ),
-            );
+            _ => {}
+        }
+        let owner = integrations
+            .get(&seed.id)
+            .map(|(s, _)| s.owner.clone())
+            .unwrap_or(Owner {
+                account: default_account.clone(),
+                created_at: now,
+                updated_at: now,
+                order: now * 1000 + (config.bots.len() + index) as u64,
+                seed: None,
+            });
+        let owner = Owner {
+            updated_at: now,
+            seed: Some(digest.clone()),
+            ..owner
+        };
+        let setup = SetupResult::default();
+        if let Err(error) =
+            save_integration(parts, seed, &owner, &setup, Some(digest.clone())).await
+        {
+            tracing::warn!(integration = %seed.id, error = %error.message, "seeded integration not stored; the config entry is used from memory");
+        }
+        unreadable.remove(&format!("integration/{}", seed.id));
+        integrations.insert(
+            seed.id.clone(),
+            (
+                StoredIntegration {
+                    record: seed.clone(),
+                    sealed_secret: None,
+                    owner,
+                    setup,
+                    seed_digest: Some(digest),
+                },
+                false,
+            ),
+        );
+    }
+
+    // A secret sealed under another master key is never replaced by a wrong one: the config's
+    // value stands in for it where the config has one for the same destination (bot origin, App
+    // ID); the others stay unreadable, refused at use and named by /readyz. Nothing is written
+    // back, so the process that sealed it keeps reading it.
+    for seed in &config.bots {
+        let mark = format!("bot/{}", seed.id);
+        if !unreadable.contains(&mark) {
+            continue;
+        }
+        if let (Some((record, ..)), Some(secret)) =
+            (bots.get_mut(&seed.id), model::backend_secret(&seed.backend))
+            && model::backend_origin(&record.backend) == model::backend_origin(&seed.backend)
+        {
+            model::set_backend_secret(&mut record.backend, Some(secret.to_owned()));
+            unreadable.remove(&mark);
         }
     }
+    for seed in &config.integrations {
+        let mark = format!("integration/{}", seed.id);
+        if !unreadable.contains(&mark) {
+            continue;
+        }
+        if let (Some((stored, _)), Some(secret)) = (
+            integrations.get_mut(&seed.id),
+            seed.bot_framework_app_secret.as_ref(),
+        ) && stored.record.bot_framework_app_id == seed.bot_framework_app_id
+        {
+            stored.record.bot_framework_app_secret = Some(secret.clone());
+            unreadable.remove(&mark);
+        }
+    }
+    if !unreadable.is_empty() {
+        tracing::error!(
+            records = ?unreadable,
+            "stored secrets cannot be opened with this router's master key and the config has no value for them: they are not used (another router with another master key sealed them?)"
+        );
+    }
+    registry.set_unreadable_secrets(unreadable);
 
     for (id, (record, owner, digest, reseal)) in &bots {
         if *reseal {

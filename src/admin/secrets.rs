@@ -1,16 +1,21 @@
 //! Secrets at rest: app secrets, webhook secrets and model API keys are sealed with AES-256-GCM
-//! (aws-lc-rs, a random 96-bit nonce per seal) under the master key before they reach the store.
-//! The record's kind and id are the associated data, so a sealed value cannot be moved to
-//! another record. A sealed value reads `v1.<key id>.<base64url(nonce ‖ ciphertext ‖ tag)>`,
-//! where the key id (the first bytes of the key's SHA-256) tells which master key sealed it:
-//! during a rotation the previous key still opens old values, and [`Sealer::needs_reseal`]
+//! (aws-lc-rs, a random 96-bit nonce per seal) before they reach the store. The record's kind and
+//! id (and a bot's backend origin) are the associated data, so a sealed value cannot be moved to
+//! another record. A sealed value reads `v2.<key id>.<base64url(nonce ‖ ciphertext ‖ tag)>`,
+//! where the key id (the first bytes of the master key's SHA-256) tells which master key sealed
+//! it: during a rotation the previous key still opens old values, and [`Sealer::needs_reseal`]
 //! finds them so they are sealed again with the current key.
+//!
+//! The master key itself encrypts nothing: HKDF-SHA-256 derives one key for sealing and another
+//! for the keyed digests, so neither use weakens the other. Values of the first scheme (`v1`,
+//! sealed under the master key directly) are still opened, and resealed.
 
 use std::io::Write;
 use std::path::Path;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, Nonce, RandomizedNonceKey};
 use aws_lc_rs::digest::{SHA256, digest};
+use aws_lc_rs::hkdf;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 
@@ -18,7 +23,12 @@ use crate::config::{SecurityConfig, StorageConfig};
 
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 12;
-const VERSION: &str = "v1";
+const VERSION: &str = "v2";
+/// Sealed under the master key itself (before the keys were derived with HKDF).
+const LEGACY_VERSION: &str = "v1";
+const HKDF_SALT: &[u8] = b"teams-router master key";
+const SEALING_INFO: &[u8] = b"teams-router seal v2";
+const DIGEST_INFO: &[u8] = b"teams-router digest v2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -30,8 +40,13 @@ pub enum SecretError {
 
 struct MasterKey {
     id: String,
+    /// Derived with HKDF: seals `v2` values.
     key: RandomizedNonceKey,
+    /// Derived with HKDF: the keyed digests.
     mac: aws_lc_rs::hmac::Key,
+    /// The master key itself, for `v1` values and digests of the first scheme only.
+    legacy: RandomizedNonceKey,
+    legacy_mac: aws_lc_rs::hmac::Key,
 }
 
 impl MasterKey {
@@ -42,11 +57,27 @@ impl MasterKey {
                 bytes.len()
             )));
         }
-        let key = RandomizedNonceKey::new(&AES_256_GCM, bytes)
-            .map_err(|_| SecretError::Key("rejected by AES-256-GCM".into()))?;
+        let rejected = || SecretError::Key("rejected by AES-256-GCM".into());
+        let legacy = RandomizedNonceKey::new(&AES_256_GCM, bytes).map_err(|_| rejected())?;
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(bytes);
+        let derive = |info: &[u8]| -> Result<[u8; KEY_LEN], SecretError> {
+            let mut out = [0u8; KEY_LEN];
+            prk.expand(&[info], hkdf::HKDF_SHA256)
+                .and_then(|okm| okm.fill(&mut out))
+                .map_err(|_| SecretError::Key("key derivation failed".into()))?;
+            Ok(out)
+        };
+        let key = RandomizedNonceKey::new(&AES_256_GCM, &derive(SEALING_INFO)?)
+            .map_err(|_| rejected())?;
+        let mac = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &derive(DIGEST_INFO)?);
         let id = hex(&digest(&SHA256, bytes).as_ref()[..4]);
-        let mac = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, bytes);
-        Ok(Self { id, key, mac })
+        Ok(Self {
+            id,
+            key,
+            mac,
+            legacy,
+            legacy_mac: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, bytes),
+        })
     }
 }
 
@@ -78,7 +109,7 @@ impl Sealer {
                     let path = security
                         .master_key_file
                         .clone()
-                        .unwrap_or_else(|| storage.path.join("master.key"));
+                        .unwrap_or_else(|| default_key_file(&storage.path));
                     MasterKey::new(&load_or_create_key_file(&path)?)?
                 }
             };
@@ -134,11 +165,14 @@ impl Sealer {
     /// Opens a value sealed for `context` by the current or the previous master key.
     pub fn open(&self, context: &str, sealed: &str) -> Result<String, SecretError> {
         let mut parts = sealed.splitn(3, '.');
-        let (Some(VERSION), Some(key_id), Some(payload)) =
+        let (Some(version), Some(key_id), Some(payload)) =
             (parts.next(), parts.next(), parts.next())
         else {
             return Err(SecretError::Open("unknown format"));
         };
+        if version != VERSION && version != LEGACY_VERSION {
+            return Err(SecretError::Open("unknown format"));
+        }
         let key = if key_id == self.current.id {
             &self.current
         } else {
@@ -155,8 +189,12 @@ impl Sealer {
         }
         let nonce = Nonce::try_assume_unique_for_key(&bytes[..NONCE_LEN])
             .map_err(|_| SecretError::Open("bad nonce"))?;
-        let plaintext = key
-            .key
+        let cipher = if version == VERSION {
+            &key.key
+        } else {
+            &key.legacy
+        };
+        let plaintext = cipher
             .open_in_place(
                 nonce,
                 Aad::from(context.as_bytes()),
@@ -172,9 +210,39 @@ impl Sealer {
         hex(aws_lc_rs::hmac::sign(&self.current.mac, data).as_ref())
     }
 
-    /// True when `sealed` was sealed by another key than the current one.
+    /// True when `sealed` was sealed by another key than the current one, or by the old scheme.
     pub fn needs_reseal(&self, sealed: &str) -> bool {
-        sealed.split('.').nth(1) != Some(self.current.id.as_str())
+        let mut parts = sealed.split('.');
+        parts.next() != Some(VERSION) || parts.next() != Some(self.current.id.as_str())
+    }
+
+    /// [`Sealer::fingerprint`] under the master key named `key_id` (current or previous), or
+    /// `None` when this process does not have that key.
+    pub fn fingerprint_by(&self, key_id: &str, data: &[u8]) -> Option<String> {
+        [Some(&self.current), self.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|key| key.id == key_id)
+            .map(|key| hex(aws_lc_rs::hmac::sign(&key.mac, data).as_ref()))
+    }
+
+    /// The keyed digest of the first scheme (HMAC under the master key itself), to recognise
+    /// digests stored before the keys were derived.
+    pub fn legacy_fingerprint(&self, data: &[u8]) -> String {
+        hex(aws_lc_rs::hmac::sign(&self.current.legacy_mac, data).as_ref())
+    }
+
+    /// A value that tells whether another process uses the same master key, without telling
+    /// anything about the key: a keyed digest of a fixed text.
+    pub fn key_check(&self) -> String {
+        self.fingerprint(b"teams-router master key check")
+    }
+
+    /// [`Sealer::key_check`] of the previous master key (during a rotation).
+    pub fn previous_key_check(&self) -> Option<String> {
+        self.previous.as_ref().map(|previous| {
+            hex(aws_lc_rs::hmac::sign(&previous.mac, b"teams-router master key check").as_ref())
+        })
     }
 }
 
@@ -246,6 +314,31 @@ fn load_or_create_key_file(path: &Path) -> Result<Vec<u8>, SecretError> {
     }
 }
 
+/// The key file's default: beside the data directory, not in it (`data` → `data.master.key`), so
+/// that a copy of the data is not also the key that opens its secrets. A key file left inside the
+/// data directory by an earlier version is still used, with a warning to move it.
+pub fn default_key_file(storage_path: &Path) -> std::path::PathBuf {
+    let normalized: std::path::PathBuf = storage_path.components().collect();
+    let beside = match normalized.file_name() {
+        Some(name) => {
+            let mut name = name.to_os_string();
+            name.push(".master.key");
+            normalized.with_file_name(name)
+        }
+        None => normalized.join("..").join("teams-router.master.key"),
+    };
+    let inside = storage_path.join("master.key");
+    if !beside.exists() && inside.exists() {
+        tracing::warn!(
+            old = %inside.display(),
+            new = %beside.display(),
+            "the master key file is inside the data directory; move it to the new default path (or set security.master_key_file)"
+        );
+        return inside;
+    }
+    beside
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -263,6 +356,64 @@ mod tests {
         assert!(sealer.open("integration/b", &sealed).is_err());
         // A fresh nonce each time.
         assert_ne!(sealed, sealer.seal("integration/a", "hunter2"));
+    }
+
+    /// A value as the first scheme sealed it: under the master key itself, `v1`.
+    fn seal_v1(key: &[u8], context: &str, plaintext: &str) -> String {
+        let cipher = RandomizedNonceKey::new(&AES_256_GCM, key).unwrap();
+        let mut buffer = plaintext.as_bytes().to_vec();
+        let nonce = cipher
+            .seal_in_place_append_tag(Aad::from(context.as_bytes()), &mut buffer)
+            .unwrap();
+        let mut sealed = nonce.as_ref().to_vec();
+        sealed.extend_from_slice(&buffer);
+        let id = hex(&digest(&SHA256, key).as_ref()[..4]);
+        format!("v1.{id}.{}", URL_SAFE_NO_PAD.encode(sealed))
+    }
+
+    #[test]
+    fn values_of_the_first_scheme_open_and_are_resealed_under_derived_keys() {
+        let key = [9u8; 32];
+        let sealer = Sealer::from_key(&key).unwrap();
+        let old = seal_v1(&key, "bots/a", "webhook-secret");
+        assert_eq!(sealer.open("bots/a", &old).unwrap(), "webhook-secret");
+        assert!(sealer.needs_reseal(&old));
+        let new = sealer.seal("bots/a", "webhook-secret");
+        assert!(new.starts_with("v2."));
+        assert!(!sealer.needs_reseal(&new));
+        // The derived sealing key is not the master key: a v2 value relabelled v1 does not open.
+        let relabelled = new.replacen("v2.", "v1.", 1);
+        assert!(sealer.open("bots/a", &relabelled).is_err());
+        // The digest key is not the master key either.
+        let raw_mac = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key);
+        let raw = hex(aws_lc_rs::hmac::sign(&raw_mac, b"x").as_ref());
+        assert_ne!(sealer.fingerprint(b"x"), raw);
+        // Two keys tell each other apart by their checks; one key agrees with itself.
+        assert_eq!(
+            sealer.key_check(),
+            Sealer::from_key(&key).unwrap().key_check()
+        );
+        assert_ne!(
+            sealer.key_check(),
+            Sealer::from_key(&[8u8; 32]).unwrap().key_check()
+        );
+    }
+
+    #[test]
+    fn the_default_key_file_is_beside_the_data_directory() {
+        let dir = std::env::temp_dir().join(format!("tr-keyfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let data = dir.join("data");
+        assert_eq!(default_key_file(&data), dir.join("data.master.key"));
+        assert_eq!(
+            default_key_file(&dir.join("data/")),
+            dir.join("data.master.key")
+        );
+        // An earlier version's file inside the directory is still found.
+        std::fs::write(data.join("master.key"), "k").unwrap();
+        assert_eq!(default_key_file(&data), data.join("master.key"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -120,5 +120,11 @@ fn classify(error: &TokenError) -> (&'static str, String) {
             "token_endpoint_invalid",
             "the token endpoint answered without a usable token".to_owned(),
         ),
+        TokenError::NoSecret => (
+            "missing_credentials",
+            "the stored App Secret cannot be opened with this router's master key (or there is \
+             none): update the integration with botFrameworkAppSecret"
+                .to_owned(),
+        ),
     }
 }

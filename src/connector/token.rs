@@ -31,6 +31,9 @@ pub enum TokenError {
     Unreachable(String),
     #[error("token endpoint answered an invalid document: {0}")]
     Invalid(String),
+    /// Never asked with an empty secret (a stored one this process cannot open, or none).
+    #[error("the integration has no App Secret this router can use")]
+    NoSecret,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -128,6 +131,9 @@ impl TokenProvider {
         credentials: &AppCredentials,
         authority: &str,
     ) -> Result<CachedToken, TokenError> {
+        if credentials.app_secret.is_empty() {
+            return Err(TokenError::NoSecret);
+        }
         let url = format!("{}/{authority}/oauth2/v2.0/token", self.login_url);
         let form = [
             ("grant_type", "client_credentials"),

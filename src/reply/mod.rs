@@ -395,7 +395,17 @@ async fn answer(args: &ReplyArgs, deltas: &Deltas) -> Answer {
         .registry
         .bot(&integration.record.bot_id)
         .ok_or_else(|| format!("bot {:?} does not exist", integration.record.bot_id))
-        .and_then(|bot| Backend::from_spec(bot.backend()).map_err(|e| e.to_string()));
+        .and_then(|bot| {
+            if args.services.registry.bot_secret_unreadable(&bot.record.id) {
+                // Calling without the secret would send the turn unsigned, or without the key.
+                return Err(format!(
+                    "the secret of bot {:?} cannot be opened with this router's master key; \
+                     the bot is not called",
+                    bot.record.id
+                ));
+            }
+            Backend::from_spec(bot.backend()).map_err(|e| e.to_string())
+        });
     let input = TurnInput {
         integration_id: &integration.record.id,
         bot_id: &integration.record.bot_id,
