@@ -503,6 +503,40 @@ pub struct BotRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     pub backend: BackendSpec,
+    /// How Teams renders the bot's answers; default: markdown for webhook and model answers,
+    /// plain for echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_format: Option<TextFormat>,
+}
+
+/// The `textFormat` of a bot's messages (Bot Framework: markdown, plain or xml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextFormat {
+    Markdown,
+    Plain,
+    Xml,
+}
+
+impl TextFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Markdown => "markdown",
+            Self::Plain => "plain",
+            Self::Xml => "xml",
+        }
+    }
+}
+
+impl BotRecord {
+    /// The format its answers go out in: as set, else markdown for what a model or a webhook
+    /// writes (models answer in Markdown) and plain for echo (it repeats what users typed).
+    pub fn text_format(&self) -> TextFormat {
+        self.text_format.unwrap_or(match self.backend {
+            BackendSpec::Echo { .. } => TextFormat::Plain,
+            BackendSpec::Webhook { .. } | BackendSpec::Openai { .. } => TextFormat::Markdown,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -562,6 +596,7 @@ const CAMEL_CASE_KEYS: &[&str] = &[
     "baseUrl",
     "apiKey",
     "systemPrompt",
+    "textFormat",
 ];
 
 impl Config {

@@ -240,6 +240,9 @@ async fn the_webhook_backend_is_signed_and_answers_as_json_ndjson_or_sse() {
         ],
         "in order, the failures answered with the apology, the conversation alive"
     );
+    // A webhook's text goes out as Markdown; its router-made apology too (one message format
+    // per bot).
+    assert!(replies.iter().all(|r| r.body["textFormat"] == "markdown"));
     let received = hook.received.lock().unwrap().clone();
     assert_eq!(received.len(), texts.len());
     let second = &received[1];
@@ -396,6 +399,8 @@ async fn the_openai_backend_sends_the_system_prompt_and_history_and_reads_the_st
         said,
         ["Answer number 1", "Answer number 2", "Answer number 3"]
     );
+    // Models write Markdown: Teams is told so (issue 15, point 11).
+    assert!(replies.iter().all(|r| r.body["textFormat"] == "markdown"));
     let requests = requests_seen.lock().unwrap().clone();
     assert_eq!(requests.len(), 3);
     let third = &requests[2].1;
@@ -923,5 +928,31 @@ async fn a_backend_secret_never_follows_its_url_to_another_origin() {
     assert_eq!(response.status().as_u16(), 200);
     say(&router).await;
     assert_eq!(*seen.lock().unwrap(), [(1, true), (1, true), (2, false)]);
+    // The answers' textFormat: markdown for a webhook unless the bot says otherwise.
+    assert!(
+        mock.activities()
+            .iter()
+            .all(|r| r.body["textFormat"] == "markdown")
+    );
+    let response = api(
+        format!("/api/v1/bot/{bot}/update"),
+        json!({"textFormat": "xml"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    say(&router).await;
+    assert_eq!(mock.activities().last().unwrap().body["textFormat"], "xml");
+    let response = api(
+        format!("/api/v1/bot/{bot}/update"),
+        json!({"textFormat": "html"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        400,
+        "only markdown, plain or xml"
+    );
     router.terminate(Duration::from_secs(10)).await.unwrap();
 }

@@ -707,6 +707,7 @@ impl Admin {
             name: input.name,
             description: input.description,
             backend: input.backend,
+            text_format: input.text_format,
         };
         let owner = self.new_owner(account);
         save_bot(&self.parts.vault, &record, &owner, None).await?;
@@ -745,6 +746,9 @@ impl Admin {
         if let Some(description) = input.description {
             model::check_text("description", description.as_deref(), 4096)?;
             record.description = description;
+        }
+        if let Some(text_format) = input.text_format {
+            record.text_format = text_format;
         }
         if let Some(mut backend) = input.backend {
             let same_kind =
@@ -1601,9 +1605,11 @@ pub async fn load(
         if *reseal {
             let _ = save_bot(parts, record, owner, digest.clone()).await;
         }
-        let unchanged = registry
-            .bot(id)
-            .is_some_and(|b| b.owner == *owner && b.record.backend == record.backend);
+        let unchanged = registry.bot(id).is_some_and(|b| {
+            b.owner == *owner
+                && b.record.backend == record.backend
+                && b.record.text_format == record.text_format
+        });
         if !unchanged {
             registry.put_bot(record.clone(), owner.clone());
         }

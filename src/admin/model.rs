@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::config::{BackendSpec, BotRecord, IntegrationRecord, MAX_SESSION_DURATION_MS};
+use crate::config::{
+    BackendSpec, BotRecord, IntegrationRecord, MAX_SESSION_DURATION_MS, TextFormat,
+};
 use crate::registry::{Owner, SetupResult, SetupStatus};
 
 /// A 400: what is wrong, and with which field when one is to blame.
@@ -102,6 +104,8 @@ pub struct CreateBot {
     #[serde(default)]
     pub description: Option<String>,
     pub backend: BackendSpec,
+    #[serde(default)]
+    pub text_format: Option<TextFormat>,
 }
 
 /// The body of `POST /api/v1/bot/{id}/update`. A backend of the same kind without `secret` or
@@ -115,6 +119,9 @@ pub struct UpdateBot {
     pub description: Option<Option<String>>,
     #[serde(default)]
     pub backend: Option<BackendSpec>,
+    /// `null` goes back to the backend's default.
+    #[serde(default, deserialize_with = "nullable")]
+    pub text_format: Option<Option<TextFormat>>,
 }
 
 /// The body of `POST /api/v1/integration/teams/create`.
@@ -381,6 +388,7 @@ pub fn bot_view(record: &BotRecord, owner: &Owner) -> Value {
         "name": record.name,
         "description": record.description,
         "backend": backend,
+        "textFormat": record.text_format().as_str(),
         "createdAt": iso_time(owner.created_at),
         "updatedAt": iso_time(owner.updated_at),
     })

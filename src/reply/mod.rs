@@ -222,7 +222,8 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
         }
         (text, _) => {
             let text = text.unwrap_or_default();
-            let message = outbound_message(&args.activity, &text, attachments);
+            let mut message = outbound_message(&args.activity, &text, attachments);
+            message["textFormat"] = json!(text_format(&args).as_str());
             match stream {
                 Some(stream) => finish_stream(&args, stream, message, text).await,
                 None => send_message(&args, message, text).await,
@@ -302,7 +303,10 @@ async fn follow_up(args: &ReplyArgs, answer: Answer) {
         let Some(id) = update.get("id").and_then(Value::as_str).map(str::to_owned) else {
             continue;
         };
-        let activity = addressed(&args.activity, update);
+        let mut activity = addressed(&args.activity, update);
+        if activity.get("text").is_some() && activity.get("textFormat").is_none() {
+            activity["textFormat"] = json!(text_format(args).as_str());
+        }
         if let Err(error) = connector.update(route, &id, &activity).await {
             connector_failed(args, &error);
         }
@@ -476,6 +480,15 @@ fn addressed(activity: &TurnActivity, given: Value) -> Value {
         fields.extend(given);
     }
     message
+}
+
+/// How the integration's bot wants its answers rendered (`textFormat`).
+fn text_format(args: &ReplyArgs) -> crate::config::TextFormat {
+    args.services
+        .registry
+        .bot(&args.integration.record.bot_id)
+        .map(|bot| bot.record.text_format())
+        .unwrap_or(crate::config::TextFormat::Plain)
 }
 
 /// A message addressed back into the activity's conversation.
