@@ -174,7 +174,10 @@ impl Router {
             connector: Arc::clone(&connector),
             welcome_message: config.connector.welcome_message.clone(),
             apology: config.backend.apology.clone(),
-            streaming: StreamSettings::from(&config.streaming),
+            streaming: StreamSettings {
+                max_message_bytes: config.connector.max_message_bytes,
+                ..StreamSettings::from(&config.streaming)
+            },
             events: event_sink.clone(),
             contacts: Some(Arc::clone(&contacts)),
             addresses: Some(Arc::clone(&addresses)),

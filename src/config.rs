@@ -301,7 +301,12 @@ pub struct ConnectorConfig {
     /// Outbound activities of one bot (app and tenant) waiting for the limits at most; one more
     /// fails at once.
     pub max_queued: usize,
+    /// A message's size at most, counted as Teams does (UTF-16 bytes of the activity): a larger
+    /// answer goes as several messages (Teams refuses about 100 KB and advises 80 KB).
+    pub max_message_bytes: usize,
 }
+
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 80_000;
 
 impl Default for ConnectorConfig {
     fn default() -> Self {
@@ -328,6 +333,7 @@ impl Default for ConnectorConfig {
             conversation_limits: vec![[1_000, 7], [2_000, 8], [30_000, 60], [3_600_000, 1_800]],
             app_limits: vec![[1_000, 50]],
             max_queued: 100_000,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -744,6 +750,9 @@ impl Config {
             return invalid(
                 "conversation.mailbox_capacity and conversation.max_active must be positive".into(),
             );
+        }
+        if self.connector.max_message_bytes < 1_024 {
+            return invalid("connector.max_message_bytes must be at least 1024".into());
         }
         if self.connector.max_attempts == 0 {
             return invalid("connector.max_attempts must be at least 1".into());

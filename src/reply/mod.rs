@@ -24,6 +24,7 @@ use crate::telemetry::{FIRST_REPLY, TURNS_FAILED};
 use streaming::{Ending, Stream, StreamSettings};
 
 pub mod exchanges;
+pub mod split;
 pub mod streaming;
 
 /// What every reply needs, shared by all turns.
@@ -256,9 +257,28 @@ async fn finish_stream(
     message: Value,
     text: String,
 ) -> Option<SentReply> {
-    match stream.finish(message.clone()).await {
+    // A stream ends with what fits in one message; the rest follows in new messages.
+    let size = split::message_size(&message);
+    let (final_message, rest) = if size > args.services.streaming.max_message_bytes {
+        // The final message also carries the stream's entity and channel data.
+        let budget = text_budget(args, &message).saturating_sub(streaming::STREAM_ENTITY_BYTES);
+        let parts = split::split(&text, budget);
+        let first = parts.first().cloned().unwrap_or_default();
+        let rest = text[first.len()..].to_owned();
+        record_split(args, size, parts.len());
+        (with_text(&message, &first), Some(rest))
+    } else {
+        (message.clone(), None)
+    };
+    match stream.finish(final_message).await {
         Ending::Completed { id } => {
             histogram!(FIRST_REPLY).record(args.accepted_at.elapsed().as_secs_f64());
+            if let Some(rest) = rest {
+                let mut following = message.clone();
+                following["text"] = json!(rest);
+                let last = send_message(args, following, rest).await?;
+                return Some(SentReply { text, id: last.id });
+            }
             Some(SentReply { text, id })
         }
         Ending::Cancelled => {
@@ -445,10 +465,89 @@ async fn answer(args: &ReplyArgs, deltas: &Deltas) -> Answer {
     }
 }
 
+/// The message with `text` as its text and no attachments: what each part of a split answer is.
+fn with_text(message: &Value, text: &str) -> Value {
+    let mut part = message.clone();
+    part["text"] = json!(text);
+    if let Some(fields) = part.as_object_mut() {
+        fields.remove("attachments");
+    }
+    part
+}
+
+/// Bytes of text a message like `message` can carry within `connector.max_message_bytes`.
+fn text_budget(args: &ReplyArgs, message: &Value) -> usize {
+    args.services
+        .streaming
+        .max_message_bytes
+        .saturating_sub(split::message_size(&with_text(message, "")))
+}
+
+/// True when the message cannot be too large, told without serializing it: a UTF-8 byte of text
+/// is at most 6 UTF-16 units once JSON-escaped, and the addressing is far below the margin.
+fn surely_fits(args: &ReplyArgs, message: &Value, text: &str) -> bool {
+    const ADDRESSING_MARGIN: usize = 16 * 1024;
+    message.get("attachments").is_none()
+        && text.len() * 12 + ADDRESSING_MARGIN <= args.services.streaming.max_message_bytes
+}
+
+fn record_split(args: &ReplyArgs, size: usize, parts: usize) {
+    args.services.events.record(
+        &args.integration.id,
+        EventDraft::new("reply.split")
+            .activity(&args.activity.kind, &args.activity.id)
+            .message(format!(
+                "the answer's message was {size} bytes (UTF-16), over connector.max_message_bytes \
+                 ({}); it was sent as {parts} messages",
+                args.services.streaming.max_message_bytes
+            )),
+    );
+}
+
+/// Sends the answer's message, as several when it is larger than Teams takes: the text in parts
+/// (paragraphs, else lines, ...), in order, the attachments with the last part or after it.
 async fn send_message(args: &ReplyArgs, message: Value, text: String) -> Option<SentReply> {
     if !delivery_allowed(args) {
         return None;
     }
+    if surely_fits(args, &message, &text) {
+        return send_one(args, message, text).await;
+    }
+    let size = split::message_size(&message);
+    if size <= args.services.streaming.max_message_bytes {
+        return send_one(args, message, text).await;
+    }
+    let parts = split::split(&text, text_budget(args, &message));
+    let mut messages: Vec<Value> = parts.iter().map(|part| with_text(&message, part)).collect();
+    if let Some(attachments) = message.get("attachments").filter(|a| !a.is_null()) {
+        let fits = messages.last().is_some_and(|last| {
+            let mut with = last.clone();
+            with["attachments"] = attachments.clone();
+            split::message_size(&with) <= args.services.streaming.max_message_bytes
+        });
+        match messages.last_mut() {
+            Some(last) if fits => last["attachments"] = attachments.clone(),
+            _ => {
+                let mut cards = with_text(&message, "");
+                cards["attachments"] = attachments.clone();
+                messages.push(cards);
+            }
+        }
+    }
+    record_split(args, size, messages.len());
+    let mut sent = None;
+    for part in messages {
+        let part_text = part["text"].as_str().unwrap_or_default().to_owned();
+        sent = send_one(args, part, part_text).await;
+        if sent.is_none() {
+            // The connector failed (and said so); the parts after it would arrive out of place.
+            return None;
+        }
+    }
+    sent.map(|last| SentReply { text, id: last.id })
+}
+
+async fn send_one(args: &ReplyArgs, message: Value, text: String) -> Option<SentReply> {
     let activity = &args.activity;
     // A bot added to a conversation speaks into it; anything else is a reply to the activity.
     let reply_to = (activity.kind != "conversationUpdate").then_some(activity.id.as_str());

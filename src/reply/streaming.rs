@@ -28,6 +28,8 @@ pub struct StreamSettings {
     pub interval: Duration,
     pub informative_text: String,
     pub max_duration: Duration,
+    /// A message's size at most (`connector.max_message_bytes`, UTF-16): updates stop before it.
+    pub max_message_bytes: usize,
 }
 
 impl From<&StreamingConfig> for StreamSettings {
@@ -37,6 +39,7 @@ impl From<&StreamingConfig> for StreamSettings {
             interval: Duration::from_millis(config.interval_ms),
             informative_text: config.informative_text.clone(),
             max_duration: Duration::from_millis(config.max_duration_ms),
+            max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -61,6 +64,9 @@ pub enum Ending {
     Fallback(String),
     Cancelled,
 }
+
+/// What the `streaminfo` entity and channel data add to an update, at most (UTF-16 bytes).
+pub const STREAM_ENTITY_BYTES: usize = 512;
 
 /// One answer being streamed.
 pub struct Stream<'a> {
@@ -133,6 +139,16 @@ impl<'a> Stream<'a> {
                 continue;
             }
             let current = text.borrow_and_update().clone();
+            // An update as large as a message would be refused (403, message size): the stream
+            // stays where it is, and its final message and the ones after carry the rest.
+            let room = self
+                .settings
+                .max_message_bytes
+                .saturating_sub(super::split::message_size(self.base) + STREAM_ENTITY_BYTES);
+            if super::split::text_cost(&current) > room {
+                last_update = crate::clock::now();
+                continue;
+            }
             // Teams rejects an update that does not extend the text it has.
             if current.len() > self.streamed.len() && current.starts_with(&self.streamed) {
                 self.update("streaming", &current).await;
@@ -177,6 +193,10 @@ impl<'a> Stream<'a> {
                 ));
             }
             Ok(_) => {}
+            // Throttled: this update is skipped; the next one carries the whole text so far.
+            Err(error) if error.status() == Some(429) => {
+                tracing::debug!("a streaming update was throttled (429); skipped");
+            }
             Err(error) => self.broken = Some(classify(&error)),
         }
     }
@@ -189,8 +209,12 @@ impl<'a> Stream<'a> {
                 "the answer took longer than Teams lets a stream run".into(),
             ));
         }
+        let over_time = self.started.elapsed() >= self.settings.max_duration;
         let stream_id = match (self.broken.take(), self.stream_id.clone()) {
             (Some(Broken::Cancelled), _) => return count(Ending::Cancelled),
+            // A stream that started is closed by its final message, not left open beside a
+            // second message; only if Teams refuses that too does a new message follow.
+            (Some(Broken::Fallback(_)), Some(id)) if !over_time => id,
             (Some(Broken::Fallback(reason)), _) => return count(Ending::Fallback(reason)),
             (None, None) => return count(Ending::Fallback("the stream never started".into())),
             (None, Some(id)) => id,
