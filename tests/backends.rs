@@ -956,3 +956,63 @@ async fn a_backend_secret_never_follows_its_url_to_another_origin() {
     );
     router.terminate(Duration::from_secs(10)).await.unwrap();
 }
+
+/// Issue 15, point 9: a card click is answered within Teams' seconds even while the
+/// conversation's message turn waits on a slow backend: invokes run beside the turn order, and
+/// still see the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoke_is_answered_while_a_slow_message_turn_runs() {
+    let hook = Hook::default();
+    let url = hook.start().await;
+    let (mock, router) = start_with_bot(
+        "hook",
+        &format!(r#"{{ kind = "webhook", url = "{url}", secret = "{HOOK_SECRET}" }}"#),
+        "",
+    )
+    .await;
+    let token = mock.token_for(APP_ID);
+    let client = http();
+    let callback = router.callback_url("teams_hook");
+    // The webhook takes 10 s over this message.
+    let slow = personal_message(&mock, "conv-beside", "m1", "hang");
+    assert_eq!(post(&client, &callback, Some(&token), &slow).await.0, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while hook.received.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the message never reached the webhook"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut invoke = fixture("invoke-adaptivecard-action.json");
+    invoke["serviceUrl"] = mock.service_url().into();
+    invoke["conversation"] = slow["conversation"].clone();
+    invoke["from"] = slow["from"].clone();
+    invoke["id"] = "click-1".into();
+    let started = std::time::Instant::now();
+    let (status, body) = post(&client, &callback, Some(&token), &invoke).await;
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body["value"], "from the webhook",
+        "the bot's own answer, not the deadline's: {body}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "answered beside the slow turn: {took:?}"
+    );
+    // The invoke saw the session, the slow message included.
+    let received = hook.received.lock().unwrap().clone();
+    let click = received
+        .iter()
+        .find(|t| t["activity"]["id"] == "click-1")
+        .expect("the invoke reached the webhook");
+    let history: Vec<&str> = click["session"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(history, ["hang"], "{click}");
+}

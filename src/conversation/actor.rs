@@ -54,6 +54,8 @@ pub struct ConversationArgs {
 /// The turn being run by a reply actor.
 struct RunningTurn {
     reply_actor: ActorId,
+    /// An invoke run beside the turn order.
+    side: bool,
     started: Instant,
     activity_id: String,
     journal_seq: Option<u64>,
@@ -75,6 +77,8 @@ const TURNS_PER_PLACE: u32 = 8;
 pub struct ConversationActorState {
     args: ConversationArgs,
     current: Option<RunningTurn>,
+    /// Invokes running beside the turn order.
+    side: Vec<RunningTurn>,
     /// The session and its key, loaded at the first turn.
     session: Option<(String, Session)>,
     /// The conversation's dedup window and sequence, loaded at the first turn, and how long it
@@ -108,10 +112,12 @@ impl Actor for ConversationActor {
             state.actor = Some(myself.clone());
             // A predecessor that died mid-turn left the flag set; its turn is over.
             state.busy = false;
+            state.side_running = 0;
         }
         Ok(ConversationActorState {
             args,
             current: None,
+            side: Vec::new(),
             session: None,
             record: None,
             idle_check_armed: false,
@@ -128,6 +134,7 @@ impl Actor for ConversationActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // Turns queued before this actor existed (or while its predecessor restarted).
+        Box::pin(start_side_turns(&myself, state)).await;
         Box::pin(start_next_turn(&myself, state)).await;
         Ok(())
     }
@@ -139,14 +146,13 @@ impl Actor for ConversationActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ConversationMsg::Wake => Box::pin(start_next_turn(&myself, state)).await,
+            ConversationMsg::Wake => {
+                Box::pin(start_side_turns(&myself, state)).await;
+                Box::pin(start_next_turn(&myself, state)).await;
+            }
             ConversationMsg::TurnFinished { reply_actor, reply } => {
-                if state
-                    .current
-                    .as_ref()
-                    .is_some_and(|t| t.reply_actor == reply_actor)
-                {
-                    Box::pin(finish_turn(state, reply, true)).await;
+                if let Some(turn) = take_turn(state, reply_actor) {
+                    Box::pin(finish_turn(state, turn, reply, true)).await;
                     Box::pin(start_next_turn(&myself, state)).await;
                 }
             }
@@ -170,27 +176,44 @@ impl Actor for ConversationActor {
         let SupervisionEvent::ActorFailed(cell, error) = &event else {
             return Ok(());
         };
-        if state
-            .current
-            .as_ref()
-            .is_some_and(|t| t.reply_actor == cell.get_id())
-        {
+        if let Some(turn) = take_turn(state, cell.get_id()) {
             tracing::error!(integration = %state.args.conversation.key.integration, %error, "turn failed");
-            Box::pin(finish_turn(state, None, false)).await;
+            Box::pin(finish_turn(state, turn, None, false)).await;
             Box::pin(start_next_turn(&myself, state)).await;
         }
         Ok(())
     }
 }
 
-/// Ends the running turn: history, dedup window, snapshots, journal.
-async fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply>, ok: bool) {
-    let Some(mut turn) = state.current.take() else {
-        return;
-    };
+/// The turn (in order or beside it) that `reply_actor` runs, taken out of the running ones.
+fn take_turn(state: &mut ConversationActorState, reply_actor: ActorId) -> Option<RunningTurn> {
+    if state
+        .current
+        .as_ref()
+        .is_some_and(|t| t.reply_actor == reply_actor)
+    {
+        return state.current.take();
+    }
+    let index = state
+        .side
+        .iter()
+        .position(|t| t.reply_actor == reply_actor)?;
+    Some(state.side.swap_remove(index))
+}
+
+/// Ends a turn: history, dedup window, snapshots, journal.
+async fn finish_turn(
+    state: &mut ConversationActorState,
+    mut turn: RunningTurn,
+    reply: Option<SentReply>,
+    ok: bool,
+) {
     if let Some((ticket, permit)) = turn.admission.take() {
         drop(ticket);
-        state.kept_place = permit;
+        // Only the turn order passes its place on; an invoke beside it gives its place back.
+        if !turn.side {
+            state.kept_place = permit;
+        }
     }
     histogram!(TURN_DURATION).record(turn.started.elapsed().as_secs_f64());
     if !ok {
@@ -224,8 +247,29 @@ async fn finish_turn(state: &mut ConversationActorState, reply: Option<SentReply
     }
     state.unsaved = !save_snapshots(state);
     let mut shared = state.args.conversation.state();
-    shared.busy = false;
+    if turn.side {
+        shared.side_running = shared.side_running.saturating_sub(1);
+    } else {
+        shared.busy = false;
+    }
     shared.last_activity = crate::clock::now();
+}
+
+/// Starts every invoke waiting beside the turn order.
+async fn start_side_turns(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) {
+    loop {
+        let turn = {
+            let mut shared = state.args.conversation.state();
+            match shared.side_queue.pop_front() {
+                Some(turn) => {
+                    shared.side_running += 1;
+                    turn
+                }
+                None => return,
+            }
+        };
+        begin_turn(myself, state, turn, true).await;
+    }
 }
 
 /// Hands the session and the conversation record to the snapshot writer; `false` when one of
@@ -285,13 +329,13 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
                 None => break,
             }
         };
-        if begin_turn(myself, state, turn).await {
+        if begin_turn(myself, state, turn, false).await {
             return;
         }
     }
     // Nothing queued: the place goes to another conversation.
     state.kept_place = None;
-    if state.ending {
+    if state.ending && state.side.is_empty() {
         myself.stop(Some("integration deleted".into()));
         return;
     }
@@ -300,11 +344,13 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
     arm_idle_check(myself, state, after);
 }
 
-/// Starts one turn; false when it needed no reply actor (the caller takes the next one).
+/// Starts one turn, in the turn order or (`side`) beside it; false when it needed no reply actor
+/// (the caller takes the next one).
 async fn begin_turn(
     myself: &ActorRef<ConversationMsg>,
     state: &mut ConversationActorState,
     turn: Turn,
+    side: bool,
 ) -> bool {
     let Turn {
         body,
@@ -327,7 +373,7 @@ async fn begin_turn(
         {
             journal.complete(seq);
         }
-        state.args.conversation.state().busy = false;
+        release(state, side);
     };
     let activity = match TurnActivity::parse(&body) {
         Ok(a) => a,
@@ -351,8 +397,26 @@ async fn begin_turn(
         );
         return false;
     };
-    load_record(state, &integration).await;
-    load_session(state, &integration, &activity).await;
+    // Beside a running turn, the state in memory is the newest: reading the store again would
+    // drop what that turn has not saved yet.
+    let beside_running = side && (state.current.is_some() || !state.side.is_empty());
+    if !beside_running || state.record.is_none() {
+        load_record(state, &integration).await;
+    }
+    let same_session = state
+        .session
+        .as_ref()
+        .is_some_and(|(key, _)| *key == session_key(&integration.record.id, &activity));
+    // Another session beside a running turn (a personal chat's invoke from another user) is
+    // read for this turn only: the running turn keeps the one it records into.
+    let running_session = if beside_running && !same_session {
+        state.session.take()
+    } else {
+        None
+    };
+    if !beside_running || !same_session {
+        load_session(state, &integration, &activity).await;
+    }
     if state
         .record
         .as_ref()
@@ -371,7 +435,7 @@ async fn begin_turn(
         .as_deref()
         .is_some_and(|trigger| text == trigger)
     {
-        state.args.conversation.state().busy = false;
+        release(state, side);
         panic!("testing.panic_trigger received: failing this turn on purpose");
     }
 
@@ -407,6 +471,9 @@ async fn begin_turn(
         ),
         None => (String::new(), Vec::new()),
     };
+    if running_session.is_some() {
+        state.session = running_session;
+    }
     let reply = ReplyArgs {
         session_id,
         history,
@@ -421,6 +488,11 @@ async fn begin_turn(
     // Past the bound of turns in flight, this conversation waits here for a place; its mailbox
     // keeps filling and the request path sheds on the pending bound.
     let admission = match ticket {
+        // An invoke beside the turn order takes a place of its own.
+        Some(ticket) if side => {
+            let permit = ticket.turn_permit().await;
+            Some((ticket, permit))
+        }
         Some(ticket) => {
             let permit = match state.kept_place.take() {
                 Some(permit) if state.place_turns < TURNS_PER_PLACE => {
@@ -438,20 +510,28 @@ async fn begin_turn(
         }
         // A turn admitted without a ticket (replayed from the journal) takes no place.
         None => {
-            state.kept_place = None;
+            if !side {
+                state.kept_place = None;
+            }
             None
         }
     };
     match Actor::spawn_linked(None, ReplyActor, reply, myself.get_cell()).await {
         Ok((reply_actor, _)) => {
-            state.current = Some(RunningTurn {
+            let running = RunningTurn {
                 reply_actor: reply_actor.get_id(),
+                side,
                 started: crate::clock::now(),
                 activity_id,
                 journal_seq,
                 session_command,
                 admission,
-            });
+            };
+            if side {
+                state.side.push(running);
+            } else {
+                state.current = Some(running);
+            }
             true
         }
         Err(error) => {
@@ -459,6 +539,16 @@ async fn begin_turn(
             skip(state, "the turn could not be started", None, true);
             false
         }
+    }
+}
+
+/// A turn that will not run gives its slot back: the turn order's, or one beside it.
+fn release(state: &ConversationActorState, side: bool) {
+    let mut shared = state.args.conversation.state();
+    if side {
+        shared.side_running = shared.side_running.saturating_sub(1);
+    } else {
+        shared.busy = false;
     }
 }
 
@@ -560,7 +650,11 @@ fn passivate_if_idle(myself: &ActorRef<ConversationMsg>, state: &mut Conversatio
     let remaining = {
         let mut shared = state.args.conversation.state();
         let quiet_for = shared.last_activity.elapsed();
-        if shared.busy || !shared.queue.is_empty() {
+        if shared.busy
+            || !shared.queue.is_empty()
+            || shared.side_running > 0
+            || !shared.side_queue.is_empty()
+        {
             // The end of the running turn arms the next check.
             return;
         }

@@ -132,6 +132,11 @@ pub struct Conversation {
 
 struct ConversationState {
     queue: VecDeque<Turn>,
+    /// Invokes waiting to run beside the turn order: a card click is answered within Teams'
+    /// seconds even while a message turn waits on a slow model.
+    side_queue: VecDeque<Turn>,
+    /// Invokes running beside the turn order.
+    side_running: usize,
     recent_ids: DedupWindow,
     /// The live actor; `None` while it is being (re)started.
     actor: Option<ActorRef<ConversationMsg>>,
@@ -198,6 +203,8 @@ impl Conversation {
             key,
             state: Mutex::new(ConversationState {
                 queue: VecDeque::new(),
+                side_queue: VecDeque::new(),
+                side_running: 0,
                 recent_ids: DedupWindow::new(settings.dedup_window),
                 actor: None,
                 closed: false,
@@ -224,7 +231,7 @@ impl Conversation {
         if state.recent_ids.contains(activity_id) {
             return Enqueue::Duplicate(state.invoke_answer(activity_id));
         }
-        if state.queue.len() >= capacity {
+        if state.queue.len() + state.side_queue.len() >= capacity {
             return Enqueue::Full;
         }
         state.recent_ids.insert(activity_id.into());
@@ -241,8 +248,13 @@ impl Conversation {
                 .invokes
                 .push_back((activity_id.into(), reply.subscribe()));
         }
-        state.queue.push_back(turn);
         state.last_activity = crate::clock::now();
+        if turn.invoke.is_some() {
+            // Not behind the running turn: the actor is woken to start it now.
+            state.side_queue.push_back(turn);
+            return Enqueue::Queued(state.actor.clone());
+        }
+        state.queue.push_back(turn);
         Enqueue::Queued(if needs_wake {
             state.actor.clone()
         } else {
@@ -253,7 +265,7 @@ impl Conversation {
     /// Activities queued or running.
     fn pending(&self) -> usize {
         let state = self.state();
-        state.queue.len() + usize::from(state.busy)
+        state.queue.len() + usize::from(state.busy) + state.side_queue.len() + state.side_running
     }
 }
 

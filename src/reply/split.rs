@@ -105,7 +105,7 @@ mod tests {
         // 4 characters and the two newlines: (4 + 2×2) × 2 bytes = 16 bytes.
         assert_eq!(split(paragraphs, 20), ["aaaa\n\n", "bbbb\n\n", "cccc"]);
         let lines = "aaaa\nbbbb\ncccc";
-        assert_eq!(split(lines, 20), ["aaaa\nbbbb\n", "cccc"]);
+        assert_eq!(split(lines, 20), ["aaaa\n", "bbbb\ncccc"]);
         let words = "aaaa bbbb cccc";
         assert_eq!(split(words, 20), ["aaaa bbbb ", "cccc"]);
         let word = "abcdefghij";
