@@ -110,7 +110,7 @@ fn verify_and_route(c: &mut Criterion) {
     let front = std::sync::Arc::clone(&fixture.router.front);
     let token = fixture.mock.token_for(APP_ID);
     let header = format!("Bearer {token}");
-    let verifier = std::sync::Arc::clone(&front.verifier);
+    let verifier = std::sync::Arc::clone(front.verifiers.default_verifier());
     runtime
         .block_on(verifier.verify(Some(header.as_bytes()), APP_ID))
         .unwrap();

@@ -16,7 +16,7 @@ use crate::admin::proactive::AddressBook;
 use crate::admin::secrets::{Sealer, SecretError};
 use crate::admin::setup::SetupChecker;
 use crate::admin::{self, Admin, AdminParts, Vault};
-use crate::auth::{KeyStore, Verifier};
+use crate::auth::{KeyStore, Verifier, Verifiers};
 use crate::backend::BackendClient;
 use crate::backend::egress::EgressPolicy;
 use crate::config::Config;
@@ -109,6 +109,7 @@ impl Router {
             Arc::clone(&readiness),
         ));
         let verifier = Arc::new(Verifier::new(Arc::clone(&keys), &config.microsoft));
+        let http_for_clouds = http.clone();
         let tokens = TokenProvider::new(
             http.clone(),
             &config.microsoft.login_url,
@@ -284,7 +285,12 @@ impl Router {
             serves_admin: config.admin.listen.is_none(),
             events: event_sink,
             registry,
-            verifier,
+            verifiers: Arc::new(Verifiers::new(
+                verifier,
+                &config.microsoft,
+                http_for_clouds,
+                Arc::clone(&readiness),
+            )),
             directory: Arc::clone(&directory),
             connector,
             body_limit: config.server.body_limit_bytes,

@@ -325,6 +325,7 @@ impl Default for ConnectorConfig {
                 "teams.microsoft.us",
                 "botframework.azure.us",
                 "botframework.azure.cn",
+                "teams.microsoftonline.cn",
             ]
             .into_iter()
             .map(String::from)
@@ -581,6 +582,13 @@ pub struct IntegrationRecord {
     /// is a loopback address.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub development: bool,
+    /// Microsoft's cloud (`public`, `gcc`, `usgov-gcch`, `usgov-dod`, `china`); absent: the
+    /// `[microsoft]` section's endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<String>,
+    /// Config only: the cloud's values given one by one (over `cloud`, or the public cloud).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_settings: Option<crate::auth::cloud::CloudOverrides>,
 }
 
 fn default_session_duration() -> u64 {
@@ -603,6 +611,12 @@ const CAMEL_CASE_KEYS: &[&str] = &[
     "apiKey",
     "systemPrompt",
     "textFormat",
+    "cloudSettings",
+    "openidMetadataUrl",
+    "tokenIssuer",
+    "loginUrl",
+    "tokenTenant",
+    "oauthScope",
 ];
 
 impl Config {
@@ -828,6 +842,12 @@ impl Config {
                 .bot_framework_app_secret
                 .as_deref()
                 .is_some_and(|s| !s.is_empty());
+            if let Err(why) = crate::auth::cloud::resolve(
+                integration.cloud.as_deref(),
+                integration.cloud_settings.as_ref(),
+            ) {
+                return invalid(format!("integration {}: {why}", integration.id));
+            }
             if integration.development && has_app_id {
                 return invalid(format!(
                     "integration {}: development = true is for an integration without \

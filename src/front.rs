@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::activity::{Envelope, ParseError, admissible, with_envelope};
 use crate::admin::Admin;
 use crate::admin::events::{EventDraft, EventSink};
-use crate::auth::{AuthError, VerifiedToken, Verifier};
+use crate::auth::{AuthError, VerifiedToken, Verifiers};
 use crate::backend::InvokeResponse;
 use crate::config::OnStoreUnavailable;
 use crate::connector::{Connector, service_url_allowed};
@@ -202,7 +202,8 @@ pub struct Front {
     /// Each integration's event log.
     pub events: EventSink,
     pub registry: Arc<Registry>,
-    pub verifier: Arc<Verifier>,
+    /// Each cloud's token verifier.
+    pub verifiers: Arc<Verifiers>,
     pub directory: Arc<Directory>,
     pub connector: Arc<Connector>,
     pub body_limit: u64,
@@ -540,12 +541,25 @@ impl Front {
         peer: SocketAddr,
     ) -> Result<Option<Arc<VerifiedToken>>, Rejection> {
         match integration.app_id() {
-            Some(app_id) => Ok(Some(
-                self.verifier
-                    .verify(authorization, app_id)
-                    .await
-                    .map_err(Rejection::auth)?,
-            )),
+            Some(app_id) => {
+                // The [microsoft] section's verifier is borrowed, not cloned: no shared counter
+                // is touched per request.
+                let verified = match &integration.cloud {
+                    None => {
+                        self.verifiers
+                            .default_verifier()
+                            .verify(authorization, app_id)
+                            .await
+                    }
+                    Some(cloud) => {
+                        self.verifiers
+                            .for_cloud(Some(cloud))
+                            .verify(authorization, app_id)
+                            .await
+                    }
+                };
+                Ok(Some(verified.map_err(Rejection::auth)?))
+            }
             None if !integration.is_development() => Err(Rejection::auth(AuthError::NoCredentials)),
             None if peer.ip().is_loopback() => Ok(None),
             None => Err(Rejection::auth(AuthError::NotLoopback)),

@@ -22,6 +22,8 @@ pub struct Integration {
     pub id: Arc<str>,
     /// Bot Framework credentials; `None` accepts nothing, unless in development mode.
     pub credentials: Option<Arc<AppCredentials>>,
+    /// Its cloud's keys, issuer and token endpoint; `None`: the `[microsoft]` section's.
+    pub cloud: Option<Arc<crate::auth::cloud::CloudAuth>>,
     /// Who owns the record and when it changed.
     pub owner: Owner,
     /// The latest setup check.
@@ -40,8 +42,11 @@ pub struct Integration {
 pub struct AppCredentials {
     pub app_id: String,
     pub app_secret: String,
-    /// Single-tenant apps ask their own tenant for tokens; multi-tenant ones `botframework.com`.
+    /// Single-tenant apps ask their own tenant for tokens; multi-tenant ones their cloud's
+    /// token tenant (`botframework.com` in the public cloud).
     pub tenant_id: Option<String>,
+    /// Where its tokens come from; `None`: the `[microsoft]` section's login URL and scope.
+    pub cloud: Option<Arc<crate::auth::cloud::CloudAuth>>,
 }
 
 impl std::fmt::Debug for AppCredentials {
@@ -162,6 +167,13 @@ fn glob_match(pattern: &str, value: &str) -> bool {
 
 impl Integration {
     pub fn new(record: IntegrationRecord, owner: Owner, setup: SetupResult) -> Self {
+        // Checked when the record was configured or written; a record that no longer resolves
+        // (an edited store) is served by the [microsoft] section, and says so.
+        let cloud = crate::auth::cloud::resolve(record.cloud.as_deref(), record.cloud_settings.as_ref())
+            .unwrap_or_else(|why| {
+                tracing::error!(integration = %record.id, %why, "cloud not resolved; using the [microsoft] section");
+                None
+            });
         let credentials = record
             .bot_framework_app_id
             .as_deref()
@@ -171,6 +183,7 @@ impl Integration {
                     app_id: app_id.to_owned(),
                     app_secret: record.bot_framework_app_secret.clone().unwrap_or_default(),
                     tenant_id: record.tenant_id.clone().filter(|t| !t.is_empty()),
+                    cloud: cloud.clone(),
                 })
             });
         let id: Arc<str> = Arc::from(record.id.as_str());
@@ -186,6 +199,7 @@ impl Integration {
             id,
             allow_from: AllowFrom::parse(record.allow_from.as_deref()),
             record,
+            cloud,
             credentials,
             owner,
             setup,

@@ -491,3 +491,104 @@ async fn a_cached_token_is_refused_once_its_key_is_retired() {
     .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// Issue 15, point 16: one process serves integrations of several clouds, each with its own
+/// signing keys, token issuer and outbound tokens. A second mock plays the US Government cloud
+/// (GCC High): its issuer and scope are the cloud table's; only its hosts are moved to loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrations_of_different_clouds_are_served_side_by_side() {
+    const GOV_APP: &str = "33333333-3333-3333-3333-333333333333";
+    const GOV_SECRET: &str = "gov-secret";
+    let public = mock().await;
+    let gov = loadtest::mock::MockMicrosoft::start().await;
+    gov.play_cloud(
+        "https://api.botframework.us",
+        "https://api.botframework.us/.default",
+    );
+    gov.register_app(
+        GOV_APP,
+        GOV_SECRET,
+        Some("MicrosoftServices.onmicrosoft.us"),
+    );
+    let extra = format!(
+        r#"
+[[integrations]]
+id = "teams_gov"
+botId = "echo"
+botFrameworkAppId = "{GOV_APP}"
+botFrameworkAppSecret = "{GOV_SECRET}"
+cloud = "usgov-gcch"
+cloudSettings = {{ openidMetadataUrl = "{}", loginUrl = "{}" }}
+"#,
+        gov.openid_metadata_url(),
+        gov.login_url()
+    );
+    let router = teams_router::testkit::TestRouter::start(&config(&public, &extra))
+        .await
+        .expect("router starts");
+    let client = http();
+
+    // The government integration takes the government cloud's tokens, not the public one's.
+    let activity = personal_message(&gov, "gov-1", "g1", "hello gov");
+    let (status, body) = post(
+        &client,
+        &router.callback_url("teams_gov"),
+        Some(&public.token_for(GOV_APP)),
+        &activity,
+    )
+    .await;
+    assert_eq!(status, 401, "a public-cloud token: {body}");
+    let (status, body) = post(
+        &client,
+        &router.callback_url("teams_gov"),
+        Some(&gov.token_for(GOV_APP)),
+        &activity,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let replies = gov.wait_for_activities(1, Duration::from_secs(10)).await;
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].text(), "echo: hello gov");
+    assert!(
+        replies[0].authorization.is_some(),
+        "with the government cloud's token"
+    );
+
+    // The public integration, at the same time, on the public cloud.
+    let activity = personal_message(&public, "pub-1", "p1", "hello public");
+    let (status, body) = post(
+        &client,
+        &router.callback_url("teams_prod"),
+        Some(&public.token_for(APP_ID)),
+        &activity,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        public
+            .wait_for_activities(1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+    // A public token is not taken for the government integration, nor the other way round.
+    let (status, _) = post(
+        &client,
+        &router.callback_url("teams_prod"),
+        Some(&gov.token_for(APP_ID)),
+        &personal_message(&public, "pub-2", "p2", "x"),
+    )
+    .await;
+    assert_eq!(status, 401);
+    // Each cloud's token endpoint was asked once, for its own app.
+    assert_eq!(gov.token_requests(), 1);
+    assert_eq!(public.token_requests(), 1);
+
+    // An unknown cloud is a configuration error.
+    let wrong = config(&public, &extra.replace("usgov-gcch", "mars"));
+    let refused = teams_router::testkit::TestRouter::start(&wrong)
+        .await
+        .err()
+        .expect("refused");
+    assert!(refused.contains("mars"), "{refused}");
+}

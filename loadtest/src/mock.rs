@@ -27,6 +27,9 @@ use tokio::sync::Notify;
 
 use crate::keys::{CONNECTOR_ISSUER, SigningKey, connector_claims};
 
+/// The bot OAuth scope of the public cloud.
+const PUBLIC_SCOPE: &str = "https://api.botframework.com/.default";
+
 /// The regional prefix of the mock's service URL; the router must keep it in outbound paths.
 pub const SERVICE_PATH_PREFIX: &str = "/amer/";
 
@@ -112,6 +115,10 @@ pub struct CreatedConversation {
 #[derive(Default)]
 struct State {
     openid_available: bool,
+    /// The cloud this mock plays (protocol.md §1.2): the issuer of its Connector tokens and the
+    /// scope its token endpoint grants.
+    issuer: String,
+    scope: String,
     published: Vec<Arc<SigningKey>>,
     /// (tenant, app id) → secret.
     apps: HashMap<(String, String), String>,
@@ -169,6 +176,8 @@ impl MockMicrosoft {
         let key = Arc::new(SigningKey::generate("key-1", &["msteams"]));
         let state = State {
             openid_available: true,
+            issuer: CONNECTOR_ISSUER.to_owned(),
+            scope: PUBLIC_SCOPE.to_owned(),
             published: vec![Arc::clone(&key)],
             connector_requires_auth: true,
             next_id: 1,
@@ -242,8 +251,18 @@ impl MockMicrosoft {
 
     /// A valid Connector token for `app_id`, bound to the mock's service URL.
     pub fn token_for(&self, app_id: &str) -> String {
-        self.signing_key()
-            .sign(&connector_claims(app_id, &self.service_url()))
+        let mut claims = connector_claims(app_id, &self.service_url());
+        claims["iss"] = self.state.lock().issuer.clone().into();
+        self.signing_key().sign(&claims)
+    }
+
+    /// Plays another cloud than the public one: its Connector tokens carry `issuer`, and its token
+    /// endpoint grants only `scope` (for US Government: `https://api.botframework.us` and
+    /// `https://api.botframework.us/.default`).
+    pub fn play_cloud(&self, issuer: &str, scope: &str) {
+        let mut state = self.state.lock();
+        state.issuer = issuer.to_owned();
+        state.scope = scope.to_owned();
     }
 
     /// Publishes `key` in the JWKS (a key rotation at Microsoft) and signs with it from now on.
@@ -394,7 +413,7 @@ impl MockMicrosoft {
         json_response(
             StatusCode::OK,
             json!({
-                "issuer": CONNECTOR_ISSUER,
+                "issuer": state.issuer,
                 "authorization_endpoint": "https://invalid.botframework.com",
                 "jwks_uri": format!("http://{}/v1/.well-known/keys", self.addr),
                 "id_token_signing_alg_values_supported": ["RS256"],
@@ -437,7 +456,7 @@ impl MockMicrosoft {
                 "AADSTS70003: grant type not supported",
             );
         }
-        if field("scope") != "https://api.botframework.com/.default" {
+        if field("scope") != state.scope {
             return aad_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_scope",

@@ -849,6 +849,9 @@ impl Admin {
                 .unwrap_or_default(),
             // Never through the API: an integration without credentials accepts nothing.
             development: false,
+            cloud: input.cloud,
+            // Config only: they name hosts the router would call.
+            cloud_settings: None,
         };
         model::check_integration_texts(&record)?;
         let _guard = self.write_lock.lock().await;
@@ -939,6 +942,7 @@ impl Admin {
         );
         set!(attachments, "attachments", input.attachments);
         set!(allow_from, "allowFrom", input.allow_from);
+        set!(cloud, "cloud", input.cloud);
         if let Some(bot_id) = input.bot_id {
             self.usable_bot(account, &bot_id)?;
             record.bot_id = bot_id;

@@ -153,6 +153,8 @@ pub struct CreateIntegration {
     pub allow_from: Option<String>,
     #[serde(default)]
     pub meta: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub cloud: Option<String>,
 }
 
 /// The body of `POST /api/v1/integration/teams/{id}/update`: only the fields present change;
@@ -187,6 +189,9 @@ pub struct UpdateIntegration {
     pub allow_from: Option<Option<String>>,
     #[serde(default)]
     pub meta: Option<Map<String, Value>>,
+    /// `null`: the router's default endpoints.
+    #[serde(default, deserialize_with = "nullable")]
+    pub cloud: Option<Option<String>>,
 }
 
 /// `{}` (or no body): setup and delete take nothing.
@@ -310,6 +315,11 @@ pub fn check_integration_texts(record: &IntegrationRecord) -> Result<(), Invalid
     check_text("tenantId", record.tenant_id.as_deref(), 256)?;
     check_text("allowFrom", record.allow_from.as_deref(), MAX_TEXT)?;
     check_session_duration(record.session_duration)?;
+    if let Err(why) =
+        crate::auth::cloud::resolve(record.cloud.as_deref(), record.cloud_settings.as_ref())
+    {
+        return Err(Invalid::field("cloud", format!("cloud: {why}")));
+    }
     check_meta(&record.meta)
 }
 
@@ -409,6 +419,7 @@ pub fn integration_view(record: &IntegrationRecord, owner: &Owner, setup: &Setup
         "attachments": record.attachments,
         "allowFrom": record.allow_from,
         "meta": record.meta,
+        "cloud": record.cloud,
         "createdAt": iso_time(owner.created_at),
         "updatedAt": iso_time(owner.updated_at),
         "setupStatus": match setup.status {

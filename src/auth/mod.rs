@@ -5,6 +5,7 @@
 //! the key's endorsements and the `serviceurl` claim. A verified token is cached until it expires,
 //! so the Connector's reused token costs a hash lookup instead of an RSA verification.
 
+pub mod cloud;
 pub(crate) mod keys;
 
 use std::num::NonZeroU32;
@@ -161,6 +162,83 @@ pub struct Verifier {
     issuer: String,
     clock_skew_secs: u64,
     unknown_kid_refreshes: DirectRateLimiter,
+}
+
+/// The verifier of each cloud: the `[microsoft]` section's, built at start, and those of
+/// integrations that name another cloud, built at their first activity with keys of their own
+/// (refreshed on the same schedule until the router is dropped).
+pub struct Verifiers {
+    default: Arc<Verifier>,
+    microsoft: MicrosoftConfig,
+    http: reqwest::Client,
+    readiness: Arc<crate::telemetry::Readiness>,
+    by_cloud: dashmap::DashMap<(String, String), Arc<Verifier>>,
+    /// Dropped with the router: the clouds' refreshers then stop.
+    _alive: tokio::sync::watch::Sender<bool>,
+    alive: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Verifiers {
+    pub fn new(
+        default: Arc<Verifier>,
+        microsoft: &MicrosoftConfig,
+        http: reqwest::Client,
+        readiness: Arc<crate::telemetry::Readiness>,
+    ) -> Self {
+        let (alive_tx, alive) = tokio::sync::watch::channel(false);
+        Self {
+            default,
+            microsoft: microsoft.clone(),
+            http,
+            readiness,
+            by_cloud: dashmap::DashMap::new(),
+            _alive: alive_tx,
+            alive,
+        }
+    }
+
+    /// The `[microsoft]` section's verifier.
+    pub fn default_verifier(&self) -> &Arc<Verifier> {
+        &self.default
+    }
+
+    /// The verifier of `cloud` (`None`: the `[microsoft]` section's).
+    pub fn for_cloud(&self, cloud: Option<&Arc<cloud::CloudAuth>>) -> Arc<Verifier> {
+        let Some(cloud) = cloud else {
+            return Arc::clone(&self.default);
+        };
+        if cloud.openid_metadata_url == self.microsoft.openid_metadata_url
+            && cloud.token_issuer == self.microsoft.token_issuer
+        {
+            return Arc::clone(&self.default);
+        }
+        let key = (
+            cloud.openid_metadata_url.clone(),
+            cloud.token_issuer.clone(),
+        );
+        if let Some(verifier) = self.by_cloud.get(&key) {
+            return Arc::clone(&verifier);
+        }
+        self.by_cloud
+            .entry(key)
+            .or_insert_with(|| {
+                let keys = Arc::new(KeyStore::new(
+                    self.http.clone(),
+                    cloud.openid_metadata_url.clone(),
+                    Arc::clone(&self.readiness),
+                ));
+                let interval =
+                    Duration::from_secs(self.microsoft.key_refresh_interval_secs.max(60));
+                tokio::spawn(Arc::clone(&keys).run_refresher(interval, self.alive.clone()));
+                let config = MicrosoftConfig {
+                    openid_metadata_url: cloud.openid_metadata_url.clone(),
+                    token_issuer: cloud.token_issuer.clone(),
+                    ..self.microsoft.clone()
+                };
+                Arc::new(Verifier::new(keys, &config))
+            })
+            .clone()
+    }
 }
 
 const VERIFIED_TOKEN_CACHE_ENTRIES: u64 = 100_000;

@@ -42,6 +42,8 @@ struct TokenKey {
     app_id: String,
     /// Part of the key so a rotated secret gets its own token at once.
     secret_digest: u64,
+    /// Each cloud has its own tokens.
+    cloud: Option<Arc<crate::auth::cloud::CloudAuth>>,
 }
 
 #[derive(Clone)]
@@ -85,13 +87,18 @@ impl TokenProvider {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         credentials.app_secret.hash(&mut h);
+        let multi_tenant = credentials
+            .cloud
+            .as_ref()
+            .map_or(MULTI_TENANT_AUTHORITY, |c| c.token_tenant.as_str());
         TokenKey {
             authority: credentials
                 .tenant_id
                 .clone()
-                .unwrap_or_else(|| MULTI_TENANT_AUTHORITY.to_owned()),
+                .unwrap_or_else(|| multi_tenant.to_owned()),
             app_id: credentials.app_id.clone(),
             secret_digest: h.finish(),
+            cloud: credentials.cloud.clone(),
         }
     }
 
@@ -134,12 +141,19 @@ impl TokenProvider {
         if credentials.app_secret.is_empty() {
             return Err(TokenError::NoSecret);
         }
-        let url = format!("{}/{authority}/oauth2/v2.0/token", self.login_url);
+        let (login_url, scope) = match &credentials.cloud {
+            Some(cloud) => (
+                cloud.login_url.trim_end_matches('/'),
+                cloud.oauth_scope.as_str(),
+            ),
+            None => (self.login_url.as_str(), self.scope.as_str()),
+        };
+        let url = format!("{login_url}/{authority}/oauth2/v2.0/token");
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", credentials.app_id.as_str()),
             ("client_secret", credentials.app_secret.as_str()),
-            ("scope", self.scope.as_str()),
+            ("scope", scope),
         ];
         let body = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form)
