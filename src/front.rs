@@ -251,13 +251,24 @@ impl Handler for Front {
             Ok(response) => response,
             Err(rejection) => {
                 telemetry::reject(rejection.reason);
-                if rejection.reason != "unknown_integration" {
-                    self.events.record(
-                        &Arc::from(integration_id.as_str()),
+                // Anyone can send what is refused before (or instead of) a verified token: it
+                // is counted and summed up once a second, never logged one event per request,
+                // so forged traffic cannot push real events out of the bounded log.
+                let unauthenticated = matches!(
+                    rejection.status,
+                    StatusCode::UNAUTHORIZED | StatusCode::PAYLOAD_TOO_LARGE
+                );
+                match self.registry.integration(&integration_id) {
+                    Some(integration) if unauthenticated => {
+                        integration.count_refused(rejection.reason);
+                    }
+                    Some(integration) => self.events.record(
+                        &integration.id,
                         EventDraft::new("callback.rejected")
                             .reason(rejection.reason)
                             .message(rejection.message.clone()),
-                    );
+                    ),
+                    None => {}
                 }
                 tracing::debug!(integration = %integration_id, reason = rejection.reason, message = %rejection.message, "activity refused");
                 rejection.into_response(self.retry_after_secs)

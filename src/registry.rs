@@ -12,7 +12,7 @@ use metrics::{Counter, counter};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BackendSpec, BotRecord, Config, IntegrationRecord};
-use crate::telemetry::{ACTIVITIES_RECEIVED, ACTIVITY_TYPES};
+use crate::telemetry::{ACTIVITIES_RECEIVED, ACTIVITY_TYPES, REJECT_REASONS};
 
 /// An integration as the data path needs it: the record plus what is derived from it once.
 pub struct Integration {
@@ -35,6 +35,9 @@ pub struct Integration {
     received: Vec<Counter>,
     /// Activities acknowledged since the event log last summed them up, per activity type.
     accepted: Vec<AtomicU64>,
+    /// Unauthenticated requests refused since then, per reason ([`REJECT_REASONS`]): summed up
+    /// too, so that forged traffic cannot push real events out of the bounded log.
+    refused: Vec<AtomicU64>,
 }
 
 /// What the outbound token request needs for one Bot Framework app.
@@ -205,7 +208,30 @@ impl Integration {
             setup,
             received,
             accepted: ACTIVITY_TYPES.iter().map(|_| AtomicU64::new(0)).collect(),
+            refused: REJECT_REASONS.iter().map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// Counts one refusal of an unauthenticated request, for the event log's summary.
+    pub fn count_refused(&self, reason: &str) {
+        if let Some(index) = REJECT_REASONS.iter().position(|r| *r == reason)
+            && let Some(count) = self.refused.get(index)
+        {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The unauthenticated requests refused since the last call, as (reason, count), and resets
+    /// them.
+    pub fn take_refused(&self) -> Vec<(&'static str, u64)> {
+        REJECT_REASONS
+            .iter()
+            .zip(&self.refused)
+            .filter_map(|(reason, count)| {
+                let n = count.swap(0, Ordering::Relaxed);
+                (n > 0).then_some((*reason, n))
+            })
+            .collect()
     }
 
     /// Counts one received activity of the type at `type_index` in [`ACTIVITY_TYPES`].
@@ -340,6 +366,9 @@ impl Registry {
         // Counts the event log has not summed up yet move to the new version of the record.
         if let Some(old) = replaced {
             for (from, to) in old.accepted.iter().zip(&integration.accepted) {
+                to.fetch_add(from.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+            }
+            for (from, to) in old.refused.iter().zip(&integration.refused) {
                 to.fetch_add(from.swap(0, Ordering::Relaxed), Ordering::Relaxed);
             }
         }

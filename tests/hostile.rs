@@ -597,3 +597,75 @@ async fn the_management_api_can_be_kept_off_the_traffic_port_and_guessing_keys_i
         .expect("starts with the API on loopback");
     started.terminate(Duration::from_secs(10)).await.unwrap();
 }
+
+/// Issue 15 ("Also"): forged traffic is summed up in the event log, once a second, so it cannot
+/// push real events out of the bounded log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_requests_are_summed_up_in_the_event_log_not_logged_one_by_one() {
+    let key = "event-log-test-key";
+    let (mock, router) = start(&format!(
+        "[[accounts]]\nid = \"ops\"\napi_key = \"{key}\"\n\n[admin]\nevent_log_size = 20\n"
+    ))
+    .await;
+    let client = http();
+    // A real event first: the integration's setup check.
+    let setup = client
+        .post(format!(
+            "{}/api/v1/integration/teams/teams_prod/setup",
+            router.base_url()
+        ))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(setup.status().as_u16(), 200);
+    let forged = personal_message(&mock, "forged", "f", "hello");
+    for n in 0..200 {
+        let token = if n % 2 == 0 { "not-a-jwt" } else { "a.b.c" };
+        let (status, _) = post(
+            &client,
+            &router.callback_url("teams_prod"),
+            Some(token),
+            &forged,
+        )
+        .await;
+        assert_eq!(status, 401);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events: Value = client
+        .get(format!(
+            "{}/api/v1/integration/teams/teams_prod/event/list?take=100",
+            router.base_url()
+        ))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = events["items"].as_array().unwrap();
+    assert!(
+        items.iter().any(|e| e["type"] == "setup.succeeded"),
+        "the real event is still there: {events:#}"
+    );
+    let rejected: Vec<&Value> = items
+        .iter()
+        .filter(|e| e["type"] == "callback.rejected")
+        .collect();
+    assert!((1..=3).contains(&rejected.len()), "summed up: {events:#}");
+    let total: u64 = rejected
+        .iter()
+        .map(|e| {
+            e["message"]
+                .as_str()
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(total, 200, "{events:#}");
+}

@@ -232,23 +232,48 @@ impl EventLog {
     }
 
     /// One `callback.accepted` event per integration that acknowledged activities since the
-    /// last tick: the total in `reason`-free form, the count per type in the message.
+    /// last tick (the count per type in the message), and one `callback.rejected` per
+    /// integration that refused unauthenticated requests (the count per reason).
     fn sum_up_accepted(&self, registry: &Registry, dirty: &mut HashSet<Arc<str>>) {
         for integration in registry.integrations() {
-            let counts = integration.take_accepted();
-            if counts.is_empty() {
-                continue;
+            if self.sum_up(&integration) {
+                dirty.insert(Arc::clone(&integration.id));
             }
-            let total: u64 = counts.iter().map(|(_, n)| n).sum();
-            let by_type: Vec<String> = counts.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        }
+    }
+
+    /// Sums up what `integration` counted since the last tick into its log; true when it
+    /// added something. Called at every tick, and once more when the integration is deleted.
+    pub fn sum_up(&self, integration: &crate::registry::Integration) -> bool {
+        let mut added = false;
+        let accepted = integration.take_accepted();
+        if !accepted.is_empty() {
+            let total: u64 = accepted.iter().map(|(_, n)| n).sum();
+            let by_type: Vec<String> = accepted.iter().map(|(k, n)| format!("{k}: {n}")).collect();
             let draft = EventDraft::new("callback.accepted").message(format!(
                 "{total} activit{} accepted ({})",
                 if total == 1 { "y" } else { "ies" },
                 by_type.join(", ")
             ));
             self.append(&integration.id, draft, now_ms());
-            dirty.insert(Arc::clone(&integration.id));
+            added = true;
         }
+        let refused = integration.take_refused();
+        if !refused.is_empty() {
+            let total: u64 = refused.iter().map(|(_, n)| n).sum();
+            let by_reason: Vec<String> = refused.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+            let mut draft = EventDraft::new("callback.rejected").message(format!(
+                "{total} unauthenticated request{} refused ({})",
+                if total == 1 { "" } else { "s" },
+                by_reason.join(", ")
+            ));
+            if let [(reason, _)] = refused.as_slice() {
+                draft = draft.reason(*reason);
+            }
+            self.append(&integration.id, draft, now_ms());
+            added = true;
+        }
+        added
     }
 
     async fn save(&self, dirty: &mut HashSet<Arc<str>>, store: &Store, health: &StoreHealth) {

@@ -984,6 +984,8 @@ impl Admin {
             .await
             .map_err(ApiError::store)?;
         self.parts.registry.remove_integration(id);
+        // What it counted since the last summary goes into its log before the deletion does.
+        self.parts.events.sum_up(&integration);
         self.setup_generation.remove(id);
         if let Err(error) = self.parts.vault.store.delete_record(SETUP_KIND, id).await {
             tracing::warn!(integration = %id, %error, "setup result of a deleted integration not removed");
