@@ -586,6 +586,9 @@ pub struct IntegrationRecord {
     /// `[microsoft]` section's endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud: Option<String>,
+    /// Channels taken besides `msteams` (a Teams integration refuses others with 401).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<String>>,
     /// Config only: the cloud's values given one by one (over `cloud`, or the public cloud).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_settings: Option<crate::auth::cloud::CloudOverrides>,

@@ -615,6 +615,12 @@ impl Front {
         verified: Option<&VerifiedToken>,
         envelope: &Envelope<'_>,
     ) -> Result<(), Rejection> {
+        // A Teams integration takes Teams' channel only, unless it lists others.
+        if !integration.takes_channel(envelope.channel_id) {
+            return Err(Rejection::auth(AuthError::ChannelNotAllowed(
+                envelope.channel_id.to_owned(),
+            )));
+        }
         if let Some(token) = verified {
             token
                 .check_activity(

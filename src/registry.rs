@@ -267,6 +267,17 @@ impl Integration {
             .and_then(|c| c.tenant_id.as_deref())
     }
 
+    /// Whether activities of `channel_id` are taken: `msteams`, and the channels the record
+    /// lists.
+    pub fn takes_channel(&self, channel_id: &str) -> bool {
+        channel_id == "msteams"
+            || self
+                .record
+                .channels
+                .as_ref()
+                .is_some_and(|listed| listed.iter().any(|c| c == channel_id))
+    }
+
     /// Development mode: said so in the config, and no App ID (an integration without one that
     /// is not in development mode accepts nothing).
     pub fn is_development(&self) -> bool {

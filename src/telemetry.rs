@@ -126,6 +126,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "tenant_mismatch",
     "not_loopback",
     "no_credentials",
+    "channel_not_allowed",
     "discovery_unavailable",
     "malformed_json",
     "missing_field",

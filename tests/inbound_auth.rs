@@ -217,6 +217,33 @@ async fn a_key_without_the_channel_endorsement_is_refused() {
     // The same activity signed by the key that endorses msteams is accepted.
     let (status, body) = post(&client, &url, Some(&teams_key.sign(&claims)), &activity).await;
     assert_eq!(status, 200, "{body}");
+
+    // A Teams integration takes msteams only: a Web Chat activity is refused, even signed by
+    // a key that endorses Web Chat, unless the integration lists the channel.
+    let mut webchat = personal_message(&mock, "c-webchat", "2", "hello");
+    webchat["channelId"] = "webchat".into();
+    let (status, body) = post(&client, &url, Some(&webchat_only.sign(&claims)), &webchat).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("channel_not_allowed"), "{body}");
+    let (status, body) = post(&client, &router.callback_url("teams_dev"), None, &webchat).await;
+    assert_eq!(status, 401, "development mode too: {body}");
+    let listing = config(
+        &mock,
+        &format!(
+            "[[integrations]]\nid = \"teams_webchat\"\nbotId = \"echo\"\nbotFrameworkAppId = \"{APP_ID}\"\nbotFrameworkAppSecret = \"{APP_SECRET}\"\nchannels = [\"webchat\"]\n"
+        ),
+    );
+    let listed = teams_router::testkit::TestRouter::start(&listing)
+        .await
+        .unwrap();
+    let (status, body) = post(
+        &client,
+        &listed.callback_url("teams_webchat"),
+        Some(&webchat_only.sign(&claims)),
+        &webchat,
+    )
+    .await;
+    assert_eq!(status, 200, "a listed channel is taken: {body}");
 }
 
 #[tokio::test]

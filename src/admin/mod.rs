@@ -850,6 +850,7 @@ impl Admin {
             // Never through the API: an integration without credentials accepts nothing.
             development: false,
             cloud: input.cloud,
+            channels: input.channels,
             // Config only: they name hosts the router would call.
             cloud_settings: None,
         };
@@ -943,6 +944,7 @@ impl Admin {
         set!(attachments, "attachments", input.attachments);
         set!(allow_from, "allowFrom", input.allow_from);
         set!(cloud, "cloud", input.cloud);
+        set!(channels, "channels", input.channels);
         if let Some(bot_id) = input.bot_id {
             self.usable_bot(account, &bot_id)?;
             record.bot_id = bot_id;

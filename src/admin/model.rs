@@ -155,6 +155,8 @@ pub struct CreateIntegration {
     pub meta: Option<Map<String, Value>>,
     #[serde(default)]
     pub cloud: Option<String>,
+    #[serde(default)]
+    pub channels: Option<Vec<String>>,
 }
 
 /// The body of `POST /api/v1/integration/teams/{id}/update`: only the fields present change;
@@ -192,6 +194,9 @@ pub struct UpdateIntegration {
     /// `null`: the router's default endpoints.
     #[serde(default, deserialize_with = "nullable")]
     pub cloud: Option<Option<String>>,
+    /// `null`: `msteams` only.
+    #[serde(default, deserialize_with = "nullable")]
+    pub channels: Option<Option<Vec<String>>>,
 }
 
 /// `{}` (or no body): setup and delete take nothing.
@@ -320,6 +325,14 @@ pub fn check_integration_texts(record: &IntegrationRecord) -> Result<(), Invalid
     {
         return Err(Invalid::field("cloud", format!("cloud: {why}")));
     }
+    if let Some(channels) = &record.channels {
+        if channels.len() > 16 {
+            return Err(Invalid::field("channels", "channels: 16 at most"));
+        }
+        for channel in channels {
+            check_text("channels", Some(channel), 64)?;
+        }
+    }
     check_meta(&record.meta)
 }
 
@@ -420,6 +433,7 @@ pub fn integration_view(record: &IntegrationRecord, owner: &Owner, setup: &Setup
         "allowFrom": record.allow_from,
         "meta": record.meta,
         "cloud": record.cloud,
+        "channels": record.channels,
         "createdAt": iso_time(owner.created_at),
         "updatedAt": iso_time(owner.updated_at),
         "setupStatus": match setup.status {

@@ -56,6 +56,8 @@ pub enum AuthError {
          botFrameworkAppSecret are set"
     )]
     NoCredentials,
+    #[error("channel {0:?} is not one this integration takes (msteams, or its channels)")]
+    ChannelNotAllowed(String),
     #[error("signing keys are unavailable: {0}")]
     DiscoveryUnavailable(String),
 }
@@ -76,6 +78,7 @@ impl AuthError {
             Self::ServiceUrlMismatch => "serviceurl_mismatch",
             Self::NotLoopback => "not_loopback",
             Self::NoCredentials => "no_credentials",
+            Self::ChannelNotAllowed(_) => "channel_not_allowed",
             Self::DiscoveryUnavailable(_) => "discovery_unavailable",
         }
     }
