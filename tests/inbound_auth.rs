@@ -463,6 +463,18 @@ async fn only_a_config_development_integration_takes_unsigned_activities() {
             .len(),
         1
     );
+    // What it taught is its own: another integration learned no address from it.
+    let proactive = client
+        .post(format!(
+            "{}/api/v1/integration/teams/teams_prod/message",
+            router.base_url()
+        ))
+        .bearer_auth(key)
+        .json(&json!({"conversationId": "nocred-1", "text": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proactive.status().as_u16(), 404);
 
     // On a listener every client can reach, a development integration is a startup error.
     let public =
