@@ -1575,7 +1575,8 @@ async fn routers_with_different_master_keys_on_one_store_never_send_a_wrong_secr
         )
         .await;
         assert_eq!(status, 200);
-        let counts = wait_for_replies(&mock, &[id.clone()], Duration::from_secs(15)).await;
+        let counts =
+            wait_for_replies(&mock, std::slice::from_ref(&id), Duration::from_secs(15)).await;
         assert_eq!(
             counts.get(&id),
             Some(&1),

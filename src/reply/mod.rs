@@ -535,16 +535,14 @@ async fn send_message(args: &ReplyArgs, message: Value, text: String) -> Option<
         }
     }
     record_split(args, size, messages.len());
-    let mut sent = None;
+    let mut last_id = None;
     for part in messages {
         let part_text = part["text"].as_str().unwrap_or_default().to_owned();
-        sent = send_one(args, part, part_text).await;
-        if sent.is_none() {
-            // The connector failed (and said so); the parts after it would arrive out of place.
-            return None;
-        }
+        // A failed part (the connector said so) ends the answer: the parts after it would
+        // arrive out of place.
+        last_id = send_one(args, part, part_text).await?.id;
     }
-    sent.map(|last| SentReply { text, id: last.id })
+    Some(SentReply { text, id: last_id })
 }
 
 async fn send_one(args: &ReplyArgs, message: Value, text: String) -> Option<SentReply> {
