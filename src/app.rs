@@ -198,6 +198,8 @@ impl Router {
             Arc::clone(&store),
             Arc::clone(&health),
             config.storage.snapshot_pending_max,
+            config.storage.durable_accept(),
+            Duration::from_millis(config.storage.snapshot_sync_ms),
         );
         let mut store_tasks = vec![
             events_task,

@@ -198,6 +198,10 @@ pub struct StorageConfig {
     pub journal_batch_max: usize,
     /// Snapshots waiting to be written at most; beyond it new ones are dropped and counted.
     pub snapshot_pending_max: usize,
+    /// Embedded store without durable accept: snapshot batches are committed without waiting for
+    /// the disk, and reach it at most this far apart (and at shutdown); 0 makes every batch wait.
+    /// A kill -9 may lose this much session history, never an acknowledged activity.
+    pub snapshot_sync_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -217,6 +221,7 @@ impl Default for StorageConfig {
             dedup_ttl_secs: 3_600,
             journal_batch_max: 512,
             snapshot_pending_max: 200_000,
+            snapshot_sync_ms: 1_000,
         }
     }
 }

@@ -21,6 +21,9 @@ pub struct EmbeddedStore {
     cache_bytes: usize,
     /// Set when this process had to use a file of its own (see [`EmbeddedStore::open`]).
     private_file: Option<std::path::PathBuf>,
+    /// Times the file was reopened after an I/O error: a reopen drops every commit that had not
+    /// reached the disk yet.
+    reopened: std::sync::atomic::AtomicU64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -76,6 +79,7 @@ impl EmbeddedStore {
             db: parking_lot::RwLock::new(Some(db)),
             cache_bytes,
             private_file,
+            reopened: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -108,8 +112,15 @@ impl EmbeddedStore {
         }
     }
 
+    /// See [`EmbeddedStore::reopened`].
+    pub fn reopen_count(&self) -> u64 {
+        self.reopened.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn reopen(&self) {
         let mut guard = self.db.write();
+        self.reopened
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         // The old handle holds the file's lock: it goes first.
         *guard = None;
         match create(&self.path, self.cache_bytes) {
@@ -145,10 +156,16 @@ impl EmbeddedStore {
         })
     }
 
-    pub fn put_many(&self, puts: &[Put]) -> Result<(), StoreError> {
+    /// Writes `puts` in one transaction; `durable` makes its commit (and every earlier one)
+    /// reach the disk before it returns, else the commit is persisted by the next durable one.
+    pub fn put_many(&self, puts: &[Put], durable: bool) -> Result<(), StoreError> {
         self.with_db(|db| {
             let now = now_ms();
-            let txn = db.begin_write().map_err(unavailable)?;
+            let mut txn = db.begin_write().map_err(unavailable)?;
+            if !durable {
+                txn.set_durability(redb::Durability::None)
+                    .map_err(unavailable)?;
+            }
             {
                 let mut table = txn.open_table(KV).map_err(unavailable)?;
                 let mut buf = Vec::new();

@@ -86,12 +86,27 @@ impl Store {
     }
 
     pub async fn put_many(&self, puts: Vec<Put>) -> Result<(), StoreError> {
+        self.put_many_with(puts, true).await
+    }
+
+    /// [`Store::put_many`]; with `durable` false the embedded store commits without waiting for
+    /// the disk (the next durable commit persists it; Redis decides its own persistence).
+    pub async fn put_many_with(&self, puts: Vec<Put>, durable: bool) -> Result<(), StoreError> {
         match self {
             Self::Embedded(s) => {
                 let s = Arc::clone(s);
-                blocking(move || s.put_many(&puts)).await
+                blocking(move || s.put_many(&puts, durable)).await
             }
             Self::Redis(s) => s.put_many(&puts).await,
+        }
+    }
+
+    /// Changes whenever commits that had not reached the disk may have been dropped (the
+    /// embedded file reopened after an I/O error); Redis keeps its own persistence.
+    pub fn reopen_count(&self) -> u64 {
+        match self {
+            Self::Embedded(s) => s.reopen_count(),
+            Self::Redis(_) => 0,
         }
     }
 

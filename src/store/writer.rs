@@ -31,10 +31,32 @@ pub struct Snapshots {
     writing: tokio::sync::Mutex<()>,
     max_pending: usize,
     wake: Notify,
+    /// Every batch waits for the disk (durable accept: the snapshot holds the dedup window that
+    /// keeps a replayed activity from being answered twice).
+    always_durable: bool,
+    /// Batches committed without waiting for the disk since the last durable commit.
+    unsynced: std::sync::atomic::AtomicBool,
+    /// Their snapshots, kept until a durable commit has them: if it fails, they are written
+    /// again, and reads see them meanwhile (a failed sync may take them back out of the store).
+    committed_unsynced: DashMap<String, (u64, Put)>,
+    /// The store's reopen count before the first of those commits: if it changed by the time
+    /// of the durable commit, they may be gone, and are written again.
+    unsynced_since: AtomicU64,
+    /// When a commit last reached the disk.
+    last_sync: parking_lot::Mutex<crate::clock::Instant>,
+    /// Without durable accept, snapshot batches reach the disk at most this far apart: a kill -9
+    /// loses at most this much session history (`storage.snapshot_sync_ms`).
+    sync_every: Duration,
 }
 
 impl Snapshots {
-    pub fn new(store: Arc<Store>, health: Arc<StoreHealth>, max_pending: usize) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        health: Arc<StoreHealth>,
+        max_pending: usize,
+        always_durable: bool,
+        sync_every: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             health,
@@ -43,7 +65,65 @@ impl Snapshots {
             writing: tokio::sync::Mutex::new(()),
             max_pending,
             wake: Notify::new(),
+            always_durable: always_durable || sync_every.is_zero(),
+            sync_every,
+            unsynced: std::sync::atomic::AtomicBool::new(false),
+            committed_unsynced: DashMap::new(),
+            unsynced_since: AtomicU64::new(0),
+            last_sync: parking_lot::Mutex::new(crate::clock::now()),
         })
+    }
+
+    /// Whether the next commit must wait for the disk.
+    fn sync_due(&self) -> bool {
+        self.always_durable || self.last_sync.lock().elapsed() >= self.sync_every
+    }
+
+    /// Records a successful commit; `reopens_before` is the store's reopen count read before it.
+    fn committed(&self, durable: bool, reopens_before: u64) {
+        if durable {
+            *self.last_sync.lock() = crate::clock::now();
+            if self.unsynced_since.load(Ordering::Acquire) == self.store.reopen_count() {
+                self.committed_unsynced.clear();
+                self.unsynced.store(false, Ordering::Release);
+            } else {
+                // The file was reopened meanwhile: what was not on the disk is written again.
+                self.requeue_unsynced();
+                self.unsynced.store(false, Ordering::Release);
+            }
+        } else if !self.unsynced.swap(true, Ordering::AcqRel) {
+            self.unsynced_since.store(reopens_before, Ordering::Release);
+        }
+    }
+
+    /// A durable commit failed: what was committed without the disk is written again.
+    fn requeue_unsynced(&self) {
+        let keys: Vec<String> = self
+            .committed_unsynced
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        for key in keys {
+            if let Some((key, (order, put))) = self.committed_unsynced.remove(&key) {
+                self.pending.entry(key).or_insert((order, put));
+            }
+        }
+    }
+
+    /// Makes every batch committed so far reach the disk (an empty durable commit).
+    async fn sync(&self) -> Result<(), StoreError> {
+        if !self.unsynced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _writing = self.writing.lock().await;
+        let reopens_before = self.store.reopen_count();
+        let result = self.store.put_many_with(Vec::new(), true).await;
+        self.health.observe("put", &result);
+        match &result {
+            Ok(()) => self.committed(true, reopens_before),
+            Err(_) => self.requeue_unsynced(),
+        }
+        result
     }
 
     /// Queues a snapshot; never waits. When the queue is full, a new key's snapshot is dropped,
@@ -65,6 +145,9 @@ impl Snapshots {
         if let Some(entry) = self.pending.get(key) {
             return Ok(Some(entry.1.value.to_vec()));
         }
+        if let Some(entry) = self.committed_unsynced.get(key) {
+            return Ok(Some(entry.1.value.to_vec()));
+        }
         let result = self.store.get(key).await;
         self.health.observe("get", &result);
         result
@@ -77,6 +160,10 @@ impl Snapshots {
     /// Writes a batch of what is pending; a written snapshot leaves the queue only once the
     /// store has it, and only if no newer one of its key came meanwhile. Failed writes stay.
     pub async fn flush_once(&self) -> Result<usize, StoreError> {
+        self.write_batch(self.sync_due()).await
+    }
+
+    async fn write_batch(&self, durable: bool) -> Result<usize, StoreError> {
         let _writing = self.writing.lock().await;
         let (orders, batch): (Vec<u64>, Vec<Put>) = self
             .pending
@@ -89,14 +176,21 @@ impl Snapshots {
         }
         let started = crate::clock::now();
         let count = batch.len();
+        let kept: Vec<Put> = if durable { Vec::new() } else { batch.clone() };
         let keys: Vec<String> = batch.iter().map(|put| put.key.clone()).collect();
-        let result = self.store.put_many(batch).await;
+        let reopens_before = self.store.reopen_count();
+        let result = self.store.put_many_with(batch, durable).await;
         self.health.observe("put", &result);
         match result {
             Ok(()) => {
-                for (key, order) in keys.iter().zip(orders) {
+                self.committed(durable, reopens_before);
+                for (key, order) in keys.iter().zip(orders.iter().copied()) {
                     self.pending
                         .remove_if(key, |_, (pending, _)| *pending == order);
+                }
+                for (put, order) in kept.into_iter().zip(orders) {
+                    self.committed_unsynced
+                        .insert(put.key.clone(), (order, put));
                 }
                 let per_snapshot = started.elapsed().as_secs_f64() / count as f64;
                 for _ in 0..count {
@@ -106,6 +200,10 @@ impl Snapshots {
             }
             Err(error) => {
                 counter!(SNAPSHOT_FAILURES).increment(count as u64);
+                // A failed commit may have taken the store back to its last durable state (the
+                // embedded store reopens its file): what was not on the disk is written again.
+                self.requeue_unsynced();
+                self.unsynced.store(false, Ordering::Release);
                 Err(error)
             }
         }
@@ -118,7 +216,13 @@ impl Snapshots {
             if self.pending.is_empty() {
                 tokio::select! {
                     _ = self.wake.notified() => {},
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                    _ = tokio::time::sleep(self.sync_every.max(Duration::from_millis(50))) => {
+                        // Quiet: what was committed without the disk gets there now.
+                        if self.sync_due() && self.sync().await.is_err() {
+                            tracing::warn!("snapshot batches not synced to disk yet; retried");
+                        }
+                        continue;
+                    },
                     _ = shutdown.changed() => return,
                 }
             }
@@ -135,13 +239,16 @@ impl Snapshots {
         }
     }
 
-    /// Drains what is pending (bounded by `deadline`), for shutdown.
+    /// Drains what is pending (bounded by `deadline`) onto the disk, for shutdown.
     pub async fn flush(&self, deadline: Duration) {
         let until = crate::clock::now() + deadline;
         while !self.pending.is_empty() && crate::clock::now() < until {
-            if self.flush_once().await.is_err() {
+            if self.write_batch(true).await.is_err() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+        if self.sync().await.is_err() {
+            tracing::warn!("snapshot batches not synced to disk before exit");
         }
         if !self.pending.is_empty() {
             tracing::warn!(
@@ -337,7 +444,13 @@ mod tests {
         let store = EmbeddedStore::open(&dir, 1 << 20, false).unwrap();
         let store = Arc::new(Store::Embedded(Arc::new(store)));
         (
-            Snapshots::new(store, Arc::new(StoreHealth::default()), max_pending),
+            Snapshots::new(
+                store,
+                Arc::new(StoreHealth::default()),
+                max_pending,
+                true,
+                Duration::ZERO,
+            ),
             dir,
         )
     }
