@@ -18,7 +18,7 @@ use loadtest::spawn;
 #[command(
     name = "loadtest",
     about = "Load-test harness for teams-router: open-loop Teams traffic, a mock Microsoft side, latency and correctness report",
-    after_help = "Scenarios: smoke, steady, ramp, storm, failover (loadtest/scenarios/*.toml), or a path to a TOML file.\n\
+    after_help = "Scenarios: smoke, steady, ramp, storm, failover, capacity, overload, cpu (loadtest/scenarios/*.toml), or a path to a TOML file.\n\
                   Reports go to target/loadtest/<scenario>/report.{json,html}."
 )]
 struct Cli {

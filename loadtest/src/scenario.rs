@@ -13,6 +13,7 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("failover", include_str!("../scenarios/failover.toml")),
     ("capacity", include_str!("../scenarios/capacity.toml")),
     ("overload", include_str!("../scenarios/overload.toml")),
+    ("cpu", include_str!("../scenarios/cpu.toml")),
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
