@@ -168,6 +168,18 @@ fn glob_match(pattern: &str, value: &str) -> bool {
     p[pi..].iter().all(|&b| b == b'*')
 }
 
+/// The non-zero counts, by label, each reset to zero.
+fn take_counts(labels: &[&'static str], counts: &[AtomicU64]) -> Vec<(&'static str, u64)> {
+    labels
+        .iter()
+        .zip(counts)
+        .filter_map(|(label, count)| {
+            let n = count.swap(0, Ordering::Relaxed);
+            (n > 0).then_some((*label, n))
+        })
+        .collect()
+}
+
 impl Integration {
     pub fn new(record: IntegrationRecord, owner: Owner, setup: SetupResult) -> Self {
         // Checked when the record was configured or written; a record that no longer resolves
@@ -224,14 +236,7 @@ impl Integration {
     /// The unauthenticated requests refused since the last call, as (reason, count), and resets
     /// them.
     pub fn take_refused(&self) -> Vec<(&'static str, u64)> {
-        REJECT_REASONS
-            .iter()
-            .zip(&self.refused)
-            .filter_map(|(reason, count)| {
-                let n = count.swap(0, Ordering::Relaxed);
-                (n > 0).then_some((*reason, n))
-            })
-            .collect()
+        take_counts(REJECT_REASONS, &self.refused)
     }
 
     /// Counts one received activity of the type at `type_index` in [`ACTIVITY_TYPES`].
@@ -246,14 +251,7 @@ impl Integration {
 
     /// The activities acknowledged since the last call, as (type, count), and resets them.
     pub fn take_accepted(&self) -> Vec<(&'static str, u64)> {
-        ACTIVITY_TYPES
-            .iter()
-            .zip(&self.accepted)
-            .filter_map(|(kind, count)| {
-                let n = count.swap(0, Ordering::Relaxed);
-                (n > 0).then_some((*kind, n))
-            })
-            .collect()
+        take_counts(ACTIVITY_TYPES, &self.accepted)
     }
 
     pub fn app_id(&self) -> Option<&str> {

@@ -657,22 +657,6 @@ async fn create_bot(router: &TestRouter, backend: Value) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn events_of(router: &TestRouter, integration: &str) -> Vec<Value> {
-    let body: Value = http()
-        .get(format!(
-            "{}/api/v1/integration/teams/{integration}/event/list?take=500",
-            router.base_url()
-        ))
-        .bearer_auth(ACCOUNT_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["items"].as_array().cloned().unwrap_or_default()
-}
-
 /// Issue 15, point 1: a management API caller cannot point a backend into the router's own
 /// network (loopback, metadata, private ranges), not with an address, a name, a redirect, nor a
 /// record stored before the policy changed.
@@ -820,7 +804,7 @@ async fn backends_cannot_reach_internal_addresses() {
     assert_eq!(status, 200);
     let counts = wait_for_replies(&mock, &["d1".into()], Duration::from_secs(20)).await;
     assert_eq!(counts.get("d1"), Some(&1));
-    let events = events_of(&router, &integrations[1]).await;
+    let events = event_list(&router, &integrations[1], ACCOUNT_KEY).await;
     assert!(
         events
             .iter()

@@ -632,28 +632,16 @@ async fn forged_requests_are_summed_up_in_the_event_log_not_logged_one_by_one() 
         assert_eq!(status, 401);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let events: Value = client
-        .get(format!(
-            "{}/api/v1/integration/teams/teams_prod/event/list?take=100",
-            router.base_url()
-        ))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let items = events["items"].as_array().unwrap();
+    let items = event_list(&router, "teams_prod", key).await;
     assert!(
         items.iter().any(|e| e["type"] == "setup.succeeded"),
-        "the real event is still there: {events:#}"
+        "the real event is still there: {items:#?}"
     );
     let rejected: Vec<&Value> = items
         .iter()
         .filter(|e| e["type"] == "callback.rejected")
         .collect();
-    assert!((1..=3).contains(&rejected.len()), "summed up: {events:#}");
+    assert!((1..=3).contains(&rejected.len()), "summed up: {items:#?}");
     let total: u64 = rejected
         .iter()
         .map(|e| {
@@ -667,5 +655,5 @@ async fn forged_requests_are_summed_up_in_the_event_log_not_logged_one_by_one() 
                 .unwrap()
         })
         .sum();
-    assert_eq!(total, 200, "{events:#}");
+    assert_eq!(total, 200, "{items:#?}");
 }

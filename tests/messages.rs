@@ -87,22 +87,6 @@ fn long_text(paragraphs: usize) -> String {
         .join("\n\n")
 }
 
-async fn events(router: &TestRouter, integration: &str) -> Vec<Value> {
-    let body: Value = http()
-        .get(format!(
-            "{}/api/v1/integration/teams/{integration}/event/list?take=200",
-            router.base_url()
-        ))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["items"].as_array().cloned().unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_larger_than_a_teams_message_goes_as_several_in_order() {
     let (mock, router) = start(1, 100).await;
@@ -141,7 +125,7 @@ async fn an_answer_larger_than_a_teams_message_goes_as_several_in_order() {
         );
     }
     assert!(
-        events(&router, "teams_prod")
+        event_list(&router, "teams_prod", API_KEY)
             .await
             .iter()
             .any(|e| e["type"] == "reply.split"),

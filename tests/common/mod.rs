@@ -292,6 +292,27 @@ pub fn rejected(scrape: &str, reason: &str) -> f64 {
     )
 }
 
+/// The newest events (at most 500) of `integration`'s log, read with the API key `key`.
+pub async fn event_list(
+    router: &(impl Endpoint + ?Sized),
+    integration: &str,
+    key: &str,
+) -> Vec<Value> {
+    let body: Value = http()
+        .get(format!(
+            "{}/api/v1/integration/teams/{integration}/event/list?take=500",
+            router.base_url()
+        ))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("event list")
+        .json()
+        .await
+        .expect("event list is JSON");
+    body["items"].as_array().cloned().unwrap_or_default()
+}
+
 /// How many replies the mock connector recorded per activity id they answer.
 pub fn replies_by_id(mock: &MockMicrosoft) -> std::collections::HashMap<String, usize> {
     let mut counts = std::collections::HashMap::new();
