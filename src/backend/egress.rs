@@ -137,13 +137,6 @@ impl EgressPolicy {
         if !url.username().is_empty() || url.password().is_some() {
             return Err(Refused("credentials in the URL are not allowed".into()));
         }
-        let plaintext_refused = || {
-            Refused(
-                "http is allowed only to destinations that security.backend_allow covers; \
-                 use https"
-                    .into(),
-            )
-        };
         let needs_address = match url.host() {
             None => return Err(Refused("the URL has no host".into())),
             Some(url::Host::Domain(name)) => {
@@ -185,13 +178,28 @@ impl EgressPolicy {
             )));
         }
         if plaintext && !self.allow.iter().any(|r| r.covers_ip(ip.to_canonical())) {
-            return Err(Refused(
-                "http is allowed only to destinations that security.backend_allow covers; \
-                 use https"
-                    .into(),
-            ));
+            return Err(plaintext_refused());
         }
         Ok(())
+    }
+
+    /// The addresses of `host` a connection may use; refused when none of them.
+    fn usable(&self, host: &str, resolved: &[IpAddr]) -> Result<Vec<IpAddr>, Refused> {
+        let usable: Vec<IpAddr> = resolved
+            .iter()
+            .copied()
+            .filter(|ip| self.address_allowed(Some(host), *ip))
+            .collect();
+        if usable.is_empty() {
+            let shown: Vec<String> = resolved.iter().map(IpAddr::to_string).collect();
+            return Err(Refused(format!(
+                "refused by the outbound policy: {host:?} resolves to {} (loopback, private, \
+                 link-local or otherwise internal addresses; allow them with \
+                 security.backend_allow)",
+                shown.join(", ")
+            )));
+        }
+        Ok(usable)
     }
 
     /// Everything [`screen`](Self::screen) checks, and for a name the addresses it resolves to
@@ -222,32 +230,22 @@ impl EgressPolicy {
             _ => return Ok(url),
         };
         // As at connect time: the connection may use any address that passes.
-        let usable: Vec<IpAddr> = addresses
-            .iter()
-            .copied()
-            .filter(|ip| self.address_allowed(None, *ip))
-            .collect();
-        if usable.is_empty() {
-            let shown: Vec<String> = addresses.iter().map(IpAddr::to_string).collect();
-            return Err(Refused(format!(
-                "{name:?} resolves to {}, loopback, private, link-local or otherwise internal \
-                 addresses; allow them with security.backend_allow",
-                shown.join(", ")
-            )));
-        }
+        let usable = self.usable(&name, &addresses)?;
         if screened.plaintext_needs_allowed_address
             && !usable
                 .iter()
                 .all(|ip| self.allow.iter().any(|r| r.covers_ip(ip.to_canonical())))
         {
-            return Err(Refused(
-                "http is allowed only to destinations that security.backend_allow covers; \
-                 use https"
-                    .into(),
-            ));
+            return Err(plaintext_refused());
         }
         Ok(url)
     }
+}
+
+fn plaintext_refused() -> Refused {
+    Refused(
+        "http is allowed only to destinations that security.backend_allow covers; use https".into(),
+    )
 }
 
 /// Addresses no backend reaches unless allowed: loopback, private (RFC 1918, RFC 4193), CGNAT,
@@ -303,22 +301,15 @@ impl reqwest::dns::Resolve for PolicyResolver {
                     format!("the host {host:?} is refused by security.backend_deny").into(),
                 );
             }
-            let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = resolved
-                .iter()
-                .copied()
-                .filter(|a| policy.address_allowed(Some(&host), a.ip()))
+            let resolved: Vec<IpAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .map(|a| a.ip())
                 .collect();
-            if allowed.is_empty() {
-                let shown: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
-                return Err(format!(
-                    "refused by the outbound policy: {host:?} resolves to {} (internal \
-                     addresses; allow them with security.backend_allow)",
-                    shown.join(", ")
-                )
-                .into());
-            }
+            let allowed: Vec<SocketAddr> = policy
+                .usable(&host, &resolved)?
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, 0))
+                .collect();
             Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })
     }

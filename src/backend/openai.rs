@@ -115,7 +115,10 @@ impl OpenAi {
                 request = request.bearer_auth(key);
             }
             let response = request.send().await.map_err(|e| {
-                BackendError::Failed(format!("the model cannot be reached: {}", e.without_url()))
+                BackendError::Failed(format!(
+                    "the model cannot be reached: {}",
+                    super::egress::error_chain(&e.without_url())
+                ))
             })?;
             let status = response.status();
             if !status.is_success() {

@@ -186,7 +186,7 @@ impl Webhook {
                 Err(error) => {
                     return Err(BackendError::Failed(format!(
                         "the webhook cannot be reached: {}",
-                        error.without_url()
+                        super::egress::error_chain(&error.without_url())
                     )));
                 }
             }
