@@ -34,10 +34,9 @@ pub struct Snapshots {
     /// Every batch waits for the disk (durable accept: the snapshot holds the dedup window that
     /// keeps a replayed activity from being answered twice).
     always_durable: bool,
-    /// Batches committed without waiting for the disk since the last durable commit.
-    unsynced: std::sync::atomic::AtomicBool,
-    /// Their snapshots, kept until a durable commit has them: if it fails, they are written
-    /// again, and reads see them meanwhile (a failed sync may take them back out of the store).
+    /// Snapshots committed without waiting for the disk since the last durable commit, kept
+    /// until a durable commit has them: if it fails, they are written again, and reads see them
+    /// meanwhile (a failed sync may take them back out of the store).
     committed_unsynced: DashMap<String, (u64, Put)>,
     /// The store's reopen count before the first of those commits: if it changed by the time
     /// of the durable commit, they may be gone, and are written again.
@@ -67,7 +66,6 @@ impl Snapshots {
             wake: Notify::new(),
             always_durable: always_durable || sync_every.is_zero(),
             sync_every,
-            unsynced: std::sync::atomic::AtomicBool::new(false),
             committed_unsynced: DashMap::new(),
             unsynced_since: AtomicU64::new(0),
             last_sync: parking_lot::Mutex::new(crate::clock::now()),
@@ -85,13 +83,12 @@ impl Snapshots {
             *self.last_sync.lock() = crate::clock::now();
             if self.unsynced_since.load(Ordering::Acquire) == self.store.reopen_count() {
                 self.committed_unsynced.clear();
-                self.unsynced.store(false, Ordering::Release);
             } else {
                 // The file was reopened meanwhile: what was not on the disk is written again.
                 self.requeue_unsynced();
-                self.unsynced.store(false, Ordering::Release);
             }
-        } else if !self.unsynced.swap(true, Ordering::AcqRel) {
+        } else if self.committed_unsynced.is_empty() {
+            // The first commit since the disk last had everything.
             self.unsynced_since.store(reopens_before, Ordering::Release);
         }
     }
@@ -112,7 +109,7 @@ impl Snapshots {
 
     /// Makes every batch committed so far reach the disk (an empty durable commit).
     async fn sync(&self) -> Result<(), StoreError> {
-        if !self.unsynced.load(Ordering::Acquire) {
+        if self.committed_unsynced.is_empty() {
             return Ok(());
         }
         let _writing = self.writing.lock().await;
@@ -203,7 +200,6 @@ impl Snapshots {
                 // A failed commit may have taken the store back to its last durable state (the
                 // embedded store reopens its file): what was not on the disk is written again.
                 self.requeue_unsynced();
-                self.unsynced.store(false, Ordering::Release);
                 Err(error)
             }
         }
