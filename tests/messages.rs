@@ -167,12 +167,17 @@ async fn an_answer_larger_than_a_teams_message_goes_as_several_in_order() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_throttled_streaming_update_is_skipped_and_the_stream_goes_on() {
-    let (mock, router) = start(60, 150).await;
+/// Sends `said` into the personal chat `conversation` of the streaming integration and waits
+/// until its stream has started (its first update reached the connector).
+async fn start_stream(
+    mock: &MockMicrosoft,
+    router: &TestRouter,
+    conversation: &str,
+    activity_id: &str,
+    said: &str,
+) {
+    let activity = personal_message(mock, conversation, activity_id, said);
     let token = mock.token_for(APP_ID);
-    let said = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty";
-    let activity = personal_message(&mock, "a:throttled", "t1", said);
     let (status, _) = post(
         &http(),
         &router.callback_url("teams_stream"),
@@ -181,12 +186,19 @@ async fn a_throttled_streaming_update_is_skipped_and_the_stream_goes_on() {
     )
     .await;
     assert_eq!(status, 200);
-    // Once the stream has started, Teams throttles the next request (a streaming update).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while updates_of(&mock, "a:throttled").is_empty() {
+    while updates_of(mock, conversation).is_empty() {
         assert!(Instant::now() < deadline, "the stream never started");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_streaming_update_is_skipped_and_the_stream_goes_on() {
+    let (mock, router) = start(60, 150).await;
+    let said = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty";
+    start_stream(&mock, &router, "a:throttled", "t1", said).await;
+    // Once the stream has started, Teams throttles the next request (a streaming update).
     mock.push_connector_faults([ConnectorFault::Throttle {
         retry_after_secs: 1,
     }]);
@@ -211,20 +223,7 @@ async fn a_throttled_streaming_update_is_skipped_and_the_stream_goes_on() {
 
     // An update that fails otherwise stops the updates, but the stream that started is still
     // closed by its final message: no stream left open beside a second message.
-    let activity = personal_message(&mock, "a:failed-update", "t2", said);
-    let (status, _) = post(
-        &http(),
-        &router.callback_url("teams_stream"),
-        Some(&token),
-        &activity,
-    )
-    .await;
-    assert_eq!(status, 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while updates_of(&mock, "a:failed-update").is_empty() {
-        assert!(Instant::now() < deadline, "the stream never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    start_stream(&mock, &router, "a:failed-update", "t2", said).await;
     mock.push_connector_faults([ConnectorFault::Status(502)]);
     let seen = wait_for_text(&mock, "a:failed-update", &expected).await;
     assert_eq!(seen.len(), 1, "{seen:#?}");

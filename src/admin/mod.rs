@@ -322,10 +322,24 @@ fn seed_verdict(
     public: &impl serde::Serialize,
     secret: Option<&str>,
     whole: &impl serde::Serialize,
-) -> SeedVerdict {
-    let Some(stored) = stored else {
-        return SeedVerdict::Changed;
+) -> (SeedVerdict, String) {
+    let ours = seed_digest(sealer, public, secret);
+    let verdict = match stored {
+        None => SeedVerdict::Changed,
+        Some(stored) => compare_seed_digest(sealer, stored, &ours, secret, whole),
     };
+    (verdict, ours)
+}
+
+/// What the `stored` digest of a seeded record says against `ours`, this process's digest of
+/// the config entry (`whole`, its secret apart).
+fn compare_seed_digest(
+    sealer: &Sealer,
+    stored: &str,
+    ours: &str,
+    secret: Option<&str>,
+    whole: &impl serde::Serialize,
+) -> SeedVerdict {
     let Some(rest) = stored.strip_prefix("v2:") else {
         let legacy = sealer.legacy_fingerprint(&serde_json::to_vec(whole).unwrap_or_default());
         return if legacy == stored {
@@ -340,7 +354,6 @@ fn seed_verdict(
     else {
         return SeedVerdict::Changed;
     };
-    let ours = seed_digest(sealer, public, secret);
     if ours.split(':').nth(1) != Some(stored_public) {
         return SeedVerdict::Changed;
     }
@@ -1469,9 +1482,8 @@ pub async fn load(
         let mut public = seed.clone();
         model::set_backend_secret(&mut public.backend, None);
         let secret = model::backend_secret(&seed.backend);
-        let digest = seed_digest(&parts.sealer, &public, secret);
         let stored = bots.get_mut(&seed.id);
-        let verdict = seed_verdict(
+        let (verdict, digest) = seed_verdict(
             &parts.sealer,
             stored.as_ref().and_then(|b| b.2.as_deref()),
             &public,
@@ -1514,9 +1526,8 @@ pub async fn load(
         let mut public = seed.clone();
         public.bot_framework_app_secret = None;
         let secret = seed.bot_framework_app_secret.as_deref();
-        let digest = seed_digest(&parts.sealer, &public, secret);
         let stored = integrations.get_mut(&seed.id);
-        let verdict = seed_verdict(
+        let (verdict, digest) = seed_verdict(
             &parts.sealer,
             stored.as_ref().and_then(|i| i.0.seed_digest.as_deref()),
             &public,
