@@ -299,8 +299,11 @@ impl SmallDisk {
     fn fill(&self) -> std::path::PathBuf {
         let filler = self.0.join("filler");
         let mut file = std::fs::File::create(&filler).expect("filler");
-        let chunk = vec![0u8; 64 * 1024];
-        while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+        // Large chunks, then page-sized ones: not a page is left.
+        for size in [64 * 1024, 4096] {
+            let chunk = vec![0u8; size];
+            while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+        }
         filler
     }
 }
@@ -392,17 +395,30 @@ async fn a_full_disk_refuses_with_503_and_recovers_when_space_returns() {
     );
 }
 
+/// Sets a Redis server's `maxmemory`: `1` makes it refuse every write (OOM) while it answers
+/// reads, as a full store does; `0` lifts the limit.
+fn redis_maxmemory(server: &RedisServer, bytes: u64) {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port().to_string(), "CONFIG", "SET"])
+        .args(["maxmemory", &bytes.to_string()])
+        .output()
+        .expect("redis-cli");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "OK",
+        "{output:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversations_whose_snapshots_were_dropped_keep_their_history() {
-    let Some(disk) = SmallDisk::mount("unsaved") else {
-        return;
-    };
+    let server = RedisServer::start().expect("redis-server");
     let mock = MockMicrosoft::start().await;
     mock.register_app(APP_ID, APP_SECRET, None);
-    // Room for four snapshots (two conversations' session and record) while the disk is full.
+    // Room for four snapshots (two conversations' session and record) while the store is full.
     let storage = format!(
-        "[storage]\npath = {:?}\ndurable_accept = false\nsnapshot_pending_max = 4\n",
-        disk.0.join("state")
+        "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\ninstance_id = \"unsaved\"\ndurable_accept = false\nsnapshot_pending_max = 4\n",
+        server.url()
     );
     let router = RouterProcess::spawn(
         &binary(),
@@ -410,7 +426,9 @@ async fn conversations_whose_snapshots_were_dropped_keep_their_history() {
     )
     .await
     .expect("router starts");
-    let filler = disk.fill();
+    // A disk-full store on the embedded backend may still find free pages inside its file;
+    // a Redis at its memory limit refuses every write until the limit is lifted.
+    redis_maxmemory(&server, 1);
 
     let client = http();
     let token = mock.token_for(APP_ID);
@@ -436,9 +454,13 @@ async fn conversations_whose_snapshots_were_dropped_keep_their_history() {
         dropped > 0.0,
         "snapshots were dropped or failed, and counted"
     );
+    assert!(
+        live > 0.0,
+        "conversations whose snapshots were dropped stay in memory after five idle timeouts"
+    );
     // Passivating would lose a dropped snapshot: such conversations wait in memory, and pass
     // once their snapshots are written, with their history.
-    std::fs::remove_file(&filler).expect("free the disk");
+    redis_maxmemory(&server, 0);
     let freed = Instant::now();
     let until = freed + Duration::from_secs(30);
     while metric_value(&metrics(&router).await, "teams_router_conversations_active") != Some(0.0)
@@ -470,8 +492,8 @@ async fn conversations_whose_snapshots_were_dropped_keep_their_history() {
         );
     }
     eprintln!(
-        "snapshots with the disk full: {dropped} dropped (queue full) or failed, {live} of {conversations} conversations still live after 5 idle timeouts; \
-         none live {passivated_in:?} after space returned; all resumed with their history"
+        "snapshots with the store full (Redis at its memory limit): {dropped} dropped (queue full) or failed, {live} of {conversations} conversations still live after 5 idle timeouts; \
+         none live {passivated_in:?} after the store took writes again; all resumed with their history"
     );
 }
 

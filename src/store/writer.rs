@@ -118,7 +118,11 @@ impl Snapshots {
         self.health.observe("put", &result);
         match &result {
             Ok(()) => self.committed(true, reopens_before),
-            Err(_) => self.requeue_unsynced(),
+            Err(_) => {
+                // Those snapshots did not reach the disk: counted as failed, and written again.
+                counter!(SNAPSHOT_FAILURES).increment(self.committed_unsynced.len() as u64);
+                self.requeue_unsynced();
+            }
         }
         result
     }
