@@ -1,5 +1,5 @@
-//! The conversation actor: takes the next queued turn, runs it in a linked reply actor, and takes
-//! the next one only when that reply actor reports the turn finished. It owns the session: loaded
+//! The conversation actor: takes the next queued turn, runs it (on a task it owns, or a streamed
+//! one in a linked reply actor), and takes the next one only when the turn reports finished. It owns the session: loaded
 //! from the latest snapshot at the first turn (after a passivation, a panic or on another
 //! instance), checked for redeliveries, updated after every turn and handed to the snapshot
 //! writer. Idle actors passivate.
@@ -27,10 +27,11 @@ use crate::telemetry::{ACTIVITIES_DUPLICATE, TURN_DURATION, TURNS_FAILED};
 pub enum ConversationMsg {
     /// A turn was queued.
     Wake,
-    /// The reply actor of the current turn is done.
+    /// A turn is done (`ok` false: it panicked).
     TurnFinished {
-        reply_actor: ActorId,
+        turn: u64,
         reply: Option<SentReply>,
+        ok: bool,
     },
     /// The idle timer fired; passivate if nothing happened since.
     IdleCheck,
@@ -51,9 +52,12 @@ pub struct ConversationArgs {
     pub settings: ConversationSettings,
 }
 
-/// The turn being run by a reply actor.
+/// A turn being run.
 struct RunningTurn {
-    reply_actor: ActorId,
+    /// The actor's number for it.
+    turn: u64,
+    /// The reply actor running it, when it streams.
+    reply_actor: Option<ActorId>,
     /// An invoke run beside the turn order.
     side: bool,
     started: Instant,
@@ -95,6 +99,8 @@ pub struct ConversationActorState {
     kept_place: Option<TurnPermit>,
     /// Turns run in a row on the current place (the running one included).
     place_turns: u32,
+    /// The number of the last turn started.
+    turns_started: u64,
 }
 
 impl Actor for ConversationActor {
@@ -125,6 +131,7 @@ impl Actor for ConversationActor {
             unsaved: false,
             kept_place: None,
             place_turns: 0,
+            turns_started: 0,
         })
     }
 
@@ -150,9 +157,9 @@ impl Actor for ConversationActor {
                 Box::pin(start_side_turns(&myself, state)).await;
                 Box::pin(start_next_turn(&myself, state)).await;
             }
-            ConversationMsg::TurnFinished { reply_actor, reply } => {
-                if let Some(turn) = take_turn(state, reply_actor) {
-                    Box::pin(finish_turn(state, turn, reply, true)).await;
+            ConversationMsg::TurnFinished { turn, reply, ok } => {
+                if let Some(turn) = take_turn(state, |t| t.turn == turn) {
+                    Box::pin(finish_turn(state, turn, reply, ok)).await;
                     Box::pin(start_next_turn(&myself, state)).await;
                 }
             }
@@ -176,7 +183,8 @@ impl Actor for ConversationActor {
         let SupervisionEvent::ActorFailed(cell, error) = &event else {
             return Ok(());
         };
-        if let Some(turn) = take_turn(state, cell.get_id()) {
+        let failed = cell.get_id();
+        if let Some(turn) = take_turn(state, |t| t.reply_actor == Some(failed)) {
             tracing::error!(integration = %state.args.conversation.key.integration, %error, "turn failed");
             Box::pin(finish_turn(state, turn, None, false)).await;
             Box::pin(start_next_turn(&myself, state)).await;
@@ -185,19 +193,15 @@ impl Actor for ConversationActor {
     }
 }
 
-/// The turn (in order or beside it) that `reply_actor` runs, taken out of the running ones.
-fn take_turn(state: &mut ConversationActorState, reply_actor: ActorId) -> Option<RunningTurn> {
-    if state
-        .current
-        .as_ref()
-        .is_some_and(|t| t.reply_actor == reply_actor)
-    {
+/// The running turn (in order or beside it) that `is` picks, taken out of the running ones.
+fn take_turn(
+    state: &mut ConversationActorState,
+    is: impl Fn(&RunningTurn) -> bool,
+) -> Option<RunningTurn> {
+    if state.current.as_ref().is_some_and(&is) {
         return state.current.take();
     }
-    let index = state
-        .side
-        .iter()
-        .position(|t| t.reply_actor == reply_actor)?;
+    let index = state.side.iter().position(is)?;
     Some(state.side.swap_remove(index))
 }
 
@@ -344,8 +348,8 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
     arm_idle_check(myself, state, after);
 }
 
-/// Starts one turn, in the turn order or (`side`) beside it; false when it needed no reply actor
-/// (the caller takes the next one).
+/// Starts one turn, in the turn order or (`side`) beside it; false when it did not start (the
+/// caller takes the next one).
 async fn begin_turn(
     myself: &ActorRef<ConversationMsg>,
     state: &mut ConversationActorState,
@@ -474,6 +478,8 @@ async fn begin_turn(
     if running_session.is_some() {
         state.session = running_session;
     }
+    state.turns_started += 1;
+    let number = state.turns_started;
     let reply = ReplyArgs {
         session_id,
         history,
@@ -484,6 +490,7 @@ async fn begin_turn(
         invoke,
         say,
         conversation: myself.clone(),
+        turn: number,
     };
     // Past the bound of turns in flight, this conversation waits here for a place; its mailbox
     // keeps filling and the request path sheds on the pending bound.
@@ -516,30 +523,35 @@ async fn begin_turn(
             None
         }
     };
-    match Actor::spawn_linked(None, ReplyActor, reply, myself.get_cell()).await {
-        Ok((reply_actor, _)) => {
-            let running = RunningTurn {
-                reply_actor: reply_actor.get_id(),
-                side,
-                started: crate::clock::now(),
-                activity_id,
-                journal_seq,
-                session_command,
-                admission,
-            };
-            if side {
-                state.side.push(running);
-            } else {
-                state.current = Some(running);
+    let reply_actor = if crate::reply::streams(&reply) {
+        match Actor::spawn_linked(None, ReplyActor, reply, myself.get_cell()).await {
+            Ok((reply_actor, _)) => Some(reply_actor.get_id()),
+            Err(error) => {
+                tracing::error!(%error, "cannot start a reply actor; turn dropped");
+                skip(state, "the turn could not be started", None, true);
+                return false;
             }
-            true
         }
-        Err(error) => {
-            tracing::error!(%error, "cannot start a reply actor; turn dropped");
-            skip(state, "the turn could not be started", None, true);
-            false
-        }
+    } else {
+        crate::reply::spawn_turn(reply);
+        None
+    };
+    let running = RunningTurn {
+        turn: number,
+        reply_actor,
+        side,
+        started: crate::clock::now(),
+        activity_id,
+        journal_seq,
+        session_command,
+        admission,
+    };
+    if side {
+        state.side.push(running);
+    } else {
+        state.current = Some(running);
     }
+    true
 }
 
 /// A turn that will not run gives its slot back: the turn order's, or one beside it.

@@ -1,8 +1,10 @@
-//! The reply actor: one per turn, linked to its conversation actor. It asks the bot's backend for
-//! the answer, hands an invoke's answer back to the waiting HTTP request, and sends the message
-//! through the connector addressed as the SDKs do (`from`/`recipient` swapped, same
-//! `conversation`, `replyToId` = the activity). It stops when the turn is done; its conversation
-//! actor starts the next turn only then, which keeps turns of a conversation in order.
+//! Running one turn: asking the bot's backend for the answer, handing an invoke's answer back to
+//! the waiting HTTP request, and sending the message through the connector addressed as the SDKs
+//! do (`from`/`recipient` swapped, same `conversation`, `replyToId` = the activity). A plain turn
+//! runs on a task its conversation actor owns ([`spawn_turn`]); a streamed one runs in a reply
+//! actor linked to it ([`ReplyActor`]), whose lifetime is the stream's (paced updates,
+//! cancellation, Teams' two-minute limit). Either reports the turn finished to the conversation
+//! actor, which starts the next turn only then: turns of a conversation stay in order.
 
 use crate::clock::Instant;
 use std::sync::Arc;
@@ -64,6 +66,8 @@ pub struct ReplyArgs {
     pub history: Vec<HistoryEntry>,
     /// Told when the turn is finished, with what was sent.
     pub conversation: ActorRef<ConversationMsg>,
+    /// The conversation actor's number for this turn.
+    pub turn: u64,
 }
 
 /// A message the Bot Connector accepted.
@@ -74,6 +78,7 @@ pub struct SentReply {
     pub id: Option<String>,
 }
 
+/// Runs a streamed turn; stops when it is done.
 pub struct ReplyActor;
 
 impl Actor for ReplyActor {
@@ -95,16 +100,58 @@ impl Actor for ReplyActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(args) = state.take() {
-            let conversation = args.conversation.clone();
+            let (conversation, turn) = (args.conversation.clone(), args.turn);
             let reply = run_turn(args).await;
             let _ = conversation.cast(ConversationMsg::TurnFinished {
-                reply_actor: myself.get_id(),
+                turn,
                 reply,
+                ok: true,
             });
         }
         myself.stop(None);
         Ok(())
     }
+}
+
+/// Whether this turn streams its answer (and so runs in a [`ReplyActor`]).
+pub fn streams(args: &ReplyArgs) -> bool {
+    deliverable(args)
+        && args.integration.record.stream
+        && args.activity.kind == "message"
+        && args.activity.is_personal()
+}
+
+/// Runs a plain turn on a task: no actor to spawn, link and stop per turn. A panic in it is
+/// caught and reported as a failed turn; the conversation goes on.
+pub fn spawn_turn(args: ReplyArgs) {
+    let (conversation, turn) = (args.conversation.clone(), args.turn);
+    tokio::spawn(catching(run_turn(args), move |outcome| {
+        let (reply, ok) = match outcome {
+            Ok(reply) => (reply, true),
+            Err(panic) => {
+                tracing::error!(panic = %panic_message(panic.as_ref()), "turn failed");
+                (None, false)
+            }
+        };
+        let _ = conversation.cast(ConversationMsg::TurnFinished { turn, reply, ok });
+    }));
+}
+
+/// Runs `work`, then hands `done` its output, or the payload of its panic.
+async fn catching<T>(
+    work: impl std::future::Future<Output = T>,
+    done: impl FnOnce(Result<T, Box<dyn std::any::Any + Send>>),
+) {
+    use futures_util::FutureExt;
+    done(std::panic::AssertUnwindSafe(work).catch_unwind().await);
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
@@ -138,10 +185,7 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
     };
     // A development-mode integration speaks only to loopback: no stream, no typing elsewhere.
     let deliverable = deliverable(&args);
-    let streamed = deliverable
-        && args.integration.record.stream
-        && args.activity.kind == "message"
-        && args.activity.is_personal();
+    let streamed = streams(&args);
     // Every activity reaches the backend (a webhook gets lifecycle events, typed; echo and
     // models answer only what users say); it is answered only when the backend says something.
     let (deltas, text) = Deltas::channel();
@@ -613,4 +657,29 @@ fn outbound_message(activity: &TurnActivity, text: &str, attachments: Vec<Value>
         message.insert("attachments".into(), Value::Array(attachments));
     }
     Value::Object(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_turn_is_reported_as_failed_with_its_message() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        catching(
+            async { panic!("turn blew up") },
+            |outcome: Result<(), _>| {
+                let message = outcome.err().map(|p| panic_message(p.as_ref()).to_owned());
+                let _ = tx.send(message);
+            },
+        )
+        .await;
+        assert_eq!(rx.recv().ok().flatten().as_deref(), Some("turn blew up"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        catching(async { 7 }, |outcome| {
+            let _ = tx.send(outcome.ok());
+        })
+        .await;
+        assert_eq!(rx.recv().ok().flatten(), Some(7));
+    }
 }
