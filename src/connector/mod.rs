@@ -272,10 +272,11 @@ impl Connector {
         if !self.service_url_allowed(route.service_url) {
             return false;
         }
-        let Some(permit) = self
-            .pacer
-            .admit_now(&app_key(&route), route.conversation_id)
-        else {
+        let Some(permit) = self.pacer.admit_now(
+            app_id(&route),
+            route.tenant.unwrap_or(""),
+            route.conversation_id,
+        ) else {
             return false;
         };
         let url = activities_url(route.service_url, route.conversation_id, None);
@@ -380,7 +381,6 @@ impl Connector {
                 route.service_url.to_owned(),
             ));
         }
-        let app = app_key(&route);
         let max_attempts = match delivery {
             Delivery::Retried => self.max_attempts,
             Delivery::Once => 1,
@@ -395,7 +395,14 @@ impl Connector {
         let first_attempt = crate::clock::now();
         loop {
             attempt += 1;
-            let permit = self.pacer.admit(&app, route.conversation_id).await?;
+            let permit = self
+                .pacer
+                .admit(
+                    app_id(&route),
+                    route.tenant.unwrap_or(""),
+                    route.conversation_id,
+                )
+                .await?;
             let outcome = self.attempt(op, route, url, body).await;
             drop(permit);
             let (reason, retry_after, status, last) = match outcome? {
@@ -483,12 +490,9 @@ enum Attempt {
 }
 
 /// Teams limits each bot app per tenant.
-fn app_key(route: &Route<'_>) -> String {
-    format!(
-        "{}\u{0}{}",
-        route.credentials.map(|c| c.app_id.as_str()).unwrap_or(""),
-        route.tenant.unwrap_or("")
-    )
+/// The bot app whose pacing windows a send counts in (none in development mode).
+fn app_id<'a>(route: &Route<'a>) -> &'a str {
+    route.credentials.map_or("", |c| c.app_id.as_str())
 }
 
 enum Retry {

@@ -46,6 +46,8 @@ struct Log {
 
 impl Log {
     /// When one more send fits every limit: `None` for now, else the earliest time to try again.
+    /// O(1) per limit: the finish times are in order, so a window is full exactly when the
+    /// `count - in_flight`-th most recent finish is still inside it.
     fn room(&mut self, limits: &[Limit], now: Instant) -> Option<Instant> {
         let longest = limits.iter().map(|l| l.window).max().unwrap_or_default() + SAFETY_MARGIN;
         while self
@@ -60,28 +62,32 @@ impl Log {
             // Teams counts a request when it arrives; a margin absorbs what the network and a
             // busy machine add between that and the router's own clock readings.
             let window = limit.window + SAFETY_MARGIN;
-            let in_window = self
-                .finished
-                .iter()
-                .rev()
-                .take_while(|t| now.saturating_duration_since(**t) < window)
-                .count();
-            let used = in_window + self.in_flight;
-            if used < limit.count {
-                continue;
-            }
-            // The window has room again when enough of its oldest sends have left it; sends
-            // still in flight leave it only after they finish (retried shortly).
-            let must_leave = used + 1 - limit.count;
-            let at = if must_leave <= in_window {
-                let oldest = self.finished.len() - in_window;
-                self.finished[oldest + must_leave - 1] + window
-            } else {
-                now + IN_FLIGHT_POLL
+            let at = match limit.count.checked_sub(self.in_flight) {
+                // Sends still in flight leave a window only after they finish: look again soon.
+                None | Some(0) => now + IN_FLIGHT_POLL,
+                Some(finishes_allowed) => {
+                    let Some(index) = self.finished.len().checked_sub(finishes_allowed) else {
+                        continue;
+                    };
+                    let edge = self.finished[index];
+                    if now.saturating_duration_since(edge) >= window {
+                        continue;
+                    }
+                    // The window has room again when that send has left it.
+                    edge + window
+                }
             };
             retry_at = Some(retry_at.map_or(at, |r| r.max(at)));
         }
         retry_at
+    }
+
+    /// Records a finished send, keeping the finish times in order (two permits may be dropped
+    /// on two threads in the other order than they read the clock).
+    fn finish(&mut self, now: Instant) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let at = self.finished.back().map_or(now, |last| now.max(*last));
+        self.finished.push_back(at);
     }
 
     fn is_idle(&self, limits: &[Limit], now: Instant) -> bool {
@@ -104,11 +110,71 @@ const IN_FLIGHT_POLL: Duration = Duration::from_millis(20);
 pub struct Pacer {
     conversation_limits: Vec<Limit>,
     app_limits: Vec<Limit>,
-    conversations: DashMap<String, Arc<Mutex<Log>>>,
-    apps: DashMap<String, Arc<Mutex<Log>>>,
+    /// Per bot app and tenant: its own log and its conversations' logs. Found by borrowed keys
+    /// (no key is built per send), each map sharded (no lock shared by all conversations).
+    apps: DashMap<AppKey, Arc<AppLogs>>,
     waiting: AtomicUsize,
     max_queued: usize,
 }
+
+#[derive(Default)]
+struct AppLogs {
+    log: Arc<Mutex<Log>>,
+    conversations: DashMap<String, Arc<Mutex<Log>>>,
+}
+
+/// A bot app in a tenant, as a map key that can be looked up by a pair of `&str`.
+#[derive(PartialEq, Eq, Hash)]
+struct AppKey {
+    app_id: String,
+    tenant: String,
+}
+
+/// The borrowed form of [`AppKey`].
+trait AppKeyRef {
+    fn app_id(&self) -> &str;
+    fn tenant(&self) -> &str;
+}
+
+impl AppKeyRef for AppKey {
+    fn app_id(&self) -> &str {
+        &self.app_id
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+impl AppKeyRef for (&str, &str) {
+    fn app_id(&self) -> &str {
+        self.0
+    }
+    fn tenant(&self) -> &str {
+        self.1
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn AppKeyRef + 'a> for AppKey {
+    fn borrow(&self) -> &(dyn AppKeyRef + 'a) {
+        self
+    }
+}
+
+// Hashes as `AppKey`'s derived `Hash` does (field by field), so that both forms find one entry.
+impl std::hash::Hash for dyn AppKeyRef + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.app_id().hash(state);
+        self.tenant().hash(state);
+    }
+}
+
+impl PartialEq for dyn AppKeyRef + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.app_id() == other.app_id() && self.tenant() == other.tenant()
+    }
+}
+
+impl Eq for dyn AppKeyRef + '_ {}
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0} outbound activities of this bot are already waiting for Teams' rate limits")]
@@ -123,9 +189,7 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let now = crate::clock::now();
         for log in &self.logs {
-            let mut log = log.lock();
-            log.in_flight = log.in_flight.saturating_sub(1);
-            log.finished.push_back(now);
+            log.lock().finish(now);
         }
     }
 }
@@ -151,26 +215,37 @@ impl Pacer {
         Self {
             conversation_limits,
             app_limits,
-            conversations: DashMap::new(),
             apps: DashMap::new(),
             waiting: AtomicUsize::new(0),
             max_queued,
         }
     }
 
-    fn logs(&self, app: &str, conversation: &str) -> [Arc<Mutex<Log>>; 2] {
-        let conversation_key = format!("{app}\u{0}{conversation}");
-        let conversation_log = Arc::clone(
-            self.conversations
-                .entry(conversation_key)
-                .or_default()
-                .value(),
-        );
-        let app_log = match self.apps.get(app) {
-            Some(log) => Arc::clone(log.value()),
-            None => Arc::clone(self.apps.entry(app.to_owned()).or_default().value()),
+    /// The logs of `conversation` and of its app in its tenant; allocates only for a new key.
+    fn logs(&self, app_id: &str, tenant: &str, conversation: &str) -> [Arc<Mutex<Log>>; 2] {
+        let key: &dyn AppKeyRef = &(app_id, tenant);
+        let app = match self.apps.get(key) {
+            Some(app) => Arc::clone(app.value()),
+            None => Arc::clone(
+                self.apps
+                    .entry(AppKey {
+                        app_id: app_id.to_owned(),
+                        tenant: tenant.to_owned(),
+                    })
+                    .or_default()
+                    .value(),
+            ),
         };
-        [conversation_log, app_log]
+        let conversation_log = match app.conversations.get(conversation) {
+            Some(log) => Arc::clone(log.value()),
+            None => Arc::clone(
+                app.conversations
+                    .entry(conversation.to_owned())
+                    .or_default()
+                    .value(),
+            ),
+        };
+        [conversation_log, Arc::clone(&app.log)]
     }
 
     /// Admits the send if both windows have room now.
@@ -190,9 +265,14 @@ impl Pacer {
         }
     }
 
-    /// Waits until `conversation` of `app` (an app id and tenant) may send one more activity.
-    pub async fn admit(&self, app: &str, conversation: &str) -> Result<Permit, QueueFull> {
-        let logs = self.logs(app, conversation);
+    /// Waits until `conversation` of the bot app `app_id` in `tenant` may send one more activity.
+    pub async fn admit(
+        &self,
+        app_id: &str,
+        tenant: &str,
+        conversation: &str,
+    ) -> Result<Permit, QueueFull> {
+        let logs = self.logs(app_id, tenant, conversation);
         if self.try_admit(&logs, crate::clock::now()).is_ok() {
             return Ok(Permit { logs });
         }
@@ -219,8 +299,8 @@ impl Pacer {
     }
 
     /// Admits the send only if it needs no wait (typing indicators: never worth a delay).
-    pub fn admit_now(&self, app: &str, conversation: &str) -> Option<Permit> {
-        let logs = self.logs(app, conversation);
+    pub fn admit_now(&self, app_id: &str, tenant: &str, conversation: &str) -> Option<Permit> {
+        let logs = self.logs(app_id, tenant, conversation);
         self.try_admit(&logs, crate::clock::now())
             .ok()
             .map(|()| Permit { logs })
@@ -231,17 +311,24 @@ impl Pacer {
         let now = crate::clock::now();
         // A log some send still holds (about to be admitted) is kept: dropping it would let
         // the next send of that key start a fresh log and miss this one.
-        self.conversations.retain(|_, log| {
-            Arc::strong_count(log) > 1 || !log.lock().is_idle(&self.conversation_limits, now)
-        });
-        self.apps.retain(|_, log| {
-            Arc::strong_count(log) > 1 || !log.lock().is_idle(&self.app_limits, now)
+        let idle = |log: &Arc<Mutex<Log>>, limits: &[Limit]| {
+            Arc::strong_count(log) == 1 && log.lock().is_idle(limits, now)
+        };
+        self.apps.retain(|_, app| {
+            app.conversations
+                .retain(|_, log| !idle(log, &self.conversation_limits));
+            Arc::strong_count(app) > 1
+                || !app.conversations.is_empty()
+                || !idle(&app.log, &self.app_limits)
         });
     }
 
     /// Keys with a send log (for tests and the upkeep log).
     pub fn tracked(&self) -> usize {
-        self.conversations.len() + self.apps.len()
+        self.apps
+            .iter()
+            .map(|app| 1 + app.conversations.len())
+            .sum()
     }
 }
 
@@ -291,13 +378,64 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// The windows counted send by send, as the definition says.
+    fn room_by_counting(log: &Log, limits: &[Limit], now: Instant) -> Option<Instant> {
+        let mut retry_at: Option<Instant> = None;
+        for limit in limits {
+            let window = limit.window + SAFETY_MARGIN;
+            let inside: Vec<Instant> = log
+                .finished
+                .iter()
+                .copied()
+                .filter(|t| now.saturating_duration_since(*t) < window)
+                .collect();
+            let used = inside.len() + log.in_flight;
+            if used < limit.count {
+                continue;
+            }
+            let must_leave = used + 1 - limit.count;
+            let at = if must_leave <= inside.len() {
+                inside[must_leave - 1] + window
+            } else {
+                now + IN_FLIGHT_POLL
+            };
+            retry_at = Some(retry_at.map_or(at, |r| r.max(at)));
+        }
+        retry_at
+    }
+
+    #[test]
+    fn the_constant_time_check_agrees_with_counting_every_send() {
+        let limits = teams().conversation_limits;
+        let start = crate::clock::now();
+        // A deterministic walk of sends at uneven gaps, with sends in flight now and then.
+        let mut seed = 0x2545_f491_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut log = Log::default();
+        let mut now = start;
+        for _ in 0..5_000 {
+            now += Duration::from_millis(next(400));
+            log.in_flight = next(3) as usize;
+            let expected = room_by_counting(&log, &limits, now);
+            assert_eq!(log.room(&limits, now), expected, "at {:?}", now - start);
+            if expected.is_none() {
+                log.finished.push_back(now);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_burst_in_one_conversation_keeps_within_teams_windows() {
         let pacer = teams();
         let started = crate::clock::now();
         let mut sent = Vec::new();
         for _ in 0..12 {
-            let permit = pacer.admit("app", "conv").await.unwrap();
+            let permit = pacer.admit("app", "tenant", "conv").await.unwrap();
             sent.push(crate::clock::now());
             drop(permit);
         }
@@ -314,7 +452,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(8));
         // Another conversation is not held up.
         let other = crate::clock::now();
-        drop(pacer.admit("app", "other").await.unwrap());
+        drop(pacer.admit("app", "tenant", "other").await.unwrap());
         assert!(other.elapsed() < Duration::from_millis(100));
     }
 
@@ -324,14 +462,17 @@ mod tests {
         let started = crate::clock::now();
         let mut sent = Vec::new();
         for i in 0..60 {
-            let permit = pacer.admit("app", &format!("c{}", i % 30)).await.unwrap();
+            let permit = pacer
+                .admit("app", "tenant", &format!("c{}", i % 30))
+                .await
+                .unwrap();
             sent.push(crate::clock::now());
             drop(permit);
         }
         assert!(max_in_window(&sent, Duration::from_secs(1)) <= 50);
         assert!(started.elapsed() >= Duration::from_millis(990));
         // Another app is not held up.
-        assert!(pacer.admit_now("other-app", "c0").is_some());
+        assert!(pacer.admit_now("other-app", "tenant", "c0").is_some());
     }
 
     #[tokio::test]
@@ -344,15 +485,18 @@ mod tests {
             vec![],
             1,
         ));
-        let first = pacer.admit("app", "c").await.unwrap();
-        assert!(pacer.admit_now("app", "c").is_none(), "in flight counts");
+        let first = pacer.admit("app", "tenant", "c").await.unwrap();
+        assert!(
+            pacer.admit_now("app", "tenant", "c").is_none(),
+            "in flight counts"
+        );
         let waiting = {
             let pacer = Arc::clone(&pacer);
-            tokio::spawn(async move { pacer.admit("app", "c").await.map(drop) })
+            tokio::spawn(async move { pacer.admit("app", "tenant", "c").await.map(drop) })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
-            pacer.admit("app", "c").await.is_err(),
+            pacer.admit("app", "tenant", "c").await.is_err(),
             "queue of one is full"
         );
         drop(first);
