@@ -257,7 +257,7 @@ pub fn admissible(body: &[u8]) -> Result<(), ParseError> {
 /// The activity a turn works on, owned; parsed by the conversation actor, never on the request
 /// path. Objects the reply echoes back (`from`, `recipient`, `conversation`) stay as JSON so that
 /// every field Teams sent is preserved.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TurnActivity {
     #[serde(rename = "type")]
@@ -302,18 +302,7 @@ impl TurnActivity {
     /// an object where a list belongs) counts as absent, so an acknowledged activity always
     /// reaches its turn.
     pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
-        let mut fields: serde_json::Map<String, Value> = serde_json::from_slice(body)?;
-        for name in ["text", "name", "locale", "action"] {
-            if fields.get(name).is_some_and(|v| !v.is_string()) {
-                fields.remove(name);
-            }
-        }
-        for name in ["entities", "membersAdded", "membersRemoved", "attachments"] {
-            if fields.get(name).is_some_and(|v| !v.is_array()) {
-                fields.remove(name);
-            }
-        }
-        serde_json::from_value(Value::Object(fields))
+        serde_json::from_slice(body)
     }
 
     pub fn conversation_id(&self) -> &str {
@@ -373,6 +362,99 @@ impl TurnActivity {
                 .members_added
                 .iter()
                 .any(|m| m.get("id").and_then(Value::as_str) == Some(bot))
+    }
+}
+
+/// One pass over the activity's fields: each known one is taken as it is read (a value of the
+/// wrong type for a lenient field is dropped), every other one goes to `extra` as it is. No
+/// intermediate map, no second pass (`#[serde(flatten)]` would buffer the whole activity).
+impl<'de> Deserialize<'de> for TurnActivity {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(TurnActivityVisitor)
+    }
+}
+
+struct TurnActivityVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
+    type Value = TurnActivity;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an activity object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TurnActivity, A::Error> {
+        use serde::de::Error;
+        fn text(value: Value) -> Option<String> {
+            match value {
+                Value::String(text) => Some(text),
+                _ => None,
+            }
+        }
+        fn list(value: Value) -> Vec<Value> {
+            match value {
+                Value::Array(items) => items,
+                _ => Vec::new(),
+            }
+        }
+        fn object(value: Value) -> Option<Value> {
+            (!value.is_null()).then_some(value)
+        }
+        let (mut kind, mut id, mut service_url, mut channel_id) = (None, None, None, None);
+        let mut conversation = None;
+        let mut activity = TurnActivity {
+            kind: String::new(),
+            id: String::new(),
+            service_url: String::new(),
+            channel_id: String::new(),
+            conversation: Value::Null,
+            from: None,
+            recipient: None,
+            text: None,
+            value: None,
+            name: None,
+            locale: None,
+            entities: Vec::new(),
+            members_added: Vec::new(),
+            members_removed: Vec::new(),
+            attachments: Vec::new(),
+            action: None,
+            channel_data: None,
+            extra: serde_json::Map::new(),
+        };
+        // A key given twice keeps its last value, as the envelope check read it.
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "type" => kind = Some(map.next_value::<String>()?),
+                "id" => id = Some(map.next_value::<String>()?),
+                "serviceUrl" => service_url = Some(map.next_value::<String>()?),
+                "channelId" => channel_id = Some(map.next_value::<String>()?),
+                "conversation" => conversation = Some(map.next_value::<Value>()?),
+                "from" => activity.from = object(map.next_value()?),
+                "recipient" => activity.recipient = object(map.next_value()?),
+                "value" => activity.value = object(map.next_value()?),
+                "channelData" => activity.channel_data = object(map.next_value()?),
+                "text" => activity.text = text(map.next_value()?),
+                "name" => activity.name = text(map.next_value()?),
+                "locale" => activity.locale = text(map.next_value()?),
+                "action" => activity.action = text(map.next_value()?),
+                "entities" => activity.entities = list(map.next_value()?),
+                "membersAdded" => activity.members_added = list(map.next_value()?),
+                "membersRemoved" => activity.members_removed = list(map.next_value()?),
+                "attachments" => activity.attachments = list(map.next_value()?),
+                _ => {
+                    let value = map.next_value::<Value>()?;
+                    activity.extra.insert(key.into_owned(), value);
+                }
+            }
+        }
+        activity.kind = kind.ok_or_else(|| A::Error::missing_field("type"))?;
+        activity.id = id.ok_or_else(|| A::Error::missing_field("id"))?;
+        activity.service_url = service_url.ok_or_else(|| A::Error::missing_field("serviceUrl"))?;
+        activity.channel_id = channel_id.ok_or_else(|| A::Error::missing_field("channelId"))?;
+        activity.conversation =
+            conversation.ok_or_else(|| A::Error::missing_field("conversation"))?;
+        Ok(activity)
     }
 }
 
