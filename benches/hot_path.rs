@@ -1,5 +1,5 @@
 //! Criterion benches of the hot path: parsing a Teams activity (simd-json borrowed envelope vs
-//! serde_json), token verification (verified-token cache hit vs full RS256), routing one activity
+//! serde_json, and the turn's own owned parse), token verification (verified-token cache hit vs full RS256), routing one activity
 //! to a live conversation actor, and the whole verify + parse + route step with a cached token.
 //! Figures and the command are in BENCHMARKS.md.
 
@@ -10,7 +10,7 @@ use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use loadtest::mock::MockMicrosoft;
 use serde_json::Value;
-use teams_router::activity::{ActivityView, admissible, with_envelope};
+use teams_router::activity::{ActivityView, TurnActivity, admissible, with_envelope};
 use teams_router::app::Router;
 use teams_router::config::Config;
 
@@ -51,6 +51,10 @@ fn parse(c: &mut Criterion) {
         b.iter(|| {
             serde_json::from_slice::<Value>(std::hint::black_box(&body)).map(|v| v.is_object())
         })
+    });
+    // The conversation's own parse of the turn's activity (one pass, owned).
+    group.bench_function("turn_activity", |b| {
+        b.iter(|| TurnActivity::parse(std::hint::black_box(&body)).map(|a| a.id.len()))
     });
     group.finish();
 }

@@ -85,9 +85,10 @@ pub struct ConversationActorState {
     side: Vec<RunningTurn>,
     /// The session and its key, loaded at the first turn.
     session: Option<(String, Session)>,
-    /// The conversation's dedup window and sequence, loaded at the first turn, and how long it
-    /// is kept in the store.
-    record: Option<(ConversationRecord, std::time::Duration)>,
+    /// The conversation's turn sequence, loaded at the first turn with its answered activities
+    /// (which go into the conversation's dedup window), and how long its record is kept in the
+    /// store.
+    record: Option<(u64, std::time::Duration)>,
     /// An idle check is scheduled (one at a time, however many turns ran).
     idle_check_armed: bool,
     /// The conversation was ended: stop once nothing is left to run.
@@ -245,10 +246,15 @@ async fn finish_turn(
             persistence.limits,
         );
     }
-    if let Some((record, _)) = state.record.as_mut() {
-        record.mark_handled(&turn.activity_id, settings.dedup_window);
-        record.last_sequence += 1;
+    if let Some((last_sequence, _)) = state.record.as_mut() {
+        *last_sequence += 1;
     }
+    state
+        .args
+        .conversation
+        .state()
+        .dedup
+        .mark_answered(&turn.activity_id);
     state.unsaved = !save_snapshots(state);
     let mut shared = state.args.conversation.state();
     if turn.side {
@@ -283,14 +289,18 @@ fn save_snapshots(state: &ConversationActorState) -> bool {
     let mut queued = true;
     if let Some((key, session)) = &state.session {
         let ttl = std::time::Duration::from_millis(session.remaining_ms(now_ms()));
-        queued &= save_snapshot(settings, key, session, ttl);
+        queued &= save_snapshot(settings, key, session.encode(), ttl);
     }
-    if let Some((record, ttl)) = &state.record {
+    if let Some((last_sequence, ttl)) = state.record {
         let key = conversation_key(
             &state.args.conversation.key.integration,
             &state.args.conversation.key.conversation_id,
         );
-        queued &= save_snapshot(settings, &key, record, *ttl);
+        let record = ConversationRecord {
+            answered: state.args.conversation.state().dedup.answered(),
+            last_sequence,
+        };
+        queued &= save_snapshot(settings, &key, record.encode(), ttl);
     }
     queued
 }
@@ -298,10 +308,10 @@ fn save_snapshots(state: &ConversationActorState) -> bool {
 fn save_snapshot(
     settings: &ConversationSettings,
     key: &str,
-    value: &impl serde::Serialize,
+    encoded: Result<Vec<u8>, crate::store::codec::CodecError>,
     ttl: std::time::Duration,
 ) -> bool {
-    match serde_json::to_vec(value) {
+    match encoded {
         Ok(bytes) => settings.persistence.snapshots.save(Put {
             key: key.to_owned(),
             value: bytes.into(),
@@ -422,9 +432,11 @@ async fn begin_turn(
         load_session(state, &integration, &activity).await;
     }
     if state
-        .record
-        .as_ref()
-        .is_some_and(|(record, _)| record.has_handled(&activity.id))
+        .args
+        .conversation
+        .state()
+        .dedup
+        .is_answered(&activity.id)
     {
         // A redelivery that slipped past the in-memory window (after a restart or failover).
         counter!(ACTIVITIES_DUPLICATE).increment(1);
@@ -573,13 +585,16 @@ async fn load_record(state: &mut ConversationActorState, integration: &Integrati
         &integration.record.id,
         &state.args.conversation.key.conversation_id,
     );
-    let record: ConversationRecord = load_snapshot(state, &key).await.unwrap_or_default();
-    {
+    let stored = load_snapshot(state, &key, ConversationRecord::decode).await;
+    let stored_sequence = stored.as_ref().map_or(0, |record| record.last_sequence);
+    if let Some(record) = &stored {
         // Later redeliveries are then caught at the door, without a turn.
-        let mut shared = state.args.conversation.state();
-        for id in &record.handled_ids {
-            shared.recent_ids.insert(id.as_str().into());
-        }
+        state
+            .args
+            .conversation
+            .state()
+            .dedup
+            .merge_answered(&record.answered);
     }
     let ttl = std::time::Duration::from_millis(
         integration
@@ -587,18 +602,23 @@ async fn load_record(state: &mut ConversationActorState, integration: &Integrati
             .session_duration
             .max(DEDUP_RECORD_MIN_TTL_MS),
     );
-    state.record = Some((record, ttl));
+    // With a shared store another instance may have run turns since: the later count wins.
+    let last_sequence = state
+        .record
+        .map_or(stored_sequence, |(known, _)| known.max(stored_sequence));
+    state.record = Some((last_sequence, ttl));
 }
 
 /// A conversation's dedup window outlives short sessions: Teams redelivers within minutes.
 const DEDUP_RECORD_MIN_TTL_MS: u64 = 3_600_000;
 
-async fn load_snapshot<T: serde::de::DeserializeOwned>(
+async fn load_snapshot<T, E: std::fmt::Display>(
     state: &ConversationActorState,
     key: &str,
+    decode: impl FnOnce(&[u8]) -> Result<T, E>,
 ) -> Option<T> {
     match state.args.settings.persistence.snapshots.load(key).await {
-        Ok(bytes) => bytes.and_then(|b| match serde_json::from_slice::<T>(&b) {
+        Ok(bytes) => bytes.and_then(|b| match decode(&b) {
             Ok(value) => Some(value),
             Err(error) => {
                 tracing::error!(%error, "stored snapshot is unreadable; starting afresh");
@@ -625,7 +645,7 @@ async fn load_session(
     let shared_store = state.args.settings.persistence.shared_store;
     let loaded = match state.session.take() {
         Some((k, session)) if k == key && !shared_store => session,
-        _ => load_snapshot::<Session>(state, &key)
+        _ => load_snapshot(state, &key, Session::decode)
             .await
             .unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration)),
     };

@@ -8,10 +8,11 @@
 
 mod actor;
 pub(crate) mod admission;
+pub(crate) mod dedup;
 pub(crate) mod session;
 mod supervisor;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -137,7 +138,8 @@ struct ConversationState {
     side_queue: VecDeque<Turn>,
     /// Invokes running beside the turn order.
     side_running: usize,
-    recent_ids: DedupWindow,
+    /// The activities taken, and which of them were answered.
+    dedup: dedup::DedupWindow,
     /// The live actor; `None` while it is being (re)started.
     actor: Option<ActorRef<ConversationMsg>>,
     /// Set once the actor has passivated: the conversation takes no more turns.
@@ -158,37 +160,6 @@ impl ConversationState {
     }
 }
 
-/// The most recent activity ids, bounded by count.
-struct DedupWindow {
-    order: VecDeque<Arc<str>>,
-    ids: HashSet<Arc<str>>,
-    capacity: usize,
-}
-
-impl DedupWindow {
-    fn new(capacity: usize) -> Self {
-        Self {
-            order: VecDeque::new(),
-            ids: HashSet::new(),
-            capacity: capacity.max(1),
-        }
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        self.ids.contains(id)
-    }
-
-    fn insert(&mut self, id: Arc<str>) {
-        if self.order.len() == self.capacity
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.ids.remove(&oldest);
-        }
-        self.ids.insert(Arc::clone(&id));
-        self.order.push_back(id);
-    }
-}
-
 enum Enqueue {
     /// Queued; the actor to wake, when it is idle.
     Queued(Option<ActorRef<ConversationMsg>>),
@@ -205,7 +176,7 @@ impl Conversation {
                 queue: VecDeque::new(),
                 side_queue: VecDeque::new(),
                 side_running: 0,
-                recent_ids: DedupWindow::new(settings.dedup_window),
+                dedup: dedup::DedupWindow::new(settings.dedup_window),
                 actor: None,
                 closed: false,
                 busy: false,
@@ -228,13 +199,13 @@ impl Conversation {
         if state.closed {
             return Enqueue::Closed;
         }
-        if state.recent_ids.contains(activity_id) {
+        if state.dedup.contains(activity_id) {
             return Enqueue::Duplicate(state.invoke_answer(activity_id));
         }
         if state.queue.len() + state.side_queue.len() >= capacity {
             return Enqueue::Full;
         }
-        state.recent_ids.insert(activity_id.into());
+        state.dedup.take(activity_id);
         // Only an idle actor needs waking: a busy one takes the next turn when its turn ends,
         // and a non-empty queue already has a wake-up on its way. Under load this spares one
         // cross-thread wake-up per activity.
@@ -349,7 +320,7 @@ impl Directory {
     /// a redelivery costs no journal write).
     pub fn seen(&self, integration: &str, conversation_id: &str, activity_id: &str) -> bool {
         self.lookup(integration, conversation_id)
-            .is_some_and(|c| c.state().recent_ids.contains(activity_id))
+            .is_some_and(|c| c.state().dedup.contains(activity_id))
     }
 
     /// The answer of an invoke the conversation has seen (for a redelivery of it).
@@ -464,21 +435,5 @@ impl Directory {
 
     pub fn supervisor(&self) -> &ActorRef<SupervisorMsg> {
         &self.supervisor
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dedup_window_forgets_the_oldest() {
-        let mut w = DedupWindow::new(2);
-        w.insert("a".into());
-        w.insert("b".into());
-        assert!(w.contains("a"));
-        w.insert("c".into());
-        assert!(!w.contains("a"));
-        assert!(w.contains("b") && w.contains("c"));
     }
 }

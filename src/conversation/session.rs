@@ -1,7 +1,7 @@
 //! What a conversation keeps beyond its actor, as two snapshots:
 //! - its [`Session`] (history of turns bounded by count and bytes, start, expiry, counters) under
 //!   the contract's session key, which in personal chats is the user's;
-//! - its [`ConversationRecord`] (the ids of the activities it answered and its turn sequence)
+//! - its [`ConversationRecord`] (the digests of the activities it answered and its turn sequence)
 //!   under the conversation's own key, so that redeliveries are caught per conversation after a
 //!   passivation, a restart or on another instance.
 
@@ -9,7 +9,9 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use super::dedup::digest;
 use crate::activity::TurnActivity;
+use crate::store::codec::{self, CodecError, Encoded};
 
 /// User messages that start a fresh session.
 pub const RESET_COMMANDS: &[&str] = &["///restart", "///reset", "///new"];
@@ -52,28 +54,90 @@ pub struct Session {
     pub history: VecDeque<HistoryEntry>,
 }
 
-/// Per conversation: the activities already answered (newest last) and the turn sequence.
+/// Per conversation: the digests of the activities it answered (oldest first, see
+/// [`super::dedup`]) and its turn sequence.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct ConversationRecord {
-    pub handled_ids: VecDeque<String>,
+    pub answered: Vec<u64>,
     pub last_sequence: u64,
 }
 
+/// The record as it was written before snapshots were binary.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonRecord {
+    #[serde(default)]
+    handled_ids: Vec<String>,
+    #[serde(default)]
+    last_sequence: u64,
+}
+
 impl ConversationRecord {
-    pub fn has_handled(&self, activity_id: &str) -> bool {
-        self.handled_ids.iter().any(|id| id == activity_id)
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode(self)
     }
 
-    pub fn mark_handled(&mut self, activity_id: &str, window: usize) {
-        if self.has_handled(activity_id) {
-            return;
-        }
-        self.handled_ids.push_back(activity_id.to_owned());
-        while self.handled_ids.len() > window.max(1) {
-            self.handled_ids.pop_front();
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        match codec::encoded(bytes) {
+            Encoded::Binary(_) => codec::decode(bytes),
+            Encoded::Json(json) => {
+                let record: JsonRecord = serde_json::from_slice(json)?;
+                Ok(Self {
+                    answered: record.handled_ids.iter().map(|id| digest(id)).collect(),
+                    last_sequence: record.last_sequence,
+                })
+            }
         }
     }
+}
+
+/// A session as a snapshot holds it, borrowed from the session (nothing copied to write it).
+#[derive(Serialize)]
+struct StoringSession<'a> {
+    conversation_id: &'a str,
+    started_at_ms: u64,
+    expires_at_ms: u64,
+    turns: u64,
+    history: StoringHistory<'a>,
+}
+
+struct StoringHistory<'a>(&'a VecDeque<HistoryEntry>);
+
+impl Serialize for StoringHistory<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|entry| StoringEntry {
+            role: entry.role,
+            text: &entry.text,
+            at_ms: entry.at_ms,
+            id: entry.id.as_deref(),
+        }))
+    }
+}
+
+/// Every field always written: a binary encoding has no field names to skip by.
+#[derive(Serialize)]
+struct StoringEntry<'a> {
+    role: Role,
+    text: &'a str,
+    at_ms: u64,
+    id: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct StoredSession {
+    conversation_id: String,
+    started_at_ms: u64,
+    expires_at_ms: u64,
+    turns: u64,
+    history: VecDeque<StoredEntry>,
+}
+
+#[derive(Deserialize)]
+struct StoredEntry {
+    role: Role,
+    text: String,
+    at_ms: u64,
+    id: Option<String>,
 }
 
 /// `teams-conversation-{integrationId}-{conversationId}`
@@ -130,6 +194,39 @@ impl Session {
             ),
             None => format!("session: {} turns, nothing remembered yet", self.turns),
         }
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode(&StoringSession {
+            conversation_id: &self.conversation_id,
+            started_at_ms: self.started_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            turns: self.turns,
+            history: StoringHistory(&self.history),
+        })
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        let Encoded::Binary(_) = codec::encoded(bytes) else {
+            return codec::decode(bytes);
+        };
+        let stored: StoredSession = codec::decode(bytes)?;
+        Ok(Self {
+            conversation_id: stored.conversation_id,
+            started_at_ms: stored.started_at_ms,
+            expires_at_ms: stored.expires_at_ms,
+            turns: stored.turns,
+            history: stored
+                .history
+                .into_iter()
+                .map(|entry| HistoryEntry {
+                    role: entry.role,
+                    text: entry.text,
+                    at_ms: entry.at_ms,
+                    id: entry.id,
+                })
+                .collect(),
+        })
     }
 
     /// Milliseconds the session has left (its store TTL).
@@ -221,14 +318,46 @@ mod tests {
     }
 
     #[test]
-    fn the_dedup_window_is_bounded() {
-        let mut r = ConversationRecord::default();
-        for id in ["a", "b", "c"] {
-            r.mark_handled(id, 2);
-        }
-        r.mark_handled("c", 2);
-        assert!(!r.has_handled("a") && r.has_handled("b") && r.has_handled("c"));
-        assert_eq!(r.handled_ids.len(), 2);
+    fn snapshots_are_binary_and_earlier_json_ones_still_read() {
+        let mut session = Session::new("a:1", 10, 1000);
+        let limits = HistoryLimits {
+            max_entries: 5,
+            max_bytes: 100,
+        };
+        session.record(entry("say \"hi\"\n"), limits);
+        session.record(
+            HistoryEntry {
+                role: Role::Bot,
+                text: "hi".into(),
+                at_ms: 12,
+                id: Some("1:reply".into()),
+            },
+            limits,
+        );
+        session.turns = 1;
+        let bytes = session.encode().expect("encodes");
+        assert_eq!(Session::decode(&bytes).expect("binary"), session);
+        let json = serde_json::to_vec(&session).expect("json");
+        assert!(
+            bytes.len() < json.len(),
+            "{} vs {}",
+            bytes.len(),
+            json.len()
+        );
+        assert_eq!(Session::decode(&json).expect("json"), session);
+
+        let record = ConversationRecord {
+            answered: vec![digest("1"), digest("2")],
+            last_sequence: 2,
+        };
+        let bytes = record.encode().expect("encodes");
+        assert_eq!(ConversationRecord::decode(&bytes).expect("binary"), record);
+        let earlier = br#"{"handledIds":["1","2"],"lastSequence":2}"#;
+        assert_eq!(
+            ConversationRecord::decode(earlier).expect("json"),
+            record,
+            "ids written as text before read as their digests"
+        );
     }
 
     #[test]

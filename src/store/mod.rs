@@ -7,6 +7,7 @@
 //! Nothing here runs on the request path except the durable-accept journal append, which the
 //! [`writer::Journal`] batches across concurrent requests (group commit).
 
+pub mod codec;
 mod embedded;
 mod redis;
 pub(crate) mod writer;
