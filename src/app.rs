@@ -28,7 +28,7 @@ use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::registry::Registry;
 use crate::reply::ReplyServices;
 use crate::reply::streaming::StreamSettings;
-use crate::store::writer::{Journal, Snapshots};
+use crate::store::writer::{Journal, SnapshotPolicy, Snapshots};
 use crate::store::{JournalEntry, Store, StoreError, StoreHealth};
 use crate::telemetry::{self, Readiness};
 
@@ -197,9 +197,7 @@ impl Router {
         let snapshots = Snapshots::new(
             Arc::clone(&store),
             Arc::clone(&health),
-            config.storage.snapshot_pending_max,
-            config.storage.durable_accept(),
-            Duration::from_millis(config.storage.snapshot_sync_ms),
+            SnapshotPolicy::of(&config.storage),
         );
         let mut store_tasks = vec![
             events_task,

@@ -202,6 +202,9 @@ pub struct StorageConfig {
     /// the disk, and reach it at most this far apart (and at shutdown); 0 makes every batch wait.
     /// A kill -9 may lose this much session history, never an acknowledged activity.
     pub snapshot_sync_ms: u64,
+    /// How long the snapshot writer gathers snapshots into one batch before writing it (less
+    /// when the batch fills first); 0 writes whatever is pending at once.
+    pub snapshot_batch_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -222,6 +225,7 @@ impl Default for StorageConfig {
             journal_batch_max: 512,
             snapshot_pending_max: 200_000,
             snapshot_sync_ms: 1_000,
+            snapshot_batch_ms: 20,
         }
     }
 }
@@ -504,6 +508,13 @@ pub enum BackendSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         system_prompt: Option<String>,
     },
+}
+
+impl BackendSpec {
+    /// Whether the backend is sent the session's history (echo answers from the turn alone).
+    pub fn reads_history(&self) -> bool {
+        !matches!(self, Self::Echo { .. })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

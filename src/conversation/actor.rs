@@ -480,10 +480,22 @@ async fn begin_turn(
     }
     let session_command = say.is_some();
     let activity_id = activity.id.clone();
+    // Only a backend that reads the history gets a copy of it (the running turn holds it while
+    // this actor records the next).
+    let reads_history = state
+        .args
+        .services
+        .registry
+        .bot(&integration.record.bot_id)
+        .is_some_and(|bot| bot.backend().reads_history());
     let (session_id, history) = match &state.session {
         Some((key, session)) => (
             format!("{key}-{}", session.started_at_ms),
-            session.history.iter().cloned().collect(),
+            if reads_history {
+                session.history.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
         ),
         None => (String::new(), Vec::new()),
     };

@@ -46,26 +46,45 @@ pub struct Snapshots {
     /// Without durable accept, snapshot batches reach the disk at most this far apart: a kill -9
     /// loses at most this much session history (`storage.snapshot_sync_ms`).
     sync_every: Duration,
+    /// How long a batch gathers snapshots before it is written, unless it fills first
+    /// (`storage.snapshot_batch_ms`): one commit then carries many turns, and a busy
+    /// conversation's snapshots of those turns are written once.
+    gather_for: Duration,
+}
+
+/// How the snapshot writer batches and syncs (from `[storage]`).
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotPolicy {
+    pub max_pending: usize,
+    pub always_durable: bool,
+    pub sync_every: Duration,
+    pub gather_for: Duration,
+}
+
+impl SnapshotPolicy {
+    pub fn of(config: &crate::config::StorageConfig) -> Self {
+        Self {
+            max_pending: config.snapshot_pending_max,
+            always_durable: config.durable_accept(),
+            sync_every: Duration::from_millis(config.snapshot_sync_ms),
+            gather_for: Duration::from_millis(config.snapshot_batch_ms),
+        }
+    }
 }
 
 impl Snapshots {
-    pub fn new(
-        store: Arc<Store>,
-        health: Arc<StoreHealth>,
-        max_pending: usize,
-        always_durable: bool,
-        sync_every: Duration,
-    ) -> Arc<Self> {
+    pub fn new(store: Arc<Store>, health: Arc<StoreHealth>, policy: SnapshotPolicy) -> Arc<Self> {
         Arc::new(Self {
             store,
             health,
             pending: DashMap::new(),
             saved: AtomicU64::new(0),
             writing: tokio::sync::Mutex::new(()),
-            max_pending,
+            max_pending: policy.max_pending,
             wake: Notify::new(),
-            always_durable: always_durable || sync_every.is_zero(),
-            sync_every,
+            always_durable: policy.always_durable || policy.sync_every.is_zero(),
+            sync_every: policy.sync_every,
+            gather_for: policy.gather_for,
             committed_unsynced: DashMap::new(),
             unsynced_since: AtomicU64::new(0),
             last_sync: parking_lot::Mutex::new(crate::clock::now()),
@@ -223,6 +242,12 @@ impl Snapshots {
                         }
                         continue;
                     },
+                    _ = shutdown.changed() => return,
+                }
+            }
+            if !self.gather_for.is_zero() && self.pending.len() < SNAPSHOT_BATCH {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.gather_for) => {},
                     _ = shutdown.changed() => return,
                 }
             }
@@ -447,9 +472,12 @@ mod tests {
             Snapshots::new(
                 store,
                 Arc::new(StoreHealth::default()),
-                max_pending,
-                true,
-                Duration::ZERO,
+                SnapshotPolicy {
+                    max_pending,
+                    always_durable: true,
+                    sync_every: Duration::ZERO,
+                    gather_for: Duration::ZERO,
+                },
             ),
             dir,
         )
