@@ -1,7 +1,7 @@
 //! Durable accept throughput on each store (group commit on), and the snapshot write rate.
 //! A plain measurement binary (`cargo bench --bench durable_accept`); figures in BENCHMARKS.md.
 //!
-//! Activities go through the router's own durable path (`Front::admit_durably`: parse, checks,
+//! Activities go through the router's own durable path (`Front::admit` with a journal: parse, checks,
 //! journal append batched with every concurrent request, enqueue) from many concurrent tasks,
 //! as concurrent HTTP requests would; the Redis run uses a real `redis-server` on loopback.
 
@@ -62,7 +62,7 @@ async fn measure(label: &str, storage: &str) {
                         break;
                     };
                     if front
-                        .admit_durably(&journal, &integration, None, body)
+                        .admit(Some(&journal), &integration, None, body)
                         .await
                         .is_ok()
                     {

@@ -159,7 +159,8 @@ fn end_to_end(c: &mut Criterion) {
                     .await
                     .unwrap();
                 front
-                    .admit(&integration, verified.as_deref(), body)
+                    .admit(None, &integration, verified.as_deref(), body)
+                    .await
                     .unwrap();
                 let want = expected.fetch_add(1, Ordering::Relaxed) + 1;
                 if one_at_a_time {

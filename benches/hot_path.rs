@@ -158,8 +158,8 @@ fn verify_and_route(c: &mut Criterion) {
     };
     // Warm the conversations so that the bench routes to live actors.
     for body in batch(CONVERSATIONS as u64) {
-        front
-            .admit(&integration, verified.as_deref(), body)
+        runtime
+            .block_on(front.admit(None, &integration, verified.as_deref(), body))
             .unwrap();
     }
     drain(&front.directory);
@@ -177,8 +177,11 @@ fn verify_and_route(c: &mut Criterion) {
                 let front = task_front;
                 let start = Instant::now();
                 for body in bodies {
-                    let _ =
-                        std::hint::black_box(front.admit(&integration, verified.as_deref(), body));
+                    let _ = std::hint::black_box(
+                        front
+                            .admit(None, &integration, verified.as_deref(), body)
+                            .await,
+                    );
                 }
                 start.elapsed()
             });
@@ -201,8 +204,11 @@ fn verify_and_route(c: &mut Criterion) {
                         .authenticate(&integration, Some(header.as_bytes()), peer)
                         .await
                         .unwrap();
-                    let _ =
-                        std::hint::black_box(front.admit(&integration, verified.as_deref(), body));
+                    let _ = std::hint::black_box(
+                        front
+                            .admit(None, &integration, verified.as_deref(), body)
+                            .await,
+                    );
                 }
                 start.elapsed()
             });

@@ -10,9 +10,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::contacts::ContactBook;
-use crate::admin::events::EventLog;
-use crate::admin::proactive::AddressBook;
 use crate::admin::secrets::{Sealer, SecretError};
 use crate::admin::setup::SetupChecker;
 use crate::admin::{self, Admin, AdminParts, Vault};
@@ -25,6 +22,9 @@ use crate::conversation::admission::Gate;
 use crate::conversation::session::HistoryLimits;
 use crate::conversation::{Admission, Arrival, ConversationSettings, Directory, Persistence};
 use crate::front::{self, Front, ListenerLimits, Ops};
+use crate::ledger::addresses::AddressBook;
+use crate::ledger::contacts::ContactBook;
+use crate::ledger::events::EventLog;
 use crate::registry::Registry;
 use crate::reply::ReplyServices;
 use crate::reply::streaming::StreamSettings;
@@ -153,7 +153,7 @@ impl Router {
             tracing::warn!(%error, "stored bots and integrations cannot be read; starting with the config's records until the store answers");
             admin::load_seeds_only(&registry, config);
         }
-        readiness.set_registry(Arc::clone(&registry));
+        readiness.add_check(registry.readiness_check());
         readiness.set_needs_keys(registry.needs_signing_keys());
         let (events, event_sink, events_task) = EventLog::start(
             Arc::clone(&registry),
@@ -221,7 +221,7 @@ impl Router {
                 store_stopped.clone(),
             );
             store_tasks.push(task);
-            readiness.set_durable_store(Arc::clone(&health));
+            readiness.add_check(health.readiness_check());
             (Some(journal), pending)
         } else {
             (None, Vec::new())

@@ -8,15 +8,18 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The `[microsoft]` section belongs to the room that uses it.
+pub use crate::auth::MicrosoftConfig;
+pub use crate::records::{
+    AccountRecord, BackendSpec, BotRecord, DEFAULT_SESSION_DURATION_MS, IntegrationRecord,
+    MAX_SESSION_DURATION_MS, TextFormat,
+};
+
 /// The API key of `config/router.toml`, which anybody can read: loopback listeners only.
 pub const SHIPPED_DEVELOPMENT_API_KEY: &str = "dev-api-key-change-me";
 
 /// Prefix of environment overrides; segments are separated by a double underscore.
 pub const ENV_PREFIX: &str = "TEAMS_ROUTER__";
-
-/// The longest session an integration may ask for (30 days), as the management API allows.
-pub const MAX_SESSION_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
-pub const DEFAULT_SESSION_DURATION_MS: u64 = 24 * 3600 * 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -113,41 +116,6 @@ impl Default for ServerConfig {
             tls_key: None,
             shutdown_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MicrosoftConfig {
-    pub openid_metadata_url: String,
-    pub token_issuer: String,
-    pub login_url: String,
-    pub oauth_scope: String,
-    /// Signing keys are refreshed this often even when no unknown `kid` shows up.
-    pub key_refresh_interval_secs: u64,
-    /// Unknown-`kid` refreshes: a burst of this many, then one per `unknown_kid_refresh_period_secs`.
-    pub unknown_kid_refresh_burst: u32,
-    pub unknown_kid_refresh_period_secs: u64,
-    /// Allowed clock skew for `exp`/`nbf` (the SDKs use five minutes).
-    pub clock_skew_secs: u64,
-    /// Channel ids that every signing key must endorse, in addition to the activity's channel.
-    pub required_endorsements: Vec<String>,
-}
-
-impl Default for MicrosoftConfig {
-    fn default() -> Self {
-        Self {
-            openid_metadata_url:
-                "https://login.botframework.com/v1/.well-known/openidconfiguration".into(),
-            token_issuer: "https://api.botframework.com".into(),
-            login_url: "https://login.microsoftonline.com".into(),
-            oauth_scope: "https://api.botframework.com/.default".into(),
-            key_refresh_interval_secs: 24 * 3600,
-            unknown_kid_refresh_burst: 3,
-            unknown_kid_refresh_period_secs: 60,
-            clock_skew_secs: 300,
-            required_endorsements: Vec::new(),
         }
     }
 }
@@ -472,146 +440,6 @@ impl Default for AdminConfig {
             failed_auth_per_minute: 20,
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccountRecord {
-    pub id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key_env: Option<String>,
-}
-
-/// The brain a bot talks to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum BackendSpec {
-    /// Says back what it is told; `wordDelayMs` streams the answer word by word (demos, tests).
-    #[serde(rename_all = "camelCase")]
-    Echo {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        word_delay_ms: Option<u64>,
-    },
-    Webhook {
-        url: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        secret: Option<String>,
-    },
-    #[serde(rename_all = "camelCase")]
-    Openai {
-        base_url: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        api_key: Option<String>,
-        model: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        system_prompt: Option<String>,
-    },
-}
-
-impl BackendSpec {
-    /// Whether the backend is sent the session's history (echo answers from the turn alone).
-    pub fn reads_history(&self) -> bool {
-        !matches!(self, Self::Echo { .. })
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct BotRecord {
-    pub id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
-    pub backend: BackendSpec,
-    /// How Teams renders the bot's answers; default: markdown for webhook and model answers,
-    /// plain for echo.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub text_format: Option<TextFormat>,
-}
-
-/// The `textFormat` of a bot's messages (Bot Framework: markdown, plain or xml).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TextFormat {
-    Markdown,
-    Plain,
-    Xml,
-}
-
-impl TextFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Markdown => "markdown",
-            Self::Plain => "plain",
-            Self::Xml => "xml",
-        }
-    }
-}
-
-impl BotRecord {
-    /// The format its answers go out in: as set, else markdown for what a model or a webhook
-    /// writes (models answer in Markdown) and plain for echo (it repeats what users typed).
-    pub fn text_format(&self) -> TextFormat {
-        self.text_format.unwrap_or(match self.backend {
-            BackendSpec::Echo { .. } => TextFormat::Plain,
-            BackendSpec::Webhook { .. } | BackendSpec::Openai { .. } => TextFormat::Markdown,
-        })
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct IntegrationRecord {
-    pub id: String,
-    pub bot_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blueprint_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bot_framework_app_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bot_framework_app_secret: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bot_framework_app_secret_env: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tenant_id: Option<String>,
-    #[serde(default = "default_session_duration")]
-    pub session_duration: u64,
-    #[serde(default)]
-    pub stream: bool,
-    #[serde(default)]
-    pub contact_collection: bool,
-    #[serde(default)]
-    pub attachments: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow_from: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub meta: BTreeMap<String, serde_json::Value>,
-    /// Development mode (config only, never through the API): no App ID, unsigned activities
-    /// from loopback peers, replies only to loopback service URLs. Refused unless `server.listen`
-    /// is a loopback address.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub development: bool,
-    /// Microsoft's cloud (`public`, `gcc`, `usgov-gcch`, `usgov-dod`, `china`); absent: the
-    /// `[microsoft]` section's endpoints.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cloud: Option<String>,
-    /// Channels taken besides `msteams` (a Teams integration refuses others with 401).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub channels: Option<Vec<String>>,
-    /// Config only: the cloud's values given one by one (over `cloud`, or the public cloud).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cloud_settings: Option<crate::auth::cloud::CloudOverrides>,
-}
-
-fn default_session_duration() -> u64 {
-    DEFAULT_SESSION_DURATION_MS
 }
 
 /// Field names that environment overrides may create inside `[[bots]]`/`[[integrations]]`

@@ -26,14 +26,13 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::activity::{Envelope, ParseError, admissible, with_envelope};
-use crate::admin::Admin;
-use crate::admin::events::{EventDraft, EventSink};
 use crate::auth::{AuthError, VerifiedToken, Verifiers};
 use crate::backend::InvokeResponse;
 use crate::config::OnStoreUnavailable;
 use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::admission::{Gate, Refusal, Ticket};
 use crate::conversation::{Admission, Arrival, Directory, InvokeAnswer};
+use crate::ledger::events::{EventDraft, EventSink};
 use crate::registry::{Integration, Registry};
 use crate::reply::exchanges::{ExchangeRequest, TOKEN_EXCHANGE};
 use crate::store::writer::Journal;
@@ -55,15 +54,25 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<Body>> + Send;
 }
 
+/// The management API as the front routes to it; `admin` implements it (the data path does not
+/// import the management side).
+pub trait ManagementApi: Send + Sync + 'static {
+    fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+}
+
 /// The management API on a listener of its own (`admin.listen`).
 pub struct AdminListener {
-    pub admin: Arc<Admin>,
+    pub admin: Arc<dyn ManagementApi>,
 }
 
 impl Handler for AdminListener {
     async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         if request.uri().path().starts_with("/api/v1/") {
-            return self.admin.handle(request, peer).await;
+            return Arc::clone(&self.admin).handle(request, peer).await;
         }
         error(StatusCode::NOT_FOUND, "not_found", "no such route")
     }
@@ -196,7 +205,7 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
 /// The activity and management listener.
 pub struct Front {
     /// The management API (everything under `/api/v1/` but the callbacks).
-    pub admin: Arc<Admin>,
+    pub admin: Arc<dyn ManagementApi>,
     /// False when the management API has a listener of its own (`admin.listen`).
     pub serves_admin: bool,
     /// Each integration's event log.
@@ -228,7 +237,7 @@ impl Handler for Front {
             .filter(|id| !id.is_empty() && !id.contains('/'))
         else {
             if self.serves_admin && path.starts_with("/api/v1/") {
-                return self.admin.handle(request, peer).await;
+                return Arc::clone(&self.admin).handle(request, peer).await;
             }
             return error(StatusCode::NOT_FOUND, "not_found", "no such route");
         };
@@ -477,13 +486,14 @@ impl Front {
         })?
         .to_bytes();
 
-        let routed = match &self.journal {
-            Some(journal) => {
-                self.admit_durably(journal, &integration, verified.as_deref(), body)
-                    .await?
-            }
-            None => self.admit(&integration, verified.as_deref(), body)?,
-        };
+        let routed = self
+            .admit(
+                self.journal.as_deref(),
+                &integration,
+                verified.as_deref(),
+                body,
+            )
+            .await?;
         match routed {
             Routed::Duplicate(None) | Routed::Ignored => Ok(empty(StatusCode::OK)),
             Routed::Accepted(None) => Ok(empty(StatusCode::OK)),
@@ -577,21 +587,24 @@ impl Front {
         }
     }
 
-    /// The synchronous rest of the hot path: one parse of the envelope, the checks that need it,
-    /// and the hand-over to the conversation. `body` travels on to the actor as it is.
-    pub fn admit(
+    /// The rest of the hot path: one parse of the envelope, the checks that need it, and the
+    /// hand-over to the conversation; `body` travels on to the actor as it is. Under durable
+    /// accept (`journal`), the activity is journaled first (group commit), and a redelivery the
+    /// conversation already saw, or that another instance claimed, is acknowledged unjournaled.
+    pub async fn admit(
         &self,
+        journal: Option<&Journal>,
         integration: &Integration,
         verified: Option<&VerifiedToken>,
         body: Bytes,
     ) -> Result<Routed, Rejection> {
         // Before the parse: nesting is bounded before any parser walks it.
         admissible(&body).map_err(Rejection::parse)?;
-        with_envelope(&body, |envelope| {
+        let step = with_envelope(&body, |envelope| {
             let envelope = envelope.map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
             if !sender_allowed(integration, &envelope) {
-                return Ok(self.ignore(integration, &envelope));
+                return Ok(Step::Done(self.ignore(integration, &envelope)));
             }
             let target = Target {
                 type_index: telemetry::activity_type_index(envelope.kind),
@@ -600,12 +613,25 @@ impl Front {
                 conversation_id: envelope.conversation_id.into(),
                 activity_id: envelope.id.into(),
             };
+            if let Some(journal) = journal {
+                // The journal write is awaited outside the parse buffer's borrow.
+                return Ok(Step::Journal(target.into_owned(), journal));
+            }
+            // Without a journal, routed while the envelope is borrowed: nothing is copied.
             let ticket = match self.take_place(integration, &target) {
                 Ok(ticket) => ticket,
-                Err(outcome) => return outcome,
+                Err(outcome) => return outcome.map(Step::Done),
             };
             self.route(integration, &target, body.clone(), None, ticket)
-        })
+                .map(Step::Done)
+        })?;
+        match step {
+            Step::Done(routed) => Ok(routed),
+            Step::Journal(target, journal) => {
+                self.journal_and_route(journal, integration, &target, body)
+                    .await
+            }
+        }
     }
 
     /// The checks that need the parsed activity, in the SDKs' order.
@@ -660,44 +686,22 @@ impl Front {
         Ok(())
     }
 
-    /// Journals the activity (durable accept, group commit), then routes it. A redelivery the
-    /// conversation already saw, or that another instance claimed, is acknowledged unjournaled.
-    pub async fn admit_durably(
+    /// Durable accept: journals the activity, then routes it.
+    async fn journal_and_route(
         &self,
         journal: &Journal,
         integration: &Integration,
-        verified: Option<&VerifiedToken>,
+        target: &Target<'static>,
         body: Bytes,
     ) -> Result<Routed, Rejection> {
-        admissible(&body).map_err(Rejection::parse)?;
-        let target = with_envelope(&body, |envelope| {
-            let envelope = envelope.map_err(Rejection::parse)?;
-            self.check(integration, verified, &envelope)?;
-            if !sender_allowed(integration, &envelope) {
-                return Ok(None);
-            }
-            Ok::<Option<Target<'static>>, Rejection>(Some(Target {
-                type_index: telemetry::activity_type_index(envelope.kind),
-                is_invoke: envelope.kind == "invoke",
-                deadline: DeadlineAnswer::of(&envelope, &body),
-                conversation_id: std::borrow::Cow::Owned(envelope.conversation_id.to_owned()),
-                activity_id: std::borrow::Cow::Owned(envelope.id.to_owned()),
-            }))
-        })?;
-        let Some(target) = target else {
-            return Ok(with_envelope(&body, |envelope| match envelope {
-                Ok(envelope) => self.ignore(integration, &envelope),
-                Err(_) => Routed::Ignored,
-            }));
-        };
         if self.directory.seen(
             &integration.id,
             &target.conversation_id,
             &target.activity_id,
         ) {
-            return Ok(self.redelivery(integration, &target));
+            return Ok(self.redelivery(integration, target));
         }
-        let ticket = match self.take_place(integration, &target) {
+        let ticket = match self.take_place(integration, target) {
             Ok(ticket) => ticket,
             Err(outcome) => return outcome,
         };
@@ -711,7 +715,7 @@ impl Front {
             .await
         {
             Ok((seq, true)) => Some(seq),
-            Ok((_, false)) => return Ok(self.redelivery(integration, &target)),
+            Ok((_, false)) => return Ok(self.redelivery(integration, target)),
             Err(error) => match self.on_store_unavailable {
                 OnStoreUnavailable::Refuse => {
                     return Err(Rejection::new(
@@ -723,7 +727,7 @@ impl Front {
                 OnStoreUnavailable::Accept => None,
             },
         };
-        let routed = self.route(integration, &target, body, journal_seq, ticket);
+        let routed = self.route(integration, target, body, journal_seq, ticket);
         if let (Ok(Routed::Duplicate(_)) | Err(_), Some(seq)) = (&routed, journal_seq) {
             journal.complete(seq);
         }
@@ -859,6 +863,22 @@ struct Target<'a> {
     deadline: DeadlineAnswer,
     conversation_id: std::borrow::Cow<'a, str>,
     activity_id: std::borrow::Cow<'a, str>,
+}
+
+impl Target<'_> {
+    fn into_owned(self) -> Target<'static> {
+        Target {
+            conversation_id: self.conversation_id.into_owned().into(),
+            activity_id: self.activity_id.into_owned().into(),
+            ..self
+        }
+    }
+}
+
+/// Where an admitted activity is after its parse: answered, or to be journaled first.
+enum Step<'j> {
+    Done(Routed),
+    Journal(Target<'static>, &'j Journal),
 }
 
 fn duplicate(

@@ -1,24 +1,30 @@
 //! teams-router: the front door between Microsoft Teams (the Bot Framework's Bot Connector) and
 //! an enterprise's bots.
 //!
-//! The path of one activity, and the module that owns each step:
+//! The rooms, in the order one activity meets them, and what each may import (checked by the
+//! test `rooms::imports_follow_the_map`; no room imports one that imports it back):
 //!
-//! - [`front`]: hyper server, routes, body limit, status codes.
-//! - [`auth`]: Bot Connector JWT verification, OpenID/JWKS cache, verified-token cache.
-//! - [`activity`]: the borrowed simd-json envelope on the request path; the owned turn activity
-//!   and mention stripping off it.
-//! - [`conversation`]: one supervised actor per (integration, conversation): dedup, ordering,
-//!   bounded mailbox, idle passivation.
-//! - [`reply`]: one actor per turn: asks the [`backend`], sends through the [`connector`].
-//! - [`backend`]: the bot's brain (echo today).
-//! - [`connector`]: Bot Connector REST client, outbound tokens, retries.
-//! - [`registry`]: the live bot and integration records; [`config`]: the TOML + env settings.
-//! - [`admin`]: the management API (bots, integrations, setup checks, events, contacts) and
-//!   secrets at rest.
-//! - [`telemetry`]: metric names, the Prometheus recorder, readiness.
-//! - [`app`]: wires the rooms together, runs the listeners, shuts down gracefully.
+//! | room | its job | imports |
+//! |---|---|---|
+//! | [`front`] | hyper server, routes, body limit, status codes, admission | activity, auth, backend, config, connector, conversation, ledger, registry, reply, store, telemetry |
+//! | [`auth`] | Bot Connector JWT verification, OpenID/JWKS cache, verified-token cache, clouds | clock, records, telemetry |
+//! | [`activity`] | the borrowed simd-json envelope on the request path; the owned turn activity and mention stripping off it | – |
+//! | [`conversation`] | one supervised actor per (integration, conversation): dedup, ordering, sessions, passivation | activity, backend, clock, config, registry, reply, store, telemetry |
+//! | [`reply`] | one turn: asks the [`backend`], streams or sends through the [`connector`] | activity, backend, clock, config, connector, ledger, records, registry, telemetry |
+//! | [`backend`] | the bot's brain: echo, webhook, OpenAI-compatible model; outbound policy | activity, clock, records |
+//! | [`connector`] | Bot Connector REST client, outbound tokens, pacing, retries | auth, clock, config, registry, telemetry |
+//! | [`ledger`] | what the data path writes down for the management API: events, contacts, addresses | activity, registry, store, telemetry |
+//! | [`registry`] | the live bot and integration records | auth, config, records, telemetry |
+//! | [`store`] | embedded and Redis stores, the snapshot and journal writers, the snapshot codec | clock, config, telemetry |
+//! | [`records`] | the domain records (bots, integrations, accounts) | – |
+//! | [`config`] | the TOML + env settings; composes the rooms' own sections | auth, backend, records |
+//! | [`admin`] | the management API, setup checks, secrets at rest | any room but `app` |
+//! | [`telemetry`] | metric names, the Prometheus recorder, readiness | – |
+//! | [`app`] | wires the rooms together, runs the listeners, shuts down gracefully | any room |
 //!
-//! Data flows one way: front → auth → activity → conversation → reply → backend/connector.
+//! The data path (`front`, `conversation`, `reply`, `connector`, `backend`) imports nothing from
+//! `admin`: the front routes the management API through [`front::ManagementApi`], which `admin`
+//! implements.
 
 #![forbid(unsafe_code)]
 
@@ -32,8 +38,164 @@ pub mod config;
 pub(crate) mod connector;
 pub mod conversation;
 pub mod front;
+pub(crate) mod ledger;
+pub mod records;
 pub(crate) mod registry;
 pub(crate) mod reply;
 pub mod store;
 pub(crate) mod telemetry;
 pub mod testkit;
+
+#[cfg(test)]
+mod rooms {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The imports each room may have (the table above). `admin` and `app` are the top.
+    const MAP: &[(&str, &[&str])] = &[
+        (
+            "front",
+            &[
+                "activity",
+                "auth",
+                "backend",
+                "config",
+                "connector",
+                "conversation",
+                "ledger",
+                "registry",
+                "reply",
+                "store",
+                "telemetry",
+            ],
+        ),
+        ("auth", &["clock", "records", "telemetry"]),
+        ("activity", &[]),
+        (
+            "conversation",
+            &[
+                "activity",
+                "backend",
+                "clock",
+                "config",
+                "registry",
+                "reply",
+                "store",
+                "telemetry",
+            ],
+        ),
+        (
+            "reply",
+            &[
+                "activity",
+                "backend",
+                "clock",
+                "config",
+                "connector",
+                "ledger",
+                "records",
+                "registry",
+                "telemetry",
+            ],
+        ),
+        ("backend", &["activity", "clock", "records"]),
+        (
+            "connector",
+            &["auth", "clock", "config", "registry", "telemetry"],
+        ),
+        ("ledger", &["activity", "registry", "store", "telemetry"]),
+        ("registry", &["auth", "config", "records", "telemetry"]),
+        ("store", &["clock", "config", "telemetry"]),
+        ("records", &[]),
+        ("config", &["auth", "backend", "records"]),
+        ("telemetry", &[]),
+        ("clock", &[]),
+    ];
+
+    const DATA_PATH: &[&str] = &["front", "conversation", "reply", "connector", "backend"];
+
+    /// Every `crate::room` a room's code names (comments left out).
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut files = vec![src.clone()];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                for entry in std::fs::read_dir(&path).expect("src is readable") {
+                    files.push(entry.expect("a directory entry").path());
+                }
+                continue;
+            }
+            let relative = path.strip_prefix(&src).expect("under src");
+            let first = relative.components().next().expect("a file");
+            let room = first
+                .as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_owned();
+            let text = std::fs::read_to_string(&path).expect("a source file");
+            for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for (at, _) in line.match_indices("crate::") {
+                    let name: String = line[at + 7..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && name != room {
+                        found.entry(room.clone()).or_default().insert(name);
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn imports_follow_the_map() {
+        let map: BTreeMap<&str, &[&str]> = MAP.iter().copied().collect();
+        let mut stray = Vec::new();
+        for (room, names) in imports() {
+            let Some(allowed) = map.get(room.as_str()) else {
+                // `admin`, `app`, `testkit` and the crate root sit above every room.
+                assert!(
+                    ["admin", "app", "testkit", "lib", "main"].contains(&room.as_str()),
+                    "room {room} is not in the map of src/lib.rs"
+                );
+                if room == "admin" {
+                    assert!(!names.contains("app"), "admin imports app");
+                }
+                continue;
+            };
+            for name in names {
+                if !allowed.contains(&name.as_str()) {
+                    stray.push(format!("{room} -> {name}"));
+                }
+            }
+        }
+        assert!(stray.is_empty(), "imports outside the map: {stray:?}");
+        for room in DATA_PATH {
+            assert!(
+                !map[room].contains(&"admin"),
+                "the data path never imports admin"
+            );
+        }
+    }
+
+    #[test]
+    fn the_map_has_no_cycles() {
+        let map: BTreeMap<&str, &[&str]> = MAP.iter().copied().collect();
+        fn visit<'a>(
+            room: &'a str,
+            map: &BTreeMap<&'a str, &'a [&'a str]>,
+            path: &mut Vec<&'a str>,
+        ) {
+            assert!(!path.contains(&room), "import cycle: {path:?} -> {room}");
+            path.push(room);
+            for next in map.get(room).copied().unwrap_or_default() {
+                visit(next, map, path);
+            }
+            path.pop();
+        }
+        for room in map.keys() {
+            visit(room, &map, &mut Vec::new());
+        }
+    }
+}

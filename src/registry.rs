@@ -11,7 +11,8 @@ use dashmap::DashMap;
 use metrics::{Counter, counter};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BackendSpec, BotRecord, Config, IntegrationRecord};
+use crate::config::Config;
+use crate::records::{BackendSpec, BotRecord, IntegrationRecord};
 use crate::telemetry::{ACTIVITIES_RECEIVED, ACTIVITY_TYPES, REJECT_REASONS};
 
 /// An integration as the data path needs it: the record plus what is derived from it once.
@@ -345,6 +346,26 @@ impl Registry {
     /// Records whose stored secret cannot be opened with this process's master key.
     pub fn unreadable_secrets(&self) -> Arc<std::collections::BTreeSet<String>> {
         self.unreadable_secrets.load_full()
+    }
+
+    /// Unready while records' stored secrets cannot be opened: names them.
+    pub fn readiness_check(self: &Arc<Self>) -> crate::telemetry::ReadinessCheck {
+        let registry = Arc::downgrade(self);
+        Box::new(move || {
+            let unreadable = registry.upgrade()?.unreadable_secrets();
+            if unreadable.is_empty() {
+                return None;
+            }
+            let names: Vec<&str> = unreadable.iter().map(String::as_str).collect();
+            Some(
+                format!(
+                    "stored secrets of {} cannot be opened with this router's master key (sealed \
+                     by a router with another key?); these records are not used",
+                    names.join(", ")
+                )
+                .into(),
+            )
+        })
     }
 
     /// Whether the bot's stored secret cannot be opened here (it must not be called without it).

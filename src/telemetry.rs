@@ -3,7 +3,6 @@
 //! label values at zero, so dashboards work before the first event. Labels never carry a
 //! conversation or user id.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -371,18 +370,28 @@ pub fn reject(reason: &'static str) {
     counter!(ACTIVITIES_REJECTED, "reason" => reason).increment(1);
 }
 
+/// A condition that makes the process unready: what it says when it holds.
+pub type ReadinessCheck = Box<dyn Fn() -> Option<std::borrow::Cow<'static, str>> + Send + Sync>;
+
 /// Readiness: the listener is bound and, when any integration verifies tokens, signing keys were
-/// loaded at least once.
-#[derive(Debug, Default)]
+/// loaded at least once; and none of the checks added by the rooms that own them (the store
+/// under durable accept, unreadable secrets) holds.
+#[derive(Default)]
 pub struct Readiness {
     listening: AtomicBool,
     keys_loaded: AtomicBool,
     needs_keys: AtomicBool,
     draining: AtomicBool,
-    /// Under durable accept: whether the store can record activities.
-    durable_store: std::sync::OnceLock<Arc<crate::store::StoreHealth>>,
-    /// Records whose stored secret this process cannot open make it unready.
-    registry: std::sync::OnceLock<Arc<crate::registry::Registry>>,
+    /// Set at start, read only by `/readyz`.
+    checks: std::sync::RwLock<Vec<ReadinessCheck>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("verdict", &self.check())
+            .finish()
+    }
 }
 
 impl Readiness {
@@ -398,12 +407,12 @@ impl Readiness {
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
-    /// Durable accept depends on this store: readiness is degraded while it is down.
-    pub fn set_durable_store(&self, health: Arc<crate::store::StoreHealth>) {
-        let _ = self.durable_store.set(health);
-    }
-    pub fn set_registry(&self, registry: Arc<crate::registry::Registry>) {
-        let _ = self.registry.set(registry);
+    /// Adds a condition that makes the process unready while it holds.
+    pub fn add_check(&self, check: ReadinessCheck) {
+        self.checks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(check);
     }
     /// `Err` names what is missing.
     pub fn check(&self) -> Result<(), std::borrow::Cow<'static, str>> {
@@ -416,24 +425,14 @@ impl Readiness {
         if self.needs_keys.load(Ordering::Acquire) && !self.keys_loaded.load(Ordering::Acquire) {
             return Err("OpenID metadata and signing keys not loaded yet".into());
         }
-        if self.durable_store.get().is_some_and(|h| !h.is_up()) {
-            return Err(
-                "degraded: the store is unavailable, durable accept cannot be honoured".into(),
-            );
+        let checks = self
+            .checks
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match checks.iter().find_map(|check| check()) {
+            Some(why) => Err(why),
+            None => Ok(()),
         }
-        if let Some(registry) = self.registry.get() {
-            let unreadable = registry.unreadable_secrets();
-            if !unreadable.is_empty() {
-                let names: Vec<&str> = unreadable.iter().map(String::as_str).collect();
-                return Err(format!(
-                    "stored secrets of {} cannot be opened with this router's master key (sealed \
-                     by a router with another key?); these records are not used",
-                    names.join(", ")
-                )
-                .into());
-            }
-        }
-        Ok(())
     }
 }
 

@@ -4,8 +4,6 @@
 //! [`Registry`], so the next activity sees it without a restart. Writes are serialized by one
 //! lock; they are rare, and the data path never takes it.
 
-pub(crate) mod contacts;
-pub(crate) mod events;
 pub mod model;
 pub(crate) mod paging;
 pub mod proactive;
@@ -28,15 +26,14 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
-use crate::config::{
-    AdminConfig, BackendSpec, BotRecord, Config, DEFAULT_SESSION_DURATION_MS, IntegrationRecord,
-};
+use crate::config::{AdminConfig, Config};
 use crate::conversation::Directory;
+use crate::ledger::contacts::ContactBook;
+use crate::ledger::events::{EventDraft, EventLog, EventSink};
+use crate::records::{BackendSpec, BotRecord, DEFAULT_SESSION_DURATION_MS, IntegrationRecord};
 use crate::registry::{Bot, Integration, Owner, Registry, SetupResult, SetupStatus};
 use crate::store::{Store, StoreError, StoreHealth, now_ms};
 use crate::telemetry::Readiness;
-use contacts::ContactBook;
-use events::{EventDraft, EventLog, EventSink};
 use model::{Invalid, StoredBot, StoredIntegration};
 use paging::{ListQuery, Position, meta_matches};
 use secrets::Sealer;
@@ -200,7 +197,7 @@ pub struct AdminParts {
     pub setup: SetupChecker,
     pub readiness: Arc<Readiness>,
     /// Where proactive messages go, learned from traffic.
-    pub addresses: Arc<proactive::AddressBook>,
+    pub addresses: Arc<crate::ledger::addresses::AddressBook>,
     pub connector: Arc<crate::connector::Connector>,
     /// Where backends may point (`[security] backend_allow` / `backend_deny`).
     pub egress: Arc<crate::backend::egress::EgressPolicy>,
@@ -373,6 +370,16 @@ fn bot_sealed_context(record: &BotRecord) -> String {
     match model::backend_origin(&record.backend) {
         Some(origin) => format!("{BOTS_KIND}/{}@{origin}", record.id),
         None => sealed_context(BOTS_KIND, &record.id),
+    }
+}
+
+impl crate::front::ManagementApi for Admin {
+    fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
+        Box::pin(async move { Admin::handle(&self, request, peer).await })
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::config::{
+use crate::records::{
     BackendSpec, BotRecord, IntegrationRecord, MAX_SESSION_DURATION_MS, TextFormat,
 };
 use crate::registry::{Owner, SetupResult, SetupStatus};
@@ -448,7 +448,7 @@ pub fn integration_view(record: &IntegrationRecord, owner: &Owner, setup: &Setup
     })
 }
 
-pub fn contact_view(contact: &super::contacts::Contact) -> Value {
+pub fn contact_view(contact: &crate::ledger::contacts::Contact) -> Value {
     json!({
         "id": contact.id,
         "integrationId": contact.integration_id,
@@ -462,7 +462,7 @@ pub fn contact_view(contact: &super::contacts::Contact) -> Value {
     })
 }
 
-pub fn event_view(event: &super::events::Event) -> Value {
+pub fn event_view(event: &crate::ledger::events::Event) -> Value {
     let mut value = serde_json::to_value(event).unwrap_or_else(|_| json!({}));
     value["id"] = json!(event.seq.to_string());
     value["at"] = json!(iso_time(event.at));

@@ -5,8 +5,6 @@
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 /// The values of one cloud an integration is served with.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CloudAuth {
@@ -58,28 +56,7 @@ impl CloudAuth {
     }
 }
 
-/// An integration's own cloud values (config only: they name hosts the router calls), each
-/// overriding the named `cloud` (or the public cloud without one).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct CloudOverrides {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub openid_metadata_url: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_issuer: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub login_url: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_tenant: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oauth_scope: Option<String>,
-}
-
-impl CloudOverrides {
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-}
+pub use crate::records::CloudOverrides;
 
 /// The cloud of an integration: `None` for the `[microsoft]` section's values.
 pub fn resolve(

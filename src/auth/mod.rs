@@ -17,12 +17,47 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use governor::{Quota, RateLimiter};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use keys::{DiscoveryError, KeyStore};
 
 use crate::clock::{DirectRateLimiter, RouterClock};
-use crate::config::MicrosoftConfig;
+
+/// The `[microsoft]` section: Microsoft's endpoints for the public cloud (or the mock's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MicrosoftConfig {
+    pub openid_metadata_url: String,
+    pub token_issuer: String,
+    pub login_url: String,
+    pub oauth_scope: String,
+    /// Signing keys are refreshed this often even when no unknown `kid` shows up.
+    pub key_refresh_interval_secs: u64,
+    /// Unknown-`kid` refreshes: a burst of this many, then one per `unknown_kid_refresh_period_secs`.
+    pub unknown_kid_refresh_burst: u32,
+    pub unknown_kid_refresh_period_secs: u64,
+    /// Allowed clock skew for `exp`/`nbf` (the SDKs use five minutes).
+    pub clock_skew_secs: u64,
+    /// Channel ids that every signing key must endorse, in addition to the activity's channel.
+    pub required_endorsements: Vec<String>,
+}
+
+impl Default for MicrosoftConfig {
+    fn default() -> Self {
+        Self {
+            openid_metadata_url:
+                "https://login.botframework.com/v1/.well-known/openidconfiguration".into(),
+            token_issuer: "https://api.botframework.com".into(),
+            login_url: "https://login.microsoftonline.com".into(),
+            oauth_scope: "https://api.botframework.com/.default".into(),
+            key_refresh_interval_secs: 24 * 3600,
+            unknown_kid_refresh_burst: 3,
+            unknown_kid_refresh_period_secs: 60,
+            clock_skew_secs: 300,
+            required_endorsements: Vec::new(),
+        }
+    }
+}
 
 /// Why a request was not let in. `reason()` is the metric label and the body's reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,12 +8,54 @@ pub mod webhook;
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::activity::TurnActivity;
-use crate::config::BackendSpec;
-use crate::conversation::session::HistoryEntry;
+use crate::records::BackendSpec;
+
+/// Who said a line of a session's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Bot,
+}
+
+/// One line of a session's history, as backends are sent it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub role: Role,
+    pub text: String,
+    pub at_ms: u64,
+    /// The user's activity id, or the id the Bot Connector gave the bot's reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// Where the answer to an invoke is published, once: the request that brought the invoke and any
+/// redelivery of it wait on the same answer, so each of them gets the bot's InvokeResponse.
+pub struct InvokeReply(watch::Sender<Option<InvokeResponse>>);
+
+/// The waiting side of an [`InvokeReply`]; it ends without a value when the turn ends unanswered.
+pub type InvokeAnswer = watch::Receiver<Option<InvokeResponse>>;
+
+impl InvokeReply {
+    pub fn new() -> (Self, InvokeAnswer) {
+        let (tx, rx) = watch::channel(None);
+        (Self(tx), rx)
+    }
+
+    pub fn send(self, response: InvokeResponse) {
+        self.0.send_replace(Some(response));
+    }
+
+    pub fn subscribe(&self) -> InvokeAnswer {
+        self.0.subscribe()
+    }
+}
 
 /// What a backend is asked.
 pub struct TurnInput<'a> {

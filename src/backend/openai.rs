@@ -12,7 +12,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
 
 use super::{Answer, BackendError, Deltas, MAX_ANSWER_BODY_BYTES, TurnInput, capped};
-use crate::conversation::session::{HistoryEntry, Role};
+use super::{HistoryEntry, Role};
 
 /// Text a model may send for one turn at most.
 const MAX_TEXT_BYTES: usize = 1 << 20;

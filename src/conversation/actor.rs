@@ -17,7 +17,7 @@ use super::session::{
 };
 use super::{Conversation, ConversationSettings, Directory, Turn};
 use crate::activity::TurnActivity;
-use crate::backend::InvokeResponse;
+use crate::backend::{InvokeReply, InvokeResponse};
 use crate::registry::Integration;
 use crate::reply::{ReplyActor, ReplyArgs, ReplyServices, SentReply};
 use crate::store::{Put, now_ms};
@@ -375,7 +375,7 @@ async fn begin_turn(
     } = turn;
     let skip = |state: &mut ConversationActorState,
                 reason: &str,
-                invoke: Option<super::InvokeReply>,
+                invoke: Option<InvokeReply>,
                 failed: bool| {
         if failed {
             counter!(TURNS_FAILED).increment(1);
@@ -513,9 +513,15 @@ async fn begin_turn(
         accepted_at,
         invoke,
         say,
-        conversation: myself.clone(),
-        turn: number,
     };
+    let conversation = myself.clone();
+    let done: crate::reply::TurnDone = Box::new(move |reply, ok| {
+        let _ = conversation.cast(ConversationMsg::TurnFinished {
+            turn: number,
+            reply,
+            ok,
+        });
+    });
     // Past the bound of turns in flight, this conversation waits here for a place; its mailbox
     // keeps filling and the request path sheds on the pending bound.
     let admission = match ticket {
@@ -548,7 +554,7 @@ async fn begin_turn(
         }
     };
     let reply_actor = if crate::reply::streams(&reply) {
-        match Actor::spawn_linked(None, ReplyActor, reply, myself.get_cell()).await {
+        match Actor::spawn_linked(None, ReplyActor, (reply, done), myself.get_cell()).await {
             Ok((reply_actor, _)) => Some(reply_actor.get_id()),
             Err(error) => {
                 tracing::error!(%error, "cannot start a reply actor; turn dropped");
@@ -557,7 +563,7 @@ async fn begin_turn(
             }
         }
     } else {
-        crate::reply::spawn_turn(reply);
+        crate::reply::spawn_turn(reply, done);
         None
     };
     let running = RunningTurn {

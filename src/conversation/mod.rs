@@ -24,9 +24,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use metrics::gauge;
 use ractor::ActorRef;
-use tokio::sync::watch;
 
-use crate::backend::InvokeResponse;
 use crate::reply::ReplyServices;
 use crate::store::writer::{Journal, Snapshots};
 use crate::telemetry::CONVERSATIONS_ACTIVE;
@@ -81,27 +79,7 @@ pub struct Arrival {
     pub ticket: Option<admission::Ticket>,
 }
 
-/// Where the answer to an invoke is published, once: the request that brought the invoke and any
-/// redelivery of it wait on the same answer, so each of them gets the bot's InvokeResponse.
-pub struct InvokeReply(watch::Sender<Option<InvokeResponse>>);
-
-/// The waiting side of an [`InvokeReply`]; it ends without a value when the turn ends unanswered.
-pub type InvokeAnswer = watch::Receiver<Option<InvokeResponse>>;
-
-impl InvokeReply {
-    fn new() -> (Self, InvokeAnswer) {
-        let (tx, rx) = watch::channel(None);
-        (Self(tx), rx)
-    }
-
-    pub fn send(self, response: InvokeResponse) {
-        self.0.send_replace(Some(response));
-    }
-
-    fn subscribe(&self) -> InvokeAnswer {
-        self.0.subscribe()
-    }
-}
+pub use crate::backend::{InvokeAnswer, InvokeReply};
 
 /// Invoke answers a conversation keeps for redeliveries of the same invoke.
 const REMEMBERED_INVOKES: usize = 16;

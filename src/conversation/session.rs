@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dedup::digest;
 use crate::activity::TurnActivity;
+pub use crate::backend::{HistoryEntry, Role};
 use crate::store::codec::{self, CodecError, Encoded};
 
 /// User messages that start a fresh session.
@@ -18,24 +19,6 @@ pub const RESET_COMMANDS: &[&str] = &["///restart", "///reset", "///new"];
 /// A user message that asks what the session holds (its turns and last message).
 pub const SESSION_COMMAND: &str = "///session";
 pub const RESET_CONFIRMATION: &str = "Started a new session.";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    User,
-    Bot,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HistoryEntry {
-    pub role: Role,
-    pub text: String,
-    pub at_ms: u64,
-    /// The user's activity id, or the id the Bot Connector gave the bot's reply.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct HistoryLimits {

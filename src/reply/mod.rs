@@ -14,13 +14,13 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value, json};
 
 use crate::activity::TurnActivity;
-use crate::admin::contacts::{ContactBook, Sender};
-use crate::admin::events::{EventDraft, EventSink};
-use crate::admin::proactive::AddressBook;
-use crate::backend::{Answer, Backend, BackendClient, Deltas, TurnInput};
+use crate::backend::{
+    Answer, Backend, BackendClient, Deltas, HistoryEntry, InvokeReply, TurnInput,
+};
 use crate::connector::{Connector, ConnectorError, Delivery, Route, is_loopback_url};
-use crate::conversation::session::HistoryEntry;
-use crate::conversation::{ConversationMsg, InvokeReply};
+use crate::ledger::addresses::AddressBook;
+use crate::ledger::contacts::{ContactBook, Sender};
+use crate::ledger::events::{EventDraft, EventSink};
 use crate::registry::{Integration, Registry};
 use crate::telemetry::{FIRST_REPLY, TURNS_FAILED};
 use streaming::{Ending, Stream, StreamSettings};
@@ -64,11 +64,10 @@ pub struct ReplyArgs {
     /// The session this turn belongs to, and its history up to this activity.
     pub session_id: String,
     pub history: Vec<HistoryEntry>,
-    /// Told when the turn is finished, with what was sent.
-    pub conversation: ActorRef<ConversationMsg>,
-    /// The conversation actor's number for this turn.
-    pub turn: u64,
 }
+
+/// Told when a turn is finished: what was sent, and false when the turn panicked.
+pub type TurnDone = Box<dyn FnOnce(Option<SentReply>, bool) + Send>;
 
 /// A message the Bot Connector accepted.
 #[derive(Debug, Clone)]
@@ -83,13 +82,13 @@ pub struct ReplyActor;
 
 impl Actor for ReplyActor {
     type Msg = ();
-    type State = Option<ReplyArgs>;
-    type Arguments = ReplyArgs;
+    type State = Option<(ReplyArgs, TurnDone)>;
+    type Arguments = (ReplyArgs, TurnDone);
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        args: ReplyArgs,
+        args: (ReplyArgs, TurnDone),
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(Some(args))
     }
@@ -99,14 +98,9 @@ impl Actor for ReplyActor {
         myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(args) = state.take() {
-            let (conversation, turn) = (args.conversation.clone(), args.turn);
-            let reply = run_turn(args).await;
-            let _ = conversation.cast(ConversationMsg::TurnFinished {
-                turn,
-                reply,
-                ok: true,
-            });
+        // A panic here fails the actor: its supervisor (the conversation) ends the turn.
+        if let Some((args, done)) = state.take() {
+            done(run_turn(args).await, true);
         }
         myself.stop(None);
         Ok(())
@@ -123,17 +117,13 @@ pub fn streams(args: &ReplyArgs) -> bool {
 
 /// Runs a plain turn on a task: no actor to spawn, link and stop per turn. A panic in it is
 /// caught and reported as a failed turn; the conversation goes on.
-pub fn spawn_turn(args: ReplyArgs) {
-    let (conversation, turn) = (args.conversation.clone(), args.turn);
-    tokio::spawn(catching(run_turn(args), move |outcome| {
-        let (reply, ok) = match outcome {
-            Ok(reply) => (reply, true),
-            Err(panic) => {
-                tracing::error!(panic = %panic_message(panic.as_ref()), "turn failed");
-                (None, false)
-            }
-        };
-        let _ = conversation.cast(ConversationMsg::TurnFinished { turn, reply, ok });
+pub fn spawn_turn(args: ReplyArgs, done: TurnDone) {
+    tokio::spawn(catching(run_turn(args), move |outcome| match outcome {
+        Ok(reply) => done(reply, true),
+        Err(panic) => {
+            tracing::error!(panic = %panic_message(panic.as_ref()), "turn failed");
+            done(None, false);
+        }
     }));
 }
 
@@ -624,12 +614,12 @@ fn addressed(activity: &TurnActivity, given: Value) -> Value {
 }
 
 /// How the integration's bot wants its answers rendered (`textFormat`).
-fn text_format(args: &ReplyArgs) -> crate::config::TextFormat {
+fn text_format(args: &ReplyArgs) -> crate::records::TextFormat {
     args.services
         .registry
         .bot(&args.integration.record.bot_id)
         .map(|bot| bot.record.text_format())
-        .unwrap_or(crate::config::TextFormat::Plain)
+        .unwrap_or(crate::records::TextFormat::Plain)
 }
 
 /// A message addressed back into the activity's conversation.

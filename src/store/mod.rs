@@ -280,6 +280,16 @@ impl Default for StoreHealth {
 }
 
 impl StoreHealth {
+    /// Under durable accept: unready while the store cannot record activities.
+    pub fn readiness_check(self: &Arc<Self>) -> crate::telemetry::ReadinessCheck {
+        let health = Arc::downgrade(self);
+        Box::new(move || {
+            health.upgrade().filter(|h| !h.is_up()).map(|_| {
+                "degraded: the store is unavailable, durable accept cannot be honoured".into()
+            })
+        })
+    }
+
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }

@@ -1,0 +1,186 @@
+//! Where proactive messages can go: the address book learns the serviceUrl, tenant and bot
+//! account of every conversation (and team) from the activities an integration receives, as Teams
+//! must be addressed with them (protocol.md §3.1, §3.2), and keeps them in the store (in batches,
+//! once a second) so that a restarted router can still reach them.
+
+use std::sync::Arc;
+
+use aws_lc_rs::digest::{SHA256, digest};
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::activity::TurnActivity;
+use crate::store::{Store, StoreHealth, load_records};
+
+pub const STORE_KIND: &str = "addresses";
+
+/// How to reach a conversation, a user's personal chat, a channel or a tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Address {
+    pub integration_id: String,
+    /// `conv:`, `user:`, `channel:` or `tenant:` and the id.
+    pub key: String,
+    pub service_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    /// The bot's channel account in that conversation (`28:<app id>`).
+    pub bot: Value,
+    /// The conversation account (none for channels and tenants: a conversation is created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<Value>,
+}
+
+pub struct AddressBook {
+    addresses: DashMap<String, Address>,
+    store: Arc<Store>,
+    health: Arc<StoreHealth>,
+    /// New and changed addresses, written to the store together once a second: a burst of new
+    /// conversations must not become one store transaction each.
+    unsaved: parking_lot::Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+/// How often learned addresses reach the store.
+const SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn record_id(integration: &str, key: &str) -> String {
+    let hash = digest(&SHA256, format!("{integration}\u{0}{key}").as_bytes());
+    let hex: String = hash.as_ref()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("addr_{hex}")
+}
+
+impl AddressBook {
+    pub async fn load(store: Arc<Store>, health: Arc<StoreHealth>) -> Arc<Self> {
+        let book = Arc::new(Self {
+            addresses: DashMap::new(),
+            store: Arc::clone(&store),
+            health: Arc::clone(&health),
+            unsaved: parking_lot::Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&book);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SAVE_INTERVAL);
+            loop {
+                tick.tick().await;
+                let Some(book) = weak.upgrade() else {
+                    return;
+                };
+                book.save().await;
+            }
+        });
+        for (id, address) in load_records::<Address>(&store, &health, STORE_KIND).await {
+            book.addresses.insert(id, address);
+        }
+        book
+    }
+
+    /// Writes what was learned since the last save; a failed write is tried again next time.
+    async fn save(&self) {
+        let batch = std::mem::take(&mut *self.unsaved.lock());
+        if batch.is_empty() {
+            return;
+        }
+        let result = self.store.put_records(STORE_KIND, batch.clone()).await;
+        self.health.observe("records", &result);
+        if let Err(error) = result {
+            tracing::warn!(%error, addresses = batch.len(), "addresses not stored; retried in a second");
+            let mut unsaved = self.unsaved.lock();
+            let newer = std::mem::replace(&mut *unsaved, batch);
+            unsaved.extend(newer);
+        }
+    }
+
+    pub fn get(&self, integration: &str, key: &str) -> Option<Address> {
+        self.addresses
+            .get(&record_id(integration, key))
+            .map(|a| a.value().clone())
+    }
+
+    /// Learns where the activity's conversation, sender (in a personal chat), channel, team and
+    /// tenant can be reached. Only a new or changed address is written to the store.
+    pub fn learn(self: &Arc<Self>, integration: &str, activity: &TurnActivity) {
+        let Some(bot) = &activity.recipient else {
+            return;
+        };
+        let tenant = activity.tenant_id().map(str::to_owned);
+        let address = |key: String, conversation: Option<&Value>| Address {
+            integration_id: integration.to_owned(),
+            key,
+            service_url: activity.service_url.clone(),
+            tenant_id: tenant.clone(),
+            bot: bot.clone(),
+            conversation: conversation.cloned(),
+        };
+        let conversation = Some(&activity.conversation);
+        let by_conversation = address(format!("conv:{}", activity.conversation_id()), conversation);
+        // A conversation seen before from the same address taught the rest already.
+        if self
+            .addresses
+            .get(&record_id(integration, &by_conversation.key))
+            .is_some_and(|a| *a == by_conversation)
+        {
+            return;
+        }
+        let mut learned = vec![by_conversation];
+        if activity.is_personal() {
+            for user in [
+                activity.from_field("id"),
+                activity.from_field("aadObjectId"),
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|u| !u.is_empty())
+            {
+                learned.push(address(format!("user:{user}"), conversation));
+            }
+        }
+        let channel_data = activity.channel_data.as_ref();
+        for pointer in ["/channel/id", "/team/id"] {
+            if let Some(id) = channel_data
+                .and_then(|c| c.pointer(pointer))
+                .and_then(Value::as_str)
+            {
+                // A team's id is also its General channel's id.
+                learned.push(address(format!("channel:{id}"), None));
+            }
+        }
+        if let Some(tenant) = &tenant {
+            learned.push(address(format!("tenant:{tenant}"), None));
+        }
+        let mut to_store = Vec::new();
+        for address in learned {
+            let id = record_id(integration, &address.key);
+            let known = self.addresses.get(&id).is_some_and(|a| *a == address);
+            if !known {
+                if let Ok(bytes) = serde_json::to_vec(&address) {
+                    to_store.push((id.clone(), bytes));
+                }
+                self.addresses.insert(id, address);
+            }
+        }
+        if !to_store.is_empty() {
+            self.unsaved.lock().extend(to_store);
+        }
+    }
+
+    /// A personal chat the router created is known from now on, by user and by conversation.
+    pub fn remember(&self, address: Address, conversation_id: &str) {
+        let by_conversation = Address {
+            key: format!("conv:{conversation_id}"),
+            ..address.clone()
+        };
+        let mut to_store = Vec::new();
+        for address in [address, by_conversation] {
+            let id = record_id(&address.integration_id, &address.key);
+            if let Ok(bytes) = serde_json::to_vec(&address) {
+                to_store.push((id.clone(), bytes));
+            }
+            self.addresses.insert(id, address);
+        }
+        self.unsaved.lock().extend(to_store);
+    }
+}
