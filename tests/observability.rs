@@ -167,6 +167,8 @@ async fn prometheus_scrapes_the_router_under_smoke_traffic_and_every_dashboard_q
             base_url: target.base_url.clone(),
             integrations: target.integrations.clone(),
             management: target.management.clone(),
+            messaging_url: None,
+            pid: None,
         },
         None,
         false,

@@ -36,6 +36,12 @@ pub struct Target {
     pub integrations: Vec<(String, String)>,
     /// A management API key and the bot to slow down (backend slowdown faults); `None` skips them.
     pub management: Option<(String, String)>,
+    /// Any Bot Framework messaging endpoint (one bot): every activity goes there instead of the
+    /// router's per-integration callback.
+    pub messaging_url: Option<String>,
+    /// The endpoint's process, when the harness started it (`--target-cmd`): sampled for CPU and
+    /// memory like a spawned router.
+    pub pid: Option<u32>,
 }
 
 /// A router process the harness started, which it samples and may kill and restart.
@@ -224,6 +230,9 @@ impl Run {
     }
 
     fn url(&self, integration: usize) -> String {
+        if let Some(url) = &self.target.messaging_url {
+            return url.clone();
+        }
         let id = self
             .target
             .integrations
@@ -598,6 +607,8 @@ pub async fn run(
     let pid = Arc::new(AtomicU64::new(0));
     if let Some(s) = spawned.lock().await.as_ref() {
         pid.store(s.process.pid().unwrap_or(0) as u64, Ordering::Relaxed);
+    } else if let Some(endpoint) = run.target.pid {
+        pid.store(u64::from(endpoint), Ordering::Relaxed);
     }
     let mut background = Vec::new();
     background.push(tokio::spawn(sample_process(

@@ -1,7 +1,8 @@
 //! The bundled load-test harness of teams-router. This library holds the faithful mock of the
 //! Microsoft side ([`mock`]: OpenID metadata + JWKS, token endpoint, Bot Connector), the token
 //! signing it uses ([`keys`]), a handle on a router process ([`router`]) and a Redis server
-//! ([`redis`]), which the router's tests share, and the harness itself: scenarios
+//! ([`redis`]), which the router's tests share, the bare reference endpoint ([`reference`]), and
+//! the harness itself: scenarios
 //! ([`scenario`]), traffic ([`traffic`]), the run ([`harness`]), the report ([`report`]) and the
 //! spawned setup ([`spawn`]). The `loadtest` binary drives them.
 
@@ -11,6 +12,7 @@ pub mod harness;
 pub mod keys;
 pub mod mock;
 pub mod redis;
+pub mod reference;
 pub mod report;
 pub mod router;
 pub mod scenario;

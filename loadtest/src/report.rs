@@ -136,6 +136,14 @@ pub struct Report {
 }
 
 impl Report {
+    /// The target's own CPU per answered activity (µs), over the sampled span.
+    pub fn cpu_per_answered_us(&self) -> Option<f64> {
+        let (first, last) = (self.samples.first()?, self.samples.last()?);
+        let span = last.t - first.t + 1.0;
+        let busy = self.router_cpu_mean_percent? / 100.0 * span;
+        (self.answered > 0).then(|| busy / self.answered as f64 * 1e6)
+    }
+
     pub fn new(scenario: Scenario) -> Self {
         Self {
             scenario,

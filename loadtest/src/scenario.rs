@@ -14,6 +14,7 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("capacity", include_str!("../scenarios/capacity.toml")),
     ("overload", include_str!("../scenarios/overload.toml")),
     ("cpu", include_str!("../scenarios/cpu.toml")),
+    ("peak", include_str!("../scenarios/peak.toml")),
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -188,6 +188,8 @@ pub async fn spawn(
     let process = RouterProcess::spawn_with_env(binary, &config, &env_refs).await?;
     let target = Target {
         base_url: process.base_url(),
+        messaging_url: None,
+        pid: None,
         integrations: (0..scenario.integrations)
             .map(|i| {
                 let (id, app, _) = integration(i);
