@@ -66,12 +66,15 @@ struct Key {
     endorsements: Vec<String>,
 }
 
+/// A verified token: its expiry, its serviceurl claim, and its key's endorsements.
+type Verified = (i64, String, Arc<[String]>);
+
 struct Endpoint {
     settings: Settings,
     keys: HashMap<String, Key>,
     validation: Validation,
-    /// Verified tokens: (expiry, serviceurl claim, endorsements of its key).
-    verified: RwLock<HashMap<String, (i64, String, Arc<[String]>)>>,
+    /// Verified tokens by their text.
+    verified: RwLock<HashMap<String, Verified>>,
     client: reqwest::Client,
     outbound: Mutex<Option<(String, Instant)>>,
 }
@@ -226,9 +229,7 @@ impl Endpoint {
         let Ok(activity) = serde_json::from_slice::<Activity>(&body) else {
             return status(StatusCode::BAD_REQUEST);
         };
-        if activity.service_url != service_url
-            || !endorsements.iter().any(|e| *e == activity.channel_id)
-        {
+        if activity.service_url != service_url || !endorsements.contains(&activity.channel_id) {
             return status(StatusCode::UNAUTHORIZED);
         }
         if activity.kind == "message" {
