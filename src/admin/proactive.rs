@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::connector::{Connector, ConnectorError, Delivery, Route, is_loopback_url};
 use crate::registry::Integration;
 
-use crate::ledger::addresses::{Address, AddressBook};
+use crate::ledger::addresses::{Address, AddressBook, CompactJson};
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -116,7 +116,7 @@ impl MessageRequest {
             "type": "message",
             "channelId": "msteams",
             "serviceUrl": address.service_url,
-            "from": address.bot,
+            "from": address.bot.value(),
             "conversation": conversation,
         });
         if let Some(text) = self.text.as_deref().filter(|t| !t.is_empty()) {
@@ -156,14 +156,17 @@ pub async fn send(
         reachable(&address)?;
         let conversation = address
             .conversation
-            .clone()
-            .unwrap_or_else(|| json!({"id": conversation_id}));
+            .as_ref()
+            .map_or_else(|| json!({"id": conversation_id}), CompactJson::value);
         return send_into(connector, credentials, &request, &address, conversation).await;
     }
     if let Some(user) = &request.user_id {
         if let Some(address) = book.get(integration_id, &format!("user:{user}")) {
             reachable(&address)?;
-            let conversation = address.conversation.clone().unwrap_or(Value::Null);
+            let conversation = address
+                .conversation
+                .as_ref()
+                .map_or(Value::Null, CompactJson::value);
             return send_into(connector, credentials, &request, &address, conversation).await;
         }
         // No personal chat yet: create one in the user's tenant.
@@ -195,7 +198,7 @@ pub async fn send(
                 },
                 &json!({
                     "isGroup": false,
-                    "bot": base.bot,
+                    "bot": base.bot.value(),
                     "members": [{"id": user}],
                     "tenantId": tenant,
                     "channelData": {"tenant": {"id": tenant}},
@@ -213,7 +216,7 @@ pub async fn send(
             json!({"id": conversation_id, "conversationType": "personal", "tenantId": tenant});
         let address = Address {
             key: format!("user:{user}"),
-            conversation: Some(conversation.clone()),
+            conversation: Some(CompactJson::of(&conversation)),
             ..base
         };
         let answer = send_into(connector, credentials, &request, &address, conversation).await?;
@@ -241,7 +244,7 @@ pub async fn send(
             },
             &json!({
                 "isGroup": true,
-                "bot": address.bot,
+                "bot": address.bot.value(),
                 "tenantId": tenant,
                 "channelData": {"channel": {"id": channel}, "tenant": {"id": tenant}},
                 "activity": first,

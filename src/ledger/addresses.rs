@@ -26,10 +26,39 @@ pub struct Address {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
     /// The bot's channel account in that conversation (`28:<app id>`).
-    pub bot: Value,
+    pub bot: CompactJson,
     /// The conversation account (none for channels and tenants: a conversation is created).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation: Option<Value>,
+    pub conversation: Option<CompactJson>,
+}
+
+/// A JSON value kept as its compact text: one allocation of a few dozen bytes where a
+/// `serde_json::Value` object is a map of them (the book holds two addresses per personal chat,
+/// for every chat an integration ever saw). Read and written as the JSON value itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactJson(Box<str>);
+
+impl CompactJson {
+    pub fn of(value: &Value) -> Self {
+        Self(value.to_string().into())
+    }
+
+    /// The value (the text was written from a value, so it parses; `null` if not).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.0).unwrap_or(Value::Null)
+    }
+}
+
+impl Serialize for CompactJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.value().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for CompactJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Value::deserialize(deserializer).map(|value| Self::of(&value))
+    }
 }
 
 pub struct AddressBook {
@@ -107,7 +136,8 @@ impl AddressBook {
             return;
         };
         let tenant = activity.tenant_id().map(str::to_owned);
-        let address = |key: String, conversation: Option<&Value>| Address {
+        let bot = CompactJson::of(bot);
+        let address = |key: String, conversation: Option<&CompactJson>| Address {
             integration_id: integration.to_owned(),
             key,
             service_url: activity.service_url.clone(),
@@ -115,7 +145,8 @@ impl AddressBook {
             bot: bot.clone(),
             conversation: conversation.cloned(),
         };
-        let conversation = Some(&activity.conversation);
+        let compact = CompactJson::of(&activity.conversation);
+        let conversation = Some(&compact);
         let by_conversation = address(format!("conv:{}", activity.conversation_id()), conversation);
         // A conversation seen before from the same address taught the rest already.
         if self
