@@ -48,6 +48,11 @@ pub fn scratch_dir(what: &str) -> std::path::PathBuf {
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&dir);
+    // The master key the router keeps beside its store: one left by an earlier process with
+    // the same id must not be taken for this test's.
+    let mut key_file = dir.clone().into_os_string();
+    key_file.push(".master.key");
+    let _ = std::fs::remove_file(key_file);
     dir
 }
 
