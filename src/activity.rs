@@ -423,8 +423,8 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
             extra: serde_json::Map::new(),
         };
         // A key given twice keeps its last value, as the envelope check read it.
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match key.as_ref() {
+        while let Some(key) = map.next_key::<Key>()? {
+            match key.0.as_ref() {
                 "type" => kind = Some(map.next_value::<String>()?),
                 "id" => id = Some(map.next_value::<String>()?),
                 "serviceUrl" => service_url = Some(map.next_value::<String>()?),
@@ -444,7 +444,7 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
                 "attachments" => activity.attachments = list(map.next_value()?),
                 _ => {
                     let value = map.next_value::<Value>()?;
-                    activity.extra.insert(key.into_owned(), value);
+                    activity.extra.insert(key.0.into_owned(), value);
                 }
             }
         }
@@ -455,6 +455,52 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
         activity.conversation =
             conversation.ok_or_else(|| A::Error::missing_field("conversation"))?;
         Ok(activity)
+    }
+}
+
+/// A field name of an activity: a known one without allocating (even when the parser hands it
+/// over unescaped in a scratch buffer), any other one owned, for `extra`.
+struct Key(std::borrow::Cow<'static, str>);
+
+/// The fields [`TurnActivityVisitor`] takes by name.
+const KNOWN_FIELDS: &[&str] = &[
+    "type",
+    "id",
+    "serviceUrl",
+    "channelId",
+    "conversation",
+    "from",
+    "recipient",
+    "value",
+    "channelData",
+    "text",
+    "name",
+    "locale",
+    "action",
+    "entities",
+    "membersAdded",
+    "membersRemoved",
+    "attachments",
+];
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Key, E> {
+                Ok(Key(
+                    match KNOWN_FIELDS.iter().find(|known| **known == name) {
+                        Some(known) => std::borrow::Cow::Borrowed(*known),
+                        None => std::borrow::Cow::Owned(name.to_owned()),
+                    },
+                ))
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
     }
 }
 
@@ -491,6 +537,19 @@ mod tests {
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!("{}/fixtures/activities/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn field_names_are_read_escaped_or_not_and_others_kept() {
+        let body = br#"{"type":"message","id":"1","serviceUrl":"https://x/","channelId":"msteams","conversation":{"id":"a"},"te\u0078t":"hi","locale":"en","x-custom":{"k":1}}"#;
+        let activity = TurnActivity::parse(body).expect("parses");
+        assert_eq!(activity.text.as_deref(), Some("hi"));
+        assert_eq!(activity.locale.as_deref(), Some("en"));
+        assert_eq!(
+            activity.extra.get("x-custom"),
+            Some(&serde_json::json!({"k": 1}))
+        );
+        assert_eq!(activity.extra.len(), 1);
     }
 
     /// Found by the `activity_envelope` fuzz target: the envelope check ignores keys it does not
