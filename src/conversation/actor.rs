@@ -1,8 +1,8 @@
 //! The conversation actor: takes the next queued turn, runs it (on a task it owns, or a streamed
-//! one in a linked reply actor), and takes the next one only when the turn reports finished. It owns the session: loaded
-//! from the latest snapshot at the first turn (after a passivation, a panic or on another
-//! instance), checked for redeliveries, updated after every turn and handed to the snapshot
-//! writer. Idle actors passivate.
+//! one in a linked reply actor), and takes the next one only when the turn reports finished. It
+//! owns the session: loaded from the latest snapshot at the first turn (after a passivation, a
+//! panic or on another instance), checked for redeliveries, updated after every turn and handed to
+//! the snapshot writer. Idle actors passivate.
 
 use crate::clock::Instant;
 use std::sync::{Arc, Weak};
