@@ -462,6 +462,14 @@ mod tests {
     use crate::store::embedded::EmbeddedStore;
 
     fn snapshots(name: &str, max_pending: usize) -> (Arc<Snapshots>, std::path::PathBuf) {
+        snapshots_gathering(name, max_pending, Duration::ZERO)
+    }
+
+    fn snapshots_gathering(
+        name: &str,
+        max_pending: usize,
+        gather_for: Duration,
+    ) -> (Arc<Snapshots>, std::path::PathBuf) {
         let dir =
             std::env::temp_dir().join(format!("teams-router-writer-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -476,7 +484,7 @@ mod tests {
                     max_pending,
                     always_durable: true,
                     sync_every: Duration::ZERO,
-                    gather_for: Duration::ZERO,
+                    gather_for,
                 },
             ),
             dir,
@@ -489,6 +497,41 @@ mod tests {
             value: value.as_bytes().into(),
             ttl: Duration::from_secs(60),
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_gathers_snapshots_before_its_commit_and_they_stay_readable() {
+        let (snapshots, dir) = snapshots_gathering("gather", 10, Duration::from_millis(300));
+        let (stop, stopped) = watch::channel(false);
+        let writer = tokio::spawn(Arc::clone(&snapshots).run(stopped));
+        assert!(snapshots.save(put("a", "1")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(snapshots.save(put("a", "2")));
+        assert!(snapshots.save(put("b", "1")));
+        assert_eq!(
+            snapshots.pending(),
+            2,
+            "still gathering: nothing written yet"
+        );
+        assert_eq!(snapshots.store.get("a").await.unwrap(), None);
+        assert_eq!(
+            snapshots.load("a").await.unwrap().as_deref(),
+            Some(&b"2"[..]),
+            "the newest snapshot of a key is read while it waits"
+        );
+        let until = crate::clock::now() + Duration::from_secs(5);
+        while snapshots.pending() > 0 && crate::clock::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(snapshots.pending(), 0, "written after the gathering time");
+        assert_eq!(
+            snapshots.store.get("a").await.unwrap().as_deref(),
+            Some(&b"2"[..]),
+            "one key written once, with its newest snapshot"
+        );
+        let _ = stop.send(true);
+        let _ = writer.await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]
