@@ -166,9 +166,10 @@ pub struct StorageConfig {
     pub journal_batch_max: usize,
     /// Snapshots waiting to be written at most; beyond it new ones are dropped and counted.
     pub snapshot_pending_max: usize,
-    /// Embedded store without durable accept: snapshot batches are committed without waiting for
-    /// the disk, and reach it at most this far apart (and at shutdown); 0 makes every batch wait.
-    /// A kill -9 may lose this much session history, never an acknowledged activity.
+    /// Embedded store without durable accept: a conversation gathers its turns into one
+    /// snapshot for this long, and snapshot batches are committed without waiting for the disk
+    /// and reach it at most this far apart (and at shutdown); 0 writes and syncs every turn.
+    /// A kill -9 may lose up to twice this much session history, never an acknowledged activity.
     pub snapshot_sync_ms: u64,
     /// How long the snapshot writer gathers snapshots into one batch before writing it (less
     /// when the batch fills first); 0 writes whatever is pending at once.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use metrics::counter;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::ConnectorConfig;
@@ -40,6 +41,9 @@ pub enum Op {
     Delete,
     /// `POST v3/conversations`
     CreateConversation,
+    /// `POST v3/conversations` with a first message (a new channel thread): not safe to repeat
+    /// after an ambiguous failure, as the message may have been posted.
+    CreateThread,
 }
 
 impl Op {
@@ -49,13 +53,15 @@ impl Op {
             Op::Send => "send",
             Op::Update => "update",
             Op::Delete => "delete",
-            Op::CreateConversation => "create_conversation",
+            Op::CreateConversation | Op::CreateThread => "create_conversation",
         }
     }
 
     fn method(self) -> reqwest::Method {
         match self {
-            Op::Reply | Op::Send | Op::CreateConversation => reqwest::Method::POST,
+            Op::Reply | Op::Send | Op::CreateConversation | Op::CreateThread => {
+                reqwest::Method::POST
+            }
             Op::Update => reqwest::Method::PUT,
             Op::Delete => reqwest::Method::DELETE,
         }
@@ -209,7 +215,7 @@ impl Connector {
         &self,
         route: Route<'_>,
         reply_to_id: Option<&str>,
-        activity: &Value,
+        activity: &(impl Serialize + ?Sized),
         delivery: Delivery,
     ) -> Result<Option<String>, ConnectorError> {
         let (op, id) = match reply_to_id {
@@ -218,7 +224,7 @@ impl Connector {
         };
         let url = activities_url(route.service_url, route.conversation_id, id);
         let body = self
-            .execute(op, route, &url, Some(activity), delivery)
+            .execute(op, route, &url, Some(json_body(activity)?), delivery)
             .await?;
         Ok(resource_id(&body))
     }
@@ -228,11 +234,12 @@ impl Connector {
         &self,
         route: Route<'_>,
         activity_id: &str,
-        activity: &Value,
+        activity: &(impl Serialize + ?Sized),
     ) -> Result<Option<String>, ConnectorError> {
         let url = activities_url(route.service_url, route.conversation_id, Some(activity_id));
+        let body = json_body(activity)?;
         let body = self
-            .execute(Op::Update, route, &url, Some(activity), Delivery::Retried)
+            .execute(Op::Update, route, &url, Some(body), Delivery::Retried)
             .await?;
         Ok(resource_id(&body))
     }
@@ -254,21 +261,23 @@ impl Connector {
     ) -> Result<Value, ConnectorError> {
         let mut url = route.service_url.trim_end_matches('/').to_owned();
         url.push_str("/v3/conversations");
+        // A create that carries a first message (a new channel thread) posts it; a 1:1 create
+        // without one is get-or-create and safe to repeat.
+        let op = if parameters.get("activity").is_some() {
+            Op::CreateThread
+        } else {
+            Op::CreateConversation
+        };
+        let body = json_body(parameters)?;
         let body = self
-            .execute(
-                Op::CreateConversation,
-                route,
-                &url,
-                Some(parameters),
-                Delivery::Retried,
-            )
+            .execute(op, route, &url, Some(body), Delivery::Retried)
             .await?;
         Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
 
     /// Sends a typing indicator if the conversation's limits have room right now; it is never
     /// worth delaying or retrying (the answer itself follows).
-    pub async fn send_typing(&self, route: Route<'_>, activity: &Value) -> bool {
+    pub async fn send_typing(&self, route: Route<'_>, activity: &(impl Serialize + ?Sized)) -> bool {
         if !self.service_url_allowed(route.service_url) {
             return false;
         }
@@ -280,8 +289,11 @@ impl Connector {
             return false;
         };
         let url = activities_url(route.service_url, route.conversation_id, None);
+        let Ok(body) = json_body(activity) else {
+            return false;
+        };
         let sent = self
-            .attempt(Op::Send, route, &url, Some(activity))
+            .attempt(Op::Send, route, &url, Some(body))
             .await
             .is_ok_and(|outcome| matches!(outcome, Attempt::Done(_)));
         drop(permit);
@@ -293,17 +305,13 @@ impl Connector {
         op: Op,
         route: Route<'_>,
         url: &str,
-        body: Option<&Value>,
+        body: Option<bytes::Bytes>,
     ) -> Result<Attempt, ConnectorError> {
         let mut request = self
             .http
             .request(op.method(), url)
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(body) = body {
-            let body = serde_json::to_vec(body).map_err(|e| ConnectorError::Rejected {
-                status: 0,
-                detail: format!("activity does not serialize: {e}"),
-            })?;
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body);
@@ -330,7 +338,7 @@ impl Connector {
             }
         };
         let status = response.status();
-        counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => status.as_str().to_owned())
+        counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => status_label(status))
             .increment(1);
         if status.is_success() {
             return Ok(Attempt::Done(response.bytes().await.unwrap_or_default()));
@@ -373,7 +381,7 @@ impl Connector {
         op: Op,
         route: Route<'_>,
         url: &str,
-        body: Option<&Value>,
+        body: Option<bytes::Bytes>,
         delivery: Delivery,
     ) -> Result<bytes::Bytes, ConnectorError> {
         if !self.service_url_allowed(route.service_url) {
@@ -385,10 +393,7 @@ impl Connector {
             Delivery::Retried => self.max_attempts,
             Delivery::Once => 1,
         };
-        // A create that carries a first message (a new channel thread) posts it; a 1:1 create
-        // without one is get-or-create and safe to repeat.
-        let posts_a_message =
-            op == Op::CreateConversation && body.is_some_and(|b| b.get("activity").is_some());
+        let posts_a_message = op == Op::CreateThread;
         let mut refreshed_token = false;
         let mut retry = 0;
         let mut attempt = 0;
@@ -403,7 +408,7 @@ impl Connector {
                     route.conversation_id,
                 )
                 .await?;
-            let outcome = self.attempt(op, route, url, body).await;
+            let outcome = self.attempt(op, route, url, body.clone()).await;
             drop(permit);
             let (reason, retry_after, status, last) = match outcome? {
                 Attempt::Done(bytes) => return Ok(bytes),
@@ -512,9 +517,44 @@ fn classify(status: StatusCode) -> Retry {
     }
 }
 
+/// The status as a metric label, without an allocation for the ones a connector usually gives.
+fn status_label(status: StatusCode) -> metrics::SharedString {
+    let label = match status.as_u16() {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => return status.as_str().to_owned().into(),
+    };
+    label.into()
+}
+
+/// The activity serialized once, for every attempt of its delivery.
+fn json_body(activity: &(impl Serialize + ?Sized)) -> Result<bytes::Bytes, ConnectorError> {
+    serde_json::to_vec(activity)
+        .map(bytes::Bytes::from)
+        .map_err(|e| ConnectorError::Rejected {
+            status: 0,
+            detail: format!("activity does not serialize: {e}"),
+        })
+}
+
+/// The `id` of a `ResourceResponse`; nothing else of the answer is read.
 fn resource_id(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    value.get("id")?.as_str().map(str::to_owned)
+    #[derive(serde::Deserialize)]
+    struct ResourceResponse {
+        id: Option<String>,
+    }
+    serde_json::from_slice::<ResourceResponse>(body).ok()?.id
 }
 
 /// `{serviceUrl}/v3/conversations/{id}/activities[/{replyToId}]`, keeping the service URL's own

@@ -35,6 +35,8 @@ pub enum ConversationMsg {
     },
     /// The idle timer fired; passivate if nothing happened since.
     IdleCheck,
+    /// The turns gathered since the last snapshot are written now.
+    FlushSnapshots,
     /// The integration was deleted: finish what is queued (each turn is dropped, since the
     /// integration is gone) and stop.
     End,
@@ -102,6 +104,13 @@ pub struct ConversationActorState {
     place_turns: u32,
     /// The number of the last turn started.
     turns_started: u64,
+    /// The serviceUrl the address book last learned this conversation from: learning it again
+    /// on every turn cost a serialization of its accounts and a hash for nothing new.
+    addresses_learned_from: Option<String>,
+    /// Turns finished since the last snapshot was handed to the writer (coalescing).
+    snapshots_dirty: bool,
+    /// A `FlushSnapshots` is on its way.
+    flush_armed: bool,
 }
 
 impl Actor for ConversationActor {
@@ -133,6 +142,9 @@ impl Actor for ConversationActor {
             kept_place: None,
             place_turns: 0,
             turns_started: 0,
+            addresses_learned_from: None,
+            snapshots_dirty: false,
+            flush_armed: false,
         })
     }
 
@@ -160,16 +172,30 @@ impl Actor for ConversationActor {
             }
             ConversationMsg::TurnFinished { turn, reply, ok } => {
                 if let Some(turn) = take_turn(state, |t| t.turn == turn) {
-                    Box::pin(finish_turn(state, turn, reply, ok)).await;
+                    Box::pin(finish_turn(&myself, state, turn, reply, ok)).await;
                     Box::pin(start_next_turn(&myself, state)).await;
                 }
             }
             ConversationMsg::IdleCheck => passivate_if_idle(&myself, state),
+            ConversationMsg::FlushSnapshots => {
+                state.flush_armed = false;
+                flush_snapshots(state);
+            }
             ConversationMsg::End => {
                 state.ending = true;
                 Box::pin(start_next_turn(&myself, state)).await;
             }
         }
+        Ok(())
+    }
+
+    /// Stopped (passivated, ended, or the router is shutting down): nothing gathered is lost.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        flush_snapshots(state);
         Ok(())
     }
 
@@ -187,7 +213,7 @@ impl Actor for ConversationActor {
         let failed = cell.get_id();
         if let Some(turn) = take_turn(state, |t| t.reply_actor == Some(failed)) {
             tracing::error!(integration = %state.args.conversation.key.integration, %error, "turn failed");
-            Box::pin(finish_turn(state, turn, None, false)).await;
+            Box::pin(finish_turn(&myself, state, turn, None, false)).await;
             Box::pin(start_next_turn(&myself, state)).await;
         }
         Ok(())
@@ -208,6 +234,7 @@ fn take_turn(
 
 /// Ends a turn: history, dedup window, snapshots, journal.
 async fn finish_turn(
+    myself: &ActorRef<ConversationMsg>,
     state: &mut ConversationActorState,
     mut turn: RunningTurn,
     reply: Option<SentReply>,
@@ -255,7 +282,16 @@ async fn finish_turn(
         .state()
         .dedup
         .mark_answered(&turn.activity_id);
-    state.unsaved = !save_snapshots(state);
+    match persistence.snapshots.coalesce_window() {
+        Some(window) => {
+            state.snapshots_dirty = true;
+            if !state.flush_armed {
+                state.flush_armed = true;
+                myself.send_after(window, || ConversationMsg::FlushSnapshots);
+            }
+        }
+        None => state.unsaved = !save_snapshots(state),
+    }
     let mut shared = state.args.conversation.state();
     if turn.side {
         shared.side_running = shared.side_running.saturating_sub(1);
@@ -452,6 +488,9 @@ async fn begin_turn(
         .is_some_and(|trigger| text == trigger)
     {
         release(state, side);
+        // A panic of this actor (not of a turn, which runs on its own task and is caught) skips
+        // `post_stop`: what was gathered is handed over first, as on any known way out.
+        flush_snapshots(state);
         panic!("testing.panic_trigger received: failing this turn on purpose");
     }
 
@@ -504,7 +543,13 @@ async fn begin_turn(
     }
     state.turns_started += 1;
     let number = state.turns_started;
+    let learn_addresses = activity.recipient.is_some()
+        && state.addresses_learned_from.as_deref() != Some(activity.service_url.as_str());
+    if learn_addresses {
+        state.addresses_learned_from = Some(activity.service_url.clone());
+    }
     let reply = ReplyArgs {
+        learn_addresses,
         session_id,
         history,
         services: Arc::clone(&state.args.services),
@@ -686,9 +731,17 @@ fn arm_idle_check(
     }
 }
 
+/// Hands the turns gathered since the last snapshot to the writer.
+fn flush_snapshots(state: &mut ConversationActorState) {
+    if std::mem::take(&mut state.snapshots_dirty) {
+        state.unsaved = !save_snapshots(state);
+    }
+}
+
 fn passivate_if_idle(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) {
     state.idle_check_armed = false;
     let idle_timeout = state.args.settings.idle_timeout;
+    flush_snapshots(state);
     if state.unsaved {
         // Passivating now would lose what the dropped snapshot held; try again, else wait.
         state.unsaved = !save_snapshots(state);

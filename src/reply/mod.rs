@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use metrics::{counter, histogram};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::activity::TurnActivity;
 use crate::backend::{
@@ -64,6 +64,9 @@ pub struct ReplyArgs {
     /// The session this turn belongs to, and its history up to this activity.
     pub session_id: String,
     pub history: Vec<HistoryEntry>,
+    /// The address book learns from this activity (the conversation's first, or one from a
+    /// new serviceUrl).
+    pub learn_addresses: bool,
 }
 
 /// Told when a turn is finished: what was sent, and false when the turn panicked.
@@ -185,8 +188,13 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
         drop(deltas);
         answer
     };
-    let base = outbound_message(&args.activity, "", Vec::new());
     let route = route(&args);
+    // A stream's updates are this message with their text; a plain turn builds none.
+    let base = if streamed {
+        outbound_message(&args.activity, "", Vec::new())
+    } else {
+        Value::Null
+    };
     let (mut answer, stream) = if streamed {
         let mut stream = Stream::new(
             &args.services.connector,
@@ -203,14 +211,14 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
             if args.activity.kind != "message" || !deliverable {
                 return std::future::pending().await;
             }
-            let mut typing = base.clone();
+            let settings = &args.services.streaming;
+            tokio::time::sleep(settings.typing_delay).await;
+            let mut typing = outbound_message(&args.activity, "", Vec::new());
             typing["type"] = json!("typing");
             if let Some(fields) = typing.as_object_mut() {
                 fields.remove("text");
                 fields.remove("textFormat");
             }
-            let settings = &args.services.streaming;
-            tokio::time::sleep(settings.typing_delay).await;
             loop {
                 args.services.connector.send_typing(route, &typing).await;
                 tokio::time::sleep(TYPING_REPEAT).await;
@@ -255,6 +263,7 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
                 None
             }
         }
+        (Some(text), true) if stream.is_none() => send_text(&args, text).await,
         (text, _) => {
             let text = text.unwrap_or_default();
             let mut message = outbound_message(&args.activity, &text, attachments);
@@ -403,7 +412,7 @@ fn observe(args: &ReplyArgs) {
     let integration = &args.integration;
     let activity = &args.activity;
     let services = &args.services;
-    if let Some(addresses) = &services.addresses {
+    if let Some(addresses) = services.addresses.as_ref().filter(|_| args.learn_addresses) {
         addresses.learn(&integration.record.id, activity);
     }
     match activity.kind.as_str() {
@@ -520,9 +529,27 @@ fn text_budget(args: &ReplyArgs, message: &Value) -> usize {
 /// True when the message cannot be too large, told without serializing it: a UTF-8 byte of text
 /// is at most 6 UTF-16 units once JSON-escaped, and the addressing is far below the margin.
 fn surely_fits(args: &ReplyArgs, message: &Value, text: &str) -> bool {
+    message.get("attachments").is_none() && text_surely_fits(args, text)
+}
+
+fn text_surely_fits(args: &ReplyArgs, text: &str) -> bool {
     const ADDRESSING_MARGIN: usize = 16 * 1024;
-    message.get("attachments").is_none()
-        && text.len() * 12 + ADDRESSING_MARGIN <= args.services.streaming.max_message_bytes
+    text.len() * 12 + ADDRESSING_MARGIN <= args.services.streaming.max_message_bytes
+}
+
+/// An answer of text alone, as most turns give: serialized straight from the activity it
+/// answers, unless it may need splitting.
+async fn send_text(args: &ReplyArgs, text: String) -> Option<SentReply> {
+    if !text_surely_fits(args, &text) {
+        let mut message = outbound_message(&args.activity, &text, Vec::new());
+        message["textFormat"] = json!(text_format(args).as_str());
+        return send_message(args, message, text).await;
+    }
+    if !delivery_allowed(args) {
+        return None;
+    }
+    let message = OutboundMessage::of(&args.activity, &text, text_format(args).as_str(), &[]);
+    send_one(args, &message, &text).await
 }
 
 fn record_split(args: &ReplyArgs, size: usize, parts: usize) {
@@ -545,11 +572,11 @@ async fn send_message(args: &ReplyArgs, message: Value, text: String) -> Option<
         return None;
     }
     if surely_fits(args, &message, &text) {
-        return send_one(args, message, text).await;
+        return send_one(args, &message, &text).await;
     }
     let size = split::message_size(&message);
     if size <= args.services.streaming.max_message_bytes {
-        return send_one(args, message, text).await;
+        return send_one(args, &message, &text).await;
     }
     let parts = split::split(&text, text_budget(args, &message));
     let mut messages: Vec<Value> = parts.iter().map(|part| with_text(&message, part)).collect();
@@ -574,25 +601,32 @@ async fn send_message(args: &ReplyArgs, message: Value, text: String) -> Option<
         let part_text = part["text"].as_str().unwrap_or_default().to_owned();
         // A failed part (the connector said so) ends the answer: the parts after it would
         // arrive out of place.
-        last_id = send_one(args, part, part_text).await?.id;
+        last_id = send_one(args, &part, &part_text).await?.id;
     }
     Some(SentReply { text, id: last_id })
 }
 
-async fn send_one(args: &ReplyArgs, message: Value, text: String) -> Option<SentReply> {
+async fn send_one(
+    args: &ReplyArgs,
+    message: &(impl serde::Serialize + Sync),
+    text: &str,
+) -> Option<SentReply> {
     let activity = &args.activity;
     // A bot added to a conversation speaks into it; anything else is a reply to the activity.
     let reply_to = (activity.kind != "conversationUpdate").then_some(activity.id.as_str());
     let result = args
         .services
         .connector
-        .send(route(args), reply_to, &message, Delivery::Retried)
+        .send(route(args), reply_to, message, Delivery::Retried)
         .await;
     match result {
         Ok(id) => {
             histogram!(FIRST_REPLY).record(args.accepted_at.elapsed().as_secs_f64());
             tracing::debug!(integration = %args.integration.id, id = id.as_deref().unwrap_or(""), "reply sent");
-            Some(SentReply { text, id })
+            Some(SentReply {
+                text: text.to_owned(),
+                id,
+            })
         }
         Err(error) => {
             connector_failed(args, &error);
@@ -622,31 +656,59 @@ fn text_format(args: &ReplyArgs) -> crate::records::TextFormat {
         .unwrap_or(crate::records::TextFormat::Plain)
 }
 
-/// A message addressed back into the activity's conversation.
+/// A message addressed back into the activity's conversation, borrowed from it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutboundMessage<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    text_format: &'a str,
+    channel_id: &'a str,
+    service_url: &'a str,
+    conversation: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recipient: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_to_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    locale: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[Value]>::is_empty")]
+    attachments: &'a [Value],
+}
+
+impl<'a> OutboundMessage<'a> {
+    fn of(
+        activity: &'a TurnActivity,
+        text: &'a str,
+        text_format: &'a str,
+        attachments: &'a [Value],
+    ) -> Self {
+        Self {
+            kind: "message",
+            text,
+            text_format,
+            channel_id: &activity.channel_id,
+            service_url: &activity.service_url,
+            conversation: &activity.conversation,
+            // The bot speaks as the account the activity was sent to, to its sender.
+            from: activity.recipient.as_ref(),
+            recipient: activity.from.as_ref(),
+            // A bot added to a conversation speaks into it, not in reply.
+            reply_to_id: (activity.kind != "conversationUpdate").then_some(activity.id.as_str()),
+            locale: activity.locale.as_deref(),
+            attachments,
+        }
+    }
+}
+
+/// The same message as a JSON value, for the answers that are edited before they are sent
+/// (split, streamed, given by the backend whole).
 fn outbound_message(activity: &TurnActivity, text: &str, attachments: Vec<Value>) -> Value {
-    let mut message = Map::new();
-    message.insert("type".into(), json!("message"));
-    message.insert("text".into(), json!(text));
-    message.insert("textFormat".into(), json!("plain"));
-    message.insert("channelId".into(), json!(activity.channel_id));
-    message.insert("serviceUrl".into(), json!(activity.service_url));
-    message.insert("conversation".into(), activity.conversation.clone());
-    if let Some(bot) = &activity.recipient {
-        message.insert("from".into(), bot.clone());
-    }
-    if let Some(user) = &activity.from {
-        message.insert("recipient".into(), user.clone());
-    }
-    if activity.kind != "conversationUpdate" {
-        message.insert("replyToId".into(), json!(activity.id));
-    }
-    if let Some(locale) = &activity.locale {
-        message.insert("locale".into(), json!(locale));
-    }
-    if !attachments.is_empty() {
-        message.insert("attachments".into(), Value::Array(attachments));
-    }
-    Value::Object(message)
+    serde_json::to_value(OutboundMessage::of(activity, text, "plain", &attachments))
+        .unwrap_or(Value::Null)
 }
 
 #[cfg(test)]

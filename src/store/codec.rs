@@ -23,7 +23,31 @@ pub enum Encoded<'a> {
 }
 
 pub fn encode(value: &impl Serialize) -> Result<Vec<u8>, CodecError> {
-    Ok(postcard::to_extend(value, vec![BINARY])?)
+    let mut bytes = Vec::with_capacity(256);
+    bytes.push(BINARY);
+    Ok(postcard::serialize_with_flavor(value, Appending(bytes))?)
+}
+
+/// Appends to a `Vec` a slice at a time: postcard's own `ExtendFlavor` pushes strings byte by
+/// byte, which made encoding a session's history the costliest step of a turn.
+struct Appending(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Appending {
+    type Output = Vec<u8>;
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
 }
 
 pub fn encoded(bytes: &[u8]) -> Encoded<'_> {

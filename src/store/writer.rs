@@ -91,6 +91,15 @@ impl Snapshots {
         })
     }
 
+    /// How long a conversation may gather its turns into one snapshot: with the embedded store
+    /// and without durable accept, a snapshot waits as long as the batches wait for the disk
+    /// (a kill -9 loses at most that much more history); otherwise each turn is written (under
+    /// durable accept, or for another instance to read).
+    pub fn coalesce_window(&self) -> Option<Duration> {
+        (matches!(*self.store, Store::Embedded(_)) && !self.always_durable)
+            .then_some(self.sync_every)
+    }
+
     /// Whether the next commit must wait for the disk.
     fn sync_due(&self) -> bool {
         self.always_durable || self.last_sync.lock().elapsed() >= self.sync_every
