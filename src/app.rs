@@ -280,6 +280,10 @@ impl Router {
                 Arc::clone(&admin).run_sync(config.clone(), store_stopped.clone()),
             ));
         }
+        let admission = Arc::new(Gate::new(config.admission.clone()));
+        store_tasks.push(tokio::spawn(
+            Arc::clone(&admission).watch_runtime_lag(store_stopped.clone()),
+        ));
         let front = Arc::new(Front {
             admin,
             serves_admin: config.admin.listen.is_none(),
@@ -295,7 +299,7 @@ impl Router {
             connector,
             body_limit: config.server.body_limit_bytes,
             body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
-            admission: Arc::new(Gate::new(config.admission.clone())),
+            admission,
             invoke_timeout: Duration::from_millis(config.conversation.invoke_timeout_ms),
             retry_after_secs: config.conversation.retry_after_secs,
             required_endorsements: config.microsoft.required_endorsements.clone(),

@@ -91,6 +91,10 @@ pub struct AdmissionConfig {
     pub max_turns_in_flight: usize,
     /// Turns running at once per integration; more wait.
     pub max_turns_in_flight_per_integration: usize,
+    /// How late the runtime may run a task before new activities are shed (503 + Retry-After):
+    /// past the machine's capacity, work queues up long before the bounds above are reached.
+    /// 0 never sheds on lag.
+    pub max_runtime_lag_ms: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -100,6 +104,7 @@ impl Default for AdmissionConfig {
             max_pending_per_integration: 10_000,
             max_turns_in_flight: 4_096,
             max_turns_in_flight_per_integration: 1_024,
+            max_runtime_lag_ms: 500,
         }
     }
 }

@@ -36,6 +36,7 @@ pub const CONNECTOR_QUEUE_DEPTH: &str = "teams_router_connector_queue_depth";
 pub const STREAMS: &str = "teams_router_streams_total";
 pub const ADMIN_AUTH_FAILURES: &str = "teams_router_admin_auth_failures_total";
 pub const SECRETS_UNREADABLE: &str = "teams_router_secrets_unreadable";
+pub const RUNTIME_SHEDDING: &str = "teams_router_runtime_shedding";
 
 /// What a management request with a wrong or missing API key got (`outcome` label).
 pub const ADMIN_AUTH_OUTCOMES: &[&str] = &["unauthorized", "rate_limited"];
@@ -331,6 +332,12 @@ fn describe_all() {
         "Stored records whose secret cannot be opened with this router's master key and has no config value (not used; /readyz names them)."
     );
     gauge!(SECRETS_UNREADABLE).set(0.0);
+    describe_gauge!(
+        RUNTIME_SHEDDING,
+        Unit::Count,
+        "1 while the runtime runs tasks later than admission.max_runtime_lag_ms and new activities are shed (503, reason overloaded), else 0."
+    );
+    gauge!(RUNTIME_SHEDDING).set(0.0);
     for outcome in ADMIN_AUTH_OUTCOMES {
         counter!(ADMIN_AUTH_FAILURES, "outcome" => *outcome).increment(0);
     }

@@ -10,11 +10,18 @@
 //!   conversation starts a turn: past the bound, turns wait for a place and their activities
 //!   stay pending, which is what the request path then sheds on.
 //!
+//! - *Runtime lag*: past the machine's capacity, the bounds above are reached only once seconds of
+//!   work are queued (in mailboxes, and in the runtime's own queues before a request is even
+//!   read). A probe task measures how late the runtime wakes it; while it runs later than
+//!   `admission.max_runtime_lag_ms`, new activities get 503 (`overloaded`) with Retry-After: a
+//!   refusal costs a fraction of a turn, so the backlog drains instead of growing.
+//!
 //! The request path touches one atomic per bound and one sharded map lookup; no lock is shared by
 //! all requests.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -32,6 +39,8 @@ pub enum Refusal {
 
 pub struct Gate {
     config: AdmissionConfig,
+    /// The runtime lag probe found the runtime late: new activities are shed.
+    lagging: AtomicBool,
     pending: Arc<AtomicUsize>,
     turns: Arc<Semaphore>,
     integrations: DashMap<Arc<str>, Arc<IntegrationLoad>>,
@@ -58,6 +67,7 @@ pub struct TurnPermit {
 impl Gate {
     pub fn new(config: AdmissionConfig) -> Self {
         Self {
+            lagging: AtomicBool::new(false),
             pending: Arc::new(AtomicUsize::new(0)),
             turns: Arc::new(Semaphore::new(config.max_turns_in_flight.max(1))),
             integrations: DashMap::new(),
@@ -67,6 +77,9 @@ impl Gate {
 
     /// Takes a place for one activity of `integration`, or says which bound is reached.
     pub fn admit(&self, integration: &Arc<str>) -> Result<Ticket, Refusal> {
+        if self.lagging.load(Ordering::Relaxed) {
+            return Err(Refusal::Global);
+        }
         let load = self.load(integration);
         if load.pending.fetch_add(1, Ordering::AcqRel) >= self.config.max_pending_per_integration {
             load.pending.fetch_sub(1, Ordering::AcqRel);
@@ -82,6 +95,37 @@ impl Gate {
             load,
             turns: Arc::clone(&self.turns),
         })
+    }
+
+    /// Measures, until `stop` is set, how late the runtime runs a task that asks to be woken
+    /// every few milliseconds, and sheds new activities while it is later than the bound
+    /// (`admission.max_runtime_lag_ms`; 0 never sheds on lag).
+    pub async fn watch_runtime_lag(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        const PERIOD: Duration = Duration::from_millis(10);
+        let bound = Duration::from_millis(self.config.max_runtime_lag_ms);
+        if bound.is_zero() {
+            return;
+        }
+        loop {
+            let asked = crate::clock::now();
+            tokio::select! {
+                _ = tokio::time::sleep(PERIOD) => {}
+                _ = stop.changed() => return,
+            }
+            let lag = asked.elapsed().saturating_sub(PERIOD);
+            let lagging = lag > bound;
+            if self.lagging.swap(lagging, Ordering::Relaxed) != lagging {
+                metrics::gauge!(crate::telemetry::RUNTIME_SHEDDING).set(if lagging { 1.0 } else { 0.0 });
+                if lagging {
+                    tracing::warn!(lag_ms = lag.as_millis() as u64, "the runtime is running late: new activities are shed");
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn set_lagging(&self, lagging: bool) {
+        self.lagging.store(lagging, Ordering::Relaxed);
     }
 
     /// Activities admitted and not finished, over all integrations.
@@ -151,7 +195,39 @@ mod tests {
             max_pending_per_integration: per_integration,
             max_turns_in_flight: turns,
             max_turns_in_flight_per_integration: turns,
+            max_runtime_lag_ms: 500,
         })
+    }
+
+    #[test]
+    fn a_late_runtime_sheds_everyone_until_it_catches_up() {
+        let gate = gate(10, 10, 10);
+        gate.set_lagging(true);
+        assert_eq!(gate.admit(&Arc::from("a")).err(), Some(Refusal::Global));
+        assert_eq!(gate.pending(), 0);
+        gate.set_lagging(false);
+        assert!(gate.admit(&Arc::from("a")).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_sheds_while_the_runtime_is_late() {
+        let gate = Arc::new(gate(10, 10, 10));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let probe = tokio::spawn(Arc::clone(&gate).watch_runtime_lag(stopped));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(gate.admit(&Arc::from("a")).is_ok(), "on time: admitted");
+        // The clock jumps past the probe's wake-up by more than the bound, as it does for a
+        // runtime too busy to run it on time.
+        tokio::task::yield_now().await;
+        tokio::time::advance(Duration::from_millis(600)).await;
+        tokio::task::yield_now().await;
+        let shed = gate.admit(&Arc::from("a")).err();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let after = gate.admit(&Arc::from("a")).is_ok();
+        let _ = stop.send(true);
+        let _ = probe.await;
+        assert_eq!(shed, Some(Refusal::Global), "late: shed");
+        assert!(after, "caught up: admitted again");
     }
 
     #[test]
