@@ -246,10 +246,15 @@ async fn run(cli: Cli) -> Result<bool, String> {
         }
     };
     println!("{}", report.summary());
-    if let Some(reference) = &reference {
-        println!("{}", ratios(reference, &report));
-    }
     report.write(&out)?;
+    if let Some(reference) = &reference {
+        let ratios = ratios(reference, &report);
+        println!("{ratios}");
+        let page = loadtest::report::comparison_html(&report, reference, &ratios)?;
+        let path = out.join("comparison.html");
+        std::fs::write(&path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("both curves: {}", path.display());
+    }
     println!("report: {}", out.join("report.html").display());
     if !report.passed && !report.router_log_tail.is_empty() {
         eprintln!("router log (last lines):");

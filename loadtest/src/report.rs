@@ -566,6 +566,71 @@ impl Report {
     }
 }
 
+/// One page with the router's and the reference's ramps on the same axes: end-to-end latency
+/// and achieved rate by offered rate, and the ratios printed beside them.
+pub fn comparison_html(
+    router: &Report,
+    reference: &Report,
+    ratios: &str,
+) -> Result<String, String> {
+    let by_offered = |report: &Report, f: fn(&Step) -> f64| -> Vec<(f64, f64)> {
+        report
+            .steps
+            .iter()
+            .map(|s| (s.offered_rate, f(s)))
+            .collect()
+    };
+    let latency = line_chart(
+        "End-to-end p99 by offered rate (ms, log scale)",
+        "offered activities/s",
+        "ms",
+        vec![
+            (
+                "router e2e p99",
+                RGBColor(200, 40, 30),
+                by_offered(router, |s| s.e2e_p99_ms),
+            ),
+            (
+                "reference e2e p99",
+                RGBColor(30, 80, 200),
+                by_offered(reference, |s| s.e2e_p99_ms),
+            ),
+        ],
+        true,
+    )?;
+    let throughput = line_chart(
+        "Achieved rate by offered rate (activities/s)",
+        "offered activities/s",
+        "activities/s",
+        vec![
+            (
+                "router",
+                RGBColor(200, 40, 30),
+                by_offered(router, |s| s.achieved_rate),
+            ),
+            (
+                "reference",
+                RGBColor(30, 80, 200),
+                by_offered(reference, |s| s.achieved_rate),
+            ),
+        ],
+        false,
+    )?;
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>teams-router beside the reference: {name}</title>\
+         <style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style>\
+         </head><body><h1>{name}: the router beside the bare reference endpoint</h1><p>{desc}</p><pre>{ratios}</pre>\
+         {latency}{throughput}<p>Each run's own page: <a href=\"report.html\">router</a>, \
+         <a href=\"reference/report.html\">reference</a>.</p></body></html>",
+        name = escape(&router.scenario.name),
+        desc = escape(&router.scenario.description),
+        ratios = escape(ratios),
+    );
+    Ok(html)
+}
+
 fn pick(seconds: &[Second], f: impl Fn(&Second) -> f64) -> Vec<(f64, f64)> {
     seconds.iter().map(|s| (s.t as f64, f(s))).collect()
 }
@@ -762,5 +827,15 @@ mod tests {
         report.evaluate();
         assert_eq!(report.max_sustainable_rate, Some(200.0));
         assert!(report.knee_plot().unwrap().contains("<svg"));
+        let mut reference = report.clone();
+        reference.steps.push(step(400.0, 20.0));
+        let page = comparison_html(&report, &reference, "ratio <0.5>").unwrap();
+        assert_eq!(
+            page.matches("<svg").count(),
+            2,
+            "latency and rate, both runs each"
+        );
+        assert!(page.contains("router e2e p99") && page.contains("reference e2e p99"));
+        assert!(page.contains("ratio &lt;0.5&gt;"), "the ratios are escaped");
     }
 }

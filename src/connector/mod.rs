@@ -277,7 +277,11 @@ impl Connector {
 
     /// Sends a typing indicator if the conversation's limits have room right now; it is never
     /// worth delaying or retrying (the answer itself follows).
-    pub async fn send_typing(&self, route: Route<'_>, activity: &(impl Serialize + ?Sized)) -> bool {
+    pub async fn send_typing(
+        &self,
+        route: Route<'_>,
+        activity: &(impl Serialize + ?Sized),
+    ) -> bool {
         if !self.service_url_allowed(route.service_url) {
             return false;
         }

@@ -115,9 +115,16 @@ impl Gate {
             let lag = asked.elapsed().saturating_sub(PERIOD);
             let lagging = lag > bound;
             if self.lagging.swap(lagging, Ordering::Relaxed) != lagging {
-                metrics::gauge!(crate::telemetry::RUNTIME_SHEDDING).set(if lagging { 1.0 } else { 0.0 });
+                metrics::gauge!(crate::telemetry::RUNTIME_SHEDDING).set(if lagging {
+                    1.0
+                } else {
+                    0.0
+                });
                 if lagging {
-                    tracing::warn!(lag_ms = lag.as_millis() as u64, "the runtime is running late: new activities are shed");
+                    tracing::warn!(
+                        lag_ms = lag.as_millis() as u64,
+                        "the runtime is running late: new activities are shed"
+                    );
                 }
             }
         }
