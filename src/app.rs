@@ -332,6 +332,12 @@ impl Router {
                 "shutdown deadline reached with activities still pending"
             );
         }
+        // Each conversation stops on its own first, so that what it gathered since its last
+        // snapshot reaches the writer (a supervisor's stop alone would not run their `post_stop`).
+        self.directory
+            .supervisor()
+            .stop_children_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
+            .await;
         self.directory.supervisor().stop(Some("shutdown".into()));
         let _ = self.supervisor_task.await;
         self.snapshots.flush(Duration::from_secs(5)).await;
