@@ -703,6 +703,10 @@ async fn load_session(
     activity: &TurnActivity,
 ) {
     let key = session_key(&integration.record.id, activity);
+    if state.session.as_ref().is_some_and(|(held, _)| *held != key) {
+        // Another session takes this one's place: what it gathered is handed over first.
+        flush_snapshots(state);
+    }
     let now = now_ms();
     let duration = integration.record.session_duration;
     let shared_store = state.args.settings.persistence.shared_store;
