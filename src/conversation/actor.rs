@@ -2,7 +2,8 @@
 //! one in a linked reply actor), and takes the next one only when the turn reports finished. It
 //! owns the session: loaded from the latest snapshot at the first turn (after a passivation, a
 //! panic or on another instance), checked for redeliveries, updated after every turn and handed to
-//! the snapshot writer. Idle actors passivate.
+//! the snapshot writer (after every turn, or gathered for `storage.snapshot_sync_ms` with the
+//! embedded store and without durable accept, and always before it stops). Idle actors passivate.
 
 use crate::clock::Instant;
 use std::sync::{Arc, Weak};
