@@ -91,9 +91,9 @@ pub struct AdmissionConfig {
     pub max_turns_in_flight: usize,
     /// Turns running at once per integration; more wait.
     pub max_turns_in_flight_per_integration: usize,
-    /// How late the runtime may run a task before new activities are shed (503 + Retry-After):
-    /// past the machine's capacity, work queues up long before the bounds above are reached.
-    /// 0 never sheds on lag.
+    /// How late the runtime may run a task before new activities are shed (503 + Retry-After;
+    /// three late wake-ups in a row with work pending): past the machine's capacity, work queues
+    /// up long before the bounds above are reached. 0 never sheds on lag.
     pub max_runtime_lag_ms: u64,
 }
 

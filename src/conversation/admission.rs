@@ -12,8 +12,9 @@
 //!
 //! - *Runtime lag*: past the machine's capacity, the bounds above are reached only once seconds of
 //!   work are queued (in mailboxes, and in the runtime's own queues before a request is even
-//!   read). A probe task measures how late the runtime wakes it; while it runs later than
-//!   `admission.max_runtime_lag_ms`, new activities get 503 (`overloaded`) with Retry-After: a
+//!   read). A probe task measures how late the runtime wakes it; once it runs later than
+//!   `admission.max_runtime_lag_ms` three times in a row with work pending (one late wake-up is
+//!   a stall, not overload), and until it is on time again, new activities get 503 (`overloaded`) with Retry-After: a
 //!   refusal costs a fraction of a turn, so the backlog drains instead of growing.
 //!
 //! The request path touches one atomic per bound and one sharded map lookup; no lock is shared by
@@ -106,6 +107,10 @@ impl Gate {
         if bound.is_zero() {
             return;
         }
+        // One late wake-up is a stall (a blocking call, a pause of the machine), not overload:
+        // shedding starts after several in a row, with work pending.
+        const LATE_IN_A_ROW: u32 = 3;
+        let mut late_in_a_row = 0;
         loop {
             let asked = crate::clock::now();
             tokio::select! {
@@ -113,7 +118,8 @@ impl Gate {
                 _ = stop.changed() => return,
             }
             let lag = asked.elapsed().saturating_sub(PERIOD);
-            let lagging = lag > bound;
+            late_in_a_row = if lag > bound { late_in_a_row + 1 } else { 0 };
+            let lagging = late_in_a_row >= LATE_IN_A_ROW && self.pending() > 0;
             if self.lagging.swap(lagging, Ordering::Relaxed) != lagging {
                 metrics::gauge!(crate::telemetry::RUNTIME_SHEDDING).set(if lagging {
                     1.0
@@ -222,19 +228,36 @@ mod tests {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let probe = tokio::spawn(Arc::clone(&gate).watch_runtime_lag(stopped));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(gate.admit(&Arc::from("a")).is_ok(), "on time: admitted");
+        let pending = gate.admit(&Arc::from("a")).expect("on time: admitted");
         // The clock jumps past the probe's wake-up by more than the bound, as it does for a
         // runtime too busy to run it on time.
-        tokio::task::yield_now().await;
-        tokio::time::advance(Duration::from_millis(600)).await;
-        tokio::task::yield_now().await;
-        let shed = gate.admit(&Arc::from("a")).err();
+        let late = || async {
+            tokio::task::yield_now().await;
+            tokio::time::advance(Duration::from_millis(600)).await;
+            tokio::task::yield_now().await;
+        };
+        late().await;
+        let after_one_stall = gate.admit(&Arc::from("a")).map(drop).err();
+        late().await;
+        late().await;
+        let overloaded = gate.admit(&Arc::from("a")).map(drop).err();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let after = gate.admit(&Arc::from("a")).is_ok();
+        let caught_up = gate.admit(&Arc::from("a")).is_ok();
+        drop(pending);
+        for _ in 0..3 {
+            late().await;
+        }
+        let idle_but_late = gate.admit(&Arc::from("a")).map(drop).err();
         let _ = stop.send(true);
         let _ = probe.await;
-        assert_eq!(shed, Some(Refusal::Global), "late: shed");
-        assert!(after, "caught up: admitted again");
+        assert_eq!(after_one_stall, None, "one stall: still admitted");
+        assert_eq!(
+            overloaded,
+            Some(Refusal::Global),
+            "late again and again: shed"
+        );
+        assert!(caught_up, "caught up: admitted again");
+        assert_eq!(idle_but_late, None, "nothing pending: nothing to shed for");
     }
 
     #[test]
