@@ -573,47 +573,39 @@ pub fn comparison_html(
     reference: &Report,
     ratios: &str,
 ) -> Result<String, String> {
-    let by_offered = |report: &Report, f: fn(&Step) -> f64| -> Vec<(f64, f64)> {
-        report
-            .steps
-            .iter()
-            .map(|s| (s.offered_rate, f(s)))
-            .collect()
-    };
-    let latency = line_chart(
+    // One figure of a step, by offered rate, for each of the two runs.
+    let both =
+        |title: &str, y_label: &str, series: [&'static str; 2], f: fn(&Step) -> f64, log_y| {
+            let by_offered = |report: &Report| -> Vec<(f64, f64)> {
+                report
+                    .steps
+                    .iter()
+                    .map(|s| (s.offered_rate, f(s)))
+                    .collect()
+            };
+            line_chart(
+                title,
+                "offered activities/s",
+                y_label,
+                vec![
+                    (series[0], RGBColor(200, 40, 30), by_offered(router)),
+                    (series[1], RGBColor(30, 80, 200), by_offered(reference)),
+                ],
+                log_y,
+            )
+        };
+    let latency = both(
         "End-to-end p99 by offered rate (ms, log scale)",
-        "offered activities/s",
         "ms",
-        vec![
-            (
-                "router e2e p99",
-                RGBColor(200, 40, 30),
-                by_offered(router, |s| s.e2e_p99_ms),
-            ),
-            (
-                "reference e2e p99",
-                RGBColor(30, 80, 200),
-                by_offered(reference, |s| s.e2e_p99_ms),
-            ),
-        ],
+        ["router e2e p99", "reference e2e p99"],
+        |s| s.e2e_p99_ms,
         true,
     )?;
-    let throughput = line_chart(
+    let throughput = both(
         "Achieved rate by offered rate (activities/s)",
-        "offered activities/s",
         "activities/s",
-        vec![
-            (
-                "router",
-                RGBColor(200, 40, 30),
-                by_offered(router, |s| s.achieved_rate),
-            ),
-            (
-                "reference",
-                RGBColor(30, 80, 200),
-                by_offered(reference, |s| s.achieved_rate),
-            ),
-        ],
+        ["router", "reference"],
+        |s| s.achieved_rate,
         false,
     )?;
     let mut html = String::new();
