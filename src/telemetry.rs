@@ -161,6 +161,13 @@ pub struct RecorderError(String);
 /// the contract. Call it before building the registry, whose integrations register their series.
 pub fn install() -> Result<PrometheusHandle, RecorderError> {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    // Routers started at once (tests on several threads) install one recorder: the second
+    // waits here and shares it, where it used to fail to install its own.
+    static INSTALLING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let _installing = INSTALLING.lock();
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
