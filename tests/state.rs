@@ -197,6 +197,25 @@ async fn sessions_and_the_dedup_window_survive_a_restart() {
     assert_eq!(mock.activities().len(), replies, "no second answer");
 }
 
+/// With the embedded store and without durable accept, a conversation gathers its turns into one
+/// snapshot and writes it on a timer (`snapshot_sync_ms`), not only when it passivates or the
+/// router stops: after the timer and a sync, a kill -9 keeps the history.
+#[tokio::test]
+async fn gathered_history_is_written_on_its_timer_and_survives_a_kill_9() {
+    let mock = new_mock().await;
+    let dir = scratch_dir("gathered");
+    let storage = format!("{}snapshot_sync_ms = 300\n", embedded_storage(&dir, false));
+    let mut first = spawn(&mock, &storage, "").await;
+    say(&mock, &first, "g1", "1", "remember the lighthouse").await;
+    // Past the gathering window and the next sync (both 300 ms), with room for a slow machine;
+    // the idle timeout (default minutes) is far away, so only the timer can have written it.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    first.kill().await;
+    let second = spawn(&mock, &storage, "").await;
+    let session = say(&mock, &second, "g1", "2", "///session").await;
+    assert!(session.contains("remember the lighthouse"), "{session}");
+}
+
 /// Sends a burst, kills the router with SIGKILL half-way, restarts it on the same store, and
 /// checks that every activity answered 200 got exactly one reply (duplicates reported).
 async fn kill_mid_burst(storage: &str, label: &str) {
