@@ -245,6 +245,9 @@ impl Router {
             mailbox_capacity: config.conversation.mailbox_capacity,
             max_active: config.conversation.max_active,
             idle_timeout: Duration::from_millis(config.conversation.idle_timeout_ms),
+            rest_after: Some(config.conversation.rest_after_ms)
+                .filter(|&ms| ms > 0 && ms < config.conversation.idle_timeout_ms)
+                .map(Duration::from_millis),
             dedup_window: config.conversation.dedup_window,
             panic_trigger: config.testing.panic_trigger.clone(),
             persistence,

@@ -229,8 +229,13 @@ pub struct ConversationConfig {
     pub mailbox_capacity: usize,
     /// Conversations held in memory at most; a new one beyond that is refused with 503.
     pub max_active: usize,
-    /// A conversation actor with nothing to do for this long stops.
+    /// A conversation with nothing to do for this long is passivated: its state is written to
+    /// the store and leaves memory.
     pub idle_timeout_ms: u64,
+    /// A conversation with nothing to do for this long gives its actor back and rests: its
+    /// session stays in memory (a few hundred bytes instead of an actor's kilobytes) and the
+    /// next activity starts a new actor on it. 0, or not below `idle_timeout_ms`: never rests.
+    pub rest_after_ms: u64,
     /// Activity ids remembered per conversation to drop redeliveries.
     pub dedup_window: usize,
     /// How long an invoke waits for the bot's answer before it is answered with an error body.
@@ -248,6 +253,7 @@ impl Default for ConversationConfig {
             mailbox_capacity: 64,
             max_active: 100_000,
             idle_timeout_ms: 300_000,
+            rest_after_ms: 2_000,
             dedup_window: 256,
             invoke_timeout_ms: 4_500,
             retry_after_secs: 1,

@@ -20,6 +20,7 @@ pub const FIRST_REPLY: &str = "teams_router_first_reply_seconds";
 pub const CONNECTOR_REQUESTS: &str = "teams_router_connector_requests_total";
 pub const CONNECTOR_RETRIES: &str = "teams_router_connector_retries_total";
 pub const CONVERSATIONS_ACTIVE: &str = "teams_router_conversations_active";
+pub const CONVERSATIONS_RESTING: &str = "teams_router_conversations_resting";
 pub const ACTOR_RESTARTS: &str = "teams_router_actor_restarts_total";
 pub const SNAPSHOT_DURATION: &str = "teams_router_snapshot_duration_seconds";
 pub const SNAPSHOT_FAILURES: &str = "teams_router_snapshot_failures_total";
@@ -243,7 +244,12 @@ fn describe_all() {
     describe_gauge!(
         CONVERSATIONS_ACTIVE,
         Unit::Count,
-        "Conversation actors held in memory."
+        "Conversations held in memory (with an actor, or resting without one)."
+    );
+    describe_gauge!(
+        CONVERSATIONS_RESTING,
+        Unit::Count,
+        "Conversations held in memory without an actor (quiet for conversation.rest_after_ms)."
     );
     describe_counter!(
         ACTOR_RESTARTS,
@@ -367,6 +373,7 @@ fn describe_all() {
         counter!(CONNECTOR_RETRIES, "reason" => *reason).increment(0);
     }
     gauge!(CONVERSATIONS_ACTIVE).set(0.0);
+    gauge!(CONVERSATIONS_RESTING).set(0.0);
     counter!(ACTOR_RESTARTS).increment(0);
     counter!(SNAPSHOT_FAILURES).increment(0);
     counter!(TURNS_FAILED).increment(0);

@@ -216,6 +216,78 @@ async fn gathered_history_is_written_on_its_timer_and_survives_a_kill_9() {
     assert!(session.contains("remember the lighthouse"), "{session}");
 }
 
+/// A quiet conversation rests (its actor stops, its state stays in memory), catches a
+/// redelivery without waking, goes on with its session when the next activity comes, and leaves
+/// memory at the idle timeout with its history in the store.
+#[tokio::test]
+async fn a_resting_conversation_goes_on_where_it_was_and_passivates_on_time() {
+    let mock = new_mock().await;
+    let dir = scratch_dir("resting");
+    let router = spawn(
+        &mock,
+        &embedded_storage(&dir, false),
+        "[conversation]\nrest_after_ms = 100\nidle_timeout_ms = 3000\n",
+    )
+    .await;
+    let gauge_becomes = |name: &'static str, value: f64| {
+        let router = &router;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let now = metric_value(&metrics(router).await, name);
+                if now == Some(value) || Instant::now() > deadline {
+                    return now;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    say(&mock, &router, "r1", "1", "remember the harbour").await;
+    assert_eq!(
+        gauge_becomes("teams_router_conversations_resting", 1.0).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&metrics(&router).await, "teams_router_conversations_active"),
+        Some(1.0),
+        "a resting conversation is still in memory"
+    );
+
+    let replies = mock.activities().len();
+    let (status, _) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &personal_message(&mock, "r1", "1", "remember the harbour"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mock.activities().len(), replies, "a redelivery is not answered again");
+    assert_eq!(
+        metric_value(&metrics(&router).await, "teams_router_conversations_resting"),
+        Some(1.0),
+        "a redelivery is caught without waking the conversation"
+    );
+
+    let session = say(&mock, &router, "r1", "2", "///session").await;
+    assert!(
+        session.starts_with("session: 1 turns") && session.contains("remember the harbour"),
+        "{session}"
+    );
+    assert_eq!(
+        gauge_becomes("teams_router_conversations_active", 0.0).await,
+        Some(0.0),
+        "passivated at the idle timeout"
+    );
+    assert_eq!(
+        metric_value(&metrics(&router).await, "teams_router_conversations_resting"),
+        Some(0.0)
+    );
+    let session = say(&mock, &router, "r1", "3", "///session").await;
+    assert!(session.contains("remember the harbour"), "{session}");
+}
+
 /// Sends a burst, kills the router with SIGKILL half-way, restarts it on the same store, and
 /// checks that every activity answered 200 got exactly one reply (duplicates reported).
 async fn kill_mid_burst(storage: &str, label: &str) {

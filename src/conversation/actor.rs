@@ -3,7 +3,9 @@
 //! owns the session: loaded from the latest snapshot at the first turn (after a passivation, a
 //! panic or on another instance), checked for redeliveries, updated after every turn and handed to
 //! the snapshot writer (after every turn, or gathered for `storage.snapshot_sync_ms` with the
-//! embedded store and without durable accept, and always before it stops). Idle actors passivate.
+//! embedded store and without durable accept, and always before it stops). A quiet actor rests:
+//! it stops and leaves what it holds with its conversation in memory, for the next actor; a
+//! conversation quiet for the idle timeout passivates (leaves memory).
 
 use crate::clock::Instant;
 use std::sync::{Arc, Weak};
@@ -53,6 +55,14 @@ pub struct ConversationArgs {
     pub directory: Weak<Directory>,
     pub services: Arc<ReplyServices>,
     pub settings: ConversationSettings,
+}
+
+/// What a conversation keeps in memory while it rests without an actor: the next actor goes
+/// on from it without reading the store.
+pub(super) struct Resting {
+    session: Option<(String, Session)>,
+    record: Option<(u64, std::time::Duration)>,
+    addresses_learned_from: Option<String>,
 }
 
 /// A turn being run.
@@ -124,26 +134,46 @@ impl Actor for ConversationActor {
         myself: ActorRef<Self::Msg>,
         args: ConversationArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        {
+        let (resting, ended) = {
             let mut state = args.conversation.state();
             state.actor = Some(myself.clone());
             // A predecessor that died mid-turn left the flag set; its turn is over.
             state.busy = false;
             state.side_running = 0;
+            state.waking = false;
+            (state.resting.take(), state.closed)
+        };
+        if resting.is_some()
+            && let Some(directory) = args.directory.upgrade()
+        {
+            directory.count_resting(-1);
         }
+        let Resting {
+            session,
+            record,
+            addresses_learned_from,
+        } = resting.map_or(
+            Resting {
+                session: None,
+                record: None,
+                addresses_learned_from: None,
+            },
+            |resting| *resting,
+        );
         Ok(ConversationActorState {
             args,
             current: None,
             side: Vec::new(),
-            session: None,
-            record: None,
+            session,
+            record,
             idle_check_armed: false,
-            ending: false,
+            // Woken to rest no more, but its integration was deleted meanwhile.
+            ending: ended,
             unsaved: false,
             kept_place: None,
             place_turns: 0,
             turns_started: 0,
-            addresses_learned_from: None,
+            addresses_learned_from,
             snapshots_dirty: false,
             flush_armed: false,
         })
@@ -177,7 +207,7 @@ impl Actor for ConversationActor {
                     Box::pin(start_next_turn(&myself, state)).await;
                 }
             }
-            ConversationMsg::IdleCheck => passivate_if_idle(&myself, state),
+            ConversationMsg::IdleCheck => rest_or_passivate_if_idle(&myself, state),
             ConversationMsg::FlushSnapshots => {
                 state.flush_armed = false;
                 flush_snapshots(state);
@@ -390,8 +420,9 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
         myself.stop(Some("integration deleted".into()));
         return;
     }
-    // Nothing left to do: check back after the idle timeout.
-    let after = state.args.settings.idle_timeout;
+    // Nothing left to do: check back when it may rest (or passivate).
+    let settings = &state.args.settings;
+    let after = settings.rest_after.unwrap_or(settings.idle_timeout);
     arm_idle_check(myself, state, after);
 }
 
@@ -743,19 +774,31 @@ fn flush_snapshots(state: &mut ConversationActorState) {
     }
 }
 
-fn passivate_if_idle(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) {
+/// What an idle check decided.
+enum Quiet {
+    /// Not quiet for long enough: check again after this.
+    CheckAgainIn(std::time::Duration),
+    /// Work is queued or running; the end of the running turn arms the next check.
+    Busy,
+    Rest,
+    Passivate,
+}
+
+fn rest_or_passivate_if_idle(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) {
     state.idle_check_armed = false;
     let idle_timeout = state.args.settings.idle_timeout;
+    let rest_after = state.args.settings.rest_after;
     flush_snapshots(state);
     if state.unsaved {
-        // Passivating now would lose what the dropped snapshot held; try again, else wait.
+        // Resting or passivating now would lose what the dropped snapshot held (a resting
+        // conversation may passivate without an actor to save it); try again, else wait.
         state.unsaved = !save_snapshots(state);
         if state.unsaved {
             arm_idle_check(myself, state, idle_timeout);
             return;
         }
     }
-    let remaining = {
+    let quiet = {
         let mut shared = state.args.conversation.state();
         let quiet_for = shared.last_activity.elapsed();
         if shared.busy
@@ -763,25 +806,41 @@ fn passivate_if_idle(myself: &ActorRef<ConversationMsg>, state: &mut Conversatio
             || shared.side_running > 0
             || !shared.side_queue.is_empty()
         {
-            // The end of the running turn arms the next check.
-            return;
-        }
-        if quiet_for < idle_timeout {
-            Some(idle_timeout - quiet_for)
-        } else {
+            Quiet::Busy
+        } else if quiet_for >= idle_timeout {
             shared.closed = true;
             shared.actor = None;
-            None
+            Quiet::Passivate
+        } else if rest_after.is_some_and(|after| quiet_for >= after) {
+            shared.actor = None;
+            shared.resting = Some(Box::new(Resting {
+                session: state.session.take(),
+                record: state.record.take(),
+                addresses_learned_from: state.addresses_learned_from.take(),
+            }));
+            // Counted under the lock, before the next actor can take the rest back.
+            if let Some(directory) = state.args.directory.upgrade() {
+                directory.count_resting(1);
+            }
+            Quiet::Rest
+        } else {
+            let next = rest_after
+                .filter(|&after| after > quiet_for)
+                .unwrap_or(idle_timeout);
+            Quiet::CheckAgainIn(next - quiet_for)
         }
     };
-    if let Some(remaining) = remaining {
-        arm_idle_check(myself, state, remaining);
-        return;
+    match quiet {
+        Quiet::Busy => {}
+        Quiet::CheckAgainIn(remaining) => arm_idle_check(myself, state, remaining),
+        Quiet::Rest => myself.stop(Some("resting".into())),
+        Quiet::Passivate => {
+            // The session's latest snapshot is already with the snapshot writer, which the next
+            // actor of this conversation reads before the store.
+            if let Some(directory) = state.args.directory.upgrade() {
+                directory.remove(&state.args.conversation);
+            }
+            myself.stop(Some("idle".into()));
+        }
     }
-    // The session's latest snapshot is already with the snapshot writer, which the next actor
-    // of this conversation reads before the store.
-    if let Some(directory) = state.args.directory.upgrade() {
-        directory.remove(&state.args.conversation);
-    }
-    myself.stop(Some("idle".into()));
 }

@@ -5,6 +5,11 @@
 //! the request path (which enqueues) and the actor (which runs turns). They outlive the actor, so
 //! a restarted actor picks up every queued activity: a panic loses at most the turn that caused
 //! it. The mutex guarding them is per conversation, never shared by all requests.
+//!
+//! A quiet conversation rests: its actor stops (an actor's floor is kilobytes: four channels and
+//! a task) and its session waits beside the queue for the next actor, which the next activity
+//! starts. The directory passivates resting conversations once they are quiet for the idle
+//! timeout.
 
 mod actor;
 pub(crate) mod admission;
@@ -27,7 +32,7 @@ use ractor::ActorRef;
 
 use crate::reply::ReplyServices;
 use crate::store::writer::{Journal, Snapshots};
-use crate::telemetry::CONVERSATIONS_ACTIVE;
+use crate::telemetry::{CONVERSATIONS_ACTIVE, CONVERSATIONS_RESTING};
 use session::HistoryLimits;
 
 pub use actor::ConversationMsg;
@@ -39,6 +44,8 @@ pub struct ConversationSettings {
     pub mailbox_capacity: usize,
     pub max_active: usize,
     pub idle_timeout: Duration,
+    /// Quiet for this long, a conversation rests: its actor stops, its state stays in memory.
+    pub rest_after: Option<Duration>,
     pub dedup_window: usize,
     pub panic_trigger: Option<String>,
     pub persistence: Arc<Persistence>,
@@ -118,8 +125,12 @@ struct ConversationState {
     side_running: usize,
     /// The activities taken, and which of them were answered.
     dedup: dedup::DedupWindow,
-    /// The live actor; `None` while it is being (re)started.
+    /// The live actor; `None` while it is being (re)started, or while the conversation rests.
     actor: Option<ActorRef<ConversationMsg>>,
+    /// What the actor held when it stopped to rest, for the next one.
+    resting: Option<Box<actor::Resting>>,
+    /// A resting conversation's new actor was asked for.
+    waking: bool,
     /// Set once the actor has passivated: the conversation takes no more turns.
     closed: bool,
     /// A turn is being run by a reply actor.
@@ -141,6 +152,8 @@ impl ConversationState {
 enum Enqueue {
     /// Queued; the actor to wake, when it is idle.
     Queued(Option<ActorRef<ConversationMsg>>),
+    /// Queued in a resting conversation: it needs a new actor.
+    QueuedToWake,
     Duplicate(Option<InvokeAnswer>),
     Full,
     Closed,
@@ -156,6 +169,8 @@ impl Conversation {
                 side_running: 0,
                 dedup: dedup::DedupWindow::new(settings.dedup_window),
                 actor: None,
+                resting: None,
+                waking: false,
                 closed: false,
                 busy: false,
                 last_activity: crate::clock::now(),
@@ -198,12 +213,23 @@ impl Conversation {
                 .push_back((activity_id.into(), reply.subscribe()));
         }
         state.last_activity = crate::clock::now();
-        if turn.invoke.is_some() {
-            // Not behind the running turn: the actor is woken to start it now.
+        let wakes_resting = state.resting.is_some() && !state.waking;
+        if wakes_resting {
+            state.waking = true;
+        }
+        let turn_is_invoke = turn.invoke.is_some();
+        if turn_is_invoke {
             state.side_queue.push_back(turn);
+        } else {
+            state.queue.push_back(turn);
+        }
+        if wakes_resting {
+            return Enqueue::QueuedToWake;
+        }
+        if turn_is_invoke {
+            // Not behind the running turn: the actor is woken to start it now.
             return Enqueue::Queued(state.actor.clone());
         }
-        state.queue.push_back(turn);
         Enqueue::Queued(if needs_wake {
             state.actor.clone()
         } else {
@@ -223,6 +249,8 @@ pub struct Directory {
     /// integration id → conversation id → conversation. Lookups by `&str` allocate nothing.
     conversations: DashMap<Box<str>, DashMap<Box<str>, Arc<Conversation>>>,
     active: AtomicUsize,
+    /// Of the active ones, those resting without an actor.
+    resting: AtomicUsize,
     settings: ConversationSettings,
     supervisor: ActorRef<SupervisorMsg>,
 }
@@ -286,6 +314,10 @@ impl Directory {
                     }
                     return Admission::Accepted(reply);
                 }
+                Enqueue::QueuedToWake => {
+                    self.start_actor(&conversation);
+                    return Admission::Accepted(reply);
+                }
                 Enqueue::Duplicate(answer) => return Admission::Duplicate(answer),
                 Enqueue::Full => return Admission::MailboxFull,
                 Enqueue::Closed => self.remove(&conversation),
@@ -345,14 +377,83 @@ impl Directory {
             }
         };
         gauge!(CONVERSATIONS_ACTIVE).set(self.active.load(Ordering::Acquire) as f64);
+        self.start_actor(&conversation);
+        Some(conversation)
+    }
+
+    /// Counts conversations starting (`1`) or ending (`-n`) a rest.
+    fn count_resting(&self, delta: isize) {
+        if delta == 0 {
+            return;
+        }
+        let now = if delta > 0 {
+            self.resting.fetch_add(delta as usize, Ordering::AcqRel) + delta as usize
+        } else {
+            let by = delta.unsigned_abs();
+            self.resting.fetch_sub(by, Ordering::AcqRel).saturating_sub(by)
+        };
+        gauge!(CONVERSATIONS_RESTING).set(now as f64);
+    }
+
+    fn start_actor(&self, conversation: &Arc<Conversation>) {
         if self
             .supervisor
-            .cast(SupervisorMsg::Start(Arc::clone(&conversation)))
+            .cast(SupervisorMsg::Start(Arc::clone(conversation)))
             .is_err()
         {
             tracing::error!("conversation supervisor is gone; the activity waits for a restart");
         }
-        Some(conversation)
+    }
+
+    /// Passivates the resting conversations quiet for `idle_timeout`: their actors, when they
+    /// stopped to rest, handed their snapshots to the writer, so they only leave memory.
+    fn passivate_resting(&self) -> usize {
+        let idle_timeout = self.settings.idle_timeout;
+        let mut quiet = Vec::new();
+        for per_integration in self.conversations.iter() {
+            for conversation in per_integration.iter() {
+                let mut state = conversation.state();
+                if state.resting.is_some()
+                    && !state.waking
+                    && state.actor.is_none()
+                    && state.queue.is_empty()
+                    && state.side_queue.is_empty()
+                    && state.last_activity.elapsed() >= idle_timeout
+                {
+                    state.closed = true;
+                    state.resting = None;
+                    quiet.push(Arc::clone(conversation.value()));
+                }
+            }
+        }
+        // Removed once no shard of the map is held by the walk above.
+        for conversation in &quiet {
+            self.remove(conversation);
+        }
+        self.count_resting(-(quiet.len() as isize));
+        quiet.len()
+    }
+
+    /// Passivates resting conversations on time, until the directory is dropped.
+    fn watch_resting(directory: &Arc<Self>) {
+        if directory.settings.rest_after.is_none() {
+            return;
+        }
+        // A resting conversation leaves memory at most a quarter of its idle timeout late.
+        let every = (directory.settings.idle_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(10));
+        let directory = Arc::downgrade(directory);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(directory) = directory.upgrade() else {
+                    return;
+                };
+                directory.passivate_resting();
+            }
+        });
     }
 
     /// Forgets a conversation (only this instance of it: a newer one under the key stays).
@@ -380,10 +481,14 @@ impl Directory {
             return 0;
         };
         let mut ended = 0;
+        let mut were_resting = 0;
         for (_, conversation) in per_integration {
             let actor = {
                 let mut state = conversation.state();
                 state.closed = true;
+                if state.resting.take().is_some() {
+                    were_resting += 1;
+                }
                 state.actor.clone()
             };
             if let Some(actor) = actor {
@@ -391,6 +496,7 @@ impl Directory {
             }
             ended += 1;
         }
+        self.count_resting(-were_resting);
         let now = self
             .active
             .fetch_sub(ended, Ordering::AcqRel)

@@ -52,11 +52,13 @@ pub(super) async fn start(
     let directory = Arc::new(Directory {
         conversations: DashMap::new(),
         active: AtomicUsize::new(0),
+        resting: AtomicUsize::new(0),
         settings,
         supervisor,
     });
     // The supervisor holds the directory weakly: the directory owns the supervisor's address.
     let _ = slot.set(Arc::downgrade(&directory));
+    Directory::watch_resting(&directory);
     Ok((directory, handle))
 }
 
