@@ -10,7 +10,9 @@ use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use loadtest::mock::MockMicrosoft;
 use serde_json::Value;
-use teams_router::activity::{ActivityView, TurnActivity, admissible, with_envelope};
+use teams_router::activity::{
+    ActivityView, TurnActivity, admissible, parse_turn, with_envelope,
+};
 use teams_router::app::Router;
 use teams_router::config::Config;
 
@@ -55,6 +57,10 @@ fn parse(c: &mut Criterion) {
     // The conversation's own parse of the turn's activity (one pass, owned).
     group.bench_function("turn_activity", |b| {
         b.iter(|| TurnActivity::parse(std::hint::black_box(&body)).map(|a| a.id.len()))
+    });
+    // The same owned parse by simd-json, through the request path's per-thread copy.
+    group.bench_function("turn_activity_simd_json", |b| {
+        b.iter(|| parse_turn(std::hint::black_box(&body)).map(|a| a.id.len()))
     });
     group.finish();
 }

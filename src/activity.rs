@@ -208,6 +208,22 @@ pub fn with_envelope<R>(body: &[u8], f: impl FnOnce(Result<Envelope<'_>, ParseEr
     })
 }
 
+/// Parses `body` once, owned, with simd-json (through the per-thread copy [`with_envelope`]
+/// uses): what the request path and the turn both read.
+pub fn parse_turn(body: &[u8]) -> Result<TurnActivity, ParseError> {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => {
+            let Scratch { bytes, buffers } = &mut *scratch;
+            bytes.clear();
+            bytes.extend_from_slice(body);
+            simd_json::serde::from_slice_with_buffers::<TurnActivity>(bytes.as_mut_slice(), buffers)
+                .map_err(|e| ParseError::Malformed(e.to_string()))
+        }
+        Err(_) => simd_json::serde::from_slice::<TurnActivity>(&mut body.to_vec())
+            .map_err(|e| ParseError::Malformed(e.to_string())),
+    })
+}
+
 /// Arrays and objects an activity may nest at most. Teams' deepest payloads (Adaptive Cards in
 /// attachments and invoke values) stay far below it; the actor's parser refuses input past 128.
 pub const MAX_NESTING: usize = 64;

@@ -768,3 +768,121 @@ async fn idle_conversations_passivate_at_scale_and_resume_with_history() {
         );
     }
 }
+
+/// Live conversations at scale, held in memory at once (the idle timeout is an hour): one
+/// message each, then every one rests. In long mode, 1,000,000 of them must fit in 6 KiB each
+/// (RSS over the router's at start), and sampled ones resume with their history from memory.
+#[tokio::test]
+async fn a_million_live_conversations_fit_in_six_kib_each() {
+    let conversations = std::env::var("LIVE_CONVERSATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(sized(2_000, 1_000_000));
+    let mock = new_mock().await;
+    let dir = scratch_dir("live");
+    let storage = format!(
+        "{}embedded_cache_bytes = 4194304\n",
+        embedded_storage(&dir, false)
+    );
+    let router = spawn(
+        &mock,
+        &storage,
+        &format!(
+            "[conversation]\nidle_timeout_ms = 3600000\nmax_active = {}\n",
+            conversations + 1_000
+        ),
+    )
+    .await;
+    let pid = router.pid().expect("pid");
+    let rss_start = rss_kib(pid);
+    let client = http();
+    let url = Arc::new(router.callback_url("teams_prod"));
+    let token = Arc::new(mock.token_for(APP_ID));
+    let activity_for = |i: usize, id: &str, text: &str| {
+        let mut activity = personal_message(&mock, &format!("live-{i}"), id, text);
+        activity["from"]["id"] = format!("29:user-{i}").into();
+        activity
+    };
+    let started = Instant::now();
+    stream::iter(0..conversations)
+        .for_each_concurrent(64, |i| {
+            let (client, url, token) = (client.clone(), Arc::clone(&url), Arc::clone(&token));
+            let activity = activity_for(i, "1", &format!("note {i}"));
+            async move {
+                let response = client
+                    .post(url.as_str())
+                    .bearer_auth(token.as_str())
+                    .json(&activity)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status().as_u16(), 200);
+            }
+        })
+        .await;
+    let replies = mock
+        .wait_for_activities(conversations, Duration::from_secs(600))
+        .await
+        .len();
+    let touched_in = started.elapsed();
+    assert_eq!(replies, conversations, "every conversation answered once");
+    let rss_answered = rss_kib(pid);
+    // Every conversation rests (default rest_after_ms: 2 s) and stays in memory.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut resting = 0.0;
+    while Instant::now() < deadline {
+        resting = metric_value(&metrics(&router).await, "teams_router_conversations_resting")
+            .unwrap_or(0.0);
+        if resting >= conversations as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(resting, conversations as f64, "every conversation rests");
+    assert_eq!(
+        metric_value(&metrics(&router).await, "teams_router_conversations_active"),
+        Some(conversations as f64),
+        "and is still in memory"
+    );
+    // The allocator hands freed pages back with a delay.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_resting = rss_kib(pid);
+    let per_conversation = |rss: u64| rss.saturating_sub(rss_start) as f64 / conversations as f64;
+    eprintln!(
+        "live conversations: {conversations} touched and answered in {touched_in:?}; RSS {rss_start} KiB at start, \
+         {rss_answered} KiB once all were answered ({:.2} KiB per conversation), {rss_resting} KiB once all rested \
+         ({:.2} KiB per live conversation)",
+        per_conversation(rss_answered),
+        per_conversation(rss_resting),
+    );
+    if conversations >= 100_000 {
+        assert!(
+            per_conversation(rss_resting) <= 6.0,
+            "{:.2} KiB per live conversation",
+            per_conversation(rss_resting)
+        );
+    }
+    // A sample resumes with its history.
+    for i in (0..conversations).step_by((conversations / 20).max(1)) {
+        let before = mock.wait_for_activities(0, Duration::ZERO).await.len();
+        let (status, _) = post(
+            &client,
+            url.as_str(),
+            Some(token.as_str()),
+            &activity_for(i, "2", "///session"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let replies = mock
+            .wait_for_activities(before + 1, Duration::from_secs(10))
+            .await;
+        let answer = replies
+            .last()
+            .map(|r| r.text().to_owned())
+            .unwrap_or_default();
+        assert!(
+            answer.contains(&format!("note {i}\"")) && answer.contains("1 turns"),
+            "conversation live-{i} resumed without its history: {answer}"
+        );
+    }
+}
