@@ -1,112 +1,11 @@
-//! The activity as the router sees it: a borrowed envelope parsed once by simd-json on the
-//! request path ([`ActivityView`]), and the owned turn activity that a conversation actor parses
-//! from the same bytes off the request path ([`TurnActivity`]). Mention stripping lives here.
+//! The activity as the router sees it: parsed once, owned, by simd-json on the request path
+//! ([`parse_turn`]); the request path checks and routes it through its borrowed [`Envelope`], and
+//! the conversation's turn reads the same parse. Mention stripping lives here.
 
 use std::cell::RefCell;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-/// The fields routing and verification need, borrowed from the parse buffer. simd-json unescapes
-/// strings in place, so `&str` fields borrow even when the JSON escapes them.
-#[derive(Debug, Deserialize)]
-pub struct ActivityView<'a> {
-    #[serde(rename = "type", borrow, default)]
-    pub kind: Option<&'a str>,
-    /// An invoke's name (`adaptiveCard/action`, `signin/tokenExchange`, ...); only invokes
-    /// use it, so a value of another type reads as none rather than refusing the activity.
-    #[serde(borrow, default, deserialize_with = "string_or_none")]
-    pub name: Option<&'a str>,
-    #[serde(borrow, default)]
-    pub id: Option<&'a str>,
-    #[serde(rename = "serviceUrl", borrow, default)]
-    pub service_url: Option<&'a str>,
-    #[serde(rename = "channelId", borrow, default)]
-    pub channel_id: Option<&'a str>,
-    #[serde(borrow, default)]
-    pub conversation: Option<ConversationView<'a>>,
-    #[serde(rename = "channelData", borrow, default)]
-    pub channel_data: Option<ChannelDataView<'a>>,
-    #[serde(borrow, default)]
-    pub from: Option<FromView<'a>>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct FromView<'a> {
-    #[serde(borrow, default)]
-    pub id: Option<&'a str>,
-    #[serde(rename = "aadObjectId", borrow, default)]
-    pub aad_object_id: Option<&'a str>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ConversationView<'a> {
-    #[serde(borrow, default)]
-    pub id: Option<&'a str>,
-    #[serde(rename = "tenantId", borrow, default)]
-    pub tenant_id: Option<&'a str>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChannelDataView<'a> {
-    #[serde(borrow, default)]
-    pub tenant: Option<TenantView<'a>>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct TenantView<'a> {
-    #[serde(borrow, default)]
-    pub id: Option<&'a str>,
-}
-
-fn string_or_none<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<&'de str>, D::Error> {
-    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
-    struct StringOrNone;
-    impl<'de> Visitor<'de> for StringOrNone {
-        type Value = Option<&'de str>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-            Ok(Some(v))
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_any(self)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-    }
-    deserializer.deserialize_any(StringOrNone)
-}
 
 /// The routing envelope with every required field present.
 #[derive(Debug, Clone, Copy)]
@@ -135,39 +34,6 @@ pub enum ParseError {
     TooDeep,
 }
 
-impl<'a> ActivityView<'a> {
-    pub fn envelope(&self) -> Result<Envelope<'a>, ParseError> {
-        fn required<'b>(v: Option<&'b str>, name: &'static str) -> Result<&'b str, ParseError> {
-            v.filter(|s| !s.is_empty())
-                .ok_or(ParseError::MissingField(name))
-        }
-        let conversation = self
-            .conversation
-            .as_ref()
-            .ok_or(ParseError::MissingField("conversation.id"))?;
-        Ok(Envelope {
-            kind: required(self.kind, "type")?,
-            id: required(self.id, "id")?,
-            service_url: required(self.service_url, "serviceUrl")?,
-            channel_id: required(self.channel_id, "channelId")?,
-            conversation_id: required(conversation.id, "conversation.id")?,
-            tenant_id: conversation
-                .tenant_id
-                .filter(|t| !t.is_empty())
-                .or_else(|| {
-                    self.channel_data
-                        .as_ref()
-                        .and_then(|c| c.tenant.as_ref())
-                        .and_then(|t| t.id)
-                        .filter(|t| !t.is_empty())
-                }),
-            from_id: self.from.as_ref().and_then(|f| f.id),
-            from_aad_object_id: self.from.as_ref().and_then(|f| f.aad_object_id),
-            name: self.name,
-        })
-    }
-}
-
 /// Per-thread parse scratch: the one copy of the body simd-json needs, and its reusable buffers.
 struct Scratch {
     bytes: Vec<u8>,
@@ -181,35 +47,9 @@ thread_local! {
     });
 }
 
-/// Parses `body` into its envelope and hands it to `f`. The body is copied once into a
-/// per-thread buffer (simd-json rewrites its input); `f` must not hold the view past its call.
-pub fn with_envelope<R>(body: &[u8], f: impl FnOnce(Result<Envelope<'_>, ParseError>) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut scratch) => {
-            let Scratch { bytes, buffers } = &mut *scratch;
-            bytes.clear();
-            bytes.extend_from_slice(body);
-            let parsed = simd_json::serde::from_slice_with_buffers::<ActivityView<'_>>(
-                bytes.as_mut_slice(),
-                buffers,
-            )
-            .map_err(|e| ParseError::Malformed(e.to_string()))
-            .and_then(|view| view.envelope());
-            f(parsed)
-        }
-        // Re-entrance cannot happen on the request path; fall back to a private buffer anyway.
-        Err(_) => {
-            let mut bytes = body.to_vec();
-            let parsed = simd_json::serde::from_slice::<ActivityView<'_>>(&mut bytes)
-                .map_err(|e| ParseError::Malformed(e.to_string()))
-                .and_then(|view| view.envelope());
-            f(parsed)
-        }
-    })
-}
-
-/// Parses `body` once, owned, with simd-json (through the per-thread copy [`with_envelope`]
-/// uses): what the request path and the turn both read.
+/// Parses `body` once, owned, by simd-json: the request path checks and routes it through its
+/// [`TurnActivity::envelope`], and the turn reads it. The body is copied once into a per-thread
+/// buffer (simd-json rewrites its input), whose buffers are reused.
 pub fn parse_turn(body: &[u8]) -> Result<TurnActivity, ParseError> {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => {
@@ -313,12 +153,31 @@ pub struct TurnActivity {
 }
 
 impl TurnActivity {
-    /// Parses the activity as leniently as the envelope check that admitted it: a key given
-    /// twice keeps its last value, and a field of the wrong type (a number where text belongs,
-    /// an object where a list belongs) counts as absent, so an acknowledged activity always
-    /// reaches its turn.
-    pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(body)
+    /// The fields routing and the request's checks need, with every required one present and
+    /// not empty.
+    pub fn envelope(&self) -> Result<Envelope<'_>, ParseError> {
+        fn required<'b>(v: &'b str, name: &'static str) -> Result<&'b str, ParseError> {
+            (!v.is_empty())
+                .then_some(v)
+                .ok_or(ParseError::MissingField(name))
+        }
+        let conversation_id = self
+            .conversation
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .ok_or(ParseError::MissingField("conversation.id"))?;
+        Ok(Envelope {
+            kind: required(&self.kind, "type")?,
+            id: required(&self.id, "id")?,
+            service_url: required(&self.service_url, "serviceUrl")?,
+            channel_id: required(&self.channel_id, "channelId")?,
+            conversation_id,
+            tenant_id: self.tenant_id().filter(|tenant| !tenant.is_empty()),
+            from_id: self.from_field("id"),
+            from_aad_object_id: self.from_field("aadObjectId"),
+            name: self.name.as_deref(),
+        })
     }
 
     pub fn conversation_id(&self) -> &str {
@@ -400,7 +259,6 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TurnActivity, A::Error> {
-        use serde::de::Error;
         fn text(value: Value) -> Option<String> {
             match value {
                 Value::String(text) => Some(text),
@@ -464,12 +322,12 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
                 }
             }
         }
-        activity.kind = kind.ok_or_else(|| A::Error::missing_field("type"))?;
-        activity.id = id.ok_or_else(|| A::Error::missing_field("id"))?;
-        activity.service_url = service_url.ok_or_else(|| A::Error::missing_field("serviceUrl"))?;
-        activity.channel_id = channel_id.ok_or_else(|| A::Error::missing_field("channelId"))?;
-        activity.conversation =
-            conversation.ok_or_else(|| A::Error::missing_field("conversation"))?;
+        // A missing field reads as empty here: [`TurnActivity::envelope`] names it.
+        activity.kind = kind.unwrap_or_default();
+        activity.id = id.unwrap_or_default();
+        activity.service_url = service_url.unwrap_or_default();
+        activity.channel_id = channel_id.unwrap_or_default();
+        activity.conversation = conversation.unwrap_or_default();
         Ok(activity)
     }
 }
@@ -550,6 +408,14 @@ pub fn strip_mentions(text: &str, entities: &[Value], bot_id: Option<&str>) -> S
 mod tests {
     use super::*;
 
+    /// The envelope of one parse, handed to `f` (it borrows the parse).
+    fn with_envelope<R>(body: &[u8], f: impl FnOnce(Result<Envelope<'_>, ParseError>) -> R) -> R {
+        match parse_turn(body) {
+            Ok(activity) => f(activity.envelope()),
+            Err(error) => f(Err(error)),
+        }
+    }
+
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!("{}/fixtures/activities/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -558,7 +424,7 @@ mod tests {
     #[test]
     fn field_names_are_read_escaped_or_not_and_others_kept() {
         let body = br#"{"type":"message","id":"1","serviceUrl":"https://x/","channelId":"msteams","conversation":{"id":"a"},"te\u0078t":"hi","locale":"en","x-custom":{"k":1}}"#;
-        let activity = TurnActivity::parse(body).expect("parses");
+        let activity = parse_turn(body).expect("parses");
         assert_eq!(activity.text.as_deref(), Some("hi"));
         assert_eq!(activity.locale.as_deref(), Some("en"));
         assert_eq!(
@@ -582,12 +448,11 @@ mod tests {
             let body = format!("{base}{extra}}}");
             let routable = with_envelope(body.as_bytes(), |e| e.is_ok());
             assert!(routable && admissible(body.as_bytes()).is_ok(), "{body}");
-            let turn =
-                TurnActivity::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+            let turn = parse_turn(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
             assert_eq!(turn.id, "1");
         }
         let twice = format!("{base},\"text\":\"first\",\"text\":\"second\"}}");
-        let turn = TurnActivity::parse(twice.as_bytes()).unwrap();
+        let turn = parse_turn(twice.as_bytes()).unwrap();
         assert_eq!(turn.text.as_deref(), Some("second"));
         let deep = format!("{base},\"value\":{}{}}}", "[".repeat(65), "]".repeat(65));
         assert_eq!(admissible(deep.as_bytes()), Err(ParseError::TooDeep));
@@ -741,7 +606,7 @@ mod tests {
     #[test]
     fn bot_mentions_are_stripped_everywhere_and_others_kept() {
         let body = fixture("channel-message-mention.json");
-        let activity = TurnActivity::parse(&body).unwrap();
+        let activity = parse_turn(&body).unwrap();
         assert_eq!(activity.text_without_bot_mentions(), "reply to thread");
 
         let entities = vec![
@@ -758,7 +623,7 @@ mod tests {
     #[test]
     fn bot_added_is_detected_from_members_added() {
         let body = fixture("conversationupdate-membersadded-personal.json");
-        let mut activity = TurnActivity::parse(&body).unwrap();
+        let mut activity = parse_turn(&body).unwrap();
         assert!(
             !activity.bot_was_added(),
             "placeholder ids differ in the fixture"

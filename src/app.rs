@@ -363,12 +363,21 @@ fn recover(directory: &Directory, journal: Option<&Journal>, entries: Vec<Journa
     metrics::counter!(crate::telemetry::JOURNAL_RECOVERED).increment(entries.len() as u64);
     for entry in entries {
         let integration: Arc<str> = entry.integration.as_str().into();
+        let activity = match crate::activity::parse_turn(entry.body.as_bytes()) {
+            Ok(activity) => Box::new(activity),
+            // Journaled after the same parse succeeded: only a damaged entry gets here.
+            Err(error) => {
+                tracing::error!(%error, seq = entry.seq, "journaled activity cannot be read; dropped");
+                journal.complete(entry.seq);
+                continue;
+            }
+        };
         let admission = directory.accept(
             &integration,
             &entry.conversation_id,
             &entry.activity_id,
             Arrival {
-                body: bytes::Bytes::from(entry.body),
+                activity,
                 is_invoke: false,
                 journal_seq: Some(entry.seq),
                 ticket: None,

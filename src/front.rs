@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity::{Envelope, ParseError, admissible, with_envelope};
+use crate::activity::{Envelope, ParseError, TurnActivity, admissible, parse_turn};
 use crate::auth::{AuthError, VerifiedToken, Verifiers};
 use crate::backend::InvokeResponse;
 use crate::config::OnStoreUnavailable;
@@ -393,18 +393,15 @@ enum DeadlineAnswer {
 }
 
 impl DeadlineAnswer {
-    /// Decided from the envelope; only a token exchange reads its `value` (rare, off the hot path).
-    fn of(envelope: &Envelope<'_>, body: &[u8]) -> Self {
+    /// Decided from the envelope; only a token exchange reads its `value`.
+    fn of(envelope: &Envelope<'_>, activity: &TurnActivity) -> Self {
         if envelope.kind != "invoke" {
             return Self::NotImplemented;
         }
         match envelope.name {
             Some("adaptiveCard/action") => Self::ErrorCard,
             Some(TOKEN_EXCHANGE) => {
-                let value = serde_json::from_slice::<serde_json::Value>(body)
-                    .ok()
-                    .and_then(|mut activity| activity.get_mut("value").map(std::mem::take));
-                Self::ExchangeFailed(ExchangeRequest::from_value(value.as_ref()))
+                Self::ExchangeFailed(ExchangeRequest::from_value(activity.value.as_ref()))
             }
             _ => Self::NotImplemented,
         }
@@ -587,10 +584,10 @@ impl Front {
         }
     }
 
-    /// The rest of the hot path: one parse of the envelope, the checks that need it, and the
-    /// hand-over to the conversation; `body` travels on to the actor as it is. Under durable
-    /// accept (`journal`), the activity is journaled first (group commit), and a redelivery the
-    /// conversation already saw, or that another instance claimed, is acknowledged unjournaled.
+    /// The rest of the hot path: the activity's one parse, the checks that need it, and the
+    /// hand-over of the parsed activity to its conversation. Under durable accept (`journal`),
+    /// the body is journaled first (group commit), and a redelivery the conversation already
+    /// saw, or that another instance claimed, is acknowledged unjournaled.
     pub async fn admit(
         &self,
         journal: Option<&Journal>,
@@ -600,38 +597,32 @@ impl Front {
     ) -> Result<Routed, Rejection> {
         // Before the parse: nesting is bounded before any parser walks it.
         admissible(&body).map_err(Rejection::parse)?;
-        let step = with_envelope(&body, |envelope| {
-            let envelope = envelope.map_err(Rejection::parse)?;
+        let activity = Box::new(parse_turn(&body).map_err(Rejection::parse)?);
+        let target = {
+            let envelope = activity.envelope().map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
             if !sender_allowed(integration, &envelope) {
-                return Ok(Step::Done(self.ignore(integration, &envelope)));
+                return Ok(self.ignore(integration, &envelope));
             }
-            let target = Target {
+            // The two ids are copied (a few bytes) so that the parse itself moves on to the turn.
+            Target {
                 type_index: telemetry::activity_type_index(envelope.kind),
                 is_invoke: envelope.kind == "invoke",
-                deadline: DeadlineAnswer::of(&envelope, &body),
+                deadline: DeadlineAnswer::of(&envelope, &activity),
                 conversation_id: envelope.conversation_id.into(),
                 activity_id: envelope.id.into(),
-            };
-            if let Some(journal) = journal {
-                // The journal write is awaited outside the parse buffer's borrow.
-                return Ok(Step::Journal(target.into_owned(), journal));
             }
-            // Without a journal, routed while the envelope is borrowed: nothing is copied.
-            let ticket = match self.take_place(integration, &target) {
-                Ok(ticket) => ticket,
-                Err(outcome) => return outcome.map(Step::Done),
-            };
-            self.route(integration, &target, body.clone(), None, ticket)
-                .map(Step::Done)
-        })?;
-        match step {
-            Step::Done(routed) => Ok(routed),
-            Step::Journal(target, journal) => {
-                self.journal_and_route(journal, integration, &target, body)
-                    .await
-            }
+        };
+        if let Some(journal) = journal {
+            return self
+                .journal_and_route(journal, integration, &target, body, activity)
+                .await;
         }
+        let ticket = match self.take_place(integration, &target) {
+            Ok(ticket) => ticket,
+            Err(outcome) => return outcome,
+        };
+        self.route(integration, &target, activity, None, ticket)
     }
 
     /// The checks that need the parsed activity, in the SDKs' order.
@@ -691,8 +682,9 @@ impl Front {
         &self,
         journal: &Journal,
         integration: &Integration,
-        target: &Target<'static>,
+        target: &Target,
         body: Bytes,
+        activity: Box<TurnActivity>,
     ) -> Result<Routed, Rejection> {
         if self.directory.seen(
             &integration.id,
@@ -727,7 +719,7 @@ impl Front {
                 OnStoreUnavailable::Accept => None,
             },
         };
-        let routed = self.route(integration, target, body, journal_seq, ticket);
+        let routed = self.route(integration, target, activity, journal_seq, ticket);
         if let (Ok(Routed::Duplicate(_)) | Err(_), Some(seq)) = (&routed, journal_seq) {
             journal.complete(seq);
         }
@@ -736,7 +728,7 @@ impl Front {
 
     /// A redelivery of an activity the conversation has seen: acknowledged; an invoke gets the
     /// original's answer when this instance still has it.
-    fn redelivery(&self, integration: &Integration, target: &Target<'_>) -> Routed {
+    fn redelivery(&self, integration: &Integration, target: &Target) -> Routed {
         let answer = if target.is_invoke {
             self.directory.invoke_answer(
                 &integration.id,
@@ -754,7 +746,7 @@ impl Front {
     fn take_place(
         &self,
         integration: &Integration,
-        target: &Target<'_>,
+        target: &Target,
     ) -> Result<Ticket, Result<Routed, Rejection>> {
         let refusal = match self.admission.admit(&integration.id) {
             Ok(ticket) => return Ok(ticket),
@@ -784,8 +776,8 @@ impl Front {
     fn route(
         &self,
         integration: &Integration,
-        target: &Target<'_>,
-        body: Bytes,
+        target: &Target,
+        activity: Box<TurnActivity>,
         journal_seq: Option<u64>,
         ticket: Ticket,
     ) -> Result<Routed, Rejection> {
@@ -794,7 +786,7 @@ impl Front {
             &target.conversation_id,
             &target.activity_id,
             Arrival {
-                body,
+                activity,
                 is_invoke: target.is_invoke,
                 journal_seq,
                 ticket: Some(ticket),
@@ -854,38 +846,17 @@ fn sender_allowed(integration: &Integration, envelope: &Envelope<'_>) -> bool {
     )
 }
 
-/// Where an activity goes, borrowed from the parse buffer on the fast path or owned when the
-/// route waits for the journal.
-struct Target<'a> {
+/// Where an activity goes.
+struct Target {
     type_index: usize,
     is_invoke: bool,
     /// What an invoke gets if the bot misses the deadline.
     deadline: DeadlineAnswer,
-    conversation_id: std::borrow::Cow<'a, str>,
-    activity_id: std::borrow::Cow<'a, str>,
+    conversation_id: Box<str>,
+    activity_id: Box<str>,
 }
 
-impl Target<'_> {
-    fn into_owned(self) -> Target<'static> {
-        Target {
-            conversation_id: self.conversation_id.into_owned().into(),
-            activity_id: self.activity_id.into_owned().into(),
-            ..self
-        }
-    }
-}
-
-/// Where an admitted activity is after its parse: answered, or to be journaled first.
-enum Step<'j> {
-    Done(Routed),
-    Journal(Target<'static>, &'j Journal),
-}
-
-fn duplicate(
-    integration: &Integration,
-    target: &Target<'_>,
-    answer: Option<InvokeAnswer>,
-) -> Routed {
+fn duplicate(integration: &Integration, target: &Target, answer: Option<InvokeAnswer>) -> Routed {
     integration.count_received(target.type_index);
     counter!(ACTIVITIES_DUPLICATE).increment(1);
     Routed::Duplicate(answer.map(|answer| PendingInvoke {

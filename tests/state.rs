@@ -263,9 +263,16 @@ async fn a_resting_conversation_goes_on_where_it_was_and_passivates_on_time() {
     .await;
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(mock.activities().len(), replies, "a redelivery is not answered again");
     assert_eq!(
-        metric_value(&metrics(&router).await, "teams_router_conversations_resting"),
+        mock.activities().len(),
+        replies,
+        "a redelivery is not answered again"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics(&router).await,
+            "teams_router_conversations_resting"
+        ),
         Some(1.0),
         "a redelivery is caught without waking the conversation"
     );
@@ -281,7 +288,10 @@ async fn a_resting_conversation_goes_on_where_it_was_and_passivates_on_time() {
         "passivated at the idle timeout"
     );
     assert_eq!(
-        metric_value(&metrics(&router).await, "teams_router_conversations_resting"),
+        metric_value(
+            &metrics(&router).await,
+            "teams_router_conversations_resting"
+        ),
         Some(0.0)
     );
     let session = say(&mock, &router, "r1", "3", "///session").await;
@@ -831,8 +841,11 @@ async fn a_million_live_conversations_fit_in_six_kib_each() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut resting = 0.0;
     while Instant::now() < deadline {
-        resting = metric_value(&metrics(&router).await, "teams_router_conversations_resting")
-            .unwrap_or(0.0);
+        resting = metric_value(
+            &metrics(&router).await,
+            "teams_router_conversations_resting",
+        )
+        .unwrap_or(0.0);
         if resting >= conversations as f64 {
             break;
         }

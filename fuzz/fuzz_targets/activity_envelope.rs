@@ -1,16 +1,28 @@
-//! The request path's parse: any bytes either give a routable envelope or a 400 reason, and an
-//! activity the front would acknowledge always parses again as the turn's activity in the actor
-//! (an acknowledged activity that the actor cannot read would be lost).
+//! The request path's parse: any bytes either give a routable activity or a 400 reason, and an
+//! activity the front would acknowledge can be replayed: its journaled bytes parse again to the
+//! same envelope, and the parse serializes back to JSON (what a webhook is sent).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use teams_router::activity::{TurnActivity, admissible, with_envelope};
+use teams_router::activity::{admissible, parse_turn};
 
 fuzz_target!(|body: &[u8]| {
-    let routable = with_envelope(body, |envelope| envelope.is_ok());
-    if routable && admissible(body).is_ok() {
-        if let Err(error) = TurnActivity::parse(body) {
-            panic!("acknowledged but unreadable by the actor: {error}");
-        }
+    if admissible(body).is_err() {
+        return;
+    }
+    let Ok(activity) = parse_turn(body) else {
+        return;
+    };
+    let Ok(envelope) = activity.envelope() else {
+        return;
+    };
+    let again = parse_turn(body).expect("a parse that succeeded once succeeds again");
+    let replayed = again.envelope().expect("the same envelope");
+    assert_eq!(
+        (envelope.kind, envelope.id, envelope.conversation_id),
+        (replayed.kind, replayed.id, replayed.conversation_id)
+    );
+    if let Err(error) = serde_json::to_vec(&activity) {
+        panic!("acknowledged but not serializable for a webhook: {error}");
     }
 });

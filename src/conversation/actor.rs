@@ -435,7 +435,7 @@ async fn begin_turn(
     side: bool,
 ) -> bool {
     let Turn {
-        body,
+        activity,
         accepted_at,
         mut invoke,
         journal_seq,
@@ -457,14 +457,7 @@ async fn begin_turn(
         }
         release(state, side);
     };
-    let activity = match TurnActivity::parse(&body) {
-        Ok(a) => a,
-        Err(error) => {
-            tracing::warn!(integration = %state.args.conversation.key.integration, %error, "activity cannot be read as a turn; dropped");
-            skip(state, "the activity could not be read", invoke.take(), true);
-            return false;
-        }
-    };
+    let activity = *activity;
     let Some(integration) = state
         .args
         .services
@@ -784,7 +777,10 @@ enum Quiet {
     Passivate,
 }
 
-fn rest_or_passivate_if_idle(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) {
+fn rest_or_passivate_if_idle(
+    myself: &ActorRef<ConversationMsg>,
+    state: &mut ConversationActorState,
+) {
     state.idle_check_armed = false;
     let idle_timeout = state.args.settings.idle_timeout;
     let rest_after = state.args.settings.rest_after;

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::clock::Instant;
 
-use bytes::Bytes;
+use crate::activity::TurnActivity;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use metrics::gauge;
@@ -64,8 +64,8 @@ pub struct Persistence {
 
 /// One accepted activity waiting for its turn.
 pub struct Turn {
-    /// The request body as received; parsed again by the actor, off the request path.
-    pub body: Bytes,
+    /// The activity, as the request path parsed it.
+    pub activity: Box<TurnActivity>,
     pub accepted_at: Instant,
     pub invoke: Option<InvokeReply>,
     /// The activity's journal entry under durable accept.
@@ -76,8 +76,8 @@ pub struct Turn {
 
 /// An activity arriving at its conversation.
 pub struct Arrival {
-    /// The request body as received.
-    pub body: Bytes,
+    /// The activity, as the request path parsed it.
+    pub activity: Box<TurnActivity>,
     /// An invoke: the request waits for the bot's answer.
     pub is_invoke: bool,
     /// Its journal entry under durable accept.
@@ -156,7 +156,8 @@ enum Enqueue {
     QueuedToWake,
     Duplicate(Option<InvokeAnswer>),
     Full,
-    Closed,
+    /// Passivated: the turn comes back, for the conversation that takes its place.
+    Closed(Turn),
 }
 
 impl Conversation {
@@ -187,10 +188,10 @@ impl Conversation {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn enqueue(&self, activity_id: &str, turn: impl FnOnce() -> Turn, capacity: usize) -> Enqueue {
+    fn enqueue(&self, activity_id: &str, turn: Turn, capacity: usize) -> Enqueue {
         let mut state = self.state();
         if state.closed {
-            return Enqueue::Closed;
+            return Enqueue::Closed(turn);
         }
         if state.dedup.contains(activity_id) {
             return Enqueue::Duplicate(state.invoke_answer(activity_id));
@@ -203,7 +204,6 @@ impl Conversation {
         // and a non-empty queue already has a wake-up on its way. Under load this spares one
         // cross-thread wake-up per activity.
         let needs_wake = !state.busy && state.queue.is_empty();
-        let turn = turn();
         if let Some(reply) = &turn.invoke {
             if state.invokes.len() == REMEMBERED_INVOKES {
                 state.invokes.pop_front();
@@ -273,28 +273,23 @@ impl Directory {
         arrival: Arrival,
     ) -> Admission {
         let Arrival {
-            body,
+            activity,
             is_invoke,
             journal_seq,
-            mut ticket,
+            ticket,
         } = arrival;
-        let accepted_at = crate::clock::now();
-        let mut reply = None;
-        let mut make_turn = || {
-            let invoke = if is_invoke {
-                let (tx, rx) = InvokeReply::new();
-                reply = Some(rx);
-                Some(tx)
-            } else {
-                None
-            };
-            Turn {
-                body: body.clone(),
-                accepted_at,
-                invoke,
-                journal_seq,
-                ticket: ticket.take(),
-            }
+        let (invoke, reply) = if is_invoke {
+            let (tx, rx) = InvokeReply::new();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let mut turn = Turn {
+            activity,
+            accepted_at: crate::clock::now(),
+            invoke,
+            journal_seq,
+            ticket,
         };
         // A conversation that passivated between lookup and enqueue is replaced; twice at most.
         for _ in 0..3 {
@@ -305,8 +300,7 @@ impl Directory {
                     None => return Admission::Overloaded,
                 },
             };
-            match conversation.enqueue(activity_id, &mut make_turn, self.settings.mailbox_capacity)
-            {
+            match conversation.enqueue(activity_id, turn, self.settings.mailbox_capacity) {
                 Enqueue::Queued(actor) => {
                     if let Some(actor) = actor {
                         // A dead actor cannot take the wake-up; its successor drains the queue.
@@ -320,7 +314,10 @@ impl Directory {
                 }
                 Enqueue::Duplicate(answer) => return Admission::Duplicate(answer),
                 Enqueue::Full => return Admission::MailboxFull,
-                Enqueue::Closed => self.remove(&conversation),
+                Enqueue::Closed(back) => {
+                    self.remove(&conversation);
+                    turn = back;
+                }
             }
         }
         Admission::Overloaded
@@ -390,7 +387,9 @@ impl Directory {
             self.resting.fetch_add(delta as usize, Ordering::AcqRel) + delta as usize
         } else {
             let by = delta.unsigned_abs();
-            self.resting.fetch_sub(by, Ordering::AcqRel).saturating_sub(by)
+            self.resting
+                .fetch_sub(by, Ordering::AcqRel)
+                .saturating_sub(by)
         };
         gauge!(CONVERSATIONS_RESTING).set(now as f64);
     }
