@@ -259,6 +259,7 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TurnActivity, A::Error> {
+        use serde::de::Error;
         fn text(value: Value) -> Option<String> {
             match value {
                 Value::String(text) => Some(text),
@@ -296,18 +297,42 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
             channel_data: None,
             extra: serde_json::Map::new(),
         };
-        // A key given twice keeps its last value, as the envelope check read it.
+        // A field that routing or the request's checks read, given twice, is refused: which one
+        // counts would be up to the parser (and to whatever parsed it before us). Any other key
+        // given twice keeps its last value, as JSON parsers commonly do.
+        let mut checked_seen = 0u8;
         while let Some(key) = map.next_key::<Key>()? {
+            if let Some(bit) = CHECKED_FIELDS.iter().position(|f| *f == key.0) {
+                if checked_seen & (1 << bit) != 0 {
+                    return Err(A::Error::duplicate_field(CHECKED_FIELDS[bit]));
+                }
+                checked_seen |= 1 << bit;
+            }
             match key.0.as_ref() {
                 "type" => kind = Some(map.next_value::<String>()?),
                 "id" => id = Some(map.next_value::<String>()?),
                 "serviceUrl" => service_url = Some(map.next_value::<String>()?),
                 "channelId" => channel_id = Some(map.next_value::<String>()?),
-                "conversation" => conversation = Some(map.next_value::<Value>()?),
-                "from" => activity.from = object(map.next_value()?),
+                "conversation" => {
+                    conversation = Some(map.next_value_seed(UniqueKeys {
+                        checked: &["id", "tenantId"],
+                        tenant: false,
+                    })?)
+                }
+                "from" => {
+                    activity.from = object(map.next_value_seed(UniqueKeys {
+                        checked: &["id", "aadObjectId"],
+                        tenant: false,
+                    })?)
+                }
                 "recipient" => activity.recipient = object(map.next_value()?),
                 "value" => activity.value = object(map.next_value()?),
-                "channelData" => activity.channel_data = object(map.next_value()?),
+                "channelData" => {
+                    activity.channel_data = object(map.next_value_seed(UniqueKeys {
+                        checked: &["tenant"],
+                        tenant: true,
+                    })?)
+                }
                 "text" => activity.text = text(map.next_value()?),
                 "name" => activity.name = text(map.next_value()?),
                 "locale" => activity.locale = text(map.next_value()?),
@@ -329,6 +354,95 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
         activity.channel_id = channel_id.unwrap_or_default();
         activity.conversation = conversation.unwrap_or_default();
         Ok(activity)
+    }
+}
+
+/// The top-level fields the request path checks or routes by (`conversation.id`, `from.id`,
+/// `channelData.tenant.id` and the invoke's `name` among them).
+const CHECKED_FIELDS: &[&str] = &[
+    "type",
+    "id",
+    "serviceUrl",
+    "channelId",
+    "conversation",
+    "from",
+    "channelData",
+    "name",
+];
+
+/// Reads a JSON value, refusing an object that gives one of the `checked` keys twice (with
+/// `tenant`, also `tenant.id` twice): for the objects whose fields the checks read.
+struct UniqueKeys {
+    checked: &'static [&'static str],
+    tenant: bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        use serde::de::Error;
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = if self.tenant && key == "tenant" {
+                map.next_value_seed(UniqueKeys {
+                    checked: &["id"],
+                    tenant: false,
+                })?
+            } else {
+                map.next_value::<Value>()?
+            };
+            if self.checked.contains(&key.as_str()) && object.contains_key(&key) {
+                return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+            }
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
     }
 }
 
@@ -587,6 +701,32 @@ mod tests {
                 assert_eq!(env.unwrap_err(), ParseError::MissingField(field), "{body}")
             });
         }
+    }
+
+    #[test]
+    fn a_checked_field_given_twice_is_refused_and_others_keep_the_last() {
+        let base = r#"{"type":"message","id":"1","serviceUrl":"s","channelId":"c""#;
+        for twice in [
+            r#","conversation":{"id":"x"},"serviceUrl":"t"}"#,
+            r#","conversation":{"id":"x","id":"y"}}"#,
+            r#","conversation":{"id":"x"},"from":{"id":"a","id":"b"}}"#,
+            r#","conversation":{"id":"x"},"channelData":{"tenant":{"id":"a","id":"b"}}}"#,
+            r#","conversation":{"id":"x"},"channelData":{"tenant":{"id":"a"},"tenant":{"id":"b"}}}"#,
+        ] {
+            let body = format!("{base}{twice}");
+            match parse_turn(body.as_bytes()) {
+                Err(ParseError::Malformed(reason)) => {
+                    assert!(reason.contains("duplicate"), "{body}: {reason}")
+                }
+                other => panic!("{body}: {:?}", other.map(|a| a.id)),
+            }
+        }
+        let body = format!(
+            r#"{base},"conversation":{{"id":"x"}},"channelData":{{"a":1,"a":2}},"locale":"x","locale":"y"}}"#
+        );
+        let activity = parse_turn(body.as_bytes()).unwrap();
+        assert_eq!(activity.locale.as_deref(), Some("y"));
+        assert_eq!(activity.channel_data, Some(serde_json::json!({"a": 2})));
     }
 
     #[test]

@@ -357,6 +357,41 @@ impl MockMicrosoft {
         self.state.lock().activities.clone()
     }
 
+    pub fn activity_count(&self) -> usize {
+        self.state.lock().activities.len()
+    }
+
+    /// The activities recorded from the `from`th on (a test with a million recorded reads its
+    /// latest without copying them all).
+    pub fn activities_from(&self, from: usize) -> Vec<RecordedActivity> {
+        let state = self.state.lock();
+        state
+            .activities
+            .get(from..)
+            .map(<[_]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Waits until at least `count` activities were recorded or `timeout` passed; returns how
+    /// many were.
+    pub async fn wait_for_activity_count(&self, count: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.arrived.notified();
+            let recorded = self.activity_count();
+            if recorded >= count || Instant::now() >= deadline {
+                return recorded;
+            }
+            let _ = tokio::time::timeout(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100)),
+                notified,
+            )
+            .await;
+        }
+    }
+
     /// Waits until at least `count` activities were recorded or `timeout` passed; returns them.
     pub async fn wait_for_activities(
         &self,
