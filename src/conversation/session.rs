@@ -180,13 +180,24 @@ impl Session {
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        codec::encode(&StoringSession {
-            conversation_id: &self.conversation_id,
-            started_at_ms: self.started_at_ms,
-            expires_at_ms: self.expires_at_ms,
-            turns: self.turns,
-            history: StoringHistory(&self.history),
-        })
+        // Each entry: its text and id, plus a few bytes of lengths, role and time (varints).
+        let size = 64
+            + self.conversation_id.len()
+            + self
+                .history
+                .iter()
+                .map(|entry| 16 + entry.text.len() + entry.id.as_ref().map_or(0, String::len))
+                .sum::<usize>();
+        codec::encode_sized(
+            &StoringSession {
+                conversation_id: &self.conversation_id,
+                started_at_ms: self.started_at_ms,
+                expires_at_ms: self.expires_at_ms,
+                turns: self.turns,
+                history: StoringHistory(&self.history),
+            },
+            size,
+        )
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {

@@ -23,7 +23,13 @@ pub enum Encoded<'a> {
 }
 
 pub fn encode(value: &impl Serialize) -> Result<Vec<u8>, CodecError> {
-    let mut bytes = Vec::with_capacity(256);
+    encode_sized(value, 256)
+}
+
+/// [`encode`] into a buffer of `capacity` bytes at first: a value whose size is known roughly
+/// (a session's history) is written without growing its buffer step by step.
+pub fn encode_sized(value: &impl Serialize, capacity: usize) -> Result<Vec<u8>, CodecError> {
+    let mut bytes = Vec::with_capacity(capacity);
     bytes.push(BINARY);
     Ok(postcard::serialize_with_flavor(value, Appending(bytes))?)
 }
