@@ -4,6 +4,13 @@
 //! `burst_over_1000_conversations` the cost per activity when many turns run at once.
 //! Figures and the command are in BENCHMARKS.md.
 
+
+/// The router's own allocator: what the request path allocates is freed on the actors' threads,
+/// and glibc's malloc (the default here) spends more on that than the request path itself.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
