@@ -4,7 +4,6 @@
 //! `burst_over_1000_conversations` the cost per activity when many turns run at once.
 //! Figures and the command are in BENCHMARKS.md.
 
-
 /// The router's own allocator: what the request path allocates is freed on the actors' threads,
 /// and glibc's malloc (the default here) spends more on that than the request path itself.
 #[cfg(feature = "jemalloc")]

@@ -3,7 +3,6 @@
 //! to a live conversation actor, and the whole verify + parse + route step with a cached token.
 //! Figures and the command are in BENCHMARKS.md.
 
-
 /// The router's own allocator: what the request path allocates is freed on the actors' threads,
 /// and glibc's malloc (the default here) spends more on that than the request path itself.
 #[cfg(feature = "jemalloc")]
