@@ -358,17 +358,8 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
 }
 
 /// The top-level fields the request path checks or routes by (`conversation.id`, `from.id`,
-/// `channelData.tenant.id` and the invoke's `name` among them).
-const CHECKED_FIELDS: &[&str] = &[
-    "type",
-    "id",
-    "serviceUrl",
-    "channelId",
-    "conversation",
-    "from",
-    "channelData",
-    "name",
-];
+/// `channelData.tenant.id` and the invoke's `name` among them): the first of [`KNOWN_FIELDS`].
+const CHECKED_FIELDS: &[&str] = KNOWN_FIELDS.split_at(8).0;
 
 /// Reads a JSON value, refusing an object that gives one of the `checked` keys twice (with
 /// `tenant`, also `tenant.id` twice): for the objects whose fields the checks read.
@@ -450,7 +441,7 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
 /// over unescaped in a scratch buffer), any other one owned, for `extra`.
 struct Key(std::borrow::Cow<'static, str>);
 
-/// The fields [`TurnActivityVisitor`] takes by name.
+/// The fields [`TurnActivityVisitor`] takes by name, those of [`CHECKED_FIELDS`] first.
 const KNOWN_FIELDS: &[&str] = &[
     "type",
     "id",
@@ -458,11 +449,11 @@ const KNOWN_FIELDS: &[&str] = &[
     "channelId",
     "conversation",
     "from",
+    "channelData",
+    "name",
     "recipient",
     "value",
-    "channelData",
     "text",
-    "name",
     "locale",
     "action",
     "entities",

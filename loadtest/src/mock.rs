@@ -398,23 +398,8 @@ impl MockMicrosoft {
         count: usize,
         timeout: Duration,
     ) -> Vec<RecordedActivity> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let notified = self.arrived.notified();
-            {
-                let state = self.state.lock();
-                if state.activities.len() >= count || Instant::now() >= deadline {
-                    return state.activities.clone();
-                }
-            }
-            let _ = tokio::time::timeout(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(100)),
-                notified,
-            )
-            .await;
-        }
+        self.wait_for_activity_count(count, timeout).await;
+        self.activities()
     }
 
     async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
