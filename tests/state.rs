@@ -75,6 +75,31 @@ async fn say(
         .unwrap_or_else(|| panic!("no reply to {id}"))
 }
 
+/// Sends activity `id` again, as Teams redelivers: acknowledged with 200 and not answered again.
+async fn redeliver(
+    mock: &MockMicrosoft,
+    router: &impl Endpoint,
+    conversation: &str,
+    id: &str,
+    text: &str,
+) {
+    let replies = mock.activity_count();
+    let (status, body) = post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        &personal_message(mock, conversation, id, text),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        mock.activity_count(),
+        replies,
+        "the redelivery of {id} was answered again"
+    );
+}
+
 #[tokio::test]
 async fn sessions_remember_and_reset_commands_start_afresh_embedded() {
     sessions_remember_and_reset_commands_start_afresh(&embedded_storage(
@@ -184,17 +209,7 @@ async fn sessions_and_the_dedup_window_survive_a_restart() {
             .contains("before the restart")
     );
     // Teams redelivers activity 1 to the new process: acknowledged, not answered again.
-    let replies = mock.activities().len();
-    let (status, _) = post(
-        &http(),
-        &second.callback_url("teams_prod"),
-        Some(&mock.token_for(APP_ID)),
-        &personal_message(&mock, "r1", "1", "before the restart"),
-    )
-    .await;
-    assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(mock.activities().len(), replies, "no second answer");
+    redeliver(&mock, &second, "r1", "1", "before the restart").await;
 }
 
 /// With the embedded store and without durable accept, a conversation gathers its turns into one
@@ -253,21 +268,7 @@ async fn a_resting_conversation_goes_on_where_it_was_and_passivates_on_time() {
         "a resting conversation is still in memory"
     );
 
-    let replies = mock.activities().len();
-    let (status, _) = post(
-        &http(),
-        &router.callback_url("teams_prod"),
-        Some(&mock.token_for(APP_ID)),
-        &personal_message(&mock, "r1", "1", "remember the harbour"),
-    )
-    .await;
-    assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        mock.activities().len(),
-        replies,
-        "a redelivery is not answered again"
-    );
+    redeliver(&mock, &router, "r1", "1", "remember the harbour").await;
     assert_eq!(
         metric_value(
             &metrics(&router).await,
@@ -434,17 +435,7 @@ async fn two_routers_share_one_redis() {
     );
 
     // Teams redelivers activity 1 to B after A answered it: acknowledged, not answered twice.
-    let replies = mock.activities().len();
-    let (status, _) = post(
-        &http(),
-        &b.callback_url("teams_prod"),
-        Some(&mock.token_for(APP_ID)),
-        &personal_message(&mock, "shared", "1", "remember me"),
-    )
-    .await;
-    assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(mock.activities().len(), replies);
+    redeliver(&mock, &b, "shared", "1", "remember me").await;
     let scrape = metrics(&b).await;
     assert_eq!(
         metric_value(&scrape, "teams_router_activities_duplicate_total"),
