@@ -285,7 +285,7 @@ impl Router {
         }
         let admission = Arc::new(Gate::new(config.admission.clone()));
         store_tasks.push(tokio::spawn(
-            Arc::clone(&admission).watch_runtime_lag(store_stopped.clone()),
+            Arc::clone(&admission).watch_runtime(store_stopped.clone()),
         ));
         let front = Arc::new(Front {
             admin,

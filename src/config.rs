@@ -95,6 +95,11 @@ pub struct AdmissionConfig {
     /// three late wake-ups in a row with work pending): past the machine's capacity, work queues
     /// up long before the bounds above are reached. 0 never sheds on lag.
     pub max_runtime_lag_ms: u64,
+    /// How busy (share of wall time not parked, over all worker threads) the runtime may be
+    /// before new activities are shed (503 + Retry-After; three 100 ms intervals in a row at or
+    /// above it with a backlog that is not shrinking): a runtime that never parks has more work
+    /// than CPU, and what it accepts then only queues. 0 never sheds on it.
+    pub max_runtime_busy_percent: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -105,6 +110,7 @@ impl Default for AdmissionConfig {
             max_turns_in_flight: 4_096,
             max_turns_in_flight_per_integration: 1_024,
             max_runtime_lag_ms: 500,
+            max_runtime_busy_percent: 95,
         }
     }
 }
@@ -615,6 +621,12 @@ impl Config {
         .contains(&0)
         {
             return invalid("every admission.* limit must be positive".into());
+        }
+        if admission.max_runtime_busy_percent > 100 {
+            return invalid(format!(
+                "admission.max_runtime_busy_percent = {} is above 100 (0 turns it off)",
+                admission.max_runtime_busy_percent
+            ));
         }
         if self.server.body_read_timeout_ms == 0 {
             return invalid("server.body_read_timeout_ms must be positive".into());

@@ -38,6 +38,7 @@ pub const STREAMS: &str = "teams_router_streams_total";
 pub const ADMIN_AUTH_FAILURES: &str = "teams_router_admin_auth_failures_total";
 pub const SECRETS_UNREADABLE: &str = "teams_router_secrets_unreadable";
 pub const RUNTIME_SHEDDING: &str = "teams_router_runtime_shedding";
+pub const RUNTIME_BUSY: &str = "teams_router_runtime_busy_ratio";
 
 /// What a management request with a wrong or missing API key got (`outcome` label).
 pub const ADMIN_AUTH_OUTCOMES: &[&str] = &["unauthorized", "rate_limited"];
@@ -348,9 +349,15 @@ fn describe_all() {
     describe_gauge!(
         RUNTIME_SHEDDING,
         Unit::Count,
-        "1 while the runtime runs tasks later than admission.max_runtime_lag_ms and new activities are shed (503, reason overloaded), else 0."
+        "1 while new activities are shed (503, reason overloaded) because the runtime runs tasks later than admission.max_runtime_lag_ms or its workers stay busier than admission.max_runtime_busy_percent with a backlog, else 0."
     );
     gauge!(RUNTIME_SHEDDING).set(0.0);
+    describe_gauge!(
+        RUNTIME_BUSY,
+        Unit::Count,
+        "Share of wall time (0 to 1) the runtime's worker threads spent running tasks over the last 100 ms."
+    );
+    gauge!(RUNTIME_BUSY).set(0.0);
     for outcome in ADMIN_AUTH_OUTCOMES {
         counter!(ADMIN_AUTH_FAILURES, "outcome" => *outcome).increment(0);
     }

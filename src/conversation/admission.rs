@@ -10,12 +10,15 @@
 //!   conversation starts a turn: past the bound, turns wait for a place and their activities
 //!   stay pending, which is what the request path then sheds on.
 //!
-//! - *Runtime lag*: past the machine's capacity, the bounds above are reached only once seconds of
-//!   work are queued (in mailboxes, and in the runtime's own queues before a request is even
-//!   read). A probe task measures how late the runtime wakes it; once it runs later than
-//!   `admission.max_runtime_lag_ms` three times in a row with work pending (one late wake-up is
-//!   a stall, not overload), and until it is on time again, new activities get 503 (`overloaded`) with Retry-After: a
-//!   refusal costs a fraction of a turn, so the backlog drains instead of growing.
+//! - *Runtime lag and load*: past the machine's capacity, the bounds above are reached only once
+//!   seconds of work are queued (in mailboxes, and in the runtime's own queues before a request
+//!   is even read). A probe task measures how late the runtime wakes it and how busy its worker
+//!   threads are. Once it runs later than `admission.max_runtime_lag_ms` three times in a row
+//!   with work pending (one late wake-up is a stall, not overload), or the workers are busy for
+//!   `admission.max_runtime_busy_percent` of five 100 ms intervals in a row while the backlog
+//!   does not shrink (a runtime that never parks has more work than CPU), new activities get
+//!   503 (`overloaded`) with Retry-After until that ends: a refusal costs a fraction of a turn,
+//!   so the backlog drains instead of growing.
 //!
 //! The request path touches one atomic per bound and one sharded map lookup; no lock is shared by
 //! all requests.
@@ -99,37 +102,51 @@ impl Gate {
     }
 
     /// Measures, until `stop` is set, how late the runtime runs a task that asks to be woken
-    /// every few milliseconds, and sheds new activities while it is later than the bound
-    /// (`admission.max_runtime_lag_ms`; 0 never sheds on lag).
-    pub async fn watch_runtime_lag(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        const PERIOD: Duration = Duration::from_millis(10);
-        let bound = Duration::from_millis(self.config.max_runtime_lag_ms);
-        if bound.is_zero() {
+    /// every few milliseconds and how busy its workers are, and sheds new activities while
+    /// either is past its bound (`admission.max_runtime_lag_ms`,
+    /// `admission.max_runtime_busy_percent`; 0 turns a bound off).
+    pub async fn watch_runtime(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let lag_bound = Duration::from_millis(self.config.max_runtime_lag_ms);
+        let busy_bound = self.config.max_runtime_busy_percent as f64 / 100.0;
+        if lag_bound.is_zero() && busy_bound == 0.0 {
             return;
         }
-        // One late wake-up is a stall (a blocking call, a pause of the machine), not overload:
-        // shedding starts after several in a row, with work pending.
-        const LATE_IN_A_ROW: u32 = 3;
-        let mut late_in_a_row = 0;
+        let mut lag = LagWatch::default();
+        let mut load = LoadWatch::default();
+        let mut busy = BusyMeter::new(tokio::runtime::Handle::current().metrics());
+        let mut ticks: u32 = 0;
         loop {
             let asked = crate::clock::now();
             tokio::select! {
-                _ = tokio::time::sleep(PERIOD) => {}
+                _ = tokio::time::sleep(PROBE_PERIOD) => {}
                 _ = stop.changed() => return,
             }
-            let lag = asked.elapsed().saturating_sub(PERIOD);
-            late_in_a_row = if lag > bound { late_in_a_row + 1 } else { 0 };
-            let lagging = late_in_a_row >= LATE_IN_A_ROW && self.pending() > 0;
-            if self.lagging.swap(lagging, Ordering::Relaxed) != lagging {
-                metrics::gauge!(crate::telemetry::RUNTIME_SHEDDING).set(if lagging {
+            let pending = self.pending();
+            let late_by = asked.elapsed().saturating_sub(PROBE_PERIOD);
+            if !lag_bound.is_zero() {
+                lag.observe(late_by > lag_bound, pending);
+            }
+            ticks += 1;
+            if ticks % TICKS_PER_INTERVAL == 0 {
+                let ratio = busy.ratio_since_last();
+                metrics::gauge!(crate::telemetry::RUNTIME_BUSY).set(ratio);
+                if busy_bound > 0.0 {
+                    load.observe(ratio >= busy_bound, pending);
+                }
+            }
+            let shedding = lag.shedding || load.shedding;
+            if self.lagging.swap(shedding, Ordering::Relaxed) != shedding {
+                metrics::gauge!(crate::telemetry::RUNTIME_SHEDDING).set(if shedding {
                     1.0
                 } else {
                     0.0
                 });
-                if lagging {
+                if shedding {
                     tracing::warn!(
-                        lag_ms = lag.as_millis() as u64,
-                        "the runtime is running late: new activities are shed"
+                        lag_ms = late_by.as_millis() as u64,
+                        busy_percent = (busy.last_ratio * 100.0).round() as u64,
+                        pending,
+                        "the runtime has more work than it can run: new activities are shed"
                     );
                 }
             }
@@ -178,6 +195,102 @@ impl Gate {
     }
 }
 
+/// The probe asks to be woken this often.
+const PROBE_PERIOD: Duration = Duration::from_millis(10);
+/// Busy shares are measured over this many probe periods (100 ms).
+const TICKS_PER_INTERVAL: u32 = 10;
+
+/// Late wake-ups of the probe: one is a stall (a blocking call, a pause of the machine), not
+/// overload, so shedding starts after several in a row, with work pending.
+#[derive(Default)]
+struct LagWatch {
+    late_in_a_row: u32,
+    shedding: bool,
+}
+
+impl LagWatch {
+    const LATE_IN_A_ROW: u32 = 3;
+
+    fn observe(&mut self, late: bool, pending: usize) {
+        self.late_in_a_row = if late { self.late_in_a_row + 1 } else { 0 };
+        self.shedding = self.late_in_a_row >= Self::LATE_IN_A_ROW && pending > 0;
+    }
+}
+
+/// Busy intervals of the workers: a burst keeps them busy for a moment and drains; overload
+/// keeps them busy interval after interval while what is pending does not go down.
+#[derive(Default)]
+struct LoadWatch {
+    busy_in_a_row: u32,
+    /// What was pending when the busy run started: a backlog that went down meanwhile is being
+    /// worked off, not growing.
+    backlog_mark: usize,
+    shedding: bool,
+}
+
+impl LoadWatch {
+    const BUSY_IN_A_ROW: u32 = 5;
+
+    fn observe(&mut self, busy: bool, pending: usize) {
+        if !busy || pending == 0 {
+            *self = Self::default();
+            return;
+        }
+        if self.shedding {
+            // Refusals are cheap: workers that stay busy while shedding still have more work
+            // than CPU; once they park, admission resumes.
+            return;
+        }
+        if self.busy_in_a_row == 0 {
+            self.backlog_mark = pending;
+        }
+        self.busy_in_a_row += 1;
+        self.shedding = self.busy_in_a_row >= Self::BUSY_IN_A_ROW && pending >= self.backlog_mark;
+    }
+}
+
+/// The share of wall time the runtime's workers spent running tasks (not parked, not waiting
+/// for I/O events) since the last reading.
+struct BusyMeter {
+    metrics: tokio::runtime::RuntimeMetrics,
+    at: crate::clock::Instant,
+    busy: Duration,
+    last_ratio: f64,
+}
+
+impl BusyMeter {
+    fn new(metrics: tokio::runtime::RuntimeMetrics) -> Self {
+        let busy = Self::total_busy(&metrics);
+        Self {
+            metrics,
+            at: crate::clock::now(),
+            busy,
+            last_ratio: 0.0,
+        }
+    }
+
+    fn total_busy(metrics: &tokio::runtime::RuntimeMetrics) -> Duration {
+        (0..metrics.num_workers())
+            .map(|worker| metrics.worker_total_busy_duration(worker))
+            .sum()
+    }
+
+    fn ratio_since_last(&mut self) -> f64 {
+        let now = crate::clock::now();
+        let busy = Self::total_busy(&self.metrics);
+        let capacity = now.saturating_duration_since(self.at).as_secs_f64()
+            * self.metrics.num_workers().max(1) as f64;
+        self.last_ratio = if capacity > 0.0 {
+            (busy.saturating_sub(self.busy).as_secs_f64() / capacity).min(1.0)
+        } else {
+            0.0
+        };
+        self.at = now;
+        self.busy = busy;
+        self.last_ratio
+    }
+}
+
 impl Ticket {
     /// Waits for a place among the turns in flight: the integration's own first, so that an
     /// integration at its bound does not hold places of the global one while it waits.
@@ -209,6 +322,7 @@ mod tests {
             max_turns_in_flight: turns,
             max_turns_in_flight_per_integration: turns,
             max_runtime_lag_ms: 500,
+            max_runtime_busy_percent: 95,
         })
     }
 
@@ -226,7 +340,7 @@ mod tests {
     async fn the_probe_sheds_while_the_runtime_is_late() {
         let gate = Arc::new(gate(10, 10, 10));
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let probe = tokio::spawn(Arc::clone(&gate).watch_runtime_lag(stopped));
+        let probe = tokio::spawn(Arc::clone(&gate).watch_runtime(stopped));
         tokio::time::sleep(Duration::from_millis(50)).await;
         let pending = gate.admit(&Arc::from("a")).expect("on time: admitted");
         // The clock jumps past the probe's wake-up by more than the bound, as it does for a
@@ -258,6 +372,73 @@ mod tests {
         );
         assert!(caught_up, "caught up: admitted again");
         assert_eq!(idle_but_late, None, "nothing pending: nothing to shed for");
+    }
+
+    #[test]
+    fn busy_workers_shed_only_while_a_backlog_holds() {
+        let mut burst = LoadWatch::default();
+        for pending in [50, 80, 90, 60] {
+            burst.observe(true, pending);
+        }
+        burst.observe(false, 10);
+        assert!(
+            !burst.shedding,
+            "a burst shorter than five intervals is not overload"
+        );
+
+        let mut draining = LoadWatch::default();
+        for pending in [500, 450, 400, 300, 200, 100] {
+            draining.observe(true, pending);
+        }
+        assert!(
+            !draining.shedding,
+            "a backlog going down is being worked off"
+        );
+
+        let mut overloaded = LoadWatch::default();
+        for pending in [100, 300, 500, 700, 900] {
+            overloaded.observe(true, pending);
+        }
+        assert!(
+            overloaded.shedding,
+            "busy interval after interval, backlog growing"
+        );
+        overloaded.observe(true, 400);
+        assert!(
+            overloaded.shedding,
+            "still busy: still shedding while it drains"
+        );
+        overloaded.observe(false, 300);
+        assert!(!overloaded.shedding, "the workers parked: admitting again");
+
+        let mut idle = LoadWatch::default();
+        for _ in 0..10 {
+            idle.observe(true, 0);
+        }
+        assert!(
+            !idle.shedding,
+            "busy with nothing pending is not ours to shed"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_busy_meter_reads_a_worker_that_does_not_park() {
+        let mut meter = BusyMeter::new(tokio::runtime::Handle::current().metrics());
+        tokio::spawn(async {
+            let until = std::time::Instant::now() + Duration::from_millis(200);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        })
+        .await
+        .expect("spinning task");
+        // The worker submits its figures when it parks.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let busy = meter.ratio_since_last();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let idle = meter.ratio_since_last();
+        assert!(busy > 0.7, "spinning for 200 ms read as {busy:.2} busy");
+        assert!(idle < 0.3, "sleeping for 200 ms read as {idle:.2} busy");
     }
 
     #[test]
