@@ -127,7 +127,7 @@ impl Gate {
                 lag.observe(late_by > lag_bound, pending);
             }
             ticks += 1;
-            if ticks % TICKS_PER_INTERVAL == 0 {
+            if ticks.is_multiple_of(TICKS_PER_INTERVAL) {
                 let ratio = busy.ratio_since_last();
                 metrics::gauge!(crate::telemetry::RUNTIME_BUSY).set(ratio);
                 if busy_bound > 0.0 {
