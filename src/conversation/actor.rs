@@ -767,11 +767,9 @@ fn flush_snapshots(state: &mut ConversationActorState) {
     }
 }
 
-/// What an idle check decided.
+/// What an idle check decided, once the conversation had been quiet for long enough.
 enum Quiet {
-    /// Not quiet for long enough: check again after this.
-    CheckAgainIn(std::time::Duration),
-    /// Work is queued or running; the end of the running turn arms the next check.
+    /// An activity came meanwhile; the end of its turn arms the next check.
     Busy,
     Rest,
     Passivate,
@@ -784,6 +782,27 @@ fn rest_or_passivate_if_idle(
     state.idle_check_armed = false;
     let idle_timeout = state.args.settings.idle_timeout;
     let rest_after = state.args.settings.rest_after;
+    let quiet_for = {
+        let shared = state.args.conversation.state();
+        let idle = !shared.busy
+            && shared.queue.is_empty()
+            && shared.side_running == 0
+            && shared.side_queue.is_empty();
+        idle.then(|| shared.last_activity.elapsed())
+    };
+    let Some(quiet_for) = quiet_for else {
+        // Work is queued or running; the end of the running turn arms the next check.
+        return;
+    };
+    let due = quiet_for >= idle_timeout || rest_after.is_some_and(|after| quiet_for >= after);
+    if !due {
+        // A conversation still talking keeps gathering its turns for the coalescing window.
+        let next = rest_after
+            .filter(|&after| after > quiet_for)
+            .unwrap_or(idle_timeout);
+        arm_idle_check(myself, state, next - quiet_for);
+        return;
+    }
     flush_snapshots(state);
     if state.unsaved {
         // Resting or passivating now would lose what the dropped snapshot held (a resting
@@ -796,18 +815,18 @@ fn rest_or_passivate_if_idle(
     }
     let quiet = {
         let mut shared = state.args.conversation.state();
-        let quiet_for = shared.last_activity.elapsed();
         if shared.busy
             || !shared.queue.is_empty()
             || shared.side_running > 0
             || !shared.side_queue.is_empty()
         {
+            // An activity came while the snapshots were handed over.
             Quiet::Busy
         } else if quiet_for >= idle_timeout {
             shared.closed = true;
             shared.actor = None;
             Quiet::Passivate
-        } else if rest_after.is_some_and(|after| quiet_for >= after) {
+        } else {
             shared.actor = None;
             shared.resting = Some(Box::new(Resting {
                 session: state.session.take(),
@@ -819,16 +838,10 @@ fn rest_or_passivate_if_idle(
                 directory.count_resting(1);
             }
             Quiet::Rest
-        } else {
-            let next = rest_after
-                .filter(|&after| after > quiet_for)
-                .unwrap_or(idle_timeout);
-            Quiet::CheckAgainIn(next - quiet_for)
         }
     };
     match quiet {
         Quiet::Busy => {}
-        Quiet::CheckAgainIn(remaining) => arm_idle_check(myself, state, remaining),
         Quiet::Rest => myself.stop(Some("resting".into())),
         Quiet::Passivate => {
             // The session's latest snapshot is already with the snapshot writer, which the next
