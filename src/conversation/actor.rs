@@ -478,10 +478,8 @@ async fn begin_turn(
     if !beside_running || state.record.is_none() {
         load_record(state, &integration).await;
     }
-    let same_session = state
-        .session
-        .as_ref()
-        .is_some_and(|(key, _)| *key == session_key(&integration.record.id, &activity));
+    let key = session_key(&integration.record.id, &activity);
+    let same_session = state.session.as_ref().is_some_and(|(held, _)| *held == key);
     // Another session beside a running turn (a personal chat's invoke from another user) is
     // read for this turn only: the running turn keeps the one it records into.
     let running_session = if beside_running && !same_session {
@@ -490,7 +488,7 @@ async fn begin_turn(
         None
     };
     if !beside_running || !same_session {
-        load_session(state, &integration, &activity).await;
+        load_session(state, &integration, &activity, key).await;
     }
     if state
         .args
@@ -720,14 +718,14 @@ async fn load_snapshot<T, E: std::fmt::Display>(
     }
 }
 
-/// Makes `state.session` the session this activity belongs to: the one in memory, else the
+/// Makes `state.session` the session `key` this activity belongs to: the one in memory, else the
 /// latest snapshot, else a new one (also when the stored one expired).
 async fn load_session(
     state: &mut ConversationActorState,
     integration: &Integration,
     activity: &TurnActivity,
+    key: String,
 ) {
-    let key = session_key(&integration.record.id, activity);
     if state.session.as_ref().is_some_and(|(held, _)| *held != key) {
         // Another session takes this one's place: what it gathered is handed over first.
         flush_snapshots(state);
