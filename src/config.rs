@@ -95,10 +95,11 @@ pub struct AdmissionConfig {
     /// three late wake-ups in a row with work pending): past the machine's capacity, work queues
     /// up long before the bounds above are reached. 0 never sheds on lag.
     pub max_runtime_lag_ms: u64,
-    /// How busy (share of wall time not parked, over all worker threads) the runtime may be
-    /// before new activities are shed (503 + Retry-After; three 100 ms intervals in a row at or
-    /// above it with a backlog that is not shrinking): a runtime that never parks has more work
-    /// than CPU, and what it accepts then only queues. 0 never sheds on it.
+    /// How busy (share of wall time running tasks, over all worker threads) the runtime may be
+    /// before new activities are shed (503 + Retry-After; a second of 100 ms intervals at or
+    /// above it, with more pending than a second's worth of finished activities): a runtime that
+    /// never parks has more work than CPU, and what it accepts then only queues. 0 never sheds
+    /// on it.
     pub max_runtime_busy_percent: u64,
 }
 

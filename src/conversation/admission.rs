@@ -15,16 +15,16 @@
 //!   is even read). A probe task measures how late the runtime wakes it and how busy its worker
 //!   threads are. Once it runs later than `admission.max_runtime_lag_ms` three times in a row
 //!   with work pending (one late wake-up is a stall, not overload), or the workers are busy for
-//!   `admission.max_runtime_busy_percent` of five 100 ms intervals in a row while the backlog
-//!   does not shrink (a runtime that never parks has more work than CPU), new activities get
-//!   503 (`overloaded`) with Retry-After until that ends: a refusal costs a fraction of a turn,
-//!   so the backlog drains instead of growing.
+//!   `admission.max_runtime_busy_percent` of every 100 ms interval for a second with more
+//!   pending than a second's worth of finished activities (a runtime that never parks has more
+//!   work than CPU), new activities get 503 (`overloaded`) with Retry-After until that ends: a
+//!   refusal costs a fraction of a turn, so the backlog drains instead of growing.
 //!
 //! The request path touches one atomic per bound and one sharded map lookup; no lock is shared by
 //! all requests.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -46,6 +46,8 @@ pub struct Gate {
     /// The runtime lag probe found the runtime late: new activities are shed.
     lagging: AtomicBool,
     pending: Arc<AtomicUsize>,
+    /// Activities finished since the start (read by the probe for the rate the backlog drains).
+    finished: Arc<AtomicU64>,
     turns: Arc<Semaphore>,
     integrations: DashMap<Arc<str>, Arc<IntegrationLoad>>,
 }
@@ -58,6 +60,7 @@ struct IntegrationLoad {
 /// One admitted activity's place; given back when dropped.
 pub struct Ticket {
     global: Arc<AtomicUsize>,
+    finished: Arc<AtomicU64>,
     load: Arc<IntegrationLoad>,
     turns: Arc<Semaphore>,
 }
@@ -73,6 +76,7 @@ impl Gate {
         Self {
             lagging: AtomicBool::new(false),
             pending: Arc::new(AtomicUsize::new(0)),
+            finished: Arc::new(AtomicU64::new(0)),
             turns: Arc::new(Semaphore::new(config.max_turns_in_flight.max(1))),
             integrations: DashMap::new(),
             config,
@@ -96,6 +100,7 @@ impl Gate {
         }
         Ok(Ticket {
             global: Arc::clone(&self.pending),
+            finished: Arc::clone(&self.finished),
             load,
             turns: Arc::clone(&self.turns),
         })
@@ -115,6 +120,7 @@ impl Gate {
         let mut load = LoadWatch::default();
         let mut busy = BusyMeter::new(tokio::runtime::Handle::current().metrics());
         let mut ticks: u32 = 0;
+        let mut finished_before = self.finished.load(Ordering::Relaxed);
         loop {
             let asked = crate::clock::now();
             tokio::select! {
@@ -130,8 +136,11 @@ impl Gate {
             if ticks.is_multiple_of(TICKS_PER_INTERVAL) {
                 let ratio = busy.ratio_since_last();
                 metrics::gauge!(crate::telemetry::RUNTIME_BUSY).set(ratio);
+                let finished = self.finished.load(Ordering::Relaxed);
+                let finished_in_interval = finished.saturating_sub(finished_before);
+                finished_before = finished;
                 if busy_bound > 0.0 {
-                    load.observe(ratio >= busy_bound, pending);
+                    load.observe(ratio >= busy_bound, pending, finished_in_interval);
                 }
             }
             let shedding = lag.shedding || load.shedding;
@@ -218,20 +227,23 @@ impl LagWatch {
 }
 
 /// Busy intervals of the workers: a burst keeps them busy for a moment and drains; overload
-/// keeps them busy interval after interval while what is pending does not go down.
+/// keeps them busy second after second with more pending than they finish in a second.
 #[derive(Default)]
 struct LoadWatch {
     busy_in_a_row: u32,
-    /// What was pending when the busy run started: a backlog that went down meanwhile is being
-    /// worked off, not growing.
-    backlog_mark: usize,
+    /// Activities finished over the busy run so far.
+    finished_in_run: u64,
     shedding: bool,
 }
 
 impl LoadWatch {
-    const BUSY_IN_A_ROW: u32 = 5;
+    /// A second of busy intervals in a row.
+    const BUSY_IN_A_ROW: u32 = 10;
+    /// Shedding starts when what is pending would take longer than this to finish at the rate
+    /// the busy run finished activities (the latency a newcomer would wait, end to end).
+    const MAX_BACKLOG: Duration = Duration::from_secs(1);
 
-    fn observe(&mut self, busy: bool, pending: usize) {
+    fn observe(&mut self, busy: bool, pending: usize, finished_in_interval: u64) {
         if !busy || pending == 0 {
             *self = Self::default();
             return;
@@ -241,11 +253,13 @@ impl LoadWatch {
             // than CPU; once they park, admission resumes.
             return;
         }
-        if self.busy_in_a_row == 0 {
-            self.backlog_mark = pending;
-        }
         self.busy_in_a_row += 1;
-        self.shedding = self.busy_in_a_row >= Self::BUSY_IN_A_ROW && pending >= self.backlog_mark;
+        self.finished_in_run += finished_in_interval;
+        let run = PROBE_PERIOD * TICKS_PER_INTERVAL * self.busy_in_a_row;
+        let per_second = self.finished_in_run as f64 / run.as_secs_f64();
+        let backlog_secs = pending as f64 / per_second.max(1.0);
+        self.shedding = self.busy_in_a_row >= Self::BUSY_IN_A_ROW
+            && backlog_secs >= Self::MAX_BACKLOG.as_secs_f64();
     }
 }
 
@@ -308,6 +322,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         self.load.pending.fetch_sub(1, Ordering::AcqRel);
         self.global.fetch_sub(1, Ordering::AcqRel);
+        self.finished.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -375,45 +390,48 @@ mod tests {
     }
 
     #[test]
-    fn busy_workers_shed_only_while_a_backlog_holds() {
+    fn busy_workers_shed_only_past_a_second_of_backlog() {
+        // 100 ms intervals; 1,000 activities a second finish (100 an interval).
         let mut burst = LoadWatch::default();
-        for pending in [50, 80, 90, 60] {
-            burst.observe(true, pending);
+        for pending in [500, 800, 900, 600, 400, 300, 200, 100, 50] {
+            burst.observe(true, pending, 100);
         }
-        burst.observe(false, 10);
+        burst.observe(false, 10, 100);
         assert!(
             !burst.shedding,
-            "a burst shorter than five intervals is not overload"
+            "a burst shorter than a second is not overload"
         );
 
-        let mut draining = LoadWatch::default();
-        for pending in [500, 450, 400, 300, 200, 100] {
-            draining.observe(true, pending);
+        let mut keeping_up = LoadWatch::default();
+        for _ in 0..30 {
+            keeping_up.observe(true, 400, 100);
         }
         assert!(
-            !draining.shedding,
-            "a backlog going down is being worked off"
+            !keeping_up.shedding,
+            "busy, but what is pending finishes in under a second"
         );
 
         let mut overloaded = LoadWatch::default();
-        for pending in [100, 300, 500, 700, 900] {
-            overloaded.observe(true, pending);
+        for i in 0..9 {
+            overloaded.observe(true, 600 + 100 * i, 100);
         }
+        assert!(!overloaded.shedding, "not a full second yet");
+        overloaded.observe(true, 1_500, 100);
         assert!(
             overloaded.shedding,
-            "busy interval after interval, backlog growing"
+            "a second busy, 1.5 s of work pending: shed"
         );
-        overloaded.observe(true, 400);
+        overloaded.observe(true, 700, 100);
         assert!(
             overloaded.shedding,
             "still busy: still shedding while it drains"
         );
-        overloaded.observe(false, 300);
+        overloaded.observe(false, 600, 100);
         assert!(!overloaded.shedding, "the workers parked: admitting again");
 
         let mut idle = LoadWatch::default();
-        for _ in 0..10 {
-            idle.observe(true, 0);
+        for _ in 0..20 {
+            idle.observe(true, 0, 0);
         }
         assert!(
             !idle.shedding,
