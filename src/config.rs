@@ -978,6 +978,10 @@ botId = "echo"
                 "[[bots]]\nid = \"a/b\"\nbackend = { kind = \"echo\" }\n",
                 "must be 1-128",
             ),
+            (
+                "[admission]\nmax_runtime_busy_percent = 150\n",
+                "max_runtime_busy_percent = 150 is above 100",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_sources(text, Vec::new())

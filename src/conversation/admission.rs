@@ -490,6 +490,11 @@ mod tests {
         assert_eq!(gate.admit(&Arc::from("c")).err(), Some(Refusal::Global));
         drop(tickets);
         assert_eq!(gate.pending(), 0);
+        assert_eq!(
+            gate.finished.load(Ordering::Relaxed),
+            2,
+            "finished activities are counted for the busy gate's backlog estimate; refusals are not"
+        );
         assert!(gate.admit(&Arc::from("c")).is_ok());
     }
 
