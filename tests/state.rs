@@ -47,15 +47,14 @@ async fn spawn(mock: &MockMicrosoft, storage: &str, extra: &str) -> RouterProces
         .expect("router starts")
 }
 
-/// Sends one message and waits for its reply; returns the reply text.
-async fn say(
+/// Posts message `id` into a personal conversation and expects it acknowledged (200).
+async fn send_acknowledged(
     mock: &MockMicrosoft,
     router: &impl Endpoint,
     conversation: &str,
     id: &str,
     text: &str,
-) -> String {
-    let before = mock.activities().len();
+) {
     let (status, body) = post(
         &http(),
         &router.callback_url("teams_prod"),
@@ -64,6 +63,18 @@ async fn say(
     )
     .await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// Sends one message and waits for its reply; returns the reply text.
+async fn say(
+    mock: &MockMicrosoft,
+    router: &impl Endpoint,
+    conversation: &str,
+    id: &str,
+    text: &str,
+) -> String {
+    let before = mock.activity_count();
+    send_acknowledged(mock, router, conversation, id, text).await;
     let replies = mock
         .wait_for_activities(before + 1, Duration::from_secs(10))
         .await;
@@ -84,14 +95,7 @@ async fn redeliver(
     text: &str,
 ) {
     let replies = mock.activity_count();
-    let (status, body) = post(
-        &http(),
-        &router.callback_url("teams_prod"),
-        Some(&mock.token_for(APP_ID)),
-        &personal_message(mock, conversation, id, text),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    send_acknowledged(mock, router, conversation, id, text).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         mock.activity_count(),
