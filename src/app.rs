@@ -25,9 +25,11 @@ use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::ledger::addresses::AddressBook;
 use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::EventLog;
+use crate::ownership::Owner;
 use crate::registry::Registry;
 use crate::reply::ReplyServices;
 use crate::reply::streaming::StreamSettings;
+use crate::store::partitions::PartitionLog;
 use crate::store::writer::{Journal, SnapshotPolicy, Snapshots};
 use crate::store::{JournalEntry, Store, StoreError, StoreHealth};
 use crate::telemetry::{self, Readiness};
@@ -79,6 +81,8 @@ pub struct Router {
     pub readiness: Arc<Readiness>,
     pub metrics: PrometheusHandle,
     pub snapshots: Arc<Snapshots>,
+    /// With a shared Redis store: this instance's partitions.
+    owner: Option<Arc<Owner>>,
     supervisor_task: tokio::task::JoinHandle<()>,
     /// Stops the store's background tasks (snapshot writer, journal writer, health probe).
     stop_store_tasks: watch::Sender<bool>,
@@ -209,7 +213,8 @@ impl Router {
             )),
         ];
         let durable = config.storage.durable_accept();
-        let (journal, recovered) = if durable {
+        // A shared store records activities in its partitions' streams instead.
+        let (journal, recovered) = if durable && !store.is_shared() {
             let pending = store.pending_journal().await?;
             let first_seq = pending.last().map(|e| e.seq + 1).unwrap_or(0);
             let (journal, task) = Journal::start(
@@ -254,6 +259,27 @@ impl Router {
         };
         let (directory, supervisor_task) = Directory::start(settings, services).await?;
         recover(&directory, journal.as_deref(), recovered);
+        let owner = match PartitionLog::new(Arc::clone(&store), config.storage.partitions) {
+            Some(log) => {
+                let (owner, tasks) = Owner::start(
+                    log,
+                    Arc::clone(&directory),
+                    &instance_id,
+                    config.storage.lease_ms,
+                    Duration::from_secs(config.storage.dedup_ttl_secs),
+                    durable,
+                    store_stopped.clone(),
+                )
+                .await;
+                store_tasks.extend(tasks);
+                move_legacy_journals(&store, &owner).await;
+                if durable {
+                    readiness.add_check(health.readiness_check());
+                }
+                Some(owner)
+            }
+            None => None,
+        };
         let setup = SetupChecker::new(
             Arc::new(TokenProvider::new(
                 http,
@@ -307,6 +333,8 @@ impl Router {
             retry_after_secs: config.conversation.retry_after_secs,
             required_endorsements: config.microsoft.required_endorsements.clone(),
             journal,
+            owner: owner.clone(),
+            durable_accept: durable,
             on_store_unavailable: config.storage.on_unavailable,
         });
         Ok(Self {
@@ -316,6 +344,7 @@ impl Router {
             readiness,
             metrics,
             snapshots,
+            owner,
             supervisor_task,
             stop_store_tasks,
             store_tasks,
@@ -325,6 +354,9 @@ impl Router {
     /// Waits (up to `deadline`) for accepted activities to finish, then stops the actors.
     pub async fn drain(self, deadline: Duration) {
         let until = crate::clock::now() + deadline;
+        if let Some(owner) = &self.owner {
+            owner.stop_reading();
+        }
         while self.directory.pending() > 0 && crate::clock::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -344,9 +376,61 @@ impl Router {
         self.directory.supervisor().stop(Some("shutdown".into()));
         let _ = self.supervisor_task.await;
         self.snapshots.flush(Duration::from_secs(5)).await;
+        // Released only now: the next holder reads the snapshots written above.
+        if let Some(owner) = &self.owner {
+            owner.release_all(Duration::from_secs(5)).await;
+        }
         let _ = self.stop_store_tasks.send(true);
         for task in self.store_tasks {
             let _ = task.await;
+        }
+    }
+}
+
+/// Earlier versions journaled each instance's accepted activities under its own name; what they
+/// left unanswered moves to the partitions' streams once (any instance may find it: the move is
+/// idempotent, the dedup claim of each activity makes a second copy a duplicate).
+async fn move_legacy_journals(store: &Store, owner: &Owner) {
+    let Some(redis) = store.redis() else {
+        return;
+    };
+    let journals = match redis.legacy_journals().await {
+        Ok(journals) => journals,
+        Err(error) => {
+            tracing::warn!(%error, "journals of earlier versions cannot be read; they are looked for at the next start");
+            return;
+        }
+    };
+    for (key, entries) in journals {
+        let mut moved = 0usize;
+        let mut complete = true;
+        for entry in &entries {
+            let body = bytes::Bytes::from(entry.body.clone().into_bytes());
+            let integration: Arc<str> = entry.integration.as_str().into();
+            match owner
+                .accept(
+                    &integration,
+                    &entry.conversation_id,
+                    &entry.activity_id,
+                    &body,
+                    None,
+                )
+                .await
+            {
+                Ok(_) => moved += 1,
+                Err(error) => {
+                    tracing::warn!(%error, %key, "a journal of an earlier version is not moved yet");
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        if complete {
+            if let Err(error) = redis.delete_raw(&key).await {
+                tracing::warn!(%error, %key, "a moved journal could not be removed");
+            }
+            tracing::info!(%key, moved, "moved a journal of an earlier version to the partitions");
+            metrics::counter!(crate::telemetry::JOURNAL_RECOVERED).increment(moved as u64);
         }
     }
 }
@@ -379,7 +463,7 @@ fn recover(directory: &Directory, journal: Option<&Journal>, entries: Vec<Journa
             Arrival {
                 activity,
                 is_invoke: false,
-                journal_seq: Some(entry.seq),
+                receipt: Some(crate::store::Receipt::Journal(entry.seq)),
                 ticket: None,
             },
         );

@@ -186,6 +186,12 @@ pub struct StorageConfig {
     /// How long the snapshot writer gathers snapshots into one batch before writing it (less
     /// when the batch fills first); 0 writes whatever is pending at once.
     pub snapshot_batch_ms: u64,
+    /// Redis: conversations map to this many partitions (a stable hash); each has one holder
+    /// at a time, which runs its turns in order. Changing it moves conversations: drain first.
+    pub partitions: u16,
+    /// Redis: a partition's lease lasts this long unless renewed (every third of it); a dead
+    /// instance's partitions are taken over after about this long.
+    pub lease_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -207,6 +213,8 @@ impl Default for StorageConfig {
             snapshot_pending_max: 200_000,
             snapshot_sync_ms: 1_000,
             snapshot_batch_ms: 20,
+            partitions: 1_024,
+            lease_ms: 5_000,
         }
     }
 }
@@ -629,6 +637,25 @@ impl Config {
                 admission.max_runtime_busy_percent
             ));
         }
+        let storage = &self.storage;
+        if storage.partitions == 0 || storage.partitions > 16_384 {
+            return invalid(format!(
+                "storage.partitions = {} must be 1-16384",
+                storage.partitions
+            ));
+        }
+        if storage.lease_ms < 300 {
+            return invalid(format!(
+                "storage.lease_ms = {} is below 300",
+                storage.lease_ms
+            ));
+        }
+        if storage.key_prefix.contains(['{', '}']) {
+            return invalid(
+                "storage.key_prefix must not contain braces (they make Redis Cluster hash tags)"
+                    .into(),
+            );
+        }
         if self.server.body_read_timeout_ms == 0 {
             return invalid("server.body_read_timeout_ms must be positive".into());
         }
@@ -981,6 +1008,12 @@ botId = "echo"
             (
                 "[admission]\nmax_runtime_busy_percent = 150\n",
                 "max_runtime_busy_percent = 150 is above 100",
+            ),
+            ("[storage]\npartitions = 0\n", "storage.partitions = 0"),
+            ("[storage]\nlease_ms = 10\n", "storage.lease_ms = 10"),
+            (
+                "[storage]\nkey_prefix = \"a{b}\"\n",
+                "must not contain braces",
             ),
         ];
         for (text, needle) in cases {

@@ -33,8 +33,10 @@ use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::admission::{Gate, Refusal, Ticket};
 use crate::conversation::{Admission, Arrival, Directory, InvokeAnswer};
 use crate::ledger::events::{EventDraft, EventSink};
+use crate::ownership::Owner;
 use crate::registry::{Integration, Registry};
 use crate::reply::exchanges::{ExchangeRequest, TOKEN_EXCHANGE};
+use crate::store::Receipt;
 use crate::store::writer::Journal;
 use crate::telemetry::{
     self, ACTIVITIES_DUPLICATE, ACTIVITIES_IGNORED, INGRESS_DURATION, Readiness,
@@ -223,8 +225,13 @@ pub struct Front {
     pub invoke_timeout: Duration,
     pub retry_after_secs: u64,
     pub required_endorsements: Vec<String>,
-    /// Present under durable accept: activities are journaled before the 200.
+    /// Present under durable accept with the embedded store: activities are journaled before
+    /// the 200.
     pub journal: Option<Arc<Journal>>,
+    /// Present with a shared Redis store: activities go to their partition's stream.
+    pub owner: Option<Arc<Owner>>,
+    /// The 200 waits until the activity is recorded.
+    pub durable_accept: bool,
     pub on_store_unavailable: OnStoreUnavailable,
 }
 
@@ -613,6 +620,13 @@ impl Front {
                 activity_id: envelope.id.into(),
             }
         };
+        if let Some(owner) = &self.owner
+            && !target.is_invoke
+        {
+            return self
+                .append_to_partition(owner, integration, &target, body, activity)
+                .await;
+        }
         if let Some(journal) = journal {
             return self
                 .journal_and_route(journal, integration, &target, body, activity)
@@ -677,6 +691,99 @@ impl Front {
         Ok(())
     }
 
+    /// Shared Redis store: the activity goes to its partition's stream, whose holder (this
+    /// instance or another) runs it; the 200 waits for Redis under durable accept.
+    async fn append_to_partition(
+        &self,
+        owner: &Arc<Owner>,
+        integration: &Integration,
+        target: &Target,
+        body: Bytes,
+        activity: Box<TurnActivity>,
+    ) -> Result<Routed, Rejection> {
+        if self.directory.seen(
+            &integration.id,
+            &target.conversation_id,
+            &target.activity_id,
+        ) {
+            return Ok(self.redelivery(integration, target));
+        }
+        // The place bounds this instance's work and sheds when its runtime is saturated; the
+        // turn itself takes one where its partition is held.
+        let ticket = match self.take_place(integration, target) {
+            Ok(ticket) => ticket,
+            Err(outcome) => return outcome,
+        };
+        if !self.durable_accept {
+            let (owner, integration_id, target_ids) = (
+                Arc::clone(owner),
+                Arc::clone(&integration.id),
+                (target.conversation_id.clone(), target.activity_id.clone()),
+            );
+            tokio::spawn(async move {
+                let (conversation_id, activity_id) = target_ids;
+                if let Err(error) = owner
+                    .accept(
+                        &integration_id,
+                        &conversation_id,
+                        &activity_id,
+                        &body,
+                        Some(activity),
+                    )
+                    .await
+                {
+                    tracing::warn!(%error, "an activity acknowledged without durable accept was not recorded; it is lost");
+                }
+                drop(ticket);
+            });
+            integration.count_received(target.type_index);
+            return Ok(Routed::Accepted(None));
+        }
+        // Kept for the store-down fallback below; a parse is cheaper than a copy of the body.
+        let fallback = matches!(self.on_store_unavailable, OnStoreUnavailable::Accept);
+        let (handed, kept) = if fallback {
+            (None, Some(activity))
+        } else {
+            (Some(activity), None)
+        };
+        let appended = owner
+            .accept(
+                &integration.id,
+                &target.conversation_id,
+                &target.activity_id,
+                &body,
+                handed,
+            )
+            .await;
+        drop(ticket);
+        match appended {
+            Ok(true) => {
+                integration.count_received(target.type_index);
+                Ok(Routed::Accepted(None))
+            }
+            Ok(false) => Ok(self.redelivery(integration, target)),
+            Err(error) => match self.on_store_unavailable {
+                OnStoreUnavailable::Refuse => Err(Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("the activity cannot be recorded durably: {error}"),
+                )),
+                // Run here, unrecorded: the store is down, and its partitions' holders with it.
+                OnStoreUnavailable::Accept => {
+                    let ticket = match self.take_place(integration, target) {
+                        Ok(ticket) => ticket,
+                        Err(outcome) => return outcome,
+                    };
+                    let activity = match kept {
+                        Some(activity) => activity,
+                        None => Box::new(parse_turn(&body).map_err(Rejection::parse)?),
+                    };
+                    self.route(integration, target, activity, None, ticket)
+                }
+            },
+        }
+    }
+
     /// Durable accept: journals the activity, then routes it.
     async fn journal_and_route(
         &self,
@@ -697,7 +804,7 @@ impl Front {
             Ok(ticket) => ticket,
             Err(outcome) => return outcome,
         };
-        let journal_seq = match journal
+        let receipt = match journal
             .append(
                 &integration.id,
                 &target.conversation_id,
@@ -719,8 +826,14 @@ impl Front {
                 OnStoreUnavailable::Accept => None,
             },
         };
-        let routed = self.route(integration, target, activity, journal_seq, ticket);
-        if let (Ok(Routed::Duplicate(_)) | Err(_), Some(seq)) = (&routed, journal_seq) {
+        let routed = self.route(
+            integration,
+            target,
+            activity,
+            receipt.map(Receipt::Journal),
+            ticket,
+        );
+        if let (Ok(Routed::Duplicate(_)) | Err(_), Some(seq)) = (&routed, receipt) {
             journal.complete(seq);
         }
         routed
@@ -778,7 +891,7 @@ impl Front {
         integration: &Integration,
         target: &Target,
         activity: Box<TurnActivity>,
-        journal_seq: Option<u64>,
+        receipt: Option<Receipt>,
         ticket: Ticket,
     ) -> Result<Routed, Rejection> {
         let admission = self.directory.accept(
@@ -788,7 +901,7 @@ impl Front {
             Arrival {
                 activity,
                 is_invoke: target.is_invoke,
-                journal_seq,
+                receipt,
                 ticket: Some(ticket),
             },
         );

@@ -29,6 +29,11 @@ pub const KEY_REFRESHES: &str = "teams_router_signing_key_refreshes_total";
 pub const STORE_ERRORS: &str = "teams_router_store_errors_total";
 pub const STORE_UP: &str = "teams_router_store_up";
 pub const JOURNAL_RECOVERED: &str = "teams_router_journal_recovered_total";
+pub const PARTITIONS_HELD: &str = "teams_router_partitions_held";
+pub const PARTITION_TAKEOVERS: &str = "teams_router_partition_takeovers_total";
+pub const PARTITION_REPLAYED: &str = "teams_router_partition_replayed_total";
+pub const PARTITION_FENCED: &str = "teams_router_partition_fenced_total";
+pub const PARTITION_TURNS_DROPPED: &str = "teams_router_partition_turns_dropped_total";
 pub const ACTIVITIES_IGNORED: &str = "teams_router_activities_ignored_total";
 pub const SETUP_CHECKS: &str = "teams_router_setup_checks_total";
 pub const EVENTS_DROPPED: &str = "teams_router_events_dropped_total";
@@ -358,6 +363,36 @@ fn describe_all() {
         "Share of wall time (0 to 1) the runtime's worker threads spent running tasks over the last 100 ms."
     );
     gauge!(RUNTIME_BUSY).set(0.0);
+    describe_gauge!(
+        PARTITIONS_HELD,
+        Unit::Count,
+        "Partitions of conversations whose lease this instance holds (shared Redis store)."
+    );
+    gauge!(PARTITIONS_HELD).set(0.0);
+    describe_counter!(
+        PARTITION_TAKEOVERS,
+        Unit::Count,
+        "Partition leases this instance took (at start, after another instance died or gave them up)."
+    );
+    counter!(PARTITION_TAKEOVERS).increment(0);
+    describe_counter!(
+        PARTITION_REPLAYED,
+        Unit::Count,
+        "Activities another holder of a partition had read and not finished, run again by this instance."
+    );
+    counter!(PARTITION_REPLAYED).increment(0);
+    describe_counter!(
+        PARTITION_FENCED,
+        Unit::Count,
+        "Answered activities whose acknowledgement was refused because this instance's lease had lapsed."
+    );
+    counter!(PARTITION_FENCED).increment(0);
+    describe_counter!(
+        PARTITION_TURNS_DROPPED,
+        Unit::Count,
+        "Turns not run because their partition's lease lapsed before they started (its next holder runs them)."
+    );
+    counter!(PARTITION_TURNS_DROPPED).increment(0);
     for outcome in ADMIN_AUTH_OUTCOMES {
         counter!(ADMIN_AUTH_FAILURES, "outcome" => *outcome).increment(0);
     }

@@ -23,8 +23,10 @@ use crate::activity::TurnActivity;
 use crate::backend::{InvokeReply, InvokeResponse};
 use crate::registry::Integration;
 use crate::reply::{ReplyActor, ReplyArgs, ReplyServices, SentReply};
-use crate::store::{Put, now_ms};
-use crate::telemetry::{ACTIVITIES_DUPLICATE, TURN_DURATION, TURNS_FAILED};
+use crate::store::{Put, Receipt, now_ms};
+use crate::telemetry::{
+    ACTIVITIES_DUPLICATE, PARTITION_FENCED, PARTITION_TURNS_DROPPED, TURN_DURATION, TURNS_FAILED,
+};
 
 #[derive(Debug)]
 pub enum ConversationMsg {
@@ -75,7 +77,7 @@ struct RunningTurn {
     side: bool,
     started: Instant,
     activity_id: String,
-    journal_seq: Option<u64>,
+    receipt: Option<Receipt>,
     /// A session command (`///reset`, `///session`): the router answers it, and neither the
     /// command nor its answer is a turn of the conversation with the bot.
     session_command: bool,
@@ -284,13 +286,9 @@ async fn finish_turn(
     }
     let settings = &state.args.settings;
     let persistence = &settings.persistence;
-    if let (Some(seq), Some(journal)) = (turn.journal_seq, &persistence.journal) {
-        // The next turn starts only once this one is recorded as answered, so a crash can
-        // repeat at most the turn in flight.
-        if let Err(error) = journal.record_answered(seq).await {
-            tracing::warn!(%error, "answered turn not recorded yet; the journal writer retries");
-        }
-    }
+    // The next turn starts only once this one is recorded as answered, so a crash can repeat
+    // at most the turn in flight.
+    record_answered(persistence, turn.receipt.take()).await;
     if let (Some((_, session)), Some(reply), false) =
         (state.session.as_mut(), reply, turn.session_command)
     {
@@ -438,12 +436,14 @@ async fn begin_turn(
         activity,
         accepted_at,
         mut invoke,
-        journal_seq,
+        receipt,
         ticket,
     } = turn;
+    let mut receipt = receipt;
     let skip = |state: &mut ConversationActorState,
                 reason: &str,
                 invoke: Option<InvokeReply>,
+                receipt: Option<Receipt>,
                 failed: bool| {
         if failed {
             counter!(TURNS_FAILED).increment(1);
@@ -451,12 +451,19 @@ async fn begin_turn(
         if let Some(waiting) = invoke {
             waiting.send(InvokeResponse::error("TurnFailed", reason));
         }
-        if let (Some(seq), Some(journal)) = (journal_seq, &state.args.settings.persistence.journal)
-        {
-            journal.complete(seq);
-        }
+        complete(&state.args.settings.persistence, receipt);
         release(state, side);
     };
+    if let Some(Receipt::Stream(entry)) = &receipt
+        && !entry.is_current()
+    {
+        // Its partition moved to another instance, which replays it: this one must not send.
+        counter!(PARTITION_TURNS_DROPPED).increment(1);
+        invoke.take();
+        drop(receipt.take());
+        release(state, side);
+        return false;
+    }
     let activity = *activity;
     let Some(integration) = state
         .args
@@ -468,6 +475,7 @@ async fn begin_turn(
             state,
             "the integration no longer exists",
             invoke.take(),
+            receipt.take(),
             true,
         );
         return false;
@@ -499,7 +507,7 @@ async fn begin_turn(
     {
         // A redelivery that slipped past the in-memory window (after a restart or failover).
         counter!(ACTIVITIES_DUPLICATE).increment(1);
-        skip(state, "duplicate", invoke.take(), false);
+        skip(state, "duplicate", invoke.take(), receipt.take(), false);
         return false;
     }
     let text = activity.text_without_bot_mentions();
@@ -626,7 +634,13 @@ async fn begin_turn(
             Ok((reply_actor, _)) => Some(reply_actor.get_id()),
             Err(error) => {
                 tracing::error!(%error, "cannot start a reply actor; turn dropped");
-                skip(state, "the turn could not be started", None, true);
+                skip(
+                    state,
+                    "the turn could not be started",
+                    None,
+                    receipt.take(),
+                    true,
+                );
                 return false;
             }
         }
@@ -640,7 +654,7 @@ async fn begin_turn(
         side,
         started: crate::clock::now(),
         activity_id,
-        journal_seq,
+        receipt,
         session_command,
         admission,
     };
@@ -650,6 +664,52 @@ async fn begin_turn(
         state.current = Some(running);
     }
     true
+}
+
+/// An activity that needs no answer (dropped, or a redelivery) is done with in its log.
+fn complete(persistence: &super::Persistence, receipt: Option<Receipt>) {
+    match receipt {
+        Some(Receipt::Journal(seq)) => {
+            if let Some(journal) = &persistence.journal {
+                journal.complete(seq);
+            }
+        }
+        Some(Receipt::Stream(entry)) => {
+            tokio::spawn(async move {
+                if let Err(error) = entry.finish().await {
+                    tracing::warn!(%error, "a skipped stream entry stays pending; its partition's next holder replays it");
+                }
+            });
+        }
+        None => {}
+    }
+}
+
+/// Records that an activity was answered, and waits until that is durable: a crash before this
+/// returns replays the turn (one duplicate message), a crash after does not.
+async fn record_answered(persistence: &super::Persistence, receipt: Option<Receipt>) {
+    match receipt {
+        Some(Receipt::Journal(seq)) => {
+            if let Some(journal) = &persistence.journal
+                && let Err(error) = journal.record_answered(seq).await
+            {
+                tracing::warn!(%error, "answered turn not recorded yet; the journal writer retries");
+            }
+        }
+        Some(Receipt::Stream(entry)) => match entry.finish().await {
+            Ok(true) => {}
+            Ok(false) => {
+                counter!(PARTITION_FENCED).increment(1);
+                tracing::warn!(
+                    "answered turn not acknowledged: its partition has another holder now"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, "answered turn not acknowledged; its partition's next holder replays it");
+            }
+        },
+        None => {}
+    }
 }
 
 /// A turn that will not run gives its slot back: the turn order's, or one beside it.

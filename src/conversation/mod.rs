@@ -31,6 +31,7 @@ use metrics::gauge;
 use ractor::ActorRef;
 
 use crate::reply::ReplyServices;
+use crate::store::Receipt;
 use crate::store::writer::{Journal, Snapshots};
 use crate::telemetry::{CONVERSATIONS_ACTIVE, CONVERSATIONS_RESTING};
 use session::HistoryLimits;
@@ -68,8 +69,8 @@ pub struct Turn {
     pub activity: Box<TurnActivity>,
     pub accepted_at: Instant,
     pub invoke: Option<InvokeReply>,
-    /// The activity's journal entry under durable accept.
-    pub journal_seq: Option<u64>,
+    /// Where the activity was recorded (durable accept, or a partition's stream).
+    pub receipt: Option<Receipt>,
     /// Its place among pending activities (none for activities replayed from the journal).
     pub ticket: Option<admission::Ticket>,
 }
@@ -80,8 +81,8 @@ pub struct Arrival {
     pub activity: Box<TurnActivity>,
     /// An invoke: the request waits for the bot's answer.
     pub is_invoke: bool,
-    /// Its journal entry under durable accept.
-    pub journal_seq: Option<u64>,
+    /// Where it was recorded (durable accept, or a partition's stream).
+    pub receipt: Option<Receipt>,
     /// Its place among pending activities (none for activities replayed from the journal).
     pub ticket: Option<admission::Ticket>,
 }
@@ -275,7 +276,7 @@ impl Directory {
         let Arrival {
             activity,
             is_invoke,
-            journal_seq,
+            receipt,
             ticket,
         } = arrival;
         let (invoke, reply) = if is_invoke {
@@ -288,7 +289,7 @@ impl Directory {
             activity,
             accepted_at: crate::clock::now(),
             invoke,
-            journal_seq,
+            receipt,
             ticket,
         };
         // A conversation that passivated between lookup and enqueue is replaced; twice at most.

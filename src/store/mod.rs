@@ -9,6 +9,7 @@
 
 pub mod codec;
 mod embedded;
+pub mod partitions;
 mod redis;
 pub(crate) mod writer;
 
@@ -45,6 +46,15 @@ pub struct JournalEntry {
     pub body: String,
 }
 
+/// Where an accepted activity was recorded durably, to be finished once it is answered.
+#[derive(Debug, Clone)]
+pub enum Receipt {
+    /// An entry of the journal (embedded store).
+    Journal(u64),
+    /// An entry of a partition's stream (shared Redis store).
+    Stream(Arc<partitions::StreamReceipt>),
+}
+
 /// One key/value write with its time to live.
 #[derive(Debug, Clone)]
 pub struct Put {
@@ -55,7 +65,7 @@ pub struct Put {
 
 pub enum Store {
     Embedded(Arc<EmbeddedStore>),
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
 }
 
 impl Store {
@@ -67,8 +77,18 @@ impl Store {
                 !config.durable_accept(),
             )?))),
             StorageBackend::Redis => {
-                Ok(Self::Redis(RedisStore::connect(config, instance_id).await?))
+                Ok(Self::Redis(Box::new(
+                    RedisStore::connect(config, instance_id).await?,
+                )))
             }
+        }
+    }
+
+    /// The Redis store, when it is one.
+    pub fn redis(&self) -> Option<&RedisStore> {
+        match self {
+            Self::Redis(redis) => Some(redis.as_ref()),
+            Self::Embedded(_) => None,
         }
     }
 

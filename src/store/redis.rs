@@ -19,6 +19,31 @@ pub struct RedisStore {
     pool: Pool,
     prefix: String,
     journal_key: String,
+    /// What the pool was built from: pub/sub clients are built alike.
+    config: Config,
+    command_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn builder(config: Config, command_timeout: Duration) -> Builder {
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = command_timeout;
+            c.internal_command_timeout = command_timeout;
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = command_timeout;
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+    builder
 }
 
 fn unavailable(e: fred::error::Error) -> StoreError {
@@ -49,29 +74,85 @@ impl RedisStore {
             }
         };
         let command_timeout = Duration::from_millis(config.redis_command_timeout_ms);
-        let pool = Builder::from_config(Config {
+        let redis_config = Config {
             // A command issued while disconnected fails at once instead of queueing: the caller
             // decides (degrade, retry later) and the request path never hangs on Redis.
             fail_fast: true,
             ..redis_config
-        })
-        .with_connection_config(|c| {
-            c.connection_timeout = command_timeout;
-            c.internal_command_timeout = command_timeout;
-        })
-        .with_performance_config(|p| {
-            p.default_command_timeout = command_timeout;
-        })
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
-        .build_pool(config.redis_pool_size.max(1))
-        .map_err(unavailable)?;
+        };
+        let pool = builder(redis_config.clone(), command_timeout)
+            .build_pool(config.redis_pool_size.max(1))
+            .map_err(unavailable)?;
         // The pool keeps reconnecting in the background; a first failure is reported, not fatal.
         let _connection_task = pool.init().await.map_err(unavailable)?;
         Ok(Self {
             pool,
             prefix: config.key_prefix.clone(),
             journal_key: format!("{}:journal:{instance_id}", config.key_prefix),
+            config: redis_config,
+            command_timeout,
         })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A client of the pool (round robin).
+    pub fn client(&self) -> &Client {
+        self.pool.next()
+    }
+
+    /// A pub/sub client on the same servers (not connected yet).
+    pub fn subscriber(&self) -> Result<fred::clients::SubscriberClient, fred::error::Error> {
+        builder(self.config.clone(), self.command_timeout).build_subscriber_client()
+    }
+
+    /// The per-instance journals of earlier versions (`{prefix}:journal:<instance>`), each with
+    /// its entries: what they acknowledged and did not answer moves to the partitions at start.
+    pub async fn legacy_journals(&self) -> Result<Vec<(String, Vec<JournalEntry>)>, StoreError> {
+        let pattern = format!("{}:journal:*", self.prefix);
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor = "0".to_owned();
+        loop {
+            let (next, found): (String, Vec<String>) = self
+                .pool
+                .next()
+                .custom(
+                    fred::cmd!("SCAN"),
+                    vec![
+                        cursor.clone(),
+                        "MATCH".into(),
+                        pattern.clone(),
+                        "COUNT".into(),
+                        "1000".into(),
+                    ],
+                )
+                .await
+                .map_err(unavailable)?;
+            keys.extend(found);
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        let mut journals = Vec::new();
+        for key in keys {
+            let all: std::collections::HashMap<String, String> =
+                self.pool.hgetall(&key).await.map_err(unavailable)?;
+            let mut entries: Vec<JournalEntry> = all
+                .into_values()
+                .filter_map(|json| serde_json::from_str(&json).ok())
+                .collect();
+            entries.sort_by_key(|e| e.seq);
+            journals.push((key, entries));
+        }
+        Ok(journals)
+    }
+
+    pub async fn delete_raw(&self, key: &str) -> Result<(), StoreError> {
+        let _: i64 = self.pool.del(key).await.map_err(unavailable)?;
+        Ok(())
     }
 
     fn key(&self, key: &str) -> String {

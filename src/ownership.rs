@@ -1,0 +1,655 @@
+//! One holder per partition of conversations (shared Redis store): this instance's leases, the
+//! readers of its partitions' streams, and the hand-over of their entries to the conversations.
+//!
+//! Every third of `storage.lease_ms` the instance heartbeats, renews what it holds, and balances:
+//! with `n` live instances each aims at `ceil(partitions / n)`; one holding more gives partitions
+//! up once nothing read from them is in flight, one holding fewer takes free ones. A partition
+//! taken over (its holder died, or gave it up) is first replayed: the entries the group still has
+//! pending, whoever read them, in stream order, then new ones. A partition is read by one task at
+//! a time, so its entries reach their conversations in stream order; a conversation's turns then
+//! run one at a time in that order. A lapsed lease stops everything of its partition: nothing more
+//! is read, turns not yet started are dropped (the next holder runs them), and an answer finished
+//! late is refused by the lease check in Redis (fencing).
+//!
+//! See `docs/scale-out.md`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::interfaces::{ClientLike, EventInterface};
+use metrics::{counter, gauge};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+use crate::activity::TurnActivity;
+use crate::conversation::{Admission, Arrival, Directory};
+use crate::store::partitions::{
+    Appended, HandedOver, Lease, PartitionLog, ReadFrom, StreamEntry, StreamReceipt, parse_id,
+};
+use crate::store::{Receipt, StoreError};
+use crate::telemetry::{PARTITION_REPLAYED, PARTITION_TAKEOVERS, PARTITIONS_HELD};
+
+/// Entries read from a partition in one call.
+const READ_BATCH: usize = 128;
+/// Every held partition is read this often even without a wake-up (a pub/sub message can be
+/// lost while a connection is re-established).
+const POLL: Duration = Duration::from_secs(1);
+/// A conversation that cannot take an entry now (its mailbox is full) is offered it again after
+/// this long; the partition's later entries wait behind it, in order.
+const RETRY: Duration = Duration::from_millis(50);
+
+/// A partition this instance holds.
+struct Held {
+    lease: Arc<Lease>,
+    /// A task is reading it.
+    reading: AtomicBool,
+    /// Woken while being read: read once more.
+    again: AtomicBool,
+}
+
+pub struct Owner {
+    log: Arc<PartitionLog>,
+    /// This process's name as a consumer and lease holder: new at every start, so that nothing
+    /// depends on an instance's name surviving it.
+    run: String,
+    lease_ms: u64,
+    dedup_ttl: Duration,
+    /// Off: the 200 went out before the append, and an activity Redis refuses runs unrecorded.
+    durable_accept: bool,
+    directory: Arc<Directory>,
+    held: Vec<Mutex<Option<Arc<Held>>>>,
+    wakes: mpsc::UnboundedSender<u16>,
+    /// Shutting down: nothing more is read or taken.
+    stopping: AtomicBool,
+}
+
+impl Owner {
+    /// Takes a first share of the partitions, and starts the lease, reader and wake-up tasks.
+    pub async fn start(
+        log: Arc<PartitionLog>,
+        directory: Arc<Directory>,
+        instance_id: &str,
+        lease_ms: u64,
+        dedup_ttl: Duration,
+        durable_accept: bool,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
+        let (wakes, woken) = mpsc::unbounded_channel();
+        let run = format!(
+            "{}-{:016x}",
+            instance_id.replace([':', '{', '}', ' '], "_"),
+            rand::random::<u64>()
+        );
+        let owner = Arc::new(Self {
+            held: (0..log.partitions).map(|_| Mutex::new(None)).collect(),
+            log,
+            run,
+            lease_ms,
+            dedup_ttl,
+            durable_accept,
+            directory,
+            wakes,
+            stopping: AtomicBool::new(false),
+        });
+        tracing::info!(run = %owner.run, partitions = owner.log.partitions, "taking partitions");
+        owner.tend().await;
+        let tasks = vec![
+            tokio::spawn(Arc::clone(&owner).keep_leases(shutdown.clone())),
+            tokio::spawn(Arc::clone(&owner).read_woken(woken, shutdown.clone())),
+            tokio::spawn(Arc::clone(&owner).listen_for_wakes(shutdown)),
+        ];
+        (owner, tasks)
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run
+    }
+
+    /// Records an accepted activity in its partition. Held here, and with nothing of the
+    /// partition still to hand over before it, the activity goes to its conversation at once
+    /// (no read back); else the holder is woken and reads it. False: a redelivery some instance
+    /// claimed before.
+    pub async fn accept(
+        &self,
+        integration: &Arc<str>,
+        conversation_id: &str,
+        activity_id: &str,
+        body: &Bytes,
+        activity: Option<Box<TurnActivity>>,
+    ) -> Result<bool, StoreError> {
+        let appended = self
+            .log
+            .append(
+                &self.run,
+                self.dedup_ttl,
+                integration,
+                conversation_id,
+                activity_id,
+                body,
+            )
+            .await;
+        let appended = match (appended, activity) {
+            (Ok(appended), activity) => (appended, activity),
+            (Err(error), None) => return Err(error),
+            (Err(error), Some(activity)) => {
+                return Err(self.run_unrecorded(
+                    integration,
+                    conversation_id,
+                    activity_id,
+                    activity,
+                    error,
+                ));
+            }
+        };
+        let (appended, activity) = appended;
+        let Some(appended) = appended else {
+            return Ok(false);
+        };
+        if appended.holder != self.run {
+            return Ok(true);
+        }
+        let partition = self.log.partition_of(integration, conversation_id);
+        let handed = match (activity, self.held(partition)) {
+            (Some(activity), Some(held)) if self.may_read(&held.lease) => self.hand_over_accepted(
+                &held.lease,
+                integration,
+                conversation_id,
+                activity_id,
+                activity,
+                &appended,
+            ),
+            _ => false,
+        };
+        if !handed {
+            let _ = self.wakes.send(partition);
+        }
+        Ok(true)
+    }
+
+    /// Without durable accept (acknowledged before Redis answered), an activity Redis refused
+    /// still runs here, unrecorded, as with a single instance; the error is passed on.
+    fn run_unrecorded(
+        &self,
+        integration: &Arc<str>,
+        conversation_id: &str,
+        activity_id: &str,
+        activity: Box<TurnActivity>,
+        error: StoreError,
+    ) -> StoreError {
+        if !self.durable_accept {
+            let _ = self.directory.accept(
+                integration,
+                conversation_id,
+                activity_id,
+                Arrival {
+                    activity,
+                    is_invoke: false,
+                    receipt: None,
+                    ticket: None,
+                },
+            );
+        }
+        error
+    }
+
+    /// The request's own hand-over, when every entry before this one was handed over already
+    /// (else the reader keeps the stream's order).
+    fn hand_over_accepted(
+        &self,
+        lease: &Arc<Lease>,
+        integration: &Arc<str>,
+        conversation_id: &str,
+        activity_id: &str,
+        activity: Box<TurnActivity>,
+        appended: &Appended,
+    ) -> bool {
+        let Some(id) = parse_id(&appended.id) else {
+            return false;
+        };
+        let previous = parse_id(&appended.previous);
+        let mut handed_over = lease.handed_over();
+        if id <= handed_over.upto || previous.is_some_and(|p| p > handed_over.upto) {
+            return false;
+        }
+        let receipt = Arc::new(StreamReceipt::new(
+            Arc::clone(&self.log),
+            Arc::clone(lease),
+            appended.id.clone(),
+        ));
+        let admission = self.directory.accept(
+            integration,
+            conversation_id,
+            activity_id,
+            Arrival {
+                activity,
+                is_invoke: false,
+                receipt: Some(Receipt::Stream(Arc::clone(&receipt))),
+                ticket: None,
+            },
+        );
+        let duplicate = matches!(admission, Admission::Duplicate(_));
+        // Full or overloaded: the reader offers it again, in order.
+        let taken = duplicate || matches!(admission, Admission::Accepted(_));
+        if taken {
+            handed_over.upto = id;
+            receipt.handed_over(&mut handed_over);
+        }
+        // Released before the receipt can drop: its drop takes the same lock.
+        drop(handed_over);
+        if duplicate {
+            finish_later(receipt);
+        }
+        taken
+    }
+
+    fn held(&self, partition: u16) -> Option<Arc<Held>> {
+        self.held
+            .get(usize::from(partition))
+            .and_then(|slot| slot.lock().clone())
+    }
+
+    fn all_held(&self) -> Vec<Arc<Held>> {
+        self.held
+            .iter()
+            .filter_map(|slot| slot.lock().clone())
+            .collect()
+    }
+
+    async fn keep_leases(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let every = Duration::from_millis((self.lease_ms / 3).max(100));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            if !self.stopping.load(Ordering::Acquire) {
+                self.tend().await;
+            }
+        }
+    }
+
+    /// Heartbeat, renewals, hand-backs and takeovers: one round.
+    async fn tend(&self) {
+        let live = match self.log.heartbeat(&self.run, self.lease_ms).await {
+            Ok(live) => live,
+            Err(error) => {
+                tracing::warn!(%error, "partition leases cannot be renewed; their turns stop when they lapse");
+                self.forget_lapsed();
+                return;
+            }
+        };
+        let held = self.all_held();
+        let leases: Vec<Arc<Lease>> = held.iter().map(|h| Arc::clone(&h.lease)).collect();
+        if let Err(error) = self.log.renew(&leases, self.lease_ms).await {
+            tracing::warn!(%error, "partition leases not renewed this round");
+        }
+        self.forget_lapsed();
+        self.hand_back_released().await;
+
+        let partitions = usize::from(self.log.partitions);
+        let target = partitions.div_ceil(live);
+        let keeping: Vec<Arc<Held>> = self
+            .all_held()
+            .into_iter()
+            .filter(|h| !h.lease.is_releasing())
+            .collect();
+        if keeping.len() > target {
+            // The least busy go first; each is released once nothing read from it is in flight.
+            let mut by_load = keeping;
+            by_load.sort_by_key(|h| h.lease.in_flight());
+            let surplus = by_load.len() - target;
+            for held in by_load.into_iter().take(surplus) {
+                held.lease.start_releasing();
+            }
+            self.hand_back_released().await;
+        } else if keeping.len() < target {
+            self.take(target - keeping.len()).await;
+        }
+        gauge!(PARTITIONS_HELD).set(self.all_held().len() as f64);
+    }
+
+    /// Leases that lapsed (not renewed in time, or renewed by nobody) are no longer this
+    /// instance's; their partitions go to whoever takes them.
+    fn forget_lapsed(&self) {
+        for slot in &self.held {
+            let mut slot = slot.lock();
+            if slot.as_ref().is_some_and(|h| !h.lease.is_held())
+                && let Some(held) = slot.take()
+            {
+                tracing::warn!(partition = held.lease.partition, "partition lease lapsed");
+            }
+        }
+    }
+
+    /// Releases the partitions being given up whose entries are all finished.
+    async fn hand_back_released(&self) {
+        for held in self.all_held() {
+            if held.lease.is_releasing()
+                && held.lease.in_flight() == 0
+                && !held.reading.load(Ordering::Acquire)
+            {
+                if let Some(slot) = self.held.get(usize::from(held.lease.partition)) {
+                    slot.lock().take();
+                }
+                if let Err(error) = self.log.release(&held.lease).await {
+                    tracing::warn!(%error, partition = held.lease.partition, "partition not released; it is free once its lease lapses");
+                }
+            }
+        }
+    }
+
+    /// Takes up to `wanted` free partitions, starting at a random one so that instances
+    /// starting together do not race for the same.
+    async fn take(&self, wanted: usize) {
+        let count = self.log.partitions;
+        let start = rand::random::<u16>() % count;
+        let candidates: Vec<u16> = (0..count)
+            .map(|n| ((u32::from(start) + u32::from(n)) % u32::from(count)) as u16)
+            .filter(|&p| self.held(p).is_none())
+            .collect();
+        let free = match self.log.free(&candidates).await {
+            Ok(free) => free,
+            Err(error) => {
+                tracing::warn!(%error, "free partitions cannot be listed");
+                return;
+            }
+        };
+        let wanted: Vec<u16> = free.into_iter().take(wanted).collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let taken = match self.log.acquire(&self.run, self.lease_ms, &wanted).await {
+            Ok(taken) => taken,
+            Err(error) => {
+                tracing::warn!(%error, "partitions not taken this round");
+                return;
+            }
+        };
+        counter!(PARTITION_TAKEOVERS).increment(taken.len() as u64);
+        for lease in taken {
+            let partition = lease.partition;
+            if let Some(slot) = self.held.get(usize::from(partition)) {
+                *slot.lock() = Some(Arc::new(Held {
+                    lease,
+                    reading: AtomicBool::new(false),
+                    again: AtomicBool::new(false),
+                }));
+            }
+            let _ = self.wakes.send(partition);
+        }
+    }
+
+    /// Reads the partitions that were woken, and every held one once per [`POLL`].
+    async fn read_woken(
+        self: Arc<Self>,
+        mut woken: mpsc::UnboundedReceiver<u16>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let partitions: Vec<u16> = tokio::select! {
+                Some(partition) = woken.recv() => vec![partition],
+                _ = poll.tick() => self.all_held().iter().map(|h| h.lease.partition).collect(),
+                _ = shutdown.changed() => return,
+            };
+            for partition in partitions {
+                self.read_partition(partition);
+            }
+        }
+    }
+
+    /// Starts a reader of the partition unless one runs (which then reads once more).
+    fn read_partition(self: &Arc<Self>, partition: u16) {
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(held) = self.held(partition) else {
+            return;
+        };
+        held.again.store(true, Ordering::Release);
+        if held.reading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let owner = Arc::clone(self);
+        tokio::spawn(async move {
+            while held.again.swap(false, Ordering::AcqRel) {
+                if let Err(error) = owner.drain(&held).await {
+                    tracing::warn!(%error, partition, "partition not read; retried at the next poll");
+                    break;
+                }
+            }
+            held.reading.store(false, Ordering::Release);
+        });
+    }
+
+    /// Hands a partition's unread entries (after a takeover, first its pending ones) to their
+    /// conversations, in stream order.
+    async fn drain(self: &Arc<Self>, held: &Held) -> Result<(), StoreError> {
+        let lease = &held.lease;
+        if lease.take_replay_due() {
+            let mut cursor = "0-0".to_owned();
+            loop {
+                if !self.may_read(lease) {
+                    return Ok(());
+                }
+                let read = self
+                    .log
+                    .read(lease, &self.run, ReadFrom::Pending(&cursor), READ_BATCH)
+                    .await
+                    .inspect_err(|_| lease.replay_later())?;
+                let Some((next, entries)) = read else {
+                    lease.lapse();
+                    return Ok(());
+                };
+                let entries: Vec<StreamEntry> = {
+                    let handed_over = lease.handed_over();
+                    entries
+                        .into_iter()
+                        .filter(|e| {
+                            parse_id(&e.id).is_none_or(|id| !handed_over.live.contains(&id))
+                        })
+                        .collect()
+                };
+                if !entries.is_empty() {
+                    counter!(PARTITION_REPLAYED).increment(entries.len() as u64);
+                    tracing::info!(
+                        partition = lease.partition,
+                        count = entries.len(),
+                        "replaying what the partition's last holder had not finished"
+                    );
+                }
+                self.hand_over(lease, entries).await;
+                if next == "0-0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        loop {
+            if !self.may_read(lease) {
+                return Ok(());
+            }
+            let read = self
+                .log
+                .read(lease, &self.run, ReadFrom::New, READ_BATCH)
+                .await
+                .inspect_err(|_| lease.replay_later())?;
+            let Some((_, entries)) = read else {
+                lease.lapse();
+                return Ok(());
+            };
+            let full = entries.len() == READ_BATCH;
+            self.hand_over(lease, entries).await;
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    fn may_read(&self, lease: &Lease) -> bool {
+        lease.is_held() && !lease.is_releasing() && !self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Offers each entry to its conversation in order; one that cannot be taken now is offered
+    /// again (the ones after it wait) while the partition is still held.
+    async fn hand_over(&self, lease: &Arc<Lease>, entries: Vec<StreamEntry>) {
+        for entry in entries {
+            let id = parse_id(&entry.id).unwrap_or_default();
+            loop {
+                let offered = {
+                    let mut handed_over = lease.handed_over();
+                    if handed_over.live.contains(&id) {
+                        // Handed over already (by the accepting request, or before a replay).
+                        break;
+                    }
+                    let offered = self.offer(lease, &entry, &mut handed_over);
+                    if matches!(offered, Offer::Taken) {
+                        handed_over.upto = handed_over.upto.max(id);
+                    }
+                    offered
+                };
+                match offered {
+                    Offer::Taken => break,
+                    Offer::Later if lease.is_held() => tokio::time::sleep(RETRY).await,
+                    // Left pending: the partition's next holder replays it.
+                    Offer::Later => return,
+                }
+            }
+        }
+    }
+
+    fn offer(
+        &self,
+        lease: &Arc<Lease>,
+        entry: &StreamEntry,
+        handed_over: &mut HandedOver,
+    ) -> Offer {
+        let receipt = Arc::new(StreamReceipt::new(
+            Arc::clone(&self.log),
+            Arc::clone(lease),
+            entry.id.clone(),
+        ));
+        let activity = match crate::activity::parse_turn(&entry.body) {
+            Ok(activity) => Box::new(activity),
+            // Appended after the same parse succeeded: only a damaged entry gets here.
+            Err(error) => {
+                tracing::error!(%error, id = %entry.id, "stream entry cannot be read; dropped");
+                finish_later(receipt);
+                return Offer::Taken;
+            }
+        };
+        let integration: Arc<str> = entry.integration.as_str().into();
+        let admission = self.directory.accept(
+            &integration,
+            &entry.conversation_id,
+            &entry.activity_id,
+            Arrival {
+                activity,
+                is_invoke: false,
+                receipt: Some(Receipt::Stream(Arc::clone(&receipt))),
+                ticket: None,
+            },
+        );
+        match admission {
+            Admission::Accepted(_) => {
+                receipt.handed_over(handed_over);
+                Offer::Taken
+            }
+            // Not live: its drop (after the finish) takes no lock.
+            Admission::Duplicate(_) => {
+                finish_later(receipt);
+                Offer::Taken
+            }
+            Admission::MailboxFull | Admission::Overloaded => Offer::Later,
+        }
+    }
+
+    /// Subscribes to this instance's wake-up channel (again after an outage).
+    async fn listen_for_wakes(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let subscriber = match self.log.subscribe_wakes(&self.run).await {
+                Ok(subscriber) => subscriber,
+                Err(error) => {
+                    tracing::warn!(%error, "no wake-ups from other instances yet; partitions are polled");
+                    tokio::select! {
+                        _ = tokio::time::sleep(POLL) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            let mut messages = subscriber.message_rx();
+            loop {
+                tokio::select! {
+                    message = messages.recv() => match message {
+                        Ok(message) => {
+                            if let Some(partition) = message
+                                .value
+                                .as_string()
+                                .and_then(|p| p.parse::<u16>().ok())
+                            {
+                                let _ = self.wakes.send(partition);
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = shutdown.changed() => {
+                        let _ = subscriber.quit().await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// At shutdown, once the conversations are drained: stops reading, releases every lease
+    /// (the others take the partitions at once, without waiting for expiry) and leaves.
+    pub async fn release_all(&self, deadline: Duration) {
+        self.stopping.store(true, Ordering::Release);
+        let until = crate::clock::now() + deadline;
+        for held in self.all_held() {
+            held.lease.start_releasing();
+        }
+        while self
+            .all_held()
+            .iter()
+            .any(|h| h.lease.in_flight() > 0 || h.reading.load(Ordering::Acquire))
+            && crate::clock::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for held in self.all_held() {
+            if let Some(slot) = self.held.get(usize::from(held.lease.partition)) {
+                slot.lock().take();
+            }
+            if let Err(error) = self.log.release(&held.lease).await {
+                tracing::warn!(%error, "partition not released; it is free once its lease lapses");
+            }
+        }
+        gauge!(PARTITIONS_HELD).set(0.0);
+        if let Err(error) = self.log.leave(&self.run).await {
+            tracing::warn!(%error, "instance not removed from the live set; it ages out");
+        }
+    }
+
+    /// Stops reading partitions (shutdown begins): what is queued finishes, nothing new starts.
+    pub fn stop_reading(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+}
+
+enum Offer {
+    Taken,
+    Later,
+}
+
+fn finish_later(receipt: Arc<StreamReceipt>) {
+    tokio::spawn(async move {
+        if let Err(error) = receipt.finish().await {
+            tracing::warn!(%error, "a stream entry stays pending; its partition's next holder sees it again");
+        }
+    });
+}
