@@ -2,7 +2,8 @@
 //! readers of its partitions' streams, and the hand-over of their entries to the conversations.
 //!
 //! Every third of `storage.lease_ms` the instance heartbeats, renews what it holds, and balances:
-//! with `n` live instances each aims at `ceil(partitions / n)`; one holding more gives partitions
+//! with `n` live instances each aims at `partitions / n` (one more for the first `partitions % n`
+//! in run-id order, so the shares add up); one holding more gives partitions
 //! up once nothing read from them is in flight, one holding fewer takes free ones. A partition
 //! taken over (its holder died, or gave it up) is first replayed: the entries the group still has
 //! pending, whoever read them, in stream order, then new ones. A partition is read by one task at
@@ -288,8 +289,7 @@ impl Owner {
         self.forget_lapsed();
         self.hand_back_released().await;
 
-        let partitions = usize::from(self.log.partitions);
-        let target = partitions.div_ceil(live);
+        let target = share(usize::from(self.log.partitions), &live, &self.run);
         let keeping: Vec<Arc<Held>> = self
             .all_held()
             .into_iter()
@@ -641,6 +641,18 @@ impl Owner {
     }
 }
 
+/// This instance's share of the partitions: `partitions / n` each, and one more for the first
+/// `partitions % n` live instances in run-id order, so that the shares add up exactly.
+fn share(partitions: usize, live: &[String], run: &str) -> usize {
+    let mut live: Vec<&str> = live.iter().map(String::as_str).collect();
+    if !live.contains(&run) {
+        live.push(run);
+    }
+    live.sort_unstable();
+    let rank = live.iter().position(|r| *r == run).unwrap_or(0);
+    partitions / live.len() + usize::from(rank < partitions % live.len())
+}
+
 enum Offer {
     Taken,
     Later,
@@ -652,4 +664,20 @@ fn finish_later(receipt: Arc<StreamReceipt>) {
             tracing::warn!(%error, "a stream entry stays pending; its partition's next holder sees it again");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn shares_add_up_to_every_partition() {
+        let live: Vec<String> = ["b-1", "a-2", "c-3"].map(String::from).to_vec();
+        let shares: Vec<usize> = live.iter().map(|run| share(1024, &live, run)).collect();
+        assert_eq!(shares.iter().sum::<usize>(), 1024);
+        assert!(shares.iter().all(|&s| s == 341 || s == 342), "{shares:?}");
+        // Not yet in the live set (its first heartbeat raced): counted anyway.
+        assert_eq!(share(10, &["x".into()], "y"), 5);
+        assert_eq!(share(10, &[], "y"), 10);
+    }
 }

@@ -146,6 +146,10 @@ struct State {
     retain: bool,
     /// Every Nth connector request (typing aside) answers this fault.
     periodic_fault: Option<(u64, ConnectorFault)>,
+    /// Sends (typing aside) being answered now, per conversation, and the most seen at once:
+    /// more than one means two turns of a conversation ran at the same time.
+    open_sends: HashMap<String, usize>,
+    most_open_sends: usize,
 }
 
 /// Called with every activity the connector accepts, as it is accepted.
@@ -349,6 +353,12 @@ impl MockMicrosoft {
     }
 
     /// Every connector request, faulted or not.
+    /// The most sends to one conversation the connector was answering at the same time (typing
+    /// aside): above 1, two turns of a conversation overlapped.
+    pub fn most_sends_at_once_per_conversation(&self) -> usize {
+        self.state.lock().most_open_sends
+    }
+
     pub fn connector_attempts(&self) -> usize {
         self.state.lock().connector_attempts
     }
@@ -535,10 +545,25 @@ impl MockMicrosoft {
         let plain_typing = method == Method::POST
             && activity.get("type").and_then(Value::as_str) == Some("typing")
             && stream_info(&activity).is_none();
+        let sending_to = (!plain_typing)
+            .then(|| {
+                raw_path
+                    .split("v3/conversations/")
+                    .nth(1)
+                    .and_then(|rest| rest.split('/').next())
+                    .map(str::to_owned)
+            })
+            .flatten();
         let latency = {
             let mut state = self.state.lock();
             if !plain_typing {
                 state.connector_attempts += 1;
+            }
+            if let Some(conversation) = &sending_to {
+                let open = state.open_sends.entry(conversation.clone()).or_default();
+                *open += 1;
+                let open = *open;
+                state.most_open_sends = state.most_open_sends.max(open);
             }
             state.connector_latency
         };
@@ -546,6 +571,14 @@ impl MockMicrosoft {
             tokio::time::sleep(latency).await;
         }
         let mut state = self.state.lock();
+        if let Some(conversation) = &sending_to
+            && let Some(open) = state.open_sends.get_mut(conversation)
+        {
+            *open -= 1;
+            if *open == 0 {
+                state.open_sends.remove(conversation);
+            }
+        }
         let token = authorization
             .as_deref()
             .and_then(|h| h.strip_prefix("Bearer "));

@@ -76,11 +76,9 @@ impl Store {
                 config.embedded_cache_bytes,
                 !config.durable_accept(),
             )?))),
-            StorageBackend::Redis => {
-                Ok(Self::Redis(Box::new(
-                    RedisStore::connect(config, instance_id).await?,
-                )))
-            }
+            StorageBackend::Redis => Ok(Self::Redis(Box::new(
+                RedisStore::connect(config, instance_id).await?,
+            ))),
         }
     }
 

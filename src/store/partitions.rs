@@ -119,11 +119,11 @@ redis.call('XDEL', KEYS[2], ARGV[3])
 return 1
 ";
 
-/// Heartbeat of a live instance; answers how many are live.
+/// Heartbeat of a live instance; answers the live ones.
 const HEARTBEAT: &str = r"
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
-return redis.call('ZCARD', KEYS[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 ";
 
 /// One entry of a partition's stream.
@@ -628,21 +628,21 @@ impl PartitionLog {
         Ok(done == 1)
     }
 
-    /// Says this instance is live (for `lease_ms`); answers how many instances are.
-    pub async fn heartbeat(&self, run: &str, lease_ms: u64) -> Result<usize, StoreError> {
+    /// Says this instance is live (for `lease_ms`); answers the live instances' run ids.
+    pub async fn heartbeat(&self, run: &str, lease_ms: u64) -> Result<Vec<String>, StoreError> {
         let now = super::now_ms();
         let args: Vec<Value> = vec![
             run.into(),
             Value::from((now + lease_ms) as i64),
             Value::from(now as i64),
         ];
-        let live: i64 = self
+        let live: Vec<String> = self
             .redis()?
             .client()
             .eval(HEARTBEAT, vec![self.instances_key()], args)
             .await
             .map_err(store_error)?;
-        Ok(usize::try_from(live).unwrap_or(1).max(1))
+        Ok(live)
     }
 
     /// This instance leaves (at shutdown): the others count without it at once.
