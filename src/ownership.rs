@@ -277,7 +277,7 @@ impl Owner {
             Ok(live) => live,
             Err(error) => {
                 tracing::warn!(%error, "partition leases cannot be renewed; their turns stop when they lapse");
-                self.forget_lapsed();
+                self.forget_lapsed().await;
                 return;
             }
         };
@@ -286,7 +286,7 @@ impl Owner {
         if let Err(error) = self.log.renew(&leases, self.lease_ms).await {
             tracing::warn!(%error, "partition leases not renewed this round");
         }
-        self.forget_lapsed();
+        self.forget_lapsed().await;
         self.hand_back_released().await;
 
         let target = share(usize::from(self.log.partitions), &live, &self.run);
@@ -311,20 +311,27 @@ impl Owner {
     }
 
     /// Leases that lapsed (not renewed in time, or renewed by nobody) are no longer this
-    /// instance's; their partitions go to whoever takes them.
-    fn forget_lapsed(&self) {
+    /// instance's: given back at once (if Redis still has them), so that a new holder (maybe
+    /// this instance, under a new epoch) replays what was left pending, in order.
+    async fn forget_lapsed(&self) {
+        let mut lapsed = Vec::new();
         for slot in &self.held {
             let mut slot = slot.lock();
             if slot.as_ref().is_some_and(|h| !h.lease.is_held())
                 && let Some(held) = slot.take()
             {
                 tracing::warn!(partition = held.lease.partition, "partition lease lapsed");
+                lapsed.push(held);
             }
         }
+        let _ =
+            futures_util::future::join_all(lapsed.iter().map(|h| self.log.release(&h.lease))).await;
     }
 
-    /// Releases the partitions being given up whose entries are all finished.
+    /// Releases the partitions being given up whose entries are all finished (together: one
+    /// round trip, so that renewals are not held up behind them).
     async fn hand_back_released(&self) {
+        let mut done = Vec::new();
         for held in self.all_held() {
             if held.lease.is_releasing()
                 && held.lease.in_flight() == 0
@@ -333,9 +340,16 @@ impl Owner {
                 if let Some(slot) = self.held.get(usize::from(held.lease.partition)) {
                     slot.lock().take();
                 }
-                if let Err(error) = self.log.release(&held.lease).await {
-                    tracing::warn!(%error, partition = held.lease.partition, "partition not released; it is free once its lease lapses");
-                }
+                tracing::debug!(partition = held.lease.partition, "partition given back");
+                done.push(held);
+            }
+        }
+        let released =
+            futures_util::future::join_all(done.iter().map(|held| self.log.release(&held.lease)))
+                .await;
+        for (held, result) in done.iter().zip(released) {
+            if let Err(error) = result {
+                tracing::warn!(%error, partition = held.lease.partition, "partition not released; it is free once its lease lapses");
             }
         }
     }
@@ -369,6 +383,7 @@ impl Owner {
         };
         counter!(PARTITION_TAKEOVERS).increment(taken.len() as u64);
         for lease in taken {
+            tracing::debug!(partition = lease.partition, lease = %lease.value, "partition taken");
             let partition = lease.partition;
             if let Some(slot) = self.held.get(usize::from(partition)) {
                 *slot.lock() = Some(Arc::new(Held {
@@ -621,13 +636,14 @@ impl Owner {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for held in self.all_held() {
-            if let Some(slot) = self.held.get(usize::from(held.lease.partition)) {
-                slot.lock().take();
-            }
-            if let Err(error) = self.log.release(&held.lease).await {
-                tracing::warn!(%error, "partition not released; it is free once its lease lapses");
-            }
+        let held = self.all_held();
+        for slot in &self.held {
+            slot.lock().take();
+        }
+        let released =
+            futures_util::future::join_all(held.iter().map(|h| self.log.release(&h.lease))).await;
+        if let Some(Err(error)) = released.into_iter().find(Result::is_err) {
+            tracing::warn!(%error, "partitions not released; they are free once their leases lapse");
         }
         gauge!(PARTITIONS_HELD).set(0.0);
         if let Err(error) = self.log.leave(&self.run).await {

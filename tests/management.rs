@@ -1603,7 +1603,9 @@ async fn routers_with_different_master_keys_on_one_store_never_send_a_wrong_secr
         Some(1.0),
         "{scrape}"
     );
-    let before = mock.token_requests();
+    // The activity b accepts runs where its conversation's partition is held: on a (which opens
+    // the secret), or on b, which must not try a secret it cannot open.
+    let before = mock.wrong_secret_requests();
     let (status, _) = post(
         &http(),
         &b.callback_url(&created),
@@ -1614,7 +1616,7 @@ async fn routers_with_different_master_keys_on_one_store_never_send_a_wrong_secr
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        mock.token_requests(),
+        mock.wrong_secret_requests(),
         before,
         "no token request with a wrong secret"
     );

@@ -124,6 +124,8 @@ struct State {
     apps: HashMap<(String, String), String>,
     issued_tokens: HashMap<String, String>,
     token_requests: usize,
+    /// Token requests refused for a wrong client secret.
+    wrong_secrets: usize,
     metadata_requests: usize,
     connector_requires_auth: bool,
     connector_faults: VecDeque<ConnectorFault>,
@@ -291,6 +293,11 @@ impl MockMicrosoft {
 
     pub fn token_requests(&self) -> usize {
         self.state.lock().token_requests
+    }
+
+    /// Token requests refused because their client secret was wrong.
+    pub fn wrong_secret_requests(&self) -> usize {
+        self.state.lock().wrong_secrets
     }
 
     /// Forgets every issued token, so the connector answers 401 until a new one is fetched.
@@ -504,6 +511,7 @@ impl MockMicrosoft {
             );
         };
         if field("client_secret") != secret {
+            state.wrong_secrets += 1;
             return aad_error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",

@@ -458,7 +458,11 @@ async fn begin_turn(
         && !entry.is_current()
     {
         // Its partition moved to another instance, which replays it: this one must not send.
+        // If the partition comes back here, it is offered again and must not pass for a
+        // redelivery.
         counter!(PARTITION_TURNS_DROPPED).increment(1);
+        state.args.conversation.state().dedup.forget(&activity.id);
+        entry.left_pending();
         invoke.take();
         drop(receipt.take());
         release(state, side);

@@ -73,6 +73,16 @@ impl DedupWindow {
         self.push(digest(activity_id), false);
     }
 
+    /// Forgets an activity taken and not answered (its turn was not run here and will be
+    /// offered again): a second offer must not look like a redelivery.
+    pub fn forget(&mut self, activity_id: &str) {
+        let digest = digest(activity_id);
+        if self.answered.get(&digest) == Some(&false) {
+            self.answered.remove(&digest);
+            self.order.retain(|d| *d != digest);
+        }
+    }
+
     /// Records an activity's turn as answered (taken before, or replayed without the door).
     pub fn mark_answered(&mut self, activity_id: &str) {
         self.push(digest(activity_id), true);

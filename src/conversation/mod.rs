@@ -194,7 +194,15 @@ impl Conversation {
         if state.closed {
             return Enqueue::Closed(turn);
         }
-        if state.dedup.contains(activity_id) {
+        // An entry of a partition's stream is unique there (its id was claimed before it was
+        // appended): it is a duplicate only once answered. Taken and not answered, it is one
+        // whose turn this instance dropped when the partition's lease lapsed, offered again.
+        let seen = if matches!(turn.receipt, Some(Receipt::Stream(_))) {
+            state.dedup.is_answered(activity_id)
+        } else {
+            state.dedup.contains(activity_id)
+        };
+        if seen {
             return Enqueue::Duplicate(state.invoke_answer(activity_id));
         }
         if state.queue.len() + state.side_queue.len() >= capacity {

@@ -230,9 +230,16 @@ impl Lease {
         Self::clock_ms() < self.held_until_ms.load(Ordering::Acquire)
     }
 
+    /// Moves the lease's end, unless it lapsed here meanwhile: turns of the partition may have
+    /// been left pending since, and only a new holder (a new epoch, maybe this instance again)
+    /// replays them before newer entries, in order.
     pub fn extend_to(&self, held_until_ms: u64) {
-        self.held_until_ms
-            .fetch_max(held_until_ms, Ordering::AcqRel);
+        let now = Self::clock_ms();
+        let _ = self
+            .held_until_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |until| {
+                (until > now && held_until_ms > until).then_some(held_until_ms)
+            });
     }
 
     pub fn lapse(&self) {
@@ -294,6 +301,12 @@ impl StreamReceipt {
     /// Its partition is still this instance's.
     pub fn is_current(&self) -> bool {
         self.lease.is_held()
+    }
+
+    /// Its turn was not run: if the partition is still (or again) this instance's, its pending
+    /// entries are looked at again.
+    pub fn left_pending(&self) {
+        self.lease.replay_later();
     }
 
     /// Acknowledges the entry; false when the lease was lost (another holder will replay it).
