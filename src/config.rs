@@ -192,6 +192,10 @@ pub struct StorageConfig {
     /// Redis: a partition's lease lasts this long unless renewed (every third of it); a dead
     /// instance's partitions are taken over after about this long.
     pub lease_ms: u64,
+    /// Redis: an activity is acknowledged once this many replicas confirmed its append (`WAIT`
+    /// on the append's connection); fewer within `redis_wait_timeout_ms` is 503 + Retry-After.
+    pub redis_wait_replicas: u32,
+    pub redis_wait_timeout_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -215,6 +219,8 @@ impl Default for StorageConfig {
             snapshot_batch_ms: 20,
             partitions: 1_024,
             lease_ms: 5_000,
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 100,
         }
     }
 }
@@ -649,6 +655,12 @@ impl Config {
                 "storage.lease_ms = {} is below 300",
                 storage.lease_ms
             ));
+        }
+        if storage.redis_wait_replicas > 0 && storage.redis_wait_timeout_ms == 0 {
+            return invalid(
+                "storage.redis_wait_timeout_ms must be positive with redis_wait_replicas (0 would wait forever)"
+                    .into(),
+            );
         }
         if storage.key_prefix.contains(['{', '}']) {
             return invalid(

@@ -499,3 +499,102 @@ async fn scaling_from_one_router_to_three_spreads_partitions_and_runs_no_turn_tw
         acknowledged(&sent)
     );
 }
+
+/// A `redis-server` replicating `master`, stopped when dropped.
+struct Replica(std::process::Child);
+
+impl Replica {
+    fn start(master: &RedisServer) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--replicaof", "127.0.0.1", &master.port().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server replica");
+        Replica(child)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Replicas attached to `master` and in sync (`state=online`).
+fn connected_replicas(master: &RedisServer) -> usize {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &master.port().to_string(), "INFO", "replication"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activity_is_acknowledged_only_once_the_replicas_asked_for_have_it() {
+    let redis = RedisServer::start().expect("redis-server");
+    let mock = new_mock().await;
+    let router = spawn(
+        &mock,
+        &redis,
+        "wait",
+        "redis_wait_replicas = 1\nredis_wait_timeout_ms = 100",
+    )
+    .await;
+    let client = http();
+    let token = mock.token_for(APP_ID);
+    let send = |id: &str| {
+        client
+            .post(router.callback_url("teams_prod"))
+            .bearer_auth(&token)
+            .json(&personal_message(&mock, "a:wait", id, id))
+            .send()
+    };
+    // No replica: the append is in Redis, but not on a replica within 100 ms.
+    let refused = send("wait-1").await.expect("answered");
+    assert_eq!(refused.status().as_u16(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert!(refused.text().await.unwrap().contains("replicas"));
+
+    let _replica = Replica::start(&redis);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while connected_replicas(&redis) < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(connected_replicas(&redis), 1, "the replica is attached");
+    // The Bot Connector redelivers the refused one: a duplicate of the entry already appended.
+    assert_eq!(
+        send("wait-1").await.expect("answered").status().as_u16(),
+        200
+    );
+    assert_eq!(
+        send("wait-2").await.expect("answered").status().as_u16(),
+        200
+    );
+    let ids = ["wait-1".to_owned(), "wait-2".to_owned()];
+    let counts = wait_for_replies(&mock, &ids, Duration::from_secs(15)).await;
+    assert_eq!(
+        counts.get("wait-1"),
+        Some(&1),
+        "refused, redelivered, answered once"
+    );
+    assert_eq!(counts.get("wait-2"), Some(&1));
+}

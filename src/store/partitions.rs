@@ -441,7 +441,9 @@ impl PartitionLog {
             activity_id.into(),
             Value::Bytes(body.clone()),
         ];
-        let client = self.redis()?.client();
+        let redis = self.redis()?;
+        let client = redis.append_client();
+        let slot = fred::util::redis_keyslot(keys[1].as_bytes());
         let answer: Value = self
             .append
             .evalsha_with_reload(client, keys, args)
@@ -450,6 +452,9 @@ impl PartitionLog {
         if answer.is_null() {
             return Ok(None);
         }
+        // Appended: acknowledged only once the replicas asked for have it. Refused, the Bot
+        // Connector redelivers, and the claim makes the copy a duplicate of this entry.
+        redis.wait_for_replicas(client, slot).await?;
         let mut parts = answer.into_array().into_iter();
         let id = parts
             .next()

@@ -17,6 +17,11 @@ const SYNCED_KINDS: &[&str] = &["bots", "integrations", "setup"];
 
 pub struct RedisStore {
     pool: Pool,
+    /// Appends only, when they wait for replicas: `WAIT` counts the writes sent before it on
+    /// its connection, and blocks that connection meanwhile.
+    appends: Option<Pool>,
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
     prefix: String,
     journal_key: String,
     /// What the pool was built from: pub/sub clients are built alike.
@@ -83,12 +88,24 @@ impl RedisStore {
         let pool = builder(redis_config.clone(), command_timeout)
             .build_pool(config.redis_pool_size.max(1))
             .map_err(unavailable)?;
+        let appends = if config.redis_wait_replicas > 0 {
+            let appends = builder(redis_config.clone(), command_timeout)
+                .build_pool(config.redis_pool_size.max(1))
+                .map_err(unavailable)?;
+            let _connection_task = appends.init().await.map_err(unavailable)?;
+            Some(appends)
+        } else {
+            None
+        };
         // The pool keeps reconnecting in the background; a first failure is reported, not fatal.
         let _connection_task = pool.init().await.map_err(unavailable)?;
         Ok(Self {
             pool,
             prefix: config.key_prefix.clone(),
             journal_key: format!("{}:journal:{instance_id}", config.key_prefix),
+            appends,
+            wait_replicas: config.redis_wait_replicas,
+            wait_timeout_ms: config.redis_wait_timeout_ms,
             config: redis_config,
             command_timeout,
         })
@@ -101,6 +118,36 @@ impl RedisStore {
     /// A client of the pool (round robin).
     pub fn client(&self) -> &Client {
         self.pool.next()
+    }
+
+    /// The client appends go through (their own connections when they wait for replicas).
+    pub fn append_client(&self) -> &Client {
+        self.appends
+            .as_ref()
+            .map_or_else(|| self.pool.next(), Pool::next)
+    }
+
+    /// With `storage.redis_wait_replicas`: waits until that many replicas have what `client`
+    /// wrote so far to the master of `slot` (the slot of the key just written).
+    pub async fn wait_for_replicas(&self, client: &Client, slot: u16) -> Result<(), StoreError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let confirmed: i64 = client
+            .with_options(&fred::types::config::Options {
+                cluster_hash: Some(fred::types::ClusterHash::Custom(slot)),
+                ..Default::default()
+            })
+            .wait(i64::from(self.wait_replicas), self.wait_timeout_ms as i64)
+            .await
+            .map_err(unavailable)?;
+        if confirmed < i64::from(self.wait_replicas) {
+            return Err(StoreError::Unavailable(format!(
+                "{confirmed} of {} replicas confirmed the write within {} ms",
+                self.wait_replicas, self.wait_timeout_ms
+            )));
+        }
+        Ok(())
     }
 
     /// A pub/sub client on the same servers (not connected yet).
