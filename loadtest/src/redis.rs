@@ -90,3 +90,165 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A real Redis Cluster on loopback: `masters` masters with one replica each, created with
+/// `redis-cli --cluster create`, a short node timeout so that a killed master's replica takes
+/// over within seconds. Stopped (and its files removed) when dropped.
+pub struct RedisCluster {
+    nodes: Vec<(u16, Option<Child>)>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize, node_timeout_ms: u64) -> Result<Self, String> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "teams-router-cluster-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..masters * 2 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("no free port: {e}"))?
+                .port();
+            // The cluster bus listens on port + 10000: it must be free too.
+            if TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&cluster.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("redis-server cannot start: {e}"))?;
+            cluster.nodes.push((port, Some(child)));
+        }
+        if cluster.nodes.len() < masters * 2 {
+            return Err("not enough free port pairs for the cluster".into());
+        }
+        for (port, _) in &cluster.nodes {
+            wait_for_port(*port)?;
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("redis-cli --cluster create: {e}"))?;
+        if !created.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&created.stdout)
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cluster.is_ok() {
+            if Instant::now() > deadline {
+                return Err("the cluster did not reach cluster_state:ok within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(cluster)
+    }
+
+    /// `host:port` of every node, as `storage.redis_cluster_nodes` takes them.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(_, child)| child.is_some())
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect()
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Every live node says `cluster_state:ok`.
+    pub fn is_ok(&self) -> bool {
+        self.nodes
+            .iter()
+            .filter(|(_, child)| child.is_some())
+            .all(|(port, _)| {
+                self.cli(*port, &["CLUSTER", "INFO"])
+                    .contains("cluster_state:ok")
+            })
+    }
+
+    /// The port of the master serving `slot`.
+    pub fn master_of(&self, slot: u16) -> Option<u16> {
+        let live = self.nodes.iter().find(|(_, c)| c.is_some())?.0;
+        let nodes = self.cli(live, &["CLUSTER", "NODES"]);
+        nodes.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                return None;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (low, high) = range.split_once('-').unwrap_or((range, range));
+                matches!((low.parse::<u16>(), high.parse::<u16>()), (Ok(l), Ok(h)) if l <= slot && slot <= h)
+            });
+            let port = fields[1].split(['@', ':']).nth(1)?.parse().ok()?;
+            serves.then_some(port)
+        })
+    }
+
+    /// Kills the node on `port` (a master's failure: its replica is promoted after the node
+    /// timeout).
+    pub fn kill(&mut self, port: u16) {
+        if let Some((_, child)) = self.nodes.iter_mut().find(|(p, _)| *p == port)
+            && let Some(mut child) = child.take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            if let Some(mut child) = child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_for_port(port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("redis-server did not listen on {port} within 10 s"))
+}
