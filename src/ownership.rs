@@ -37,6 +37,9 @@ const READ_BATCH: usize = 128;
 /// Every held partition is read this often even without a wake-up (a pub/sub message can be
 /// lost while a connection is re-established).
 const POLL: Duration = Duration::from_secs(1);
+/// Every this many polls a holder also looks at its partitions' pending entries (those it has in
+/// flight aside): one `XAUTOCLAIM` per partition.
+const SWEEP_EVERY_POLLS: u32 = 10;
 /// A conversation that cannot take an entry now (its mailbox is full) is offered it again after
 /// this long; the partition's later entries wait behind it, in order.
 const RETRY: Duration = Duration::from_millis(50);
@@ -404,10 +407,22 @@ impl Owner {
     ) {
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut polls = 0u32;
         loop {
             let partitions: Vec<u16> = tokio::select! {
                 Some(partition) = woken.recv() => vec![partition],
-                _ = poll.tick() => self.all_held().iter().map(|h| h.lease.partition).collect(),
+                _ = poll.tick() => {
+                    polls = polls.wrapping_add(1);
+                    let held = self.all_held();
+                    if polls.is_multiple_of(SWEEP_EVERY_POLLS) {
+                        // A read whose answer was lost (a connection cut under it, then the
+                        // command retried on another) left entries delivered to nobody here.
+                        for held in &held {
+                            held.lease.replay_later();
+                        }
+                    }
+                    held.iter().map(|h| h.lease.partition).collect()
+                }
                 _ = shutdown.changed() => return,
             };
             for partition in partitions {

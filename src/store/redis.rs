@@ -38,11 +38,23 @@ impl std::fmt::Debug for RedisStore {
 }
 
 fn builder(config: Config, command_timeout: Duration) -> Builder {
+    let clustered = config.server.is_clustered();
     let mut builder = Builder::from_config(config);
     builder
         .with_connection_config(|c| {
             c.connection_timeout = command_timeout;
             c.internal_command_timeout = command_timeout;
+            if clustered {
+                // A failed master's connection is found unresponsive and its slots are looked up
+                // again (its replica is promoted) within a command's timeout.
+                c.connection_timeout = command_timeout / 2;
+                c.internal_command_timeout = command_timeout / 2;
+                c.max_command_attempts = 3;
+                c.unresponsive = fred::types::config::UnresponsiveConfig {
+                    max_timeout: Some(command_timeout / 2),
+                    interval: Duration::from_millis(100),
+                };
+            }
         })
         .with_performance_config(|p| {
             p.default_command_timeout = command_timeout;
@@ -82,7 +94,7 @@ impl RedisStore {
         let redis_config = Config {
             // A command issued while disconnected fails at once instead of queueing: the caller
             // decides (degrade, retry later) and the request path never hangs on Redis.
-            fail_fast: true,
+            fail_fast: !redis_config.server.is_clustered(),
             ..redis_config
         };
         let pool = builder(redis_config.clone(), command_timeout)
