@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::connector::{self, Connector, TokenProvider};
 use crate::conversation::admission::Gate;
 use crate::conversation::session::HistoryLimits;
-use crate::conversation::{Admission, Arrival, ConversationSettings, Directory, Persistence};
+use crate::conversation::{Admission, ConversationSettings, Directory, Persistence};
 use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::ledger::addresses::AddressBook;
 use crate::ledger::contacts::ContactBook;
@@ -456,16 +456,12 @@ fn recover(directory: &Directory, journal: Option<&Journal>, entries: Vec<Journa
                 continue;
             }
         };
-        let admission = directory.accept(
+        let admission = directory.accept_recorded(
             &integration,
             &entry.conversation_id,
             &entry.activity_id,
-            Arrival {
-                activity,
-                is_invoke: false,
-                receipt: Some(crate::store::Receipt::Journal(entry.seq)),
-                ticket: None,
-            },
+            activity,
+            Some(crate::store::Receipt::Journal(entry.seq)),
         );
         if !matches!(admission, Admission::Accepted(_)) {
             journal.complete(entry.seq);

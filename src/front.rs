@@ -701,16 +701,9 @@ impl Front {
         body: Bytes,
         activity: Box<TurnActivity>,
     ) -> Result<Routed, Rejection> {
-        if self.directory.seen(
-            &integration.id,
-            &target.conversation_id,
-            &target.activity_id,
-        ) {
-            return Ok(self.redelivery(integration, target));
-        }
         // The place bounds this instance's work and sheds when its runtime is saturated; the
         // turn itself takes one where its partition is held.
-        let ticket = match self.take_place(integration, target) {
+        let ticket = match self.unseen_with_place(integration, target) {
             Ok(ticket) => ticket,
             Err(outcome) => return outcome,
         };
@@ -793,14 +786,7 @@ impl Front {
         body: Bytes,
         activity: Box<TurnActivity>,
     ) -> Result<Routed, Rejection> {
-        if self.directory.seen(
-            &integration.id,
-            &target.conversation_id,
-            &target.activity_id,
-        ) {
-            return Ok(self.redelivery(integration, target));
-        }
-        let ticket = match self.take_place(integration, target) {
+        let ticket = match self.unseen_with_place(integration, target) {
             Ok(ticket) => ticket,
             Err(outcome) => return outcome,
         };
@@ -852,6 +838,23 @@ impl Front {
             None
         };
         duplicate(integration, target, answer)
+    }
+
+    /// A place for an activity its conversation has not seen here (a redelivery of one it has
+    /// is acknowledged at once, without a store write).
+    fn unseen_with_place(
+        &self,
+        integration: &Integration,
+        target: &Target,
+    ) -> Result<Ticket, Result<Routed, Rejection>> {
+        if self.directory.seen(
+            &integration.id,
+            &target.conversation_id,
+            &target.activity_id,
+        ) {
+            return Err(Ok(self.redelivery(integration, target)));
+        }
+        self.take_place(integration, target)
     }
 
     /// A place among pending activities, or the answer when there is none: a redelivery of

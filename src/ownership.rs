@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::activity::TurnActivity;
-use crate::conversation::{Admission, Arrival, Directory};
+use crate::conversation::{Admission, Directory};
 use crate::store::partitions::{
     Appended, HandedOver, Lease, PartitionLog, ReadFrom, StreamEntry, StreamReceipt, parse_id,
 };
@@ -183,16 +183,12 @@ impl Owner {
         error: StoreError,
     ) -> StoreError {
         if !self.durable_accept {
-            let _ = self.directory.accept(
+            let _ = self.directory.accept_recorded(
                 integration,
                 conversation_id,
                 activity_id,
-                Arrival {
-                    activity,
-                    is_invoke: false,
-                    receipt: None,
-                    ticket: None,
-                },
+                activity,
+                None,
             );
         }
         error
@@ -222,16 +218,12 @@ impl Owner {
             Arc::clone(lease),
             appended.id.clone(),
         ));
-        let admission = self.directory.accept(
+        let admission = self.directory.accept_recorded(
             integration,
             conversation_id,
             activity_id,
-            Arrival {
-                activity,
-                is_invoke: false,
-                receipt: Some(Receipt::Stream(Arc::clone(&receipt))),
-                ticket: None,
-            },
+            activity,
+            Some(Receipt::Stream(Arc::clone(&receipt))),
         );
         let duplicate = matches!(admission, Admission::Duplicate(_));
         // Full or overloaded: the reader offers it again, in order.
@@ -276,21 +268,27 @@ impl Owner {
 
     /// Heartbeat, renewals, hand-backs and takeovers: one round.
     async fn tend(&self) {
-        let live = match self.log.heartbeat(&self.run, self.lease_ms).await {
+        // Renewed first and whatever the heartbeat does: in a cluster the live set's key and a
+        // partition's lease may be on different nodes, and one node failing must not cost the
+        // leases kept on the others.
+        let leases: Vec<Arc<Lease>> = self
+            .all_held()
+            .iter()
+            .map(|h| Arc::clone(&h.lease))
+            .collect();
+        if let Err(error) = self.log.renew(&leases, self.lease_ms).await {
+            tracing::warn!(%error, "some partition leases not renewed this round; their turns stop if they lapse");
+        }
+        let live = self.log.heartbeat(&self.run, self.lease_ms).await;
+        self.forget_lapsed().await;
+        self.hand_back_released().await;
+        let live = match live {
             Ok(live) => live,
             Err(error) => {
-                tracing::warn!(%error, "partition leases cannot be renewed; their turns stop when they lapse");
-                self.forget_lapsed().await;
+                tracing::warn!(%error, "live instances unknown this round; partitions not balanced");
                 return;
             }
         };
-        let held = self.all_held();
-        let leases: Vec<Arc<Lease>> = held.iter().map(|h| Arc::clone(&h.lease)).collect();
-        if let Err(error) = self.log.renew(&leases, self.lease_ms).await {
-            tracing::warn!(%error, "partition leases not renewed this round");
-        }
-        self.forget_lapsed().await;
-        self.hand_back_released().await;
 
         let target = share(usize::from(self.log.partitions), &live, &self.run);
         let keeping: Vec<Arc<Held>> = self
@@ -572,16 +570,12 @@ impl Owner {
             }
         };
         let integration: Arc<str> = entry.integration.as_str().into();
-        let admission = self.directory.accept(
+        let admission = self.directory.accept_recorded(
             &integration,
             &entry.conversation_id,
             &entry.activity_id,
-            Arrival {
-                activity,
-                is_invoke: false,
-                receipt: Some(Receipt::Stream(Arc::clone(&receipt))),
-                ticket: None,
-            },
+            activity,
+            Some(Receipt::Stream(Arc::clone(&receipt))),
         );
         match admission {
             Admission::Accepted(_) => {

@@ -332,6 +332,29 @@ impl Directory {
         Admission::Overloaded
     }
 
+    /// Offers an activity recorded before (journal, partition stream): it took no place among
+    /// pending activities, and is never an invoke.
+    pub fn accept_recorded(
+        &self,
+        integration: &Arc<str>,
+        conversation_id: &str,
+        activity_id: &str,
+        activity: Box<TurnActivity>,
+        receipt: Option<Receipt>,
+    ) -> Admission {
+        self.accept(
+            integration,
+            conversation_id,
+            activity_id,
+            Arrival {
+                activity,
+                is_invoke: false,
+                receipt,
+                ticket: None,
+            },
+        )
+    }
+
     /// Whether the conversation has already seen this activity id (a cheap pre-check, so that
     /// a redelivery costs no journal write).
     pub fn seen(&self, integration: &str, conversation_id: &str, activity_id: &str) -> bool {

@@ -536,9 +536,11 @@ impl PartitionLog {
         Ok(free)
     }
 
-    /// Extends the leases still held; the others are marked lapsed.
+    /// Extends the leases still held; the others are marked lapsed. An error (one lease's
+    /// node did not answer) leaves that lease to lapse on time and is told after the others.
     pub async fn renew(&self, leases: &[Arc<Lease>], lease_ms: u64) -> Result<(), StoreError> {
         let client = self.redis()?.client();
+        let mut failed = None;
         for chunk in leases.chunks(256) {
             let started = Lease::clock_ms();
             let answers = futures_util::future::join_all(chunk.iter().map(|lease| {
@@ -552,11 +554,11 @@ impl PartitionLog {
                     Ok(1) => lease.extend_to(started + lease_ms * 9 / 10),
                     Ok(_) => lease.lapse(),
                     // Not known: it lapses on its own unless a later renewal answers.
-                    Err(error) => return Err(store_error(error)),
+                    Err(error) => failed = failed.or(Some(store_error(error))),
                 }
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Gives a partition up (only if the lease is still this one).
