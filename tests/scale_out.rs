@@ -522,6 +522,9 @@ impl Replica {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        // Its own directory: a replica writes the master's snapshot to disk when it syncs.
+        let dir = std::env::temp_dir().join(format!("teams-router-replica-{port}"));
+        std::fs::create_dir_all(&dir).expect("replica directory");
         let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -534,6 +537,8 @@ impl Replica {
                 "no",
             ])
             .args(["--replicaof", "127.0.0.1", &master.port().to_string()])
+            .arg("--dir")
+            .arg(&dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
