@@ -442,13 +442,21 @@ impl PartitionLog {
             Value::Bytes(body.clone()),
         ];
         let redis = self.redis()?;
-        let client = redis.append_client();
         let slot = fred::util::redis_keyslot(keys[1].as_bytes());
-        let answer: Value = self
+        let mut client = redis.append_client();
+        let started = crate::clock::now();
+        let mut answer = self
             .append
-            .evalsha_with_reload(client, keys, args)
-            .await
-            .map_err(store_error)?;
+            .evalsha_with_reload::<Value, _, _>(client, keys.clone(), args.clone())
+            .await;
+        if answer.is_err() && started.elapsed() < Duration::from_millis(50) {
+            // Refused at once: that connection of the pool is still reconnecting (after a Redis
+            // restart) while another may be up. Once more on the next; a script that did run
+            // makes the second a duplicate of it.
+            client = redis.append_client();
+            answer = self.append.evalsha_with_reload(client, keys, args).await;
+        }
+        let answer = answer.map_err(store_error)?;
         if answer.is_null() {
             return Ok(None);
         }
