@@ -268,6 +268,7 @@ impl Router {
                     config.storage.lease_ms,
                     Duration::from_secs(config.storage.dedup_ttl_secs),
                     durable,
+                    connector.pacer().share(),
                     store_stopped.clone(),
                 )
                 .await;

@@ -15,7 +15,7 @@
 //! | [`connector`] | Bot Connector REST client, outbound tokens, pacing, retries | auth, clock, config, registry, telemetry |
 //! | [`ledger`] | what the data path writes down for the management API: events, contacts, addresses | activity, registry, store, telemetry |
 //! | [`registry`] | the live bot and integration records | auth, config, records, telemetry |
-//! | [`ownership`] | with a shared Redis store: partition leases, their streams' readers, the hand-over to conversations | activity, clock, conversation, store, telemetry |
+//! | [`ownership`] | with a shared Redis store: partition leases, their streams' readers, the hand-over to conversations | activity, clock, connector, conversation, store, telemetry |
 //! | [`store`] | embedded and Redis stores, the snapshot and journal writers, the snapshot codec | clock, config, telemetry |
 //! | [`records`] | the domain records (bots, integrations, accounts) | – |
 //! | [`config`] | the TOML + env settings; composes the rooms' own sections | auth, backend, records |
@@ -73,7 +73,14 @@ mod rooms {
         ),
         (
             "ownership",
-            &["activity", "clock", "conversation", "store", "telemetry"],
+            &[
+                "activity",
+                "clock",
+                "connector",
+                "conversation",
+                "store",
+                "telemetry",
+            ],
         ),
         ("auth", &["clock", "records", "telemetry"]),
         ("activity", &[]),

@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::activity::TurnActivity;
+use crate::connector::pacing::Share;
 use crate::conversation::{Admission, Directory};
 use crate::store::partitions::{
     Appended, HandedOver, Lease, PartitionLog, ReadFrom, StreamEntry, StreamReceipt, parse_id,
@@ -69,6 +70,10 @@ pub struct Owner {
     wakes: mpsc::UnboundedSender<u16>,
     /// Shutting down: nothing more is read or taken.
     stopping: AtomicBool,
+    /// This instance's part of Teams' per-app-and-tenant budgets follows the partitions it holds.
+    budget: Arc<Share>,
+    /// Other instances were live at the last heartbeat.
+    shared: AtomicBool,
 }
 
 impl Owner {
@@ -80,8 +85,10 @@ impl Owner {
         lease_ms: u64,
         dedup_ttl: Duration,
         durable_accept: bool,
+        budget: Arc<Share>,
         shutdown: watch::Receiver<bool>,
     ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
+        budget.partitioned(log.partitions);
         let (wakes, woken) = mpsc::unbounded_channel();
         let run = format!(
             "{}-{:016x}",
@@ -98,6 +105,8 @@ impl Owner {
             directory,
             wakes,
             stopping: AtomicBool::new(false),
+            budget,
+            shared: AtomicBool::new(true),
         });
         tracing::info!(run = %owner.run, partitions = owner.log.partitions, "taking partitions");
         owner.tend().await;
@@ -255,6 +264,18 @@ impl Owner {
             .collect()
     }
 
+    /// Tells the pacer how many partitions are held now. Called before a lease is given back
+    /// and after one is taken, so that this instance's part of the budget and the next holder's
+    /// never overlap.
+    fn held_changed(&self) {
+        let held = self
+            .held
+            .iter()
+            .filter(|slot| slot.lock().is_some())
+            .count();
+        self.budget.set_held(held);
+    }
+
     async fn keep_leases(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let every = Duration::from_millis((self.lease_ms / 3).max(100));
         loop {
@@ -291,6 +312,9 @@ impl Owner {
                 return;
             }
         };
+        self.budget.set_instances(live.len());
+        self.shared
+            .store(live.iter().any(|r| *r != self.run), Ordering::Release);
 
         let target = share(usize::from(self.log.partitions), &live, &self.run);
         let keeping: Vec<Arc<Held>> = self
@@ -327,6 +351,9 @@ impl Owner {
                 lapsed.push(held);
             }
         }
+        if !lapsed.is_empty() {
+            self.held_changed();
+        }
         let _ =
             futures_util::future::join_all(lapsed.iter().map(|h| self.log.release(&h.lease))).await;
     }
@@ -346,6 +373,9 @@ impl Owner {
                 tracing::debug!(partition = held.lease.partition, "partition given back");
                 done.push(held);
             }
+        }
+        if !done.is_empty() {
+            self.held_changed();
         }
         let released =
             futures_util::future::join_all(done.iter().map(|held| self.log.release(&held.lease)))
@@ -385,6 +415,10 @@ impl Owner {
             }
         };
         counter!(PARTITION_TAKEOVERS).increment(taken.len() as u64);
+        if self.shared.load(Ordering::Acquire) {
+            self.budget.taking(taken.len());
+        }
+        let partitions: Vec<u16> = taken.iter().map(|lease| lease.partition).collect();
         for lease in taken {
             tracing::debug!(partition = lease.partition, lease = %lease.value, "partition taken");
             let partition = lease.partition;
@@ -395,6 +429,9 @@ impl Owner {
                     again: AtomicBool::new(false),
                 }));
             }
+        }
+        self.held_changed();
+        for partition in partitions {
             let _ = self.wakes.send(partition);
         }
     }
@@ -651,6 +688,7 @@ impl Owner {
         for slot in &self.held {
             slot.lock().take();
         }
+        self.held_changed();
         let released =
             futures_util::future::join_all(held.iter().map(|h| self.log.release(&h.lease))).await;
         if let Some(Err(error)) = released.into_iter().find(Result::is_err) {

@@ -269,6 +269,59 @@ async fn three_routers_answer_every_activity_once_in_acceptance_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_routers_keep_within_one_tenant_budget_together() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start().expect("redis-server");
+    let mock = new_mock().await;
+    mock.enforce_teams_limits(true);
+    let mut routers = Vec::new();
+    for name in ["budget-a", "budget-b", "budget-c"] {
+        // Teams' own limits (the default), not the lifted ones the other tests run with.
+        let config = config_with_storage(&mock, &storage(&redis, name, ""), "")
+            .replace("conversation_limits = [[1000, 100000]]\n", "")
+            .replace("app_limits = [[1000, 1000000]]\n", "");
+        routers.push(
+            RouterProcess::spawn(&binary(), &config)
+                .await
+                .expect("router starts"),
+        );
+    }
+    let held = wait_for_spread(&routers, 1024).await;
+    let instances: Instances = Arc::new(RwLock::new(
+        routers.iter().map(|r| Some(r.base_url())).collect(),
+    ));
+    // Every conversation in one tenant: three routers each sending the tenant's whole 50 a
+    // second would be refused two times in three.
+    let (conversations, per_conversation) = (sized(150, 600), 2);
+    let sent: Sent = Arc::default();
+    let started = Instant::now();
+    send_all(
+        &instances,
+        &mock,
+        "budget",
+        conversations,
+        per_conversation,
+        &sent,
+    )
+    .await;
+    let acknowledged = started.elapsed();
+    let duplicates = check_answers(&mock, &sent, "one tenant's budget", &routers).await;
+    let answered = started.elapsed();
+    assert_eq!(duplicates, 0);
+    assert_eq!(
+        mock.throttled(),
+        0,
+        "the routers together went over the tenant's 50 sends a second"
+    );
+    let replies = conversations * per_conversation;
+    eprintln!(
+        "one tenant's budget over three routers {held:?}: {replies} replies acknowledged in \
+         {acknowledged:?}, all answered in {answered:?} ({:.1}/s of Teams' 50/s), 0 refused",
+        replies as f64 / answered.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_killed_mid_burst_and_replaced_under_a_new_name_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start().expect("redis-server");

@@ -12,10 +12,16 @@
 //! At most `max_queued` sends of one bot (app and tenant) wait at once; beyond that its next send
 //! is refused at once, so memory stays bounded when Teams is slower than the bot, and one bot's
 //! backlog never refuses another bot's sends.
+//!
+//! Several routers on one Redis share each app-and-tenant budget by their [`Share`] of the
+//! partitions: an instance holding `h` of `P` partitions sends at most `count * h / P` (rounded
+//! down) in each app window, so that together they stay within Teams' limit without a round trip
+//! per send. A conversation's sends come from the holder of its partition alone, so its own
+//! windows stay local.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::clock::Instant;
@@ -48,7 +54,7 @@ impl Log {
     /// When one more send fits every limit: `None` for now, else the earliest time to try again.
     /// O(1) per limit: the finish times are in order, so a window is full exactly when the
     /// `count - in_flight`-th most recent finish is still inside it.
-    fn room(&mut self, limits: &[Limit], now: Instant) -> Option<Instant> {
+    fn room(&mut self, limits: &[Limit], share: Fraction, now: Instant) -> Option<Instant> {
         let longest = limits.iter().map(|l| l.window).max().unwrap_or_default() + SAFETY_MARGIN;
         while self
             .finished
@@ -62,7 +68,7 @@ impl Log {
             // Teams counts a request when it arrives; a margin absorbs what the network and a
             // busy machine add between that and the router's own clock readings.
             let window = limit.window + SAFETY_MARGIN;
-            let at = match limit.count.checked_sub(self.in_flight) {
+            let at = match share.of(limit.count).checked_sub(self.in_flight) {
                 // Sends still in flight leave a window only after they finish: look again soon.
                 None | Some(0) => now + IN_FLIGHT_POLL,
                 Some(finishes_allowed) => {
@@ -101,6 +107,105 @@ impl Log {
     }
 }
 
+/// The part of a budget this instance may use.
+#[derive(Debug, Clone, Copy)]
+struct Fraction {
+    part: u32,
+    /// 0: the whole budget.
+    whole: u32,
+}
+
+impl Fraction {
+    const WHOLE: Self = Self { part: 0, whole: 0 };
+
+    /// At least one send per window, so that no send waits for ever.
+    fn of(self, count: usize) -> usize {
+        if self.whole == 0 {
+            return count;
+        }
+        let part = u64::from(self.part.min(self.whole));
+        let scaled = (count as u64).saturating_mul(part) / u64::from(self.whole);
+        usize::try_from(scaled).unwrap_or(count).max(1)
+    }
+}
+
+/// This instance's share of every app-and-tenant budget: the partitions it holds out of all of
+/// them (with the embedded store, or a Redis store not yet partitioned, the whole budget).
+/// A share shrinks at once and grows only once the sends of the partitions' previous holder have
+/// left Teams' windows, so that the shares of all instances never add up to more than the whole.
+pub struct Share {
+    held: AtomicU32,
+    /// Live instances when last seen: an instance holding no partition yet (starting, or with
+    /// Redis unreachable, running turns unrecorded) sends one such share.
+    instances: AtomicU32,
+    /// Held for less than the longest app window: not counted yet.
+    maturing: Arc<AtomicU32>,
+    partitions: AtomicU32,
+    maturity: Duration,
+}
+
+impl Share {
+    fn new(maturity: Duration) -> Self {
+        Self {
+            held: AtomicU32::new(0),
+            instances: AtomicU32::new(1),
+            maturing: Arc::new(AtomicU32::new(0)),
+            partitions: AtomicU32::new(0),
+            maturity,
+        }
+    }
+
+    /// From now on the budget is shared by `partitions` partitions.
+    pub fn partitioned(&self, partitions: u16) {
+        self.partitions
+            .store(u32::from(partitions), Ordering::Release);
+    }
+
+    pub fn set_instances(&self, live: usize) {
+        self.instances.store(
+            u32::try_from(live.max(1)).unwrap_or(u32::MAX),
+            Ordering::Release,
+        );
+    }
+
+    /// `taken` partitions are being taken from a holder that may have sent for them within the
+    /// window: they count only once that has passed (call before [`Self::set_held`] counts them).
+    pub fn taking(&self, taken: usize) {
+        let taken = u32::try_from(taken).unwrap_or(u32::MAX);
+        if taken == 0 {
+            return;
+        }
+        self.maturing.fetch_add(taken, Ordering::AcqRel);
+        let maturing = Arc::clone(&self.maturing);
+        let maturity = self.maturity;
+        tokio::spawn(async move {
+            tokio::time::sleep(maturity).await;
+            maturing.fetch_sub(taken, Ordering::AcqRel);
+        });
+    }
+
+    /// `held` partitions now.
+    pub fn set_held(&self, held: usize) {
+        self.held
+            .store(u32::try_from(held).unwrap_or(u32::MAX), Ordering::Release);
+    }
+
+    fn fraction(&self) -> Fraction {
+        let whole = self.partitions.load(Ordering::Acquire);
+        let part = self
+            .held
+            .load(Ordering::Acquire)
+            .saturating_sub(self.maturing.load(Ordering::Acquire));
+        if part == 0 && whole > 0 {
+            return Fraction {
+                part: 1,
+                whole: self.instances.load(Ordering::Acquire).max(1),
+            };
+        }
+        Fraction { part, whole }
+    }
+}
+
 /// Added to every window.
 const SAFETY_MARGIN: Duration = Duration::from_millis(100);
 
@@ -115,6 +220,7 @@ pub struct Pacer {
     apps: DashMap<AppKey, Arc<AppLogs>>,
     waiting: AtomicUsize,
     max_queued: usize,
+    share: Arc<Share>,
 }
 
 #[derive(Default)]
@@ -212,7 +318,13 @@ impl Drop for Waiting<'_> {
 
 impl Pacer {
     pub fn new(conversation_limits: Vec<Limit>, app_limits: Vec<Limit>, max_queued: usize) -> Self {
+        let longest = app_limits
+            .iter()
+            .map(|l| l.window)
+            .max()
+            .unwrap_or_default();
         Self {
+            share: Arc::new(Share::new(longest + SAFETY_MARGIN)),
             conversation_limits,
             app_limits,
             apps: DashMap::new(),
@@ -253,8 +365,8 @@ impl Pacer {
         // Always conversation first, then app: one lock order, no deadlock.
         let mut conversation = logs[0].lock();
         let mut app = logs[1].lock();
-        let wait_conversation = conversation.room(&self.conversation_limits, now);
-        let wait_app = app.room(&self.app_limits, now);
+        let wait_conversation = conversation.room(&self.conversation_limits, Fraction::WHOLE, now);
+        let wait_app = app.room(&self.app_limits, self.share.fraction(), now);
         match (wait_conversation, wait_app) {
             (None, None) => {
                 conversation.in_flight += 1;
@@ -321,6 +433,11 @@ impl Pacer {
                 || !app.conversations.is_empty()
                 || !idle(&app.log, &self.app_limits)
         });
+    }
+
+    /// This instance's share of the app-and-tenant budgets (set by the partitions it holds).
+    pub fn share(&self) -> Arc<Share> {
+        Arc::clone(&self.share)
     }
 
     /// Keys with a send log (for tests and the upkeep log).
@@ -422,7 +539,12 @@ mod tests {
             now += Duration::from_millis(next(400));
             log.in_flight = next(3) as usize;
             let expected = room_by_counting(&log, &limits, now);
-            assert_eq!(log.room(&limits, now), expected, "at {:?}", now - start);
+            assert_eq!(
+                log.room(&limits, Fraction::WHOLE, now),
+                expected,
+                "at {:?}",
+                now - start
+            );
             if expected.is_none() {
                 log.finished.push_back(now);
             }
@@ -504,5 +626,45 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1_300)).await;
         pacer.forget_idle();
         assert_eq!(pacer.tracked(), 0);
+    }
+
+    /// Sends admitted at once for one app in one tenant, one per conversation.
+    fn admitted_now(pacer: &Pacer, tag: &str) -> Vec<Permit> {
+        (0..100)
+            .map_while(|i| pacer.admit_now("app", "tenant", &format!("{tag}{i}")))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_instance_sends_its_share_of_the_app_budget() {
+        let pacer = teams();
+        pacer.share().partitioned(1_024);
+        pacer.share().set_held(342);
+        // 50 × 342 / 1,024 = 16.7: three instances holding 342, 341 and 341 send 48 at most.
+        assert_eq!(admitted_now(&pacer, "a").len(), 16);
+
+        let pacer = teams();
+        pacer.share().partitioned(1_024);
+        pacer.share().set_instances(3);
+        assert_eq!(
+            admitted_now(&pacer, "a").len(),
+            16,
+            "holding nothing yet: a share of the live instances'"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partitions_just_taken_count_once_their_last_holder_sends_left_the_window() {
+        let pacer = teams();
+        pacer.share().partitioned(1_024);
+        pacer.share().set_held(512);
+        pacer.share().taking(512);
+        pacer.share().set_held(1_024);
+        assert_eq!(admitted_now(&pacer, "a").len(), 25);
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert_eq!(pacer.share().fraction().part, 1_024);
+        // Giving partitions up counts at once.
+        pacer.share().set_held(100);
+        assert_eq!(pacer.share().fraction().part, 100);
     }
 }
