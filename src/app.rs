@@ -25,7 +25,7 @@ use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::ledger::addresses::AddressBook;
 use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::EventLog;
-use crate::ownership::Owner;
+use crate::ownership::{Owner, OwnerSettings};
 use crate::registry::Registry;
 use crate::reply::ReplyServices;
 use crate::reply::streaming::StreamSettings;
@@ -264,10 +264,12 @@ impl Router {
                 let (owner, tasks) = Owner::start(
                     log,
                     Arc::clone(&directory),
-                    &instance_id,
-                    config.storage.lease_ms,
-                    Duration::from_secs(config.storage.dedup_ttl_secs),
-                    durable,
+                    OwnerSettings {
+                        instance_id: &instance_id,
+                        lease_ms: config.storage.lease_ms,
+                        dedup_ttl: Duration::from_secs(config.storage.dedup_ttl_secs),
+                        durable_accept: durable,
+                    },
                     connector.pacer().share(),
                     store_stopped.clone(),
                 )

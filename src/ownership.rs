@@ -76,18 +76,29 @@ pub struct Owner {
     shared: AtomicBool,
 }
 
+/// How an instance holds partitions (from the `storage` settings).
+pub struct OwnerSettings<'a> {
+    pub instance_id: &'a str,
+    pub lease_ms: u64,
+    pub dedup_ttl: Duration,
+    pub durable_accept: bool,
+}
+
 impl Owner {
     /// Takes a first share of the partitions, and starts the lease, reader and wake-up tasks.
     pub async fn start(
         log: Arc<PartitionLog>,
         directory: Arc<Directory>,
-        instance_id: &str,
-        lease_ms: u64,
-        dedup_ttl: Duration,
-        durable_accept: bool,
+        settings: OwnerSettings<'_>,
         budget: Arc<Share>,
         shutdown: watch::Receiver<bool>,
     ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
+        let OwnerSettings {
+            instance_id,
+            lease_ms,
+            dedup_ttl,
+            durable_accept,
+        } = settings;
         budget.partitioned(log.partitions);
         let (wakes, woken) = mpsc::unbounded_channel();
         let run = format!(
