@@ -168,8 +168,8 @@ pub struct StorageConfig {
     pub key_prefix: String,
     /// Record every activity before answering 200. Default: true for redis, false for embedded.
     pub durable_accept: Option<bool>,
-    /// Names this process's journal, so that a restart replays what it had accepted. Default:
-    /// the host name.
+    /// A readable part of this process's name as a partition holder (each start adds a random
+    /// suffix, so nothing depends on it surviving a restart). Default: the host name.
     pub instance_id: Option<String>,
     pub on_unavailable: OnStoreUnavailable,
     /// How long a global dedup claim (Redis) is kept.

@@ -36,8 +36,8 @@ use crate::ledger::events::{EventDraft, EventSink};
 use crate::ownership::Owner;
 use crate::registry::{Integration, Registry};
 use crate::reply::exchanges::{ExchangeRequest, TOKEN_EXCHANGE};
-use crate::store::Receipt;
 use crate::store::writer::Journal;
+use crate::store::{Receipt, StoreError};
 use crate::telemetry::{
     self, ACTIVITIES_DUPLICATE, ACTIVITIES_IGNORED, INGRESS_DURATION, Readiness,
 };
@@ -755,6 +755,12 @@ impl Front {
                 Ok(Routed::Accepted(None))
             }
             Ok(false) => Ok(self.redelivery(integration, target)),
+            // In the stream already: running it here as well would run it twice.
+            Err(error @ StoreError::NotReplicated(_)) => Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("the activity cannot be recorded durably: {error}"),
+            )),
             Err(error) => match self.on_store_unavailable {
                 OnStoreUnavailable::Refuse => Err(Rejection::new(
                     StatusCode::SERVICE_UNAVAILABLE,

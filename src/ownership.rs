@@ -204,7 +204,8 @@ impl Owner {
         activity: Box<TurnActivity>,
         error: StoreError,
     ) -> StoreError {
-        if !self.durable_accept {
+        // Recorded but not confirmed by the replicas: its holder runs it.
+        if !self.durable_accept && !matches!(error, StoreError::NotReplicated(_)) {
             let _ = self.directory.accept_recorded(
                 integration,
                 conversation_id,

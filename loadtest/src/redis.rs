@@ -11,15 +11,24 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// The master's port, for a replica.
+    replica_of: Option<u16>,
 }
 
 impl RedisServer {
     /// Starts `redis-server` (from PATH) without persistence.
     pub fn start() -> Result<Self, String> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
+        Self::start_replicating(None)
+    }
+
+    /// Starts a replica of `master` (its own directory: a replica writes the master's snapshot
+    /// to disk when it syncs).
+    pub fn replica_of(master: &RedisServer) -> Result<Self, String> {
+        Self::start_replicating(Some(master.port))
+    }
+
+    fn start_replicating(replica_of: Option<u16>) -> Result<Self, String> {
+        let port = free_port()?;
         let dir =
             std::env::temp_dir().join(format!("teams-router-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -27,9 +36,27 @@ impl RedisServer {
             port,
             dir,
             child: None,
+            replica_of,
         };
         server.resume()?;
         Ok(server)
+    }
+
+    /// This server's `INFO replication` field `name` (`role`, `connected_slaves`, …).
+    pub fn replication(&self, name: &str) -> Option<String> {
+        let info = cli(self.port, &["INFO", "replication"]);
+        info.lines().find_map(|l| {
+            l.strip_prefix(&format!("{name}:"))
+                .map(|v| v.trim().to_owned())
+        })
+    }
+
+    /// Replicas attached and in sync (`state=online`).
+    pub fn replicas_online(&self) -> usize {
+        cli(self.port, &["INFO", "replication"])
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .count()
     }
 
     pub fn url(&self) -> String {
@@ -51,17 +78,21 @@ impl RedisServer {
     /// Starts it again on the same port and waits until it answers.
     pub fn resume(&mut self) -> Result<(), String> {
         self.stop();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut command = Command::new("redis-server");
+        command.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        if let Some(master) = self.replica_of {
+            command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
+        let child = command
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -97,6 +128,7 @@ impl Drop for RedisServer {
 pub struct RedisCluster {
     nodes: Vec<(u16, Option<Child>)>,
     dir: PathBuf,
+    node_timeout_ms: u64,
 }
 
 impl RedisCluster {
@@ -111,29 +143,15 @@ impl RedisCluster {
         let mut cluster = Self {
             nodes: Vec::new(),
             dir,
+            node_timeout_ms,
         };
         for _ in 0..masters * 2 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map_err(|e| format!("no free port: {e}"))?
-                .port();
+            let port = free_port()?;
             // The cluster bus listens on port + 10000: it must be free too.
             if TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
                 continue;
             }
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&cluster.dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("redis-server cannot start: {e}"))?;
+            let child = cluster.spawn_node(port)?;
             cluster.nodes.push((port, Some(child)));
         }
         if cluster.nodes.len() < masters * 2 {
@@ -171,6 +189,40 @@ impl RedisCluster {
         Ok(cluster)
     }
 
+    fn spawn_node(&self, port: u16) -> Result<Child, String> {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args(["--cluster-node-timeout", &self.node_timeout_ms.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("redis-server cannot start: {e}"))
+    }
+
+    /// Starts a killed node again with its cluster configuration: a master that was replaced
+    /// meanwhile comes back as its successor's replica (empty, it syncs from it).
+    pub fn restart(&mut self, port: u16) -> Result<(), String> {
+        let child = self.spawn_node(port)?;
+        if let Some((_, slot)) = self.nodes.iter_mut().find(|(p, _)| *p == port) {
+            *slot = Some(child);
+        }
+        wait_for_port(port)
+    }
+
+    /// Replicas in sync with the master on `port`.
+    pub fn replicas_online(&self, port: u16) -> usize {
+        cli(port, &["INFO", "replication"])
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .count()
+    }
+
     /// `host:port` of every node, as `storage.redis_cluster_nodes` takes them.
     pub fn seeds(&self) -> Vec<String> {
         self.nodes
@@ -180,30 +232,18 @@ impl RedisCluster {
             .collect()
     }
 
-    fn cli(&self, port: u16, args: &[&str]) -> String {
-        Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    }
-
     /// Every live node says `cluster_state:ok`.
     pub fn is_ok(&self) -> bool {
         self.nodes
             .iter()
             .filter(|(_, child)| child.is_some())
-            .all(|(port, _)| {
-                self.cli(*port, &["CLUSTER", "INFO"])
-                    .contains("cluster_state:ok")
-            })
+            .all(|(port, _)| cli(*port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
     }
 
     /// The port of the master serving `slot`.
     pub fn master_of(&self, slot: u16) -> Option<u16> {
         let live = self.nodes.iter().find(|(_, c)| c.is_some())?.0;
-        let nodes = self.cli(live, &["CLUSTER", "NODES"]);
+        let nodes = cli(live, &["CLUSTER", "NODES"]);
         nodes.lines().find_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
@@ -240,6 +280,102 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A real Redis Sentinel (`redis-server sentinel.conf --sentinel`) watching one master under
+/// `name`, alone (quorum 1), with a short down-after so that a killed master's replica is
+/// promoted within seconds. Stopped (and its files removed) when dropped.
+pub struct RedisSentinel {
+    port: u16,
+    name: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisSentinel {
+    pub fn start(name: &str, master: &RedisServer, down_after_ms: u64) -> Result<Self, String> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!(
+            "teams-router-sentinel-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        // Sentinel rewrites its configuration file as it learns: it must be its own.
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {name} 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds {name} {down_after_ms}\n\
+                 sentinel failover-timeout {name} {failover}\n\
+                 sentinel parallel-syncs {name} 1\n",
+                dir = dir.display(),
+                master = master.port(),
+                failover = down_after_ms * 3,
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("redis-server --sentinel cannot start: {e}"))?;
+        let sentinel = Self {
+            port,
+            name: name.to_owned(),
+            dir,
+            child: Some(child),
+        };
+        wait_for_port(port)?;
+        Ok(sentinel)
+    }
+
+    /// `redis-sentinel://…` as `storage.redis_url` takes it.
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName={}",
+            self.port, self.name
+        )
+    }
+
+    /// The port of the master the sentinel names now.
+    pub fn master_port(&self) -> Option<u16> {
+        let answer = cli(
+            self.port,
+            &["SENTINEL", "get-master-addr-by-name", &self.name],
+        );
+        answer.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 fn wait_for_port(port: u16) -> Result<(), String> {

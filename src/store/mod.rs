@@ -31,6 +31,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    /// Recorded on the master, not confirmed by the replicas asked for: neither lost nor safe,
+    /// so neither acknowledged nor run a second time elsewhere.
+    #[error("recorded, not yet on enough replicas: {0}")]
+    NotReplicated(String),
 }
 
 /// An activity acknowledged under durable accept and not yet answered.

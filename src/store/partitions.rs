@@ -44,7 +44,10 @@ pub fn partition_of(integration: &str, conversation_id: &str, partitions: u16) -
 /// ('' when nobody holds the partition) and the id of the entry before it ('' if none is left:
 /// finished entries are deleted, so what remains is unread or in flight).
 const APPEND: &str = r"
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return false end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return false
+end
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local previous = ''
 if last[1] then previous = last[1][1] end
@@ -457,12 +460,16 @@ impl PartitionLog {
             answer = self.append.evalsha_with_reload(client, keys, args).await;
         }
         let answer = answer.map_err(store_error)?;
+        // Acknowledged only once the replicas asked for have the entry. Refused, the Bot
+        // Connector redelivers; the claim makes the copy a duplicate, whose script still writes
+        // (the claim's expiry), so that its own wait covers the first copy's entry too.
+        redis
+            .wait_for_replicas(client, slot)
+            .await
+            .map_err(|error| StoreError::NotReplicated(error.to_string()))?;
         if answer.is_null() {
             return Ok(None);
         }
-        // Appended: acknowledged only once the replicas asked for have it. Refused, the Bot
-        // Connector redelivers, and the claim makes the copy a duplicate of this entry.
-        redis.wait_for_replicas(client, slot).await?;
         let mut parts = answer.into_array().into_iter();
         let id = parts
             .next()
