@@ -67,7 +67,7 @@ async fn the_harness_drives_the_bare_reference_endpoint_and_it_verifies_what_it_
         messaging_url: Some(url),
         pid: None,
     };
-    let report = harness::run(&scenario, &mock, target, None, false)
+    let report = harness::run(&scenario, &mock, target, Vec::new(), false)
         .await
         .expect("run");
     server.abort();

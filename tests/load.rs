@@ -18,9 +18,42 @@ async fn the_smoke_scenario_loses_duplicates_and_reorders_nothing() {
         loadtest::spawn::spawn(&scenario, &mock, &common::binary())
             .await
             .expect("router starts");
-    let report = harness::run(&scenario, &mock, target, Some(spawned), false)
+    let report = harness::run(&scenario, &mock, target, spawned, false)
         .await
         .expect("smoke run");
     println!("{}", report.summary());
     assert!(report.passed, "{}", report.summary());
+}
+
+/// The bundled `failover` scenario, shortened (its full length runs under `.ci/run --long`):
+/// three routers on one Redis, one killed with SIGKILL and replaced under a new name; nothing any
+/// of them acknowledged is lost, and the partitions are all held again and spread evenly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failover_scenario_replaces_a_killed_router_and_loses_nothing() {
+    let mut scenario = Scenario::load("failover").expect("the bundled failover scenario");
+    // Three debug routers, driver and mocks on two cores.
+    scenario.rate = 60.0;
+    scenario.duration_secs = 16.0;
+    scenario.conversations = 150;
+    if let Some(failover) = scenario.failover.as_mut() {
+        failover.kill_at_secs = 5.0;
+    }
+    let mock = MockMicrosoft::start().await;
+    let (target, spawned, _environment) =
+        loadtest::spawn::spawn(&scenario, &mock, &common::binary())
+            .await
+            .expect("routers start");
+    assert_eq!(spawned.len(), 3);
+    let report = harness::run(&scenario, &mock, target, spawned, false)
+        .await
+        .expect("failover run");
+    println!("{}", report.summary());
+    assert!(report.passed, "{}", report.summary());
+    assert!(
+        report.instances.iter().filter(|i| i.acked > 0).count() == 4,
+        "three routers and the replacement acknowledged: {}",
+        report.summary()
+    );
+    assert!(report.takeover_secs.is_some(), "{}", report.summary());
+    assert!(report.rebalanced_secs.is_some(), "{}", report.summary());
 }

@@ -156,7 +156,7 @@ async fn prometheus_scrapes_the_router_under_smoke_traffic_and_every_dashboard_q
         loadtest::spawn::spawn(&scenario, &mock, &common::binary())
             .await
             .expect("router starts");
-    let router = spawned.process;
+    let router = spawned.into_iter().next().expect("one router").process;
     let prometheus = start_prometheus(router.ops_addr).await;
     let client = common::http();
 
@@ -170,7 +170,7 @@ async fn prometheus_scrapes_the_router_under_smoke_traffic_and_every_dashboard_q
             messaging_url: None,
             pid: None,
         },
-        None,
+        Vec::new(),
         false,
     )
     .await

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::keys::{SigningKey, connector_claims};
 use crate::mock::{ConnectorFault, MockMicrosoft, RecordedActivity};
-use crate::report::{Report, Sample, Second, Step};
+use crate::report::{Holding, InstanceReport, Report, Sample, Second, Step};
 use crate::router::RouterProcess;
 use crate::scenario::Scenario;
 use crate::traffic::{Conversation, Kind, Mix, Templates, conversations};
@@ -50,6 +50,10 @@ pub struct Spawned {
     pub binary: std::path::PathBuf,
     pub config: String,
     pub env: Vec<(String, String)>,
+    /// Its name in the report (and its `storage.instance_id` on Redis).
+    pub label: String,
+    /// The `[storage]` section it was started with.
+    pub storage: String,
 }
 
 impl Spawned {
@@ -62,6 +66,23 @@ impl Spawned {
         self.process = RouterProcess::spawn_with_env(&self.binary, &self.config, &env).await?;
         Ok(())
     }
+}
+
+/// A router deliveries may go to.
+#[derive(Clone)]
+struct Endpoint {
+    label: Arc<str>,
+    base_url: String,
+    /// Its ops listener (spawned routers): scraped for the partitions it holds.
+    ops_url: Option<String>,
+}
+
+/// What one router instance acknowledged.
+#[derive(Default)]
+struct InstanceStats {
+    acked: u64,
+    first_ack: Option<f64>,
+    last_ack: Option<f64>,
 }
 
 /// A message waiting for its reply.
@@ -110,6 +131,12 @@ struct Stats {
     invokes_without_body: u64,
     invoke_answers_on_redelivery: u64,
     samples: Vec<Sample>,
+    instances: BTreeMap<Arc<str>, InstanceStats>,
+    /// Partitions each router held, when it changed (and once a second).
+    holdings: Vec<Holding>,
+    /// Seconds into the run when a router was killed, and when its replacement was up.
+    killed_at: Option<f64>,
+    replaced_at: Option<f64>,
 }
 
 struct SecondStats {
@@ -181,6 +208,10 @@ struct Run {
     run_id: String,
     client: reqwest::Client,
     target: Target,
+    /// The routers deliveries go to (a killed one is taken out, its replacement put in).
+    live: ArcSwap<Vec<Endpoint>>,
+    /// The router processes sampled for CPU and memory.
+    pids: Mutex<Vec<u64>>,
     templates: Templates,
     conversations: Vec<Conversation>,
     /// Per conversation: held while an activity of it is in flight (so acknowledgements, and
@@ -229,9 +260,17 @@ impl Run {
         self.tokens.store(Arc::new(tokens));
     }
 
-    fn url(&self, integration: usize) -> String {
+    /// A live router, at random (as a load balancer spreads deliveries), and the URL of
+    /// `integration`'s callback on it; `None` while no router is up.
+    fn url(&self, integration: usize) -> Option<(String, Arc<str>)> {
+        let live = self.live.load();
+        let endpoint = match live.len() {
+            0 => return None,
+            1 => &live[0],
+            n => &live[rand::rng().random_range(0..n)],
+        };
         if let Some(url) = &self.target.messaging_url {
-            return url.clone();
+            return Some((url.clone(), Arc::clone(&endpoint.label)));
         }
         let id = self
             .target
@@ -239,10 +278,13 @@ impl Run {
             .get(integration)
             .map(|(id, _)| id.as_str())
             .unwrap_or_default();
-        format!(
-            "{}/api/v1/integration/teams/{id}/callback",
-            self.target.base_url
-        )
+        Some((
+            format!(
+                "{}/api/v1/integration/teams/{id}/callback",
+                endpoint.base_url
+            ),
+            Arc::clone(&endpoint.label),
+        ))
     }
 
     fn count_status(&self, status: &str) {
@@ -295,14 +337,17 @@ impl Run {
     /// deadline.
     async fn deliver(&self, plan: &Plan, id: &str, body: &Bytes) -> Outcome {
         let integration = self.conversations[plan.conversation].integration;
-        let url = self.url(integration);
         let mut backoff = Duration::from_millis(100);
         for attempt in 1..=self.scenario.max_attempts {
             let token = self.token(integration);
             if let Some(pending) = self.tracker.lock().pending.get_mut(id) {
                 pending.last_attempt = Instant::now();
             }
-            let answer = self.post(&url, &token, body).await;
+            // Each attempt picks a router anew: a redelivery after a router died goes elsewhere.
+            let (answer, instance) = match self.url(integration) {
+                Some((url, instance)) => (self.post(&url, &token, body).await, Some(instance)),
+                None => (Err(()), None),
+            };
             if let Ok((429 | 503, _, _)) = answer {
                 let mut stats = self.stats.lock();
                 let now = self.elapsed_secs(Instant::now());
@@ -311,6 +356,14 @@ impl Run {
             }
             let wait = match answer {
                 Ok((status, body, _)) if (200..300).contains(&status) => {
+                    if let Some(instance) = instance {
+                        let t = Instant::now().duration_since(self.started).as_secs_f64();
+                        let mut stats = self.stats.lock();
+                        let counted = stats.instances.entry(instance).or_default();
+                        counted.acked += 1;
+                        counted.first_ack.get_or_insert(t);
+                        counted.last_ack = Some(t);
+                    }
                     return Outcome::Acked { status, body };
                 }
                 Ok((429 | 503, _, retry_after)) if retry_after > 0 => {
@@ -352,7 +405,10 @@ impl Run {
         let token = self
             .forged
             .sign(&connector_claims(app, &self.mock.service_url()));
-        let result = self.post(&self.url(c.integration), &token, &body).await;
+        let Some((url, _)) = self.url(c.integration) else {
+            return;
+        };
+        let result = self.post(&url, &token, &body).await;
         let mut stats = self.stats.lock();
         stats.bad_tokens_sent += 1;
         match result {
@@ -550,9 +606,27 @@ pub async fn run(
     scenario: &Scenario,
     mock: &MockMicrosoft,
     target: Target,
-    spawned: Option<Spawned>,
+    spawned: Vec<Spawned>,
     show_progress: bool,
 ) -> Result<Report, String> {
+    let live: Vec<Endpoint> = if spawned.is_empty() {
+        vec![Endpoint {
+            label: "target".into(),
+            base_url: target.base_url.clone(),
+            ops_url: None,
+        }]
+    } else {
+        spawned.iter().map(endpoint_of).collect()
+    };
+    let pids: Vec<u64> = if spawned.is_empty() {
+        target.pid.map(u64::from).into_iter().collect()
+    } else {
+        spawned
+            .iter()
+            .filter_map(|s| s.process.pid())
+            .map(u64::from)
+            .collect()
+    };
     let run_id = format!("{:08x}", rand::rng().random::<u32>());
     let conversations = conversations(scenario, &run_id);
     let templates = Templates::new(&mock.service_url())?;
@@ -585,6 +659,8 @@ pub async fn run(
         }),
         conversations,
         target,
+        live: ArcSwap::from_pointee(live),
+        pids: Mutex::new(pids),
         tokens: ArcSwap::from_pointee(Vec::new()),
         forged,
         mock: mock.clone(),
@@ -604,19 +680,13 @@ pub async fn run(
     mock.enforce_teams_limits(scenario.connector.teams_limits);
 
     let spawned = Arc::new(tokio::sync::Mutex::new(spawned));
-    let pid = Arc::new(AtomicU64::new(0));
-    if let Some(s) = spawned.lock().await.as_ref() {
-        pid.store(s.process.pid().unwrap_or(0) as u64, Ordering::Relaxed);
-    } else if let Some(endpoint) = run.target.pid {
-        pid.store(u64::from(endpoint), Ordering::Relaxed);
-    }
     let mut background = Vec::new();
-    background.push(tokio::spawn(sample_process(
-        Arc::clone(&run),
-        Arc::clone(&pid),
-    )));
+    background.push(tokio::spawn(sample_process(Arc::clone(&run))));
     background.push(tokio::spawn(refresh_tokens(Arc::clone(&run))));
-    background.extend(schedule_faults(&run, &spawned, &pid));
+    if scenario.router.storage == "redis" {
+        background.push(tokio::spawn(watch_partitions(Arc::clone(&run))));
+    }
+    background.extend(schedule_faults(&run, &spawned));
     let progress = Progress::start(Arc::clone(&run), show_progress, send_secs);
     if let Some(ramp) = &scenario.ramp {
         background.push(tokio::spawn(watch_ramp(
@@ -646,12 +716,17 @@ pub async fn run(
     }
     progress.finish();
     mock.observe(None, true);
-    let router_logs = spawned
-        .lock()
-        .await
-        .as_ref()
-        .map(|s| s.process.logs())
-        .unwrap_or_default();
+    let router_logs = {
+        let spawned = spawned.lock().await;
+        match spawned.as_slice() {
+            [one] => one.process.logs(),
+            several => several
+                .iter()
+                .map(|s| format!("==> {} <==\n{}", s.label, s.process.logs()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    };
     Ok(build_report(&run, saturated, router_logs))
 }
 
@@ -751,8 +826,7 @@ async fn refresh_tokens(run: Arc<Run>) {
 /// Connector faults, backend slowdowns and the router kill, at their times in the run.
 fn schedule_faults(
     run: &Arc<Run>,
-    spawned: &Arc<tokio::sync::Mutex<Option<Spawned>>>,
-    pid: &Arc<AtomicU64>,
+    spawned: &Arc<tokio::sync::Mutex<Vec<Spawned>>>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let scenario = &run.scenario;
     let mut tasks = Vec::new();
@@ -795,20 +869,49 @@ fn schedule_faults(
     if let Some(failover) = &scenario.failover {
         let kill_at = at(failover.kill_at_secs);
         let pause = Duration::from_millis(failover.restart_after_ms);
-        let (spawned, pid) = (Arc::clone(spawned), Arc::clone(pid));
+        let (spawned, run) = (Arc::clone(spawned), Arc::clone(run));
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(kill_at.into()).await;
             let mut guard = spawned.lock().await;
-            let Some(router) = guard.as_mut() else {
+            let Some(router) = guard.first_mut() else {
                 return;
             };
+            let label = router.label.clone();
+            run.live.rcu(|live| {
+                live.iter()
+                    .filter(|e| *e.label != *label)
+                    .cloned()
+                    .collect::<Vec<_>>()
+            });
+            let pid = router.process.pid().map(u64::from);
+            run.pids.lock().retain(|p| Some(*p) != pid);
             router.process.kill().await;
-            eprintln!("failover: router killed (SIGKILL)");
+            run.stats.lock().killed_at = Some(run.started.elapsed().as_secs_f64());
+            eprintln!("failover: router {label} killed (SIGKILL)");
             tokio::time::sleep(pause).await;
-            match router.restart().await {
-                Ok(()) => {
-                    pid.store(router.process.pid().unwrap_or(0) as u64, Ordering::Relaxed);
-                    eprintln!("failover: router restarted");
+            let restarted = if run.scenario.router.instances == 1 {
+                router.restart().await.map(|()| None)
+            } else {
+                router.replacement(&run.scenario, &run.mock).await.map(Some)
+            };
+            match restarted {
+                Ok(replacement) => {
+                    let router = match replacement {
+                        Some(replacement) => {
+                            guard.push(replacement);
+                            guard.last().expect("just pushed")
+                        }
+                        None => &guard[0],
+                    };
+                    run.pids.lock().extend(router.process.pid().map(u64::from));
+                    let endpoint = endpoint_of(router);
+                    run.live.rcu(|live| {
+                        let mut live = live.to_vec();
+                        live.push(endpoint.clone());
+                        live
+                    });
+                    run.stats.lock().replaced_at = Some(run.started.elapsed().as_secs_f64());
+                    eprintln!("failover: router {} started", router.label);
                 }
                 Err(e) => eprintln!("failover: restart failed: {e}"),
             }
@@ -866,34 +969,85 @@ async fn watch_ramp(run: Arc<Run>, backlog_secs: f64, e2e_limit_ms: f64) {
 }
 
 /// The router's CPU (percent of one core) and RSS, once a second, from /proc.
-async fn sample_process(run: Arc<Run>, pid: Arc<AtomicU64>) {
+async fn sample_process(run: Arc<Run>) {
     let ticks_per_sec = 100.0; // USER_HZ on Linux
-    let mut last: Option<(u64, u64, Instant)> = None;
+    let mut last: HashMap<u64, (u64, Instant)> = HashMap::new();
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     loop {
         interval.tick().await;
-        let pid = pid.load(Ordering::Relaxed);
-        if pid == 0 {
+        let pids = run.pids.lock().clone();
+        if pids.is_empty() {
             continue;
         }
-        let Some(ticks) = cpu_ticks(pid) else {
-            last = None;
-            continue;
-        };
         let now = Instant::now();
-        let rss = rss_bytes(pid).unwrap_or(0);
-        if let Some((last_pid, last_ticks, at)) = last
-            && last_pid == pid
-        {
-            let seconds = now.duration_since(at).as_secs_f64().max(1e-3);
-            let cpu = (ticks.saturating_sub(last_ticks)) as f64 / ticks_per_sec / seconds * 100.0;
+        let (mut cpu, mut rss, mut measured) = (0.0, 0u64, false);
+        let mut seen = HashMap::new();
+        for pid in pids {
+            let Some(ticks) = cpu_ticks(pid) else {
+                continue;
+            };
+            rss += rss_bytes(pid).unwrap_or(0);
+            if let Some((last_ticks, at)) = last.get(&pid) {
+                let seconds = now.duration_since(*at).as_secs_f64().max(1e-3);
+                cpu += ticks.saturating_sub(*last_ticks) as f64 / ticks_per_sec / seconds * 100.0;
+                measured = true;
+            }
+            seen.insert(pid, (ticks, now));
+        }
+        if measured {
             run.stats.lock().samples.push(Sample {
                 t: now.duration_since(run.started).as_secs_f64(),
                 cpu_percent: cpu,
                 rss_mib: rss as f64 / (1024.0 * 1024.0),
             });
         }
-        last = Some((pid, ticks, now));
+        last = seen;
+    }
+}
+
+/// The partitions each live router holds (`teams_router_partitions_held`), four times a second;
+/// recorded when they change, and at least once a second.
+async fn watch_partitions(run: Arc<Run>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(250));
+    let mut last: Option<(f64, BTreeMap<String, u64>)> = None;
+    loop {
+        interval.tick().await;
+        let live = run.live.load_full();
+        let mut held = BTreeMap::new();
+        for endpoint in live.iter() {
+            let Some(ops) = &endpoint.ops_url else {
+                continue;
+            };
+            let scrape = match run.client.get(format!("{ops}/metrics")).send().await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => continue,
+            };
+            if let Some(value) = scrape.lines().find_map(|line| {
+                line.strip_prefix("teams_router_partitions_held ")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            }) {
+                held.insert(endpoint.label.to_string(), value as u64);
+            }
+        }
+        let t = run.started.elapsed().as_secs_f64();
+        let changed = last
+            .as_ref()
+            .is_none_or(|(at, before)| *before != held || t - at >= 1.0);
+        if changed && !held.is_empty() {
+            run.stats.lock().holdings.push(Holding {
+                t,
+                held: held.clone(),
+            });
+            last = Some((t, held));
+        }
+    }
+}
+
+fn endpoint_of(spawned: &Spawned) -> Endpoint {
+    Endpoint {
+        label: spawned.label.as_str().into(),
+        base_url: spawned.process.base_url(),
+        ops_url: Some(spawned.process.ops_url("")),
     }
 }
 
@@ -1090,6 +1244,28 @@ fn build_report(run: &Run, saturated: bool, router_logs: String) -> Report {
     report.seconds = seconds;
     report.steps = steps;
     report.samples = std::mem::take(&mut stats.samples);
+    let run_secs = run.started.elapsed().as_secs_f64();
+    report.instances = stats
+        .instances
+        .iter()
+        .map(|(label, counted)| {
+            let (from, to) = (
+                counted.first_ack.unwrap_or(0.0),
+                counted.last_ack.unwrap_or(run_secs),
+            );
+            InstanceReport {
+                label: label.to_string(),
+                acked: counted.acked,
+                first_ack_secs: from,
+                last_ack_secs: to,
+                acked_per_sec: counted.acked as f64 / (to - from).max(1.0),
+            }
+        })
+        .collect();
+    report.partitions_over_time = std::mem::take(&mut stats.holdings);
+    report.killed_at_secs = stats.killed_at;
+    report.replaced_at_secs = stats.replaced_at;
+    report.measure_takeover();
     report.connector_throttled = run.mock.throttled() as u64;
     report.router_log_tail = router_logs
         .lines()

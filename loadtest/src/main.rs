@@ -195,7 +195,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
             messaging_url: Some(url.clone()),
             pid: None,
         };
-        harness::run(&scenario, &mock, target, None, !cli.quiet).await?
+        harness::run(&scenario, &mock, target, Vec::new(), !cli.quiet).await?
     } else {
         match &cli.target {
             Some(url) => {
@@ -222,7 +222,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
                     messaging_url: None,
                     pid: None,
                 };
-                harness::run(&scenario, &mock, target, None, !cli.quiet).await?
+                harness::run(&scenario, &mock, target, Vec::new(), !cli.quiet).await?
             }
             None => {
                 let binary = tokio::task::spawn_blocking({
@@ -241,7 +241,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
                     binary.display(),
                     target.base_url
                 );
-                harness::run(&scenario, &mock, target, Some(spawned), !cli.quiet).await?
+                harness::run(&scenario, &mock, target, spawned, !cli.quiet).await?
             }
         }
     };
@@ -334,7 +334,7 @@ async fn run_target_cmd(
         messaging_url: Some(format!("http://127.0.0.1:{port}/api/messages")),
         pid: child.id(),
     };
-    let report = harness::run(&scenario, &mock, target, None, progress).await;
+    let report = harness::run(&scenario, &mock, target, Vec::new(), progress).await;
     let _ = child.kill().await;
     report
 }

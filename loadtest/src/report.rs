@@ -84,6 +84,23 @@ pub struct Sample {
     pub rss_mib: f64,
 }
 
+/// The partitions each live router held at `t` seconds (Redis runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct Holding {
+    pub t: f64,
+    pub held: BTreeMap<String, u64>,
+}
+
+/// What one router instance acknowledged, and at what rate while it did.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceReport {
+    pub label: String,
+    pub acked: u64,
+    pub first_ack_secs: f64,
+    pub last_ack_secs: f64,
+    pub acked_per_sec: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub name: String,
@@ -130,12 +147,60 @@ pub struct Report {
     pub seconds: Vec<Second>,
     pub steps: Vec<Step>,
     pub samples: Vec<Sample>,
+    /// Per router instance (several on one Redis, or a replacement after a failover).
+    pub instances: Vec<InstanceReport>,
+    pub partitions_over_time: Vec<Holding>,
+    /// Failover: when the router was killed and its replacement (or restart) was up.
+    pub killed_at_secs: Option<f64>,
+    pub replaced_at_secs: Option<f64>,
+    /// From the kill until every partition was held again by a live router.
+    pub takeover_secs: Option<f64>,
+    /// From the kill until the partitions were spread evenly again, the replacement included.
+    pub rebalanced_secs: Option<f64>,
     pub checks: Vec<Check>,
     pub passed: bool,
     pub router_log_tail: Vec<String>,
 }
 
 impl Report {
+    /// Takeover and rebalance times, from the partitions held over time around the kill.
+    pub fn measure_takeover(&mut self) {
+        let Some(killed) = self.killed_at_secs else {
+            return;
+        };
+        let total = self
+            .partitions_over_time
+            .iter()
+            .filter(|h| h.t < killed)
+            .map(|h| h.held.values().sum::<u64>())
+            .max()
+            .unwrap_or(0);
+        if total == 0 {
+            return;
+        }
+        let after: Vec<&Holding> = self
+            .partitions_over_time
+            .iter()
+            .filter(|h| h.t >= killed)
+            .collect();
+        self.takeover_secs = after
+            .iter()
+            .find(|h| h.held.values().sum::<u64>() == total)
+            .map(|h| h.t - killed);
+        let replaced = self.replaced_at_secs.unwrap_or(f64::INFINITY);
+        let instances = self.scenario.router.instances as u64;
+        self.rebalanced_secs = after
+            .iter()
+            .find(|h| {
+                let fair = total / instances;
+                h.t >= replaced
+                    && h.held.len() as u64 == instances
+                    && h.held.values().sum::<u64>() == total
+                    && h.held.values().all(|&n| n == fair || n == fair + 1)
+            })
+            .map(|h| h.t - killed);
+    }
+
     /// The target's own CPU per answered activity (µs), over the sampled span.
     pub fn cpu_per_answered_us(&self) -> Option<f64> {
         let (first, last) = (self.samples.first()?, self.samples.last()?);
@@ -335,6 +400,51 @@ impl Report {
                 "router",
                 format!("CPU {cpu:.0} % of a core (mean), RSS max {rss:.0} MiB"),
             );
+        }
+        if self.instances.len() > 1 {
+            let per: Vec<String> = self
+                .instances
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{} {} ({:.0}/s, {:.0}-{:.0} s)",
+                        i.label, i.acked, i.acked_per_sec, i.first_ack_secs, i.last_ack_secs
+                    )
+                })
+                .collect();
+            row(&mut out, "acked per instance", per.join(", "));
+        }
+        if let Some(killed) = self.killed_at_secs {
+            let secs = |v: Option<f64>| v.map_or("never".to_owned(), |v| format!("{v:.1} s"));
+            row(
+                &mut out,
+                "failover",
+                format!(
+                    "killed at {killed:.1} s; all partitions held again after {}, spread evenly \
+                     after {} (replacement up {})",
+                    secs(self.takeover_secs),
+                    secs(self.rebalanced_secs),
+                    secs(self.replaced_at_secs.map(|r| r - killed)),
+                ),
+            );
+        }
+        if !self.partitions_over_time.is_empty() && self.scenario.router.instances > 1 {
+            // About a dozen rows: the first, every change around the failover, the last.
+            let rows = &self.partitions_over_time;
+            let every = (rows.len() / 12).max(1);
+            let mut shown = String::new();
+            for (n, h) in rows.iter().enumerate() {
+                let around_kill = self
+                    .killed_at_secs
+                    .is_some_and(|k| h.t >= k - 0.5 && h.t <= k + 15.0);
+                let changed = n == 0 || rows[n - 1].held != h.held;
+                if n % every == 0 || n + 1 == rows.len() || (around_kill && changed) {
+                    let held: Vec<String> =
+                        h.held.iter().map(|(l, v)| format!("{l}={v}")).collect();
+                    let _ = write!(shown, "\n      t={:>5.1}s {}", h.t, held.join(" "));
+                }
+            }
+            row(&mut out, "partitions held", shown);
         }
         if self.connector_throttled > 0 {
             row(

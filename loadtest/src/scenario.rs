@@ -187,6 +187,9 @@ pub struct RouterSetup {
     /// `conversation.mailbox_capacity`: activities one conversation may have waiting (past it,
     /// 429 `mailbox_full`). Lifted by default so that runs measure the router, not this bound.
     pub mailbox_capacity: usize,
+    /// Routers started on one Redis (spawn mode; more than one needs `storage = "redis"`):
+    /// deliveries go to a live one at random, as a load balancer would send them.
+    pub instances: usize,
 }
 
 impl Default for RouterSetup {
@@ -196,6 +199,7 @@ impl Default for RouterSetup {
             extra_config: String::new(),
             word_delay_ms: 0,
             mailbox_capacity: 100_000,
+            instances: 1,
         }
     }
 }
@@ -237,7 +241,8 @@ impl Default for Ramp {
 }
 
 /// Kill the router with SIGKILL `kill_at_secs` into the run and start it again after
-/// `restart_after_ms` on the same store and ports.
+/// `restart_after_ms` on the same store and ports; with several instances, the first is killed
+/// and a replacement starts under a new instance id and new ports (a replaced pod).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Failover {
@@ -355,6 +360,12 @@ impl Scenario {
         }
         if self.failover.is_some() && self.router.storage != "redis" {
             return Err("failover needs router.storage = \"redis\"".into());
+        }
+        if !(1..=8).contains(&self.router.instances) {
+            return Err("router.instances is 1 to 8".into());
+        }
+        if self.router.instances > 1 && self.router.storage != "redis" {
+            return Err("several router instances need router.storage = \"redis\"".into());
         }
         Ok(())
     }

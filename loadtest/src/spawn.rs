@@ -149,12 +149,13 @@ pub fn register_apps(scenario: &Scenario, mock: &MockMicrosoft) {
     }
 }
 
-/// Starts everything a spawned run needs; returns the target, the process and what to clean up.
+/// Starts everything a spawned run needs (`router.instances` routers on one store); returns the
+/// target (the first router), the processes and what to clean up.
 pub async fn spawn(
     scenario: &Scenario,
     mock: &MockMicrosoft,
     binary: &Path,
-) -> Result<(Target, Spawned, Environment), String> {
+) -> Result<(Target, Vec<Spawned>, Environment), String> {
     register_apps(scenario, mock);
     let state_dir = std::env::temp_dir().join(format!(
         "teams-router-loadtest-{}-{}",
@@ -168,7 +169,7 @@ pub async fn spawn(
     let storage = if scenario.router.storage == "redis" {
         let redis = RedisServer::start()?;
         let storage = format!(
-            "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\ninstance_id = \"loadtest\"\n",
+            "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\n",
             redis.url()
         );
         environment.redis = Some(redis);
@@ -176,18 +177,20 @@ pub async fn spawn(
     } else {
         format!("[storage]\npath = {:?}\n", environment.state_dir)
     };
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let ops_listen = format!("127.0.0.1:{}", free_port()?);
-    let config = router_config(scenario, mock, &listen, &ops_listen, &storage);
-    // Per-turn info lines would cost the router more than the turn; warnings still show.
-    let env = vec![(
-        "RUST_LOG".to_string(),
-        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-    )];
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let process = RouterProcess::spawn_with_env(binary, &config, &env_refs).await?;
+    let mut spawned = Vec::new();
+    for n in 0..scenario.router.instances {
+        let label = if scenario.router.instances == 1 {
+            "loadtest".to_owned()
+        } else {
+            format!("loadtest-{}", n + 1)
+        };
+        spawned.push(Spawned::start(scenario, mock, binary, &storage, &label).await?);
+    }
+    let first = spawned
+        .first()
+        .ok_or_else(|| "no router instance".to_string())?;
     let target = Target {
-        base_url: process.base_url(),
+        base_url: first.process.base_url(),
         messaging_url: None,
         pid: None,
         integrations: (0..scenario.integrations)
@@ -198,11 +201,54 @@ pub async fn spawn(
             .collect(),
         management: Some((API_KEY.into(), BOT_ID.into())),
     };
-    let spawned = Spawned {
-        process,
-        binary: binary.to_owned(),
-        config,
-        env,
-    };
     Ok((target, spawned, environment))
+}
+
+impl Spawned {
+    /// One router on `storage`, named `label`, on ports of its own.
+    pub async fn start(
+        scenario: &Scenario,
+        mock: &MockMicrosoft,
+        binary: &Path,
+        storage: &str,
+        label: &str,
+    ) -> Result<Self, String> {
+        let storage = if scenario.router.storage == "redis" {
+            format!("{storage}instance_id = \"{label}\"\n")
+        } else {
+            storage.to_owned()
+        };
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let ops_listen = format!("127.0.0.1:{}", free_port()?);
+        let config = router_config(scenario, mock, &listen, &ops_listen, &storage);
+        // Per-turn info lines would cost the router more than the turn; warnings still show.
+        let env = vec![(
+            "RUST_LOG".to_string(),
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )];
+        let env_refs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let process = RouterProcess::spawn_with_env(binary, &config, &env_refs).await?;
+        Ok(Spawned {
+            process,
+            binary: binary.to_owned(),
+            config,
+            env,
+            label: label.to_owned(),
+            storage,
+        })
+    }
+
+    /// A new router in this one's place (a replaced pod): a new instance id and new ports.
+    pub async fn replacement(
+        &self,
+        scenario: &Scenario,
+        mock: &MockMicrosoft,
+    ) -> Result<Self, String> {
+        let label = format!("{}-replacement", self.label);
+        let storage = self
+            .storage
+            .replace(&format!("instance_id = \"{}\"\n", self.label), "");
+        Self::start(scenario, mock, &self.binary, &storage, &label).await
+    }
 }
