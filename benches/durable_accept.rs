@@ -1,9 +1,11 @@
 //! Durable accept throughput on each store (group commit on), and the snapshot write rate.
 //! A plain measurement binary (`cargo bench --bench durable_accept`); figures in BENCHMARKS.md.
 //!
-//! Activities go through the router's own durable path (`Front::admit` with a journal: parse, checks,
-//! journal append batched with every concurrent request, enqueue) from many concurrent tasks,
-//! as concurrent HTTP requests would; the Redis run uses a real `redis-server` on loopback.
+//! Activities go through the router's own durable path (`Front::admit`: parse, checks, then on the
+//! embedded store the journal append batched with every concurrent request; on Redis the append
+//! to the conversation's partition stream, which this instance holds) from many concurrent tasks,
+//! as concurrent HTTP requests would; the Redis run uses a real `redis-server` on loopback and
+//! counts the commands Redis processed per activity, accept to finished turn.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +34,7 @@ fn reaction(conversation: usize, id: usize) -> Bytes {
     Bytes::from(serde_json::to_vec(&a).expect("JSON"))
 }
 
-async fn measure(label: &str, storage: &str) {
+async fn measure(label: &str, storage: &str, redis: Option<&RedisServer>) {
     let config = format!(
         "{storage}\n[conversation]\nmailbox_capacity = 100000\n[[bots]]\nid = \"echo\"\nbackend = {{ kind = \"echo\" }}\n\
          [[integrations]]\nid = \"dev\"\nbotId = \"echo\"\ndevelopment = true\n"
@@ -40,7 +42,9 @@ async fn measure(label: &str, storage: &str) {
     let config = Config::from_sources(&config, Vec::new()).expect("config");
     let router = Router::build(&config, &|_| None).await.expect("router");
     let front = Arc::clone(&router.front);
-    let journal = front.journal.clone().expect("durable accept is on");
+    // The embedded store journals; with Redis the partitions' streams are the journal.
+    let journal = front.journal.clone();
+    let commands_before = redis.map(|r| (r.commands_processed(), r.command_calls()));
     let integration = front.integration("dev").expect("integration");
     let bodies: Vec<Bytes> = (0..ACTIVITIES)
         .map(|i| reaction(i % CONVERSATIONS, i))
@@ -62,7 +66,7 @@ async fn measure(label: &str, storage: &str) {
                         break;
                     };
                     if front
-                        .admit(Some(&journal), &integration, None, body)
+                        .admit(journal.as_deref(), &integration, None, body)
                         .await
                         .is_ok()
                     {
@@ -82,6 +86,36 @@ async fn measure(label: &str, storage: &str) {
         "{label}: durable accept of {accepted} activities in {elapsed:.2?} = {:.0} accepted/s ({CONCURRENCY} concurrent)",
         accepted as f64 / elapsed.as_secs_f64()
     );
+    if let (Some(redis), Some((before, calls_before))) = (redis, commands_before) {
+        // Every turn finished: its entry is acknowledged and deleted from the stream.
+        let until = Instant::now() + Duration::from_secs(60);
+        while redis.stream_entries(1024) > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let turns_done = started.elapsed();
+        let commands = redis.commands_processed() - before;
+        let calls_after = redis.command_calls();
+        let mut calls: Vec<(String, f64)> = calls_after
+            .iter()
+            .map(|(name, n)| {
+                let delta = n - calls_before.get(name).copied().unwrap_or(0);
+                (name.clone(), delta as f64 / accepted as f64)
+            })
+            .filter(|(_, per)| *per >= 0.01)
+            .collect();
+        calls.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let calls: Vec<String> = calls
+            .iter()
+            .map(|(name, per)| format!("{name} {per:.2}"))
+            .collect();
+        println!(
+            "{label}: every turn finished {turns_done:.2?} after the first accept; Redis processed \
+             {:.2} client commands per activity (accept, turn, finish, with the background of \
+             leases and polls); calls per activity, inside scripts too: {}",
+            commands as f64 / accepted as f64,
+            calls.join(", ")
+        );
+    }
 
     // Snapshot write rate: distinct keys, written behind in batches.
     let snapshots = Arc::clone(&router.snapshots);
@@ -120,6 +154,7 @@ fn main() {
         measure(
             "embedded (redb, fsync per group commit)",
             &format!("[storage]\npath = {dir:?}\ndurable_accept = true\n"),
+            None,
         )
         .await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -130,6 +165,7 @@ fn main() {
                     "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\ninstance_id = \"bench\"\n",
                     server.url()
                 ),
+                Some(&server),
             )
             .await,
             Err(e) => println!("redis: skipped ({e})"),

@@ -54,6 +54,8 @@ pub struct Spawned {
     pub label: String,
     /// The `[storage]` section it was started with.
     pub storage: String,
+    /// The run's own `redis-server`, when it uses one: its command count is reported.
+    pub redis_port: Option<u16>,
 }
 
 impl Spawned {
@@ -679,6 +681,8 @@ pub async fn run(
     }
     mock.enforce_teams_limits(scenario.connector.teams_limits);
 
+    let redis_port = spawned.first().and_then(|s| s.redis_port);
+    let commands_before = redis_port.map(crate::redis::commands_processed);
     let spawned = Arc::new(tokio::sync::Mutex::new(spawned));
     let mut background = Vec::new();
     background.push(tokio::spawn(sample_process(Arc::clone(&run))));
@@ -727,7 +731,12 @@ pub async fn run(
                 .join("\n"),
         }
     };
-    Ok(build_report(&run, saturated, router_logs))
+    let mut report = build_report(&run, saturated, router_logs);
+    if let (Some(port), Some(before)) = (redis_port, commands_before) {
+        let commands = crate::redis::commands_processed(port).saturating_sub(before);
+        report.redis_commands_per_activity = Some(commands as f64 / report.acked.max(1) as f64);
+    }
+    Ok(report)
 }
 
 /// Sends until the scenario's time is up (or the ramp stops); returns whether the harness itself
@@ -884,10 +893,31 @@ fn schedule_faults(
                     .collect::<Vec<_>>()
             });
             let pid = router.process.pid().map(u64::from);
-            run.pids.lock().retain(|p| Some(*p) != pid);
-            router.process.kill().await;
             run.stats.lock().killed_at = Some(run.started.elapsed().as_secs_f64());
-            eprintln!("failover: router {label} killed (SIGKILL)");
+            if run
+                .scenario
+                .failover
+                .as_ref()
+                .is_some_and(|f| f.signal == "term")
+            {
+                // A drain: deliveries go elsewhere at once (as a balancer stops sending to a
+                // terminating pod), and the router exits once it has handed over.
+                match router.process.terminate(Duration::from_secs(60)).await {
+                    Ok(status) => {
+                        eprintln!("failover: router {label} drained and exited ({status})")
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "failover: router {label} did not exit after SIGTERM ({e}); killed"
+                        );
+                        router.process.kill().await;
+                    }
+                }
+            } else {
+                router.process.kill().await;
+                eprintln!("failover: router {label} killed (SIGKILL)");
+            }
+            run.pids.lock().retain(|p| Some(*p) != pid);
             tokio::time::sleep(pause).await;
             let restarted = if run.scenario.router.instances == 1 {
                 router.restart().await.map(|()| None)

@@ -51,6 +51,42 @@ impl RedisServer {
         })
     }
 
+    /// Commands the server has processed from clients since it started (`INFO stats`): a
+    /// script counts once, however many commands it runs.
+    pub fn commands_processed(&self) -> u64 {
+        commands_processed(self.port)
+    }
+
+    /// Calls per command since the server started (`INFO commandstats`), those run inside
+    /// scripts included.
+    pub fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        cli(self.port, &["INFO", "commandstats"])
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((name.to_owned(), calls))
+            })
+            .collect()
+    }
+
+    /// Entries left in the partitions' streams (`partitions` of them, under the default prefix).
+    pub fn stream_entries(&self, partitions: u16) -> u64 {
+        let script = format!(
+            "local n = 0 for p = 0, {} do n = n + redis.call('XLEN', 'teams-router:{{p' .. p .. '}}:stream') end return n",
+            partitions.saturating_sub(1)
+        );
+        cli(self.port, &["EVAL", &script, "0"])
+            .trim()
+            .parse()
+            .unwrap_or(u64::MAX)
+    }
+
     /// Replicas attached and in sync (`state=online`).
     pub fn replicas_online(&self) -> usize {
         cli(self.port, &["INFO", "replication"])
@@ -360,6 +396,15 @@ impl Drop for RedisSentinel {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `total_commands_processed` of the server on `port`.
+pub fn commands_processed(port: u16) -> u64 {
+    cli(port, &["INFO", "stats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn free_port() -> Result<u16, String> {

@@ -143,6 +143,9 @@ pub struct Report {
     /// With phases: how long after the rate dropped the router still shed (0: not at all).
     pub recovery_secs: Option<f64>,
     pub router_cpu_mean_percent: Option<f64>,
+    /// Commands the run's Redis processed per acknowledged activity (a script counts once),
+    /// leases, polls and heartbeats included.
+    pub redis_commands_per_activity: Option<f64>,
     pub router_rss_max_mib: Option<f64>,
     pub seconds: Vec<Second>,
     pub steps: Vec<Step>,
@@ -401,6 +404,13 @@ impl Report {
                 format!("CPU {cpu:.0} % of a core (mean), RSS max {rss:.0} MiB"),
             );
         }
+        if let Some(commands) = self.redis_commands_per_activity {
+            row(
+                &mut out,
+                "Redis commands",
+                format!("{commands:.2} per acknowledged activity (scripts count once)"),
+            );
+        }
         if self.instances.len() > 1 {
             let per: Vec<String> = self
                 .instances
@@ -420,8 +430,12 @@ impl Report {
                 &mut out,
                 "failover",
                 format!(
-                    "killed at {killed:.1} s; all partitions held again after {}, spread evenly \
+                    "{} at {killed:.1} s; all partitions held again after {}, spread evenly \
                      after {} (replacement up {})",
+                    match self.scenario.failover.as_ref().map(|f| f.signal.as_str()) {
+                        Some("term") => "SIGTERM",
+                        _ => "SIGKILL",
+                    },
                     secs(self.takeover_secs),
                     secs(self.rebalanced_secs),
                     secs(self.replaced_at_secs.map(|r| r - killed)),

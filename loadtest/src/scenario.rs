@@ -248,6 +248,9 @@ impl Default for Ramp {
 pub struct Failover {
     pub kill_at_secs: f64,
     pub restart_after_ms: u64,
+    /// `kill` (SIGKILL: a crash) or `term` (SIGTERM: a drain, as in a rolling restart; the
+    /// router finishes its turns and hands its partitions over before it exits).
+    pub signal: String,
 }
 
 impl Default for Failover {
@@ -255,6 +258,7 @@ impl Default for Failover {
         Self {
             kill_at_secs: 10.0,
             restart_after_ms: 500,
+            signal: "kill".into(),
         }
     }
 }
@@ -360,6 +364,11 @@ impl Scenario {
         }
         if self.failover.is_some() && self.router.storage != "redis" {
             return Err("failover needs router.storage = \"redis\"".into());
+        }
+        if let Some(failover) = &self.failover
+            && !matches!(failover.signal.as_str(), "kill" | "term")
+        {
+            return Err("failover.signal is kill or term".into());
         }
         if !(1..=8).contains(&self.router.instances) {
             return Err("router.instances is 1 to 8".into());

@@ -166,12 +166,14 @@ pub async fn spawn(
         redis: None,
         state_dir,
     };
+    let mut redis_port = None;
     let storage = if scenario.router.storage == "redis" {
         let redis = RedisServer::start()?;
         let storage = format!(
             "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\n",
             redis.url()
         );
+        redis_port = Some(redis.port());
         environment.redis = Some(redis);
         storage
     } else {
@@ -184,7 +186,9 @@ pub async fn spawn(
         } else {
             format!("loadtest-{}", n + 1)
         };
-        spawned.push(Spawned::start(scenario, mock, binary, &storage, &label).await?);
+        let mut router = Spawned::start(scenario, mock, binary, &storage, &label).await?;
+        router.redis_port = redis_port;
+        spawned.push(router);
     }
     let first = spawned
         .first()
@@ -236,6 +240,7 @@ impl Spawned {
             env,
             label: label.to_owned(),
             storage,
+            redis_port: None,
         })
     }
 
@@ -249,6 +254,8 @@ impl Spawned {
         let storage = self
             .storage
             .replace(&format!("instance_id = \"{}\"\n", self.label), "");
-        Self::start(scenario, mock, &self.binary, &storage, &label).await
+        let mut replacement = Self::start(scenario, mock, &self.binary, &storage, &label).await?;
+        replacement.redis_port = self.redis_port;
+        Ok(replacement)
     }
 }

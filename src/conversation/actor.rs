@@ -124,6 +124,10 @@ pub struct ConversationActorState {
     snapshots_dirty: bool,
     /// A `FlushSnapshots` is on its way.
     flush_armed: bool,
+    /// With a shared store: the partition lease (`run:epoch`) under which the record and session
+    /// in memory were read, and every turn since ran here. While turns keep coming under it, no
+    /// other instance can have run one, so the store is not read again.
+    loaded_under: Option<String>,
 }
 
 impl Actor for ConversationActor {
@@ -178,6 +182,7 @@ impl Actor for ConversationActor {
             addresses_learned_from,
             snapshots_dirty: false,
             flush_armed: false,
+            loaded_under: None,
         })
     }
 
@@ -485,10 +490,19 @@ async fn begin_turn(
         return false;
     };
     // Beside a running turn, the state in memory is the newest: reading the store again would
-    // drop what that turn has not saved yet.
+    // drop what that turn has not saved yet. So is it for a turn of a partition held without a
+    // break since the state was read.
     let beside_running = side && (state.current.is_some() || !state.side.is_empty());
+    let held_under = match &receipt {
+        Some(Receipt::Stream(entry)) => Some(entry.lease_value()),
+        _ => None,
+    };
+    let current_in_memory = held_under.is_some()
+        && state.loaded_under.as_deref() == held_under
+        && state.record.is_some();
+    let held_under = held_under.map(str::to_owned);
     if !beside_running || state.record.is_none() {
-        load_record(state, &integration).await;
+        load_record(state, &integration, current_in_memory).await;
     }
     let key = session_key(&integration.record.id, &activity);
     let same_session = state.session.as_ref().is_some_and(|(held, _)| *held == key);
@@ -500,7 +514,12 @@ async fn begin_turn(
         None
     };
     if !beside_running || !same_session {
-        load_session(state, &integration, &activity, key).await;
+        load_session(state, &integration, &activity, key, current_in_memory).await;
+    }
+    if !side || current_in_memory {
+        // A turn read outside a held partition (an invoke run where it was accepted) may have
+        // read state another instance wrote since: the next turn reads again.
+        state.loaded_under = held_under;
     }
     if state
         .args
@@ -726,9 +745,16 @@ fn release(state: &ConversationActorState, side: bool) {
     }
 }
 
-/// Loads the conversation's dedup window and sequence once per actor.
-async fn load_record(state: &mut ConversationActorState, integration: &Integration) {
-    if state.record.is_some() && !state.args.settings.persistence.shared_store {
+/// Loads the conversation's dedup window and sequence once per actor (with a shared store, again
+/// unless `current_in_memory`).
+async fn load_record(
+    state: &mut ConversationActorState,
+    integration: &Integration,
+    current_in_memory: bool,
+) {
+    if state.record.is_some()
+        && (current_in_memory || !state.args.settings.persistence.shared_store)
+    {
         return;
     }
     let key = conversation_key(
@@ -789,6 +815,7 @@ async fn load_session(
     integration: &Integration,
     activity: &TurnActivity,
     key: String,
+    current_in_memory: bool,
 ) {
     if state.session.as_ref().is_some_and(|(held, _)| *held != key) {
         // Another session takes this one's place: what it gathered is handed over first.
@@ -796,9 +823,9 @@ async fn load_session(
     }
     let now = now_ms();
     let duration = integration.record.session_duration;
-    let shared_store = state.args.settings.persistence.shared_store;
+    let memory_is_current = current_in_memory || !state.args.settings.persistence.shared_store;
     let loaded = match state.session.take() {
-        Some((k, session)) if k == key && !shared_store => session,
+        Some((k, session)) if k == key && memory_is_current => session,
         _ => load_snapshot(state, &key, Session::decode)
             .await
             .unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration)),

@@ -302,6 +302,11 @@ impl StreamReceipt {
     }
 
     /// Its partition is still this instance's.
+    /// The lease (`run:epoch`) under which the entry was read.
+    pub fn lease_value(&self) -> &str {
+        &self.lease.value
+    }
+
     pub fn is_current(&self) -> bool {
         self.lease.is_held()
     }
