@@ -55,7 +55,7 @@ async fn measure(label: &str, storage: &str, redis: Option<&RedisServer>) {
         .map(|_| {
             let (front, journal, integration, queue) = (
                 Arc::clone(&front),
-                Arc::clone(&journal),
+                journal.clone(),
                 Arc::clone(&integration),
                 Arc::clone(&queue),
             );
