@@ -109,9 +109,9 @@ async fn measure(label: &str, storage: &str, redis: Option<&RedisServer>) {
             .map(|(name, per)| format!("{name} {per:.2}"))
             .collect();
         println!(
-            "{label}: every turn finished {turns_done:.2?} after the first accept; Redis processed \
-             {:.2} client commands per activity (accept, turn, finish, with the background of \
-             leases and polls); calls per activity, inside scripts too: {}",
+            "{label}: every turn finished {turns_done:.2?} after the first accept; Redis ran \
+             {:.2} commands per activity, those inside scripts included (accept, turn, finish, \
+             with the background of leases and polls); calls per activity: {}",
             commands as f64 / accepted as f64,
             calls.join(", ")
         );

@@ -143,7 +143,7 @@ pub struct Report {
     /// With phases: how long after the rate dropped the router still shed (0: not at all).
     pub recovery_secs: Option<f64>,
     pub router_cpu_mean_percent: Option<f64>,
-    /// Commands the run's Redis processed per acknowledged activity (a script counts once),
+    /// Commands the run's Redis ran per acknowledged activity (those inside scripts included),
     /// leases, polls and heartbeats included.
     pub redis_commands_per_activity: Option<f64>,
     pub router_rss_max_mib: Option<f64>,
@@ -408,7 +408,7 @@ impl Report {
             row(
                 &mut out,
                 "Redis commands",
-                format!("{commands:.2} per acknowledged activity (scripts count once)"),
+                format!("{commands:.2} per acknowledged activity (those inside scripts included)"),
             );
         }
         if self.instances.len() > 1 {

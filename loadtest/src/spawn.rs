@@ -190,6 +190,9 @@ pub async fn spawn(
         router.redis_port = redis_port;
         spawned.push(router);
     }
+    if spawned.len() > 1 {
+        wait_for_even_spread(&spawned).await;
+    }
     let first = spawned
         .first()
         .ok_or_else(|| "no router instance".to_string())?;
@@ -206,6 +209,46 @@ pub async fn spawn(
         management: Some((API_KEY.into(), BOT_ID.into())),
     };
     Ok((target, spawned, environment))
+}
+
+/// Waits (up to 30 s) until the routers hold the partitions evenly (`teams_router_partitions_held`
+/// differs by one at most, the same total twice in a row), so that a run measures routers at work,
+/// not partitions moving between them at start.
+async fn wait_for_even_spread(routers: &[Spawned]) {
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last_total = None;
+    while std::time::Instant::now() < deadline {
+        let mut held = Vec::new();
+        for router in routers {
+            let scrape = match client
+                .get(router.process.ops_url("/metrics"))
+                .send()
+                .await
+            {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            held.push(
+                scrape
+                    .lines()
+                    .find_map(|l| l.strip_prefix("teams_router_partitions_held "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0) as u64,
+            );
+        }
+        let total: u64 = held.iter().sum();
+        let (low, high) = (
+            held.iter().min().copied().unwrap_or(0),
+            held.iter().max().copied().unwrap_or(0),
+        );
+        if low > 0 && high - low <= 1 && last_total == Some(total) {
+            return;
+        }
+        last_total = Some(total);
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    eprintln!("the routers' partitions were not spread evenly within 30 s; the run starts anyway");
 }
 
 impl Spawned {
