@@ -104,7 +104,7 @@ async fn deliver(
     id: &str,
 ) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let activity = personal_message(mock, conversation, id, id);
+    let activity = from_its_user(personal_message(mock, conversation, id, id), conversation);
     while Instant::now() < deadline {
         let target = {
             let live: Vec<String> = instances
@@ -136,6 +136,12 @@ async fn deliver(
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     false
+}
+
+/// A personal chat is one user's (whose session it keeps): each test conversation gets its own.
+fn from_its_user(mut activity: serde_json::Value, conversation: &str) -> serde_json::Value {
+    activity["from"]["id"] = format!("29:user-{conversation}").into();
+    activity
 }
 
 /// Each conversation's activities, in the order they were acknowledged.
@@ -390,6 +396,54 @@ async fn a_router_killed_mid_burst_and_replaced_under_a_new_name_loses_nothing()
     );
 }
 
+/// The turns `conversation`'s session counts, asked with the echo bot's `///session` command
+/// through a random router.
+async fn session_turns(
+    instances: &Instances,
+    mock: &MockMicrosoft,
+    conversation: &str,
+    id: &str,
+) -> usize {
+    let base = instances
+        .read()
+        .unwrap()
+        .iter()
+        .flatten()
+        .next()
+        .cloned()
+        .expect("a live router");
+    let answered = http()
+        .post(format!(
+            "{base}/api/v1/integration/teams/teams_prod/callback"
+        ))
+        .bearer_auth(mock.token_for(APP_ID))
+        .json(&from_its_user(
+            personal_message(mock, conversation, id, "///session"),
+            conversation,
+        ))
+        .send()
+        .await
+        .expect("delivered");
+    assert_eq!(answered.status().as_u16(), 200);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(reply) = mock
+            .activities()
+            .into_iter()
+            .find(|r| r.reply_to_id.as_deref() == Some(id))
+        {
+            let text = reply.text().to_owned();
+            return text
+                .strip_prefix("session: ")
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not a session summary: {text}"));
+        }
+        assert!(Instant::now() < deadline, "no answer to {id}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Sends `conversations` × `per_conversation` in the background.
 fn burst(
     instances: &Instances,
@@ -512,6 +566,23 @@ async fn a_rolling_restart_of_three_routers_loses_and_repeats_nothing() {
     running.await.expect("burst");
     let duplicates = check_answers(&mock, &sent, "rolling restart", &routers).await;
     assert_eq!(duplicates, 0, "a drained router hands over without repeats");
+    // Every conversation moved at least once; its session came along whole (a drained router
+    // gives a partition back only once its last turns' snapshots are written).
+    let sent_now = sent.lock().unwrap().clone();
+    for (n, (conversation, ids)) in sent_now.iter().take(10).enumerate() {
+        let turns = session_turns(
+            &instances,
+            &mock,
+            conversation,
+            &format!("roll-session-{n}"),
+        )
+        .await;
+        assert_eq!(
+            turns,
+            ids.len(),
+            "{conversation}: its session remembers every turn across the restarts"
+        );
+    }
     let overlap = mock.most_sends_at_once_per_conversation();
     assert!(overlap <= 1, "two turns of one conversation ran at once");
     eprintln!(
@@ -554,6 +625,22 @@ async fn scaling_from_one_router_to_three_spreads_partitions_and_runs_no_turn_tw
     running.await.expect("burst");
     let duplicates = check_answers(&mock, &sent, "scale up", &routers).await;
     assert_eq!(duplicates, 0, "no turn ran twice while partitions moved");
+    // Partitions given up to the new routers carried their conversations' sessions whole.
+    let sent_now = sent.lock().unwrap().clone();
+    for (n, (conversation, ids)) in sent_now.iter().take(10).enumerate() {
+        let turns = session_turns(
+            &instances,
+            &mock,
+            conversation,
+            &format!("grow-session-{n}"),
+        )
+        .await;
+        assert_eq!(
+            turns,
+            ids.len(),
+            "{conversation}: its session remembers every turn after its partition moved"
+        );
+    }
     let overlap = mock.most_sends_at_once_per_conversation();
     assert!(overlap <= 1, "two turns of one conversation ran at once");
     assert!(

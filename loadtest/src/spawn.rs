@@ -221,11 +221,7 @@ async fn wait_for_even_spread(routers: &[Spawned]) {
     while std::time::Instant::now() < deadline {
         let mut held = Vec::new();
         for router in routers {
-            let scrape = match client
-                .get(router.process.ops_url("/metrics"))
-                .send()
-                .await
-            {
+            let scrape = match client.get(router.process.ops_url("/metrics")).send().await {
                 Ok(response) => response.text().await.unwrap_or_default(),
                 Err(_) => String::new(),
             };

@@ -291,9 +291,6 @@ async fn finish_turn(
     }
     let settings = &state.args.settings;
     let persistence = &settings.persistence;
-    // The next turn starts only once this one is recorded as answered, so a crash can repeat
-    // at most the turn in flight.
-    record_answered(persistence, turn.receipt.take()).await;
     if let (Some((_, session)), Some(reply), false) =
         (state.session.as_mut(), reply, turn.session_command)
     {
@@ -326,6 +323,11 @@ async fn finish_turn(
         }
         None => state.unsaved = !save_snapshots(state),
     }
+    // The next turn starts only once this one is recorded as answered, so a crash can repeat
+    // at most the turn in flight. Its snapshots were queued first: a partition is handed over
+    // once nothing read from it is in flight and what was queued is written, so its next holder
+    // reads them.
+    record_answered(&state.args.settings.persistence, turn.receipt.take()).await;
     let mut shared = state.args.conversation.state();
     if turn.side {
         shared.side_running = shared.side_running.saturating_sub(1);

@@ -59,7 +59,8 @@ pub struct Persistence {
     pub journal: Option<Arc<Journal>>,
     pub limits: HistoryLimits,
     /// Other instances share the store: another one may have moved a conversation on, so
-    /// snapshots are read again at every turn instead of trusting the copy in memory.
+    /// snapshots are read again unless the turn comes under the partition lease they were read
+    /// under.
     pub shared_store: bool,
 }
 
@@ -271,6 +272,16 @@ impl Directory {
         services: Arc<ReplyServices>,
     ) -> Result<(Arc<Self>, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
         supervisor::start(settings, services).await
+    }
+
+    /// Waits (up to `deadline`) until the snapshots of every turn finished so far are in the
+    /// store: a partition is handed to another holder only then, so that it reads them.
+    pub async fn snapshots_written(&self, deadline: std::time::Duration) -> bool {
+        self.settings
+            .persistence
+            .snapshots
+            .written_so_far(deadline)
+            .await
     }
 
     /// Offers an accepted activity to its conversation, starting the conversation if needed.

@@ -186,6 +186,27 @@ impl Snapshots {
         self.pending.len()
     }
 
+    /// Waits (up to `deadline`) until every snapshot queued before this call is in the store
+    /// (or replaced by a newer one, itself written); false if some are not yet.
+    pub async fn written_so_far(&self, deadline: Duration) -> bool {
+        let queued_before = self.saved.load(Ordering::Relaxed);
+        let until = crate::clock::now() + deadline;
+        loop {
+            if !self
+                .pending
+                .iter()
+                .any(|entry| entry.value().0 < queued_before)
+            {
+                return true;
+            }
+            if crate::clock::now() >= until {
+                return false;
+            }
+            self.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Writes a batch of what is pending; a written snapshot leaves the queue only once the
     /// store has it, and only if no newer one of its key came meanwhile. Failed writes stay.
     pub async fn flush_once(&self) -> Result<usize, StoreError> {
