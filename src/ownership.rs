@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::interfaces::{ClientLike, EventInterface};
 use metrics::{counter, gauge};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
@@ -653,8 +652,8 @@ impl Owner {
     /// Subscribes to this instance's wake-up channel (again after an outage).
     async fn listen_for_wakes(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
-            let subscriber = match self.log.subscribe_wakes(&self.run).await {
-                Ok(subscriber) => subscriber,
+            let mut wakes = match self.log.subscribe_wakes(&self.run).await {
+                Ok(wakes) => wakes,
                 Err(error) => {
                     tracing::warn!(%error, "no wake-ups from other instances yet; partitions are polled");
                     tokio::select! {
@@ -663,24 +662,16 @@ impl Owner {
                     }
                 }
             };
-            let mut messages = subscriber.message_rx();
             loop {
                 tokio::select! {
-                    message = messages.recv() => match message {
-                        Ok(message) => {
-                            if let Some(partition) = message
-                                .value
-                                .as_string()
-                                .and_then(|p| p.parse::<u16>().ok())
-                            {
-                                let _ = self.wakes.send(partition);
-                            }
+                    woken = wakes.next() => match woken {
+                        Some(partition) => {
+                            let _ = self.wakes.send(partition);
                         }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        None => break,
                     },
                     _ = shutdown.changed() => {
-                        let _ = subscriber.quit().await;
+                        wakes.close().await;
                         return;
                     }
                 }

@@ -79,9 +79,26 @@ async fn start_routers(
     settings: &str,
     partitions: usize,
 ) -> (Vec<RouterProcess>, Vec<usize>, Instances) {
+    let configs = names
+        .iter()
+        .map(|name| config_with_storage(mock, &storage(redis, name, settings), ""))
+        .collect();
+    start_configured(configs, partitions).await
+}
+
+/// A router per config, started one after another, once their `partitions` are spread; with
+/// the list senders pick from.
+async fn start_configured(
+    configs: Vec<String>,
+    partitions: usize,
+) -> (Vec<RouterProcess>, Vec<usize>, Instances) {
     let mut routers = Vec::new();
-    for name in names {
-        routers.push(spawn(mock, redis, name, settings).await);
+    for config in configs {
+        routers.push(
+            RouterProcess::spawn(&binary(), &config)
+                .await
+                .expect("router starts"),
+        );
     }
     let held = wait_for_spread(&routers, partitions).await;
     let instances: Instances = Arc::new(RwLock::new(
@@ -280,22 +297,16 @@ async fn three_routers_keep_within_one_tenant_budget_together() {
     let redis = RedisServer::start().expect("redis-server");
     let mock = new_mock().await;
     mock.enforce_teams_limits(true);
-    let mut routers = Vec::new();
-    for name in ["budget-a", "budget-b", "budget-c"] {
-        // Teams' own limits (the default), not the lifted ones the other tests run with.
-        let config = config_with_storage(&mock, &storage(&redis, name, ""), "")
-            .replace("conversation_limits = [[1000, 100000]]\n", "")
-            .replace("app_limits = [[1000, 1000000]]\n", "");
-        routers.push(
-            RouterProcess::spawn(&binary(), &config)
-                .await
-                .expect("router starts"),
-        );
-    }
-    let held = wait_for_spread(&routers, 1024).await;
-    let instances: Instances = Arc::new(RwLock::new(
-        routers.iter().map(|r| Some(r.base_url())).collect(),
-    ));
+    let configs = ["budget-a", "budget-b", "budget-c"]
+        .iter()
+        .map(|name| {
+            // Teams' own limits (the default), not the lifted ones the other tests run with.
+            config_with_storage(&mock, &storage(&redis, name, ""), "")
+                .replace("conversation_limits = [[1000, 100000]]\n", "")
+                .replace("app_limits = [[1000, 1000000]]\n", "")
+        })
+        .collect();
+    let (routers, held, instances) = start_configured(configs, 1024).await;
     // Every conversation in one tenant: three routers each sending the tenant's whole 50 a
     // second would be refused two times in three.
     let (conversations, per_conversation) = (sized(150, 600), 2);
@@ -394,6 +405,25 @@ async fn a_router_killed_mid_burst_and_replaced_under_a_new_name_loses_nothing()
         sent.lock().unwrap().values().map(Vec::len).sum::<usize>(),
         killed_at.elapsed()
     );
+}
+
+/// Ten conversations' sessions count every turn they were sent (asked through the live routers).
+async fn check_sessions(instances: &Instances, mock: &MockMicrosoft, sent: &Sent, label: &str) {
+    let sent = sent.lock().unwrap().clone();
+    for (n, (conversation, ids)) in sent.iter().take(10).enumerate() {
+        let turns = session_turns(
+            instances,
+            mock,
+            conversation,
+            &format!("{label}-session-{n}"),
+        )
+        .await;
+        assert_eq!(
+            turns,
+            ids.len(),
+            "{conversation}: its session remembers every turn after its partition moved"
+        );
+    }
 }
 
 /// The turns `conversation`'s session counts, asked with the echo bot's `///session` command
@@ -568,21 +598,7 @@ async fn a_rolling_restart_of_three_routers_loses_and_repeats_nothing() {
     assert_eq!(duplicates, 0, "a drained router hands over without repeats");
     // Every conversation moved at least once; its session came along whole (a drained router
     // gives a partition back only once its last turns' snapshots are written).
-    let sent_now = sent.lock().unwrap().clone();
-    for (n, (conversation, ids)) in sent_now.iter().take(10).enumerate() {
-        let turns = session_turns(
-            &instances,
-            &mock,
-            conversation,
-            &format!("roll-session-{n}"),
-        )
-        .await;
-        assert_eq!(
-            turns,
-            ids.len(),
-            "{conversation}: its session remembers every turn across the restarts"
-        );
-    }
+    check_sessions(&instances, &mock, &sent, "roll").await;
     let overlap = mock.most_sends_at_once_per_conversation();
     assert!(overlap <= 1, "two turns of one conversation ran at once");
     eprintln!(
@@ -626,21 +642,7 @@ async fn scaling_from_one_router_to_three_spreads_partitions_and_runs_no_turn_tw
     let duplicates = check_answers(&mock, &sent, "scale up", &routers).await;
     assert_eq!(duplicates, 0, "no turn ran twice while partitions moved");
     // Partitions given up to the new routers carried their conversations' sessions whole.
-    let sent_now = sent.lock().unwrap().clone();
-    for (n, (conversation, ids)) in sent_now.iter().take(10).enumerate() {
-        let turns = session_turns(
-            &instances,
-            &mock,
-            conversation,
-            &format!("grow-session-{n}"),
-        )
-        .await;
-        assert_eq!(
-            turns,
-            ids.len(),
-            "{conversation}: its session remembers every turn after its partition moved"
-        );
-    }
+    check_sessions(&instances, &mock, &sent, "grow").await;
     let overlap = mock.most_sends_at_once_per_conversation();
     assert!(overlap <= 1, "two turns of one conversation ran at once");
     assert!(
@@ -734,19 +736,12 @@ async fn routers_behind_a_sentinel_follow_a_failover() {
             sentinel.url()
         )
     };
-    let mut routers = Vec::new();
-    for name in ["sentinel-a", "sentinel-b"] {
-        routers.push(
-            RouterProcess::spawn(&binary(), &config_with_storage(&mock, &storage(name), ""))
-                .await
-                .expect("router starts through the sentinel"),
-        );
-    }
-    let held = wait_for_spread(&routers, 64).await;
+    let configs = ["sentinel-a", "sentinel-b"]
+        .iter()
+        .map(|name| config_with_storage(&mock, &storage(name), ""))
+        .collect();
+    let (routers, held, instances) = start_configured(configs, 64).await;
     assert_eq!(held, vec![32, 32], "64 partitions over two routers");
-    let instances: Instances = Arc::new(RwLock::new(
-        routers.iter().map(|r| Some(r.base_url())).collect(),
-    ));
     let (conversations, per_conversation) = (sized(20, 200), sized(15, 40));
     let sent: Sent = Arc::default();
     let running = burst(
@@ -798,25 +793,16 @@ async fn three_routers_on_a_redis_cluster_lose_nothing_when_a_master_fails() {
         "[storage]\nbackend = \"redis\"\nredis_cluster_nodes = [{}]\nlease_ms = 1500\npartitions = 64\nredis_wait_replicas = 1\nredis_wait_timeout_ms = 200\n",
         seeds.join(", ")
     );
-    let mut routers = Vec::new();
-    for name in ["cluster-a", "cluster-b", "cluster-c"] {
-        let config =
-            config_with_storage(&mock, &format!("{storage}instance_id = \"{name}\"\n"), "");
-        routers.push(
-            RouterProcess::spawn(&binary(), &config)
-                .await
-                .expect("router starts on the cluster"),
-        );
-    }
-    let held = wait_for_spread(&routers, 64).await;
+    let configs = ["cluster-a", "cluster-b", "cluster-c"]
+        .iter()
+        .map(|name| config_with_storage(&mock, &format!("{storage}instance_id = \"{name}\"\n"), ""))
+        .collect();
+    let (routers, held, instances) = start_configured(configs, 64).await;
     assert_eq!(
         held.iter().sum::<usize>(),
         64,
         "every partition held: {held:?}"
     );
-    let instances: Instances = Arc::new(RwLock::new(
-        routers.iter().map(|r| Some(r.base_url())).collect(),
-    ));
     let (conversations, per_conversation) = (sized(40, 1_000), sized(10, 20));
     let sent: Sent = Arc::default();
     let running = burst(

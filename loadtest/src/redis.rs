@@ -128,26 +128,8 @@ impl RedisServer {
         if let Some(master) = self.replica_of {
             command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
         }
-        let child = command
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("redis-server cannot start (is it installed?): {e}"))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(format!(
-            "redis-server did not listen on {} within 10 s",
-            self.port
-        ))
+        self.child = Some(spawn_in(command, &self.dir)?);
+        wait_for_port(self.port)
     }
 }
 
@@ -226,19 +208,14 @@ impl RedisCluster {
     }
 
     fn spawn_node(&self, port: u16) -> Result<Child, String> {
-        Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
             .args(["--cluster-node-timeout", &self.node_timeout_ms.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("redis-server cannot start: {e}"))
+            .args(["--save", "", "--appendonly", "no"]);
+        spawn_in(command, &self.dir)
     }
 
     /// Starts a killed node again with its cluster configuration: a master that was replaced
@@ -396,6 +373,18 @@ impl Drop for RedisSentinel {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Starts `command` (a `redis-server`) with `dir` as its working directory, quietly.
+fn spawn_in(mut command: Command, dir: &std::path::Path) -> Result<Child, String> {
+    command
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("redis-server cannot start (is it installed?): {e}"))
 }
 
 /// `total_commands_processed` of the server on `port`.

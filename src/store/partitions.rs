@@ -696,11 +696,8 @@ impl PartitionLog {
         Ok(())
     }
 
-    /// A pub/sub client subscribed to this instance's wake channel.
-    pub async fn subscribe_wakes(
-        &self,
-        run: &str,
-    ) -> Result<fred::clients::SubscriberClient, StoreError> {
+    /// This instance's wake channel, subscribed: partitions other instances appended to.
+    pub async fn subscribe_wakes(&self, run: &str) -> Result<Wakes, StoreError> {
         let subscriber = self.redis()?.subscriber().map_err(store_error)?;
         let _connection = subscriber.init().await.map_err(store_error)?;
         let _resubscribe = subscriber.manage_subscriptions();
@@ -708,7 +705,43 @@ impl PartitionLog {
             .subscribe(self.wake_channel(run))
             .await
             .map_err(store_error)?;
-        Ok(subscriber)
+        let messages = subscriber.message_rx();
+        Ok(Wakes {
+            subscriber,
+            messages,
+        })
+    }
+}
+
+/// Wake-ups sent to this instance (a partition number each).
+pub struct Wakes {
+    subscriber: fred::clients::SubscriberClient,
+    messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+}
+
+impl Wakes {
+    /// The next partition woken; `None` once the subscription is gone (subscribe again).
+    /// Wake-ups missed while lagging are covered by the holder's polls.
+    pub async fn next(&mut self) -> Option<u16> {
+        loop {
+            match self.messages.recv().await {
+                Ok(message) => {
+                    if let Some(partition) = message
+                        .value
+                        .as_string()
+                        .and_then(|p| p.parse::<u16>().ok())
+                    {
+                        return Some(partition);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self.subscriber.quit().await;
     }
 }
 
