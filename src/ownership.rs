@@ -585,18 +585,21 @@ impl Owner {
         for entry in entries {
             let id = parse_id(&entry.id).unwrap_or_default();
             loop {
-                let offered = {
+                let (offered, receipt) = {
                     let mut handed_over = lease.handed_over();
                     if handed_over.live.contains(&id) {
                         // Handed over already (by the accepting request, or before a replay).
                         break;
                     }
-                    let offered = self.offer(lease, &entry, &mut handed_over);
+                    let (offered, receipt) = self.offer(lease, &entry, &mut handed_over);
                     if matches!(offered, Offer::Taken) {
                         handed_over.upto = handed_over.upto.max(id);
                     }
-                    offered
+                    (offered, receipt)
                 };
+                // Dropped only once the lock is released: if the turn is already over, this is
+                // the last reference, and the receipt's drop takes the same lock.
+                drop(receipt);
                 match offered {
                     Offer::Taken => break,
                     Offer::Later if lease.is_held() => tokio::time::sleep(RETRY).await,
@@ -607,12 +610,14 @@ impl Owner {
         }
     }
 
+    /// Hands one entry to its conversation; answers this side's reference to its receipt, for
+    /// the caller to drop once `handed_over`'s lock is released.
     fn offer(
         &self,
         lease: &Arc<Lease>,
         entry: &StreamEntry,
         handed_over: &mut HandedOver,
-    ) -> Offer {
+    ) -> (Offer, Option<Arc<StreamReceipt>>) {
         let receipt = Arc::new(StreamReceipt::new(
             Arc::clone(&self.log),
             Arc::clone(lease),
@@ -624,7 +629,7 @@ impl Owner {
             Err(error) => {
                 tracing::error!(%error, id = %entry.id, "stream entry cannot be read; dropped");
                 finish_later(receipt);
-                return Offer::Taken;
+                return (Offer::Taken, None);
             }
         };
         let integration: Arc<str> = entry.integration.as_str().into();
@@ -638,14 +643,14 @@ impl Owner {
         match admission {
             Admission::Accepted(_) => {
                 receipt.handed_over(handed_over);
-                Offer::Taken
+                (Offer::Taken, Some(receipt))
             }
             // Not live: its drop (after the finish) takes no lock.
             Admission::Duplicate(_) => {
                 finish_later(receipt);
-                Offer::Taken
+                (Offer::Taken, None)
             }
-            Admission::MailboxFull | Admission::Overloaded => Offer::Later,
+            Admission::MailboxFull | Admission::Overloaded => (Offer::Later, Some(receipt)),
         }
     }
 
