@@ -218,14 +218,35 @@ impl RedisCluster {
         spawn_in(command, &self.dir)
     }
 
-    /// Starts a killed node again with its cluster configuration: a master that was replaced
-    /// meanwhile comes back as its successor's replica (empty, it syncs from it).
-    pub fn restart(&mut self, port: u16) -> Result<(), String> {
+    /// Brings a killed node back as a new, empty replica of `master` (a node without persistence
+    /// must not rejoin under its old identity: while it still believes it owns its old slots, an
+    /// empty master can overwrite its successor's data). Its old cluster file goes; it meets the
+    /// cluster and replicates `master`.
+    pub fn replace_as_replica_of(&mut self, port: u16, master: u16) -> Result<(), String> {
+        let master_id = cli(master, &["CLUSTER", "MYID"]).trim().to_owned();
+        if master_id.is_empty() {
+            return Err(format!("no node id from the master on {master}"));
+        }
+        let _ = std::fs::remove_file(self.dir.join(format!("nodes-{port}.conf")));
         let child = self.spawn_node(port)?;
         if let Some((_, slot)) = self.nodes.iter_mut().find(|(p, _)| *p == port) {
             *slot = Some(child);
         }
-        wait_for_port(port)
+        wait_for_port(port)?;
+        cli(port, &["CLUSTER", "MEET", "127.0.0.1", &master.to_string()]);
+        // REPLICATE needs the node to know its master: gossip brings it within a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if cli(port, &["CLUSTER", "REPLICATE", &master_id]).trim() == "OK" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "node {port} did not become a replica of {master} within 10 s"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Replicas in sync with the master on `port`.
