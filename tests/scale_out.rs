@@ -546,10 +546,36 @@ async fn a_router_paused_past_its_lease_is_fenced_and_sends_nothing_late() {
     signal(&routers[1], "-STOP");
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     signal(&routers[1], "-CONT");
+    let resumed = Instant::now();
     instances.write().unwrap()[1] = Some(routers[1].base_url());
     running.await.expect("burst");
 
     let duplicates = check_answers(&mock, &sent, "zombie", &routers).await;
+    // The takers replayed what it had not finished while it was stopped; once it runs again and
+    // notices its leases lapsed (its next look at the clock), a second answer can only be one
+    // of its own late sends. Its sends in flight at the pause land at once; none may come later.
+    let mut answers: HashMap<String, Vec<Instant>> = HashMap::new();
+    for reply in mock.activities() {
+        if let Some(id) = reply.reply_to_id {
+            answers
+                .entry(id)
+                .or_default()
+                .push(reply.received_at.into_std());
+        }
+    }
+    let late: Vec<&String> = answers
+        .iter()
+        .filter(|(_, at)| {
+            let mut at = (*at).clone();
+            at.sort();
+            at.len() > 1 && at[1] > resumed + Duration::from_secs(1)
+        })
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "answered a second time more than a second after the paused router resumed: {late:?}"
+    );
     let zombie = metrics(&routers[1]).await;
     let fenced = metric_sum(&zombie, "teams_router_partition_fenced_total", &[]);
     let dropped = metric_sum(&zombie, "teams_router_partition_turns_dropped_total", &[]);
