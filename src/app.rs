@@ -237,6 +237,7 @@ impl Router {
             instance = %instance_id,
             "store opened"
         );
+        let partition_log = PartitionLog::new(Arc::clone(&store), config.storage.partitions);
         let persistence = Arc::new(Persistence {
             snapshots: Arc::clone(&snapshots),
             journal: journal.clone(),
@@ -244,7 +245,7 @@ impl Router {
                 max_entries: config.conversation.history_max_turns,
                 max_bytes: config.conversation.history_max_bytes,
             },
-            shared_store: store.is_shared(),
+            partitions: partition_log.clone(),
         });
         let settings = ConversationSettings {
             mailbox_capacity: config.conversation.mailbox_capacity,
@@ -259,7 +260,7 @@ impl Router {
         };
         let (directory, supervisor_task) = Directory::start(settings, services).await?;
         recover(&directory, journal.as_deref(), recovered);
-        let owner = match PartitionLog::new(Arc::clone(&store), config.storage.partitions) {
+        let owner = match partition_log {
             Some(log) => {
                 let (owner, tasks) = Owner::start(
                     log,

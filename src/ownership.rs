@@ -741,7 +741,7 @@ enum Offer {
 
 fn finish_later(receipt: Arc<StreamReceipt>) {
     tokio::spawn(async move {
-        if let Err(error) = receipt.finish().await {
+        if let Err(error) = receipt.finish(&[]).await {
             tracing::warn!(%error, "a stream entry stays pending; its partition's next holder sees it again");
         }
     });

@@ -399,6 +399,9 @@ async fn a_router_killed_mid_burst_and_replaced_under_a_new_name_loses_nothing()
     // At most the turns in flight on the killed router (one per conversation) were answered
     // and not yet acknowledged when it died.
     assert!(duplicates <= conversations, "{duplicates} duplicates");
+    // A turn's snapshots are written with its acknowledgement: what the killed router had not
+    // acknowledged is replayed whole, so no session lost or double-counted a turn.
+    check_sessions(&instances, &mock, &sent, "kill").await;
     eprintln!(
         "kill -9 of one of three routers mid-burst ({answered_at_kill} answers before it), replaced under a new name: \
          {} acknowledged, 0 lost, {duplicates} answered twice, {replayed} replayed by the takers, all answered {:?} after the kill",
@@ -580,6 +583,8 @@ async fn a_router_paused_past_its_lease_is_fenced_and_sends_nothing_late() {
     let fenced = metric_sum(&zombie, "teams_router_partition_fenced_total", &[]);
     let dropped = metric_sum(&zombie, "teams_router_partition_turns_dropped_total", &[]);
     assert!(duplicates <= conversations, "{duplicates} duplicates");
+    // Its late snapshot writes were refused with its acknowledgements: no session lost turns.
+    check_sessions(&instances, &mock, &sent, "zombie").await;
     let held = wait_for_spread(&routers, 64).await;
     eprintln!(
         "zombie: paused 3 s past a 1.5 s lease mid-burst; {} acknowledged, 0 lost, in order, {duplicates} answered twice; \
@@ -895,4 +900,81 @@ fn fred_keyslot(key: &str) -> u16 {
         }
     }
     crc % 16_384
+}
+
+/// Snapshots written by versions before partitioned snapshots (under the contract's names) are
+/// read where nothing newer is, and the next turn writes them in their partition's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_the_earlier_layout_are_read_once_and_moved() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start().expect("redis-server");
+    let mock = new_mock().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let conversation = "a:legacy";
+    let session = serde_json::json!({
+        "conversationId": conversation, "startedAtMs": now, "expiresAtMs": now + 3_600_000,
+        "turns": 7, "history": []
+    });
+    let record = serde_json::json!({"handledIds": ["legacy-7"], "lastSequence": 7});
+    for (key, value) in [
+        (
+            format!("teams-router:teams-session-teams_prod-29:user-{conversation}"),
+            session,
+        ),
+        (
+            format!("teams-router:teams-conversation-teams_prod-{conversation}"),
+            record,
+        ),
+    ] {
+        let set = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port().to_string(),
+                "SET",
+                &key,
+                &value.to_string(),
+            ])
+            .output()
+            .expect("redis-cli");
+        assert!(set.status.success(), "{set:?}");
+    }
+    let (_routers, _, instances) =
+        start_routers(&mock, &redis, &["legacy-a"], "partitions = 16", 16).await;
+    assert_eq!(
+        session_turns(&instances, &mock, conversation, "asked-1").await,
+        7
+    );
+    let client = http();
+    let token = mock.token_for(APP_ID);
+    // Answered before the upgrade: its conversation's dedup record says so.
+    assert!(deliver(&instances, &mock, &client, &token, conversation, "legacy-7").await);
+    assert!(deliver(&instances, &mock, &client, &token, conversation, "new-8").await);
+    assert_eq!(
+        session_turns(&instances, &mock, conversation, "asked-2").await,
+        8
+    );
+    assert!(
+        !mock
+            .activities()
+            .iter()
+            .any(|r| r.reply_to_id.as_deref() == Some("legacy-7")),
+        "a redelivery of what was answered before the upgrade is not answered again"
+    );
+    let keys = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "--scan",
+            "--pattern",
+            "*:session:u:*",
+        ])
+        .output()
+        .expect("redis-cli");
+    assert!(
+        String::from_utf8_lossy(&keys.stdout).contains(&format!("29:user-{conversation}")),
+        "the session is now stored in its partition's slot"
+    );
 }

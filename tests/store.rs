@@ -216,3 +216,78 @@ async fn redis_outage_is_an_error_not_a_hang_and_recovers() {
         .unwrap();
     assert_eq!(store.get("k2").await.unwrap().as_deref(), Some(&b"v2"[..]));
 }
+
+/// The finishing script is the only writer of a conversation's snapshots with a shared store:
+/// a holder whose lease was taken over writes nothing, its successor writes them with the
+/// acknowledgement.
+#[tokio::test]
+async fn a_stale_holder_acknowledges_and_writes_nothing() {
+    use teams_router::store::partitions::{PartitionLog, ReadFrom, SnapshotKind};
+    let server = RedisServer::start().expect("redis-server");
+    let log = PartitionLog::new(Arc::new(redis(&server, "fencing").await), 4).expect("redis");
+    let (integration, conversation) = ("teams_prod", "a:fenced");
+    let partition = log.partition_of(integration, conversation);
+    let appended = log
+        .append(
+            "writer",
+            Duration::from_secs(60),
+            integration,
+            conversation,
+            "1",
+            &bytes::Bytes::from_static(b"{}"),
+        )
+        .await
+        .unwrap()
+        .expect("new");
+    let first = log.acquire("run-a", 300, &[partition]).await.unwrap();
+    let first = first.first().expect("free partition taken");
+    let (_, read) = log
+        .read(first, "run-a", ReadFrom::New, 10)
+        .await
+        .unwrap()
+        .expect("held");
+    assert_eq!(read[0].id, appended.id);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = log.acquire("run-b", 5_000, &[partition]).await.unwrap();
+    let second = second.first().expect("an expired lease is free");
+    assert_ne!(first.value, second.value, "a new epoch");
+
+    let record = log.snapshot_key(partition, SnapshotKind::Record, integration, conversation);
+    let session = log.snapshot_key(partition, SnapshotKind::UserSession, integration, "29:u");
+    let stale = [
+        put(&record, "stale record", Duration::from_secs(60)),
+        put(&session, "stale session", Duration::from_secs(60)),
+    ];
+    assert!(!log.finish(first, &appended.id, &stale).await.unwrap());
+    assert_eq!(log.snapshot(&record).await.unwrap(), None);
+    assert_eq!(log.snapshot(&session).await.unwrap(), None);
+
+    let (_, replayed) = log
+        .read(second, "run-b", ReadFrom::Pending("0-0"), 10)
+        .await
+        .unwrap()
+        .expect("held");
+    assert_eq!(
+        replayed[0].id, appended.id,
+        "still pending for the new holder"
+    );
+    let current = [
+        put(&record, "record", Duration::from_secs(60)),
+        put(&session, "session", Duration::from_secs(60)),
+    ];
+    assert!(log.finish(second, &appended.id, &current).await.unwrap());
+    assert_eq!(
+        log.snapshot(&record).await.unwrap().as_deref(),
+        Some(&b"record"[..])
+    );
+    assert_eq!(
+        log.snapshot(&session).await.unwrap().as_deref(),
+        Some(&b"session"[..])
+    );
+    let (_, left) = log
+        .read(second, "run-b", ReadFrom::Pending("0-0"), 10)
+        .await
+        .unwrap()
+        .expect("held");
+    assert!(left.is_empty(), "finished entries leave the stream");
+}

@@ -16,13 +16,14 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use super::admission::TurnPermit;
 use super::session::{
     ConversationRecord, HistoryEntry, RESET_CONFIRMATION, Role, SESSION_COMMAND, Session,
-    conversation_key, is_reset_command, session_key,
+    SessionKey, conversation_key, is_reset_command, session_key,
 };
 use super::{Conversation, ConversationSettings, Directory, Turn};
 use crate::activity::TurnActivity;
 use crate::backend::{InvokeReply, InvokeResponse};
 use crate::registry::Integration;
 use crate::reply::{ReplyActor, ReplyArgs, ReplyServices, SentReply};
+use crate::store::partitions::SnapshotKind;
 use crate::store::{Put, Receipt, now_ms};
 use crate::telemetry::{
     ACTIVITIES_DUPLICATE, PARTITION_FENCED, PARTITION_TURNS_DROPPED, TURN_DURATION, TURNS_FAILED,
@@ -62,9 +63,10 @@ pub struct ConversationArgs {
 /// What a conversation keeps in memory while it rests without an actor: the next actor goes
 /// on from it without reading the store.
 pub(super) struct Resting {
-    session: Option<(String, Session)>,
+    session: Option<(SessionKey, Session)>,
     record: Option<(u64, std::time::Duration)>,
     addresses_learned_from: Option<String>,
+    loaded_under: Option<String>,
 }
 
 /// A turn being run.
@@ -99,7 +101,7 @@ pub struct ConversationActorState {
     /// Invokes running beside the turn order.
     side: Vec<RunningTurn>,
     /// The session and its key, loaded at the first turn.
-    session: Option<(String, Session)>,
+    session: Option<(SessionKey, Session)>,
     /// The conversation's turn sequence, loaded at the first turn with its answered activities
     /// (which go into the conversation's dedup window), and how long its record is kept in the
     /// store.
@@ -158,11 +160,13 @@ impl Actor for ConversationActor {
             session,
             record,
             addresses_learned_from,
+            loaded_under,
         } = resting.map_or(
             Resting {
                 session: None,
                 record: None,
                 addresses_learned_from: None,
+                loaded_under: None,
             },
             |resting| *resting,
         );
@@ -182,7 +186,7 @@ impl Actor for ConversationActor {
             addresses_learned_from,
             snapshots_dirty: false,
             flush_armed: false,
-            loaded_under: None,
+            loaded_under,
         })
     }
 
@@ -313,21 +317,26 @@ async fn finish_turn(
         .state()
         .dedup
         .mark_answered(&turn.activity_id);
-    match persistence.snapshots.coalesce_window() {
-        Some(window) => {
-            state.snapshots_dirty = true;
-            if !state.flush_armed {
-                state.flush_armed = true;
-                myself.send_after(window, || ConversationMsg::FlushSnapshots);
+    // With a shared store the snapshots go with the stream acknowledgement, in one script that
+    // a holder which lost the partition cannot run; a turn run outside a held partition (an
+    // invoke, or a turn run unrecorded while Redis was down) leaves them in memory, for the
+    // next acknowledgement of this conversation to write.
+    if persistence.partitions.is_none() {
+        match persistence.snapshots.coalesce_window() {
+            Some(window) => {
+                state.snapshots_dirty = true;
+                if !state.flush_armed {
+                    state.flush_armed = true;
+                    myself.send_after(window, || ConversationMsg::FlushSnapshots);
+                }
             }
+            None => state.unsaved = !save_snapshots(state),
         }
-        None => state.unsaved = !save_snapshots(state),
     }
+    let snapshots = stream_snapshots(state, turn.receipt.as_ref());
     // The next turn starts only once this one is recorded as answered, so a crash can repeat
-    // at most the turn in flight. Its snapshots were queued first: a partition is handed over
-    // once nothing read from it is in flight and what was queued is written, so its next holder
-    // reads them.
-    record_answered(&state.args.settings.persistence, turn.receipt.take()).await;
+    // at most the turn in flight.
+    record_answered(persistence, turn.receipt.take(), &snapshots).await;
     let mut shared = state.args.conversation.state();
     if turn.side {
         shared.side_running = shared.side_running.saturating_sub(1);
@@ -357,43 +366,74 @@ async fn start_side_turns(myself: &ActorRef<ConversationMsg>, state: &mut Conver
 /// Hands the session and the conversation record to the snapshot writer; `false` when one of
 /// them was dropped (queue full).
 fn save_snapshots(state: &ConversationActorState) -> bool {
-    let settings = &state.args.settings;
+    let snapshots = &state.args.settings.persistence.snapshots;
     let mut queued = true;
-    if let Some((key, session)) = &state.session {
-        let ttl = std::time::Duration::from_millis(session.remaining_ms(now_ms()));
-        queued &= save_snapshot(settings, key, session.encode(), ttl);
-    }
-    if let Some((last_sequence, ttl)) = state.record {
-        let key = conversation_key(
-            &state.args.conversation.key.integration,
-            &state.args.conversation.key.conversation_id,
-        );
-        let record = ConversationRecord {
-            answered: state.args.conversation.state().dedup.answered(),
-            last_sequence,
-        };
-        queued &= save_snapshot(settings, &key, record.encode(), ttl);
+    // Each is saved even when one before it was dropped.
+    for put in snapshot_puts(state, |_, name, _| name) {
+        queued &= snapshots.save(put);
     }
     queued
 }
 
-fn save_snapshot(
-    settings: &ConversationSettings,
-    key: &str,
-    encoded: Result<Vec<u8>, crate::store::codec::CodecError>,
-    ttl: std::time::Duration,
-) -> bool {
-    match encoded {
-        Ok(bytes) => settings.persistence.snapshots.save(Put {
-            key: key.to_owned(),
-            value: bytes.into(),
-            ttl,
-        }),
-        // Not a queue problem: keeping the conversation in memory would not make it serialize.
-        Err(error) => {
-            tracing::error!(%error, "snapshot does not serialize");
-            true
+/// The snapshots a turn finishing a stream entry writes with its acknowledgement, in its
+/// partition's slot (none for other turns).
+fn stream_snapshots(state: &ConversationActorState, receipt: Option<&Receipt>) -> Vec<Put> {
+    let (Some(Receipt::Stream(entry)), Some(log)) =
+        (receipt, &state.args.settings.persistence.partitions)
+    else {
+        return Vec::new();
+    };
+    let partition = entry.partition();
+    let integration = &state.args.conversation.key.integration;
+    snapshot_puts(state, |kind, _, owner| {
+        log.snapshot_key(partition, kind, integration, owner)
+    })
+}
+
+/// The session and the conversation record, encoded, each under `key_of(kind, the contract's
+/// name, the id it belongs to)`.
+fn snapshot_puts(
+    state: &ConversationActorState,
+    key_of: impl Fn(SnapshotKind, String, &str) -> String,
+) -> Vec<Put> {
+    let conversation_id = &state.args.conversation.key.conversation_id;
+    let mut puts = Vec::with_capacity(2);
+    let mut push = |encoded: Result<Vec<u8>, crate::store::codec::CodecError>, key, ttl| {
+        match encoded {
+            Ok(bytes) => puts.push(Put {
+                key,
+                value: bytes.into(),
+                ttl,
+            }),
+            // Not a queue problem: keeping the conversation in memory would not make it serialize.
+            Err(error) => tracing::error!(%error, "snapshot does not serialize"),
         }
+    };
+    if let Some((key, session)) = &state.session {
+        let ttl = std::time::Duration::from_millis(session.remaining_ms(now_ms()));
+        let (kind, owner) = session_owner(key, conversation_id);
+        push(session.encode(), key_of(kind, key.name.clone(), owner), ttl);
+    }
+    if let Some((last_sequence, ttl)) = state.record {
+        let name = conversation_key(&state.args.conversation.key.integration, conversation_id);
+        let record = ConversationRecord {
+            answered: state.args.conversation.state().dedup.answered(),
+            last_sequence,
+        };
+        push(
+            record.encode(),
+            key_of(SnapshotKind::Record, name, conversation_id),
+            ttl,
+        );
+    }
+    puts
+}
+
+/// Whose session it is: a personal chat's user, else the conversation.
+fn session_owner<'a>(key: &'a SessionKey, conversation_id: &'a str) -> (SnapshotKind, &'a str) {
+    match &key.user {
+        Some(user) => (SnapshotKind::UserSession, user),
+        None => (SnapshotKind::ConversationSession, conversation_id),
     }
 }
 
@@ -458,7 +498,14 @@ async fn begin_turn(
         if let Some(waiting) = invoke {
             waiting.send(InvokeResponse::error("TurnFailed", reason));
         }
-        complete(&state.args.settings.persistence, receipt);
+        // A redelivered entry's acknowledgement carries the snapshots too: the one of the
+        // turn that answered it may have failed.
+        let snapshots = if reason == DUPLICATE {
+            stream_snapshots(state, receipt.as_ref())
+        } else {
+            Vec::new()
+        };
+        complete(&state.args.settings.persistence, receipt, snapshots);
         release(state, side);
     };
     if let Some(Receipt::Stream(entry)) = &receipt
@@ -532,7 +579,7 @@ async fn begin_turn(
     {
         // A redelivery that slipped past the in-memory window (after a restart or failover).
         counter!(ACTIVITIES_DUPLICATE).increment(1);
-        skip(state, "duplicate", invoke.take(), receipt.take(), false);
+        skip(state, DUPLICATE, invoke.take(), receipt.take(), false);
         return false;
     }
     let text = activity.text_without_bot_mentions();
@@ -585,7 +632,7 @@ async fn begin_turn(
         .is_some_and(|bot| bot.backend().reads_history());
     let (session_id, history) = match &state.session {
         Some((key, session)) => (
-            format!("{key}-{}", session.started_at_ms),
+            format!("{}-{}", key.name, session.started_at_ms),
             if reads_history {
                 session.history.iter().cloned().collect()
             } else {
@@ -691,8 +738,10 @@ async fn begin_turn(
     true
 }
 
+const DUPLICATE: &str = "duplicate";
+
 /// An activity that needs no answer (dropped, or a redelivery) is done with in its log.
-fn complete(persistence: &super::Persistence, receipt: Option<Receipt>) {
+fn complete(persistence: &super::Persistence, receipt: Option<Receipt>, snapshots: Vec<Put>) {
     match receipt {
         Some(Receipt::Journal(seq)) => {
             if let Some(journal) = &persistence.journal {
@@ -701,7 +750,7 @@ fn complete(persistence: &super::Persistence, receipt: Option<Receipt>) {
         }
         Some(Receipt::Stream(entry)) => {
             tokio::spawn(async move {
-                if let Err(error) = entry.finish().await {
+                if let Err(error) = entry.finish(&snapshots).await {
                     tracing::warn!(%error, "a skipped stream entry stays pending; its partition's next holder replays it");
                 }
             });
@@ -712,7 +761,11 @@ fn complete(persistence: &super::Persistence, receipt: Option<Receipt>) {
 
 /// Records that an activity was answered, and waits until that is durable: a crash before this
 /// returns replays the turn (one duplicate message), a crash after does not.
-async fn record_answered(persistence: &super::Persistence, receipt: Option<Receipt>) {
+async fn record_answered(
+    persistence: &super::Persistence,
+    receipt: Option<Receipt>,
+    snapshots: &[Put],
+) {
     match receipt {
         Some(Receipt::Journal(seq)) => {
             if let Some(journal) = &persistence.journal
@@ -721,7 +774,7 @@ async fn record_answered(persistence: &super::Persistence, receipt: Option<Recei
                 tracing::warn!(%error, "answered turn not recorded yet; the journal writer retries");
             }
         }
-        Some(Receipt::Stream(entry)) => match entry.finish().await {
+        Some(Receipt::Stream(entry)) => match entry.finish(snapshots).await {
             Ok(true) => {}
             Ok(false) => {
                 counter!(PARTITION_FENCED).increment(1);
@@ -755,15 +808,20 @@ async fn load_record(
     current_in_memory: bool,
 ) {
     if state.record.is_some()
-        && (current_in_memory || !state.args.settings.persistence.shared_store)
+        && (current_in_memory || state.args.settings.persistence.partitions.is_none())
     {
         return;
     }
-    let key = conversation_key(
-        &integration.record.id,
-        &state.args.conversation.key.conversation_id,
-    );
-    let stored = load_snapshot(state, &key, ConversationRecord::decode).await;
+    let conversation_id = &state.args.conversation.key.conversation_id;
+    let name = conversation_key(&integration.record.id, conversation_id);
+    let stored = load_snapshot(
+        state,
+        name,
+        SnapshotKind::Record,
+        conversation_id,
+        ConversationRecord::decode,
+    )
+    .await;
     let stored_sequence = stored.as_ref().map_or(0, |record| record.last_sequence);
     if let Some(record) = &stored {
         // Later redeliveries are then caught at the door, without a turn.
@@ -790,12 +848,33 @@ async fn load_record(
 /// A conversation's dedup window outlives short sessions: Teams redelivers within minutes.
 const DEDUP_RECORD_MIN_TTL_MS: u64 = 3_600_000;
 
+/// A snapshot of the conversation: from its partition's slot with a shared store (else, once,
+/// where versions before partitioned snapshots wrote it, under the contract's `name`), from
+/// the snapshot writer's queue or the embedded store otherwise.
 async fn load_snapshot<T, E: std::fmt::Display>(
     state: &ConversationActorState,
-    key: &str,
+    name: String,
+    kind: SnapshotKind,
+    owner: &str,
     decode: impl FnOnce(&[u8]) -> Result<T, E>,
 ) -> Option<T> {
-    match state.args.settings.persistence.snapshots.load(key).await {
+    let persistence = &state.args.settings.persistence;
+    let stored = match &persistence.partitions {
+        Some(log) => {
+            let integration = &state.args.conversation.key.integration;
+            let partition =
+                log.partition_of(integration, &state.args.conversation.key.conversation_id);
+            match log
+                .snapshot(&log.snapshot_key(partition, kind, integration, owner))
+                .await
+            {
+                Ok(None) => persistence.snapshots.load(&name).await,
+                found => found,
+            }
+        }
+        None => persistence.snapshots.load(&name).await,
+    };
+    match stored {
         Ok(bytes) => bytes.and_then(|b| match decode(&b) {
             Ok(value) => Some(value),
             Err(error) => {
@@ -816,7 +895,7 @@ async fn load_session(
     state: &mut ConversationActorState,
     integration: &Integration,
     activity: &TurnActivity,
-    key: String,
+    key: SessionKey,
     current_in_memory: bool,
 ) {
     if state.session.as_ref().is_some_and(|(held, _)| *held != key) {
@@ -825,12 +904,17 @@ async fn load_session(
     }
     let now = now_ms();
     let duration = integration.record.session_duration;
-    let memory_is_current = current_in_memory || !state.args.settings.persistence.shared_store;
+    let memory_is_current =
+        current_in_memory || state.args.settings.persistence.partitions.is_none();
     let loaded = match state.session.take() {
         Some((k, session)) if k == key && memory_is_current => session,
-        _ => load_snapshot(state, &key, Session::decode)
-            .await
-            .unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration)),
+        _ => {
+            let conversation_id = &state.args.conversation.key.conversation_id;
+            let (kind, owner) = session_owner(&key, conversation_id);
+            load_snapshot(state, key.name.clone(), kind, owner, Session::decode)
+                .await
+                .unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration))
+        }
     };
     let session = if loaded.is_expired(now) {
         loaded.restart(now, duration)
@@ -923,6 +1007,7 @@ fn rest_or_passivate_if_idle(
                 session: state.session.take(),
                 record: state.record.take(),
                 addresses_learned_from: state.addresses_learned_from.take(),
+                loaded_under: state.loaded_under.take(),
             }));
             // Counted under the lock, before the next actor can take the rest back.
             if let Some(directory) = state.args.directory.upgrade() {

@@ -58,10 +58,10 @@ pub struct Persistence {
     /// Present under durable accept: answered activities are completed in it.
     pub journal: Option<Arc<Journal>>,
     pub limits: HistoryLimits,
-    /// Other instances share the store: another one may have moved a conversation on, so
-    /// snapshots are read again unless the turn comes under the partition lease they were read
-    /// under.
-    pub shared_store: bool,
+    /// With a shared store: its partitions. Another instance may have moved a conversation on,
+    /// so snapshots are read again unless the turn comes under the partition lease they were
+    /// read under, and they are written only with a stream entry's fenced acknowledgement.
+    pub partitions: Option<Arc<crate::store::partitions::PartitionLog>>,
 }
 
 /// One accepted activity waiting for its turn.

@@ -229,9 +229,17 @@ impl Session {
     }
 }
 
-/// `teams-session-{integrationId}-{userId}` in personal chats,
-/// `teams-session-{integrationId}-{conversationId}` in group chats and channels.
-pub fn session_key(integration: &str, activity: &TurnActivity) -> String {
+/// The session a turn records into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKey {
+    /// The contract's name: `teams-session-{integrationId}-{userId}` in personal chats,
+    /// `teams-session-{integrationId}-{conversationId}` in group chats and channels.
+    pub name: String,
+    /// The personal chat's user, whose session it is (else the conversation's).
+    pub user: Option<String>,
+}
+
+pub fn session_key(integration: &str, activity: &TurnActivity) -> SessionKey {
     let personal = match activity
         .conversation
         .get("conversationType")
@@ -251,8 +259,14 @@ pub fn session_key(integration: &str, activity: &TurnActivity) -> String {
         .and_then(|id| id.as_str())
         .filter(|id| !id.is_empty());
     match (personal, user) {
-        (true, Some(user)) => format!("teams-session-{integration}-{user}"),
-        _ => format!("teams-session-{integration}-{}", activity.conversation_id()),
+        (true, Some(user)) => SessionKey {
+            name: format!("teams-session-{integration}-{user}"),
+            user: Some(user.to_owned()),
+        },
+        _ => SessionKey {
+            name: format!("teams-session-{integration}-{}", activity.conversation_id()),
+            user: None,
+        },
     }
 }
 
@@ -361,7 +375,8 @@ mod tests {
             "conversation": {"id": "a:1", "conversationType": "personal"}, "from": {"id": "29:u"}
         }))
         .unwrap();
-        assert_eq!(session_key("i", &personal), "teams-session-i-29:u");
+        assert_eq!(session_key("i", &personal).name, "teams-session-i-29:u");
+        assert_eq!(session_key("i", &personal).user.as_deref(), Some("29:u"));
         let channel: TurnActivity = serde_json::from_value(json!({
             "type": "message", "id": "1", "serviceUrl": "s", "channelId": "msteams",
             "conversation": {"id": "19:c@thread.tacv2", "conversationType": "channel", "isGroup": true},
@@ -370,7 +385,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             session_key("i", &channel),
-            "teams-session-i-19:c@thread.tacv2"
+            SessionKey {
+                name: "teams-session-i-19:c@thread.tacv2".into(),
+                user: None
+            }
         );
         assert!(
             is_reset_command("///RESET")

@@ -24,7 +24,7 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 
 use super::redis::RedisStore;
-use super::{Store, StoreError};
+use super::{Put, Store, StoreError};
 
 /// The consumer group every instance reads partitions with.
 const GROUP: &str = "owners";
@@ -114,9 +114,14 @@ end
 return out
 ";
 
-/// Finishes an entry for the lease holder only (fencing): acknowledged and removed.
+/// Finishes an entry for the lease holder only (fencing): the conversation's snapshots written
+/// (KEYS[3..], each with a value and a time to live in ARGV[4..]), the entry acknowledged and
+/// removed. A holder that lost the lease writes nothing.
 const FINISH: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 3, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[2 * i - 2], 'PX', ARGV[2 * i - 1])
+end
 redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
 redis.call('XDEL', KEYS[2], ARGV[3])
 return 1
@@ -146,6 +151,17 @@ pub struct Appended {
     pub id: String,
     pub holder: String,
     pub previous: String,
+}
+
+/// What a snapshot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// The conversation's dedup window and turn sequence.
+    Record,
+    /// The session of a group chat or channel.
+    ConversationSession,
+    /// A personal chat's session, the user's.
+    UserSession,
 }
 
 /// A stream entry id (`<ms>-<seq>`), ordered as Redis orders them.
@@ -301,12 +317,16 @@ impl StreamReceipt {
         }
     }
 
-    /// Its partition is still this instance's.
+    pub fn partition(&self) -> u16 {
+        self.lease.partition
+    }
+
     /// The lease (`run:epoch`) under which the entry was read.
     pub fn lease_value(&self) -> &str {
         &self.lease.value
     }
 
+    /// Its partition is still this instance's.
     pub fn is_current(&self) -> bool {
         self.lease.is_held()
     }
@@ -317,9 +337,11 @@ impl StreamReceipt {
         self.lease.replay_later();
     }
 
-    /// Acknowledges the entry; false when the lease was lost (another holder will replay it).
-    pub async fn finish(&self) -> Result<bool, StoreError> {
-        let finished = self.log.finish(&self.lease, &self.id).await;
+    /// Acknowledges the entry, writing `snapshots` (keys of [`PartitionLog::snapshot_key`]) in
+    /// the same fenced script; false when the lease was lost (another holder will replay it,
+    /// and nothing was written).
+    pub async fn finish(&self, snapshots: &[Put]) -> Result<bool, StoreError> {
+        let finished = self.log.finish(&self.lease, &self.id, snapshots).await;
         if finished.is_err() {
             self.lease.replay_later();
         }
@@ -407,6 +429,33 @@ impl PartitionLog {
         length_prefixed(&mut key, conversation);
         key.push_str(activity);
         key
+    }
+
+    /// Where a conversation's snapshot is stored: in its partition's slot, so that the fenced
+    /// finishing script writes it. `owner` is the conversation's id, or the user's for a
+    /// personal chat's session; ids with separators cannot collide (length-prefixed).
+    pub fn snapshot_key(
+        &self,
+        partition: u16,
+        kind: SnapshotKind,
+        integration: &str,
+        owner: &str,
+    ) -> String {
+        let kind = match kind {
+            SnapshotKind::Record => "record",
+            SnapshotKind::ConversationSession => "session:c",
+            SnapshotKind::UserSession => "session:u",
+        };
+        let mut key = format!("{}:{kind}:", self.tag(partition));
+        length_prefixed(&mut key, integration);
+        length_prefixed(&mut key, owner);
+        key
+    }
+
+    /// A snapshot stored under [`PartitionLog::snapshot_key`].
+    pub async fn snapshot(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let value: Option<Bytes> = self.redis()?.client().get(key).await.map_err(store_error)?;
+        Ok(value.map(|b| b.to_vec()))
     }
 
     fn instances_key(&self) -> String {
@@ -653,13 +702,24 @@ impl PartitionLog {
         Ok(Some((cursor, entries)))
     }
 
-    /// Acknowledges an entry for the lease holder; false when the lease is not this one.
-    pub async fn finish(&self, lease: &Lease, id: &str) -> Result<bool, StoreError> {
-        let keys = vec![
-            self.lease_key(lease.partition),
-            self.stream_key(lease.partition),
-        ];
-        let args: Vec<Value> = vec![lease.value.as_str().into(), GROUP.into(), id.into()];
+    /// Acknowledges an entry for the lease holder, with the snapshots its turn left; false when
+    /// the lease is not this one.
+    pub async fn finish(
+        &self,
+        lease: &Lease,
+        id: &str,
+        snapshots: &[Put],
+    ) -> Result<bool, StoreError> {
+        let mut keys = Vec::with_capacity(2 + snapshots.len());
+        keys.push(self.lease_key(lease.partition));
+        keys.push(self.stream_key(lease.partition));
+        let mut args: Vec<Value> = Vec::with_capacity(3 + 2 * snapshots.len());
+        args.extend([lease.value.as_str().into(), GROUP.into(), id.into()]);
+        for put in snapshots {
+            keys.push(put.key.clone());
+            args.push(Value::Bytes(Bytes::copy_from_slice(&put.value)));
+            args.push(Value::from((put.ttl.as_millis() as i64).max(1)));
+        }
         let done: i64 = self
             .finish
             .evalsha_with_reload(self.redis()?.client(), keys, args)
