@@ -25,6 +25,7 @@ use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::ledger::addresses::AddressBook;
 use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::EventLog;
+use crate::notify::Tenants;
 use crate::ownership::{Owner, OwnerSettings};
 use crate::registry::Registry;
 use crate::reply::ReplyServices;
@@ -174,6 +175,7 @@ impl Router {
         )
         .await;
         let addresses = AddressBook::load(Arc::clone(&store), Arc::clone(&health)).await;
+        let tenants = Tenants::load(Arc::clone(&store), Arc::clone(&health)).await;
         let services = Arc::new(ReplyServices {
             registry: Arc::clone(&registry),
             connector: Arc::clone(&connector),
@@ -303,6 +305,7 @@ impl Router {
                 setup,
                 readiness: Arc::clone(&readiness),
                 addresses: Arc::clone(&addresses),
+                tenants: Arc::clone(&tenants),
                 connector: Arc::clone(&connector),
                 egress,
             },
@@ -322,6 +325,7 @@ impl Router {
             serves_admin: config.admin.listen.is_none(),
             events: event_sink,
             registry,
+            tenants,
             verifiers: Arc::new(Verifiers::new(
                 verifier,
                 &config.microsoft,

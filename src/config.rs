@@ -457,6 +457,12 @@ pub struct AdminConfig {
     /// Failed API-key attempts a client address may make in a minute; past them, its requests
     /// with a wrong or missing key get 429 (a valid key still passes).
     pub failed_auth_per_minute: u32,
+    /// The router's address as browsers and Microsoft reach it (`https://router.example.com`):
+    /// the admin-consent callback is `{public_url}/api/v1/teams/consent/callback`, which the
+    /// operator registers as a redirect URI of each app that asks consent.
+    pub public_url: Option<String>,
+    /// How long an admin-consent URL stays usable (Microsoft's redirect must come back within it).
+    pub consent_ttl_ms: u64,
 }
 
 impl Default for AdminConfig {
@@ -471,6 +477,8 @@ impl Default for AdminConfig {
             body_limit_bytes: 65_536,
             listen: None,
             failed_auth_per_minute: 20,
+            public_url: None,
+            consent_ttl_ms: 300_000,
         }
     }
 }
@@ -484,6 +492,9 @@ const CAMEL_CASE_KEYS: &[&str] = &[
     "botFrameworkAppSecret",
     "botFrameworkAppSecretEnv",
     "tenantId",
+    "appTenantId",
+    "tenantPolicy",
+    "consentRedirectUrl",
     "sessionDuration",
     "contactCollection",
     "allowFrom",
@@ -608,6 +619,16 @@ impl Config {
                 account.id
             ));
         }
+        if let Some(public_url) = &self.admin.public_url {
+            match url::Url::parse(public_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.query().is_none() => {}
+                _ => {
+                    return invalid(format!(
+                        "admin.public_url: {public_url:?} is not an http(s) URL without a query"
+                    ));
+                }
+            }
+        }
         if self.server.body_limit_bytes == 0 {
             return invalid("server.body_limit_bytes must be greater than 0".into());
         }
@@ -620,6 +641,7 @@ impl Config {
                 &self.microsoft.openid_metadata_url,
             ),
             ("microsoft.login_url", &self.microsoft.login_url),
+            ("microsoft.graph_url", &self.microsoft.graph_url),
         ] {
             match url::Url::parse(value) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") => {}

@@ -33,6 +33,7 @@ use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::admission::{Gate, Refusal, Ticket};
 use crate::conversation::{Admission, Arrival, Directory, InvokeAnswer};
 use crate::ledger::events::{EventDraft, EventSink};
+use crate::notify::{ConnectionSource, Tenants};
 use crate::ownership::Owner;
 use crate::registry::{Integration, Registry};
 use crate::reply::exchanges::{ExchangeRequest, TOKEN_EXCHANGE};
@@ -46,6 +47,9 @@ pub type Body = Full<Bytes>;
 
 const CALLBACK_PREFIX: &str = "/api/v1/integration/teams/";
 const CALLBACK_SUFFIX: &str = "/callback";
+/// Microsoft's admin-consent redirect: public, answered by the management API, on this listener
+/// even when the API has its own (the operator registers this address with Microsoft).
+pub const CONSENT_CALLBACK: &str = "/api/v1/teams/consent/callback";
 
 /// Something that answers HTTP requests on one listener.
 pub trait Handler: Send + Sync + 'static {
@@ -213,6 +217,8 @@ pub struct Front {
     /// Each integration's event log.
     pub events: EventSink,
     pub registry: Arc<Registry>,
+    /// The tenants connected to each integration.
+    pub tenants: Arc<Tenants>,
     /// Each cloud's token verifier.
     pub verifiers: Arc<Verifiers>,
     pub directory: Arc<Directory>,
@@ -243,7 +249,7 @@ impl Handler for Front {
             .and_then(|rest| rest.strip_suffix(CALLBACK_SUFFIX))
             .filter(|id| !id.is_empty() && !id.contains('/'))
         else {
-            if self.serves_admin && path.starts_with("/api/v1/") {
+            if (self.serves_admin && path.starts_with("/api/v1/")) || path == CONSENT_CALLBACK {
                 return Arc::clone(&self.admin).handle(request, peer).await;
             }
             return error(StatusCode::NOT_FOUND, "not_found", "no such route");
@@ -608,6 +614,8 @@ impl Front {
         let target = {
             let envelope = activity.envelope().map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
+            self.check_tenant(integration, &envelope, activity.action.as_deref())
+                .await?;
             if !sender_allowed(integration, &envelope) {
                 return Ok(self.ignore(integration, &envelope));
             }
@@ -689,6 +697,58 @@ impl Front {
             });
         }
         Ok(())
+    }
+
+    /// `tenantPolicy: connected` lets in connected tenants only; an installation of the app
+    /// connects its tenant (under either policy), and is what lets an unconnected tenant in.
+    async fn check_tenant(
+        &self,
+        integration: &Integration,
+        envelope: &Envelope<'_>,
+        action: Option<&str>,
+    ) -> Result<(), Rejection> {
+        let connected_only = integration.connected_tenants_only();
+        let installs =
+            envelope.kind == "installationUpdate" && action.is_some_and(|a| a.starts_with("add"));
+        if !connected_only && !installs {
+            return Ok(());
+        }
+        let Some(tenant) = envelope.tenant_id.filter(|t| !t.is_empty()) else {
+            return if connected_only {
+                Err(tenant_not_connected())
+            } else {
+                Ok(())
+            };
+        };
+        if self.tenants.is_connected(&integration.id, tenant) {
+            return Ok(());
+        }
+        if installs {
+            // Rare, and what later activities of the tenant are checked against: the 200 waits
+            // for the store (a refusal makes the Bot Connector deliver it again).
+            return match self
+                .tenants
+                .connect(
+                    &integration.id,
+                    tenant,
+                    ConnectionSource::Installation,
+                    None,
+                )
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(error) if connected_only => Err(Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("the installation's tenant cannot be connected: {error}"),
+                )),
+                Err(error) => {
+                    tracing::warn!(%error, integration = %integration.id, "an installation's tenant was not connected");
+                    Ok(())
+                }
+            };
+        }
+        Err(tenant_not_connected())
     }
 
     /// Shared Redis store: the activity goes to its partition's stream, whose holder (this
@@ -965,6 +1025,14 @@ fn sender_allowed(integration: &Integration, envelope: &Envelope<'_>) -> bool {
         envelope.from_id,
         envelope.from_aad_object_id,
         envelope.tenant_id,
+    )
+}
+
+fn tenant_not_connected() -> Rejection {
+    Rejection::new(
+        StatusCode::FORBIDDEN,
+        "tenant_not_connected",
+        "the activity's tenant is not connected to this integration (tenantPolicy: connected)",
     )
 }
 

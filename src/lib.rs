@@ -6,7 +6,7 @@
 //!
 //! | room | its job | imports |
 //! |---|---|---|
-//! | [`front`] | hyper server, routes, body limit, status codes, admission | activity, auth, backend, config, connector, conversation, ledger, ownership, registry, reply, store, telemetry |
+//! | [`front`] | hyper server, routes, body limit, status codes, admission | activity, auth, backend, config, connector, conversation, ledger, notify, ownership, registry, reply, store, telemetry |
 //! | [`auth`] | Bot Connector JWT verification, OpenID/JWKS cache, verified-token cache, clouds | clock, records, telemetry |
 //! | [`activity`] | the borrowed simd-json envelope on the request path; the owned turn activity and mention stripping off it | – |
 //! | [`conversation`] | one supervised actor per (integration, conversation): dedup, ordering, sessions, passivation | activity, backend, clock, config, registry, reply, store, telemetry |
@@ -15,6 +15,7 @@
 //! | [`connector`] | Bot Connector REST client, outbound tokens, pacing, retries | auth, clock, config, registry, telemetry |
 //! | [`ledger`] | what the data path writes down for the management API: events, contacts, addresses | activity, registry, store, telemetry |
 //! | [`registry`] | the live bot and integration records | auth, config, records, telemetry |
+//! | [`notify`] | tenant connections (admin consent, installations); destinations and broadcasts build on them | clock, connector, records, registry, store, telemetry |
 //! | [`ownership`] | with a shared Redis store: partition leases, their streams' readers, the hand-over to conversations | activity, clock, connector, conversation, store, telemetry |
 //! | [`store`] | embedded and Redis stores, the snapshot and journal writers, the snapshot codec | clock, config, telemetry |
 //! | [`records`] | the domain records (bots, integrations, accounts) | – |
@@ -40,6 +41,7 @@ pub(crate) mod connector;
 pub mod conversation;
 pub mod front;
 pub(crate) mod ledger;
+pub(crate) mod notify;
 pub(crate) mod ownership;
 pub mod records;
 pub(crate) mod registry;
@@ -64,9 +66,21 @@ mod rooms {
                 "connector",
                 "conversation",
                 "ledger",
+                "notify",
                 "ownership",
                 "registry",
                 "reply",
+                "store",
+                "telemetry",
+            ],
+        ),
+        (
+            "notify",
+            &[
+                "clock",
+                "connector",
+                "records",
+                "registry",
                 "store",
                 "telemetry",
             ],

@@ -115,8 +115,19 @@ pub struct IntegrationRecord {
     pub bot_framework_app_secret: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bot_framework_app_secret_env: Option<String>,
+    /// Single-tenant: the token authority and the only tenant let in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
+    /// The tenant where the app is registered: the token authority, without restricting
+    /// inbound traffic to it (a multi-tenant app serving other organizations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_tenant_id: Option<String>,
+    /// Which tenants are let in besides a single-tenant integration's own.
+    #[serde(default, skip_serializing_if = "TenantPolicy::is_any")]
+    pub tenant_policy: TenantPolicy,
+    /// Where the admin-consent callback sends the admin when the consent URL named none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_redirect_url: Option<String>,
     #[serde(default = "default_session_duration")]
     pub session_duration: u64,
     #[serde(default)]
@@ -144,6 +155,30 @@ pub struct IntegrationRecord {
     /// Config only: the cloud's values given one by one (over `cloud`, or the public cloud).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_settings: Option<CloudOverrides>,
+}
+
+/// Which tenants an integration serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantPolicy {
+    /// Every tenant (a single-tenant integration still only its own).
+    #[default]
+    Any,
+    /// Only tenants with a connection (admin consent, or an installation of the app).
+    Connected,
+}
+
+impl TenantPolicy {
+    pub fn is_any(&self) -> bool {
+        *self == Self::Any
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::Connected => "connected",
+        }
+    }
 }
 
 fn default_session_duration() -> u64 {

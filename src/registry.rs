@@ -198,7 +198,13 @@ impl Integration {
                 Arc::new(AppCredentials {
                     app_id: app_id.to_owned(),
                     app_secret: record.bot_framework_app_secret.clone().unwrap_or_default(),
-                    tenant_id: record.tenant_id.clone().filter(|t| !t.is_empty()),
+                    // The app's home tenant issues its tokens; a single-tenant integration's
+                    // own tenant is that home.
+                    tenant_id: record
+                        .tenant_id
+                        .clone()
+                        .or_else(|| record.app_tenant_id.clone())
+                        .filter(|t| !t.is_empty()),
                     cloud: cloud.clone(),
                 })
             });
@@ -259,11 +265,17 @@ impl Integration {
         self.credentials.as_deref().map(|c| c.app_id.as_str())
     }
 
-    /// The tenant a single-tenant integration is bound to.
+    /// The tenant a single-tenant integration is bound to (an `appTenantId` binds nothing).
     pub fn tenant_id(&self) -> Option<&str> {
-        self.credentials
+        self.record
+            .tenant_id
             .as_deref()
-            .and_then(|c| c.tenant_id.as_deref())
+            .filter(|t| !t.is_empty() && self.credentials.is_some())
+    }
+
+    /// `tenantPolicy: connected`: only tenants with a connection are served.
+    pub fn connected_tenants_only(&self) -> bool {
+        self.record.tenant_policy == crate::records::TenantPolicy::Connected
     }
 
     /// Whether activities of `channel_id` are taken: `msteams`, and the channels the record

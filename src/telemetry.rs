@@ -38,6 +38,9 @@ pub const ACTIVITIES_IGNORED: &str = "teams_router_activities_ignored_total";
 pub const SETUP_CHECKS: &str = "teams_router_setup_checks_total";
 pub const EVENTS_DROPPED: &str = "teams_router_events_dropped_total";
 pub const CONTACTS: &str = "teams_router_contacts";
+pub const TENANT_CONNECTIONS: &str = "teams_router_tenant_connections";
+pub const TENANT_CONNECTS: &str = "teams_router_tenant_connects_total";
+pub const CONSENT_CALLBACKS: &str = "teams_router_consent_callbacks_total";
 pub const CONNECTOR_QUEUE_DEPTH: &str = "teams_router_connector_queue_depth";
 pub const STREAMS: &str = "teams_router_streams_total";
 pub const ADMIN_AUTH_FAILURES: &str = "teams_router_admin_auth_failures_total";
@@ -50,6 +53,20 @@ pub const ADMIN_AUTH_OUTCOMES: &[&str] = &["unauthorized", "rate_limited"];
 
 /// How a streamed answer ended (`outcome` label).
 pub const STREAM_OUTCOMES: &[&str] = &["completed", "fallback", "cancelled"];
+
+/// How a tenant was connected (`source` label).
+pub const CONNECTION_SOURCES: &[&str] = &["consent", "installation"];
+/// What an admin-consent callback came to (`outcome` label).
+pub const CONSENT_OUTCOMES: &[&str] = &[
+    "connected",
+    "refused",
+    "invalid_state",
+    "expired_state",
+    "reused_state",
+    "unknown_integration",
+    "no_token",
+    "store_unavailable",
+];
 
 /// Why an acknowledged activity was not given to its bot (`reason` label).
 pub const IGNORE_REASONS: &[&str] = &["sender_not_allowed"];
@@ -131,6 +148,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "missing_endorsement",
     "serviceurl_mismatch",
     "tenant_mismatch",
+    "tenant_not_connected",
     "not_loopback",
     "no_credentials",
     "channel_not_allowed",
@@ -326,6 +344,28 @@ fn describe_all() {
     }
     counter!(EVENTS_DROPPED).increment(0);
     gauge!(CONTACTS).set(0.0);
+    describe_gauge!(
+        TENANT_CONNECTIONS,
+        Unit::Count,
+        "Tenants connected to integrations (admin consent or installation)."
+    );
+    describe_counter!(
+        TENANT_CONNECTS,
+        Unit::Count,
+        "Tenant connections made or renewed, by source (consent, installation)."
+    );
+    describe_counter!(
+        CONSENT_CALLBACKS,
+        Unit::Count,
+        "Admin-consent callbacks received, by outcome."
+    );
+    gauge!(TENANT_CONNECTIONS).set(0.0);
+    for source in CONNECTION_SOURCES {
+        counter!(TENANT_CONNECTS, "source" => *source).increment(0);
+    }
+    for outcome in CONSENT_OUTCOMES {
+        counter!(CONSENT_CALLBACKS, "outcome" => *outcome).increment(0);
+    }
     describe_gauge!(
         CONNECTOR_QUEUE_DEPTH,
         Unit::Count,

@@ -29,6 +29,8 @@ use crate::keys::{CONNECTOR_ISSUER, SigningKey, connector_claims};
 
 /// The bot OAuth scope of the public cloud.
 const PUBLIC_SCOPE: &str = "https://api.botframework.com/.default";
+/// Microsoft Graph's app-only scope (public cloud), granted to apps consented in a tenant.
+pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
 
 /// The regional prefix of the mock's service URL; the router must keep it in outbound paths.
 pub const SERVICE_PATH_PREFIX: &str = "/amer/";
@@ -248,6 +250,12 @@ impl MockMicrosoft {
             ),
             secret.to_owned(),
         );
+    }
+
+    /// An administrator of `tenant` consented to the app: the tenant issues it tokens (the
+    /// Bot Framework's and Microsoft Graph's) from now on.
+    pub fn consent(&self, app_id: &str, secret: &str, tenant: &str) {
+        self.register_app(app_id, secret, Some(tenant));
     }
 
     /// The key valid tokens are signed with.
@@ -493,7 +501,7 @@ impl MockMicrosoft {
                 "AADSTS70003: grant type not supported",
             );
         }
-        if field("scope") != state.scope {
+        if field("scope") != state.scope && field("scope") != GRAPH_SCOPE {
             return aad_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_scope",

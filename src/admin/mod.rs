@@ -4,6 +4,7 @@
 //! [`Registry`], so the next activity sees it without a restart. Writes are serialized by one
 //! lock; they are rare, and the data path never takes it.
 
+mod consent;
 pub mod model;
 pub(crate) mod paging;
 pub mod proactive;
@@ -91,6 +92,19 @@ pub const ROUTES: &[(&str, &str)] = &[
         "POST",
         "/api/v1/integration/teams/{teamsIntegrationId}/callback",
     ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/connection/url",
+    ),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/connection/list",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/connection/{tenantId}/delete",
+    ),
+    ("GET", "/api/v1/teams/consent/callback"),
     ("GET", "/api/v1/contact/list"),
     ("GET", "/api/v1/contact/{contactId}/fetch"),
     ("GET", "/api/v1/openapi.json"),
@@ -198,6 +212,8 @@ pub struct AdminParts {
     pub readiness: Arc<Readiness>,
     /// Where proactive messages go, learned from traffic.
     pub addresses: Arc<crate::ledger::addresses::AddressBook>,
+    /// The tenants connected to each integration.
+    pub tenants: Arc<crate::notify::Tenants>,
     pub connector: Arc<crate::connector::Connector>,
     /// Where backends may point (`[security] backend_allow` / `backend_deny`).
     pub egress: Arc<crate::backend::egress::EgressPolicy>,
@@ -208,6 +224,8 @@ pub struct Admin {
     /// (account id, SHA-256 of its API key): keys are compared as digests, in constant time.
     accounts: Vec<(String, [u8; 32])>,
     settings: AdminConfig,
+    /// The `[microsoft]` section: the login URL and Graph scope of integrations without a cloud.
+    microsoft: crate::config::MicrosoftConfig,
     write_lock: tokio::sync::Mutex<()>,
     /// Bumped per queued setup check of an integration; only the latest one runs.
     setup_generation: DashMap<String, u64>,
@@ -394,6 +412,7 @@ impl Admin {
             parts,
             accounts,
             settings: config.admin.clone(),
+            microsoft: config.microsoft.clone(),
             write_lock: tokio::sync::Mutex::new(()),
             setup_generation: DashMap::new(),
             last_order: AtomicU64::new(0),
@@ -507,6 +526,14 @@ impl Admin {
             ["integration", "teams", id, "setup"] => ("POST", Action::Setup(id)),
             ["integration", "teams", id, "event", "list"] => ("GET", Action::ListEvents(id)),
             ["integration", "teams", id, "message"] => ("POST", Action::SendMessage(id)),
+            ["integration", "teams", id, "connection", "url"] => ("POST", Action::ConsentUrl(id)),
+            ["integration", "teams", id, "connection", "list"] => {
+                ("GET", Action::ListConnections(id))
+            }
+            ["integration", "teams", id, "connection", tenant, "delete"] => {
+                ("POST", Action::DeleteConnection(id, tenant))
+            }
+            ["teams", "consent", "callback"] => ("GET", Action::ConsentCallback),
             ["contact", "list"] => ("GET", Action::ListContacts),
             ["contact", id, "fetch"] => ("GET", Action::FetchContact(id)),
             _ => return Err(ApiError::not_found("route")),
@@ -523,6 +550,10 @@ impl Admin {
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allowed));
             return Ok(response);
+        }
+        if let Action::ConsentCallback = action {
+            // Microsoft's redirect of an admin's browser: public, checked by its signed state.
+            return Ok(self.consent_callback(query.as_deref()).await);
         }
         if let Action::OpenApi = action {
             let mut response = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
@@ -546,7 +577,7 @@ impl Admin {
         let query = query.as_deref();
         let value = match action {
             // Served above, before authentication.
-            Action::OpenApi => Err(ApiError::not_found("route")),
+            Action::OpenApi | Action::ConsentCallback => Err(ApiError::not_found("route")),
             Action::CreateBot => self.create_bot(&account, &body).await,
             Action::ListBots => self.list_bots(&account, query),
             Action::FetchBot(id) => self
@@ -564,6 +595,11 @@ impl Admin {
             Action::Setup(id) => self.setup_now(&account, id, &body).await,
             Action::ListEvents(id) => self.list_events(&account, id, query),
             Action::SendMessage(id) => self.send_message(&account, id, &body).await,
+            Action::ConsentUrl(id) => self.consent_url(&account, id, &body).await,
+            Action::ListConnections(id) => self.list_connections(&account, id, query),
+            Action::DeleteConnection(id, tenant) => {
+                self.delete_connection(&account, id, tenant).await
+            }
             Action::ListContacts => self.list_contacts(&account, query),
             Action::FetchContact(id) => self.fetch_contact(&account, id),
         }?;
@@ -856,6 +892,9 @@ impl Admin {
             bot_framework_app_secret: input.bot_framework_app_secret.filter(|s| !s.is_empty()),
             bot_framework_app_secret_env: None,
             tenant_id: input.tenant_id.filter(|s| !s.is_empty()),
+            app_tenant_id: input.app_tenant_id.filter(|s| !s.is_empty()),
+            tenant_policy: input.tenant_policy.unwrap_or_default(),
+            consent_redirect_url: input.consent_redirect_url.filter(|s| !s.is_empty()),
             session_duration: input
                 .session_duration
                 .unwrap_or(DEFAULT_SESSION_DURATION_MS),
@@ -949,6 +988,21 @@ impl Admin {
         );
         set!(tenant_id, "tenantId", input.tenant_id.map(blank_is_none));
         set!(
+            app_tenant_id,
+            "appTenantId",
+            input.app_tenant_id.map(blank_is_none)
+        );
+        set!(
+            tenant_policy,
+            "tenantPolicy",
+            input.tenant_policy.map(Option::unwrap_or_default)
+        );
+        set!(
+            consent_redirect_url,
+            "consentRedirectUrl",
+            input.consent_redirect_url.map(blank_is_none)
+        );
+        set!(
             session_duration,
             "sessionDuration",
             input
@@ -1013,6 +1067,7 @@ impl Admin {
             tracing::warn!(integration = %id, %error, "setup result of a deleted integration not removed");
         }
         let ended = self.parts.directory.end_integration(id);
+        self.parts.tenants.remove_integration(id).await;
         self.refresh_readiness();
         self.parts.sink.record(
             &integration.id,
@@ -1247,6 +1302,7 @@ impl Admin {
                 Ok(()) => {
                     seen = Some(revision);
                     self.refresh_readiness();
+                    self.parts.tenants.refresh().await;
                 }
                 Err(error) => tracing::warn!(%error, "records of other instances not loaded yet"),
             }
@@ -1269,6 +1325,10 @@ enum Action<'a> {
     Setup(&'a str),
     ListEvents(&'a str),
     SendMessage(&'a str),
+    ConsentUrl(&'a str),
+    ListConnections(&'a str),
+    DeleteConnection(&'a str, &'a str),
+    ConsentCallback,
     ListContacts,
     FetchContact(&'a str),
 }

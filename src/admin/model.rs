@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::records::{
-    BackendSpec, BotRecord, IntegrationRecord, MAX_SESSION_DURATION_MS, TextFormat,
+    BackendSpec, BotRecord, IntegrationRecord, MAX_SESSION_DURATION_MS, TenantPolicy, TextFormat,
 };
 use crate::registry::{Owner, SetupResult, SetupStatus};
 
@@ -142,6 +142,12 @@ pub struct CreateIntegration {
     #[serde(default)]
     pub tenant_id: Option<String>,
     #[serde(default)]
+    pub app_tenant_id: Option<String>,
+    #[serde(default)]
+    pub tenant_policy: Option<TenantPolicy>,
+    #[serde(default)]
+    pub consent_redirect_url: Option<String>,
+    #[serde(default)]
     pub session_duration: Option<u64>,
     #[serde(default)]
     pub stream: Option<bool>,
@@ -178,6 +184,13 @@ pub struct UpdateIntegration {
     pub bot_framework_app_secret: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
     pub tenant_id: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub app_tenant_id: Option<Option<String>>,
+    /// `null` restores the default (`any`).
+    #[serde(default, deserialize_with = "nullable")]
+    pub tenant_policy: Option<Option<TenantPolicy>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub consent_redirect_url: Option<Option<String>>,
     /// `null` restores the default (one day).
     #[serde(default, deserialize_with = "nullable")]
     pub session_duration: Option<Option<u64>>,
@@ -303,6 +316,27 @@ pub fn check_backend(backend: &BackendSpec) -> Result<(), Invalid> {
     }
 }
 
+/// A URL the admin-consent callback may send a browser to: absolute http(s), no credentials,
+/// no fragment (the router appends `tenant` and `state` to its query).
+pub fn check_redirect_url(field: &'static str, url: Option<&str>) -> Result<(), Invalid> {
+    let Some(url) = url else { return Ok(()) };
+    check_text(field, Some(url), 2048)?;
+    let parsed = url::Url::parse(url)
+        .map_err(|e| Invalid::field(field, format!("{field}: not an absolute URL ({e})")))?;
+    if !matches!(parsed.scheme(), "https" | "http")
+        || parsed.host_str().is_none()
+        || !parsed.username().is_empty()
+        || parsed.password().is_some()
+        || parsed.fragment().is_some()
+    {
+        return Err(Invalid::field(
+            field,
+            format!("{field}: an http(s) URL with a host, without credentials or a fragment"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn check_integration_texts(record: &IntegrationRecord) -> Result<(), Invalid> {
     check_text("name", record.name.as_deref(), 256)?;
     check_text("description", record.description.as_deref(), MAX_TEXT)?;
@@ -318,6 +352,8 @@ pub fn check_integration_texts(record: &IntegrationRecord) -> Result<(), Invalid
         MAX_TEXT,
     )?;
     check_text("tenantId", record.tenant_id.as_deref(), 256)?;
+    check_text("appTenantId", record.app_tenant_id.as_deref(), 256)?;
+    check_redirect_url("consentRedirectUrl", record.consent_redirect_url.as_deref())?;
     check_text("allowFrom", record.allow_from.as_deref(), MAX_TEXT)?;
     check_session_duration(record.session_duration)?;
     if let Err(why) =
@@ -426,6 +462,9 @@ pub fn integration_view(record: &IntegrationRecord, owner: &Owner, setup: &Setup
         "blueprintId": record.blueprint_id,
         "botId": record.bot_id,
         "botFrameworkAppId": record.bot_framework_app_id,
+        "appTenantId": record.app_tenant_id,
+        "tenantPolicy": record.tenant_policy.as_str(),
+        "consentRedirectUrl": record.consent_redirect_url,
         "sessionDuration": record.session_duration,
         "stream": record.stream,
         "contactCollection": record.contact_collection,

@@ -15,6 +15,9 @@ pub struct CloudAuth {
     /// The token tenant of a multi-tenant bot (a single-tenant bot asks its own).
     pub token_tenant: String,
     pub oauth_scope: String,
+    /// Microsoft Graph's app-only scope and base URL in this cloud.
+    pub graph_scope: String,
+    pub graph_url: String,
 }
 
 /// The clouds of protocol.md §1.2, by the name an integration gives.
@@ -31,6 +34,8 @@ impl CloudAuth {
             login_url: "https://login.microsoftonline.com".into(),
             token_tenant: "botframework.com".into(),
             oauth_scope: "https://api.botframework.com/.default".into(),
+            graph_scope: "https://graph.microsoft.com/.default".into(),
+            graph_url: "https://graph.microsoft.com".into(),
         };
         let government = || Self {
             openid_metadata_url:
@@ -39,10 +44,17 @@ impl CloudAuth {
             login_url: "https://login.microsoftonline.us".into(),
             token_tenant: "MicrosoftServices.onmicrosoft.us".into(),
             oauth_scope: "https://api.botframework.us/.default".into(),
+            graph_scope: "https://graph.microsoft.us/.default".into(),
+            graph_url: "https://graph.microsoft.us".into(),
         };
         match name {
             "public" | "gcc" => Some(public()),
-            "usgov-gcch" | "usgov-dod" => Some(government()),
+            "usgov-gcch" => Some(government()),
+            "usgov-dod" => Some(Self {
+                graph_scope: "https://dod-graph.microsoft.us/.default".into(),
+                graph_url: "https://dod-graph.microsoft.us".into(),
+                ..government()
+            }),
             "china" => Some(Self {
                 openid_metadata_url:
                     "https://login.botframework.azure.cn/v1/.well-known/openidconfiguration".into(),
@@ -50,6 +62,8 @@ impl CloudAuth {
                 login_url: "https://login.partner.microsoftonline.cn".into(),
                 token_tenant: "microsoftservices.partner.onmschina.cn".into(),
                 oauth_scope: "https://api.botframework.azure.cn/.default".into(),
+                graph_scope: "https://microsoftgraph.chinacloudapi.cn/.default".into(),
+                graph_url: "https://microsoftgraph.chinacloudapi.cn".into(),
             }),
             _ => None,
         }

@@ -31,6 +31,11 @@ pub struct MicrosoftConfig {
     pub token_issuer: String,
     pub login_url: String,
     pub oauth_scope: String,
+    /// Microsoft Graph's scope for app-only tokens (admin consent asks for it; tenant discovery
+    /// uses it).
+    pub graph_scope: String,
+    /// Microsoft Graph's base URL.
+    pub graph_url: String,
     /// Signing keys are refreshed this often even when no unknown `kid` shows up.
     pub key_refresh_interval_secs: u64,
     /// Unknown-`kid` refreshes: a burst of this many, then one per `unknown_kid_refresh_period_secs`.
@@ -50,6 +55,8 @@ impl Default for MicrosoftConfig {
             token_issuer: "https://api.botframework.com".into(),
             login_url: "https://login.microsoftonline.com".into(),
             oauth_scope: "https://api.botframework.com/.default".into(),
+            graph_scope: "https://graph.microsoft.com/.default".into(),
+            graph_url: "https://graph.microsoft.com".into(),
             key_refresh_interval_secs: 24 * 3600,
             unknown_kid_refresh_burst: 3,
             unknown_kid_refresh_period_secs: 60,

@@ -44,6 +44,8 @@ struct TokenKey {
     secret_digest: u64,
     /// Each cloud has its own tokens.
     cloud: Option<Arc<crate::auth::cloud::CloudAuth>>,
+    /// Another scope than the cloud's Bot Framework one (Microsoft Graph).
+    scope: Option<Arc<str>>,
 }
 
 #[derive(Clone)]
@@ -99,6 +101,7 @@ impl TokenProvider {
             app_id: credentials.app_id.clone(),
             secret_digest: h.finish(),
             cloud: credentials.cloud.clone(),
+            scope: None,
         }
     }
 
@@ -113,7 +116,37 @@ impl TokenProvider {
         }
         let cached = self
             .cache
-            .try_get_with(key.clone(), self.fetch(credentials, &key.authority))
+            .try_get_with(key.clone(), self.fetch(credentials, &key.authority, None))
+            .await
+            .map_err(|e| (*e).clone())?;
+        Ok(cached.access_token)
+    }
+
+    /// A token for the app issued by `tenant` (an organization that consented to it) for
+    /// `scope` (Microsoft Graph's); cached like the others.
+    pub async fn token_in_tenant(
+        &self,
+        credentials: &AppCredentials,
+        tenant: &str,
+        scope: &str,
+    ) -> Result<Arc<str>, TokenError> {
+        let key = TokenKey {
+            authority: tenant.to_owned(),
+            scope: Some(Arc::from(scope)),
+            ..Self::key(credentials)
+        };
+        if let Some(cached) = self.cache.get(&key).await {
+            if crate::clock::now() < cached.renew_at {
+                return Ok(cached.access_token);
+            }
+            self.cache.invalidate(&key).await;
+        }
+        let cached = self
+            .cache
+            .try_get_with(
+                key.clone(),
+                self.fetch(credentials, &key.authority, Some(scope)),
+            )
             .await
             .map_err(|e| (*e).clone())?;
         Ok(cached.access_token)
@@ -123,7 +156,7 @@ impl TokenProvider {
     /// it gets.
     pub async fn check(&self, credentials: &AppCredentials) -> Result<(), TokenError> {
         let key = Self::key(credentials);
-        let token = self.fetch(credentials, &key.authority).await?;
+        let token = self.fetch(credentials, &key.authority, None).await?;
         self.cache.insert(key, token).await;
         Ok(())
     }
@@ -137,17 +170,19 @@ impl TokenProvider {
         &self,
         credentials: &AppCredentials,
         authority: &str,
+        scope: Option<&str>,
     ) -> Result<CachedToken, TokenError> {
         if credentials.app_secret.is_empty() {
             return Err(TokenError::NoSecret);
         }
-        let (login_url, scope) = match &credentials.cloud {
+        let (login_url, scope_of_cloud) = match &credentials.cloud {
             Some(cloud) => (
                 cloud.login_url.trim_end_matches('/'),
                 cloud.oauth_scope.as_str(),
             ),
             None => (self.login_url.as_str(), self.scope.as_str()),
         };
+        let scope = scope.unwrap_or(scope_of_cloud);
         let url = format!("{login_url}/{authority}/oauth2/v2.0/token");
         let form = [
             ("grant_type", "client_credentials"),

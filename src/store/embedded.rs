@@ -183,6 +183,30 @@ impl EmbeddedStore {
         })
     }
 
+    /// Takes `key` for `ttl` unless it is taken (redb runs one write transaction at a time, so
+    /// the look and the write are one step).
+    pub fn claim(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        self.with_db(|db| {
+            let now = now_ms();
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(KV).map_err(unavailable)?;
+                if let Some(value) = table.get(key).map_err(unavailable)? {
+                    let (expiry, _) = split_expiry(value.value())?;
+                    if expiry > now {
+                        return Ok(false);
+                    }
+                }
+                let expiry = now.saturating_add(ttl.as_millis() as u64);
+                table
+                    .insert(key, expiry.to_le_bytes().as_slice())
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(true)
+        })
+    }
+
     pub fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.with_db(|db| {
             let txn = db.begin_write().map_err(unavailable)?;

@@ -133,6 +133,17 @@ impl Store {
         }
     }
 
+    /// Takes `key` for `ttl` if nobody (no instance) holds it: true when this call took it.
+    pub async fn claim(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        match self {
+            Self::Embedded(s) => {
+                let (s, key) = (Arc::clone(s), key.to_owned());
+                blocking(move || s.claim(&key, ttl)).await
+            }
+            Self::Redis(s) => s.claim(key, ttl).await,
+        }
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self {
             Self::Embedded(s) => {

@@ -249,6 +249,22 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Takes `key` for `ttl` unless it is taken (`SET NX PX`).
+    pub async fn claim(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let taken: Option<String> = self
+            .pool
+            .set(
+                self.key(key),
+                "1",
+                Some(Expiration::PX((ttl.as_millis() as i64).max(1))),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(taken.is_some())
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let _: i64 = self.pool.del(self.key(key)).await.map_err(unavailable)?;
         Ok(())

@@ -1,0 +1,392 @@
+//! The notification side over real HTTP: tenants connected by admin consent (the consent URL,
+//! Microsoft's redirect to the public callback with a signed, single-use state, the token check
+//! in the consenting tenant) and by installing the app, and `tenantPolicy: connected`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use loadtest::mock::{GRAPH_SCOPE, MockMicrosoft};
+use serde_json::{Value, json};
+use teams_router::testkit::TestRouter;
+
+const KEY: &str = "notify-api-key-31f0";
+const PUBLIC_URL: &str = "https://router.example.com";
+const CALLBACK: &str = "/api/v1/teams/consent/callback";
+const TENANT_B: &str = "b28fdbfd-2b78-4f93-b0f8-8881793f0f8f";
+const TENANT_C: &str = "c0ffee00-2b78-4f93-b0f8-8881793f0f8f";
+const TENANT_Z: &str = "2e2e2e2e-2b78-4f93-b0f8-8881793f0f8f";
+
+/// The management API on a listener of its own, so the callback is seen on the traffic port.
+async fn start_router(consent_ttl_ms: u64) -> (MockMicrosoft, TestRouter, String) {
+    let (mock, router) = start_counting(&format!(
+        "[[accounts]]\nid = \"ops\"\napi_key = \"{KEY}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\npublic_url = \"{PUBLIC_URL}\"\nconsent_ttl_ms = {consent_ttl_ms}\n"
+    ))
+    .await;
+    let admin = format!("http://{}", router.admin_addr.expect("an admin listener"));
+    (mock, router, admin)
+}
+
+/// A client that shows redirects instead of following them.
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+async fn api(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+    let client = http();
+    let request = match method {
+        "GET" => client.get(url),
+        _ => client.post(url).json(&body.unwrap_or_else(|| json!({}))),
+    };
+    let response = request.bearer_auth(KEY).send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A consent URL's query, as Microsoft would read it.
+fn consent_query(url: &str) -> HashMap<String, String> {
+    let parsed = url::Url::parse(url).expect("an absolute URL");
+    parsed.query_pairs().into_owned().collect()
+}
+
+async fn new_state(admin: &str, body: Value) -> (String, HashMap<String, String>) {
+    let (status, made) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/connection/url"),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 200, "{made}");
+    let url = made["url"].as_str().expect("url").to_owned();
+    let query = consent_query(&url);
+    (url, query)
+}
+
+/// Microsoft sends the admin's browser back to the router.
+async fn callback(router: &TestRouter, query: &[(&str, &str)]) -> reqwest::Response {
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(query)
+        .finish();
+    browser()
+        .get(format!("{}{CALLBACK}?{query}", router.base_url()))
+        .send()
+        .await
+        .expect("callback")
+}
+
+async fn connections(admin: &str) -> Vec<Value> {
+    let (status, list) = api(
+        "GET",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/connection/list?order=asc"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn from_tenant(mut activity: Value, tenant: &str) -> Value {
+    activity["conversation"]["tenantId"] = tenant.into();
+    activity["channelData"]["tenant"]["id"] = tenant.into();
+    activity
+}
+
+async fn deliver(mock: &MockMicrosoft, router: &TestRouter, activity: &Value) -> (u16, String) {
+    post(
+        &http(),
+        &router.callback_url("teams_prod"),
+        Some(&mock.token_for(APP_ID)),
+        activity,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_admin_consent_round_trip_connects_a_tenant_once() {
+    let (mock, router, admin) = start_router(300_000).await;
+    let (url, query) = new_state(
+        &admin,
+        json!({"state": "caller-7", "redirectUrl": "https://app.example.com/connected?from=router"}),
+    )
+    .await;
+    assert!(
+        url.starts_with(&format!(
+            "{}/organizations/v2.0/adminconsent?",
+            mock.login_url()
+        )),
+        "{url}"
+    );
+    assert_eq!(query["client_id"], APP_ID);
+    assert_eq!(query["scope"], GRAPH_SCOPE);
+    assert_eq!(query["redirect_uri"], format!("{PUBLIC_URL}{CALLBACK}"));
+    let state = query["state"].clone();
+
+    // The admin of TENANT_B consents: Microsoft now issues the app tokens there.
+    mock.consent(APP_ID, APP_SECRET, TENANT_B);
+    let back = callback(
+        &router,
+        &[
+            ("admin_consent", "True"),
+            ("tenant", TENANT_B),
+            ("scope", "https://graph.microsoft.com/User.Read.All"),
+            ("state", &state),
+        ],
+    )
+    .await;
+    assert_eq!(back.status().as_u16(), 302);
+    let location = url::Url::parse(
+        back.headers()["location"]
+            .to_str()
+            .expect("a location header"),
+    )
+    .expect("an absolute location");
+    assert_eq!(location.host_str(), Some("app.example.com"));
+    let pairs: HashMap<String, String> = location.query_pairs().into_owned().collect();
+    assert_eq!(pairs["tenant"], TENANT_B);
+    assert_eq!(pairs["state"], "caller-7");
+    assert_eq!(pairs["from"], "router");
+
+    let listed = connections(&admin).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["tenantId"], TENANT_B);
+    assert_eq!(listed[0]["source"], "consent");
+    assert_eq!(listed[0]["graphConsent"], true);
+
+    // The same state again: refused, whatever it carries.
+    let reused = callback(
+        &router,
+        &[
+            ("admin_consent", "True"),
+            ("tenant", TENANT_C),
+            ("state", &state),
+        ],
+    )
+    .await;
+    assert_eq!(reused.status().as_u16(), 400);
+    assert!(
+        reused
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap_or_default().starts_with("text/html"))
+    );
+    assert!(reused.text().await.unwrap().contains("already used"));
+
+    // A state the router did not sign.
+    let (_, fresh) = new_state(&admin, json!({})).await;
+    let mut forged = fresh["state"].clone();
+    forged.insert(0, 'x');
+    let refused = callback(
+        &router,
+        &[
+            ("admin_consent", "True"),
+            ("tenant", TENANT_C),
+            ("state", &forged),
+        ],
+    )
+    .await;
+    assert_eq!(refused.status().as_u16(), 400);
+    assert!(
+        refused
+            .text()
+            .await
+            .unwrap()
+            .contains("not started by this router")
+    );
+
+    // A refusal carries admin_consent=True too; the error decides.
+    let declined = callback(
+        &router,
+        &[
+            ("admin_consent", "True"),
+            ("tenant", TENANT_C),
+            ("error", "access_denied"),
+            (
+                "error_description",
+                "AADSTS65004: User declined to consent.",
+            ),
+            ("state", &fresh["state"]),
+        ],
+    )
+    .await;
+    assert_eq!(declined.status().as_u16(), 400);
+    assert!(declined.text().await.unwrap().contains("access_denied"));
+
+    // A tenant that issues the app no token is not taken on the redirect's word.
+    let (_, unissued) = new_state(&admin, json!({})).await;
+    let not_consented = callback(
+        &router,
+        &[
+            ("admin_consent", "True"),
+            ("tenant", TENANT_C),
+            ("state", &unissued["state"]),
+        ],
+    )
+    .await;
+    assert_eq!(not_consented.status().as_u16(), 400);
+    assert_eq!(connections(&admin).await.len(), 1);
+
+    let scrape = metrics(&router).await;
+    for (outcome, count) in [
+        ("connected", 1.0),
+        ("reused_state", 1.0),
+        ("invalid_state", 1.0),
+        ("refused", 1.0),
+        ("no_token", 1.0),
+    ] {
+        assert_eq!(
+            metric_value(
+                &scrape,
+                &format!("teams_router_consent_callbacks_total{{outcome=\"{outcome}\"}}")
+            ),
+            Some(count),
+            "{outcome}"
+        );
+    }
+    let (_, events) = api(
+        "GET",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/event/list"),
+        None,
+    )
+    .await;
+    let kinds: Vec<&str> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    for kind in [
+        "tenant.connected",
+        "tenant.consent_refused",
+        "tenant.consent_failed",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_consent_url_expires() {
+    let (mock, router, admin) = start_router(300).await;
+    let (_, query) = new_state(&admin, json!({})).await;
+    mock.consent(APP_ID, APP_SECRET, TENANT_B);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let late = callback(
+        &router,
+        &[
+            ("admin_consent", "True"),
+            ("tenant", TENANT_B),
+            ("state", &query["state"]),
+        ],
+    )
+    .await;
+    assert_eq!(late.status().as_u16(), 400);
+    assert!(late.text().await.unwrap().contains("expired"));
+    assert!(connections(&admin).await.is_empty());
+    // Without a redirect URL, a connected organization gets a page saying so.
+    let (_, query) = new_state(&admin, json!({})).await;
+    let done = callback(
+        &router,
+        &[
+            ("admin_consent", "True"),
+            ("tenant", TENANT_B),
+            ("state", &query["state"]),
+        ],
+    )
+    .await;
+    assert_eq!(done.status().as_u16(), 200);
+    assert!(done.text().await.unwrap().contains("is connected"));
+}
+
+#[tokio::test]
+async fn under_the_connected_policy_only_connected_tenants_reach_the_bot() {
+    let (mock, router, admin) = start_router(300_000).await;
+    let (status, updated) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/update"),
+        Some(json!({"tenantPolicy": "connected"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{updated}");
+    let (_, fetched) = api(
+        "GET",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/fetch"),
+        None,
+    )
+    .await;
+    assert_eq!(fetched["tenantPolicy"], "connected", "{fetched}");
+
+    let message = |id: &str, tenant: &str| {
+        from_tenant(personal_message(&mock, "a:policy", id, "hello"), tenant)
+    };
+    let (status, body) = deliver(&mock, &router, &message("p-1", TENANT_B)).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("tenant_not_connected"), "{body}");
+
+    // An admin of TENANT_B consents: its activities come in.
+    let (_, query) = new_state(&admin, json!({})).await;
+    mock.consent(APP_ID, APP_SECRET, TENANT_B);
+    let back = callback(
+        &router,
+        &[
+            ("admin_consent", "True"),
+            ("tenant", TENANT_B),
+            ("state", &query["state"]),
+        ],
+    )
+    .await;
+    assert_eq!(back.status().as_u16(), 200);
+    let (status, body) = deliver(&mock, &router, &message("p-2", TENANT_B)).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Installing the app connects TENANT_Z (the installation itself is let in).
+    let (status, body) = deliver(&mock, &router, &message("p-3", TENANT_Z)).await;
+    assert_eq!(status, 403, "{body}");
+    let mut install = fixture("installationupdate-add-team.json");
+    install["serviceUrl"] = mock.service_url().into();
+    let install = from_tenant(install, TENANT_Z);
+    let (status, body) = deliver(&mock, &router, &install).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = deliver(&mock, &router, &message("p-4", TENANT_Z)).await;
+    assert_eq!(status, 200, "{body}");
+    let listed = connections(&admin).await;
+    let sources: HashMap<String, String> = listed
+        .iter()
+        .map(|c| {
+            (
+                c["tenantId"].as_str().unwrap_or_default().to_owned(),
+                c["source"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(sources[TENANT_B], "consent");
+    assert_eq!(sources[TENANT_Z], "installation");
+
+    // Disconnected, it is refused again.
+    let (status, body) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/connection/{TENANT_Z}/delete"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = deliver(&mock, &router, &message("p-5", TENANT_Z)).await;
+    assert_eq!(status, 403);
+    let (status, _) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/connection/{TENANT_Z}/delete"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        rejected(&metrics(&router).await, "tenant_not_connected"),
+        3.0
+    );
+    // The answers went out for the two messages let in.
+    mock.wait_for_activity_count(2, Duration::from_secs(10))
+        .await;
+}
