@@ -25,7 +25,7 @@ use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::ledger::addresses::AddressBook;
 use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::EventLog;
-use crate::notify::Tenants;
+use crate::notify::{Destinations, Tenants};
 use crate::ownership::{Owner, OwnerSettings};
 use crate::registry::Registry;
 use crate::reply::ReplyServices;
@@ -176,6 +176,7 @@ impl Router {
         .await;
         let addresses = AddressBook::load(Arc::clone(&store), Arc::clone(&health)).await;
         let tenants = Tenants::load(Arc::clone(&store), Arc::clone(&health)).await;
+        let destinations = Destinations::load(Arc::clone(&store), Arc::clone(&health)).await;
         let services = Arc::new(ReplyServices {
             registry: Arc::clone(&registry),
             connector: Arc::clone(&connector),
@@ -306,6 +307,7 @@ impl Router {
                 readiness: Arc::clone(&readiness),
                 addresses: Arc::clone(&addresses),
                 tenants: Arc::clone(&tenants),
+                destinations: Arc::clone(&destinations),
                 connector: Arc::clone(&connector),
                 egress,
             },
@@ -326,6 +328,7 @@ impl Router {
             events: event_sink,
             registry,
             tenants,
+            destinations,
             verifiers: Arc::new(Verifiers::new(
                 verifier,
                 &config.microsoft,

@@ -33,7 +33,8 @@ use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::admission::{Gate, Refusal, Ticket};
 use crate::conversation::{Admission, Arrival, Directory, InvokeAnswer};
 use crate::ledger::events::{EventDraft, EventSink};
-use crate::notify::{ConnectionSource, Tenants};
+use crate::notify::destinations::Reachability;
+use crate::notify::{ConnectionSource, Destinations, Tenants};
 use crate::ownership::Owner;
 use crate::registry::{Integration, Registry};
 use crate::reply::exchanges::{ExchangeRequest, TOKEN_EXCHANGE};
@@ -219,6 +220,8 @@ pub struct Front {
     pub registry: Arc<Registry>,
     /// The tenants connected to each integration.
     pub tenants: Arc<Tenants>,
+    /// Where notifications go; installation updates keep them true.
+    pub destinations: Arc<Destinations>,
     /// Each cloud's token verifier.
     pub verifiers: Arc<Verifiers>,
     pub directory: Arc<Directory>,
@@ -616,6 +619,9 @@ impl Front {
             self.check(integration, verified, &envelope)?;
             self.check_tenant(integration, &envelope, activity.action.as_deref())
                 .await?;
+            if matches!(envelope.kind, "installationUpdate" | "conversationUpdate") {
+                self.note_installation(integration, &activity);
+            }
             if !sender_allowed(integration, &envelope) {
                 return Ok(self.ignore(integration, &envelope));
             }
@@ -697,6 +703,30 @@ impl Front {
             });
         }
         Ok(())
+    }
+
+    /// Keeps the integration's destinations true to what Teams says (off the request path: a
+    /// store write when something changed).
+    fn note_installation(&self, integration: &Integration, activity: &TurnActivity) {
+        let Some((teams, conversation, status, reason)) = installation_change(activity) else {
+            return;
+        };
+        let owned_teams: Vec<String> = teams.into_iter().map(str::to_owned).collect();
+        let conversation = conversation.map(str::to_owned);
+        let (destinations, integration) =
+            (Arc::clone(&self.destinations), Arc::clone(&integration.id));
+        tokio::spawn(async move {
+            let teams: Vec<&str> = owned_teams.iter().map(String::as_str).collect();
+            destinations
+                .mark(
+                    &integration,
+                    &teams,
+                    conversation.as_deref(),
+                    status,
+                    reason,
+                )
+                .await;
+        });
     }
 
     /// `tenantPolicy: connected` lets in connected tenants only; an installation of the app
@@ -1026,6 +1056,80 @@ fn sender_allowed(integration: &Integration, envelope: &Envelope<'_>) -> bool {
         envelope.from_aad_object_id,
         envelope.tenant_id,
     )
+}
+
+/// What an installation or membership update says about where the bot can post: the team (by
+/// both its ids), the conversation, and whether the bot is there.
+fn installation_change(
+    activity: &TurnActivity,
+) -> Option<(Vec<&str>, Option<&str>, Reachability, &'static str)> {
+    let channel_data = activity.channel_data.as_ref();
+    let text = |pointer: &str| {
+        channel_data
+            .and_then(|d| d.pointer(pointer))
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let team_ids: Vec<&str> = [text("/team/id"), text("/team/aadGroupId")]
+        .into_iter()
+        .flatten()
+        .collect();
+    let conversation = Some(activity.conversation_id());
+    let bot = activity
+        .recipient
+        .as_ref()
+        .and_then(|r| r.get("id"))
+        .and_then(|id| id.as_str());
+    let lists_bot = |members: &[serde_json::Value]| {
+        bot.is_some_and(|bot| {
+            members
+                .iter()
+                .any(|m| m.get("id").and_then(|id| id.as_str()) == Some(bot))
+        })
+    };
+    match activity.kind.as_str() {
+        "installationUpdate" => match activity.action.as_deref() {
+            Some(action) if action.starts_with("remove") => Some((
+                team_ids,
+                conversation,
+                Reachability::NotInstalled,
+                "the app was uninstalled (installationUpdate remove)",
+            )),
+            Some(action) if action.starts_with("add") => {
+                Some((team_ids, conversation, Reachability::Active, ""))
+            }
+            _ => None,
+        },
+        "conversationUpdate" => match text("/eventType") {
+            Some("teamDeleted") => Some((
+                team_ids,
+                None,
+                Reachability::NotInstalled,
+                "the team was deleted",
+            )),
+            Some("teamRestored") => Some((team_ids, None, Reachability::Active, "")),
+            Some("channelDeleted") => Some((
+                Vec::new(),
+                text("/channel/id"),
+                Reachability::NotInstalled,
+                "the channel was deleted",
+            )),
+            Some("channelRestored") => {
+                Some((Vec::new(), text("/channel/id"), Reachability::Active, ""))
+            }
+            _ if lists_bot(&activity.members_removed) => Some((
+                team_ids,
+                conversation,
+                Reachability::NotInstalled,
+                "the bot was removed (conversationUpdate membersRemoved)",
+            )),
+            _ if lists_bot(&activity.members_added) => {
+                Some((team_ids, conversation, Reachability::Active, ""))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 fn tenant_not_connected() -> Rejection {

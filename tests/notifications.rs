@@ -390,3 +390,186 @@ async fn under_the_connected_policy_only_connected_tenants_reach_the_bot() {
     mock.wait_for_activity_count(2, Duration::from_secs(10))
         .await;
 }
+
+async fn create_destination(admin: &str, body: Value) -> (u16, Value) {
+    api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/destination/create"),
+        Some(body),
+    )
+    .await
+}
+
+async fn list_destinations(admin: &str, query: &str) -> Vec<Value> {
+    let (status, list) = api(
+        "GET",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/destination/list?order=asc&{query}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn ids(items: &[Value]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|d| d["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn destinations_of_every_type_are_kept_listed_and_kept_true() {
+    let (mock, router, admin) = start_router(300_000).await;
+    let team = "19:zFLSDFWsesfzcmKArqKJ-65aOXJz@sgf462H2wz41@thread.tacv2";
+    let (status, channel) = create_destination(
+        &admin,
+        json!({"type": "channel", "teamId": team, "channelId": "19:general@thread.tacv2",
+               "tenantId": TENANT_B, "subscriberId": "sub-1", "name": "Alerts",
+               "meta": {"region": "emea", "tier": 2}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{channel}");
+    let (_, user) = create_destination(
+        &admin,
+        json!({"type": "user", "aadObjectId": "eddfa9d4-346e-4cce-a18f-fa6261ad776b",
+               "tenantId": TENANT_B, "subscriberId": "sub-1", "meta": {"region": "amer"}}),
+    )
+    .await;
+    let (_, conversation) = create_destination(
+        &admin,
+        json!({"type": "conversation", "conversationId": "a:chat", "subscriberId": "sub-2"}),
+    )
+    .await;
+    let secret_url = "https://prod-42.westus.logic.azure.com/workflows/abc/triggers/manual/paths/invoke?sig=SECRET-SIG";
+    let (status, workflow) = create_destination(
+        &admin,
+        json!({"type": "workflow", "url": secret_url, "subscriberId": "sub-2"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{workflow}");
+
+    // Refusals name the field.
+    for (body, field) in [
+        (json!({"type": "fax", "conversationId": "x"}), "type"),
+        (json!({"type": "channel", "teamId": team}), "channelId"),
+        (json!({"type": "user"}), "userId"),
+        (
+            json!({"type": "conversation", "conversationId": "a:x", "teamId": team}),
+            "teamId",
+        ),
+        (
+            json!({"type": "workflow", "url": "https://10.1.2.3/hook"}),
+            "url",
+        ),
+        (json!({"type": "workflow", "url": "not a url"}), "url"),
+    ] {
+        let (status, refused) = create_destination(&admin, body.clone()).await;
+        assert_eq!(status, 400, "{body}: {refused}");
+        assert_eq!(refused["error"]["field"], field, "{body}: {refused}");
+    }
+
+    let all = list_destinations(&admin, "").await;
+    assert_eq!(all.len(), 4);
+    assert!(
+        !serde_json::to_string(&all).unwrap().contains("SECRET-SIG"),
+        "a Workflows URL is never shown"
+    );
+    assert_eq!(
+        ids(&list_destinations(&admin, "subscriberId=sub-1").await),
+        vec![
+            channel["id"].as_str().unwrap(),
+            user["id"].as_str().unwrap()
+        ]
+    );
+    assert_eq!(
+        ids(&list_destinations(&admin, "type=workflow").await),
+        vec![workflow["id"].as_str().unwrap()]
+    );
+    assert_eq!(
+        ids(&list_destinations(&admin, "meta%5Bregion%5D=emea&meta%5Btier%5D=2").await),
+        vec![channel["id"].as_str().unwrap()]
+    );
+    let paged = api(
+        "GET",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/destination/list?order=asc&take=3"),
+        None,
+    )
+    .await
+    .1;
+    assert_eq!(paged["items"].as_array().map(Vec::len), Some(3));
+    let rest = api(
+        "GET",
+        &format!(
+            "{admin}/api/v1/integration/teams/teams_prod/destination/list?order=asc&take=3&cursor={}",
+            paged["cursor"].as_str().expect("a cursor")
+        ),
+        None,
+    )
+    .await
+    .1;
+    assert_eq!(
+        ids(rest["items"].as_array().unwrap()),
+        vec![workflow["id"].as_str().unwrap()]
+    );
+
+    let channel_url = format!(
+        "{admin}/api/v1/integration/teams/teams_prod/destination/{}",
+        channel["id"].as_str().unwrap()
+    );
+    let (status, updated) = api(
+        "POST",
+        &format!("{channel_url}/update"),
+        Some(json!({"name": "Incidents", "meta": {"tier": null}, "subscriberId": null})),
+    )
+    .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["name"], "Incidents");
+    assert_eq!(updated["meta"], json!({"region": "emea"}));
+    assert_eq!(updated["subscriberId"], Value::Null);
+    let (status, _) = api(
+        "POST",
+        &format!("{channel_url}/update"),
+        Some(json!({"type": "user"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // The app uninstalled from the team: the channel there is not_installed; installed again,
+    // it is active.
+    let mut install = fixture("installationupdate-add-team.json");
+    install["serviceUrl"] = mock.service_url().into();
+    let mut remove = install.clone();
+    remove["id"] = "f:remove-1".into();
+    remove["action"] = "remove".into();
+    let (status, _) = deliver(&mock, &router, &remove).await;
+    assert_eq!(status, 200);
+    let status_of = || async { api("GET", &format!("{channel_url}/fetch"), None).await.1 };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut fetched = status_of().await;
+    while fetched["status"] != "not_installed" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        fetched = status_of().await;
+    }
+    assert_eq!(fetched["status"], "not_installed", "{fetched}");
+    assert!(
+        fetched["statusReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("uninstalled")
+    );
+    let (status, _) = deliver(&mock, &router, &install).await;
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fetched["status"] != "active" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        fetched = status_of().await;
+    }
+    assert_eq!(fetched["status"], "active", "{fetched}");
+
+    let (status, _) = api("POST", &format!("{channel_url}/delete"), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = api("GET", &format!("{channel_url}/fetch"), None).await;
+    assert_eq!(status, 404);
+    assert_eq!(list_destinations(&admin, "").await.len(), 3);
+}

@@ -5,6 +5,7 @@
 //! lock; they are rare, and the data path never takes it.
 
 mod consent;
+mod destinations;
 pub mod model;
 pub(crate) mod paging;
 pub mod proactive;
@@ -105,6 +106,26 @@ pub const ROUTES: &[(&str, &str)] = &[
         "/api/v1/integration/teams/{teamsIntegrationId}/connection/{tenantId}/delete",
     ),
     ("GET", "/api/v1/teams/consent/callback"),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/destination/create",
+    ),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/destination/list",
+    ),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/destination/{destinationId}/fetch",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/destination/{destinationId}/update",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/destination/{destinationId}/delete",
+    ),
     ("GET", "/api/v1/contact/list"),
     ("GET", "/api/v1/contact/{contactId}/fetch"),
     ("GET", "/api/v1/openapi.json"),
@@ -214,6 +235,8 @@ pub struct AdminParts {
     pub addresses: Arc<crate::ledger::addresses::AddressBook>,
     /// The tenants connected to each integration.
     pub tenants: Arc<crate::notify::Tenants>,
+    /// Where notifications go.
+    pub destinations: Arc<crate::notify::Destinations>,
     pub connector: Arc<crate::connector::Connector>,
     /// Where backends may point (`[security] backend_allow` / `backend_deny`).
     pub egress: Arc<crate::backend::egress::EgressPolicy>,
@@ -534,6 +557,36 @@ impl Admin {
                 ("POST", Action::DeleteConnection(id, tenant))
             }
             ["teams", "consent", "callback"] => ("GET", Action::ConsentCallback),
+            ["integration", "teams", id, "destination", "create"] => {
+                ("POST", Action::CreateDestination(id))
+            }
+            ["integration", "teams", id, "destination", "list"] => {
+                ("GET", Action::ListDestinations(id))
+            }
+            [
+                "integration",
+                "teams",
+                id,
+                "destination",
+                destination,
+                "fetch",
+            ] => ("GET", Action::FetchDestination(id, destination)),
+            [
+                "integration",
+                "teams",
+                id,
+                "destination",
+                destination,
+                "update",
+            ] => ("POST", Action::UpdateDestination(id, destination)),
+            [
+                "integration",
+                "teams",
+                id,
+                "destination",
+                destination,
+                "delete",
+            ] => ("POST", Action::DeleteDestination(id, destination)),
             ["contact", "list"] => ("GET", Action::ListContacts),
             ["contact", id, "fetch"] => ("GET", Action::FetchContact(id)),
             _ => return Err(ApiError::not_found("route")),
@@ -599,6 +652,19 @@ impl Admin {
             Action::ListConnections(id) => self.list_connections(&account, id, query),
             Action::DeleteConnection(id, tenant) => {
                 self.delete_connection(&account, id, tenant).await
+            }
+            Action::CreateDestination(id) => self.create_destination(&account, id, &body).await,
+            Action::ListDestinations(id) => self.list_destinations(&account, id, query),
+            Action::FetchDestination(id, destination) => {
+                self.fetch_destination(&account, id, destination)
+            }
+            Action::UpdateDestination(id, destination) => {
+                self.update_destination(&account, id, destination, &body)
+                    .await
+            }
+            Action::DeleteDestination(id, destination) => {
+                self.delete_destination(&account, id, destination, &body)
+                    .await
             }
             Action::ListContacts => self.list_contacts(&account, query),
             Action::FetchContact(id) => self.fetch_contact(&account, id),
@@ -1068,6 +1134,7 @@ impl Admin {
         }
         let ended = self.parts.directory.end_integration(id);
         self.parts.tenants.remove_integration(id).await;
+        self.parts.destinations.remove_integration(id).await;
         self.refresh_readiness();
         self.parts.sink.record(
             &integration.id,
@@ -1303,6 +1370,7 @@ impl Admin {
                     seen = Some(revision);
                     self.refresh_readiness();
                     self.parts.tenants.refresh().await;
+                    self.parts.destinations.refresh().await;
                 }
                 Err(error) => tracing::warn!(%error, "records of other instances not loaded yet"),
             }
@@ -1329,6 +1397,11 @@ enum Action<'a> {
     ListConnections(&'a str),
     DeleteConnection(&'a str, &'a str),
     ConsentCallback,
+    CreateDestination(&'a str),
+    ListDestinations(&'a str),
+    FetchDestination(&'a str, &'a str),
+    UpdateDestination(&'a str, &'a str),
+    DeleteDestination(&'a str, &'a str),
     ListContacts,
     FetchContact(&'a str),
 }

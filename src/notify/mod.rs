@@ -1,6 +1,8 @@
 //! The notification side: the tenants an integration serves (connections by admin consent or
-//! installation). Destinations and broadcasts build on them.
+//! installation) and the destinations notifications go to. Broadcasts build on them.
 
+pub mod destinations;
 pub mod tenants;
 
+pub use destinations::Destinations;
 pub use tenants::{Connection, ConnectionSource, Tenants};
