@@ -483,6 +483,10 @@ async fn destinations_of_every_type_are_kept_listed_and_kept_true() {
         ]
     );
     assert_eq!(
+        ids(&list_destinations(&admin, "subscriberId=sub-2&type=conversation").await),
+        vec![conversation["id"].as_str().unwrap()]
+    );
+    assert_eq!(
         ids(&list_destinations(&admin, "type=workflow").await),
         vec![workflow["id"].as_str().unwrap()]
     );
