@@ -25,6 +25,7 @@ use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::ledger::addresses::AddressBook;
 use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::EventLog;
+use crate::notify::graph::Graph;
 use crate::notify::{Destinations, Tenants};
 use crate::ownership::{Owner, OwnerSettings};
 use crate::registry::Registry;
@@ -308,6 +309,10 @@ impl Router {
                 addresses: Arc::clone(&addresses),
                 tenants: Arc::clone(&tenants),
                 destinations: Arc::clone(&destinations),
+                graph: Arc::new(Graph::new(
+                    connector::http_client(&config.connector)?,
+                    Arc::clone(&connector),
+                )),
                 connector: Arc::clone(&connector),
                 egress,
             },

@@ -114,7 +114,9 @@ pub const CONNECTOR_OPS: &[&str] = &[
     "update",
     "delete",
     "create_conversation",
+    "members",
     "token",
+    "graph",
 ];
 /// Status label values created at start; others appear when they happen.
 const CONNECTOR_STATUSES: &[&str] = &[

@@ -21,10 +21,19 @@ const TENANT_Z: &str = "2e2e2e2e-2b78-4f93-b0f8-8881793f0f8f";
 
 /// The management API on a listener of its own, so the callback is seen on the traffic port.
 async fn start_router(consent_ttl_ms: u64) -> (MockMicrosoft, TestRouter, String) {
-    let (mock, router) = start_counting(&format!(
-        "[[accounts]]\nid = \"ops\"\napi_key = \"{KEY}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\npublic_url = \"{PUBLIC_URL}\"\nconsent_ttl_ms = {consent_ttl_ms}\n"
-    ))
-    .await;
+    let mock = mock().await;
+    let config = config(
+        &mock,
+        &format!(
+            "[[accounts]]\nid = \"ops\"\napi_key = \"{KEY}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\npublic_url = \"{PUBLIC_URL}\"\nconsent_ttl_ms = {consent_ttl_ms}\n"
+        ),
+    );
+    let router = TestRouter::start_counting(
+        &config,
+        &[("TEAMS_ROUTER__MICROSOFT__GRAPH_URL", &mock.graph_url())],
+    )
+    .await
+    .expect("router starts");
     let admin = format!("http://{}", router.admin_addr.expect("an admin listener"));
     (mock, router, admin)
 }
@@ -576,4 +585,143 @@ async fn destinations_of_every_type_are_kept_listed_and_kept_true() {
     let (status, _) = api("GET", &format!("{channel_url}/fetch"), None).await;
     assert_eq!(status, 404);
     assert_eq!(list_destinations(&admin, "").await.len(), 3);
+}
+
+/// Connects `tenant` by an admin's consent.
+async fn consent(mock: &MockMicrosoft, router: &TestRouter, admin: &str, tenant: &str) {
+    let (_, query) = new_state(admin, json!({})).await;
+    mock.consent(APP_ID, APP_SECRET, tenant);
+    let back = callback(
+        router,
+        &[
+            ("admin_consent", "True"),
+            ("tenant", tenant),
+            ("state", &query["state"]),
+        ],
+    )
+    .await;
+    assert_eq!(back.status().as_u16(), 200);
+}
+
+async fn pages(first: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut url = first.to_owned();
+    let mut count = 0;
+    loop {
+        let (status, page) = api("GET", &url, None).await;
+        assert_eq!(status, 200, "{url}: {page}");
+        count += 1;
+        all.push(page.clone());
+        match page["cursor"].as_str() {
+            Some(cursor) => {
+                url = format!(
+                    "{first}&cursor={}",
+                    url::form_urlencoded::byte_serialize(cursor.as_bytes()).collect::<String>()
+                )
+            }
+            None => break,
+        }
+        assert!(count < 20, "paging ends");
+    }
+    all
+}
+
+#[tokio::test]
+async fn rosters_and_a_consenting_tenants_teams_and_channels_are_paged() {
+    let (mock, router, admin) = start_router(300_000).await;
+    // The roster of a conversation the router has seen, in pages of two.
+    let (status, _) = deliver(
+        &mock,
+        &router,
+        &from_tenant(personal_message(&mock, "a:roster", "r-1", "hi"), TENANT_B),
+    )
+    .await;
+    assert_eq!(status, 200);
+    mock.wait_for_activity_count(1, Duration::from_secs(10))
+        .await;
+    let members: Vec<Value> = (0..5)
+        .map(|n| json!({"id": format!("29:member-{n}"), "name": format!("Member {n}"), "aadObjectId": format!("aad-{n}")}))
+        .collect();
+    mock.set_roster("a:roster", members.clone());
+    let roster = pages(&format!(
+        "{admin}/api/v1/integration/teams/teams_prod/members?conversationId=a%3Aroster&pageSize=2"
+    ))
+    .await;
+    assert_eq!(roster.len(), 3, "{roster:?}");
+    let listed: Vec<Value> = roster
+        .iter()
+        .flat_map(|p| p["items"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(listed, members);
+    let (status, unknown) = api(
+        "GET",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/members?conversationId=a%3Anever"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "{unknown}");
+
+    // Graph answers only for a tenant whose admin consented.
+    let group = "da849743-4259-475f-ae7a-4f4b0fb49943";
+    mock.set_graph_teams(
+        TENANT_B,
+        vec![
+            json!({"id": group, "displayName": "TestTeam2022", "description": "d"}),
+            json!({"id": "2b2b2b2b-0000-0000-0000-000000000002", "displayName": "Sales"}),
+            json!({"id": "3c3c3c3c-0000-0000-0000-000000000003", "displayName": "Ops"}),
+        ],
+    );
+    mock.set_graph_channels(
+        group,
+        vec![
+            json!({"id": "19:general@thread.tacv2", "displayName": "General", "membershipType": "standard"}),
+            json!({"id": "19:alerts@thread.tacv2", "displayName": "Alerts", "membershipType": "standard"}),
+        ],
+    );
+    let teams_url =
+        format!("{admin}/api/v1/integration/teams/teams_prod/graph/teams?tenantId={TENANT_B}");
+    let (status, refused) = api("GET", &teams_url, None).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "consent_required");
+    consent(&mock, &router, &admin, TENANT_B).await;
+    let teams = pages(&teams_url).await;
+    assert_eq!(teams.len(), 2, "{teams:?}");
+    let names: Vec<&str> = teams
+        .iter()
+        .flat_map(|p| p["items"].as_array().into_iter().flatten())
+        .filter_map(|t| t["displayName"].as_str())
+        .collect();
+    assert_eq!(names, ["TestTeam2022", "Sales", "Ops"]);
+    let channels = pages(&format!(
+        "{admin}/api/v1/integration/teams/teams_prod/graph/teams/{group}/channels?tenantId={TENANT_B}"
+    ))
+    .await;
+    assert_eq!(channels.len(), 1);
+    assert_eq!(channels[0]["items"][1]["id"], "19:alerts@thread.tacv2");
+    // A cursor that points anywhere else is refused before any token is sent.
+    let before = mock.graph_requests();
+    let evil = url::form_urlencoded::byte_serialize(
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            "https://evil.example.com/v1.0/teams?x=1",
+        )
+        .as_bytes(),
+    )
+    .collect::<String>();
+    let (status, _) = api("GET", &format!("{teams_url}&cursor={evil}"), None).await;
+    assert_eq!(status, 400);
+    assert_eq!(mock.graph_requests(), before);
+
+    // An installation gives no Graph consent.
+    let mut install = fixture("installationupdate-add-team.json");
+    install["serviceUrl"] = mock.service_url().into();
+    let (status, _) = deliver(&mock, &router, &from_tenant(install, TENANT_Z)).await;
+    assert_eq!(status, 200);
+    let (status, refused) = api(
+        "GET",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/graph/teams?tenantId={TENANT_Z}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
 }

@@ -154,6 +154,16 @@ struct State {
     /// more than one means two turns of a conversation ran at the same time.
     open_sends: HashMap<String, usize>,
     most_open_sends: usize,
+    /// Access tokens for Microsoft Graph, by the tenant that issued them.
+    graph_tokens: HashMap<String, String>,
+    /// Each conversation's roster (`pagedmembers`).
+    rosters: HashMap<String, Vec<Value>>,
+    /// Each tenant's teams, and each team's channels, as Graph lists them.
+    graph_teams: HashMap<String, Vec<Value>>,
+    graph_channels: HashMap<String, Vec<Value>>,
+    /// Graph's page size (its `$top` default is larger; small pages exercise the paging).
+    graph_page_size: usize,
+    graph_requests: usize,
 }
 
 /// Called with every activity the connector accepts, as it is accepted.
@@ -188,6 +198,7 @@ impl MockMicrosoft {
             scope: PUBLIC_SCOPE.to_owned(),
             published: vec![Arc::clone(&key)],
             connector_requires_auth: true,
+            graph_page_size: 2,
             next_id: 1,
             retain: true,
             ..State::default()
@@ -231,6 +242,11 @@ impl MockMicrosoft {
         format!("http://{}/v1/.well-known/openidconfiguration", self.addr)
     }
 
+    /// `microsoft.graph_url` for the router (Graph's `/v1.0/...` is served here).
+    pub fn graph_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// `microsoft.login_url` for the router (tokens at `{login_url}/{tenant}/oauth2/v2.0/token`).
     pub fn login_url(&self) -> String {
         format!("http://{}", self.addr)
@@ -250,6 +266,35 @@ impl MockMicrosoft {
             ),
             secret.to_owned(),
         );
+    }
+
+    /// The members `pagedmembers` lists for `conversation`, in pages of `pageSize` (default 100).
+    pub fn set_roster(&self, conversation: &str, members: Vec<Value>) {
+        self.state
+            .lock()
+            .rosters
+            .insert(conversation.to_owned(), members);
+    }
+
+    /// The teams Graph lists in `tenant` (`{"id", "displayName", ...}` each).
+    pub fn set_graph_teams(&self, tenant: &str, teams: Vec<Value>) {
+        self.state
+            .lock()
+            .graph_teams
+            .insert(tenant.to_owned(), teams);
+    }
+
+    /// The channels Graph lists for team `team` (its group id).
+    pub fn set_graph_channels(&self, team: &str, channels: Vec<Value>) {
+        self.state
+            .lock()
+            .graph_channels
+            .insert(team.to_owned(), channels);
+    }
+
+    /// Graph requests served (any outcome).
+    pub fn graph_requests(&self) -> usize {
+        self.state.lock().graph_requests
     }
 
     /// An administrator of `tenant` consented to the app: the tenant issues it tokens (the
@@ -439,6 +484,12 @@ impl MockMicrosoft {
             (Method::POST | Method::PUT | Method::DELETE, p) if p.contains("/v3/conversations") => {
                 self.connector(request).await
             }
+            (Method::GET, p)
+                if p.contains("/v3/conversations/") && p.ends_with("/pagedmembers") =>
+            {
+                self.paged_members(&request)
+            }
+            (Method::GET, p) if p.starts_with("/v1.0/") => self.graph(&request),
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 json!({"error": {"code": "NotFound", "message": path}}),
@@ -527,11 +578,130 @@ impl MockMicrosoft {
             );
         }
         let token = format!("mock-access-token-{}-{}", app_id, state.token_requests);
-        state.issued_tokens.insert(token.clone(), app_id);
+        if field("scope") == GRAPH_SCOPE {
+            state.graph_tokens.insert(token.clone(), tenant);
+        } else {
+            state.issued_tokens.insert(token.clone(), app_id);
+        }
         json_response(
             StatusCode::OK,
             json!({"token_type": "Bearer", "expires_in": 3600, "ext_expires_in": 3600, "access_token": token}),
         )
+    }
+
+    /// `GET v3/conversations/{id}/pagedmembers?pageSize=&continuationToken=`: the roster in
+    /// pages; the continuation token is the offset of the next page (opaque to the caller).
+    fn paged_members(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path();
+        let conversation = path
+            .split("/v3/conversations/")
+            .nth(1)
+            .and_then(|rest| rest.strip_suffix("/pagedmembers"))
+            .map(|c| {
+                percent_encoding::percent_decode_str(c)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        let query: HashMap<String, String> =
+            url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+                .into_owned()
+                .collect();
+        let state = self.state.lock();
+        if !bearer(request).is_some_and(|t| state.issued_tokens.contains_key(t)) {
+            return connector_error(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "Authorization has been denied for this request.",
+            );
+        }
+        let Some(members) = state.rosters.get(&conversation) else {
+            return connector_error(
+                StatusCode::NOT_FOUND,
+                "ConversationNotFound",
+                "Conversation not found.",
+            );
+        };
+        let size = query
+            .get("pageSize")
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(100)
+            .max(1);
+        let from = query
+            .get("continuationToken")
+            .and_then(|t| t.parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(members.len());
+        let to = (from + size).min(members.len());
+        let mut page = json!({"members": members[from..to]});
+        if to < members.len() {
+            page["continuationToken"] = json!(to.to_string());
+        }
+        json_response(StatusCode::OK, page)
+    }
+
+    /// Microsoft Graph's `GET /v1.0/teams` and `GET /v1.0/teams/{id}/channels`, app-only: the
+    /// token must be a Graph token of the tenant; pages of `graph_page_size` linked with
+    /// `@odata.nextLink` (`$skiptoken`).
+    fn graph(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_owned();
+        let query: HashMap<String, String> =
+            url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+                .into_owned()
+                .collect();
+        let mut state = self.state.lock();
+        state.graph_requests += 1;
+        let Some(tenant) = bearer(request)
+            .and_then(|t| state.graph_tokens.get(t))
+            .cloned()
+        else {
+            return json_response(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": {"code": "InvalidAuthenticationToken", "message": "Access token validation failure."}}),
+            );
+        };
+        let segments: Vec<&str> = path.trim_start_matches("/v1.0/").split('/').collect();
+        let items = match segments.as_slice() {
+            ["teams"] => state.graph_teams.get(&tenant).cloned().unwrap_or_default(),
+            ["teams", team, "channels"] => {
+                let team = percent_encoding::percent_decode_str(team)
+                    .decode_utf8_lossy()
+                    .into_owned();
+                let in_tenant = state
+                    .graph_teams
+                    .get(&tenant)
+                    .is_some_and(|teams| teams.iter().any(|t| t["id"] == team.as_str()));
+                match state.graph_channels.get(&team) {
+                    Some(channels) if in_tenant => channels.clone(),
+                    _ => {
+                        return json_response(
+                            StatusCode::NOT_FOUND,
+                            json!({"error": {"code": "NotFound", "message": "No team found with Group Id"}}),
+                        );
+                    }
+                }
+            }
+            _ => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": {"code": "BadRequest", "message": "Resource not found for the segment."}}),
+                );
+            }
+        };
+        let from = query
+            .get("$skiptoken")
+            .and_then(|t| t.parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(items.len());
+        let to = (from + state.graph_page_size).min(items.len());
+        let mut page = json!({
+            "@odata.context": format!("http://{}/v1.0/$metadata#{}", self.addr, segments.join("/")),
+            "value": items[from..to],
+        });
+        if to < items.len() {
+            page["@odata.nextLink"] = json!(format!("http://{}{path}?$skiptoken={to}", self.addr));
+        }
+        json_response(StatusCode::OK, page)
     }
 
     async fn connector(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -917,6 +1087,14 @@ fn throttled(retry_after_secs: u64) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(hyper::header::RETRY_AFTER, retry_after_secs.into());
     response
+}
+
+fn bearer(request: &Request<Incoming>) -> Option<&str> {
+    request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
 }
 
 async fn read_body(request: Request<Incoming>) -> Bytes {

@@ -6,6 +6,7 @@
 
 mod consent;
 mod destinations;
+mod discovery;
 pub mod model;
 pub(crate) mod paging;
 pub mod proactive;
@@ -106,6 +107,18 @@ pub const ROUTES: &[(&str, &str)] = &[
         "/api/v1/integration/teams/{teamsIntegrationId}/connection/{tenantId}/delete",
     ),
     ("GET", "/api/v1/teams/consent/callback"),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/members",
+    ),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/graph/teams",
+    ),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/graph/teams/{teamId}/channels",
+    ),
     (
         "POST",
         "/api/v1/integration/teams/{teamsIntegrationId}/destination/create",
@@ -237,6 +250,8 @@ pub struct AdminParts {
     pub tenants: Arc<crate::notify::Tenants>,
     /// Where notifications go.
     pub destinations: Arc<crate::notify::Destinations>,
+    /// Microsoft Graph, for discovery in consenting tenants.
+    pub graph: Arc<crate::notify::graph::Graph>,
     pub connector: Arc<crate::connector::Connector>,
     /// Where backends may point (`[security] backend_allow` / `backend_deny`).
     pub egress: Arc<crate::backend::egress::EgressPolicy>,
@@ -557,6 +572,17 @@ impl Admin {
                 ("POST", Action::DeleteConnection(id, tenant))
             }
             ["teams", "consent", "callback"] => ("GET", Action::ConsentCallback),
+            ["integration", "teams", id, "members"] => ("GET", Action::ListMembers(id)),
+            ["integration", "teams", id, "graph", "teams"] => ("GET", Action::GraphTeams(id)),
+            [
+                "integration",
+                "teams",
+                id,
+                "graph",
+                "teams",
+                team,
+                "channels",
+            ] => ("GET", Action::GraphChannels(id, team)),
             ["integration", "teams", id, "destination", "create"] => {
                 ("POST", Action::CreateDestination(id))
             }
@@ -652,6 +678,11 @@ impl Admin {
             Action::ListConnections(id) => self.list_connections(&account, id, query),
             Action::DeleteConnection(id, tenant) => {
                 self.delete_connection(&account, id, tenant).await
+            }
+            Action::ListMembers(id) => self.list_members(&account, id, query).await,
+            Action::GraphTeams(id) => self.list_graph_teams(&account, id, query).await,
+            Action::GraphChannels(id, team) => {
+                self.list_graph_channels(&account, id, team, query).await
             }
             Action::CreateDestination(id) => self.create_destination(&account, id, &body).await,
             Action::ListDestinations(id) => self.list_destinations(&account, id, query),
@@ -1397,6 +1428,9 @@ enum Action<'a> {
     ListConnections(&'a str),
     DeleteConnection(&'a str, &'a str),
     ConsentCallback,
+    ListMembers(&'a str),
+    GraphTeams(&'a str),
+    GraphChannels(&'a str, &'a str),
     CreateDestination(&'a str),
     ListDestinations(&'a str),
     FetchDestination(&'a str, &'a str),

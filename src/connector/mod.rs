@@ -44,6 +44,8 @@ pub enum Op {
     /// `POST v3/conversations` with a first message (a new channel thread): not safe to repeat
     /// after an ambiguous failure, as the message may have been posted.
     CreateThread,
+    /// `GET v3/conversations/{id}/pagedmembers`
+    Members,
 }
 
 impl Op {
@@ -54,6 +56,7 @@ impl Op {
             Op::Update => "update",
             Op::Delete => "delete",
             Op::CreateConversation | Op::CreateThread => "create_conversation",
+            Op::Members => "members",
         }
     }
 
@@ -64,6 +67,7 @@ impl Op {
             }
             Op::Update => reqwest::Method::PUT,
             Op::Delete => reqwest::Method::DELETE,
+            Op::Members => reqwest::Method::GET,
         }
     }
 }
@@ -273,6 +277,41 @@ impl Connector {
             .execute(op, route, &url, Some(body), Delivery::Retried)
             .await?;
         Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    /// One page of a conversation's roster (`GET v3/conversations/{id}/pagedmembers`):
+    /// `{"members": [...], "continuationToken"?}`.
+    pub async fn paged_members(
+        &self,
+        route: Route<'_>,
+        page_size: Option<u32>,
+        continuation: Option<&str>,
+    ) -> Result<Value, ConnectorError> {
+        let mut url = route.service_url.trim_end_matches('/').to_owned();
+        url.push_str("/v3/conversations/");
+        url.extend(utf8_percent_encode(route.conversation_id, PATH_SEGMENT));
+        url.push_str("/pagedmembers");
+        let query = {
+            let mut query = url::form_urlencoded::Serializer::new(String::new());
+            if let Some(size) = page_size {
+                query.append_pair("pageSize", &size.to_string());
+            }
+            if let Some(token) = continuation {
+                query.append_pair("continuationToken", token);
+            }
+            query.finish()
+        };
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(&query);
+        }
+        let body = self
+            .execute(Op::Members, route, &url, None, Delivery::Retried)
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| ConnectorError::Rejected {
+            status: 200,
+            detail: format!("the roster page is not JSON: {e}"),
+        })
     }
 
     /// Sends a typing indicator if the conversation's limits have room right now; it is never

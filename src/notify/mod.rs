@@ -2,6 +2,7 @@
 //! installation) and the destinations notifications go to. Broadcasts build on them.
 
 pub mod destinations;
+pub mod graph;
 pub mod tenants;
 
 pub use destinations::Destinations;
