@@ -25,6 +25,7 @@ use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::ledger::addresses::AddressBook;
 use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::EventLog;
+use crate::notify::broadcasts::{BroadcastSettings, Broadcasts};
 use crate::notify::graph::Graph;
 use crate::notify::{Destinations, Tenants};
 use crate::ownership::{Owner, OwnerSettings};
@@ -288,6 +289,20 @@ impl Router {
             }
             None => None,
         };
+        let broadcasts = Broadcasts::load(
+            Arc::clone(&store),
+            Arc::clone(&health),
+            Arc::clone(&connector),
+            Arc::clone(&addresses),
+            Arc::clone(&registry),
+            BroadcastSettings {
+                max_share: config.broadcast.max_share,
+            },
+        )
+        .await;
+        store_tasks.push(tokio::spawn(
+            Arc::clone(&broadcasts).adopt(store_stopped.clone()),
+        ));
         let setup = SetupChecker::new(
             Arc::new(TokenProvider::new(
                 http,
@@ -309,6 +324,7 @@ impl Router {
                 addresses: Arc::clone(&addresses),
                 tenants: Arc::clone(&tenants),
                 destinations: Arc::clone(&destinations),
+                broadcasts: Arc::clone(&broadcasts),
                 graph: Arc::new(Graph::new(
                     connector::http_client(&config.connector)?,
                     Arc::clone(&connector),

@@ -50,9 +50,25 @@ pub struct Config {
     pub admin: AdminConfig,
     pub backend: BackendConfig,
     pub streaming: StreamingConfig,
+    pub broadcast: BroadcastConfig,
     pub accounts: Vec<AccountRecord>,
     pub bots: Vec<BotRecord>,
     pub integrations: Vec<IntegrationRecord>,
+}
+
+/// `[broadcast]`: how broadcasts share Teams' limits with live conversations.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BroadcastConfig {
+    /// Percent of each tenant's Teams budget (per app) broadcasts may fill; live conversations
+    /// keep the rest.
+    pub max_share: u32,
+}
+
+impl Default for BroadcastConfig {
+    fn default() -> Self {
+        Self { max_share: 80 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +330,9 @@ pub struct ConnectorConfig {
     /// A message's size at most, counted as Teams does (UTF-16 bytes of the activity): a larger
     /// answer goes as several messages (Teams refuses about 100 KB and advises 80 KB).
     pub max_message_bytes: usize,
+    /// Where proactive messages go in a tenant or team the router has had no traffic from, for
+    /// integrations without a `cloud` (protocol.md §3.1: the public cloud's global endpoint).
+    pub proactive_service_url: String,
 }
 
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 80_000;
@@ -345,6 +364,7 @@ impl Default for ConnectorConfig {
             app_limits: vec![[1_000, 50]],
             max_queued: 100_000,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            proactive_service_url: "https://smba.trafficmanager.net/teams/".into(),
         }
     }
 }
@@ -628,6 +648,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if !(1..=100).contains(&self.broadcast.max_share) {
+            return invalid("broadcast.max_share is a percentage from 1 to 100".into());
         }
         if self.server.body_limit_bytes == 0 {
             return invalid("server.body_limit_bytes must be greater than 0".into());

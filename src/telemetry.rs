@@ -41,6 +41,8 @@ pub const CONTACTS: &str = "teams_router_contacts";
 pub const TENANT_CONNECTIONS: &str = "teams_router_tenant_connections";
 pub const TENANT_CONNECTS: &str = "teams_router_tenant_connects_total";
 pub const CONSENT_CALLBACKS: &str = "teams_router_consent_callbacks_total";
+pub const BROADCAST_RECIPIENTS: &str = "teams_router_broadcast_recipients_total";
+pub const BROADCASTS_ACTIVE: &str = "teams_router_broadcasts_active";
 pub const CONNECTOR_QUEUE_DEPTH: &str = "teams_router_connector_queue_depth";
 pub const STREAMS: &str = "teams_router_streams_total";
 pub const ADMIN_AUTH_FAILURES: &str = "teams_router_admin_auth_failures_total";
@@ -53,6 +55,23 @@ pub const ADMIN_AUTH_OUTCOMES: &[&str] = &["unauthorized", "rate_limited"];
 
 /// How a streamed answer ended (`outcome` label).
 pub const STREAM_OUTCOMES: &[&str] = &["completed", "fallback", "cancelled"];
+
+/// What a broadcast's send to one recipient came to (`outcome` label).
+pub const BROADCAST_OUTCOMES: &[&str] = &[
+    "sent",
+    "blocked",
+    "not_installed",
+    "admin_disabled",
+    "not_found",
+    "too_large",
+    "throttled_out",
+    "ambiguous",
+    "forbidden",
+    "unknown_address",
+    "invalid",
+    "error",
+    "later",
+];
 
 /// How a tenant was connected (`source` label).
 pub const CONNECTION_SOURCES: &[&str] = &["consent", "installation"];
@@ -362,6 +381,20 @@ fn describe_all() {
         "Admin-consent callbacks received, by outcome."
     );
     gauge!(TENANT_CONNECTIONS).set(0.0);
+    describe_counter!(
+        BROADCAST_RECIPIENTS,
+        Unit::Count,
+        "Broadcast sends finished, by outcome (sent, or the reason a recipient failed)."
+    );
+    describe_gauge!(
+        BROADCASTS_ACTIVE,
+        Unit::Count,
+        "Broadcast jobs running (on any instance, as this one knows them)."
+    );
+    for outcome in BROADCAST_OUTCOMES {
+        counter!(BROADCAST_RECIPIENTS, "outcome" => *outcome).increment(0);
+    }
+    gauge!(BROADCASTS_ACTIVE).set(0.0);
     for source in CONNECTION_SOURCES {
         counter!(TENANT_CONNECTS, "source" => *source).increment(0);
     }

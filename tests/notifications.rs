@@ -725,3 +725,275 @@ async fn rosters_and_a_consenting_tenants_teams_and_channels_are_paged() {
     .await;
     assert_eq!(status, 409, "{refused}");
 }
+
+const BROADCAST_TENANTS: [&str; 4] = [
+    "b1b1b1b1-0000-4000-8000-000000000001",
+    "b2b2b2b2-0000-4000-8000-000000000002",
+    "b3b3b3b3-0000-4000-8000-000000000003",
+    "b4b4b4b4-0000-4000-8000-000000000004",
+];
+
+/// A router with Teams' own limits, against a mock that enforces them.
+async fn start_paced_router() -> (MockMicrosoft, TestRouter, String) {
+    let mock = mock().await;
+    mock.enforce_teams_limits(true);
+    let config = config(
+        &mock,
+        &format!(
+            "[[accounts]]\nid = \"ops\"\napi_key = \"{KEY}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+        ),
+    );
+    let router = TestRouter::start_with_env(
+        &config,
+        &[
+            ("TEAMS_ROUTER__CONNECTOR__APP_LIMITS", "[[1000, 50]]"),
+            // Tenants the router has not seen are reached at the cloud's global endpoint.
+            (
+                "TEAMS_ROUTER__CONNECTOR__PROACTIVE_SERVICE_URL",
+                &mock.service_url(),
+            ),
+            (
+                "TEAMS_ROUTER__CONNECTOR__CONVERSATION_LIMITS",
+                "[[1000, 7], [2000, 8], [30000, 60], [3600000, 1800]]",
+            ),
+        ],
+    )
+    .await
+    .expect("router starts");
+    let admin = format!("http://{}", router.admin_addr.expect("an admin listener"));
+    (mock, router, admin)
+}
+
+fn user_message(mock: &MockMicrosoft, n: usize, id: &str) -> Value {
+    let tenant = BROADCAST_TENANTS[n % 4];
+    let mut message = from_tenant(
+        personal_message(mock, &format!("a:chat-{n}"), id, "hello"),
+        tenant,
+    );
+    message["from"]["id"] = format!("29:user-{n}").into();
+    message
+}
+
+async fn broadcast_state(admin: &str, job: &str) -> Value {
+    api(
+        "GET",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/broadcast/{job}/fetch"),
+        None,
+    )
+    .await
+    .1
+}
+
+async fn wait_for_broadcast(admin: &str, job: &str, until: &[&str]) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = broadcast_state(admin, job).await;
+        if until.contains(&state["status"].as_str().unwrap_or_default())
+            || std::time::Instant::now() > deadline
+        {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
+}
+
+/// Live replies in one tenant: the time from each message to its answer.
+async fn live_latencies(
+    mock: &MockMicrosoft,
+    router: &TestRouter,
+    label: &str,
+    count: usize,
+) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for n in 0..count {
+        let id = format!("{label}-{n}");
+        let mut message = from_tenant(
+            personal_message(mock, &format!("a:live-{label}-{}", n % 10), &id, "ping"),
+            BROADCAST_TENANTS[0],
+        );
+        message["from"]["id"] = format!("29:live-{}", n % 10).into();
+        let sent = std::time::Instant::now();
+        let (status, _) = deliver(mock, router, &message).await;
+        assert_eq!(status, 200);
+        loop {
+            if mock
+                .activities()
+                .iter()
+                .any(|r| r.reply_to_id.as_deref() == Some(id.as_str()))
+            {
+                latencies.push(sent.elapsed());
+                break;
+            }
+            assert!(sent.elapsed() < Duration::from_secs(30), "{id} answered");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    latencies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_reaches_every_recipient_once_within_teams_limits() {
+    let (mock, router, admin) = start_paced_router().await;
+    let users = sized(200, 2_000);
+    // Half the users have talked to the bot (their chat is known); the others need one created.
+    for n in (0..users).step_by(2) {
+        let (status, _) = deliver(
+            &mock,
+            &router,
+            &user_message(&mock, n, &format!("hello-{n}")),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    mock.wait_for_activity_count(users / 2, Duration::from_secs(60))
+        .await;
+    let blocked: Vec<usize> = (1..users).step_by(2).take(5).collect();
+    for n in &blocked {
+        mock.block_user(&format!("29:user-{n}"));
+    }
+    let baseline = live_latencies(&mock, &router, "before", 30).await;
+    let answers_before = mock.activity_count();
+    mock.throttle_tenant(BROADCAST_TENANTS[3], Duration::from_millis(1_500));
+
+    let recipients: Vec<Value> = (0..users)
+        .map(|n| json!({"userId": format!("29:user-{n}"), "tenantId": BROADCAST_TENANTS[n % 4]}))
+        .collect();
+    let started = std::time::Instant::now();
+    let (status, created) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/broadcast/create"),
+        Some(json!({
+            "message": {"text": "Maintenance tonight at 22:00", "summary": "Maintenance", "alert": true},
+            "recipients": {"users": recipients},
+            "idempotencyKey": "maintenance-1",
+        })),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    let job = created["id"].as_str().expect("a job id").to_owned();
+    assert_eq!(created["recipients"], users);
+    // The same key gives the same job.
+    let (_, again) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/broadcast/create"),
+        Some(json!({"message": {"text": "x"}, "recipients": {"users": ["29:other"]}, "idempotencyKey": "maintenance-1"})),
+    )
+    .await;
+    assert_eq!(again["id"], job.as_str());
+
+    let during = live_latencies(&mock, &router, "during", 30).await;
+    let done = wait_for_broadcast(&admin, &job, &["done"]).await;
+    let took = started.elapsed();
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["counts"]["sent"], users - blocked.len(), "{done}");
+    assert_eq!(done["counts"]["failed"], blocked.len(), "{done}");
+    assert_eq!(done["failures"]["blocked"], blocked.len(), "{done}");
+    assert_eq!(
+        mock.throttled(),
+        0,
+        "no 429 caused by the router's own pacing"
+    );
+    assert!(
+        mock.scripted_throttles() > 0,
+        "the throttled tenant was met"
+    );
+
+    // Each recipient got exactly one copy, with its tenant and the alert.
+    let copies: Vec<_> = mock
+        .activities_from(answers_before)
+        .into_iter()
+        .filter(|r| r.text() == "Maintenance tonight at 22:00")
+        .collect();
+    assert_eq!(copies.len(), users - blocked.len());
+    let mut per_conversation: HashMap<String, usize> = HashMap::new();
+    for copy in &copies {
+        *per_conversation
+            .entry(copy.conversation_id.clone())
+            .or_default() += 1;
+        assert!(
+            copy.body.pointer("/channelData/tenant/id").is_some(),
+            "{:?}",
+            copy.body
+        );
+        assert_eq!(
+            copy.body.pointer("/channelData/notification/alert"),
+            Some(&json!(true))
+        );
+    }
+    assert!(
+        per_conversation.values().all(|&n| n == 1),
+        "one copy per chat"
+    );
+    let created_chats = mock.created_conversations().len();
+    assert!(
+        created_chats >= users / 2 - blocked.len(),
+        "{created_chats} chats created"
+    );
+
+    let failed = api(
+        "GET",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/broadcast/{job}/recipient/list?status=failed&take=100"),
+        None,
+    )
+    .await
+    .1;
+    let failed_users: Vec<&str> = failed["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["to"]["userId"].as_str())
+        .collect();
+    assert_eq!(failed_users.len(), blocked.len(), "{failed}");
+    assert!(
+        failed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["reason"] == "blocked")
+    );
+
+    // Two unblock the bot: a retry sends to the failed ones only.
+    mock.unblock_user(&format!("29:user-{}", blocked[0]));
+    mock.unblock_user(&format!("29:user-{}", blocked[1]));
+    let before_retry = mock.activity_count();
+    let (status, retried) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/broadcast/{job}/retry"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{retried}");
+    let done = wait_for_broadcast(&admin, &job, &["done"]).await;
+    assert_eq!(done["counts"]["sent"], users - blocked.len() + 2, "{done}");
+    assert_eq!(done["failures"]["blocked"], blocked.len() - 2);
+    assert_eq!(
+        mock.activity_count() - before_retry,
+        2,
+        "the sent ones are untouched"
+    );
+
+    let (baseline_p99, during_p99) = (p99(baseline), p99(during));
+    eprintln!(
+        "broadcast to {users} users in 4 tenants: {took:?}, {created_chats} chats created, {} blocked, live e2e p99 {baseline_p99:?} before, {during_p99:?} during",
+        blocked.len()
+    );
+    assert!(
+        during_p99 <= baseline_p99 * 2 + Duration::from_millis(100),
+        "live replies during the broadcast: p99 {during_p99:?} against {baseline_p99:?} without it"
+    );
+    let scrape = metrics(&router).await;
+    assert!(
+        metric_value(
+            &scrape,
+            "teams_router_broadcast_recipients_total{outcome=\"sent\"}"
+        )
+        .unwrap_or(0.0)
+            >= (users - blocked.len()) as f64
+    );
+}

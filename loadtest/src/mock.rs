@@ -164,6 +164,13 @@ struct State {
     /// Graph's page size (its `$top` default is larger; small pages exercise the paging).
     graph_page_size: usize,
     graph_requests: usize,
+    /// Users who blocked the bot (or uninstalled it): writes into their chat get Teams' 403.
+    blocked_users: std::collections::HashSet<String>,
+    /// Each user's personal chat (a 1:1 create is get-or-create, as in Teams).
+    user_chats: HashMap<String, String>,
+    /// Tenants answering 429 until then (Teams' own throttling, not the router's doing).
+    tenant_throttled_until: HashMap<String, Instant>,
+    scripted_throttles: usize,
 }
 
 /// Called with every activity the connector accepts, as it is accepted.
@@ -290,6 +297,29 @@ impl MockMicrosoft {
             .lock()
             .graph_channels
             .insert(team.to_owned(), channels);
+    }
+
+    /// `user` blocked the bot: creating or writing into their chat answers Teams' 403
+    /// `MessageWritesBlocked`.
+    pub fn block_user(&self, user: &str) {
+        self.state.lock().blocked_users.insert(user.to_owned());
+    }
+
+    pub fn unblock_user(&self, user: &str) {
+        self.state.lock().blocked_users.remove(user);
+    }
+
+    /// Every request in `tenant` answers 429 (Retry-After: 1) for `duration`.
+    pub fn throttle_tenant(&self, tenant: &str, duration: Duration) {
+        self.state
+            .lock()
+            .tenant_throttled_until
+            .insert(tenant.to_owned(), Instant::now() + duration);
+    }
+
+    /// 429s answered by [`MockMicrosoft::throttle_tenant`] (apart from [`MockMicrosoft::throttled`]).
+    pub fn scripted_throttles(&self) -> usize {
+        self.state.lock().scripted_throttles
     }
 
     /// Graph requests served (any outcome).
@@ -830,6 +860,42 @@ impl MockMicrosoft {
                 .into_owned()
         };
         let conversation_id = decode(conversation);
+        let request_tenant = activity
+            .pointer("/channelData/tenant/id")
+            .or_else(|| activity.get("tenantId"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if state
+            .tenant_throttled_until
+            .get(&request_tenant)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            state.scripted_throttles += 1;
+            return throttled(1);
+        }
+        let chat_user = if conversation.is_empty() {
+            activity
+                .pointer("/members/0/id")
+                .and_then(Value::as_str)
+                .filter(|_| activity.get("activity").is_none())
+                .map(str::to_owned)
+        } else {
+            state
+                .user_chats
+                .iter()
+                .find(|(_, chat)| **chat == conversation_id)
+                .map(|(user, _)| user.clone())
+        };
+        if chat_user
+            .as_ref()
+            .is_some_and(|user| state.blocked_users.contains(user))
+        {
+            return json_response(
+                StatusCode::FORBIDDEN,
+                json!({"errorCode": 209, "message": "{\"subCode\": \"MessageWritesBlocked\", \"details\": \"Thread is blocked from message writes.\"}"}),
+            );
+        }
         if state.enforce_limits {
             let tenant = activity
                 .pointer("/channelData/tenant/id")
@@ -838,9 +904,20 @@ impl MockMicrosoft {
                 .and_then(Value::as_str)
                 .unwrap_or_default();
             let now = Instant::now();
+            // A create's thread is the chat it makes: the user's, or the channel's.
+            let thread = if conversation.is_empty() {
+                activity
+                    .pointer("/members/0/id")
+                    .or_else(|| activity.pointer("/channelData/channel/id"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            } else {
+                conversation_id.clone()
+            };
             let keys = [
                 (
-                    format!("c\u{0}{bot}\u{0}{conversation_id}"),
+                    format!("c\u{0}{bot}\u{0}{thread}"),
                     TEAMS_CONVERSATION_LIMITS,
                 ),
                 (format!("t\u{0}{bot}\u{0}{tenant}"), TEAMS_APP_TENANT_LIMITS),
@@ -881,7 +958,14 @@ impl MockMicrosoft {
             received_at: Instant::now(),
         };
         let response = if method == Method::POST && conversation.is_empty() {
-            let created = format!("a:created-{id}");
+            let created = match &chat_user {
+                Some(user) => state
+                    .user_chats
+                    .entry(user.clone())
+                    .or_insert_with(|| format!("a:created-{id}"))
+                    .clone(),
+                None => format!("a:created-{id}"),
+            };
             let mut first = None;
             if let Some(message) = activity.get("activity").filter(|a| a.is_object()) {
                 // A first message starts a channel thread: its replies live at `;messageid=`.

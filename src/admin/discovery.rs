@@ -67,6 +67,7 @@ impl Admin {
             tenant: address.tenant_id.as_deref(),
             service_url: &address.service_url,
             conversation_id: &conversation,
+            budget_percent: 100,
         };
         let page = self
             .parts

@@ -4,12 +4,12 @@
 //! [`Registry`], so the next activity sees it without a restart. Writes are serialized by one
 //! lock; they are rare, and the data path never takes it.
 
+mod broadcasts;
 mod consent;
 mod destinations;
 mod discovery;
 pub mod model;
 pub(crate) mod paging;
-pub mod proactive;
 pub(crate) mod secrets;
 pub(crate) mod setup;
 
@@ -33,6 +33,7 @@ use crate::config::{AdminConfig, Config};
 use crate::conversation::Directory;
 use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::{EventDraft, EventLog, EventSink};
+use crate::notify::proactive;
 use crate::records::{BackendSpec, BotRecord, DEFAULT_SESSION_DURATION_MS, IntegrationRecord};
 use crate::registry::{Bot, Integration, Owner, Registry, SetupResult, SetupStatus};
 use crate::store::{Store, StoreError, StoreHealth, now_ms};
@@ -107,6 +108,46 @@ pub const ROUTES: &[(&str, &str)] = &[
         "/api/v1/integration/teams/{teamsIntegrationId}/connection/{tenantId}/delete",
     ),
     ("GET", "/api/v1/teams/consent/callback"),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/create",
+    ),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/list",
+    ),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/fetch",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/recipients",
+    ),
+    (
+        "GET",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/recipient/list",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/start",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/pause",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/resume",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/cancel",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/retry",
+    ),
     (
         "GET",
         "/api/v1/integration/teams/{teamsIntegrationId}/members",
@@ -252,6 +293,8 @@ pub struct AdminParts {
     pub destinations: Arc<crate::notify::Destinations>,
     /// Microsoft Graph, for discovery in consenting tenants.
     pub graph: Arc<crate::notify::graph::Graph>,
+    /// Broadcast jobs.
+    pub broadcasts: Arc<crate::notify::broadcasts::Broadcasts>,
     pub connector: Arc<crate::connector::Connector>,
     /// Where backends may point (`[security] backend_allow` / `backend_deny`).
     pub egress: Arc<crate::backend::egress::EgressPolicy>,
@@ -264,6 +307,8 @@ pub struct Admin {
     settings: AdminConfig,
     /// The `[microsoft]` section: the login URL and Graph scope of integrations without a cloud.
     microsoft: crate::config::MicrosoftConfig,
+    /// Serializes broadcast creations with an idempotency key, appends and state changes.
+    broadcast_lock: tokio::sync::Mutex<()>,
     write_lock: tokio::sync::Mutex<()>,
     /// Bumped per queued setup check of an integration; only the latest one runs.
     setup_generation: DashMap<String, u64>,
@@ -451,6 +496,7 @@ impl Admin {
             accounts,
             settings: config.admin.clone(),
             microsoft: config.microsoft.clone(),
+            broadcast_lock: tokio::sync::Mutex::new(()),
             write_lock: tokio::sync::Mutex::new(()),
             setup_generation: DashMap::new(),
             last_order: AtomicU64::new(0),
@@ -583,6 +629,35 @@ impl Admin {
                 team,
                 "channels",
             ] => ("GET", Action::GraphChannels(id, team)),
+            ["integration", "teams", id, "broadcast", "create"] => {
+                ("POST", Action::CreateBroadcast(id))
+            }
+            ["integration", "teams", id, "broadcast", "list"] => {
+                ("GET", Action::ListBroadcasts(id))
+            }
+            ["integration", "teams", id, "broadcast", job, "fetch"] => {
+                ("GET", Action::FetchBroadcast(id, job))
+            }
+            ["integration", "teams", id, "broadcast", job, "recipients"] => {
+                ("POST", Action::AppendRecipients(id, job))
+            }
+            [
+                "integration",
+                "teams",
+                id,
+                "broadcast",
+                job,
+                "recipient",
+                "list",
+            ] => ("GET", Action::ListRecipients(id, job)),
+            [
+                "integration",
+                "teams",
+                id,
+                "broadcast",
+                job,
+                verb @ ("start" | "pause" | "resume" | "cancel" | "retry"),
+            ] => ("POST", Action::ControlBroadcast(id, job, verb)),
             ["integration", "teams", id, "destination", "create"] => {
                 ("POST", Action::CreateDestination(id))
             }
@@ -683,6 +758,19 @@ impl Admin {
             Action::GraphTeams(id) => self.list_graph_teams(&account, id, query).await,
             Action::GraphChannels(id, team) => {
                 self.list_graph_channels(&account, id, team, query).await
+            }
+            Action::CreateBroadcast(id) => self.create_broadcast(&account, id, &body).await,
+            Action::ListBroadcasts(id) => self.list_broadcasts(&account, id, query),
+            Action::FetchBroadcast(id, job) => self.fetch_broadcast(&account, id, job),
+            Action::AppendRecipients(id, job) => {
+                self.append_broadcast_recipients(&account, id, job, &body)
+                    .await
+            }
+            Action::ListRecipients(id, job) => {
+                self.list_broadcast_recipients(&account, id, job, query)
+            }
+            Action::ControlBroadcast(id, job, verb) => {
+                self.control_broadcast(&account, id, job, verb, &body).await
             }
             Action::CreateDestination(id) => self.create_destination(&account, id, &body).await,
             Action::ListDestinations(id) => self.list_destinations(&account, id, query),
@@ -1187,6 +1275,7 @@ impl Admin {
             &self.parts.connector,
             &integration,
             request,
+            100,
         )
         .await
         .map_err(|error| {
@@ -1428,6 +1517,12 @@ enum Action<'a> {
     ListConnections(&'a str),
     DeleteConnection(&'a str, &'a str),
     ConsentCallback,
+    CreateBroadcast(&'a str),
+    ListBroadcasts(&'a str),
+    FetchBroadcast(&'a str, &'a str),
+    AppendRecipients(&'a str, &'a str),
+    ListRecipients(&'a str, &'a str),
+    ControlBroadcast(&'a str, &'a str, &'a str),
     ListMembers(&'a str),
     GraphTeams(&'a str),
     GraphChannels(&'a str, &'a str),

@@ -127,7 +127,17 @@ mod tests {
         let high = CloudAuth::named("usgov-gcch").unwrap();
         assert_eq!(high.token_issuer, "https://api.botframework.us");
         assert_eq!(high.token_tenant, "MicrosoftServices.onmicrosoft.us");
-        assert_eq!(CloudAuth::named("usgov-dod"), Some(high));
+        // DoD authenticates as GCC High; only its Graph differs.
+        let dod = CloudAuth::named("usgov-dod").unwrap();
+        assert_eq!(dod.graph_url, "https://dod-graph.microsoft.us");
+        assert_eq!(
+            CloudAuth {
+                graph_scope: high.graph_scope.clone(),
+                graph_url: high.graph_url.clone(),
+                ..dod
+            },
+            high
+        );
         assert_eq!(CloudAuth::named("gcc"), CloudAuth::named("public"));
         assert_eq!(
             CloudAuth::named("china").unwrap().login_url,

@@ -82,6 +82,9 @@ pub struct Route<'a> {
     pub service_url: &'a str,
     /// The conversation, or for a new conversation the user or channel it is created with.
     pub conversation_id: &'a str,
+    /// The part of the app's Teams budget in the tenant this request may fill: 100 for live
+    /// traffic, `broadcast.max_share` for broadcasts (which then leave the rest to it).
+    pub budget_percent: u32,
 }
 
 /// How hard a request is tried.
@@ -143,6 +146,7 @@ pub struct Connector {
     /// Set when the process starts shutting down: no retries past `max_attempts`.
     stopping: std::sync::atomic::AtomicBool,
     allowed_hosts: Vec<String>,
+    proactive_service_url: String,
     /// [`service_url_allowed`]'s verdict per service URL: a Connector has few (one per region
     /// and tenant), and the URL parse would cost the hot path about a microsecond per activity.
     service_url_verdicts: moka::sync::Cache<Box<str>, bool>,
@@ -177,6 +181,7 @@ impl Connector {
             retry_window: std::time::Duration::from_millis(config.retry_window_ms),
             stopping: std::sync::atomic::AtomicBool::new(false),
             allowed_hosts: config.allowed_service_hosts.clone(),
+            proactive_service_url: config.proactive_service_url.clone(),
             service_url_verdicts: moka::sync::Cache::new(SERVICE_URL_VERDICTS),
             pacer: pacing::Pacer::new(
                 limits(&config.conversation_limits),
@@ -188,6 +193,19 @@ impl Connector {
 
     pub fn tokens(&self) -> &TokenProvider {
         &self.tokens
+    }
+
+    /// The service URL of a proactive send where none was learned: the cloud's global
+    /// endpoint (protocol.md §3.1), `None` in China, which has none.
+    pub fn proactive_service_url(&self, cloud: Option<&str>) -> Option<String> {
+        match cloud {
+            None => Some(self.proactive_service_url.clone()),
+            Some("public") => Some("https://smba.trafficmanager.net/teams/".into()),
+            Some("gcc") => Some("https://smba.infra.gcc.teams.microsoft.com/teams/".into()),
+            Some("usgov-gcch") => Some("https://smba.infra.gov.teams.microsoft.us/teams/".into()),
+            Some("usgov-dod") => Some("https://smba.infra.dod.teams.microsoft.us/teams/".into()),
+            Some(_) => None,
+        }
     }
 
     /// The outbound send logs (their idle entries are dropped periodically).
@@ -445,10 +463,11 @@ impl Connector {
             attempt += 1;
             let permit = self
                 .pacer
-                .admit(
+                .admit_within(
                     app_id(&route),
                     route.tenant.unwrap_or(""),
                     route.conversation_id,
+                    route.budget_percent,
                 )
                 .await?;
             let outcome = self.attempt(op, route, url, body.clone()).await;

@@ -118,6 +118,23 @@ struct Fraction {
 impl Fraction {
     const WHOLE: Self = Self { part: 0, whole: 0 };
 
+    /// `percent` of this fraction.
+    fn scaled(self, percent: u32) -> Self {
+        if percent >= 100 {
+            return self;
+        }
+        if self.whole == 0 {
+            return Self {
+                part: percent,
+                whole: 100,
+            };
+        }
+        Self {
+            part: self.part.saturating_mul(percent),
+            whole: self.whole.saturating_mul(100),
+        }
+    }
+
     /// At least one send per window, so that no send waits for ever.
     fn of(self, count: usize) -> usize {
         if self.whole == 0 {
@@ -360,13 +377,19 @@ impl Pacer {
         [conversation_log, Arc::clone(&app.log)]
     }
 
-    /// Admits the send if both windows have room now.
-    fn try_admit(&self, logs: &[Arc<Mutex<Log>>; 2], now: Instant) -> Result<(), Instant> {
+    /// Admits the send if both windows have room now (the app's window up to `percent` of this
+    /// instance's share of it).
+    fn try_admit(
+        &self,
+        logs: &[Arc<Mutex<Log>>; 2],
+        now: Instant,
+        percent: u32,
+    ) -> Result<(), Instant> {
         // Always conversation first, then app: one lock order, no deadlock.
         let mut conversation = logs[0].lock();
         let mut app = logs[1].lock();
         let wait_conversation = conversation.room(&self.conversation_limits, Fraction::WHOLE, now);
-        let wait_app = app.room(&self.app_limits, self.share.fraction(), now);
+        let wait_app = app.room(&self.app_limits, self.share.fraction().scaled(percent), now);
         match (wait_conversation, wait_app) {
             (None, None) => {
                 conversation.in_flight += 1;
@@ -384,8 +407,21 @@ impl Pacer {
         tenant: &str,
         conversation: &str,
     ) -> Result<Permit, QueueFull> {
+        self.admit_within(app_id, tenant, conversation, 100).await
+    }
+
+    /// Like [`Pacer::admit`], for background work (broadcasts): the app's windows admit it only
+    /// while they are under `percent` of their budget, so that live conversations always have
+    /// the rest.
+    pub async fn admit_within(
+        &self,
+        app_id: &str,
+        tenant: &str,
+        conversation: &str,
+        percent: u32,
+    ) -> Result<Permit, QueueFull> {
         let logs = self.logs(app_id, tenant, conversation);
-        if self.try_admit(&logs, crate::clock::now()).is_ok() {
+        if self.try_admit(&logs, crate::clock::now(), percent).is_ok() {
             return Ok(Permit { logs });
         }
         let bot_waiting = {
@@ -403,7 +439,7 @@ impl Pacer {
         }
         gauge!(CONNECTOR_QUEUE_DEPTH).set(waiting as f64);
         loop {
-            match self.try_admit(&logs, crate::clock::now()) {
+            match self.try_admit(&logs, crate::clock::now(), percent) {
                 Ok(()) => return Ok(Permit { logs }),
                 Err(retry_at) => tokio::time::sleep_until(retry_at).await,
             }
@@ -413,7 +449,7 @@ impl Pacer {
     /// Admits the send only if it needs no wait (typing indicators: never worth a delay).
     pub fn admit_now(&self, app_id: &str, tenant: &str, conversation: &str) -> Option<Permit> {
         let logs = self.logs(app_id, tenant, conversation);
-        self.try_admit(&logs, crate::clock::now())
+        self.try_admit(&logs, crate::clock::now(), 100)
             .ok()
             .map(|()| Permit { logs })
     }

@@ -291,6 +291,7 @@ fn route(args: &ReplyArgs) -> Route<'_> {
         tenant: args.activity.tenant_id(),
         service_url: &args.activity.service_url,
         conversation_id: args.activity.conversation_id(),
+        budget_percent: 100,
     }
 }
 

@@ -133,6 +133,15 @@ impl Store {
         }
     }
 
+    /// Takes or extends the lease `key` for `holder`: false while another holder has it. One
+    /// process owns an embedded store, so there it is always this one's.
+    pub async fn lease(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        match self {
+            Self::Embedded(_) => Ok(true),
+            Self::Redis(s) => s.lease(key, holder, ttl).await,
+        }
+    }
+
     /// Takes `key` for `ttl` if nobody (no instance) holds it: true when this call took it.
     pub async fn claim(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
         match self {
@@ -209,34 +218,34 @@ impl Store {
     /// never expire.
     pub async fn put_records(
         &self,
-        kind: &'static str,
+        kind: &str,
         records: Vec<(String, Vec<u8>)>,
     ) -> Result<(), StoreError> {
         match self {
             Self::Embedded(s) => {
-                let s = Arc::clone(s);
-                blocking(move || s.put_records(kind, &records)).await
+                let (s, kind) = (Arc::clone(s), kind.to_owned());
+                blocking(move || s.put_records(&kind, &records)).await
             }
             Self::Redis(s) => s.put_records(kind, &records).await,
         }
     }
 
-    pub async fn delete_record(&self, kind: &'static str, id: &str) -> Result<(), StoreError> {
+    pub async fn delete_record(&self, kind: &str, id: &str) -> Result<(), StoreError> {
         match self {
             Self::Embedded(s) => {
-                let (s, id) = (Arc::clone(s), id.to_owned());
-                blocking(move || s.delete_record(kind, &id)).await
+                let (s, kind, id) = (Arc::clone(s), kind.to_owned(), id.to_owned());
+                blocking(move || s.delete_record(&kind, &id)).await
             }
             Self::Redis(s) => s.delete_record(kind, id).await,
         }
     }
 
     /// Every record of a kind, as (id, value).
-    pub async fn records(&self, kind: &'static str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    pub async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match self {
             Self::Embedded(s) => {
-                let s = Arc::clone(s);
-                blocking(move || s.records(kind)).await
+                let (s, kind) = (Arc::clone(s), kind.to_owned());
+                blocking(move || s.records(&kind)).await
             }
             Self::Redis(s) => s.records(kind).await,
         }
@@ -276,7 +285,7 @@ async fn blocking<T: Send + 'static>(
 pub async fn load_records<T: serde::de::DeserializeOwned>(
     store: &Store,
     health: &StoreHealth,
-    kind: &'static str,
+    kind: &str,
 ) -> Vec<(String, T)> {
     match store.records(kind).await {
         Ok(records) => records

@@ -13,7 +13,14 @@ use super::{JournalEntry, Put, StoreError};
 use crate::config::StorageConfig;
 
 /// Record kinds whose changes other instances pick up (see `admin::Admin::run_sync`).
-const SYNCED_KINDS: &[&str] = &["bots", "integrations", "setup"];
+const SYNCED_KINDS: &[&str] = &[
+    "bots",
+    "integrations",
+    "setup",
+    "tenant_connections",
+    "destinations",
+    "broadcasts",
+];
 
 pub struct RedisStore {
     pool: Pool,
@@ -247,6 +254,30 @@ impl RedisStore {
         }
         let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Takes `key` for `holder` or extends it if `holder` has it; false when another has it.
+    pub async fn lease(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        const LEASE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+";
+        let held: i64 = self
+            .pool
+            .next()
+            .eval(
+                LEASE,
+                vec![self.key(key)],
+                vec![
+                    Value::from(holder),
+                    Value::from((ttl.as_millis() as i64).max(1)),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(held == 1)
     }
 
     /// Takes `key` for `ttl` unless it is taken (`SET NX PX`).

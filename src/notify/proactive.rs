@@ -17,7 +17,7 @@ use crate::registry::Integration;
 use crate::ledger::addresses::{Address, AddressBook, CompactJson};
 
 /// The request body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MessageRequest {
     /// A conversation the router has seen.
@@ -37,6 +37,18 @@ pub struct MessageRequest {
     /// Cards and other attachments of the message.
     #[serde(default)]
     pub attachments: Vec<Value>,
+    /// `markdown`, `plain` or `xml`.
+    #[serde(default)]
+    pub text_format: Option<String>,
+    /// What the activity feed and notifications show.
+    #[serde(default)]
+    pub summary: Option<String>,
+    /// Shown in the user's activity feed (`channelData.notification.alert`).
+    #[serde(default)]
+    pub alert: bool,
+    /// `mention` entities for `<at>` tags in the text.
+    #[serde(default)]
+    pub mentions: Vec<Value>,
 }
 
 /// Characters a proactive message may have at most (Teams refuses messages over ~100 KB).
@@ -66,7 +78,7 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ProactiveError {
 }
 
 impl MessageRequest {
-    fn check(&self) -> Result<(), ProactiveError> {
+    pub(crate) fn check(&self) -> Result<(), ProactiveError> {
         let targets = [&self.conversation_id, &self.user_id, &self.channel_id]
             .iter()
             .filter(|t| t.is_some())
@@ -100,6 +112,19 @@ impl MessageRequest {
                 format!("longer than {MAX_TEXT_CHARS} characters"),
             ));
         }
+        if self
+            .text_format
+            .as_deref()
+            .is_some_and(|f| !matches!(f, "markdown" | "plain" | "xml"))
+        {
+            return Err(invalid("textFormat", "markdown, plain or xml"));
+        }
+        if self.summary.as_deref().is_some_and(|s| s.len() > 1024) {
+            return Err(invalid("summary", "1024 characters at most"));
+        }
+        if self.mentions.len() > 20 || !self.mentions.iter().all(Value::is_object) {
+            return Err(invalid("mentions", "at most 20 mention entities"));
+        }
         if self.attachments.len() > MAX_ATTACHMENTS
             || !self.attachments.iter().all(Value::is_object)
         {
@@ -111,7 +136,7 @@ impl MessageRequest {
         Ok(())
     }
 
-    fn message(&self, address: &Address, conversation: Value) -> Value {
+    pub(crate) fn message(&self, address: &Address, conversation: Value) -> Value {
         let mut message = json!({
             "type": "message",
             "channelId": "msteams",
@@ -119,6 +144,22 @@ impl MessageRequest {
             "from": address.bot.value(),
             "conversation": conversation,
         });
+        // Every proactive send names its tenant (protocol.md §3.2).
+        if let Some(tenant) = &address.tenant_id {
+            message["channelData"] = json!({"tenant": {"id": tenant}});
+        }
+        if self.alert {
+            message["channelData"]["notification"] = json!({"alert": true});
+        }
+        if let Some(format) = self.text_format.as_deref().filter(|f| !f.is_empty()) {
+            message["textFormat"] = json!(format);
+        }
+        if let Some(summary) = self.summary.as_deref().filter(|s| !s.is_empty()) {
+            message["summary"] = json!(summary);
+        }
+        if !self.mentions.is_empty() {
+            message["entities"] = json!(self.mentions);
+        }
         if let Some(text) = self.text.as_deref().filter(|t| !t.is_empty()) {
             message["text"] = json!(text);
         }
@@ -135,6 +176,7 @@ pub async fn send(
     connector: &Connector,
     integration: &Integration,
     request: MessageRequest,
+    budget_percent: u32,
 ) -> Result<Value, ProactiveError> {
     request.check()?;
     let integration_id = integration.record.id.as_str();
@@ -158,7 +200,15 @@ pub async fn send(
             .conversation
             .as_ref()
             .map_or_else(|| json!({"id": conversation_id}), CompactJson::value);
-        return send_into(connector, credentials, &request, &address, conversation).await;
+        return send_into(
+            connector,
+            credentials,
+            &request,
+            &address,
+            conversation,
+            budget_percent,
+        )
+        .await;
     }
     if let Some(user) = &request.user_id {
         if let Some(address) = book.get(integration_id, &format!("user:{user}")) {
@@ -167,7 +217,15 @@ pub async fn send(
                 .conversation
                 .as_ref()
                 .map_or(Value::Null, CompactJson::value);
-            return send_into(connector, credentials, &request, &address, conversation).await;
+            return send_into(
+                connector,
+                credentials,
+                &request,
+                &address,
+                conversation,
+                budget_percent,
+            )
+            .await;
         }
         // No personal chat yet: create one in the user's tenant.
         let tenant = request
@@ -180,13 +238,14 @@ pub async fn send(
                     "the user has not talked to this bot; name their tenant",
                 )
             })?;
-        let base = book
-            .get(integration_id, &format!("tenant:{tenant}"))
-            .ok_or_else(|| {
+        let base = match book.get(integration_id, &format!("tenant:{tenant}")) {
+            Some(base) => base,
+            None => fallback_address(connector, integration, &tenant).ok_or_else(|| {
                 ProactiveError::Unknown(format!(
-                    "this integration has had no traffic from tenant {tenant:?}, so its service URL is unknown"
+                    "this integration has had no traffic from tenant {tenant:?}, and its cloud has no global endpoint"
                 ))
-            })?;
+            })?,
+        };
         reachable(&base)?;
         let created = connector
             .create_conversation(
@@ -195,6 +254,7 @@ pub async fn send(
                     tenant: Some(&tenant),
                     service_url: &base.service_url,
                     conversation_id: user,
+                    budget_percent,
                 },
                 &json!({
                     "isGroup": false,
@@ -219,18 +279,40 @@ pub async fn send(
             conversation: Some(CompactJson::of(&conversation)),
             ..base
         };
-        let answer = send_into(connector, credentials, &request, &address, conversation).await?;
+        let answer = send_into(
+            connector,
+            credentials,
+            &request,
+            &address,
+            conversation,
+            budget_percent,
+        )
+        .await?;
         book.remember(address, &conversation_id);
         return Ok(answer);
     }
     let channel = request.channel_id.clone().unwrap_or_default();
-    let address = book
-        .get(integration_id, &format!("channel:{channel}"))
-        .ok_or_else(|| {
-            ProactiveError::Unknown(format!(
-                "this integration has not seen team channel {channel:?}"
-            ))
-        })?;
+    // A channel not seen yet: its team's tenant's address (or the cloud's global endpoint).
+    let address = match book.get(integration_id, &format!("channel:{channel}")) {
+        Some(address) => address,
+        None => {
+            let tenant = request
+                .tenant_id
+                .clone()
+                .or_else(|| integration.record.tenant_id.clone());
+            tenant
+                .as_deref()
+                .and_then(|tenant| {
+                    book.get(integration_id, &format!("tenant:{tenant}"))
+                        .or_else(|| fallback_address(connector, integration, tenant))
+                })
+                .ok_or_else(|| {
+                    ProactiveError::Unknown(format!(
+                        "this integration has not seen team channel {channel:?}; name its tenant"
+                    ))
+                })?
+        }
+    };
     reachable(&address)?;
     let tenant = address.tenant_id.clone();
     let first = request.message(&address, json!({"id": channel, "isGroup": true}));
@@ -241,6 +323,7 @@ pub async fn send(
                 tenant: tenant.as_deref(),
                 service_url: &address.service_url,
                 conversation_id: &channel,
+                budget_percent,
             },
             &json!({
                 "isGroup": true,
@@ -257,12 +340,32 @@ pub async fn send(
     }))
 }
 
+/// An address in `tenant` where the router has had no traffic: the cloud's global endpoint,
+/// with the bot as Teams names it (`28:{app id}`).
+fn fallback_address(
+    connector: &Connector,
+    integration: &Integration,
+    tenant: &str,
+) -> Option<Address> {
+    let service_url = connector.proactive_service_url(integration.record.cloud.as_deref())?;
+    let app_id = integration.app_id()?;
+    Some(Address {
+        integration_id: integration.record.id.clone(),
+        key: format!("tenant:{tenant}"),
+        service_url,
+        tenant_id: Some(tenant.to_owned()),
+        bot: CompactJson::of(&json!({"id": format!("28:{app_id}")})),
+        conversation: None,
+    })
+}
+
 async fn send_into(
     connector: &Connector,
     credentials: Option<&crate::registry::AppCredentials>,
     request: &MessageRequest,
     address: &Address,
     conversation: Value,
+    budget_percent: u32,
 ) -> Result<Value, ProactiveError> {
     let conversation_id = conversation
         .get("id")
@@ -277,6 +380,7 @@ async fn send_into(
                 tenant: address.tenant_id.as_deref(),
                 service_url: &address.service_url,
                 conversation_id: &conversation_id,
+                budget_percent,
             },
             None,
             &message,

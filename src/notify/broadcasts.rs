@@ -1,0 +1,850 @@
+//! Broadcasts: one message to many recipients, paced within Teams' limits, resumable and
+//! accountable. A job and each of its recipients are stored (the job with the management
+//! records, its recipients in a record kind of their own, `broadcast-recipients:{job}`); a
+//! runner sends to the pending recipients through the connector's pacer, at most
+//! `broadcast.max_share` percent of each tenant's budget (live conversations keep the rest),
+//! a few sends in flight per tenant and tenants in parallel. Each recipient ends `sent` (with
+//! its activity id) or `failed` with a reason mapped from Teams' documented answers.
+//!
+//! A recipient is written with its attempt counted before it is sent, and with its outcome
+//! after: a router killed mid-job resumes at start with the recipients still pending, and
+//! those it had in flight (counted, `resumedInFlight`) are sent again, so duplicates are at
+//! most those. With several routers, a job runs where its lease is (`broadcast-run:{job}` in
+//! the store, renewed while it runs); another instance takes it over when the lease lapses.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use metrics::{counter, gauge};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::proactive::{self, MessageRequest, ProactiveError};
+use crate::connector::{Connector, ConnectorError};
+use crate::ledger::addresses::AddressBook;
+use crate::registry::Registry;
+use crate::store::{Store, StoreError, StoreHealth, load_records, now_ms};
+use crate::telemetry::{BROADCAST_RECIPIENTS, BROADCASTS_ACTIVE};
+
+pub const JOBS_KIND: &str = "broadcasts";
+/// Sends in flight per tenant; tenants run in parallel up to [`MAX_IN_FLIGHT`].
+const PER_TENANT_IN_FLIGHT: usize = 8;
+const MAX_IN_FLIGHT: usize = 128;
+/// How long a runner's lease on a job lasts without renewal.
+const LEASE: Duration = Duration::from_secs(10);
+
+fn recipients_kind(job: &str) -> String {
+    format!("broadcast-recipients:{job}")
+}
+
+fn recipient_id(index: u32) -> String {
+    format!("{index:010}")
+}
+
+/// The message every recipient gets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Message {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_format: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub alert: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<Value>,
+}
+
+impl Message {
+    fn request(&self, to: &To) -> MessageRequest {
+        let mut request = MessageRequest {
+            text: self.text.clone(),
+            attachments: self.attachments.clone(),
+            text_format: self.text_format.clone(),
+            summary: self.summary.clone(),
+            alert: self.alert,
+            mentions: self.mentions.clone(),
+            ..MessageRequest::default()
+        };
+        match to {
+            To::User { user_id, tenant_id } => {
+                request.user_id = Some(user_id.clone());
+                request.tenant_id = tenant_id.clone();
+            }
+            To::Channel {
+                channel_id,
+                tenant_id,
+            } => {
+                request.channel_id = Some(channel_id.clone());
+                request.tenant_id = tenant_id.clone();
+            }
+            To::Conversation { conversation_id } => {
+                request.conversation_id = Some(conversation_id.clone());
+            }
+        }
+        request
+    }
+
+    /// Checks it as a proactive message would be checked.
+    pub fn check(&self) -> Result<(), ProactiveError> {
+        self.request(&To::Conversation {
+            conversation_id: "check".into(),
+        })
+        .check()
+    }
+}
+
+/// Where one recipient's copy goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum To {
+    /// A user's personal chat (created when there is none).
+    #[serde(rename_all = "camelCase")]
+    User {
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tenant_id: Option<String>,
+    },
+    /// A new thread in a team channel.
+    #[serde(rename_all = "camelCase")]
+    Channel {
+        channel_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tenant_id: Option<String>,
+    },
+    /// A conversation the router has seen.
+    #[serde(rename_all = "camelCase")]
+    Conversation { conversation_id: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientStatus {
+    Pending,
+    Sent,
+    Failed,
+}
+
+impl RecipientStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Recipient {
+    pub index: u32,
+    pub to: To,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscriber_id: Option<String>,
+    pub status: RecipientStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity_id: Option<String>,
+    /// Sends started (one more before each send is written first).
+    #[serde(default)]
+    pub attempts: u32,
+    pub updated_at: u64,
+}
+
+impl Recipient {
+    pub fn new(index: u32, to: To) -> Self {
+        Self {
+            index,
+            to,
+            destination_id: None,
+            subscriber_id: None,
+            status: RecipientStatus::Pending,
+            reason: None,
+            conversation_id: None,
+            activity_id: None,
+            attempts: 0,
+            updated_at: now_ms(),
+        }
+    }
+
+    /// The tenant whose budget its send uses ("" when it is not known before sending).
+    fn tenant(&self) -> &str {
+        match &self.to {
+            To::User { tenant_id, .. } | To::Channel { tenant_id, .. } => {
+                tenant_id.as_deref().unwrap_or_default()
+            }
+            To::Conversation { .. } => "",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Paused,
+    Done,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Done => "done",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    pub id: String,
+    pub integration_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    pub message: Message,
+    pub status: JobStatus,
+    /// Why the whole job failed (a message Teams finds too large).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    pub order: u64,
+    /// Recipients that were being sent to when a router running the job stopped, and were
+    /// sent again: the most duplicates the job may have.
+    #[serde(default)]
+    pub resumed_in_flight: u32,
+}
+
+/// A job with its recipients, as one instance holds it.
+pub struct Held {
+    job: Mutex<Job>,
+    recipients: Mutex<Vec<Recipient>>,
+    /// A runner works on it here.
+    running: AtomicBool,
+    /// Sends finished since the runner started, for the rate (and when it started).
+    sent_since_start: AtomicU64,
+    run_started_ms: AtomicU64,
+}
+
+impl Held {
+    pub fn job(&self) -> Job {
+        self.job.lock().clone()
+    }
+
+    pub fn recipients(&self) -> Vec<Recipient> {
+        self.recipients.lock().clone()
+    }
+
+    /// Counts by status, and failures by reason.
+    pub fn counts(&self) -> (HashMap<&'static str, usize>, HashMap<String, usize>) {
+        let mut by_status: HashMap<&'static str, usize> = HashMap::new();
+        let mut by_reason: HashMap<String, usize> = HashMap::new();
+        for recipient in self.recipients.lock().iter() {
+            *by_status.entry(recipient.status.as_str()).or_default() += 1;
+            if recipient.status == RecipientStatus::Failed
+                && let Some(reason) = &recipient.reason
+            {
+                *by_reason.entry(reason.clone()).or_default() += 1;
+            }
+        }
+        (by_status, by_reason)
+    }
+
+    /// Recipients finished per second since its runner started here (0 when not running).
+    pub fn rate(&self) -> f64 {
+        if !self.running.load(Ordering::Acquire) {
+            return 0.0;
+        }
+        let elapsed =
+            now_ms().saturating_sub(self.run_started_ms.load(Ordering::Acquire)) as f64 / 1000.0;
+        if elapsed <= 0.0 {
+            return 0.0;
+        }
+        self.sent_since_start.load(Ordering::Acquire) as f64 / elapsed
+    }
+}
+
+/// What a send came to.
+enum Outcome {
+    Sent {
+        conversation_id: Option<String>,
+        activity_id: Option<String>,
+    },
+    Failed(&'static str),
+    /// Teams says the app is disabled in the whole tenant: its other recipients wait.
+    TenantDisabled,
+    /// The whole job fails: Teams refuses the message itself.
+    TooLarge,
+    /// Not sent, not failed: tried again later (the bot's outbound queue is full).
+    Later,
+}
+
+/// The reason a refusal of Teams maps to (protocol.md §3.3).
+fn refusal(status: u16, detail: &str) -> Outcome {
+    let says = |code: &str| detail.contains(code);
+    match status {
+        403 if says("BotDisabledByAdmin") => Outcome::TenantDisabled,
+        403 if says("MessageWritesBlocked") || says("ConversationBlockedByUser") => {
+            Outcome::Failed("blocked")
+        }
+        403 if says("BotNotInConversationRoster") || says("ForbiddenOperationException") => {
+            Outcome::Failed("not_installed")
+        }
+        403 => Outcome::Failed("forbidden"),
+        404 => Outcome::Failed("not_found"),
+        413 => Outcome::TooLarge,
+        _ => Outcome::Failed("error"),
+    }
+}
+
+fn outcome(result: Result<Value, ProactiveError>) -> Outcome {
+    match result {
+        Ok(answer) => Outcome::Sent {
+            conversation_id: answer
+                .get("conversationId")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            activity_id: answer
+                .get("activityId")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        },
+        Err(ProactiveError::Invalid { .. }) => Outcome::Failed("invalid"),
+        Err(ProactiveError::Unknown(_)) => Outcome::Failed("unknown_address"),
+        Err(ProactiveError::Development) => Outcome::Failed("error"),
+        Err(ProactiveError::Connector(error)) => match &error {
+            ConnectorError::Rejected { status, detail } => refusal(*status, detail),
+            ConnectorError::Exhausted { last, .. } if last.starts_with("HTTP 429") => {
+                Outcome::Failed("throttled_out")
+            }
+            ConnectorError::Exhausted { last, .. }
+                if last.starts_with("HTTP 500") || last.contains("timed out") =>
+            {
+                Outcome::Failed("ambiguous")
+            }
+            ConnectorError::MayHavePosted { .. } => Outcome::Failed("ambiguous"),
+            ConnectorError::QueueFull(_) => Outcome::Later,
+            _ => Outcome::Failed("error"),
+        },
+    }
+}
+
+/// The pending recipients of a job by tenant, in index order (tenants where the app is
+/// disabled left out).
+fn pending_by_tenant(held: &Held, disabled: &HashSet<String>) -> HashMap<String, VecDeque<u32>> {
+    let mut queues: HashMap<String, VecDeque<u32>> = HashMap::new();
+    for recipient in held.recipients.lock().iter() {
+        if recipient.status == RecipientStatus::Pending && !disabled.contains(recipient.tenant()) {
+            queues
+                .entry(recipient.tenant().to_owned())
+                .or_default()
+                .push_back(recipient.index);
+        }
+    }
+    queues
+}
+
+/// Settings of the broadcast runner.
+#[derive(Debug, Clone, Copy)]
+pub struct BroadcastSettings {
+    /// Percent of each tenant's Teams budget broadcasts may fill.
+    pub max_share: u32,
+}
+
+pub struct Broadcasts {
+    jobs: DashMap<String, Arc<Held>>,
+    store: Arc<Store>,
+    health: Arc<StoreHealth>,
+    connector: Arc<Connector>,
+    addresses: Arc<AddressBook>,
+    registry: Arc<Registry>,
+    settings: BroadcastSettings,
+    /// This process's name in job leases.
+    run_id: String,
+}
+
+impl Broadcasts {
+    pub async fn load(
+        store: Arc<Store>,
+        health: Arc<StoreHealth>,
+        connector: Arc<Connector>,
+        addresses: Arc<AddressBook>,
+        registry: Arc<Registry>,
+        settings: BroadcastSettings,
+    ) -> Arc<Self> {
+        let broadcasts = Arc::new(Self {
+            jobs: DashMap::new(),
+            store,
+            health,
+            connector,
+            addresses,
+            registry,
+            settings,
+            run_id: format!("run-{:016x}", rand::random::<u64>()),
+        });
+        broadcasts.refresh().await;
+        broadcasts
+    }
+
+    /// Reads the jobs from the store again (other instances' included) and runs the running
+    /// ones whose lease this instance can take.
+    pub async fn refresh(self: &Arc<Self>) {
+        let stored = load_records::<Job>(&self.store, &self.health, JOBS_KIND).await;
+        for (id, job) in stored {
+            let known = self.jobs.get(&id).map(|h| Arc::clone(h.value()));
+            let held = match known {
+                Some(held) => {
+                    if !held.running.load(Ordering::Acquire) {
+                        *held.job.lock() = job;
+                    }
+                    held
+                }
+                None => {
+                    let recipients = self.load_recipients(&id).await;
+                    let held = Arc::new(Held {
+                        job: Mutex::new(job),
+                        recipients: Mutex::new(recipients),
+                        running: AtomicBool::new(false),
+                        sent_since_start: AtomicU64::new(0),
+                        run_started_ms: AtomicU64::new(0),
+                    });
+                    self.jobs.insert(id.clone(), Arc::clone(&held));
+                    held
+                }
+            };
+            if held.job.lock().status == JobStatus::Running {
+                self.run(&held);
+            }
+        }
+        self.count_active();
+    }
+
+    /// Looks for running jobs whose runner stopped (this instance's before a restart, or
+    /// another instance that died) every half lease, until `stopped` flips.
+    pub async fn adopt(self: Arc<Self>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(LEASE / 2);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.refresh().await,
+                _ = stopped.changed() => return,
+            }
+        }
+    }
+
+    async fn load_recipients(&self, job: &str) -> Vec<Recipient> {
+        let mut recipients: Vec<Recipient> =
+            load_records::<Recipient>(&self.store, &self.health, &recipients_kind(job))
+                .await
+                .into_iter()
+                .map(|(_, r)| r)
+                .collect();
+        recipients.sort_by_key(|r| r.index);
+        recipients
+    }
+
+    fn count_active(&self) {
+        let active = self
+            .jobs
+            .iter()
+            .filter(|h| h.job.lock().status == JobStatus::Running)
+            .count();
+        gauge!(BROADCASTS_ACTIVE).set(active as f64);
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Held>> {
+        self.jobs.get(id).map(|h| Arc::clone(h.value()))
+    }
+
+    /// The job of `integration` created with `key`, if any.
+    pub fn by_idempotency_key(&self, integration: &str, key: &str) -> Option<Arc<Held>> {
+        self.jobs
+            .iter()
+            .find(|h| {
+                let job = h.job.lock();
+                job.integration_id == integration && job.idempotency_key.as_deref() == Some(key)
+            })
+            .map(|h| Arc::clone(h.value()))
+    }
+
+    /// The integration's jobs.
+    pub fn of_integration(&self, integration: &str) -> Vec<Arc<Held>> {
+        self.jobs
+            .iter()
+            .filter(|h| h.job.lock().integration_id == integration)
+            .map(|h| Arc::clone(h.value()))
+            .collect()
+    }
+
+    async fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(job)
+            .map_err(|e| StoreError::Corrupt(format!("job does not serialize: {e}")))?;
+        let result = self
+            .store
+            .put_records(JOBS_KIND, vec![(job.id.clone(), bytes)])
+            .await;
+        self.health.observe("records", &result);
+        result
+    }
+
+    async fn put_recipients(&self, job: &str, recipients: &[Recipient]) -> Result<(), StoreError> {
+        let kind = recipients_kind(job);
+        for chunk in recipients.chunks(1_000) {
+            let records = chunk
+                .iter()
+                .filter_map(|r| Some((recipient_id(r.index), serde_json::to_vec(r).ok()?)))
+                .collect();
+            let result = self.store.put_records(&kind, records).await;
+            self.health.observe("records", &result);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Stores a new job (pending) with its first recipients.
+    pub async fn create(
+        &self,
+        job: Job,
+        recipients: Vec<Recipient>,
+    ) -> Result<Arc<Held>, StoreError> {
+        self.put_recipients(&job.id, &recipients).await?;
+        self.put_job(&job).await?;
+        let held = Arc::new(Held {
+            job: Mutex::new(job.clone()),
+            recipients: Mutex::new(recipients),
+            running: AtomicBool::new(false),
+            sent_since_start: AtomicU64::new(0),
+            run_started_ms: AtomicU64::new(0),
+        });
+        self.jobs.insert(job.id, Arc::clone(&held));
+        Ok(held)
+    }
+
+    /// Appends recipients to a job that has not started.
+    pub async fn append(
+        &self,
+        held: &Arc<Held>,
+        targets: Vec<Recipient>,
+    ) -> Result<usize, StoreError> {
+        let job = held.job().id;
+        let first = held.recipients.lock().len() as u32;
+        let recipients: Vec<Recipient> = targets
+            .into_iter()
+            .enumerate()
+            .map(|(n, r)| Recipient {
+                index: first + n as u32,
+                ..r
+            })
+            .collect();
+        self.put_recipients(&job, &recipients).await?;
+        let mut held_recipients = held.recipients.lock();
+        held_recipients.extend(recipients);
+        Ok(held_recipients.len())
+    }
+
+    /// Changes a job's status (stored first) and starts or stops its runner.
+    pub async fn set_status(
+        self: &Arc<Self>,
+        held: &Arc<Held>,
+        status: JobStatus,
+    ) -> Result<Job, StoreError> {
+        let mut job = held.job();
+        job.status = status;
+        let now = now_ms();
+        match status {
+            JobStatus::Running if job.started_at.is_none() => job.started_at = Some(now),
+            JobStatus::Done | JobStatus::Cancelled => job.finished_at = Some(now),
+            JobStatus::Running => job.finished_at = None,
+            _ => {}
+        }
+        self.put_job(&job).await?;
+        *held.job.lock() = job.clone();
+        tracing::info!(job = %job.id, status = status.as_str(), "broadcast");
+        if status == JobStatus::Running {
+            self.run(held);
+        }
+        self.count_active();
+        Ok(job)
+    }
+
+    /// Failed recipients become pending again (the sent ones stay as they are); returns how many.
+    pub async fn retry_failed(&self, held: &Arc<Held>) -> Result<usize, StoreError> {
+        let again: Vec<Recipient> = held
+            .recipients
+            .lock()
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Failed)
+            .map(|r| Recipient {
+                status: RecipientStatus::Pending,
+                reason: None,
+                updated_at: now_ms(),
+                ..r.clone()
+            })
+            .collect();
+        self.put_recipients(&held.job().id, &again).await?;
+        let mut recipients = held.recipients.lock();
+        for recipient in &again {
+            if let Some(slot) = recipients.get_mut(recipient.index as usize) {
+                *slot = recipient.clone();
+            }
+        }
+        Ok(again.len())
+    }
+
+    /// Starts the job's runner here unless one runs already.
+    fn run(self: &Arc<Self>, held: &Arc<Held>) {
+        if held.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (broadcasts, held) = (Arc::clone(self), Arc::clone(held));
+        tokio::spawn(async move {
+            broadcasts.run_job(&held).await;
+            held.running.store(false, Ordering::Release);
+            broadcasts.count_active();
+        });
+    }
+
+    /// Holds the job's lease in the store: true while this instance may run it.
+    async fn hold_lease(&self, job: &str) -> bool {
+        match self
+            .store
+            .lease(&format!("broadcast-run:{job}"), &self.run_id, LEASE)
+            .await
+        {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::warn!(%error, job, "broadcast lease not renewed: the job waits for the store");
+                false
+            }
+        }
+    }
+
+    async fn run_job(self: &Arc<Self>, held: &Arc<Held>) {
+        let job = held.job();
+        if !self.hold_lease(&job.id).await {
+            return;
+        }
+        let Some(integration) = self.registry.integration(&job.integration_id) else {
+            tracing::warn!(job = %job.id, "the broadcast's integration is gone; the job stays as it is");
+            return;
+        };
+        held.sent_since_start.store(0, Ordering::Release);
+        held.run_started_ms.store(now_ms(), Ordering::Release);
+        // Written with an attempt counted and no outcome: in flight when the last runner stopped.
+        let interrupted = held
+            .recipients
+            .lock()
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Pending && r.attempts > 0)
+            .count() as u32;
+        if interrupted > 0 {
+            let mut job = held.job();
+            job.resumed_in_flight += interrupted;
+            if self.put_job(&job).await.is_ok() {
+                *held.job.lock() = job;
+            }
+            tracing::info!(job = %held.job().id, interrupted, "broadcast resumed; recipients in flight before are sent again");
+        }
+        let mut queues = pending_by_tenant(held, &HashSet::new());
+        let mut in_flight = FuturesUnordered::new();
+        let mut per_tenant: HashMap<String, usize> = HashMap::new();
+        let mut disabled_tenants: HashSet<String> = HashSet::new();
+        let mut lease_renewed = crate::clock::now();
+        loop {
+            let stopping = held.job.lock().status != JobStatus::Running;
+            if lease_renewed.elapsed() > LEASE / 3 {
+                if !self.hold_lease(&held.job().id).await {
+                    tracing::warn!(job = %held.job().id, "broadcast lease lost; another instance runs the job");
+                    break;
+                }
+                lease_renewed = crate::clock::now();
+            }
+            // Fill the window: each tenant up to its own bound, tenants side by side.
+            let mut store_failed = false;
+            for (tenant, queue) in queues.iter_mut() {
+                if stopping || store_failed {
+                    break;
+                }
+                while in_flight.len() < MAX_IN_FLIGHT
+                    && per_tenant.get(tenant).copied().unwrap_or(0) < PER_TENANT_IN_FLIGHT
+                    && !disabled_tenants.contains(tenant)
+                {
+                    let Some(index) = queue.pop_front() else {
+                        break;
+                    };
+                    let Some(mut recipient) = held
+                        .recipients
+                        .lock()
+                        .get(index as usize)
+                        .filter(|r| r.status == RecipientStatus::Pending)
+                        .cloned()
+                    else {
+                        continue;
+                    };
+                    recipient.attempts += 1;
+                    recipient.updated_at = now_ms();
+                    if let Err(error) = self
+                        .put_recipients(&held.job().id, &[recipient.clone()])
+                        .await
+                    {
+                        tracing::warn!(%error, "a broadcast waits for the store: a recipient's attempt cannot be recorded");
+                        queue.push_front(index);
+                        store_failed = true;
+                        break;
+                    }
+                    if let Some(slot) = held.recipients.lock().get_mut(index as usize) {
+                        slot.attempts = recipient.attempts;
+                    }
+                    *per_tenant.entry(tenant.clone()).or_default() += 1;
+                    let (broadcasts, integration, message) = (
+                        Arc::clone(self),
+                        Arc::clone(&integration),
+                        held.job().message,
+                    );
+                    in_flight.push(async move {
+                        let result = proactive::send(
+                            &broadcasts.addresses,
+                            &broadcasts.connector,
+                            &integration,
+                            message.request(&recipient.to),
+                            broadcasts.settings.max_share,
+                        )
+                        .await;
+                        let outcome = outcome(result);
+                        if matches!(outcome, Outcome::Later) {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        (recipient, outcome)
+                    });
+                }
+            }
+            if store_failed && in_flight.is_empty() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            let Some((recipient, outcome)) = in_flight.next().await else {
+                if stopping {
+                    break;
+                }
+                // Every queue ran dry: what is still pending (sent later, or made pending
+                // again by a retry) makes the next round.
+                queues = pending_by_tenant(held, &disabled_tenants);
+                if queues.values().all(VecDeque::is_empty) {
+                    break;
+                }
+                continue;
+            };
+            let tenant = recipient.tenant().to_owned();
+            if let Some(count) = per_tenant.get_mut(&tenant) {
+                *count = count.saturating_sub(1);
+            }
+            let later = matches!(outcome, Outcome::Later);
+            let index = recipient.index;
+            self.record(held, recipient, outcome, &mut disabled_tenants)
+                .await;
+            if later {
+                queues.entry(tenant).or_default().push_back(index);
+            }
+        }
+        let status = held.job.lock().status;
+        let pending = held
+            .recipients
+            .lock()
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Pending)
+            .count();
+        if status == JobStatus::Running && pending == 0 {
+            if let Err(error) = self.set_status(held, JobStatus::Done).await {
+                tracing::warn!(%error, "a finished broadcast is not recorded as done yet");
+            }
+        } else if status == JobStatus::Running && !disabled_tenants.is_empty() {
+            // Only recipients of tenants where the app is disabled are left.
+            if let Err(error) = self.set_status(held, JobStatus::Paused).await {
+                tracing::warn!(%error, "a broadcast waiting for disabled tenants is not recorded as paused");
+            }
+        }
+    }
+
+    /// Records what one send came to.
+    async fn record(
+        self: &Arc<Self>,
+        held: &Arc<Held>,
+        mut recipient: Recipient,
+        outcome: Outcome,
+        disabled_tenants: &mut HashSet<String>,
+    ) {
+        recipient.updated_at = now_ms();
+        let label = match outcome {
+            Outcome::Sent {
+                conversation_id,
+                activity_id,
+            } => {
+                recipient.status = RecipientStatus::Sent;
+                recipient.reason = None;
+                recipient.conversation_id = conversation_id;
+                recipient.activity_id = activity_id;
+                held.sent_since_start.fetch_add(1, Ordering::AcqRel);
+                "sent"
+            }
+            Outcome::Failed(reason) => {
+                recipient.status = RecipientStatus::Failed;
+                recipient.reason = Some(reason.to_owned());
+                held.sent_since_start.fetch_add(1, Ordering::AcqRel);
+                reason
+            }
+            Outcome::TenantDisabled => {
+                // Not failed one by one: the tenant's recipients wait for the admin.
+                disabled_tenants.insert(recipient.tenant().to_owned());
+                recipient.reason = Some("admin_disabled".into());
+                "admin_disabled"
+            }
+            Outcome::TooLarge => {
+                recipient.status = RecipientStatus::Failed;
+                recipient.reason = Some("too_large".into());
+                let mut job = held.job();
+                job.error = Some("too_large: Teams refused the message as too large (413)".into());
+                job.status = JobStatus::Done;
+                job.finished_at = Some(now_ms());
+                if self.put_job(&job).await.is_ok() {
+                    *held.job.lock() = job;
+                }
+                "too_large"
+            }
+            Outcome::Later => "later",
+        };
+        counter!(BROADCAST_RECIPIENTS, "outcome" => label).increment(1);
+        if let Err(error) = self
+            .put_recipients(&held.job().id, &[recipient.clone()])
+            .await
+        {
+            tracing::warn!(%error, "a broadcast recipient's outcome is not stored; it is sent again if the job resumes elsewhere");
+        }
+        if let Some(slot) = held.recipients.lock().get_mut(recipient.index as usize) {
+            *slot = recipient;
+        }
+    }
+}
