@@ -997,3 +997,104 @@ async fn a_broadcast_reaches_every_recipient_once_within_teams_limits() {
             >= (users - blocked.len()) as f64
     );
 }
+
+/// The binary with the embedded store in `dir`, Teams' limits, unseen tenants reached at the
+/// mock.
+async fn spawn_paced(
+    mock: &MockMicrosoft,
+    dir: &std::path::Path,
+) -> loadtest::router::RouterProcess {
+    loadtest::router::RouterProcess::spawn_with_env(
+        &binary(),
+        &config_with_storage(
+            mock,
+            &format!("[storage]\npath = {dir:?}\n"),
+            &format!("[[accounts]]\nid = \"ops\"\napi_key = \"{KEY}\"\n"),
+        ),
+        &[
+            ("TEAMS_ROUTER__CONNECTOR__APP_LIMITS", "[[1000, 50]]"),
+            (
+                "TEAMS_ROUTER__CONNECTOR__CONVERSATION_LIMITS",
+                "[[1000, 7], [2000, 8], [30000, 60], [3600000, 1800]]",
+            ),
+            (
+                "TEAMS_ROUTER__CONNECTOR__PROACTIVE_SERVICE_URL",
+                &mock.service_url(),
+            ),
+        ],
+    )
+    .await
+    .expect("router starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_mid_broadcast_finishes_it_after_a_restart() {
+    let mock = mock().await;
+    mock.enforce_teams_limits(true);
+    let dir = scratch_dir("broadcast-kill");
+    let mut router = spawn_paced(&mock, &dir).await;
+    let users = sized(300, 5_000);
+    let recipients: Vec<Value> = (0..users)
+        .map(|n| json!({"userId": format!("29:kill-{n}"), "tenantId": BROADCAST_TENANTS[n % 2]}))
+        .collect();
+    let mut job = String::new();
+    for page in recipients.chunks(10_000).enumerate() {
+        let (n, page) = page;
+        let url = if n == 0 {
+            format!(
+                "{}/api/v1/integration/teams/teams_prod/broadcast/create",
+                router.base_url()
+            )
+        } else {
+            format!(
+                "{}/api/v1/integration/teams/teams_prod/broadcast/{job}/recipients",
+                router.base_url()
+            )
+        };
+        let body = if n == 0 {
+            json!({"message": {"text": "Kill test"}, "recipients": {"users": page}, "start": false})
+        } else {
+            json!({"recipients": {"users": page}})
+        };
+        let (status, answer) = api("POST", &url, Some(body)).await;
+        assert_eq!(status, 200, "{answer}");
+        if n == 0 {
+            job = answer["id"].as_str().expect("job").to_owned();
+        }
+    }
+    let base = router.base_url();
+    let (status, _) = api(
+        "POST",
+        &format!("{base}/api/v1/integration/teams/teams_prod/broadcast/{job}/start"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while mock.activity_count() < users / 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    router.kill().await;
+    let sent_before = mock.activity_count();
+    let killed_at = std::time::Instant::now();
+    let router = spawn_paced(&mock, &dir).await;
+    let done = wait_for_broadcast(&router.base_url(), &job, &["done"]).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["counts"]["sent"], users, "{done}");
+    let copies = mock
+        .activities()
+        .into_iter()
+        .filter(|r| r.text() == "Kill test")
+        .count();
+    let duplicates = copies - users;
+    let in_flight = done["resumedInFlight"].as_u64().unwrap_or(0) as usize;
+    eprintln!(
+        "broadcast to {users} users, killed after {sent_before} sends: finished {:?} after the restart, {duplicates} duplicate(s), {in_flight} in flight at the kill",
+        killed_at.elapsed()
+    );
+    assert!(
+        duplicates <= in_flight,
+        "{duplicates} duplicates, {in_flight} in flight"
+    );
+    assert_eq!(mock.throttled(), 0);
+}
