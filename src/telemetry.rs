@@ -43,6 +43,7 @@ pub const TENANT_CONNECTS: &str = "teams_router_tenant_connects_total";
 pub const CONSENT_CALLBACKS: &str = "teams_router_consent_callbacks_total";
 pub const BROADCAST_RECIPIENTS: &str = "teams_router_broadcast_recipients_total";
 pub const BROADCASTS_ACTIVE: &str = "teams_router_broadcasts_active";
+pub const BROADCAST_EDITS: &str = "teams_router_broadcast_edits_total";
 pub const CONNECTOR_QUEUE_DEPTH: &str = "teams_router_connector_queue_depth";
 pub const STREAMS: &str = "teams_router_streams_total";
 pub const ADMIN_AUTH_FAILURES: &str = "teams_router_admin_auth_failures_total";
@@ -393,6 +394,14 @@ fn describe_all() {
     );
     for outcome in BROADCAST_OUTCOMES {
         counter!(BROADCAST_RECIPIENTS, "outcome" => *outcome).increment(0);
+    }
+    describe_counter!(
+        BROADCAST_EDITS,
+        Unit::Count,
+        "Delivered broadcast copies changed (updated, recalled) or not (failed)."
+    );
+    for outcome in ["updated", "recalled", "failed"] {
+        counter!(BROADCAST_EDITS, "outcome" => outcome).increment(0);
     }
     gauge!(BROADCASTS_ACTIVE).set(0.0);
     for source in CONNECTION_SOURCES {

@@ -978,6 +978,46 @@ async fn a_broadcast_reaches_every_recipient_once_within_teams_limits() {
         "the sent ones are untouched"
     );
 
+    // Every delivered copy is updated, then recalled.
+    let delivered = users - blocked.len() + 2;
+    let before_edits = mock.activity_count();
+    let (status, updated) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/broadcast/{job}/update"),
+        Some(json!({"message": {"text": "Maintenance moved to 23:00"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{updated}");
+    let done = wait_for_broadcast(&admin, &job, &["done"]).await;
+    assert_eq!(done["status"], "done", "{done}");
+    let puts: Vec<_> = mock
+        .activities_from(before_edits)
+        .into_iter()
+        .filter(|r| r.method == "PUT")
+        .collect();
+    assert_eq!(puts.len(), delivered);
+    assert!(
+        puts.iter()
+            .all(|r| r.text() == "Maintenance moved to 23:00")
+    );
+    let before_recall = mock.activity_count();
+    let (status, _) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/broadcast/{job}/recall"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let done = wait_for_broadcast(&admin, &job, &["done"]).await;
+    assert_eq!(done["status"], "done", "{done}");
+    let deletes = mock
+        .activities_from(before_recall)
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .count();
+    assert_eq!(deletes, delivered);
+    assert_eq!(mock.throttled(), 0, "edits are paced too");
+
     let (baseline_p99, during_p99) = (p99(baseline), p99(during));
     eprintln!(
         "broadcast to {users} users in 4 tenants: {took:?}, {created_chats} chats created, {} blocked, live e2e p99 {baseline_p99:?} before, {during_p99:?} during",
@@ -1097,4 +1137,71 @@ async fn a_router_killed_mid_broadcast_finishes_it_after_a_restart() {
         "{duplicates} duplicates, {in_flight} in flight"
     );
     assert_eq!(mock.throttled(), 0);
+}
+
+#[tokio::test]
+async fn a_proactive_message_is_updated_and_deleted_later_and_only_the_routers_own() {
+    let (mock, router, admin) = start_router(300_000).await;
+    let (status, _) = deliver(
+        &mock,
+        &router,
+        &from_tenant(personal_message(&mock, "a:edit", "e-1", "hi"), TENANT_B),
+    )
+    .await;
+    assert_eq!(status, 200);
+    mock.wait_for_activity_count(1, Duration::from_secs(10))
+        .await;
+    let (status, sent) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/message"),
+        Some(json!({"conversationId": "a:edit", "text": "v1"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{sent}");
+    let activity = sent["activityId"]
+        .as_str()
+        .expect("an activity id")
+        .to_owned();
+    let edit =
+        |text: &str| json!({"conversationId": "a:edit", "activityId": activity, "text": text});
+    let (status, body) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/message/update"),
+        Some(edit("v2")),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let put = mock
+        .activities()
+        .into_iter()
+        .find(|r| r.method == "PUT")
+        .expect("a PUT");
+    assert_eq!(put.text(), "v2");
+    assert_eq!(put.reply_to_id.as_deref(), Some(activity.as_str()));
+    // An activity the router did not send through here.
+    let (status, _) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/message/update"),
+        Some(json!({"conversationId": "a:edit", "activityId": "1999", "text": "x"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, body) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/message/delete"),
+        Some(json!({"conversationId": "a:edit", "activityId": activity})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(mock.activities().iter().any(|r| r.method == "DELETE"));
+    let (status, _) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/message/update"),
+        Some(edit("v3")),
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "a deleted message is no longer the router's to change"
+    );
 }

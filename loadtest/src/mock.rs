@@ -171,6 +171,8 @@ struct State {
     /// Tenants answering 429 until then (Teams' own throttling, not the router's doing).
     tenant_throttled_until: HashMap<String, Instant>,
     scripted_throttles: usize,
+    /// The tenant of each conversation written to (a delete carries none; Teams knows it).
+    conversation_tenants: HashMap<String, String>,
 }
 
 /// Called with every activity the connector accepts, as it is accepted.
@@ -860,12 +862,26 @@ impl MockMicrosoft {
                 .into_owned()
         };
         let conversation_id = decode(conversation);
-        let request_tenant = activity
+        let request_tenant = match activity
             .pointer("/channelData/tenant/id")
+            .or_else(|| activity.pointer("/conversation/tenantId"))
             .or_else(|| activity.get("tenantId"))
             .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
+        {
+            Some(tenant) => {
+                if !conversation_id.is_empty() {
+                    state
+                        .conversation_tenants
+                        .insert(conversation_id.clone(), tenant.to_owned());
+                }
+                tenant.to_owned()
+            }
+            None => state
+                .conversation_tenants
+                .get(&conversation_id)
+                .cloned()
+                .unwrap_or_default(),
+        };
         if state
             .tenant_throttled_until
             .get(&request_tenant)
@@ -897,12 +913,7 @@ impl MockMicrosoft {
             );
         }
         if state.enforce_limits {
-            let tenant = activity
-                .pointer("/channelData/tenant/id")
-                .or_else(|| activity.pointer("/conversation/tenantId"))
-                .or_else(|| activity.get("tenantId"))
-                .and_then(Value::as_str)
-                .unwrap_or_default();
+            let tenant = request_tenant.as_str();
             let now = Instant::now();
             // A create's thread is the chat it makes: the user's, or the channel's.
             let thread = if conversation.is_empty() {

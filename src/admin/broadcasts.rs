@@ -14,7 +14,9 @@ use super::model::{self, Invalid};
 use super::paging::{ListQuery, Position};
 use super::{Admin, ApiError, ApiResult, new_id, now_micros};
 use crate::ledger::events::EventDraft;
-use crate::notify::broadcasts::{Held, Job, JobStatus, Message, Recipient, RecipientStatus, To};
+use crate::notify::broadcasts::{
+    Edit, Held, Job, JobStatus, Message, Recipient, RecipientStatus, To,
+};
 use crate::notify::destinations::{Destination, Filter, Reachability, Target};
 use crate::registry::Integration;
 use crate::store::now_ms;
@@ -93,6 +95,12 @@ struct CreateBroadcast {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct AppendRecipients {
     recipients: Recipients,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct UpdateBroadcast {
+    message: Message,
 }
 
 fn id_field(field: &'static str, value: &str) -> Result<(), Invalid> {
@@ -472,6 +480,62 @@ impl Admin {
         Ok(broadcast_view(&held))
     }
 
+    /// `update` (every delivered copy replaced with a new message) and `recall` (every
+    /// delivered copy deleted), paced like the sends.
+    pub(super) async fn edit_broadcast(
+        &self,
+        account: &str,
+        integration_id: &str,
+        job: &str,
+        verb: &str,
+        body: &[u8],
+    ) -> ApiResult {
+        let (integration, held) = self.owned_broadcast(account, integration_id, job)?;
+        let (edit, message) = if verb == "update" {
+            let input: UpdateBroadcast = model::parse_body(body)?;
+            input.message.check().map_err(|error| match error {
+                crate::notify::proactive::ProactiveError::Invalid { field, message } => {
+                    ApiError::from(Invalid::field(field, format!("message.{field}: {message}")))
+                }
+                other => ApiError::from(Invalid::field("message", other.to_string())),
+            })?;
+            (Edit::Update, Some(input.message))
+        } else {
+            let _: model::NoFields = model::parse_body(body)?;
+            (Edit::Recall, None)
+        };
+        let _guard = self.broadcast_lock.lock().await;
+        let status = held.job().status;
+        if matches!(status, JobStatus::Running | JobStatus::Pending) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_state",
+                format!(
+                    "the broadcast is {}: pause it (or let it finish) before changing what it delivered",
+                    status.as_str()
+                ),
+            ));
+        }
+        let copies = self
+            .parts
+            .broadcasts
+            .edit_delivered(&held, edit, message)
+            .await
+            .map_err(ApiError::store)?;
+        self.parts.sink.record(
+            &integration.id,
+            EventDraft::new("broadcast.edit").message(format!(
+                "{} {verb} of {copies} delivered copies",
+                held.job().id
+            )),
+        );
+        if copies > 0 {
+            self.change_broadcast(&integration, &held, JobStatus::Running)
+                .await?;
+        }
+        Ok(broadcast_view(&held))
+    }
+
     pub(super) fn fetch_broadcast(
         &self,
         account: &str,
@@ -571,6 +635,9 @@ fn recipient_view(recipient: &Recipient) -> Value {
         "conversationId": recipient.conversation_id,
         "activityId": recipient.activity_id,
         "attempts": recipient.attempts,
+        "edit": recipient.edit,
+        "recalled": recipient.recalled,
+        "editError": recipient.edit_error,
         "updatedAt": model::iso_time(recipient.updated_at),
     });
     if let Some(fields) = view.as_object_mut() {

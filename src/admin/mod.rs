@@ -8,6 +8,7 @@ mod broadcasts;
 mod consent;
 mod destinations;
 mod discovery;
+mod messages;
 pub mod model;
 pub(crate) mod paging;
 pub(crate) mod secrets;
@@ -93,6 +94,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ),
     (
         "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/message/update",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/message/delete",
+    ),
+    (
+        "POST",
         "/api/v1/integration/teams/{teamsIntegrationId}/callback",
     ),
     (
@@ -147,6 +156,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     (
         "POST",
         "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/retry",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/update",
+    ),
+    (
+        "POST",
+        "/api/v1/integration/teams/{teamsIntegrationId}/broadcast/{jobId}/recall",
     ),
     (
         "GET",
@@ -610,6 +627,12 @@ impl Admin {
             ["integration", "teams", id, "setup"] => ("POST", Action::Setup(id)),
             ["integration", "teams", id, "event", "list"] => ("GET", Action::ListEvents(id)),
             ["integration", "teams", id, "message"] => ("POST", Action::SendMessage(id)),
+            ["integration", "teams", id, "message", "update"] => {
+                ("POST", Action::UpdateMessage(id))
+            }
+            ["integration", "teams", id, "message", "delete"] => {
+                ("POST", Action::DeleteMessage(id))
+            }
             ["integration", "teams", id, "connection", "url"] => ("POST", Action::ConsentUrl(id)),
             ["integration", "teams", id, "connection", "list"] => {
                 ("GET", Action::ListConnections(id))
@@ -658,6 +681,14 @@ impl Admin {
                 job,
                 verb @ ("start" | "pause" | "resume" | "cancel" | "retry"),
             ] => ("POST", Action::ControlBroadcast(id, job, verb)),
+            [
+                "integration",
+                "teams",
+                id,
+                "broadcast",
+                job,
+                verb @ ("update" | "recall"),
+            ] => ("POST", Action::EditBroadcast(id, job, verb)),
             ["integration", "teams", id, "destination", "create"] => {
                 ("POST", Action::CreateDestination(id))
             }
@@ -749,6 +780,8 @@ impl Admin {
             Action::Setup(id) => self.setup_now(&account, id, &body).await,
             Action::ListEvents(id) => self.list_events(&account, id, query),
             Action::SendMessage(id) => self.send_message(&account, id, &body).await,
+            Action::UpdateMessage(id) => self.update_message(&account, id, &body).await,
+            Action::DeleteMessage(id) => self.delete_message(&account, id, &body).await,
             Action::ConsentUrl(id) => self.consent_url(&account, id, &body).await,
             Action::ListConnections(id) => self.list_connections(&account, id, query),
             Action::DeleteConnection(id, tenant) => {
@@ -768,6 +801,9 @@ impl Admin {
             }
             Action::ListRecipients(id, job) => {
                 self.list_broadcast_recipients(&account, id, job, query)
+            }
+            Action::EditBroadcast(id, job, verb) => {
+                self.edit_broadcast(&account, id, job, verb, &body).await
             }
             Action::ControlBroadcast(id, job, verb) => {
                 self.control_broadcast(&account, id, job, verb, &body).await
@@ -1270,15 +1306,18 @@ impl Admin {
     async fn send_message(&self, account: &str, id: &str, body: &[u8]) -> ApiResult {
         let integration = self.owned_integration(account, id)?;
         let request: proactive::MessageRequest = model::parse_body(body)?;
-        proactive::send(
+        let sent = proactive::send(
             &self.parts.addresses,
             &self.parts.connector,
             &integration,
             request,
             100,
         )
-        .await
-        .map_err(|error| {
+        .await;
+        if let Ok(answer) = &sent {
+            self.remember_sent(&integration.record.id, answer).await;
+        }
+        sent.map_err(|error| {
             let message = error.to_string();
             match error {
                 proactive::ProactiveError::Invalid { field, .. } => ApiError {
@@ -1513,6 +1552,8 @@ enum Action<'a> {
     Setup(&'a str),
     ListEvents(&'a str),
     SendMessage(&'a str),
+    UpdateMessage(&'a str),
+    DeleteMessage(&'a str),
     ConsentUrl(&'a str),
     ListConnections(&'a str),
     DeleteConnection(&'a str, &'a str),
@@ -1523,6 +1564,7 @@ enum Action<'a> {
     AppendRecipients(&'a str, &'a str),
     ListRecipients(&'a str, &'a str),
     ControlBroadcast(&'a str, &'a str, &'a str),
+    EditBroadcast(&'a str, &'a str, &'a str),
     ListMembers(&'a str),
     GraphTeams(&'a str),
     GraphChannels(&'a str, &'a str),

@@ -26,11 +26,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::proactive::{self, MessageRequest, ProactiveError};
-use crate::connector::{Connector, ConnectorError};
-use crate::ledger::addresses::AddressBook;
-use crate::registry::Registry;
+use crate::connector::{Connector, ConnectorError, Route};
+use crate::ledger::addresses::{AddressBook, CompactJson};
+use crate::registry::{Integration, Registry};
 use crate::store::{Store, StoreError, StoreHealth, load_records, now_ms};
-use crate::telemetry::{BROADCAST_RECIPIENTS, BROADCASTS_ACTIVE};
+use crate::telemetry::{BROADCAST_EDITS, BROADCAST_RECIPIENTS, BROADCASTS_ACTIVE};
 
 pub const JOBS_KIND: &str = "broadcasts";
 /// Sends in flight per tenant; tenants run in parallel up to [`MAX_IN_FLIGHT`].
@@ -164,7 +164,26 @@ pub struct Recipient {
     /// Sends started (one more before each send is written first).
     #[serde(default)]
     pub attempts: u32,
+    /// A change of the delivered copy still to make (`update` or `recall` of the job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit: Option<Edit>,
+    /// The delivered copy was deleted (`recall`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recalled: bool,
+    /// The last edit that failed, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit_error: Option<String>,
     pub updated_at: u64,
+}
+
+/// A change to a delivered copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Edit {
+    /// Replace it with the job's (new) message.
+    Update,
+    /// Delete it.
+    Recall,
 }
 
 impl Recipient {
@@ -179,8 +198,17 @@ impl Recipient {
             conversation_id: None,
             activity_id: None,
             attempts: 0,
+            edit: None,
+            recalled: false,
+            edit_error: None,
             updated_at: now_ms(),
         }
+    }
+
+    /// Whether the runner has something to do for it: a send, or an edit of its copy.
+    fn has_work(&self) -> bool {
+        self.status == RecipientStatus::Pending
+            || (self.status == RecipientStatus::Sent && self.edit.is_some())
     }
 
     /// The tenant whose budget its send uses ("" when it is not known before sending).
@@ -302,6 +330,8 @@ enum Outcome {
     TooLarge,
     /// Not sent, not failed: tried again later (the bot's outbound queue is full).
     Later,
+    /// An edit of a delivered copy was made, or failed (the copy stays as it was).
+    Edited(Result<Edit, &'static str>),
 }
 
 /// The reason a refusal of Teams maps to (protocol.md §3.3).
@@ -359,7 +389,7 @@ fn outcome(result: Result<Value, ProactiveError>) -> Outcome {
 fn pending_by_tenant(held: &Held, disabled: &HashSet<String>) -> HashMap<String, VecDeque<u32>> {
     let mut queues: HashMap<String, VecDeque<u32>> = HashMap::new();
     for recipient in held.recipients.lock().iter() {
-        if recipient.status == RecipientStatus::Pending && !disabled.contains(recipient.tenant()) {
+        if recipient.has_work() && !disabled.contains(recipient.tenant()) {
             queues
                 .entry(recipient.tenant().to_owned())
                 .or_default()
@@ -591,6 +621,41 @@ impl Broadcasts {
         Ok(job)
     }
 
+    /// Asks for `edit` of every delivered copy (with the job's message replaced first for an
+    /// update); the runner makes them. Returns how many copies.
+    pub async fn edit_delivered(
+        &self,
+        held: &Arc<Held>,
+        edit: Edit,
+        message: Option<Message>,
+    ) -> Result<usize, StoreError> {
+        if let Some(message) = message {
+            let mut job = held.job();
+            job.message = message;
+            self.put_job(&job).await?;
+            *held.job.lock() = job;
+        }
+        let marked: Vec<Recipient> = held
+            .recipients
+            .lock()
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Sent && !r.recalled)
+            .map(|r| Recipient {
+                edit: Some(edit),
+                updated_at: now_ms(),
+                ..r.clone()
+            })
+            .collect();
+        self.put_recipients(&held.job().id, &marked).await?;
+        let mut recipients = held.recipients.lock();
+        for recipient in &marked {
+            if let Some(slot) = recipients.get_mut(recipient.index as usize) {
+                *slot = recipient.clone();
+            }
+        }
+        Ok(marked.len())
+    }
+
     /// Failed recipients become pending again (the sent ones stay as they are); returns how many.
     pub async fn retry_failed(&self, held: &Arc<Held>) -> Result<usize, StoreError> {
         let again: Vec<Recipient> = held
@@ -700,24 +765,26 @@ impl Broadcasts {
                         .recipients
                         .lock()
                         .get(index as usize)
-                        .filter(|r| r.status == RecipientStatus::Pending)
+                        .filter(|r| r.has_work())
                         .cloned()
                     else {
                         continue;
                     };
-                    recipient.attempts += 1;
-                    recipient.updated_at = now_ms();
-                    if let Err(error) = self
-                        .put_recipients(&held.job().id, &[recipient.clone()])
-                        .await
-                    {
-                        tracing::warn!(%error, "a broadcast waits for the store: a recipient's attempt cannot be recorded");
-                        queue.push_front(index);
-                        store_failed = true;
-                        break;
-                    }
-                    if let Some(slot) = held.recipients.lock().get_mut(index as usize) {
-                        slot.attempts = recipient.attempts;
+                    if recipient.status == RecipientStatus::Pending {
+                        recipient.attempts += 1;
+                        recipient.updated_at = now_ms();
+                        if let Err(error) = self
+                            .put_recipients(&held.job().id, &[recipient.clone()])
+                            .await
+                        {
+                            tracing::warn!(%error, "a broadcast waits for the store: a recipient's attempt cannot be recorded");
+                            queue.push_front(index);
+                            store_failed = true;
+                            break;
+                        }
+                        if let Some(slot) = held.recipients.lock().get_mut(index as usize) {
+                            slot.attempts = recipient.attempts;
+                        }
                     }
                     *per_tenant.entry(tenant.clone()).or_default() += 1;
                     let (broadcasts, integration, message) = (
@@ -726,15 +793,26 @@ impl Broadcasts {
                         held.job().message,
                     );
                     in_flight.push(async move {
-                        let result = proactive::send(
-                            &broadcasts.addresses,
-                            &broadcasts.connector,
-                            &integration,
-                            message.request(&recipient.to),
-                            broadcasts.settings.max_share,
-                        )
-                        .await;
-                        let outcome = outcome(result);
+                        let edit = recipient
+                            .edit
+                            .filter(|_| recipient.status == RecipientStatus::Sent);
+                        let outcome = match edit {
+                            Some(edit) => {
+                                broadcasts
+                                    .edit(&integration, &message, &recipient, edit)
+                                    .await
+                            }
+                            None => outcome(
+                                proactive::send(
+                                    &broadcasts.addresses,
+                                    &broadcasts.connector,
+                                    &integration,
+                                    message.request(&recipient.to),
+                                    broadcasts.settings.max_share,
+                                )
+                                .await,
+                            ),
+                        };
                         if matches!(outcome, Outcome::Later) {
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
@@ -775,7 +853,7 @@ impl Broadcasts {
             .recipients
             .lock()
             .iter()
-            .filter(|r| r.status == RecipientStatus::Pending)
+            .filter(|r| r.has_work())
             .count();
         if status == JobStatus::Running && pending == 0 {
             if let Err(error) = self.set_status(held, JobStatus::Done).await {
@@ -786,6 +864,64 @@ impl Broadcasts {
             if let Err(error) = self.set_status(held, JobStatus::Paused).await {
                 tracing::warn!(%error, "a broadcast waiting for disabled tenants is not recorded as paused");
             }
+        }
+    }
+
+    /// Changes the copy `recipient` got: replaced with `message`, or deleted.
+    async fn edit(
+        &self,
+        integration: &Integration,
+        message: &Message,
+        recipient: &Recipient,
+        edit: Edit,
+    ) -> Outcome {
+        let (Some(conversation_id), Some(activity_id)) =
+            (&recipient.conversation_id, &recipient.activity_id)
+        else {
+            // Teams gave no id (a 202 without body): the copy cannot be changed.
+            return Outcome::Edited(Err("no_activity_id"));
+        };
+        let Some(address) = self
+            .addresses
+            .get(&integration.record.id, &format!("conv:{conversation_id}"))
+        else {
+            return Outcome::Edited(Err("unknown_address"));
+        };
+        let route = Route {
+            credentials: integration.credentials.as_deref(),
+            tenant: address.tenant_id.as_deref(),
+            service_url: &address.service_url,
+            conversation_id,
+            budget_percent: self.settings.max_share,
+        };
+        let result = match edit {
+            Edit::Update => {
+                let conversation = address.conversation.as_ref().map_or_else(
+                    || serde_json::json!({"id": conversation_id}),
+                    CompactJson::value,
+                );
+                let mut activity = message
+                    .request(&recipient.to)
+                    .message(&address, conversation);
+                activity["id"] = Value::from(activity_id.as_str());
+                self.connector
+                    .update(route, activity_id, &activity)
+                    .await
+                    .map(drop)
+            }
+            Edit::Recall => self.connector.delete(route, activity_id).await,
+        };
+        match result {
+            Ok(()) => Outcome::Edited(Ok(edit)),
+            // Gone already: what a recall wants.
+            Err(ConnectorError::Rejected { status: 404, .. }) if edit == Edit::Recall => {
+                Outcome::Edited(Ok(edit))
+            }
+            Err(ConnectorError::QueueFull(_)) => Outcome::Later,
+            Err(error) => match refusal(error.status().unwrap_or(0), error.detail()) {
+                Outcome::Failed(reason) => Outcome::Edited(Err(reason)),
+                _ => Outcome::Edited(Err("error")),
+            },
         }
     }
 
@@ -835,6 +971,29 @@ impl Broadcasts {
                 "too_large"
             }
             Outcome::Later => "later",
+            Outcome::Edited(result) => {
+                recipient.edit = None;
+                recipient.edit_error = result.err().map(str::to_owned);
+                if result == Ok(Edit::Recall) {
+                    recipient.recalled = true;
+                }
+                let label = match result {
+                    Ok(Edit::Update) => "updated",
+                    Ok(Edit::Recall) => "recalled",
+                    Err(_) => "failed",
+                };
+                counter!(BROADCAST_EDITS, "outcome" => label).increment(1);
+                if let Err(error) = self
+                    .put_recipients(&held.job().id, &[recipient.clone()])
+                    .await
+                {
+                    tracing::warn!(%error, "a broadcast recipient's edit is not stored");
+                }
+                if let Some(slot) = held.recipients.lock().get_mut(recipient.index as usize) {
+                    *slot = recipient;
+                }
+                return;
+            }
         };
         counter!(BROADCAST_RECIPIENTS, "outcome" => label).increment(1);
         if let Err(error) = self
