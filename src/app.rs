@@ -27,6 +27,7 @@ use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::EventLog;
 use crate::notify::broadcasts::{BroadcastSettings, Broadcasts};
 use crate::notify::graph::Graph;
+use crate::notify::workflows::Workflows;
 use crate::notify::{Destinations, Tenants};
 use crate::ownership::{Owner, OwnerSettings};
 use crate::registry::Registry;
@@ -144,6 +145,7 @@ impl Router {
         let health = Arc::new(StoreHealth::default());
 
         let sealer = Arc::new(Sealer::from_config(&config.security, &config.storage, env)?);
+        let sealer_for_workflows = Arc::clone(&sealer);
         if store.is_shared() && config.security.master_key_env.is_none() {
             tracing::warn!(
                 "storage is shared but security.master_key_env is not set: every instance must use the same master key file"
@@ -295,6 +297,15 @@ impl Router {
             Arc::clone(&connector),
             Arc::clone(&addresses),
             Arc::clone(&registry),
+            Arc::clone(&destinations),
+            Workflows::new(
+                BackendClient::http_client(
+                    &egress,
+                    Duration::from_millis(config.backend.connect_timeout_ms),
+                )?,
+                Arc::clone(&egress),
+                admin::workflow_opener(Arc::clone(&sealer_for_workflows)),
+            ),
             BroadcastSettings {
                 max_share: config.broadcast.max_share,
             },

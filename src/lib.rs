@@ -15,7 +15,7 @@
 //! | [`connector`] | Bot Connector REST client, outbound tokens, pacing, retries | auth, clock, config, registry, telemetry |
 //! | [`ledger`] | what the data path writes down for the management API: events, contacts, addresses | activity, registry, store, telemetry |
 //! | [`registry`] | the live bot and integration records | auth, config, records, telemetry |
-//! | [`notify`] | tenant connections (admin consent, installations), destinations, discovery, proactive messages and broadcasts | clock, connector, ledger, records, registry, store, telemetry |
+//! | [`notify`] | tenant connections (admin consent, installations), destinations, discovery, proactive messages and broadcasts | backend, clock, connector, ledger, records, registry, store, telemetry |
 //! | [`ownership`] | with a shared Redis store: partition leases, their streams' readers, the hand-over to conversations | activity, clock, connector, conversation, store, telemetry |
 //! | [`store`] | embedded and Redis stores, the snapshot and journal writers, the snapshot codec | clock, config, telemetry |
 //! | [`records`] | the domain records (bots, integrations, accounts) | – |
@@ -77,6 +77,7 @@ mod rooms {
         (
             "notify",
             &[
+                "backend",
                 "clock",
                 "connector",
                 "ledger",

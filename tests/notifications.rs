@@ -1205,3 +1205,55 @@ async fn a_proactive_message_is_updated_and_deleted_later_and_only_the_routers_o
         "a deleted message is no longer the router's to change"
     );
 }
+
+#[tokio::test]
+async fn a_broadcast_posts_an_adaptive_card_to_workflow_destinations() {
+    let (mock, router, admin) = start_router(300_000).await;
+    let (status, _) = deliver(
+        &mock,
+        &router,
+        &from_tenant(personal_message(&mock, "a:wf-chat", "wf-1", "hi"), TENANT_B),
+    )
+    .await;
+    assert_eq!(status, 200);
+    mock.wait_for_activity_count(1, Duration::from_secs(10))
+        .await;
+    let (status, workflow) = create_destination(
+        &admin,
+        json!({"type": "workflow", "url": mock.workflow_url("ops-alerts"), "meta": {"team": "ops"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{workflow}");
+    let (status, _) = create_destination(
+        &admin,
+        json!({"type": "conversation", "conversationId": "a:wf-chat", "meta": {"team": "ops"}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, created) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/broadcast/create"),
+        Some(json!({"message": {"text": "Disk almost full"}, "recipients": {"allDestinations": {"meta": {"team": "ops"}}}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    assert_eq!(created["recipients"], 2);
+    let done = wait_for_broadcast(&admin, created["id"].as_str().unwrap(), &["done"]).await;
+    assert_eq!(done["counts"]["sent"], 2, "{done}");
+    let posts = mock.workflow_posts();
+    assert_eq!(posts.len(), 1);
+    assert!(posts[0].0.starts_with("/workflows/ops-alerts?sig="));
+    assert_eq!(
+        posts[0].1["attachments"][0]["contentType"],
+        "application/vnd.microsoft.card.adaptive"
+    );
+    assert_eq!(
+        posts[0].1["attachments"][0]["content"]["body"][0]["text"],
+        "Disk almost full"
+    );
+    assert!(
+        mock.activities()
+            .iter()
+            .any(|r| r.conversation_id == "a:wf-chat" && r.text() == "Disk almost full")
+    );
+}

@@ -173,6 +173,8 @@ struct State {
     scripted_throttles: usize,
     /// The tenant of each conversation written to (a delete carries none; Teams knows it).
     conversation_tenants: HashMap<String, String>,
+    /// What Teams Workflows webhooks received: (path and query, payload).
+    workflow_posts: Vec<(String, Value)>,
 }
 
 /// Called with every activity the connector accepts, as it is accepted.
@@ -322,6 +324,16 @@ impl MockMicrosoft {
     /// 429s answered by [`MockMicrosoft::throttle_tenant`] (apart from [`MockMicrosoft::throttled`]).
     pub fn scripted_throttles(&self) -> usize {
         self.state.lock().scripted_throttles
+    }
+
+    /// A Teams Workflows webhook URL served by the mock (it answers 202, as Workflows do).
+    pub fn workflow_url(&self, name: &str) -> String {
+        format!("http://{}/workflows/{name}?sig=mock-signature", self.addr)
+    }
+
+    /// What the Workflows webhooks received: (path and query, payload).
+    pub fn workflow_posts(&self) -> Vec<(String, Value)> {
+        self.state.lock().workflow_posts.clone()
     }
 
     /// Graph requests served (any outcome).
@@ -522,6 +534,17 @@ impl MockMicrosoft {
                 self.paged_members(&request)
             }
             (Method::GET, p) if p.starts_with("/v1.0/") => self.graph(&request),
+            (Method::POST, p) if p.starts_with("/workflows/") => {
+                let target = request
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default();
+                let body = read_body(request).await;
+                let payload = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                self.state.lock().workflow_posts.push((target, payload));
+                json_response(StatusCode::ACCEPTED, json!({}))
+            }
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 json!({"error": {"code": "NotFound", "message": path}}),

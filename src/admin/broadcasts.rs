@@ -113,8 +113,8 @@ fn id_field(field: &'static str, value: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// A destination as a recipient: where it sends, or the reason it cannot be sent to.
-fn from_destination(destination: &Destination) -> Result<Recipient, &'static str> {
+/// A destination as a recipient (failed at once when Teams said the bot is not there).
+fn from_destination(destination: &Destination) -> Recipient {
     let to = match &destination.target {
         Target::Channel {
             channel_id,
@@ -138,7 +138,9 @@ fn from_destination(destination: &Destination) -> Result<Recipient, &'static str
         Target::Conversation { conversation_id } => To::Conversation {
             conversation_id: conversation_id.clone(),
         },
-        Target::Workflow { .. } => return Err("workflow"),
+        Target::Workflow { .. } => To::Workflow {
+            destination_id: destination.id.clone(),
+        },
     };
     let mut recipient = Recipient::new(0, to);
     recipient.destination_id = Some(destination.id.clone());
@@ -147,7 +149,7 @@ fn from_destination(destination: &Destination) -> Result<Recipient, &'static str
         recipient.status = RecipientStatus::Failed;
         recipient.reason = Some("not_installed".into());
     }
-    Ok(recipient)
+    recipient
 }
 
 impl Admin {
@@ -162,23 +164,8 @@ impl Admin {
         let mut found: Vec<Recipient> = Vec::new();
         let destinations = &self.parts.destinations;
         let integration_id = &integration.record.id;
-        let push_destination = |destination: &Destination,
-                                found: &mut Vec<Recipient>|
-         -> Result<(), ApiError> {
-            match from_destination(destination) {
-                Ok(recipient) => {
-                    found.push(recipient);
-                    Ok(())
-                }
-                Err(_) => Err(Invalid::field(
-                    "recipients",
-                    format!(
-                        "destination {} is a Workflows webhook: broadcasts send to Teams chats and channels; send to a workflow with its own request",
-                        destination.id
-                    ),
-                )
-                .into()),
-            }
+        let push_destination = |destination: &Destination, found: &mut Vec<Recipient>| {
+            found.push(from_destination(destination));
         };
         for id in &recipients.destination_ids {
             let destination = destinations
@@ -190,7 +177,7 @@ impl Admin {
                         format!("destination {id:?} is not one of this integration's"),
                     ))
                 })?;
-            push_destination(&destination, &mut found)?;
+            push_destination(&destination, &mut found);
         }
         for subscriber in &recipients.subscriber_ids {
             id_field("subscriberIds", subscriber)?;
@@ -199,7 +186,7 @@ impl Admin {
                 ..Filter::default()
             };
             for destination in destinations.of_integration(integration_id, &filter) {
-                push_destination(&destination, &mut found)?;
+                push_destination(&destination, &mut found);
             }
         }
         if let Some(all) = recipients.all_destinations {
@@ -217,10 +204,7 @@ impl Admin {
                     .collect(),
             };
             for destination in destinations.of_integration(integration_id, &filter) {
-                if matches!(destination.target, Target::Workflow { .. }) {
-                    continue;
-                }
-                push_destination(&destination, &mut found)?;
+                push_destination(&destination, &mut found);
             }
         }
         for user in recipients.users {

@@ -10,7 +10,11 @@ use super::paging::{ListQuery, Position};
 use super::{Admin, ApiError, ApiResult, new_id, now_micros, sealed_context};
 use crate::ledger::events::EventDraft;
 use crate::notify::destinations::{Destination, Filter, Reachability, Target};
+use crate::notify::workflows::Opener;
 use crate::store::now_ms;
+use std::sync::Arc;
+
+use super::secrets::Sealer;
 
 const KIND: &str = "destination";
 /// Destinations one integration may have (a broadcast to more addresses them inline).
@@ -107,6 +111,11 @@ fn refuse_foreign(kind: &str, given: &[(&'static str, bool)]) -> Result<(), Inva
         )),
         None => Ok(()),
     }
+}
+
+/// Opens a destination's sealed Workflows URL, for the broadcasts that post to it.
+pub fn workflow_opener(sealer: Arc<Sealer>) -> Opener {
+    Arc::new(move |id: &str, sealed: &str| sealer.open(&sealed_context(KIND, id), sealed).ok())
 }
 
 impl Admin {

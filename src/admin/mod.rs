@@ -7,6 +7,7 @@
 mod broadcasts;
 mod consent;
 mod destinations;
+pub use destinations::workflow_opener;
 mod discovery;
 mod messages;
 pub mod model;

@@ -25,7 +25,9 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::destinations::Destinations;
 use super::proactive::{self, MessageRequest, ProactiveError};
+use super::workflows::Workflows;
 use crate::connector::{Connector, ConnectorError, Route};
 use crate::ledger::addresses::{AddressBook, CompactJson};
 use crate::registry::{Integration, Registry};
@@ -91,6 +93,7 @@ impl Message {
             To::Conversation { conversation_id } => {
                 request.conversation_id = Some(conversation_id.clone());
             }
+            To::Workflow { .. } => {}
         }
         request
     }
@@ -125,6 +128,9 @@ pub enum To {
     /// A conversation the router has seen.
     #[serde(rename_all = "camelCase")]
     Conversation { conversation_id: String },
+    /// A Teams Workflows webhook (a destination: its URL is sealed there).
+    #[serde(rename_all = "camelCase")]
+    Workflow { destination_id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,7 +223,7 @@ impl Recipient {
             To::User { tenant_id, .. } | To::Channel { tenant_id, .. } => {
                 tenant_id.as_deref().unwrap_or_default()
             }
-            To::Conversation { .. } => "",
+            To::Conversation { .. } | To::Workflow { .. } => "",
         }
     }
 }
@@ -413,6 +419,9 @@ pub struct Broadcasts {
     connector: Arc<Connector>,
     addresses: Arc<AddressBook>,
     registry: Arc<Registry>,
+    /// Destinations Teams says the bot is not in any more are marked so.
+    destinations: Arc<Destinations>,
+    workflows: Workflows,
     settings: BroadcastSettings,
     /// This process's name in job leases.
     run_id: String,
@@ -425,6 +434,8 @@ impl Broadcasts {
         connector: Arc<Connector>,
         addresses: Arc<AddressBook>,
         registry: Arc<Registry>,
+        destinations: Arc<Destinations>,
+        workflows: Workflows,
         settings: BroadcastSettings,
     ) -> Arc<Self> {
         let broadcasts = Arc::new(Self {
@@ -434,6 +445,8 @@ impl Broadcasts {
             connector,
             addresses,
             registry,
+            destinations,
+            workflows,
             settings,
             run_id: format!("run-{:016x}", rand::random::<u64>()),
         });
@@ -796,13 +809,16 @@ impl Broadcasts {
                         let edit = recipient
                             .edit
                             .filter(|_| recipient.status == RecipientStatus::Sent);
-                        let outcome = match edit {
-                            Some(edit) => {
+                        let outcome = match (edit, &recipient.to) {
+                            (Some(edit), _) => {
                                 broadcasts
                                     .edit(&integration, &message, &recipient, edit)
                                     .await
                             }
-                            None => outcome(
+                            (None, To::Workflow { destination_id }) => {
+                                broadcasts.post_workflow(destination_id, &message).await
+                            }
+                            (None, _) => outcome(
                                 proactive::send(
                                     &broadcasts.addresses,
                                     &broadcasts.connector,
@@ -864,6 +880,21 @@ impl Broadcasts {
             if let Err(error) = self.set_status(held, JobStatus::Paused).await {
                 tracing::warn!(%error, "a broadcast waiting for disabled tenants is not recorded as paused");
             }
+        }
+    }
+
+    /// A workflow recipient: accepted is sent (the copy has no activity id to edit later).
+    async fn post_workflow(&self, destination_id: &str, message: &Message) -> Outcome {
+        let Some(destination) = self.destinations.get(destination_id) else {
+            return Outcome::Failed("not_found");
+        };
+        match self.workflows.post(&destination, message).await {
+            Ok(()) => Outcome::Sent {
+                conversation_id: None,
+                activity_id: None,
+            },
+            Err("too_large") => Outcome::Failed("too_large"),
+            Err(reason) => Outcome::Failed(reason),
         }
     }
 
@@ -949,6 +980,13 @@ impl Broadcasts {
             Outcome::Failed(reason) => {
                 recipient.status = RecipientStatus::Failed;
                 recipient.reason = Some(reason.to_owned());
+                if reason == "not_installed"
+                    && let Some(destination) = &recipient.destination_id
+                {
+                    self.destinations
+                        .not_installed(destination, "Teams: the bot is not in the conversation (BotNotInConversationRoster)")
+                        .await;
+                }
                 held.sent_since_start.fetch_add(1, Ordering::AcqRel);
                 reason
             }

@@ -240,6 +240,23 @@ impl Destinations {
         }
     }
 
+    /// One destination is not reachable any more (Teams answered a send with
+    /// `BotNotInConversationRoster`).
+    pub async fn not_installed(&self, id: &str, reason: &str) {
+        let Some(mut destination) = self.get(id) else {
+            return;
+        };
+        if destination.status == Reachability::NotInstalled {
+            return;
+        }
+        destination.status = Reachability::NotInstalled;
+        destination.status_reason = Some(reason.to_owned());
+        destination.updated_at = now_ms();
+        if let Err(error) = self.put(destination).await {
+            tracing::warn!(%error, "a destination's installation state was not stored");
+        }
+    }
+
     /// What Teams said about an installation: the destinations in `team_ids` (or the
     /// conversation) become `not_installed`, or active again on an installation. Returns how
     /// many changed.

@@ -6,6 +6,7 @@ pub mod destinations;
 pub mod graph;
 pub mod proactive;
 pub mod tenants;
+pub mod workflows;
 
 pub use destinations::Destinations;
 pub use tenants::{Connection, ConnectionSource, Tenants};
