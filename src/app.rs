@@ -25,7 +25,7 @@ use crate::front::{self, Front, ListenerLimits, Ops};
 use crate::ledger::addresses::AddressBook;
 use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::EventLog;
-use crate::notify::broadcasts::{BroadcastSettings, Broadcasts};
+use crate::notify::broadcasts::{BroadcastParts, BroadcastSettings, Broadcasts};
 use crate::notify::graph::Graph;
 use crate::notify::workflows::Workflows;
 use crate::notify::{Destinations, Tenants};
@@ -291,14 +291,14 @@ impl Router {
             }
             None => None,
         };
-        let broadcasts = Broadcasts::load(
-            Arc::clone(&store),
-            Arc::clone(&health),
-            Arc::clone(&connector),
-            Arc::clone(&addresses),
-            Arc::clone(&registry),
-            Arc::clone(&destinations),
-            Workflows::new(
+        let broadcasts = Broadcasts::load(BroadcastParts {
+            store: Arc::clone(&store),
+            health: Arc::clone(&health),
+            connector: Arc::clone(&connector),
+            addresses: Arc::clone(&addresses),
+            registry: Arc::clone(&registry),
+            destinations: Arc::clone(&destinations),
+            workflows: Workflows::new(
                 BackendClient::http_client(
                     &egress,
                     Duration::from_millis(config.backend.connect_timeout_ms),
@@ -306,10 +306,10 @@ impl Router {
                 Arc::clone(&egress),
                 admin::workflow_opener(Arc::clone(&sealer_for_workflows)),
             ),
-            BroadcastSettings {
+            settings: BroadcastSettings {
                 max_share: config.broadcast.max_share,
             },
-        )
+        })
         .await;
         store_tasks.push(tokio::spawn(
             Arc::clone(&broadcasts).adopt(store_stopped.clone()),

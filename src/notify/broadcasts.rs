@@ -412,6 +412,18 @@ pub struct BroadcastSettings {
     pub max_share: u32,
 }
 
+/// What the broadcast runner works with.
+pub struct BroadcastParts {
+    pub store: Arc<Store>,
+    pub health: Arc<StoreHealth>,
+    pub connector: Arc<Connector>,
+    pub addresses: Arc<AddressBook>,
+    pub registry: Arc<Registry>,
+    pub destinations: Arc<Destinations>,
+    pub workflows: Workflows,
+    pub settings: BroadcastSettings,
+}
+
 pub struct Broadcasts {
     jobs: DashMap<String, Arc<Held>>,
     store: Arc<Store>,
@@ -428,16 +440,17 @@ pub struct Broadcasts {
 }
 
 impl Broadcasts {
-    pub async fn load(
-        store: Arc<Store>,
-        health: Arc<StoreHealth>,
-        connector: Arc<Connector>,
-        addresses: Arc<AddressBook>,
-        registry: Arc<Registry>,
-        destinations: Arc<Destinations>,
-        workflows: Workflows,
-        settings: BroadcastSettings,
-    ) -> Arc<Self> {
+    pub async fn load(parts: BroadcastParts) -> Arc<Self> {
+        let BroadcastParts {
+            store,
+            health,
+            connector,
+            addresses,
+            registry,
+            destinations,
+            workflows,
+            settings,
+        } = parts;
         let broadcasts = Arc::new(Self {
             jobs: DashMap::new(),
             store,
