@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use teams_router::testkit::TestRouter;
 
 const KEY: &str = "notify-api-key-31f0";
+/// The master key of routers sharing one Redis (64 hex digits).
+const MASTER_KEY_HEX: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
 const PUBLIC_URL: &str = "https://router.example.com";
 const CALLBACK: &str = "/api/v1/teams/consent/callback";
 const TENANT_B: &str = "b28fdbfd-2b78-4f93-b0f8-8881793f0f8f";
@@ -1256,4 +1258,82 @@ async fn a_broadcast_posts_an_adaptive_card_to_workflow_destinations() {
             .iter()
             .any(|r| r.conversation_id == "a:wf-chat" && r.text() == "Disk almost full")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_router_takes_over_a_broadcast_when_its_runner_dies() {
+    let redis = loadtest::redis::RedisServer::start().expect("redis-server");
+    let mock = mock().await;
+    mock.enforce_teams_limits(true);
+    let spawn = |name: &'static str| {
+        let mock = mock.clone();
+        let url = redis.url();
+        async move {
+            loadtest::router::RouterProcess::spawn_with_env(
+                &binary(),
+                &config_with_storage(
+                    &mock,
+                    &format!(
+                        "[storage]\nbackend = \"redis\"\nredis_url = \"{url}\"\ninstance_id = \"{name}\"\npath = {:?}\n",
+                        scratch_dir(name)
+                    ),
+                    &format!("[[accounts]]\nid = \"ops\"\napi_key = \"{KEY}\"\n\n[admin]\nsync_interval_ms = 200\n"),
+                ),
+                &[
+                    ("TEAMS_ROUTER__CONNECTOR__APP_LIMITS", "[[1000, 50]]"),
+                    (
+                        "TEAMS_ROUTER__CONNECTOR__CONVERSATION_LIMITS",
+                        "[[1000, 7], [2000, 8], [30000, 60], [3600000, 1800]]",
+                    ),
+                    ("TEAMS_ROUTER__CONNECTOR__PROACTIVE_SERVICE_URL", &mock.service_url()),
+                    // Both routers seal with one master key, as routers sharing a store must.
+                    ("TEAMS_ROUTER__SECURITY__MASTER_KEY_ENV", "NOTIFY_TEST_MASTER_KEY"),
+                    ("NOTIFY_TEST_MASTER_KEY", MASTER_KEY_HEX),
+                ],
+            )
+            .await
+            .expect("router starts")
+        }
+    };
+    let mut first = spawn("bc-a").await;
+    let second = spawn("bc-b").await;
+    let users = sized(300, 5_000);
+    let recipients: Vec<Value> = (0..users)
+        .map(
+            |n| json!({"userId": format!("29:takeover-{n}"), "tenantId": BROADCAST_TENANTS[n % 2]}),
+        )
+        .collect();
+    let (status, created) = api(
+        "POST",
+        &format!(
+            "{}/api/v1/integration/teams/teams_prod/broadcast/create",
+            first.base_url()
+        ),
+        Some(json!({"message": {"text": "Takeover"}, "recipients": {"users": recipients}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    let job = created["id"].as_str().expect("job").to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while mock.activity_count() < users / 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill().await;
+    let killed_at = std::time::Instant::now();
+    let done = wait_for_broadcast(&second.base_url(), &job, &["done"]).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["counts"]["sent"], users, "{done}");
+    let copies = mock
+        .activities()
+        .into_iter()
+        .filter(|r| r.text() == "Takeover")
+        .count();
+    let in_flight = done["resumedInFlight"].as_u64().unwrap_or(0) as usize;
+    eprintln!(
+        "broadcast to {users} users: its router killed at a third, the other finished it {:?} later; {} duplicate(s), {in_flight} in flight at the kill",
+        killed_at.elapsed(),
+        copies - users
+    );
+    assert!(copies - users <= in_flight);
+    assert_eq!(mock.throttled(), 0);
 }

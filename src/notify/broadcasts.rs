@@ -743,6 +743,13 @@ impl Broadcasts {
             tracing::warn!(job = %job.id, "the broadcast's integration is gone; the job stays as it is");
             return;
         };
+        if self.store.is_shared() {
+            // Another instance may have run it since this one read its recipients.
+            let recipients = self.load_recipients(&job.id).await;
+            if !recipients.is_empty() {
+                *held.recipients.lock() = recipients;
+            }
+        }
         held.sent_since_start.store(0, Ordering::Release);
         held.run_started_ms.store(now_ms(), Ordering::Release);
         // Written with an attempt counted and no outcome: in flight when the last runner stopped.
