@@ -334,9 +334,16 @@ async fn finish_turn(
         }
     }
     let snapshots = stream_snapshots(state, turn.receipt.as_ref());
+    // A turn of the turn order run unrecorded (Redis down, `storage.on_unavailable = "accept"`)
+    // has no acknowledgement to carry its snapshots.
+    let unrecorded = persistence.partitions.is_some() && turn.receipt.is_none() && !turn.side;
     // The next turn starts only once this one is recorded as answered, so a crash can repeat
     // at most the turn in flight.
-    record_answered(persistence, turn.receipt.take(), &snapshots).await;
+    let answered = record_answered(persistence, turn.receipt.take(), &snapshots).await;
+    if unrecorded || answered == Answered::Failed {
+        // Kept in memory until the writer has them (the conversation does not passivate).
+        state.unsaved = !save_snapshots(state);
+    }
     let mut shared = state.args.conversation.state();
     if turn.side {
         shared.side_running = shared.side_running.saturating_sub(1);
@@ -366,11 +373,26 @@ async fn start_side_turns(myself: &ActorRef<ConversationMsg>, state: &mut Conver
 /// Hands the session and the conversation record to the snapshot writer; `false` when one of
 /// them was dropped (queue full).
 fn save_snapshots(state: &ConversationActorState) -> bool {
-    let snapshots = &state.args.settings.persistence.snapshots;
+    let persistence = &state.args.settings.persistence;
+    let puts = match &persistence.partitions {
+        // With a shared store only when a turn could not write them with its acknowledgement
+        // (Redis failing): under their keys in the partition's slot.
+        Some(log) => {
+            let (integration, conversation) = (
+                &state.args.conversation.key.integration,
+                &state.args.conversation.key.conversation_id,
+            );
+            let partition = log.partition_of(integration, conversation);
+            snapshot_puts(state, |kind, _, owner| {
+                log.snapshot_name(partition, kind, integration, owner)
+            })
+        }
+        None => snapshot_puts(state, |_, name, _| name),
+    };
     let mut queued = true;
     // Each is saved even when one before it was dropped.
-    for put in snapshot_puts(state, |_, name, _| name) {
-        queued &= snapshots.save(put);
+    for put in puts {
+        queued &= persistence.snapshots.save(put);
     }
     queued
 }
@@ -765,7 +787,7 @@ async fn record_answered(
     persistence: &super::Persistence,
     receipt: Option<Receipt>,
     snapshots: &[Put],
-) {
+) -> Answered {
     match receipt {
         Some(Receipt::Journal(seq)) => {
             if let Some(journal) = &persistence.journal
@@ -773,21 +795,37 @@ async fn record_answered(
             {
                 tracing::warn!(%error, "answered turn not recorded yet; the journal writer retries");
             }
+            Answered::Recorded
         }
         Some(Receipt::Stream(entry)) => match entry.finish(snapshots).await {
-            Ok(true) => {}
+            Ok(true) => Answered::Recorded,
             Ok(false) => {
                 counter!(PARTITION_FENCED).increment(1);
                 tracing::warn!(
                     "answered turn not acknowledged: its partition has another holder now"
                 );
+                Answered::Fenced
             }
             Err(error) => {
                 tracing::warn!(%error, "answered turn not acknowledged; its partition's next holder replays it");
+                Answered::Failed
             }
         },
-        None => {}
+        None => Answered::Unrecorded,
     }
+}
+
+/// What recording a turn as answered came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answered {
+    /// In the journal or acknowledged in its stream (with its snapshots).
+    Recorded,
+    /// Refused: the partition has another holder, which replays the entry.
+    Fenced,
+    /// Unknown or failed (Redis failing): the entry stays pending, its snapshots unwritten.
+    Failed,
+    /// Nothing to record it in.
+    Unrecorded,
 }
 
 /// A turn that will not run gives its slot back: the turn order's, or one beside it.
@@ -864,10 +902,9 @@ async fn load_snapshot<T, E: std::fmt::Display>(
             let integration = &state.args.conversation.key.integration;
             let partition =
                 log.partition_of(integration, &state.args.conversation.key.conversation_id);
-            match log
-                .snapshot(&log.snapshot_key(partition, kind, integration, owner))
-                .await
-            {
+            // Pending writes first (a turn whose acknowledgement failed queued its snapshots).
+            let key = log.snapshot_name(partition, kind, integration, owner);
+            match persistence.snapshots.load(&key).await {
                 Ok(None) => persistence.snapshots.load(&name).await,
                 found => found,
             }

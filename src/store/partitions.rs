@@ -441,12 +441,28 @@ impl PartitionLog {
         integration: &str,
         owner: &str,
     ) -> String {
+        format!(
+            "{}:{}",
+            self.prefix,
+            self.snapshot_name(partition, kind, integration, owner)
+        )
+    }
+
+    /// [`PartitionLog::snapshot_key`] without the store's prefix, as the key/value store's own
+    /// methods (and the snapshot writer) take keys.
+    pub fn snapshot_name(
+        &self,
+        partition: u16,
+        kind: SnapshotKind,
+        integration: &str,
+        owner: &str,
+    ) -> String {
         let kind = match kind {
             SnapshotKind::Record => "record",
             SnapshotKind::ConversationSession => "session:c",
             SnapshotKind::UserSession => "session:u",
         };
-        let mut key = format!("{}:{kind}:", self.tag(partition));
+        let mut key = format!("{{p{partition}}}:{kind}:");
         length_prefixed(&mut key, integration);
         length_prefixed(&mut key, owner);
         key
