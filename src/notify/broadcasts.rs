@@ -38,6 +38,8 @@ pub const JOBS_KIND: &str = "broadcasts";
 /// Sends in flight per tenant; tenants run in parallel up to [`MAX_IN_FLIGHT`].
 const PER_TENANT_IN_FLIGHT: usize = 8;
 const MAX_IN_FLIGHT: usize = 128;
+/// How long sends of a process that stopped may still count in Teams' windows.
+const PREDECESSOR_WINDOW: Duration = Duration::from_millis(1_100);
 /// How long a runner's lease on a job lasts without renewal.
 const LEASE: Duration = Duration::from_secs(10);
 
@@ -170,6 +172,10 @@ pub struct Recipient {
     /// Sends started (one more before each send is written first).
     #[serde(default)]
     pub attempts: u32,
+    /// Written true before a send and false with its outcome: true in the store means the
+    /// runner stopped while the send was in flight.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sending: bool,
     /// A change of the delivered copy still to make (`update` or `recall` of the job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edit: Option<Edit>,
@@ -204,6 +210,7 @@ impl Recipient {
             conversation_id: None,
             activity_id: None,
             attempts: 0,
+            sending: false,
             edit: None,
             recalled: false,
             edit_error: None,
@@ -437,6 +444,8 @@ pub struct Broadcasts {
     settings: BroadcastSettings,
     /// This process's name in job leases.
     run_id: String,
+    /// When this process started: the sends of the one before it may still be in Teams' windows.
+    started: crate::clock::Instant,
 }
 
 impl Broadcasts {
@@ -462,6 +471,7 @@ impl Broadcasts {
             workflows,
             settings,
             run_id: format!("run-{:016x}", rand::random::<u64>()),
+            started: crate::clock::now(),
         });
         broadcasts.refresh().await;
         broadcasts
@@ -743,6 +753,9 @@ impl Broadcasts {
             tracing::warn!(job = %job.id, "the broadcast's integration is gone; the job stays as it is");
             return;
         };
+        // A restarted router does not know what it sent just before; Teams does. Its first
+        // window passes before a job goes on (Teams' windows are a second long, plus a margin).
+        tokio::time::sleep_until(self.started + PREDECESSOR_WINDOW).await;
         if self.store.is_shared() {
             // Another instance may have run it since this one read its recipients.
             let recipients = self.load_recipients(&job.id).await;
@@ -757,7 +770,7 @@ impl Broadcasts {
             .recipients
             .lock()
             .iter()
-            .filter(|r| r.status == RecipientStatus::Pending && r.attempts > 0)
+            .filter(|r| r.status == RecipientStatus::Pending && r.sending)
             .count() as u32;
         if interrupted > 0 {
             let mut job = held.job();
@@ -805,6 +818,7 @@ impl Broadcasts {
                     };
                     if recipient.status == RecipientStatus::Pending {
                         recipient.attempts += 1;
+                        recipient.sending = true;
                         recipient.updated_at = now_ms();
                         if let Err(error) = self
                             .put_recipients(&held.job().id, &[recipient.clone()])
@@ -817,6 +831,7 @@ impl Broadcasts {
                         }
                         if let Some(slot) = held.recipients.lock().get_mut(index as usize) {
                             slot.attempts = recipient.attempts;
+                            slot.sending = false;
                         }
                     }
                     *per_tenant.entry(tenant.clone()).or_default() += 1;
@@ -985,6 +1000,7 @@ impl Broadcasts {
         disabled_tenants: &mut HashSet<String>,
     ) {
         recipient.updated_at = now_ms();
+        recipient.sending = false;
         let label = match outcome {
             Outcome::Sent {
                 conversation_id,
