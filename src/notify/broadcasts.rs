@@ -419,6 +419,65 @@ pub struct BroadcastSettings {
     pub max_share: u32,
 }
 
+/// One recipient's state on its way to the store.
+struct RecipientWrite {
+    kind: String,
+    id: String,
+    bytes: Vec<u8>,
+    /// Told once the batch holding it is stored (or failed).
+    stored: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// Writes recipients' states in batches (one store transaction per job and batch, gathered for
+/// at most [`WRITE_BATCH_WAIT`]): one transaction per send would bound a broadcast by the
+/// store's commits per second (the embedded store waits for the disk at each).
+fn start_writer(
+    store: Arc<Store>,
+    health: Arc<StoreHealth>,
+) -> tokio::sync::mpsc::UnboundedSender<RecipientWrite> {
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<RecipientWrite>();
+    tokio::spawn(async move {
+        while let Some(first) = receiver.recv().await {
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + WRITE_BATCH_WAIT;
+            while batch.len() < WRITE_BATCH_MAX {
+                match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                    Ok(Some(write)) => batch.push(write),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let mut by_kind: HashMap<String, Vec<(String, Vec<u8>)>> = HashMap::new();
+            let mut waiting = Vec::new();
+            for write in batch {
+                // An empty kind only waits for what was queued before it.
+                if !write.kind.is_empty() {
+                    by_kind
+                        .entry(write.kind)
+                        .or_default()
+                        .push((write.id, write.bytes));
+                }
+                waiting.extend(write.stored);
+            }
+            let mut outcome = Ok(());
+            for (kind, records) in by_kind {
+                let result = store.put_records(&kind, records).await;
+                health.observe("records", &result);
+                if let Err(error) = result {
+                    tracing::warn!(%error, "broadcast recipients' states not stored");
+                    outcome = Err(error);
+                }
+            }
+            for stored in waiting {
+                let _ = stored.send(outcome.clone());
+            }
+        }
+    });
+    sender
+}
+
+const WRITE_BATCH_WAIT: Duration = Duration::from_millis(20);
+const WRITE_BATCH_MAX: usize = 2_000;
+
 /// What the broadcast runner works with.
 pub struct BroadcastParts {
     pub store: Arc<Store>,
@@ -446,6 +505,7 @@ pub struct Broadcasts {
     run_id: String,
     /// When this process started: the sends of the one before it may still be in Teams' windows.
     started: crate::clock::Instant,
+    writes: tokio::sync::mpsc::UnboundedSender<RecipientWrite>,
 }
 
 impl Broadcasts {
@@ -462,8 +522,7 @@ impl Broadcasts {
         } = parts;
         let broadcasts = Arc::new(Self {
             jobs: DashMap::new(),
-            store,
-            health,
+            health: Arc::clone(&health),
             connector,
             addresses,
             registry,
@@ -472,6 +531,8 @@ impl Broadcasts {
             settings,
             run_id: format!("run-{:016x}", rand::random::<u64>()),
             started: crate::clock::now(),
+            writes: start_writer(Arc::clone(&store), Arc::clone(&health)),
+            store,
         });
         broadcasts.refresh().await;
         broadcasts
@@ -577,6 +638,54 @@ impl Broadcasts {
         result
     }
 
+    /// Stores one recipient's state with the others of its batch; `wait`: returns once it is
+    /// stored (a send waits for its attempt to be recorded), else at once.
+    async fn write_recipient(
+        &self,
+        job: &str,
+        recipient: &Recipient,
+        wait: bool,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(recipient)
+            .map_err(|e| StoreError::Corrupt(format!("recipient does not serialize: {e}")))?;
+        let (stored, done) = if wait {
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            (Some(sender), Some(receiver))
+        } else {
+            (None, None)
+        };
+        self.writes
+            .send(RecipientWrite {
+                kind: recipients_kind(job),
+                id: recipient_id(recipient.index),
+                bytes,
+                stored,
+            })
+            .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?;
+        match done {
+            Some(done) => done
+                .await
+                .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Returns once every state queued before is stored.
+    async fn flush_writes(&self) -> Result<(), StoreError> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        self.writes
+            .send(RecipientWrite {
+                kind: String::new(),
+                id: String::new(),
+                bytes: Vec::new(),
+                stored: Some(sender),
+            })
+            .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?;
+        receiver
+            .await
+            .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?
+    }
+
     async fn put_recipients(&self, job: &str, recipients: &[Recipient]) -> Result<(), StoreError> {
         let kind = recipients_kind(job);
         for chunk in recipients.chunks(1_000) {
@@ -665,6 +774,8 @@ impl Broadcasts {
         edit: Edit,
         message: Option<Message>,
     ) -> Result<usize, StoreError> {
+        // Outcomes still queued would land after these marks.
+        self.flush_writes().await?;
         if let Some(message) = message {
             let mut job = held.job();
             job.message = message;
@@ -694,6 +805,8 @@ impl Broadcasts {
 
     /// Failed recipients become pending again (the sent ones stay as they are); returns how many.
     pub async fn retry_failed(&self, held: &Arc<Held>) -> Result<usize, StoreError> {
+        // Outcomes still queued would land after these changes.
+        self.flush_writes().await?;
         let again: Vec<Recipient> = held
             .recipients
             .lock()
@@ -820,9 +933,8 @@ impl Broadcasts {
                         recipient.attempts += 1;
                         recipient.sending = true;
                         recipient.updated_at = now_ms();
-                        if let Err(error) = self
-                            .put_recipients(&held.job().id, &[recipient.clone()])
-                            .await
+                        if let Err(error) =
+                            self.write_recipient(&held.job().id, &recipient, true).await
                         {
                             tracing::warn!(%error, "a broadcast waits for the store: a recipient's attempt cannot be recorded");
                             queue.push_front(index);
@@ -907,6 +1019,11 @@ impl Broadcasts {
             .filter(|r| r.has_work())
             .count();
         if status == JobStatus::Running && pending == 0 {
+            // Done only once every outcome is stored: a job stored as done is never resumed.
+            if let Err(error) = self.flush_writes().await {
+                tracing::warn!(%error, "a finished broadcast's last outcomes are not stored yet; it stays running");
+                return;
+            }
             if let Err(error) = self.set_status(held, JobStatus::Done).await {
                 tracing::warn!(%error, "a finished broadcast is not recorded as done yet");
             }
@@ -1058,7 +1175,7 @@ impl Broadcasts {
                 };
                 counter!(BROADCAST_EDITS, "outcome" => label).increment(1);
                 if let Err(error) = self
-                    .put_recipients(&held.job().id, &[recipient.clone()])
+                    .write_recipient(&held.job().id, &recipient, false)
                     .await
                 {
                     tracing::warn!(%error, "a broadcast recipient's edit is not stored");
@@ -1071,7 +1188,7 @@ impl Broadcasts {
         };
         counter!(BROADCAST_RECIPIENTS, "outcome" => label).increment(1);
         if let Err(error) = self
-            .put_recipients(&held.job().id, &[recipient.clone()])
+            .write_recipient(&held.job().id, &recipient, false)
             .await
         {
             tracing::warn!(%error, "a broadcast recipient's outcome is not stored; it is sent again if the job resumes elsewhere");
