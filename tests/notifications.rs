@@ -1206,6 +1206,22 @@ async fn a_proactive_message_is_updated_and_deleted_later_and_only_the_routers_o
         status, 404,
         "a deleted message is no longer the router's to change"
     );
+
+    // Teams lost the user's chat: the router creates it once more and sends there.
+    mock.lose_conversation("a:edit");
+    let user = personal_message(&mock, "a:edit", "x", "x")["from"]["id"]
+        .as_str()
+        .expect("the fixture's user")
+        .to_owned();
+    let (status, resent) = api(
+        "POST",
+        &format!("{admin}/api/v1/integration/teams/teams_prod/message"),
+        Some(json!({"userId": user, "text": "again"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{resent}");
+    assert_ne!(resent["conversationId"], "a:edit");
+    assert_eq!(mock.created_conversations().len(), 1);
 }
 
 #[tokio::test]

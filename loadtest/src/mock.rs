@@ -175,6 +175,8 @@ struct State {
     conversation_tenants: HashMap<String, String>,
     /// What Teams Workflows webhooks received: (path and query, payload).
     workflow_posts: Vec<(String, Value)>,
+    /// Conversations Teams no longer knows (404 `ConversationNotFound`).
+    lost_conversations: std::collections::HashSet<String>,
 }
 
 /// Called with every activity the connector accepts, as it is accepted.
@@ -307,6 +309,14 @@ impl MockMicrosoft {
     /// `MessageWritesBlocked`.
     pub fn block_user(&self, user: &str) {
         self.state.lock().blocked_users.insert(user.to_owned());
+    }
+
+    /// Teams forgets `conversation`: writes into it answer 404 `ConversationNotFound`.
+    pub fn lose_conversation(&self, conversation: &str) {
+        self.state
+            .lock()
+            .lost_conversations
+            .insert(conversation.to_owned());
     }
 
     pub fn unblock_user(&self, user: &str) {
@@ -926,6 +936,13 @@ impl MockMicrosoft {
                 .find(|(_, chat)| **chat == conversation_id)
                 .map(|(user, _)| user.clone())
         };
+        if state.lost_conversations.contains(&conversation_id) {
+            return connector_error(
+                StatusCode::NOT_FOUND,
+                "ConversationNotFound",
+                "Conversation not found.",
+            );
+        }
         if chat_user
             .as_ref()
             .is_some_and(|user| state.blocked_users.contains(user))

@@ -217,7 +217,7 @@ pub async fn send(
                 .conversation
                 .as_ref()
                 .map_or(Value::Null, CompactJson::value);
-            return send_into(
+            let sent = send_into(
                 connector,
                 credentials,
                 &request,
@@ -226,70 +226,38 @@ pub async fn send(
                 budget_percent,
             )
             .await;
+            match sent {
+                // Teams no longer knows the chat (ConversationNotFound): created once more
+                // below, in the tenant the chat was in.
+                Err(ProactiveError::Connector(error)) if error.status() == Some(404) => {
+                    tracing::info!(
+                        integration = integration_id,
+                        "a personal chat is gone; creating it again"
+                    );
+                    return create_and_send(
+                        book,
+                        connector,
+                        integration,
+                        &request,
+                        user,
+                        request.tenant_id.clone().or(address.tenant_id.clone()),
+                        budget_percent,
+                    )
+                    .await;
+                }
+                other => return other,
+            }
         }
-        // No personal chat yet: create one in the user's tenant.
-        let tenant = request
-            .tenant_id
-            .clone()
-            .or_else(|| integration.record.tenant_id.clone())
-            .ok_or_else(|| {
-                invalid(
-                    "tenantId",
-                    "the user has not talked to this bot; name their tenant",
-                )
-            })?;
-        let base = match book.get(integration_id, &format!("tenant:{tenant}")) {
-            Some(base) => base,
-            None => fallback_address(connector, integration, &tenant).ok_or_else(|| {
-                ProactiveError::Unknown(format!(
-                    "this integration has had no traffic from tenant {tenant:?}, and its cloud has no global endpoint"
-                ))
-            })?,
-        };
-        reachable(&base)?;
-        let created = connector
-            .create_conversation(
-                Route {
-                    credentials,
-                    tenant: Some(&tenant),
-                    service_url: &base.service_url,
-                    conversation_id: user,
-                    budget_percent,
-                },
-                &json!({
-                    "isGroup": false,
-                    "bot": base.bot.value(),
-                    "members": [{"id": user}],
-                    "tenantId": tenant,
-                    "channelData": {"tenant": {"id": tenant}},
-                }),
-            )
-            .await?;
-        let conversation_id = created
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                ProactiveError::Unknown("Teams created the conversation without an id".into())
-            })?
-            .to_owned();
-        let conversation =
-            json!({"id": conversation_id, "conversationType": "personal", "tenantId": tenant});
-        let address = Address {
-            key: format!("user:{user}"),
-            conversation: Some(CompactJson::of(&conversation)),
-            ..base
-        };
-        let answer = send_into(
+        return create_and_send(
+            book,
             connector,
-            credentials,
+            integration,
             &request,
-            &address,
-            conversation,
+            user,
+            request.tenant_id.clone(),
             budget_percent,
         )
-        .await?;
-        book.remember(address, &conversation_id);
-        return Ok(answer);
+        .await;
     }
     let channel = request.channel_id.clone().unwrap_or_default();
     // A channel not seen yet: its team's tenant's address (or the cloud's global endpoint).
@@ -357,6 +325,82 @@ fn fallback_address(
         bot: CompactJson::of(&json!({"id": format!("28:{app_id}")})),
         conversation: None,
     })
+}
+
+/// Creates the user's personal chat in their tenant (get-or-create) and sends into it.
+async fn create_and_send(
+    book: &Arc<AddressBook>,
+    connector: &Connector,
+    integration: &Integration,
+    request: &MessageRequest,
+    user: &str,
+    tenant: Option<String>,
+    budget_percent: u32,
+) -> Result<Value, ProactiveError> {
+    let integration_id = integration.record.id.as_str();
+    let credentials = integration.credentials.as_deref();
+    let tenant = tenant
+        .or_else(|| integration.record.tenant_id.clone())
+        .ok_or_else(|| {
+            invalid(
+                "tenantId",
+                "the user has not talked to this bot; name their tenant",
+            )
+        })?;
+    let base = match book.get(integration_id, &format!("tenant:{tenant}")) {
+        Some(base) => base,
+        None => fallback_address(connector, integration, &tenant).ok_or_else(|| {
+            ProactiveError::Unknown(format!(
+                "this integration has had no traffic from tenant {tenant:?}, and its cloud has no global endpoint"
+            ))
+        })?,
+    };
+    if integration.is_development() && !is_loopback_url(&base.service_url) {
+        return Err(ProactiveError::Development);
+    }
+    let created = connector
+        .create_conversation(
+            Route {
+                credentials,
+                tenant: Some(&tenant),
+                service_url: &base.service_url,
+                conversation_id: user,
+                budget_percent,
+            },
+            &json!({
+                "isGroup": false,
+                "bot": base.bot.value(),
+                "members": [{"id": user}],
+                "tenantId": tenant,
+                "channelData": {"tenant": {"id": tenant}},
+            }),
+        )
+        .await?;
+    let conversation_id = created
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ProactiveError::Unknown("Teams created the conversation without an id".into())
+        })?
+        .to_owned();
+    let conversation =
+        json!({"id": conversation_id, "conversationType": "personal", "tenantId": tenant});
+    let address = Address {
+        key: format!("user:{user}"),
+        conversation: Some(CompactJson::of(&conversation)),
+        ..base
+    };
+    let answer = send_into(
+        connector,
+        credentials,
+        request,
+        &address,
+        conversation,
+        budget_percent,
+    )
+    .await?;
+    book.remember(address, &conversation_id);
+    Ok(answer)
 }
 
 async fn send_into(
