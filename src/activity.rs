@@ -153,6 +153,36 @@ pub struct TurnActivity {
 }
 
 impl TurnActivity {
+    /// An installation or membership update saying the bot is no longer here: the app
+    /// uninstalled, the bot removed, the team or channel deleted.
+    pub fn says_bot_left(&self) -> bool {
+        let event = self
+            .channel_data
+            .as_ref()
+            .and_then(|d| d.get("eventType"))
+            .and_then(|e| e.as_str());
+        let bot = self
+            .recipient
+            .as_ref()
+            .and_then(|r| r.get("id"))
+            .and_then(|id| id.as_str());
+        match self.kind.as_str() {
+            "installationUpdate" => self
+                .action
+                .as_deref()
+                .is_some_and(|a| a.starts_with("remove")),
+            "conversationUpdate" => {
+                matches!(event, Some("teamDeleted" | "channelDeleted"))
+                    || bot.is_some_and(|bot| {
+                        self.members_removed
+                            .iter()
+                            .any(|m| m.get("id").and_then(|id| id.as_str()) == Some(bot))
+                    })
+            }
+            _ => false,
+        }
+    }
+
     /// The fields routing and the request's checks need, with every required one present and
     /// not empty.
     pub fn envelope(&self) -> Result<Envelope<'_>, ParseError> {

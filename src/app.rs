@@ -361,6 +361,7 @@ impl Router {
             registry,
             tenants,
             destinations,
+            addresses: Arc::clone(&addresses),
             verifiers: Arc::new(Verifiers::new(
                 verifier,
                 &config.microsoft,

@@ -32,6 +32,7 @@ use crate::config::OnStoreUnavailable;
 use crate::connector::{Connector, service_url_allowed};
 use crate::conversation::admission::{Gate, Refusal, Ticket};
 use crate::conversation::{Admission, Arrival, Directory, InvokeAnswer};
+use crate::ledger::addresses::AddressBook;
 use crate::ledger::events::{EventDraft, EventSink};
 use crate::notify::destinations::Reachability;
 use crate::notify::{ConnectionSource, Destinations, Tenants};
@@ -222,6 +223,8 @@ pub struct Front {
     pub tenants: Arc<Tenants>,
     /// Where notifications go; installation updates keep them true.
     pub destinations: Arc<Destinations>,
+    /// Where proactive messages go, learned from traffic; installation updates keep it true.
+    pub addresses: Arc<AddressBook>,
     /// Each cloud's token verifier.
     pub verifiers: Arc<Verifiers>,
     pub directory: Arc<Directory>,
@@ -711,6 +714,12 @@ impl Front {
         let Some((teams, conversation, status, reason)) = installation_change(activity) else {
             return;
         };
+        self.addresses.set_installed(
+            &integration.id,
+            &teams,
+            conversation,
+            status == Reachability::Active,
+        );
         let owned_teams: Vec<String> = teams.into_iter().map(str::to_owned).collect();
         let conversation = conversation.map(str::to_owned);
         let (destinations, integration) =

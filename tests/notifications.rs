@@ -581,6 +581,35 @@ async fn destinations_of_every_type_are_kept_listed_and_kept_true() {
         fetched = status_of().await;
     }
     assert_eq!(fetched["status"], "active", "{fetched}");
+    // Installed, the team's channel takes proactive messages; uninstalled, they are refused
+    // instead of sent.
+    let post_to_channel = || async {
+        api(
+            "POST",
+            &format!("{admin}/api/v1/integration/teams/teams_prod/message"),
+            Some(json!({"channelId": "19:0b7f32667e064dd9b25d7969801541f4@thread.tacv2", "text": "to the channel"})),
+        )
+        .await
+    };
+    // The installation's turn teaches the router the channel's address.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut sent = post_to_channel().await;
+    while sent.0 != 200 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sent = post_to_channel().await;
+    }
+    assert_eq!(sent.0, 200, "{}", sent.1);
+    remove["id"] = "f:remove-2".into();
+    let (status, _) = deliver(&mock, &router, &remove).await;
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut refused = post_to_channel().await;
+    while refused.0 != 409 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        refused = post_to_channel().await;
+    }
+    assert_eq!(refused.0, 409, "{}", refused.1);
+    assert_eq!(refused.1["error"]["code"], "not_installed");
 
     let (status, _) = api("POST", &format!("{channel_url}/delete"), None).await;
     assert_eq!(status, 200);

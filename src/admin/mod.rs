@@ -1331,6 +1331,9 @@ impl Admin {
                 proactive::ProactiveError::Development => {
                     ApiError::new(StatusCode::CONFLICT, "development_mode", message)
                 }
+                proactive::ProactiveError::NotInstalled => {
+                    ApiError::new(StatusCode::CONFLICT, "not_installed", message)
+                }
                 proactive::ProactiveError::Connector(
                     crate::connector::ConnectorError::QueueFull(_),
                 ) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "connector_busy", message),

@@ -668,10 +668,16 @@ async fn begin_turn(
     }
     state.turns_started += 1;
     let number = state.turns_started;
+    // The bot removed from here teaches nothing, and the next activity (an installation)
+    // teaches the addresses again.
+    let bot_left = activity.says_bot_left();
     let learn_addresses = activity.recipient.is_some()
+        && !bot_left
         && state.addresses_learned_from.as_deref() != Some(activity.service_url.as_str());
     if learn_addresses {
         state.addresses_learned_from = Some(activity.service_url.clone());
+    } else if bot_left {
+        state.addresses_learned_from = None;
     }
     let reply = ReplyArgs {
         learn_addresses,

@@ -30,6 +30,10 @@ pub struct Address {
     /// The conversation account (none for channels and tenants: a conversation is created).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conversation: Option<CompactJson>,
+    /// Teams said the bot is not there any more (uninstalled, removed, deleted): proactive
+    /// messages are refused instead of sent, until it is installed again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_installed: bool,
 }
 
 /// A JSON value kept as its compact text: one allocation of a few dozen bytes where a
@@ -135,6 +139,10 @@ impl AddressBook {
         let Some(bot) = &activity.recipient else {
             return;
         };
+        // What says the bot left teaches no address (and must not make one reachable again).
+        if activity.says_bot_left() {
+            return;
+        }
         let tenant = activity.tenant_id().map(str::to_owned);
         let bot = CompactJson::of(bot);
         let address = |key: String, conversation: Option<&CompactJson>| Address {
@@ -144,6 +152,7 @@ impl AddressBook {
             tenant_id: tenant.clone(),
             bot: bot.clone(),
             conversation: conversation.cloned(),
+            not_installed: false,
         };
         let compact = CompactJson::of(&activity.conversation);
         let conversation = Some(&compact);
@@ -199,6 +208,38 @@ impl AddressBook {
     }
 
     /// A personal chat the router created is known from now on, by user and by conversation.
+    /// Marks the addresses of the conversation and of the channels of a team (by its ids) as
+    /// `not_installed`, or reachable again.
+    pub fn set_installed(
+        &self,
+        integration: &str,
+        team_ids: &[&str],
+        conversation: Option<&str>,
+        installed: bool,
+    ) {
+        let keys: Vec<String> = team_ids
+            .iter()
+            .map(|team| format!("channel:{team}"))
+            .chain(conversation.map(|c| format!("conv:{c}")))
+            .chain(conversation.map(|c| format!("channel:{c}")))
+            .collect();
+        let mut to_store = Vec::new();
+        for key in keys {
+            let id = record_id(integration, &key);
+            if let Some(mut address) = self.addresses.get_mut(&id)
+                && address.not_installed == installed
+            {
+                address.not_installed = !installed;
+                if let Ok(bytes) = serde_json::to_vec(&*address) {
+                    to_store.push((id.clone(), bytes));
+                }
+            }
+        }
+        if !to_store.is_empty() {
+            self.unsaved.lock().extend(to_store);
+        }
+    }
+
     pub fn remember(&self, address: Address, conversation_id: &str) {
         let by_conversation = Address {
             key: format!("conv:{conversation_id}"),

@@ -380,6 +380,7 @@ fn outcome(result: Result<Value, ProactiveError>) -> Outcome {
         Err(ProactiveError::Invalid { .. }) => Outcome::Failed("invalid"),
         Err(ProactiveError::Unknown(_)) => Outcome::Failed("unknown_address"),
         Err(ProactiveError::Development) => Outcome::Failed("error"),
+        Err(ProactiveError::NotInstalled) => Outcome::Failed("not_installed"),
         Err(ProactiveError::Connector(error)) => match &error {
             ConnectorError::Rejected { status, detail } => refusal(*status, detail),
             ConnectorError::Exhausted { last, .. } if last.starts_with("HTTP 429") => {

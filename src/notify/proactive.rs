@@ -66,6 +66,8 @@ pub enum ProactiveError {
     Unknown(String),
     #[error("a development-mode integration sends only to loopback service URLs")]
     Development,
+    #[error("Teams said the bot is no longer there (uninstalled, removed, or deleted)")]
+    NotInstalled,
     #[error("Teams refused the message: {0}")]
     Connector(#[from] ConnectorError),
 }
@@ -184,6 +186,9 @@ pub async fn send(
     let reachable = |address: &Address| {
         if integration.is_development() && !is_loopback_url(&address.service_url) {
             return Err(ProactiveError::Development);
+        }
+        if address.not_installed {
+            return Err(ProactiveError::NotInstalled);
         }
         Ok(())
     };
@@ -324,6 +329,7 @@ fn fallback_address(
         tenant_id: Some(tenant.to_owned()),
         bot: CompactJson::of(&json!({"id": format!("28:{app_id}")})),
         conversation: None,
+        not_installed: false,
     })
 }
 
