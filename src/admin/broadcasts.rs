@@ -293,12 +293,10 @@ impl Admin {
     ) -> ApiResult {
         let integration = self.owned_integration(account, integration_id)?;
         let input: CreateBroadcast = model::parse_body(body)?;
-        input.message.check().map_err(|error| match error {
-            crate::notify::proactive::ProactiveError::Invalid { field, message } => {
-                ApiError::from(Invalid::field(field, format!("message.{field}: {message}")))
-            }
-            other => ApiError::from(Invalid::field("message", other.to_string())),
-        })?;
+        input
+            .message
+            .check()
+            .map_err(|error| invalid_message("message.", error))?;
         if let Some(key) = &input.idempotency_key {
             id_field("idempotencyKey", key)?;
             let _guard = self.broadcast_lock.lock().await;
@@ -477,12 +475,10 @@ impl Admin {
         let (integration, held) = self.owned_broadcast(account, integration_id, job)?;
         let (edit, message) = if verb == "update" {
             let input: UpdateBroadcast = model::parse_body(body)?;
-            input.message.check().map_err(|error| match error {
-                crate::notify::proactive::ProactiveError::Invalid { field, message } => {
-                    ApiError::from(Invalid::field(field, format!("message.{field}: {message}")))
-                }
-                other => ApiError::from(Invalid::field("message", other.to_string())),
-            })?;
+            input
+                .message
+                .check()
+                .map_err(|error| invalid_message("message.", error))?;
             (Edit::Update, Some(input.message))
         } else {
             let _: model::NoFields = model::parse_body(body)?;
@@ -605,6 +601,19 @@ impl Admin {
             "items": page.iter().map(recipient_view).collect::<Vec<_>>(),
             "cursor": cursor,
         }))
+    }
+}
+
+/// A message that is not one Teams takes, as a 400 naming the field (after `prefix`).
+pub(super) fn invalid_message(
+    prefix: &str,
+    error: crate::notify::proactive::ProactiveError,
+) -> ApiError {
+    match error {
+        crate::notify::proactive::ProactiveError::Invalid { field, message } => {
+            ApiError::from(Invalid::field(field, format!("{prefix}{field}: {message}")))
+        }
+        other => ApiError::from(Invalid::field("message", other.to_string())),
     }
 }
 

@@ -149,12 +149,9 @@ impl Admin {
             mentions: input.mentions,
             ..MessageRequest::default()
         };
-        request.check().map_err(|error| match error {
-            crate::notify::proactive::ProactiveError::Invalid { field, message } => {
-                ApiError::from(Invalid::field(field, format!("{field}: {message}")))
-            }
-            other => ApiError::from(Invalid::field("text", other.to_string())),
-        })?;
+        request
+            .check()
+            .map_err(|error| super::broadcasts::invalid_message("", error))?;
         let (address, conversation) = self
             .sent_message_address(&integration, &input.conversation_id, &input.activity_id)
             .await?;

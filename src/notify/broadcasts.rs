@@ -775,59 +775,66 @@ impl Broadcasts {
         edit: Edit,
         message: Option<Message>,
     ) -> Result<usize, StoreError> {
-        // Outcomes still queued would land after these marks.
-        self.flush_writes().await?;
         if let Some(message) = message {
             let mut job = held.job();
             job.message = message;
             self.put_job(&job).await?;
             *held.job.lock() = job;
         }
-        let marked: Vec<Recipient> = held
-            .recipients
-            .lock()
-            .iter()
-            .filter(|r| r.status == RecipientStatus::Sent && !r.recalled)
-            .map(|r| Recipient {
+        self.change_recipients(
+            held,
+            |r| r.status == RecipientStatus::Sent && !r.recalled,
+            |r| Recipient {
                 edit: Some(edit),
-                updated_at: now_ms(),
-                ..r.clone()
-            })
-            .collect();
-        self.put_recipients(&held.job().id, &marked).await?;
-        let mut recipients = held.recipients.lock();
-        for recipient in &marked {
-            if let Some(slot) = recipients.get_mut(recipient.index as usize) {
-                *slot = recipient.clone();
-            }
-        }
-        Ok(marked.len())
+                ..r
+            },
+        )
+        .await
     }
 
     /// Failed recipients become pending again (the sent ones stay as they are); returns how many.
     pub async fn retry_failed(&self, held: &Arc<Held>) -> Result<usize, StoreError> {
+        self.change_recipients(
+            held,
+            |r| r.status == RecipientStatus::Failed,
+            |r| Recipient {
+                status: RecipientStatus::Pending,
+                reason: None,
+                ..r
+            },
+        )
+        .await
+    }
+
+    /// Changes the recipients `pick` selects with `change`: stored first, then in memory.
+    /// Returns how many.
+    async fn change_recipients(
+        &self,
+        held: &Arc<Held>,
+        pick: impl Fn(&Recipient) -> bool,
+        change: impl Fn(Recipient) -> Recipient,
+    ) -> Result<usize, StoreError> {
         // Outcomes still queued would land after these changes.
         self.flush_writes().await?;
-        let again: Vec<Recipient> = held
+        let now = now_ms();
+        let changed: Vec<Recipient> = held
             .recipients
             .lock()
             .iter()
-            .filter(|r| r.status == RecipientStatus::Failed)
+            .filter(|r| pick(r))
             .map(|r| Recipient {
-                status: RecipientStatus::Pending,
-                reason: None,
-                updated_at: now_ms(),
-                ..r.clone()
+                updated_at: now,
+                ..change(r.clone())
             })
             .collect();
-        self.put_recipients(&held.job().id, &again).await?;
+        self.put_recipients(&held.job().id, &changed).await?;
         let mut recipients = held.recipients.lock();
-        for recipient in &again {
+        for recipient in &changed {
             if let Some(slot) = recipients.get_mut(recipient.index as usize) {
                 *slot = recipient.clone();
             }
         }
-        Ok(again.len())
+        Ok(changed.len())
     }
 
     /// Starts the job's runner here unless one runs already.
