@@ -156,22 +156,22 @@ impl TurnActivity {
     /// An installation or membership update saying the bot is no longer here: the app
     /// uninstalled, the bot removed, the team or channel deleted.
     pub fn says_bot_left(&self) -> bool {
-        let event = self
-            .channel_data
-            .as_ref()
-            .and_then(|d| d.get("eventType"))
-            .and_then(|e| e.as_str());
-        let bot = self
-            .recipient
-            .as_ref()
-            .and_then(|r| r.get("id"))
-            .and_then(|id| id.as_str());
         match self.kind.as_str() {
             "installationUpdate" => self
                 .action
                 .as_deref()
                 .is_some_and(|a| a.starts_with("remove")),
             "conversationUpdate" => {
+                let event = self
+                    .channel_data
+                    .as_ref()
+                    .and_then(|d| d.get("eventType"))
+                    .and_then(|e| e.as_str());
+                let bot = self
+                    .recipient
+                    .as_ref()
+                    .and_then(|r| r.get("id"))
+                    .and_then(|id| id.as_str());
                 matches!(event, Some("teamDeleted" | "channelDeleted"))
                     || bot.is_some_and(|bot| {
                         self.members_removed
