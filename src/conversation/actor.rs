@@ -318,9 +318,8 @@ async fn finish_turn(
         .dedup
         .mark_answered(&turn.activity_id);
     // With a shared store the snapshots go with the stream acknowledgement, in one script that
-    // a holder which lost the partition cannot run; a turn run outside a held partition (an
-    // invoke, or a turn run unrecorded while Redis was down) leaves them in memory, for the
-    // next acknowledgement of this conversation to write.
+    // a holder which lost the partition cannot run; an invoke run where it was accepted leaves
+    // them in memory, for the next acknowledgement of this conversation to write.
     if persistence.partitions.is_none() {
         match persistence.snapshots.coalesce_window() {
             Some(window) => {
