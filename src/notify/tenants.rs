@@ -172,24 +172,6 @@ impl Tenants {
         Ok(connection)
     }
 
-    /// Records an installation of the app in `tenant`, off the request path; nothing to do for
-    /// a tenant already connected.
-    pub fn installed(self: &Arc<Self>, integration: &str, tenant: &str) {
-        if tenant.is_empty() || self.is_connected(integration, tenant) {
-            return;
-        }
-        let (tenants, integration, tenant) =
-            (Arc::clone(self), integration.to_owned(), tenant.to_owned());
-        tokio::spawn(async move {
-            if let Err(error) = tenants
-                .connect(&integration, &tenant, ConnectionSource::Installation, None)
-                .await
-            {
-                tracing::warn!(%error, integration, "an installation's tenant was not connected; the next activity of the tenant tries again");
-            }
-        });
-    }
-
     /// Removes a connection; false when there was none.
     pub async fn disconnect(&self, integration: &str, tenant: &str) -> Result<bool, StoreError> {
         if !self.is_connected(integration, tenant) {
