@@ -1,5 +1,7 @@
-//! The notification side: the tenants an integration serves (connections by admin consent or
-//! installation) and the destinations notifications go to. Broadcasts build on them.
+//! The notification side, on the same connector, pacer and store as the conversations: the
+//! tenants an integration serves (connections by admin consent or installation), the
+//! destinations notifications go to and how they are found (rosters, Microsoft Graph),
+//! proactive messages, and broadcasts to many recipients (with Workflows webhooks among them).
 
 pub mod broadcasts;
 pub mod destinations;
