@@ -296,6 +296,18 @@ impl Owner {
             }
             if !self.stopping.load(Ordering::Acquire) {
                 self.tend().await;
+            } else {
+                // Draining: what it holds stays its own until it is released, or the
+                // acknowledgements (and snapshots) of its last turns would be refused and the
+                // next holder would answer them again. Nothing is taken or balanced any more.
+                let leases: Vec<Arc<Lease>> = self
+                    .all_held()
+                    .iter()
+                    .map(|h| Arc::clone(&h.lease))
+                    .collect();
+                if let Err(error) = self.log.renew(&leases, self.lease_ms).await {
+                    tracing::warn!(%error, "partition leases not renewed while draining");
+                }
             }
         }
     }

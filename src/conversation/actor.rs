@@ -519,14 +519,7 @@ async fn begin_turn(
         if let Some(waiting) = invoke {
             waiting.send(InvokeResponse::error("TurnFailed", reason));
         }
-        // A redelivered entry's acknowledgement carries the snapshots too: the one of the
-        // turn that answered it may have failed.
-        let snapshots = if reason == DUPLICATE {
-            stream_snapshots(state, receipt.as_ref())
-        } else {
-            Vec::new()
-        };
-        complete(&state.args.settings.persistence, receipt, snapshots);
+        complete(&state.args.settings.persistence, receipt);
         release(state, side);
     };
     if let Some(Receipt::Stream(entry)) = &receipt
@@ -600,7 +593,7 @@ async fn begin_turn(
     {
         // A redelivery that slipped past the in-memory window (after a restart or failover).
         counter!(ACTIVITIES_DUPLICATE).increment(1);
-        skip(state, DUPLICATE, invoke.take(), receipt.take(), false);
+        skip(state, "duplicate", invoke.take(), receipt.take(), false);
         return false;
     }
     let text = activity.text_without_bot_mentions();
@@ -765,10 +758,8 @@ async fn begin_turn(
     true
 }
 
-const DUPLICATE: &str = "duplicate";
-
 /// An activity that needs no answer (dropped, or a redelivery) is done with in its log.
-fn complete(persistence: &super::Persistence, receipt: Option<Receipt>, snapshots: Vec<Put>) {
+fn complete(persistence: &super::Persistence, receipt: Option<Receipt>) {
     match receipt {
         Some(Receipt::Journal(seq)) => {
             if let Some(journal) = &persistence.journal {
@@ -777,7 +768,9 @@ fn complete(persistence: &super::Persistence, receipt: Option<Receipt>, snapshot
         }
         Some(Receipt::Stream(entry)) => {
             tokio::spawn(async move {
-                if let Err(error) = entry.finish(&snapshots).await {
+                // Nothing changed: its acknowledgement writes no snapshot (one written now could
+                // land after the next turn's).
+                if let Err(error) = entry.finish(&[]).await {
                     tracing::warn!(%error, "a skipped stream entry stays pending; its partition's next holder replays it");
                 }
             });
