@@ -300,23 +300,13 @@ impl Owner {
                 // Draining: what it holds stays its own until it is released, or the
                 // acknowledgements (and snapshots) of its last turns would be refused and the
                 // next holder would answer them again. Nothing is taken or balanced any more.
-                let leases: Vec<Arc<Lease>> = self
-                    .all_held()
-                    .iter()
-                    .map(|h| Arc::clone(&h.lease))
-                    .collect();
-                if let Err(error) = self.log.renew(&leases, self.lease_ms).await {
-                    tracing::warn!(%error, "partition leases not renewed while draining");
-                }
+                self.renew_held().await;
             }
         }
     }
 
-    /// Heartbeat, renewals, hand-backs and takeovers: one round.
-    async fn tend(&self) {
-        // Renewed first and whatever the heartbeat does: in a cluster the live set's key and a
-        // partition's lease may be on different nodes, and one node failing must not cost the
-        // leases kept on the others.
+    /// Renews every lease held (a lapsed one is not renewed).
+    async fn renew_held(&self) {
         let leases: Vec<Arc<Lease>> = self
             .all_held()
             .iter()
@@ -325,6 +315,14 @@ impl Owner {
         if let Err(error) = self.log.renew(&leases, self.lease_ms).await {
             tracing::warn!(%error, "some partition leases not renewed this round; their turns stop if they lapse");
         }
+    }
+
+    /// Heartbeat, renewals, hand-backs and takeovers: one round.
+    async fn tend(&self) {
+        // Renewed first and whatever the heartbeat does: in a cluster the live set's key and a
+        // partition's lease may be on different nodes, and one node failing must not cost the
+        // leases kept on the others.
+        self.renew_held().await;
         let live = self.log.heartbeat(&self.run, self.lease_ms).await;
         self.forget_lapsed().await;
         self.hand_back_released().await;

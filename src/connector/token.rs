@@ -107,19 +107,7 @@ impl TokenProvider {
 
     /// A valid access token for the app, fetched when none is cached or it is due for renewal.
     pub async fn token(&self, credentials: &AppCredentials) -> Result<Arc<str>, TokenError> {
-        let key = Self::key(credentials);
-        if let Some(cached) = self.cache.get(&key).await {
-            if crate::clock::now() < cached.renew_at {
-                return Ok(cached.access_token);
-            }
-            self.cache.invalidate(&key).await;
-        }
-        let cached = self
-            .cache
-            .try_get_with(key.clone(), self.fetch(credentials, &key.authority, None))
-            .await
-            .map_err(|e| (*e).clone())?;
-        Ok(cached.access_token)
+        self.cached(credentials, Self::key(credentials), None).await
     }
 
     /// A token for the app issued by `tenant` (an organization that consented to it) for
@@ -135,6 +123,17 @@ impl TokenProvider {
             scope: Some(Arc::from(scope)),
             ..Self::key(credentials)
         };
+        self.cached(credentials, key, Some(scope)).await
+    }
+
+    /// The cached token of `key` while it is not due for renewal, else a fresh one (one request
+    /// in flight per key).
+    async fn cached(
+        &self,
+        credentials: &AppCredentials,
+        key: TokenKey,
+        scope: Option<&str>,
+    ) -> Result<Arc<str>, TokenError> {
         if let Some(cached) = self.cache.get(&key).await {
             if crate::clock::now() < cached.renew_at {
                 return Ok(cached.access_token);
@@ -143,10 +142,7 @@ impl TokenProvider {
         }
         let cached = self
             .cache
-            .try_get_with(
-                key.clone(),
-                self.fetch(credentials, &key.authority, Some(scope)),
-            )
+            .try_get_with(key.clone(), self.fetch(credentials, &key.authority, scope))
             .await
             .map_err(|e| (*e).clone())?;
         Ok(cached.access_token)

@@ -1182,24 +1182,21 @@ impl Broadcasts {
                     Err(_) => "failed",
                 };
                 counter!(BROADCAST_EDITS, "outcome" => label).increment(1);
-                if let Err(error) = self
-                    .write_recipient(&held.job().id, &recipient, false)
-                    .await
-                {
-                    tracing::warn!(%error, "a broadcast recipient's edit is not stored");
-                }
-                if let Some(slot) = held.recipients.lock().get_mut(recipient.index as usize) {
-                    *slot = recipient;
-                }
+                self.keep(held, recipient).await;
                 return;
             }
         };
         counter!(BROADCAST_RECIPIENTS, "outcome" => label).increment(1);
+        self.keep(held, recipient).await;
+    }
+
+    /// A recipient's new state: queued for the store, and in memory at once.
+    async fn keep(&self, held: &Held, recipient: Recipient) {
         if let Err(error) = self
             .write_recipient(&held.job().id, &recipient, false)
             .await
         {
-            tracing::warn!(%error, "a broadcast recipient's outcome is not stored; it is sent again if the job resumes elsewhere");
+            tracing::warn!(%error, "a broadcast recipient's state is not stored; it is sent again if the job resumes elsewhere");
         }
         if let Some(slot) = held.recipients.lock().get_mut(recipient.index as usize) {
             *slot = recipient;
