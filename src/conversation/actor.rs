@@ -336,15 +336,18 @@ async fn finish_turn(
     // A turn of the turn order run unrecorded (Redis down, `storage.on_unavailable = "accept"`)
     // has no acknowledgement to carry its snapshots.
     let unrecorded = persistence.partitions.is_some() && turn.receipt.is_none() && !turn.side;
-    // A holder whose lease lapsed (paused, cut off) must not write what it holds by the
-    // writer's unfenced way: the partition's next holder may have moved the conversation on.
-    let still_held = match &turn.receipt {
-        Some(Receipt::Stream(entry)) => entry.is_current(),
-        _ => true,
+    let entry = match &turn.receipt {
+        Some(Receipt::Stream(entry)) => Some(Arc::clone(entry)),
+        _ => None,
     };
     // The next turn starts only once this one is recorded as answered, so a crash can repeat
     // at most the turn in flight.
     let answered = record_answered(persistence, turn.receipt.take(), &snapshots).await;
+    // A holder whose lease lapsed (paused, cut off), looked at once the acknowledgement gave
+    // up, must not write what it holds the writer's unfenced way: the partition's next holder
+    // may have moved the conversation on.
+    let still_held = entry.as_ref().is_none_or(|entry| entry.is_current());
+    drop(entry);
     if unrecorded || (answered == Answered::Failed && still_held) {
         // Kept in memory until the writer has them (the conversation does not passivate).
         state.unsaved = !save_snapshots(state);
