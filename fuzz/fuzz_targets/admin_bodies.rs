@@ -7,7 +7,7 @@ use teams_router::admin::model::{
     CreateBot, CreateIntegration, NoFields, UpdateBot, UpdateIntegration, check_backend,
     check_meta, check_session_duration, check_text, parse_body,
 };
-use teams_router::admin::proactive::MessageRequest;
+use teams_router::admin::MessageRequest;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {

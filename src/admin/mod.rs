@@ -36,6 +36,8 @@ use crate::conversation::Directory;
 use crate::ledger::contacts::ContactBook;
 use crate::ledger::events::{EventDraft, EventLog, EventSink};
 use crate::notify::proactive;
+/// The body of `…/message` (also where the fuzz targets find it).
+pub use crate::notify::proactive::MessageRequest;
 use crate::records::{BackendSpec, BotRecord, DEFAULT_SESSION_DURATION_MS, IntegrationRecord};
 use crate::registry::{Bot, Integration, Owner, Registry, SetupResult, SetupStatus};
 use crate::store::{Store, StoreError, StoreHealth, now_ms};
