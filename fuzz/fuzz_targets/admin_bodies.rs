@@ -3,11 +3,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use teams_router::admin::MessageRequest;
 use teams_router::admin::model::{
     CreateBot, CreateIntegration, NoFields, UpdateBot, UpdateIntegration, check_backend,
     check_meta, check_session_duration, check_text, parse_body,
 };
-use teams_router::admin::MessageRequest;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
