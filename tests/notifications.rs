@@ -1134,6 +1134,38 @@ async fn a_router_killed_mid_broadcast_finishes_it_after_a_restart() {
         }
     }
     let base = router.base_url();
+    // The same users again add nobody; the recipients page through in their order.
+    let (status, again) = api(
+        "POST",
+        &format!("{base}/api/v1/integration/teams/teams_prod/broadcast/{job}/recipients"),
+        Some(json!({"recipients": {"users": recipients[..10].to_vec()}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        (again["added"].as_u64(), again["recipients"].as_u64()),
+        (Some(0), Some(users as u64))
+    );
+    let list = format!(
+        "{base}/api/v1/integration/teams/teams_prod/broadcast/{job}/recipient/list?take=100&status=pending"
+    );
+    let (mut numbers, mut url) = (Vec::new(), list.clone());
+    loop {
+        let (status, page) = api("GET", &url, None).await;
+        assert_eq!(status, 200, "{page}");
+        numbers.extend(
+            page["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["index"].as_u64()),
+        );
+        match page["cursor"].as_str() {
+            Some(cursor) => url = format!("{list}&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(numbers, (0..users as u64).collect::<Vec<_>>());
     let (status, _) = api(
         "POST",
         &format!("{base}/api/v1/integration/teams/teams_prod/broadcast/{job}/start"),

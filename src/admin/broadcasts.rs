@@ -153,13 +153,11 @@ fn from_destination(destination: &Destination) -> Recipient {
 }
 
 impl Admin {
-    /// The recipients a request names, each once, numbered from `first`.
+    /// The recipients a request names, each once (the job numbers them).
     fn resolve_recipients(
         &self,
         integration: &Integration,
         recipients: Recipients,
-        known: &HashSet<To>,
-        first: u32,
     ) -> Result<Vec<Recipient>, ApiError> {
         let mut found: Vec<Recipient> = Vec::new();
         let destinations = &self.parts.destinations;
@@ -243,7 +241,7 @@ impl Admin {
             id_field("conversationIds", &conversation_id)?;
             found.push(Recipient::new(0, To::Conversation { conversation_id }));
         }
-        let mut seen = known.clone();
+        let mut seen = HashSet::new();
         let mut unique: Vec<Recipient> = Vec::with_capacity(found.len());
         for mut recipient in found {
             // A user's tenant defaults to a single-tenant integration's own.
@@ -253,7 +251,6 @@ impl Admin {
                 tenant_id.clone_from(&integration.record.tenant_id);
             }
             if seen.insert(recipient.to.clone()) {
-                recipient.index = first + unique.len() as u32;
                 unique.push(recipient);
             }
         }
@@ -317,8 +314,7 @@ impl Admin {
         integration: &Arc<Integration>,
         input: CreateBroadcast,
     ) -> ApiResult {
-        let recipients =
-            self.resolve_recipients(integration, input.recipients, &HashSet::new(), 0)?;
+        let recipients = self.resolve_recipients(integration, input.recipients)?;
         let job = Job {
             id: new_id("bc"),
             integration_id: integration.record.id.clone(),
@@ -331,6 +327,8 @@ impl Admin {
             finished_at: None,
             order: now_micros(),
             resumed_in_flight: 0,
+            total: 0,
+            lanes: Default::default(),
         };
         let held = self
             .parts
@@ -343,7 +341,7 @@ impl Admin {
             EventDraft::new("broadcast.created").message(format!(
                 "{} with {} recipient(s)",
                 held.job().id,
-                held.recipients().len()
+                held.job().total
             )),
         );
         if input.start.unwrap_or(true) {
@@ -392,19 +390,11 @@ impl Admin {
                 "recipients are added before the broadcast starts",
             ));
         }
-        let existing = held.recipients();
-        let known: HashSet<To> = existing.iter().map(|r| r.to.clone()).collect();
-        let added = self.resolve_recipients(
-            &integration,
-            input.recipients,
-            &known,
-            existing.len() as u32,
-        )?;
-        let count = added.len();
-        let total = self
+        let targets = self.resolve_recipients(&integration, input.recipients)?;
+        let (count, total) = self
             .parts
             .broadcasts
-            .append(&held, added)
+            .append(&held, targets)
             .await
             .map_err(ApiError::store)?;
         Ok(json!({"id": held.job().id, "added": count, "recipients": total}))
@@ -557,7 +547,7 @@ impl Admin {
         }))
     }
 
-    pub(super) fn list_broadcast_recipients(
+    pub(super) async fn list_broadcast_recipients(
         &self,
         account: &str,
         integration_id: &str,
@@ -565,9 +555,11 @@ impl Admin {
         query: Option<&str>,
     ) -> ApiResult {
         let (_, held) = self.owned_broadcast(account, integration_id, job)?;
+        let order_asked = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .any(|(key, _)| key == "order");
         let mut query = ListQuery::parse(query, self.settings.list_max_take)?;
-        // Recipients are listed in their order unless asked otherwise.
-        if !query.extra.iter().any(|(k, _)| k == "order") && query.cursor.is_none() {
+        // Recipients are listed in their order unless asked otherwise (on every page).
+        if !order_asked {
             query.order = super::paging::Order::Asc;
         }
         let status = query.extra("status").map(str::to_owned);
@@ -577,26 +569,33 @@ impl Admin {
             return Err(Invalid::field("status", "status: pending, sent or failed").into());
         }
         let reason = query.extra("reason").map(str::to_owned);
-        let items = held
-            .recipients()
-            .into_iter()
-            .filter(|r| {
-                status.as_deref().is_none_or(|s| r.status.as_str() == s)
-                    && reason
-                        .as_deref()
-                        .is_none_or(|w| r.reason.as_deref() == Some(w))
+        let after = query
+            .cursor
+            .as_ref()
+            .map(|position| u32::try_from(position.order).unwrap_or(u32::MAX));
+        let (page, more) = self
+            .parts
+            .broadcasts
+            .page_recipients(
+                &held,
+                after,
+                query.order == super::paging::Order::Asc,
+                query.take,
+                |r| {
+                    status.as_deref().is_none_or(|s| r.status.as_str() == s)
+                        && reason
+                            .as_deref()
+                            .is_none_or(|w| r.reason.as_deref() == Some(w))
+                },
+            )
+            .await
+            .map_err(ApiError::store)?;
+        let cursor = more.then(|| page.last()).flatten().map(|last| {
+            super::paging::encode_cursor(&Position {
+                order: u64::from(last.index),
+                id: String::new(),
             })
-            .map(|r| {
-                (
-                    Position {
-                        order: u64::from(r.index),
-                        id: String::new(),
-                    },
-                    r,
-                )
-            })
-            .collect();
-        let (page, cursor) = query.page(items);
+        });
         Ok(json!({
             "items": page.iter().map(recipient_view).collect::<Vec<_>>(),
             "cursor": cursor,
@@ -642,9 +641,8 @@ fn recipient_view(recipient: &Recipient) -> Value {
 /// A job as the API shows it: its state, counts by status and reason, rate and ETA.
 fn broadcast_view(held: &Held) -> Value {
     let job = held.job();
-    let (by_status, by_reason) = held.counts();
-    let total: usize = by_status.values().sum();
-    let pending = by_status.get("pending").copied().unwrap_or(0);
+    let tally = held.tally();
+    let pending = tally.pending;
     let rate = held.rate();
     let eta = (job.status == JobStatus::Running && rate > 0.0 && pending > 0)
         .then(|| model::iso_time(now_ms() + (pending as f64 / rate * 1000.0) as u64));
@@ -655,13 +653,13 @@ fn broadcast_view(held: &Held) -> Value {
         "status": job.status.as_str(),
         "error": job.error,
         "message": job.message,
-        "recipients": total,
+        "recipients": job.total,
         "counts": {
             "pending": pending,
-            "sent": by_status.get("sent").copied().unwrap_or(0),
-            "failed": by_status.get("failed").copied().unwrap_or(0),
+            "sent": tally.sent,
+            "failed": tally.failed,
         },
-        "failures": by_reason,
+        "failures": tally.reasons,
         "resumedInFlight": job.resumed_in_flight,
         "rate": (rate * 100.0).round() / 100.0,
         "eta": eta,

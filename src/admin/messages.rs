@@ -10,21 +10,9 @@ use super::model::{self, Invalid};
 use super::{Admin, ApiError, ApiResult};
 use crate::connector::{ConnectorError, Route};
 use crate::ledger::addresses::CompactJson;
-use crate::notify::broadcasts::RecipientStatus;
-use crate::notify::proactive::MessageRequest;
+use crate::notify::proactive::{MessageRequest, SENT_KIND, sent_id};
 use crate::registry::Integration;
 use crate::store::now_ms;
-
-/// Proactive messages sent through `…/message` (broadcast copies are in their jobs).
-pub(super) const SENT_KIND: &str = "sent_messages";
-
-fn sent_id(integration: &str, conversation: &str, activity: &str) -> String {
-    format!(
-        "{}:{integration}{}:{conversation}{activity}",
-        integration.len(),
-        conversation.len()
-    )
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -89,37 +77,23 @@ impl Admin {
         }
     }
 
-    /// Whether the router sent this message for the integration.
+    /// Whether the router sent this message for the integration (proactively or in a
+    /// broadcast).
     async fn sent_here(
         &self,
         integration: &Integration,
         conversation: &str,
         activity: &str,
     ) -> Result<bool, ApiError> {
-        let in_jobs = self
-            .parts
-            .broadcasts
-            .of_integration(&integration.record.id)
-            .iter()
-            .any(|held| {
-                held.recipients().iter().any(|r| {
-                    r.status == RecipientStatus::Sent
-                        && r.conversation_id.as_deref() == Some(conversation)
-                        && r.activity_id.as_deref() == Some(activity)
-                })
-            });
-        if in_jobs {
-            return Ok(true);
-        }
         let id = sent_id(&integration.record.id, conversation, activity);
-        let records = self
+        let found = self
             .parts
             .vault
             .store
-            .records(SENT_KIND)
+            .records_by_ids(SENT_KIND, vec![id])
             .await
             .map_err(ApiError::store)?;
-        Ok(records.iter().any(|(stored, _)| *stored == id))
+        Ok(found.into_iter().any(|record| record.is_some()))
     }
 
     fn route_to<'a>(

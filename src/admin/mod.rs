@@ -804,6 +804,7 @@ impl Admin {
             }
             Action::ListRecipients(id, job) => {
                 self.list_broadcast_recipients(&account, id, job, query)
+                    .await
             }
             Action::EditBroadcast(id, job, verb) => {
                 self.edit_broadcast(&account, id, job, verb, &body).await

@@ -128,7 +128,7 @@ pub fn meta_matches(
     })
 }
 
-fn encode_cursor(position: &Position) -> String {
+pub fn encode_cursor(position: &Position) -> String {
     URL_SAFE_NO_PAD.encode(format!("{}:{}", position.order, position.id))
 }
 

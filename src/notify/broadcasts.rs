@@ -1,7 +1,10 @@
 //! Broadcasts: one message to many recipients, paced within Teams' limits, resumable and
 //! accountable. A job and each of its recipients are stored (the job with the management
-//! records, its recipients in a record kind of their own, `broadcast-recipients:{job}`); a
-//! runner sends to the pending recipients through the connector's pacer, at most
+//! records, its recipients in a record kind of their own, `broadcast-recipients:{job}`, with
+//! each tenant's recipient numbers in chunks beside them, `broadcast-lanes:{job}`). Memory holds
+//! the job and its counts, never its recipients: a runner reads each tenant's next few dozen at
+//! a time, so a million recipients cost what a hundred do. It sends through the connector's
+//! pacer, at most
 //! `broadcast.max_share` percent of each tenant's budget (live conversations keep the rest),
 //! a few sends in flight per tenant and tenants in parallel. Each recipient ends `sent` (with
 //! its activity id) or `failed` with a reason mapped from Teams' documented answers.
@@ -12,7 +15,7 @@
 //! most those. With several routers, a job runs where its lease is (`broadcast-run:{job}` in
 //! the store, renewed while it runs); another instance takes it over when the lease lapses.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -43,8 +46,25 @@ const PREDECESSOR_WINDOW: Duration = Duration::from_millis(1_100);
 /// How long a runner's lease on a job lasts without renewal.
 const LEASE: Duration = Duration::from_secs(10);
 
+/// What each job has sent, failed and has left, by job id: written by the runner as it goes.
+const TALLIES_KIND: &str = "broadcast-tallies";
+
 fn recipients_kind(job: &str) -> String {
     format!("broadcast-recipients:{job}")
+}
+
+/// Per tenant, the recipients' numbers in chunks: `{tenant}#{chunk}`.
+fn lanes_kind(job: &str) -> String {
+    format!("broadcast-lanes:{job}")
+}
+
+fn lane_chunk_id(tenant: &str, chunk: u32) -> String {
+    format!("{tenant}#{chunk:06}")
+}
+
+/// Each recipient's target once, so that appending the same user twice adds one recipient.
+fn targets_kind(job: &str) -> String {
+    format!("broadcast-targets:{job}")
 }
 
 fn recipient_id(index: u32) -> String {
@@ -279,12 +299,86 @@ pub struct Job {
     /// sent again: the most duplicates the job may have.
     #[serde(default)]
     pub resumed_in_flight: u32,
+    /// Recipients, numbered 0 to `total - 1`.
+    #[serde(default)]
+    pub total: u32,
+    /// Per tenant ("" where it is known only once sent), how many chunks of recipient numbers
+    /// it has (`broadcast-lanes:{job}`): the runner reads each tenant's recipients a window at
+    /// a time, so tenants run side by side whatever order recipients were given in.
+    #[serde(default)]
+    pub lanes: BTreeMap<String, u32>,
 }
 
-/// A job with its recipients, as one instance holds it.
+/// How many recipients a job has in each state, failures by reason, and delivered copies with
+/// an edit still to make: kept as outcomes come, so that a job's counts never need its
+/// recipients in memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tally {
+    pub pending: u64,
+    pub sent: u64,
+    pub failed: u64,
+    pub reasons: BTreeMap<String, u64>,
+    pub edits: u64,
+}
+
+impl Tally {
+    fn add(&mut self, recipient: &Recipient) {
+        match recipient.status {
+            RecipientStatus::Pending => self.pending += 1,
+            RecipientStatus::Sent => self.sent += 1,
+            RecipientStatus::Failed => {
+                self.failed += 1;
+                if let Some(reason) = &recipient.reason {
+                    *self.reasons.entry(reason.clone()).or_default() += 1;
+                }
+            }
+        }
+        if recipient.status == RecipientStatus::Sent && recipient.edit.is_some() {
+            self.edits += 1;
+        }
+    }
+
+    fn remove(&mut self, recipient: &Recipient) {
+        match recipient.status {
+            RecipientStatus::Pending => self.pending = self.pending.saturating_sub(1),
+            RecipientStatus::Sent => self.sent = self.sent.saturating_sub(1),
+            RecipientStatus::Failed => {
+                self.failed = self.failed.saturating_sub(1);
+                if let Some(reason) = &recipient.reason
+                    && let Some(count) = self.reasons.get_mut(reason)
+                {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        self.reasons.remove(reason);
+                    }
+                }
+            }
+        }
+        if recipient.status == RecipientStatus::Sent && recipient.edit.is_some() {
+            self.edits = self.edits.saturating_sub(1);
+        }
+    }
+
+    fn change(&mut self, before: &Recipient, after: &Recipient) {
+        self.remove(before);
+        self.add(after);
+    }
+
+    /// Sends and edits left.
+    fn work(&self) -> u64 {
+        self.pending + self.edits
+    }
+}
+
+/// A job as one instance holds it: the job, its counts, whether it runs here. Its recipients
+/// stay in the store; the runner reads them a window at a time.
 pub struct Held {
     job: Mutex<Job>,
-    recipients: Mutex<Vec<Recipient>>,
+    tally: Mutex<Tally>,
+    /// Job writes one at a time, each of the job as it is then (the runner and the API both
+    /// change it).
+    saving: tokio::sync::Mutex<()>,
     /// A runner works on it here.
     running: AtomicBool,
     /// Sends finished since the runner started, for the rate (and when it started).
@@ -293,27 +387,23 @@ pub struct Held {
 }
 
 impl Held {
+    fn new(job: Job, tally: Tally) -> Self {
+        Self {
+            job: Mutex::new(job),
+            tally: Mutex::new(tally),
+            saving: tokio::sync::Mutex::new(()),
+            running: AtomicBool::new(false),
+            sent_since_start: AtomicU64::new(0),
+            run_started_ms: AtomicU64::new(0),
+        }
+    }
+
     pub fn job(&self) -> Job {
         self.job.lock().clone()
     }
 
-    pub fn recipients(&self) -> Vec<Recipient> {
-        self.recipients.lock().clone()
-    }
-
-    /// Counts by status, and failures by reason.
-    pub fn counts(&self) -> (HashMap<&'static str, usize>, HashMap<String, usize>) {
-        let mut by_status: HashMap<&'static str, usize> = HashMap::new();
-        let mut by_reason: HashMap<String, usize> = HashMap::new();
-        for recipient in self.recipients.lock().iter() {
-            *by_status.entry(recipient.status.as_str()).or_default() += 1;
-            if recipient.status == RecipientStatus::Failed
-                && let Some(reason) = &recipient.reason
-            {
-                *by_reason.entry(reason.clone()).or_default() += 1;
-            }
-        }
-        (by_status, by_reason)
+    pub fn tally(&self) -> Tally {
+        self.tally.lock().clone()
     }
 
     /// Recipients finished per second since its runner started here (0 when not running).
@@ -398,19 +488,65 @@ fn outcome(result: Result<Value, ProactiveError>) -> Outcome {
     }
 }
 
-/// The pending recipients of a job by tenant, in index order (tenants where the app is
-/// disabled left out).
-fn pending_by_tenant(held: &Held, disabled: &HashSet<String>) -> HashMap<String, VecDeque<u32>> {
-    let mut queues: HashMap<String, VecDeque<u32>> = HashMap::new();
-    for recipient in held.recipients.lock().iter() {
-        if recipient.has_work() && !disabled.contains(recipient.tenant()) {
-            queues
-                .entry(recipient.tenant().to_owned())
-                .or_default()
-                .push_back(recipient.index);
+/// Recipients a runner reads of one tenant at a time.
+const LANE_WINDOW: usize = 64;
+/// Recipient numbers in one stored chunk of a tenant's lane.
+const LANE_CHUNK: usize = 4_096;
+/// Recipients read at a time when a whole job is gone through (counts, retry, edits, lists).
+const SCAN_PAGE: u32 = 1_000;
+/// How often a runner stores its job's counts.
+const TALLY_EVERY: Duration = Duration::from_secs(1);
+
+/// A job's recipient numbers in pages of [`SCAN_PAGE`].
+fn pages(total: u32) -> impl Iterator<Item = Vec<u32>> {
+    (0..total)
+        .step_by(SCAN_PAGE as usize)
+        .map(move |from| (from..(from + SCAN_PAGE).min(total)).collect())
+}
+
+/// One tenant's recipients as a runner goes through them: the chunk of numbers it is in, and
+/// a window of recipients read ahead.
+struct Lane {
+    tenant: String,
+    chunks: u32,
+    chunk: u32,
+    numbers: Vec<u32>,
+    offset: usize,
+    window: VecDeque<Recipient>,
+    in_flight: usize,
+    /// Teams says the app is disabled in this tenant: its recipients wait.
+    disabled: bool,
+}
+
+impl Lane {
+    fn new(tenant: String, chunks: u32) -> Self {
+        Self {
+            tenant,
+            chunks,
+            chunk: 0,
+            numbers: Vec::new(),
+            offset: 0,
+            window: VecDeque::new(),
+            in_flight: 0,
+            disabled: false,
         }
     }
-    queues
+
+    /// Every recipient of this pass has been read.
+    fn read_through(&self) -> bool {
+        self.chunk >= self.chunks && self.offset >= self.numbers.len()
+    }
+
+    fn idle(&self) -> bool {
+        self.disabled || (self.read_through() && self.window.is_empty())
+    }
+
+    fn start_pass(&mut self) {
+        self.chunk = 0;
+        self.numbers.clear();
+        self.offset = 0;
+        self.window.clear();
+    }
 }
 
 /// Settings of the broadcast runner.
@@ -420,7 +556,7 @@ pub struct BroadcastSettings {
     pub max_share: u32,
 }
 
-/// One recipient's state on its way to the store.
+/// One record on its way to the store.
 struct RecipientWrite {
     kind: String,
     id: String,
@@ -429,7 +565,7 @@ struct RecipientWrite {
     stored: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
 }
 
-/// Writes recipients' states in batches (one store transaction per job and batch, gathered for
+/// Writes recipients' states in batches (one store transaction per kind and batch, gathered for
 /// at most [`WRITE_BATCH_WAIT`]): one transaction per send would bound a broadcast by the
 /// store's commits per second (the embedded store waits for the disk at each).
 fn start_writer(
@@ -509,6 +645,27 @@ pub struct Broadcasts {
     writes: tokio::sync::mpsc::UnboundedSender<RecipientWrite>,
 }
 
+/// How a runner's pass over its lanes ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Nothing left to do.
+    Finished,
+    /// What is left waits for tenants where the app is disabled.
+    Disabled,
+    /// The job was paused, cancelled or failed.
+    Stopped,
+    /// Another instance runs it now.
+    LeaseLost,
+}
+
+/// What going through a whole job found.
+#[derive(Default)]
+struct Scan {
+    tally: Tally,
+    /// Written with an attempt counted and no outcome: in flight when a runner stopped.
+    interrupted: u32,
+}
+
 impl Broadcasts {
     pub async fn load(parts: BroadcastParts) -> Arc<Self> {
         let BroadcastParts {
@@ -543,24 +700,23 @@ impl Broadcasts {
     /// ones whose lease this instance can take.
     pub async fn refresh(self: &Arc<Self>) {
         let stored = load_records::<Job>(&self.store, &self.health, JOBS_KIND).await;
+        let mut tallies: HashMap<String, Tally> =
+            load_records::<Tally>(&self.store, &self.health, TALLIES_KIND)
+                .await
+                .into_iter()
+                .collect();
         for (id, job) in stored {
-            let known = self.jobs.get(&id).map(|h| Arc::clone(h.value()));
-            let held = match known {
+            let tally = tallies.remove(&id).unwrap_or_default();
+            let held = match self.jobs.get(&id).map(|h| Arc::clone(h.value())) {
                 Some(held) => {
                     if !held.running.load(Ordering::Acquire) {
                         *held.job.lock() = job;
+                        *held.tally.lock() = tally;
                     }
                     held
                 }
                 None => {
-                    let recipients = self.load_recipients(&id).await;
-                    let held = Arc::new(Held {
-                        job: Mutex::new(job),
-                        recipients: Mutex::new(recipients),
-                        running: AtomicBool::new(false),
-                        sent_since_start: AtomicU64::new(0),
-                        run_started_ms: AtomicU64::new(0),
-                    });
+                    let held = Arc::new(Held::new(job, tally));
                     self.jobs.insert(id.clone(), Arc::clone(&held));
                     held
                 }
@@ -582,17 +738,6 @@ impl Broadcasts {
                 _ = stopped.changed() => return,
             }
         }
-    }
-
-    async fn load_recipients(&self, job: &str) -> Vec<Recipient> {
-        let mut recipients: Vec<Recipient> =
-            load_records::<Recipient>(&self.store, &self.health, &recipients_kind(job))
-                .await
-                .into_iter()
-                .map(|(_, r)| r)
-                .collect();
-        recipients.sort_by_key(|r| r.index);
-        recipients
     }
 
     fn count_active(&self) {
@@ -639,54 +784,108 @@ impl Broadcasts {
         result
     }
 
-    /// Stores one recipient's state with the others of its batch; `wait`: returns once it is
-    /// stored (a send waits for its attempt to be recorded), else at once.
-    async fn write_recipient(
+    /// Stores the job changed by `change`, and changes it in memory once stored (only the
+    /// fields `change` sets: the runner may change others meanwhile).
+    async fn save_job(&self, held: &Held, change: impl Fn(&mut Job)) -> Result<Job, StoreError> {
+        let _one_at_a_time = held.saving.lock().await;
+        let mut job = held.job();
+        change(&mut job);
+        self.put_job(&job).await?;
+        let mut current = held.job.lock();
+        change(&mut current);
+        Ok(current.clone())
+    }
+
+    async fn put_tally(&self, job: &str, tally: &Tally) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(tally)
+            .map_err(|e| StoreError::Corrupt(format!("tally does not serialize: {e}")))?;
+        let result = self
+            .store
+            .put_records(TALLIES_KIND, vec![(job.to_owned(), bytes)])
+            .await;
+        self.health.observe("records", &result);
+        result
+    }
+
+    /// The recipients with these numbers that are stored (in their order).
+    async fn read_recipients(
         &self,
         job: &str,
-        recipient: &Recipient,
-        wait: bool,
-    ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(recipient)
-            .map_err(|e| StoreError::Corrupt(format!("recipient does not serialize: {e}")))?;
-        let (stored, done) = if wait {
-            let (sender, receiver) = tokio::sync::oneshot::channel();
-            (Some(sender), Some(receiver))
-        } else {
-            (None, None)
-        };
-        self.writes
-            .send(RecipientWrite {
-                kind: recipients_kind(job),
-                id: recipient_id(recipient.index),
-                bytes,
-                stored,
+        numbers: &[u32],
+    ) -> Result<Vec<Recipient>, StoreError> {
+        let ids = numbers.iter().map(|&n| recipient_id(n)).collect();
+        let result = self.store.records_by_ids(&recipients_kind(job), ids).await;
+        self.health.observe("records", &result);
+        Ok(result?
+            .into_iter()
+            .flatten()
+            .filter_map(|bytes| match serde_json::from_slice::<Recipient>(&bytes) {
+                Ok(recipient) => Some(recipient),
+                Err(error) => {
+                    tracing::warn!(job, %error, "a stored broadcast recipient is unreadable; skipped");
+                    None
+                }
             })
-            .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?;
-        match done {
-            Some(done) => done
-                .await
-                .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?,
-            None => Ok(()),
+            .collect())
+    }
+
+    /// Counts a job's recipients from the store.
+    async fn scan(&self, held: &Held) -> Result<Scan, StoreError> {
+        let job = held.job();
+        let mut scan = Scan::default();
+        for numbers in pages(job.total) {
+            for recipient in self.read_recipients(&job.id, &numbers).await? {
+                scan.tally.add(&recipient);
+                if recipient.status == RecipientStatus::Pending && recipient.sending {
+                    scan.interrupted += 1;
+                }
+            }
         }
+        Ok(scan)
     }
 
-    /// Returns once every state queued before is stored.
-    async fn flush_writes(&self) -> Result<(), StoreError> {
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        self.writes
-            .send(RecipientWrite {
-                kind: String::new(),
-                id: String::new(),
-                bytes: Vec::new(),
-                stored: Some(sender),
-            })
-            .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?;
-        receiver
-            .await
-            .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?
+    /// A page of a job's recipients that `keep` selects, after number `after` (exclusive) in
+    /// ascending or descending order; and whether there are more.
+    pub async fn page_recipients(
+        &self,
+        held: &Held,
+        after: Option<u32>,
+        ascending: bool,
+        take: usize,
+        keep: impl Fn(&Recipient) -> bool,
+    ) -> Result<(Vec<Recipient>, bool), StoreError> {
+        let job = held.job();
+        let mut page = Vec::new();
+        let (mut low, mut high) = match (after, ascending) {
+            (Some(after), true) => (after.saturating_add(1), job.total),
+            (Some(after), false) => (0, after.min(job.total)),
+            (None, _) => (0, job.total),
+        };
+        while low < high && page.len() <= take {
+            let numbers: Vec<u32> = if ascending {
+                let to = (low + SCAN_PAGE).min(high);
+                let numbers = (low..to).collect();
+                low = to;
+                numbers
+            } else {
+                let from = high.saturating_sub(SCAN_PAGE).max(low);
+                let numbers = (from..high).rev().collect();
+                high = from;
+                numbers
+            };
+            page.extend(
+                self.read_recipients(&job.id, &numbers)
+                    .await?
+                    .into_iter()
+                    .filter(|r| keep(r)),
+            );
+        }
+        let more = page.len() > take;
+        page.truncate(take);
+        Ok((page, more))
     }
 
+    /// Stores recipients' states directly (not through the batch writer).
     async fn put_recipients(&self, job: &str, recipients: &[Recipient]) -> Result<(), StoreError> {
         let kind = recipients_kind(job);
         for chunk in recipients.chunks(1_000) {
@@ -701,45 +900,153 @@ impl Broadcasts {
         Ok(())
     }
 
+    /// Stores one record with the others of its batch; `wait`: returns once it is stored (a
+    /// send waits for its attempt to be recorded), else at once.
+    async fn write(
+        &self,
+        kind: String,
+        id: String,
+        bytes: Vec<u8>,
+        wait: bool,
+    ) -> Result<(), StoreError> {
+        let (stored, done) = if wait {
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            (Some(sender), Some(receiver))
+        } else {
+            (None, None)
+        };
+        self.writes
+            .send(RecipientWrite {
+                kind,
+                id,
+                bytes,
+                stored,
+            })
+            .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?;
+        match done {
+            Some(done) => done
+                .await
+                .map_err(|_| StoreError::Unavailable("the recipient writer stopped".into()))?,
+            None => Ok(()),
+        }
+    }
+
+    async fn write_recipient(
+        &self,
+        job: &str,
+        recipient: &Recipient,
+        wait: bool,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(recipient)
+            .map_err(|e| StoreError::Corrupt(format!("recipient does not serialize: {e}")))?;
+        self.write(
+            recipients_kind(job),
+            recipient_id(recipient.index),
+            bytes,
+            wait,
+        )
+        .await
+    }
+
+    /// Returns once every state queued before is stored.
+    async fn flush_writes(&self) -> Result<(), StoreError> {
+        self.write(String::new(), String::new(), Vec::new(), true)
+            .await
+    }
+
     /// Stores a new job (pending) with its first recipients.
     pub async fn create(
         &self,
         job: Job,
         recipients: Vec<Recipient>,
     ) -> Result<Arc<Held>, StoreError> {
-        self.put_recipients(&job.id, &recipients).await?;
-        self.put_job(&job).await?;
-        let held = Arc::new(Held {
-            job: Mutex::new(job.clone()),
-            recipients: Mutex::new(recipients),
-            running: AtomicBool::new(false),
-            sent_since_start: AtomicU64::new(0),
-            run_started_ms: AtomicU64::new(0),
-        });
-        self.jobs.insert(job.id, Arc::clone(&held));
+        let held = Arc::new(Held::new(
+            Job {
+                total: 0,
+                lanes: BTreeMap::new(),
+                ..job
+            },
+            Tally::default(),
+        ));
+        self.append(&held, recipients).await?;
+        self.jobs.insert(held.job().id, Arc::clone(&held));
         Ok(held)
     }
 
-    /// Appends recipients to a job that has not started.
+    /// Appends recipients to a job that has not started, each target once (one the job has
+    /// already is left out). Returns how many were added, and the job's recipients.
     pub async fn append(
         &self,
-        held: &Arc<Held>,
+        held: &Held,
         targets: Vec<Recipient>,
-    ) -> Result<usize, StoreError> {
-        let job = held.job().id;
-        let first = held.recipients.lock().len() as u32;
-        let recipients: Vec<Recipient> = targets
-            .into_iter()
-            .enumerate()
-            .map(|(n, r)| Recipient {
-                index: first + n as u32,
-                ..r
-            })
+    ) -> Result<(usize, u32), StoreError> {
+        let job = held.job();
+        let target_ids: Vec<String> = targets
+            .iter()
+            .map(|r| serde_json::to_string(&r.to).unwrap_or_default())
             .collect();
-        self.put_recipients(&job, &recipients).await?;
-        let mut held_recipients = held.recipients.lock();
-        held_recipients.extend(recipients);
-        Ok(held_recipients.len())
+        let known = self
+            .store
+            .records_by_ids(&targets_kind(&job.id), target_ids.clone())
+            .await?;
+        let mut seen = HashSet::new();
+        let mut added: Vec<Recipient> = Vec::new();
+        let mut added_targets = Vec::new();
+        for ((recipient, target), known) in targets.into_iter().zip(target_ids).zip(known) {
+            if known.is_some() || !seen.insert(target.clone()) {
+                continue;
+            }
+            let index = job.total + added.len() as u32;
+            added_targets.push((target, index.to_string().into_bytes()));
+            added.push(Recipient { index, ..recipient });
+        }
+        if added.is_empty() {
+            return Ok((0, job.total));
+        }
+        self.put_recipients(&job.id, &added).await?;
+        let mut lanes = job.lanes.clone();
+        let mut by_tenant: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        for recipient in &added {
+            by_tenant
+                .entry(recipient.tenant())
+                .or_default()
+                .push(recipient.index);
+        }
+        let mut chunks = Vec::new();
+        for (tenant, numbers) in by_tenant {
+            for part in numbers.chunks(LANE_CHUNK) {
+                let next = lanes.entry(tenant.to_owned()).or_default();
+                let bytes = serde_json::to_vec(part)
+                    .map_err(|e| StoreError::Corrupt(format!("lane does not serialize: {e}")))?;
+                chunks.push((lane_chunk_id(tenant, *next), bytes));
+                *next += 1;
+            }
+        }
+        let result = self.store.put_records(&lanes_kind(&job.id), chunks).await;
+        self.health.observe("records", &result);
+        result?;
+        let total = job.total + added.len() as u32;
+        let mut tally = held.tally();
+        for recipient in &added {
+            tally.add(recipient);
+        }
+        self.put_tally(&job.id, &tally).await?;
+        self.save_job(held, |job| {
+            job.total = total;
+            job.lanes.clone_from(&lanes);
+        })
+        .await?;
+        *held.tally.lock() = tally;
+        // Last: a failure before leaves the targets free for the same call again.
+        let result = self
+            .store
+            .put_records(&targets_kind(&job.id), added_targets)
+            .await;
+        self.health.observe("records", &result);
+        if let Err(error) = result {
+            tracing::warn!(%error, "a broadcast's targets are not stored: appending them again would add them twice");
+        }
+        Ok((added.len(), total))
     }
 
     /// Changes a job's status (stored first) and starts or stops its runner.
@@ -748,17 +1055,18 @@ impl Broadcasts {
         held: &Arc<Held>,
         status: JobStatus,
     ) -> Result<Job, StoreError> {
-        let mut job = held.job();
-        job.status = status;
         let now = now_ms();
-        match status {
-            JobStatus::Running if job.started_at.is_none() => job.started_at = Some(now),
-            JobStatus::Done | JobStatus::Cancelled => job.finished_at = Some(now),
-            JobStatus::Running => job.finished_at = None,
-            _ => {}
-        }
-        self.put_job(&job).await?;
-        *held.job.lock() = job.clone();
+        let job = self
+            .save_job(held, |job| {
+                job.status = status;
+                match status {
+                    JobStatus::Running if job.started_at.is_none() => job.started_at = Some(now),
+                    JobStatus::Done | JobStatus::Cancelled => job.finished_at = Some(now),
+                    JobStatus::Running => job.finished_at = None,
+                    _ => {}
+                }
+            })
+            .await?;
         tracing::info!(job = %job.id, status = status.as_str(), "broadcast");
         if status == JobStatus::Running {
             self.run(held);
@@ -774,12 +1082,10 @@ impl Broadcasts {
         held: &Arc<Held>,
         edit: Edit,
         message: Option<Message>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<u64, StoreError> {
         if let Some(message) = message {
-            let mut job = held.job();
-            job.message = message;
-            self.put_job(&job).await?;
-            *held.job.lock() = job;
+            self.save_job(held, |job| job.message = message.clone())
+                .await?;
         }
         self.change_recipients(
             held,
@@ -793,7 +1099,7 @@ impl Broadcasts {
     }
 
     /// Failed recipients become pending again (the sent ones stay as they are); returns how many.
-    pub async fn retry_failed(&self, held: &Arc<Held>) -> Result<usize, StoreError> {
+    pub async fn retry_failed(&self, held: &Arc<Held>) -> Result<u64, StoreError> {
         self.change_recipients(
             held,
             |r| r.status == RecipientStatus::Failed,
@@ -806,35 +1112,55 @@ impl Broadcasts {
         .await
     }
 
-    /// Changes the recipients `pick` selects with `change`: stored first, then in memory.
-    /// Returns how many.
+    /// Changes the recipients `pick` selects with `change`, a page at a time. Returns how many.
     async fn change_recipients(
         &self,
         held: &Arc<Held>,
         pick: impl Fn(&Recipient) -> bool,
         change: impl Fn(Recipient) -> Recipient,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<u64, StoreError> {
         // Outcomes still queued would land after these changes.
         self.flush_writes().await?;
+        let job = held.job().id;
         let now = now_ms();
-        let changed: Vec<Recipient> = held
-            .recipients
-            .lock()
-            .iter()
-            .filter(|r| pick(r))
-            .map(|r| Recipient {
-                updated_at: now,
-                ..change(r.clone())
-            })
-            .collect();
-        self.put_recipients(&held.job().id, &changed).await?;
-        let mut recipients = held.recipients.lock();
-        for recipient in &changed {
-            if let Some(slot) = recipients.get_mut(recipient.index as usize) {
-                *slot = recipient.clone();
+        let mut changed_count = 0;
+        let mut tally = held.tally();
+        let mut outcome = Ok(());
+        for numbers in pages(held.job().total) {
+            let page = match self.read_recipients(&job, &numbers).await {
+                Ok(page) => page,
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
+            };
+            let changed: Vec<(Recipient, Recipient)> = page
+                .into_iter()
+                .filter(|r| pick(r))
+                .map(|r| {
+                    let after = Recipient {
+                        updated_at: now,
+                        ..change(r.clone())
+                    };
+                    (r, after)
+                })
+                .collect();
+            let after: Vec<Recipient> = changed.iter().map(|(_, a)| a.clone()).collect();
+            if let Err(error) = self.put_recipients(&job, &after).await {
+                outcome = Err(error);
+                break;
             }
+            for (before, after) in &changed {
+                tally.change(before, after);
+            }
+            changed_count += changed.len() as u64;
         }
-        Ok(changed.len())
+        // What was changed is changed, even when a later page failed.
+        *held.tally.lock() = tally.clone();
+        if let Err(error) = self.put_tally(&job, &tally).await {
+            tracing::warn!(%error, "a broadcast's counts are not stored; they are counted again when it runs");
+        }
+        outcome.map(|()| changed_count)
     }
 
     /// Starts the job's runner here unless one runs already.
@@ -865,181 +1191,273 @@ impl Broadcasts {
         }
     }
 
+    /// The job's status as stored: another instance's API may have paused or cancelled it.
+    async fn stored_status(&self, job: &str) -> Option<JobStatus> {
+        let stored = self
+            .store
+            .records_by_ids(JOBS_KIND, vec![job.to_owned()])
+            .await
+            .ok()?
+            .into_iter()
+            .next()
+            .flatten()?;
+        serde_json::from_slice::<Job>(&stored)
+            .ok()
+            .map(|job| job.status)
+    }
+
+    /// Reads the next window of a lane's recipients that have work.
+    async fn fill(&self, job: &str, lane: &mut Lane) -> Result<usize, StoreError> {
+        let mut found = 0;
+        while lane.window.len() < LANE_WINDOW && !lane.read_through() {
+            if lane.offset >= lane.numbers.len() {
+                let id = lane_chunk_id(&lane.tenant, lane.chunk);
+                let stored = self
+                    .store
+                    .records_by_ids(&lanes_kind(job), vec![id])
+                    .await?;
+                lane.numbers = stored
+                    .into_iter()
+                    .next()
+                    .flatten()
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                    .unwrap_or_default();
+                lane.offset = 0;
+                lane.chunk += 1;
+                continue;
+            }
+            let end = (lane.offset + LANE_WINDOW).min(lane.numbers.len());
+            let numbers = &lane.numbers[lane.offset..end];
+            let recipients = self.read_recipients(job, numbers).await?;
+            lane.offset = end;
+            for recipient in recipients {
+                if recipient.has_work() {
+                    found += 1;
+                    lane.window.push_back(recipient);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     async fn run_job(self: &Arc<Self>, held: &Arc<Held>) {
-        let job = held.job();
-        if !self.hold_lease(&job.id).await {
+        let job_id = held.job().id;
+        if !self.hold_lease(&job_id).await {
             return;
         }
-        let Some(integration) = self.registry.integration(&job.integration_id) else {
-            tracing::warn!(job = %job.id, "the broadcast's integration is gone; the job stays as it is");
+        let Some(integration) = self.registry.integration(&held.job().integration_id) else {
+            tracing::warn!(job = %job_id, "the broadcast's integration is gone; the job stays as it is");
             return;
         };
         // A restarted router does not know what it sent just before; Teams does. Its first
         // window passes before a job goes on (Teams' windows are a second long, plus a margin).
         tokio::time::sleep_until(self.started + PREDECESSOR_WINDOW).await;
-        if self.store.is_shared() {
-            // Another instance may have run it since this one read its recipients.
-            let recipients = self.load_recipients(&job.id).await;
-            if !recipients.is_empty() {
-                *held.recipients.lock() = recipients;
-            }
+        // Another instance, or this one before a restart, may have run it: count from the store.
+        if let Err(error) = self.flush_writes().await {
+            tracing::warn!(%error, job = %job_id, "a broadcast waits for the store");
+            return;
         }
+        let scan = match self.scan(held).await {
+            Ok(scan) => scan,
+            Err(error) => {
+                tracing::warn!(%error, job = %job_id, "a broadcast's recipients cannot be read; it waits for the store");
+                return;
+            }
+        };
+        *held.tally.lock() = scan.tally;
         held.sent_since_start.store(0, Ordering::Release);
         held.run_started_ms.store(now_ms(), Ordering::Release);
-        // Written with an attempt counted and no outcome: in flight when the last runner stopped.
-        let interrupted = held
-            .recipients
-            .lock()
-            .iter()
-            .filter(|r| r.status == RecipientStatus::Pending && r.sending)
-            .count() as u32;
-        if interrupted > 0 {
-            let mut job = held.job();
-            job.resumed_in_flight += interrupted;
-            if self.put_job(&job).await.is_ok() {
-                *held.job.lock() = job;
+        if scan.interrupted > 0 {
+            let interrupted = scan.interrupted;
+            if let Err(error) = self
+                .save_job(held, |job| job.resumed_in_flight += interrupted)
+                .await
+            {
+                tracing::warn!(%error, "a resumed broadcast's in-flight count is not stored");
             }
-            tracing::info!(job = %held.job().id, interrupted, "broadcast resumed; recipients in flight before are sent again");
+            tracing::info!(job = %job_id, interrupted, "broadcast resumed; recipients in flight before are sent again");
         }
-        let mut queues = pending_by_tenant(held, &HashSet::new());
+        let lanes: Vec<Lane> = held
+            .job()
+            .lanes
+            .into_iter()
+            .map(|(tenant, chunks)| Lane::new(tenant, chunks))
+            .collect();
+        let end = self.run_lanes(held, &integration, lanes).await;
+        if end == End::LeaseLost {
+            return;
+        }
+        if let Err(error) = self.flush_writes().await {
+            tracing::warn!(%error, "a broadcast's last outcomes are not stored yet; it stays as it is");
+            return;
+        }
+        if let Err(error) = self.put_tally(&job_id, &held.tally()).await {
+            tracing::warn!(%error, "a broadcast's counts are not stored; they are counted again when it runs");
+        }
+        if held.job.lock().status != JobStatus::Running {
+            return;
+        }
+        // Done only once every outcome is stored: a job stored as done is never resumed.
+        let (next, what) = match end {
+            End::Disabled => (
+                JobStatus::Paused,
+                "waiting for tenants where the app is disabled",
+            ),
+            _ => (JobStatus::Done, "done"),
+        };
+        if let Err(error) = self.set_status(held, next).await {
+            tracing::warn!(%error, "a broadcast {what} is not recorded so yet");
+        }
+    }
+
+    /// Sends to each lane's recipients, a window at a time, lanes side by side, until every
+    /// lane is gone through with nothing left to do (or the job stops, or its lease is lost).
+    async fn run_lanes(
+        self: &Arc<Self>,
+        held: &Arc<Held>,
+        integration: &Arc<Integration>,
+        mut lanes: Vec<Lane>,
+    ) -> End {
+        let job_id = held.job().id;
         let mut in_flight = FuturesUnordered::new();
-        let mut per_tenant: HashMap<String, usize> = HashMap::new();
-        let mut disabled_tenants: HashSet<String> = HashSet::new();
         let mut lease_renewed = crate::clock::now();
+        let mut tally_stored = crate::clock::now();
+        let mut found_in_pass = 0usize;
         loop {
             let stopping = held.job.lock().status != JobStatus::Running;
             if lease_renewed.elapsed() > LEASE / 3 {
-                if !self.hold_lease(&held.job().id).await {
-                    tracing::warn!(job = %held.job().id, "broadcast lease lost; another instance runs the job");
-                    break;
+                if !self.hold_lease(&job_id).await {
+                    tracing::warn!(job = %job_id, "broadcast lease lost; another instance runs the job");
+                    return End::LeaseLost;
                 }
                 lease_renewed = crate::clock::now();
-            }
-            // Fill the window: each tenant up to its own bound, tenants side by side.
-            let mut store_failed = false;
-            for (tenant, queue) in queues.iter_mut() {
-                if stopping || store_failed {
-                    break;
-                }
-                while in_flight.len() < MAX_IN_FLIGHT
-                    && per_tenant.get(tenant).copied().unwrap_or(0) < PER_TENANT_IN_FLIGHT
-                    && !disabled_tenants.contains(tenant)
+                if self.store.is_shared()
+                    && let Some(stored) = self.stored_status(&job_id).await
+                    && stored != JobStatus::Running
                 {
-                    let Some(index) = queue.pop_front() else {
+                    // Paused or cancelled through another instance.
+                    held.job.lock().status = stored;
+                }
+            }
+            if tally_stored.elapsed() > TALLY_EVERY {
+                tally_stored = crate::clock::now();
+                if let Err(error) = self.put_tally(&job_id, &held.tally()).await {
+                    tracing::warn!(%error, "a broadcast's counts are not stored");
+                }
+            }
+            let mut store_failed = false;
+            for (lane_index, lane) in lanes.iter_mut().enumerate() {
+                if stopping || store_failed || lane.disabled {
+                    continue;
+                }
+                if lane.window.len() < LANE_WINDOW / 2 && !lane.read_through() {
+                    match self.fill(&job_id, lane).await {
+                        Ok(found) => found_in_pass += found,
+                        Err(error) => {
+                            tracing::warn!(%error, "a broadcast waits for the store: recipients cannot be read");
+                            store_failed = true;
+                            continue;
+                        }
+                    }
+                }
+                while in_flight.len() < MAX_IN_FLIGHT && lane.in_flight < PER_TENANT_IN_FLIGHT {
+                    let Some(mut recipient) = lane.window.pop_front() else {
                         break;
-                    };
-                    let Some(mut recipient) = held
-                        .recipients
-                        .lock()
-                        .get(index as usize)
-                        .filter(|r| r.has_work())
-                        .cloned()
-                    else {
-                        continue;
                     };
                     if recipient.status == RecipientStatus::Pending {
                         recipient.attempts += 1;
                         recipient.sending = true;
                         recipient.updated_at = now_ms();
-                        if let Err(error) =
-                            self.write_recipient(&held.job().id, &recipient, true).await
-                        {
+                        if let Err(error) = self.write_recipient(&job_id, &recipient, true).await {
                             tracing::warn!(%error, "a broadcast waits for the store: a recipient's attempt cannot be recorded");
-                            queue.push_front(index);
+                            recipient.attempts -= 1;
+                            recipient.sending = false;
+                            lane.window.push_front(recipient);
                             store_failed = true;
                             break;
                         }
-                        if let Some(slot) = held.recipients.lock().get_mut(index as usize) {
-                            slot.attempts = recipient.attempts;
-                            slot.sending = false;
-                        }
                     }
-                    *per_tenant.entry(tenant.clone()).or_default() += 1;
-                    let (broadcasts, integration, message) = (
-                        Arc::clone(self),
-                        Arc::clone(&integration),
+                    lane.in_flight += 1;
+                    in_flight.push(self.send_one(
+                        integration,
                         held.job().message,
-                    );
-                    in_flight.push(async move {
-                        let edit = recipient
-                            .edit
-                            .filter(|_| recipient.status == RecipientStatus::Sent);
-                        let outcome = match (edit, &recipient.to) {
-                            (Some(edit), _) => {
-                                broadcasts
-                                    .edit(&integration, &message, &recipient, edit)
-                                    .await
-                            }
-                            (None, To::Workflow { destination_id }) => {
-                                broadcasts.post_workflow(destination_id, &message).await
-                            }
-                            (None, _) => outcome(
-                                proactive::send(
-                                    &broadcasts.addresses,
-                                    &broadcasts.connector,
-                                    &integration,
-                                    message.request(&recipient.to),
-                                    broadcasts.settings.max_share,
-                                )
-                                .await,
-                            ),
-                        };
-                        if matches!(outcome, Outcome::Later) {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                        (recipient, outcome)
-                    });
+                        recipient,
+                        lane_index,
+                    ));
                 }
             }
             if store_failed && in_flight.is_empty() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
-            let Some((recipient, outcome)) = in_flight.next().await else {
+            let Some((lane_index, recipient, outcome)) = in_flight.next().await else {
                 if stopping {
-                    break;
+                    return End::Stopped;
                 }
-                // Every queue ran dry: what is still pending (sent later, or made pending
-                // again by a retry) makes the next round.
-                queues = pending_by_tenant(held, &disabled_tenants);
-                if queues.values().all(VecDeque::is_empty) {
-                    break;
+                if lanes.iter().all(Lane::idle) {
+                    // A pass is over. Recipients of tenants where the app is disabled wait
+                    // (the job pauses); others may have been made pending again meanwhile.
+                    if lanes.iter().any(|l| l.disabled) {
+                        return End::Disabled;
+                    }
+                    if held.tally.lock().work() == 0 || found_in_pass == 0 {
+                        return End::Finished;
+                    }
+                    found_in_pass = 0;
+                    lanes.iter_mut().for_each(Lane::start_pass);
                 }
                 continue;
             };
-            let tenant = recipient.tenant().to_owned();
-            if let Some(count) = per_tenant.get_mut(&tenant) {
-                *count = count.saturating_sub(1);
-            }
-            let later = matches!(outcome, Outcome::Later);
-            let index = recipient.index;
-            self.record(held, recipient, outcome, &mut disabled_tenants)
-                .await;
-            if later {
-                queues.entry(tenant).or_default().push_back(index);
+            let lane = &mut lanes[lane_index];
+            lane.in_flight = lane.in_flight.saturating_sub(1);
+            match outcome {
+                Outcome::Later => lane.window.push_back(recipient),
+                Outcome::TenantDisabled => {
+                    lane.disabled = true;
+                    self.record(held, recipient, outcome).await;
+                }
+                outcome => self.record(held, recipient, outcome).await,
             }
         }
-        let status = held.job.lock().status;
-        let pending = held
-            .recipients
-            .lock()
-            .iter()
-            .filter(|r| r.has_work())
-            .count();
-        if status == JobStatus::Running && pending == 0 {
-            // Done only once every outcome is stored: a job stored as done is never resumed.
-            if let Err(error) = self.flush_writes().await {
-                tracing::warn!(%error, "a finished broadcast's last outcomes are not stored yet; it stays running");
-                return;
+    }
+
+    /// Sends one recipient its copy, or makes the edit its copy waits for.
+    fn send_one(
+        self: &Arc<Self>,
+        integration: &Arc<Integration>,
+        message: Message,
+        recipient: Recipient,
+        lane: usize,
+    ) -> impl std::future::Future<Output = (usize, Recipient, Outcome)> + use<> {
+        let (broadcasts, integration) = (Arc::clone(self), Arc::clone(integration));
+        async move {
+            let edit = recipient
+                .edit
+                .filter(|_| recipient.status == RecipientStatus::Sent);
+            let outcome = match (edit, &recipient.to) {
+                (Some(edit), _) => {
+                    broadcasts
+                        .edit(&integration, &message, &recipient, edit)
+                        .await
+                }
+                (None, To::Workflow { destination_id }) => {
+                    broadcasts.post_workflow(destination_id, &message).await
+                }
+                (None, _) => outcome(
+                    proactive::send(
+                        &broadcasts.addresses,
+                        &broadcasts.connector,
+                        &integration,
+                        message.request(&recipient.to),
+                        broadcasts.settings.max_share,
+                    )
+                    .await,
+                ),
+            };
+            if matches!(outcome, Outcome::Later) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            if let Err(error) = self.set_status(held, JobStatus::Done).await {
-                tracing::warn!(%error, "a finished broadcast is not recorded as done yet");
-            }
-        } else if status == JobStatus::Running && !disabled_tenants.is_empty() {
-            // Only recipients of tenants where the app is disabled are left.
-            if let Err(error) = self.set_status(held, JobStatus::Paused).await {
-                tracing::warn!(%error, "a broadcast waiting for disabled tenants is not recorded as paused");
-            }
+            (lane, recipient, outcome)
         }
     }
 
@@ -1117,13 +1535,9 @@ impl Broadcasts {
     }
 
     /// Records what one send came to.
-    async fn record(
-        self: &Arc<Self>,
-        held: &Arc<Held>,
-        mut recipient: Recipient,
-        outcome: Outcome,
-        disabled_tenants: &mut HashSet<String>,
-    ) {
+    async fn record(self: &Arc<Self>, held: &Arc<Held>, recipient: Recipient, outcome: Outcome) {
+        let before = recipient.clone();
+        let mut recipient = recipient;
         recipient.updated_at = now_ms();
         recipient.sending = false;
         let label = match outcome {
@@ -1136,6 +1550,7 @@ impl Broadcasts {
                 recipient.conversation_id = conversation_id;
                 recipient.activity_id = activity_id;
                 held.sent_since_start.fetch_add(1, Ordering::AcqRel);
+                self.remember_sent(held, &recipient).await;
                 "sent"
             }
             Outcome::Failed(reason) => {
@@ -1153,19 +1568,23 @@ impl Broadcasts {
             }
             Outcome::TenantDisabled => {
                 // Not failed one by one: the tenant's recipients wait for the admin.
-                disabled_tenants.insert(recipient.tenant().to_owned());
                 recipient.reason = Some("admin_disabled".into());
                 "admin_disabled"
             }
             Outcome::TooLarge => {
                 recipient.status = RecipientStatus::Failed;
                 recipient.reason = Some("too_large".into());
-                let mut job = held.job();
-                job.error = Some("too_large: Teams refused the message as too large (413)".into());
-                job.status = JobStatus::Done;
-                job.finished_at = Some(now_ms());
-                if self.put_job(&job).await.is_ok() {
-                    *held.job.lock() = job;
+                let now = now_ms();
+                if let Err(error) = self
+                    .save_job(held, |job| {
+                        job.error =
+                            Some("too_large: Teams refused the message as too large (413)".into());
+                        job.status = JobStatus::Done;
+                        job.finished_at = Some(now);
+                    })
+                    .await
+                {
+                    tracing::warn!(%error, "a broadcast Teams finds too large is not recorded as failed yet");
                 }
                 "too_large"
             }
@@ -1182,24 +1601,123 @@ impl Broadcasts {
                     Err(_) => "failed",
                 };
                 counter!(BROADCAST_EDITS, "outcome" => label).increment(1);
-                self.keep(held, recipient).await;
+                self.keep(held, &before, recipient).await;
                 return;
             }
         };
         counter!(BROADCAST_RECIPIENTS, "outcome" => label).increment(1);
-        self.keep(held, recipient).await;
+        self.keep(held, &before, recipient).await;
     }
 
-    /// A recipient's new state: queued for the store, and in memory at once.
-    async fn keep(&self, held: &Held, recipient: Recipient) {
+    /// A delivered copy is remembered as the router's own, so that `…/message/update` and
+    /// `…/message/delete` find it.
+    async fn remember_sent(&self, held: &Held, recipient: &Recipient) {
+        let (Some(conversation), Some(activity)) =
+            (&recipient.conversation_id, &recipient.activity_id)
+        else {
+            return;
+        };
+        let integration = held.job.lock().integration_id.clone();
+        let record = serde_json::json!({
+            "conversationId": conversation,
+            "activityId": activity,
+            "broadcast": held.job.lock().id,
+            "sentAt": recipient.updated_at,
+        });
+        if let Err(error) = self
+            .write(
+                proactive::SENT_KIND.to_owned(),
+                proactive::sent_id(&integration, conversation, activity),
+                record.to_string().into_bytes(),
+                false,
+            )
+            .await
+        {
+            tracing::warn!(%error, "a broadcast's copy is not remembered: it cannot be changed through …/message");
+        }
+    }
+
+    /// A recipient's new state: counted at once, queued for the store.
+    async fn keep(&self, held: &Held, before: &Recipient, recipient: Recipient) {
+        held.tally.lock().change(before, &recipient);
         if let Err(error) = self
             .write_recipient(&held.job().id, &recipient, false)
             .await
         {
             tracing::warn!(%error, "a broadcast recipient's state is not stored; it is sent again if the job resumes elsewhere");
         }
-        if let Some(slot) = held.recipients.lock().get_mut(recipient.index as usize) {
-            *slot = recipient;
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(index: u32) -> Recipient {
+        Recipient::new(
+            index,
+            To::User {
+                user_id: format!("29:u{index}"),
+                tenant_id: Some("t".into()),
+            },
+        )
+    }
+
+    #[test]
+    fn the_tally_follows_each_recipient_through_its_states() {
+        let mut tally = Tally::default();
+        let pending = user(0);
+        tally.add(&pending);
+        tally.add(&user(1));
+        assert_eq!((tally.pending, tally.work()), (2, 2));
+        let failed = Recipient {
+            status: RecipientStatus::Failed,
+            reason: Some("blocked".into()),
+            ..pending.clone()
+        };
+        tally.change(&pending, &failed);
+        assert_eq!((tally.pending, tally.failed), (1, 1));
+        assert_eq!(tally.reasons.get("blocked"), Some(&1));
+        let retried = Recipient {
+            status: RecipientStatus::Pending,
+            reason: None,
+            ..failed.clone()
+        };
+        tally.change(&failed, &retried);
+        assert!(
+            tally.reasons.is_empty(),
+            "a reason leaves with its last recipient"
+        );
+        let sent = Recipient {
+            status: RecipientStatus::Sent,
+            ..retried.clone()
+        };
+        tally.change(&retried, &sent);
+        let to_update = Recipient {
+            edit: Some(Edit::Update),
+            ..sent.clone()
+        };
+        tally.change(&sent, &to_update);
+        assert_eq!((tally.sent, tally.edits, tally.work()), (1, 1, 2));
+    }
+
+    #[test]
+    fn pages_cover_every_number_once() {
+        let numbers: Vec<u32> = pages(2_345).flatten().collect();
+        assert_eq!(numbers, (0..2_345).collect::<Vec<_>>());
+        assert_eq!(pages(0).count(), 0);
+        assert_eq!(pages(SCAN_PAGE).count(), 1);
+    }
+
+    #[test]
+    fn a_lane_is_idle_once_read_through_and_emptied() {
+        let mut lane = Lane::new("t".into(), 1);
+        assert!(!lane.idle());
+        lane.chunk = 1;
+        assert!(lane.read_through() && lane.idle());
+        lane.window.push_back(user(0));
+        assert!(!lane.idle());
+        lane.start_pass();
+        assert!(!lane.idle(), "a new pass reads the lane again");
     }
 }

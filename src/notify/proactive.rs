@@ -172,6 +172,19 @@ impl MessageRequest {
     }
 }
 
+/// Messages the router sent (through `…/message` or a broadcast), so that only its own are
+/// changed or deleted later: one record each, by integration, conversation and activity.
+pub const SENT_KIND: &str = "sent_messages";
+
+/// A sent message's record id: activity ids are unique only within a conversation.
+pub fn sent_id(integration: &str, conversation: &str, activity: &str) -> String {
+    format!(
+        "{}:{integration}{}:{conversation}{activity}",
+        integration.len(),
+        conversation.len()
+    )
+}
+
 /// Sends the message; answers `{"conversationId", "activityId"}`.
 pub async fn send(
     book: &Arc<AddressBook>,

@@ -263,6 +263,25 @@ impl EmbeddedStore {
         })
     }
 
+    pub fn records_by_ids(
+        &self,
+        kind: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RECORDS).map_err(unavailable)?;
+            ids.iter()
+                .map(|id| {
+                    let value = table
+                        .get(format!("{kind}/{id}").as_str())
+                        .map_err(unavailable)?;
+                    Ok(value.map(|v| v.value().to_vec()))
+                })
+                .collect()
+        })
+    }
+
     /// One process owns the file, so every entry is new; redeliveries are caught by the
     /// conversation's dedup window, which is part of its snapshot.
     pub fn append_journal(&self, entries: &[JournalEntry]) -> Result<Vec<bool>, StoreError> {

@@ -251,6 +251,25 @@ impl Store {
         }
     }
 
+    /// The records of a kind with these ids, in their order (`None` where there is none): a
+    /// page of a large kind read without reading the rest.
+    pub async fn records_by_ids(
+        &self,
+        kind: &str,
+        ids: Vec<String>,
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Self::Embedded(s) => {
+                let (s, kind) = (Arc::clone(s), kind.to_owned());
+                blocking(move || s.records_by_ids(&kind, &ids)).await
+            }
+            Self::Redis(s) => s.records_by_ids(kind, &ids).await,
+        }
+    }
+
     /// A number that changes with every management write of any instance (shared store only;
     /// a single process has nobody else's changes to pick up).
     pub async fn records_revision(&self) -> Result<u64, StoreError> {

@@ -448,6 +448,19 @@ return 0
         Ok(all.into_iter().map(|(k, v)| (k, v.to_vec())).collect())
     }
 
+    pub async fn records_by_ids(
+        &self,
+        kind: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let values: Vec<Option<Bytes>> = self
+            .pool
+            .hmget(self.records_key(kind), ids.to_vec())
+            .await
+            .map_err(unavailable)?;
+        Ok(values.into_iter().map(|v| v.map(|b| b.to_vec())).collect())
+    }
+
     pub async fn revision(&self) -> Result<u64, StoreError> {
         let value: Option<u64> = self
             .pool
