@@ -471,6 +471,8 @@ pub struct AdminConfig {
     pub contact_touch_interval_ms: u64,
     /// Largest management request body.
     pub body_limit_bytes: usize,
+    /// Largest body of a broadcast's create and `…/recipients` calls (up to 10,000 recipients).
+    pub bulk_body_limit_bytes: usize,
     /// Serves the management API on its own address (say, a private interface); the traffic
     /// listener then answers only activities. Default: the traffic listener (`server.listen`).
     pub listen: Option<String>,
@@ -495,6 +497,7 @@ impl Default for AdminConfig {
             sync_interval_ms: 2_000,
             contact_touch_interval_ms: 60_000,
             body_limit_bytes: 65_536,
+            bulk_body_limit_bytes: 4 * 1024 * 1024,
             listen: None,
             failed_auth_per_minute: 20,
             public_url: None,

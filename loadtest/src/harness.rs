@@ -59,7 +59,8 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    async fn restart(&mut self) -> Result<(), String> {
+    /// Starts the router again with its config and environment (same store and ports).
+    pub async fn restart(&mut self) -> Result<(), String> {
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
@@ -1081,7 +1082,7 @@ fn endpoint_of(spawned: &Spawned) -> Endpoint {
     }
 }
 
-fn cpu_ticks(pid: u64) -> Option<u64> {
+pub fn cpu_ticks(pid: u64) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; fields after it are space-separated.
     let rest = stat.rsplit_once(')')?.1;
@@ -1091,7 +1092,7 @@ fn cpu_ticks(pid: u64) -> Option<u64> {
     Some(utime + stime)
 }
 
-fn rss_bytes(pid: u64) -> Option<u64> {
+pub fn rss_bytes(pid: u64) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -18,7 +18,7 @@ use loadtest::spawn;
 #[command(
     name = "loadtest",
     about = "Load-test harness for teams-router: open-loop Teams traffic, a mock Microsoft side, latency and correctness report",
-    after_help = "Scenarios: smoke, steady, ramp, storm, failover, capacity, overload, cpu, peak (loadtest/scenarios/*.toml), or a path to a TOML file.\n                  `loadtest reference` serves the bare reference endpoint (PORT, APP_ID, APP_PASSWORD, OPENID_URL, TOKEN_URL, OAUTH_SCOPE).\n\
+    after_help = "Scenarios: smoke, steady, ramp, storm, failover, capacity, overload, cpu, peak, broadcast, broadcast-kill (loadtest/scenarios/*.toml), or a path to a TOML file.\n                  `loadtest reference` serves the bare reference endpoint (PORT, APP_ID, APP_PASSWORD, OPENID_URL, TOKEN_URL, OAUTH_SCOPE).\n\
                   Reports go to target/loadtest/<scenario>/report.{json,html}."
 )]
 struct Cli {
@@ -157,6 +157,54 @@ async fn run(cli: Cli) -> Result<bool, String> {
                 .join(" ")
         );
         return Ok(true);
+    }
+
+    if scenario.broadcast.is_some() {
+        if cli.target.is_some()
+            || cli.target_url.is_some()
+            || cli.target_cmd.is_some()
+            || cli.reference
+        {
+            return Err("a broadcast run spawns its router".into());
+        }
+        let binary = tokio::task::spawn_blocking({
+            let explicit = cli.router_bin.clone();
+            move || spawn::router_binary(explicit.as_deref())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let mock = MockMicrosoft::start().await;
+        let (target, mut spawned, _environment) = spawn::spawn(&scenario, &mock, &binary).await?;
+        eprintln!(
+            "scenario {}: {} (router {} at {})",
+            scenario.name,
+            scenario.description,
+            binary.display(),
+            target.base_url
+        );
+        let (integration, _) = target
+            .integrations
+            .first()
+            .cloned()
+            .ok_or("the scenario has no integration")?;
+        let report = loadtest::broadcast::run(
+            &scenario,
+            &mock,
+            spawned.remove(0),
+            &integration,
+            !cli.quiet,
+        )
+        .await?;
+        println!("{}", report.summary());
+        report.write(&out)?;
+        println!("report: {}", out.join("report.json").display());
+        if !report.passed {
+            eprintln!("router log (last lines):");
+            for line in &report.router_log_tail {
+                eprintln!("  {line}");
+            }
+        }
+        return Ok(report.passed);
     }
 
     let reference = if cli.reference {

@@ -168,6 +168,8 @@ struct State {
     blocked_users: std::collections::HashSet<String>,
     /// Each user's personal chat (a 1:1 create is get-or-create, as in Teams).
     user_chats: HashMap<String, String>,
+    /// The same, by chat: whose chat a send goes into.
+    chat_users: HashMap<String, String>,
     /// Tenants answering 429 until then (Teams' own throttling, not the router's doing).
     tenant_throttled_until: HashMap<String, Instant>,
     scripted_throttles: usize,
@@ -930,11 +932,7 @@ impl MockMicrosoft {
                 .filter(|_| activity.get("activity").is_none())
                 .map(str::to_owned)
         } else {
-            state
-                .user_chats
-                .iter()
-                .find(|(_, chat)| **chat == conversation_id)
-                .map(|(user, _)| user.clone())
+            state.chat_users.get(&conversation_id).cloned()
         };
         if state.lost_conversations.contains(&conversation_id) {
             return connector_error(
@@ -1010,11 +1008,15 @@ impl MockMicrosoft {
         };
         let response = if method == Method::POST && conversation.is_empty() {
             let created = match &chat_user {
-                Some(user) => state
-                    .user_chats
-                    .entry(user.clone())
-                    .or_insert_with(|| format!("a:created-{id}"))
-                    .clone(),
+                Some(user) => {
+                    let chat = state
+                        .user_chats
+                        .entry(user.clone())
+                        .or_insert_with(|| format!("a:created-{id}"))
+                        .clone();
+                    state.chat_users.insert(chat.clone(), user.clone());
+                    chat
+                }
                 None => format!("a:created-{id}"),
             };
             let mut first = None;

@@ -15,6 +15,11 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("overload", include_str!("../scenarios/overload.toml")),
     ("cpu", include_str!("../scenarios/cpu.toml")),
     ("peak", include_str!("../scenarios/peak.toml")),
+    ("broadcast", include_str!("../scenarios/broadcast.toml")),
+    (
+        "broadcast-kill",
+        include_str!("../scenarios/broadcast-kill.toml"),
+    ),
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +65,8 @@ pub struct Scenario {
     /// sustainable rate, three times it, and back).
     pub phases: Vec<Phase>,
     pub failover: Option<Failover>,
+    /// A broadcast run instead of conversation traffic (`loadtest broadcast`).
+    pub broadcast: Option<BroadcastSim>,
     pub checks: Checks,
 }
 
@@ -91,6 +98,7 @@ impl Default for Scenario {
             ramp: None,
             phases: Vec::new(),
             failover: None,
+            broadcast: None,
             checks: Checks::default(),
         }
     }
@@ -263,6 +271,41 @@ impl Default for Failover {
     }
 }
 
+/// One broadcast to `recipients` users spread over `tenants` tenants (given tenant by tenant,
+/// none of them with a chat the router knows: each needs one created), through the management
+/// API, against the mock connector with Teams' limits (`connector.teams_limits`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BroadcastSim {
+    pub recipients: usize,
+    pub tenants: usize,
+    /// `broadcast.max_share` of the router: percent of each tenant's budget broadcasts may use.
+    pub max_share: u32,
+    /// Recipients per create or append call (the API takes at most 10,000).
+    pub page: usize,
+    /// Kill the router with SIGKILL once this share of recipients is done, and start it again
+    /// on the same store.
+    pub kill_at_share: Option<f64>,
+    /// The run fails when it takes longer than this many times the minimum Teams' limits allow.
+    pub max_time_ratio: f64,
+    /// How long the job may take at most before the run gives up.
+    pub timeout_secs: f64,
+}
+
+impl Default for BroadcastSim {
+    fn default() -> Self {
+        Self {
+            recipients: 1_000,
+            tenants: 4,
+            max_share: 80,
+            page: 10_000,
+            kill_at_share: None,
+            max_time_ratio: 1.05,
+            timeout_secs: 1_800.0,
+        }
+    }
+}
+
 /// Checks beyond the ones every run makes (nothing lost, duplicated or out of order).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -369,6 +412,25 @@ impl Scenario {
             && !matches!(failover.signal.as_str(), "kill" | "term")
         {
             return Err("failover.signal is kill or term".into());
+        }
+        if let Some(broadcast) = &self.broadcast {
+            if broadcast.recipients == 0 || broadcast.tenants == 0 {
+                return Err("broadcast.recipients and broadcast.tenants must be at least 1".into());
+            }
+            if !(1..=100).contains(&broadcast.max_share) {
+                return Err("broadcast.max_share is a percent, 1 to 100".into());
+            }
+            if !(1..=10_000).contains(&broadcast.page) {
+                return Err("broadcast.page is 1 to 10000".into());
+            }
+            if let Some(kill_at) = broadcast.kill_at_share {
+                share("broadcast.kill_at_share", kill_at)?;
+            }
+            positive("broadcast.max_time_ratio", broadcast.max_time_ratio)?;
+            positive("broadcast.timeout_secs", broadcast.timeout_secs)?;
+            if self.router.instances != 1 {
+                return Err("a broadcast run uses one router".into());
+            }
         }
         if !(1..=8).contains(&self.router.instances) {
             return Err("router.instances is 1 to 8".into());

@@ -113,7 +113,7 @@ login_url = "{login}"
 [connector]
 backoff_base_ms = 50
 backoff_max_ms = 1000
-{limits}
+{limits}{proactive}
 [conversation]
 mailbox_capacity = {mailbox_capacity}
 
@@ -129,7 +129,20 @@ backend = {{ kind = "echo", wordDelayMs = {word_delay_ms} }}
         login = mock.login_url(),
         word_delay_ms = scenario.router.word_delay_ms,
         mailbox_capacity = scenario.router.mailbox_capacity,
+        // Tenants the router has not seen are reached at the cloud's global endpoint: here, the
+        // mock's.
+        proactive = if scenario.broadcast.is_some() {
+            format!("proactive_service_url = \"{}\"\n", mock.service_url())
+        } else {
+            String::new()
+        },
     );
+    if let Some(broadcast) = &scenario.broadcast {
+        config.push_str(&format!(
+            "\n[broadcast]\nmax_share = {}\n",
+            broadcast.max_share
+        ));
+    }
     for i in 0..scenario.integrations {
         let (id, app, secret) = integration(i);
         config.push_str(&format!(

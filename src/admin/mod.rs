@@ -756,7 +756,16 @@ impl Admin {
             Err(error) => return Ok(self.refuse_failed_auth(error, peer)),
         };
         let body = if allowed == "POST" {
-            let body = self.read_body(request).await?;
+            // Recipient lists are long: up to 10,000 a call.
+            let limit = if matches!(
+                action,
+                Action::CreateBroadcast(_) | Action::AppendRecipients(..)
+            ) {
+                self.settings.bulk_body_limit_bytes
+            } else {
+                self.settings.body_limit_bytes
+            };
+            let body = self.read_body(request, limit).await?;
             *body_read = true;
             body
         } else {
@@ -896,8 +905,7 @@ impl Admin {
         found.ok_or_else(|| unauthorized("the API key is not valid"))
     }
 
-    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, ApiError> {
-        let limit = self.settings.body_limit_bytes;
+    async fn read_body(&self, request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
         let declared = request
             .headers()
             .get(header::CONTENT_LENGTH)

@@ -54,7 +54,13 @@ impl Log {
     /// When one more send fits every limit: `None` for now, else the earliest time to try again.
     /// O(1) per limit: the finish times are in order, so a window is full exactly when the
     /// `count - in_flight`-th most recent finish is still inside it.
-    fn room(&mut self, limits: &[Limit], share: Fraction, now: Instant) -> Option<Instant> {
+    fn room(
+        &mut self,
+        limits: &[Limit],
+        share: Fraction,
+        margin: Duration,
+        now: Instant,
+    ) -> Option<Instant> {
         let longest = limits.iter().map(|l| l.window).max().unwrap_or_default() + SAFETY_MARGIN;
         while self
             .finished
@@ -67,7 +73,7 @@ impl Log {
         for limit in limits {
             // Teams counts a request when it arrives; a margin absorbs what the network and a
             // busy machine add between that and the router's own clock readings.
-            let window = limit.window + SAFETY_MARGIN;
+            let window = limit.window + margin;
             let at = match share.of(limit.count).checked_sub(self.in_flight) {
                 // Sends still in flight leave a window only after they finish: look again soon.
                 None | Some(0) => now + IN_FLIGHT_POLL,
@@ -388,8 +394,25 @@ impl Pacer {
         // Always conversation first, then app: one lock order, no deadlock.
         let mut conversation = logs[0].lock();
         let mut app = logs[1].lock();
-        let wait_conversation = conversation.room(&self.conversation_limits, Fraction::WHOLE, now);
-        let wait_app = app.room(&self.app_limits, self.share.fraction().scaled(percent), now);
+        let wait_conversation = conversation.room(
+            &self.conversation_limits,
+            Fraction::WHOLE,
+            SAFETY_MARGIN,
+            now,
+        );
+        // Work held under part of the budget (broadcasts) has the rest as its margin: its
+        // windows are Teams' own, so that it reaches its share.
+        let app_margin = if percent < 100 {
+            Duration::ZERO
+        } else {
+            SAFETY_MARGIN
+        };
+        let wait_app = app.room(
+            &self.app_limits,
+            self.share.fraction().scaled(percent),
+            app_margin,
+            now,
+        );
         match (wait_conversation, wait_app) {
             (None, None) => {
                 conversation.in_flight += 1;
@@ -576,7 +599,7 @@ mod tests {
             log.in_flight = next(3) as usize;
             let expected = room_by_counting(&log, &limits, now);
             assert_eq!(
-                log.room(&limits, Fraction::WHOLE, now),
+                log.room(&limits, Fraction::WHOLE, SAFETY_MARGIN, now),
                 expected,
                 "at {:?}",
                 now - start

@@ -435,6 +435,8 @@ enum Outcome {
     Later,
     /// An edit of a delivered copy was made, or failed (the copy stays as it was).
     Edited(Result<Edit, &'static str>),
+    /// Not sent: its attempt could not be recorded (the store fails); tried again later.
+    Unrecorded,
 }
 
 /// The reason a refusal of Teams maps to (protocol.md §3.3).
@@ -494,6 +496,8 @@ const LANE_WINDOW: usize = 64;
 const LANE_CHUNK: usize = 4_096;
 /// Recipients read at a time when a whole job is gone through (counts, retry, edits, lists).
 const SCAN_PAGE: u32 = 1_000;
+/// How long a runner waits before starting sends again once the store failed.
+const STORE_WAIT: Duration = Duration::from_secs(1);
 /// How often a runner stores its job's counts.
 const TALLY_EVERY: Duration = Duration::from_secs(1);
 
@@ -1323,6 +1327,7 @@ impl Broadcasts {
         let mut lease_renewed = crate::clock::now();
         let mut tally_stored = crate::clock::now();
         let mut found_in_pass = 0usize;
+        let mut store_wait_until = crate::clock::now();
         loop {
             let stopping = held.job.lock().status != JobStatus::Running;
             if lease_renewed.elapsed() > LEASE / 3 {
@@ -1345,7 +1350,7 @@ impl Broadcasts {
                     tracing::warn!(%error, "a broadcast's counts are not stored");
                 }
             }
-            let mut store_failed = false;
+            let mut store_failed = crate::clock::now() < store_wait_until;
             for (lane_index, lane) in lanes.iter_mut().enumerate() {
                 if stopping || store_failed || lane.disabled {
                     continue;
@@ -1356,38 +1361,28 @@ impl Broadcasts {
                         Err(error) => {
                             tracing::warn!(%error, "a broadcast waits for the store: recipients cannot be read");
                             store_failed = true;
+                            store_wait_until = crate::clock::now() + STORE_WAIT;
                             continue;
                         }
                     }
                 }
                 while in_flight.len() < MAX_IN_FLIGHT && lane.in_flight < PER_TENANT_IN_FLIGHT {
-                    let Some(mut recipient) = lane.window.pop_front() else {
+                    let Some(recipient) = lane.window.pop_front() else {
                         break;
                     };
-                    if recipient.status == RecipientStatus::Pending {
-                        recipient.attempts += 1;
-                        recipient.sending = true;
-                        recipient.updated_at = now_ms();
-                        if let Err(error) = self.write_recipient(&job_id, &recipient, true).await {
-                            tracing::warn!(%error, "a broadcast waits for the store: a recipient's attempt cannot be recorded");
-                            recipient.attempts -= 1;
-                            recipient.sending = false;
-                            lane.window.push_front(recipient);
-                            store_failed = true;
-                            break;
-                        }
-                    }
                     lane.in_flight += 1;
+                    let message = held.job.lock().message.clone();
                     in_flight.push(self.send_one(
                         integration,
-                        held.job().message,
+                        &job_id,
+                        message,
                         recipient,
                         lane_index,
                     ));
                 }
             }
             if store_failed && in_flight.is_empty() {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep_until(store_wait_until).await;
                 continue;
             }
             let Some((lane_index, recipient, outcome)) = in_flight.next().await else {
@@ -1412,6 +1407,10 @@ impl Broadcasts {
             lane.in_flight = lane.in_flight.saturating_sub(1);
             match outcome {
                 Outcome::Later => lane.window.push_back(recipient),
+                Outcome::Unrecorded => {
+                    lane.window.push_front(recipient);
+                    store_wait_until = crate::clock::now() + STORE_WAIT;
+                }
                 Outcome::TenantDisabled => {
                     lane.disabled = true;
                     self.record(held, recipient, outcome).await;
@@ -1421,16 +1420,33 @@ impl Broadcasts {
         }
     }
 
-    /// Sends one recipient its copy, or makes the edit its copy waits for.
+    /// Sends one recipient its copy, or makes the edit its copy waits for. A send is recorded
+    /// as attempted first (the attempts of sends started together share a store write).
     fn send_one(
         self: &Arc<Self>,
         integration: &Arc<Integration>,
+        job: &str,
         message: Message,
         recipient: Recipient,
         lane: usize,
     ) -> impl std::future::Future<Output = (usize, Recipient, Outcome)> + use<> {
-        let (broadcasts, integration) = (Arc::clone(self), Arc::clone(integration));
+        let (broadcasts, integration, job) =
+            (Arc::clone(self), Arc::clone(integration), job.to_owned());
         async move {
+            let mut recipient = recipient;
+            if recipient.status == RecipientStatus::Pending {
+                let attempted = Recipient {
+                    attempts: recipient.attempts + 1,
+                    sending: true,
+                    updated_at: now_ms(),
+                    ..recipient.clone()
+                };
+                if let Err(error) = broadcasts.write_recipient(&job, &attempted, true).await {
+                    tracing::warn!(%error, "a broadcast waits for the store: a recipient's attempt cannot be recorded");
+                    return (lane, recipient, Outcome::Unrecorded);
+                }
+                recipient = attempted;
+            }
             let edit = recipient
                 .edit
                 .filter(|_| recipient.status == RecipientStatus::Sent);
@@ -1588,7 +1604,7 @@ impl Broadcasts {
                 }
                 "too_large"
             }
-            Outcome::Later => "later",
+            Outcome::Later | Outcome::Unrecorded => "later",
             Outcome::Edited(result) => {
                 recipient.edit = None;
                 recipient.edit_error = result.err().map(str::to_owned);
