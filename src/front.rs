@@ -714,10 +714,16 @@ impl Front {
         let Some((teams, conversation, status, reason)) = installation_change(activity) else {
             return;
         };
+        // In a personal chat, the user's address goes with the chat's.
+        let user = activity
+            .is_personal()
+            .then(|| activity.from_field("id"))
+            .flatten();
         self.addresses.set_installed(
             &integration.id,
             &teams,
             conversation,
+            user,
             status == Reachability::Active,
         );
         let owned_teams: Vec<String> = teams.into_iter().map(str::to_owned).collect();

@@ -54,7 +54,8 @@ impl Admin {
         let address = self
             .parts
             .addresses
-            .get(&integration.record.id, &format!("conv:{conversation}"))
+            .find(&integration.record.id, &format!("conv:{conversation}"))
+            .await
             .ok_or_else(|| {
                 ApiError::new(
                     StatusCode::NOT_FOUND,

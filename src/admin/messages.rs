@@ -198,7 +198,8 @@ impl Admin {
         let address = self
             .parts
             .addresses
-            .get(&integration.record.id, &format!("conv:{conversation}"))
+            .find(&integration.record.id, &format!("conv:{conversation}"))
+            .await
             .ok_or_else(|| ApiError::not_found("conversation"))?;
         let conversation_value = address
             .conversation

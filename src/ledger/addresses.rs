@@ -14,6 +14,10 @@ use crate::activity::TurnActivity;
 use crate::store::{Store, StoreHealth, load_records};
 
 pub const STORE_KIND: &str = "addresses";
+/// Personal chats the router created itself (proactive messages, broadcasts): stored, and
+/// looked up there, not held in memory, so that a broadcast to a million users costs no memory
+/// per user.
+pub const CREATED_KIND: &str = "addresses-created";
 
 /// How to reach a conversation, a user's personal chat, a channel or a tenant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +76,8 @@ pub struct AddressBook {
     /// New and changed addresses, written to the store together once a second: a burst of new
     /// conversations must not become one store transaction each.
     unsaved: parking_lot::Mutex<Vec<(String, Vec<u8>)>>,
+    /// The same for chats the router created ([`CREATED_KIND`]).
+    unsaved_created: parking_lot::Mutex<Vec<(String, Vec<u8>)>>,
 }
 
 /// How often learned addresses reach the store.
@@ -93,6 +99,7 @@ impl AddressBook {
             store: Arc::clone(&store),
             health: Arc::clone(&health),
             unsaved: parking_lot::Mutex::new(Vec::new()),
+            unsaved_created: parking_lot::Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&book);
         tokio::spawn(async move {
@@ -113,17 +120,71 @@ impl AddressBook {
 
     /// Writes what was learned since the last save; a failed write is tried again next time.
     async fn save(&self) {
-        let batch = std::mem::take(&mut *self.unsaved.lock());
-        if batch.is_empty() {
-            return;
+        for (kind, queue) in [
+            (STORE_KIND, &self.unsaved),
+            (CREATED_KIND, &self.unsaved_created),
+        ] {
+            let batch = std::mem::take(&mut *queue.lock());
+            if batch.is_empty() {
+                continue;
+            }
+            let result = self.store.put_records(kind, batch.clone()).await;
+            self.health.observe("records", &result);
+            if let Err(error) = result {
+                tracing::warn!(%error, addresses = batch.len(), "addresses not stored; retried in a second");
+                let mut unsaved = queue.lock();
+                let newer = std::mem::replace(&mut *unsaved, batch);
+                unsaved.extend(newer);
+            }
         }
-        let result = self.store.put_records(STORE_KIND, batch.clone()).await;
-        self.health.observe("records", &result);
-        if let Err(error) = result {
-            tracing::warn!(%error, addresses = batch.len(), "addresses not stored; retried in a second");
-            let mut unsaved = self.unsaved.lock();
-            let newer = std::mem::replace(&mut *unsaved, batch);
-            unsaved.extend(newer);
+    }
+
+    /// The address from memory, or else among the chats the router created (in the store, or
+    /// about to be written there).
+    pub async fn find(&self, integration: &str, key: &str) -> Option<Address> {
+        if let Some(address) = self.get(integration, key) {
+            return Some(address);
+        }
+        let id = record_id(integration, key);
+        let queued = self
+            .unsaved_created
+            .lock()
+            .iter()
+            .rev()
+            .find(|(queued, _)| *queued == id)
+            .map(|(_, bytes)| bytes.clone());
+        let bytes = match queued {
+            Some(bytes) => bytes,
+            None => {
+                let result = self.store.records_by_ids(CREATED_KIND, vec![id]).await;
+                self.health.observe("records", &result);
+                result.ok()?.into_iter().next().flatten()?
+            }
+        };
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Marks addresses `not_installed` wherever they are: in memory or among the created chats.
+    pub async fn mark_not_installed(&self, integration: &str, keys: &[String]) {
+        for key in keys {
+            let id = record_id(integration, key);
+            if let Some(mut address) = self.addresses.get_mut(&id) {
+                if !address.not_installed {
+                    address.not_installed = true;
+                    if let Ok(bytes) = serde_json::to_vec(&*address) {
+                        self.unsaved.lock().push((id, bytes));
+                    }
+                }
+                continue;
+            }
+            if let Some(mut address) = self.find(integration, key).await
+                && !address.not_installed
+            {
+                address.not_installed = true;
+                if let Ok(bytes) = serde_json::to_vec(&address) {
+                    self.unsaved_created.lock().push((id, bytes));
+                }
+            }
         }
     }
 
@@ -207,14 +268,14 @@ impl AddressBook {
         }
     }
 
-    /// A personal chat the router created is known from now on, by user and by conversation.
-    /// Marks the addresses of the conversation and of the channels of a team (by its ids) as
-    /// `not_installed`, or reachable again.
+    /// Marks the addresses of the conversation (and of its user, in a personal chat) and of
+    /// the channels of a team (by its ids) as `not_installed`, or reachable again.
     pub fn set_installed(
         &self,
         integration: &str,
         team_ids: &[&str],
         conversation: Option<&str>,
+        user: Option<&str>,
         installed: bool,
     ) {
         let keys: Vec<String> = team_ids
@@ -222,6 +283,7 @@ impl AddressBook {
             .map(|team| format!("channel:{team}"))
             .chain(conversation.map(|c| format!("conv:{c}")))
             .chain(conversation.map(|c| format!("channel:{c}")))
+            .chain(user.map(|u| format!("user:{u}")))
             .collect();
         let mut to_store = Vec::new();
         for key in keys {
@@ -240,6 +302,8 @@ impl AddressBook {
         }
     }
 
+    /// A personal chat the router created is known from now on, by user and by conversation
+    /// (in the store: [`AddressBook::find`] finds it).
     pub fn remember(&self, address: Address, conversation_id: &str) {
         let by_conversation = Address {
             key: format!("conv:{conversation_id}"),
@@ -249,10 +313,9 @@ impl AddressBook {
         for address in [address, by_conversation] {
             let id = record_id(&address.integration_id, &address.key);
             if let Ok(bytes) = serde_json::to_vec(&address) {
-                to_store.push((id.clone(), bytes));
+                to_store.push((id, bytes));
             }
-            self.addresses.insert(id, address);
         }
-        self.unsaved.lock().extend(to_store);
+        self.unsaved_created.lock().extend(to_store);
     }
 }

@@ -39,8 +39,8 @@ use crate::telemetry::{BROADCAST_EDITS, BROADCAST_RECIPIENTS, BROADCASTS_ACTIVE}
 
 pub const JOBS_KIND: &str = "broadcasts";
 /// Sends in flight per tenant; tenants run in parallel up to [`MAX_IN_FLIGHT`].
-const PER_TENANT_IN_FLIGHT: usize = 8;
-const MAX_IN_FLIGHT: usize = 128;
+const PER_TENANT_IN_FLIGHT: usize = 16;
+const MAX_IN_FLIGHT: usize = 512;
 /// How long sends of a process that stopped may still count in Teams' windows.
 const PREDECESSOR_WINDOW: Duration = Duration::from_millis(1_100);
 /// How long a runner's lease on a job lasts without renewal.
@@ -1508,7 +1508,8 @@ impl Broadcasts {
         };
         let Some(address) = self
             .addresses
-            .get(&integration.record.id, &format!("conv:{conversation_id}"))
+            .find(&integration.record.id, &format!("conv:{conversation_id}"))
+            .await
         else {
             return Outcome::Edited(Err("unknown_address"));
         };

@@ -185,8 +185,48 @@ pub fn sent_id(integration: &str, conversation: &str, activity: &str) -> String 
     )
 }
 
-/// Sends the message; answers `{"conversationId", "activityId"}`.
+/// Sends the message; answers `{"conversationId", "activityId"}`. Where Teams says the bot is
+/// no longer in the conversation (403 `BotNotInConversationRoster`), the learned address is
+/// marked `not_installed` until Teams says it is installed again.
 pub async fn send(
+    book: &Arc<AddressBook>,
+    connector: &Connector,
+    integration: &Integration,
+    request: MessageRequest,
+    budget_percent: u32,
+) -> Result<Value, ProactiveError> {
+    let (conversation, user, channel) = (
+        request.conversation_id.clone(),
+        request.user_id.clone(),
+        request.channel_id.clone(),
+    );
+    let result = send_request(book, connector, integration, request, budget_percent).await;
+    if let Err(ProactiveError::Connector(error)) = &result
+        && error.status() == Some(403)
+        && ["BotNotInConversationRoster", "ForbiddenOperationException"]
+            .iter()
+            .any(|code| error.detail().contains(code))
+    {
+        let mut keys: Vec<String> = conversation
+            .iter()
+            .map(|c| format!("conv:{c}"))
+            .chain(channel.iter().map(|c| format!("channel:{c}")))
+            .collect();
+        if let Some(user) = &user {
+            keys.push(format!("user:{user}"));
+            let chat = book
+                .find(&integration.record.id, &format!("user:{user}"))
+                .await
+                .and_then(|a| a.conversation.as_ref().map(CompactJson::value))
+                .and_then(|c| c.get("id").and_then(Value::as_str).map(str::to_owned));
+            keys.extend(chat.map(|c| format!("conv:{c}")));
+        }
+        book.mark_not_installed(&integration.record.id, &keys).await;
+    }
+    result
+}
+
+async fn send_request(
     book: &Arc<AddressBook>,
     connector: &Connector,
     integration: &Integration,
@@ -207,7 +247,8 @@ pub async fn send(
     };
     if let Some(conversation_id) = &request.conversation_id {
         let address = book
-            .get(integration_id, &format!("conv:{conversation_id}"))
+            .find(integration_id, &format!("conv:{conversation_id}"))
+            .await
             .ok_or_else(|| {
                 ProactiveError::Unknown(format!(
                     "this integration has not seen conversation {conversation_id:?}"
@@ -229,7 +270,7 @@ pub async fn send(
         .await;
     }
     if let Some(user) = &request.user_id {
-        if let Some(address) = book.get(integration_id, &format!("user:{user}")) {
+        if let Some(address) = book.find(integration_id, &format!("user:{user}")).await {
             reachable(&address)?;
             let conversation = address
                 .conversation
