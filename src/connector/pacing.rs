@@ -48,6 +48,10 @@ struct Log {
     in_flight: usize,
     /// Sends of this key waiting for room (bounded per bot: the app key's count).
     waiting: usize,
+    /// A send under the whole budget (live traffic) was admitted: the log is kept for its
+    /// longest window. A conversation only background work wrote to (a broadcast's one copy)
+    /// is forgotten once its short windows are over.
+    live: bool,
 }
 
 impl Log {
@@ -231,6 +235,10 @@ impl Share {
 
 /// Added to every window.
 const SAFETY_MARGIN: Duration = Duration::from_millis(100);
+
+/// Windows up to this long are the ones a conversation's log is kept for when only background
+/// work wrote to it.
+const SHORT_WINDOW: Duration = Duration::from_secs(2);
 
 /// How soon a send blocked only by sends in flight looks again.
 const IN_FLIGHT_POLL: Duration = Duration::from_millis(20);
@@ -416,6 +424,7 @@ impl Pacer {
         match (wait_conversation, wait_app) {
             (None, None) => {
                 conversation.in_flight += 1;
+                conversation.live |= percent >= 100;
                 app.in_flight += 1;
                 Ok(())
             }
@@ -485,9 +494,30 @@ impl Pacer {
         let idle = |log: &Arc<Mutex<Log>>, limits: &[Limit]| {
             Arc::strong_count(log) == 1 && log.lock().is_idle(limits, now)
         };
+        // A broadcast writes once to each of a million chats: keeping each chat's log for an
+        // hour would make its memory grow with its recipients. Such a log is kept for the
+        // windows of two seconds and less (the ones one more send could fill); a live send into
+        // that chat within the longer windows may then find Teams counting one send more than
+        // the router does (a 429, retried), never more than the broadcast's copies.
+        let short: Vec<Limit> = self
+            .conversation_limits
+            .iter()
+            .copied()
+            .filter(|l| l.window <= SHORT_WINDOW)
+            .collect();
+        let forgettable = |log: &Arc<Mutex<Log>>| {
+            if Arc::strong_count(log) != 1 {
+                return false;
+            }
+            let log = log.lock();
+            if log.live {
+                log.is_idle(&self.conversation_limits, now)
+            } else {
+                log.is_idle(&short, now)
+            }
+        };
         self.apps.retain(|_, app| {
-            app.conversations
-                .retain(|_, log| !idle(log, &self.conversation_limits));
+            app.conversations.retain(|_, log| !forgettable(log));
             Arc::strong_count(app) > 1
                 || !app.conversations.is_empty()
                 || !idle(&app.log, &self.app_limits)
@@ -685,6 +715,21 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1_300)).await;
         pacer.forget_idle();
         assert_eq!(pacer.tracked(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_chat_only_a_broadcast_wrote_to_is_forgotten_after_the_short_windows() {
+        let pacer = teams();
+        drop(pacer.admit_within("app", "tenant", "broadcast", 80).await);
+        drop(pacer.admit("app", "tenant", "live").await);
+        assert_eq!(pacer.tracked(), 3, "the app and two conversations");
+        tokio::time::sleep(Duration::from_millis(2_200)).await;
+        pacer.forget_idle();
+        assert_eq!(
+            pacer.tracked(),
+            2,
+            "the live conversation is kept for its hour"
+        );
     }
 
     /// Sends admitted at once for one app in one tenant, one per conversation.
