@@ -292,6 +292,7 @@ impl Router {
             None => None,
         };
         let broadcasts = Broadcasts::load(BroadcastParts {
+            events: event_sink.clone(),
             store: Arc::clone(&store),
             health: Arc::clone(&health),
             connector: Arc::clone(&connector),

@@ -1200,6 +1200,38 @@ async fn a_router_killed_mid_broadcast_finishes_it_after_a_restart() {
         "{duplicates} duplicates, {in_flight} in flight"
     );
     assert_eq!(mock.throttled(), 0);
+    // The job's state changes are in the integration's event log, the runner's own included.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (_, events) = api(
+        "GET",
+        &format!(
+            "{}/api/v1/integration/teams/teams_prod/event/list?take=100",
+            router.base_url()
+        ),
+        None,
+    )
+    .await;
+    let messages: Vec<&str> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["type"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("broadcast."))
+        })
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        messages.iter().any(|m| *m == format!("{job} done")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with(&format!("{job} resumed"))),
+        "{messages:?}"
+    );
 }
 
 #[tokio::test]

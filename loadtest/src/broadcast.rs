@@ -65,7 +65,8 @@ pub struct BroadcastReport {
     pub resumed_after_secs: Option<f64>,
     pub router_cpu_secs: f64,
     pub cpu_us_per_recipient: f64,
-    /// RSS once a tenth of the job was done, and the most after.
+    /// RSS before the job was created, once a tenth of it was done, and the most after.
+    pub rss_before_mib: f64,
     pub rss_at_tenth_mib: f64,
     pub rss_max_mib: f64,
     pub samples: Vec<Sample>,
@@ -166,6 +167,12 @@ pub async fn run(
         );
     }
     let throttled_before = mock.throttled();
+    let rss_before = router
+        .process
+        .pid()
+        .and_then(|pid| rss_bytes(u64::from(pid)))
+        .unwrap_or(0) as f64
+        / (1024.0 * 1024.0);
     let created_before = mock.created_conversations().len();
 
     // A restart keeps the ports.
@@ -346,6 +353,7 @@ pub async fn run(
             .map(|(killed, first)| first.duration_since(killed).as_secs_f64()),
         router_cpu_secs,
         cpu_us_per_recipient: router_cpu_secs / total as f64 * 1e6,
+        rss_before_mib: rss_before,
         rss_at_tenth_mib: tenth,
         rss_max_mib: rss_max,
         samples,
@@ -466,9 +474,10 @@ impl BroadcastReport {
             &mut out,
             "router",
             format!(
-                "CPU {:.1} s ({:.0} µs per recipient); RSS {:.0} MiB at a tenth, {:.0} MiB max after",
+                "CPU {:.1} s ({:.0} µs per recipient); RSS {:.0} MiB before, {:.0} MiB at a tenth, {:.0} MiB max after",
                 self.router_cpu_secs,
                 self.cpu_us_per_recipient,
+                self.rss_before_mib,
                 self.rss_at_tenth_mib,
                 self.rss_max_mib
             ),

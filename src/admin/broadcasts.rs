@@ -345,31 +345,18 @@ impl Admin {
             )),
         );
         if input.start.unwrap_or(true) {
-            self.change_broadcast(integration, &held, JobStatus::Running)
-                .await?;
+            self.change_broadcast(&held, JobStatus::Running).await?;
         }
         Ok(broadcast_view(&held))
     }
 
-    async fn change_broadcast(
-        &self,
-        integration: &Integration,
-        held: &Arc<Held>,
-        status: JobStatus,
-    ) -> Result<(), ApiError> {
+    /// The job's event log entry is written by `set_status`, for the runner's changes too.
+    async fn change_broadcast(&self, held: &Arc<Held>, status: JobStatus) -> Result<(), ApiError> {
         self.parts
             .broadcasts
             .set_status(held, status)
             .await
             .map_err(ApiError::store)?;
-        self.parts.sink.record(
-            &integration.id,
-            EventDraft::new("broadcast.status").message(format!(
-                "{} {}",
-                held.job().id,
-                status.as_str()
-            )),
-        );
         Ok(())
     }
 
@@ -410,7 +397,7 @@ impl Admin {
         body: &[u8],
     ) -> ApiResult {
         let _: model::NoFields = model::parse_body(body)?;
-        let (integration, held) = self.owned_broadcast(account, integration_id, job)?;
+        let (_, held) = self.owned_broadcast(account, integration_id, job)?;
         let _guard = self.broadcast_lock.lock().await;
         let current = held.job().status;
         let conflict = |why: &str| {
@@ -448,7 +435,7 @@ impl Admin {
             }
             _ => return Err(ApiError::not_found("route")),
         };
-        self.change_broadcast(&integration, &held, next).await?;
+        self.change_broadcast(&held, next).await?;
         Ok(broadcast_view(&held))
     }
 
@@ -500,8 +487,7 @@ impl Admin {
             )),
         );
         if copies > 0 {
-            self.change_broadcast(&integration, &held, JobStatus::Running)
-                .await?;
+            self.change_broadcast(&held, JobStatus::Running).await?;
         }
         Ok(broadcast_view(&held))
     }

@@ -33,6 +33,7 @@ use super::proactive::{self, MessageRequest, ProactiveError};
 use super::workflows::Workflows;
 use crate::connector::{Connector, ConnectorError, Route};
 use crate::ledger::addresses::{AddressBook, CompactJson};
+use crate::ledger::events::{EventDraft, EventSink};
 use crate::registry::{Integration, Registry};
 use crate::store::{Store, StoreError, StoreHealth, load_records, now_ms};
 use crate::telemetry::{BROADCAST_EDITS, BROADCAST_RECIPIENTS, BROADCASTS_ACTIVE};
@@ -629,6 +630,8 @@ pub struct BroadcastParts {
     pub destinations: Arc<Destinations>,
     pub workflows: Workflows,
     pub settings: BroadcastSettings,
+    /// Each job's state changes go to its integration's event log.
+    pub events: EventSink,
 }
 
 pub struct Broadcasts {
@@ -642,6 +645,7 @@ pub struct Broadcasts {
     destinations: Arc<Destinations>,
     workflows: Workflows,
     settings: BroadcastSettings,
+    events: EventSink,
     /// This process's name in job leases.
     run_id: String,
     /// When this process started: the sends of the one before it may still be in Teams' windows.
@@ -681,6 +685,7 @@ impl Broadcasts {
             destinations,
             workflows,
             settings,
+            events,
         } = parts;
         let broadcasts = Arc::new(Self {
             jobs: DashMap::new(),
@@ -691,6 +696,7 @@ impl Broadcasts {
             destinations,
             workflows,
             settings,
+            events,
             run_id: format!("run-{:016x}", rand::random::<u64>()),
             started: crate::clock::now(),
             writes: start_writer(Arc::clone(&store), Arc::clone(&health)),
@@ -1072,11 +1078,24 @@ impl Broadcasts {
             })
             .await?;
         tracing::info!(job = %job.id, status = status.as_str(), "broadcast");
+        self.event(
+            &job,
+            "broadcast.status",
+            format!("{} {}", job.id, status.as_str()),
+        );
         if status == JobStatus::Running {
             self.run(held);
         }
         self.count_active();
         Ok(job)
+    }
+
+    /// An entry in the job's integration's event log.
+    pub fn event(&self, job: &Job, kind: &'static str, message: String) {
+        self.events.record(
+            &Arc::from(job.integration_id.as_str()),
+            EventDraft::new(kind).message(message),
+        );
     }
 
     /// Asks for `edit` of every delivered copy (with the job's message replaced first for an
@@ -1280,6 +1299,13 @@ impl Broadcasts {
                 tracing::warn!(%error, "a resumed broadcast's in-flight count is not stored");
             }
             tracing::info!(job = %job_id, interrupted, "broadcast resumed; recipients in flight before are sent again");
+            self.event(
+                &held.job(),
+                "broadcast.resumed",
+                format!(
+                    "{job_id} resumed; {interrupted} recipient(s) in flight before are sent again"
+                ),
+            );
         }
         let lanes: Vec<Lane> = held
             .job()
