@@ -816,7 +816,8 @@ async fn broadcast_state(admin: &str, job: &str) -> Value {
 }
 
 async fn wait_for_broadcast(admin: &str, job: &str, until: &[&str]) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Long mode's jobs take minutes under Teams' limits (5,000 users in two tenants: 125 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(sized(60, 600) as u64);
     loop {
         let state = broadcast_state(admin, job).await;
         if until.contains(&state["status"].as_str().unwrap_or_default())
