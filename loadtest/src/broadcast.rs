@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{Spawned, cpu_ticks, rss_bytes};
 use crate::mock::{MockMicrosoft, RecordedActivity, TEAMS_APP_TENANT_LIMITS};
-use crate::report::Check;
+use crate::report::{Check, row};
 use crate::scenario::{BroadcastSim, Scenario};
 use crate::spawn::API_KEY;
 
@@ -379,11 +379,7 @@ impl BroadcastReport {
     fn evaluate(&mut self, max_ratio: f64) {
         let mut checks = Vec::new();
         let mut check = |name: &str, passed: bool, detail: String| {
-            checks.push(Check {
-                name: name.into(),
-                passed,
-                detail,
-            })
+            checks.push(Check::new(name, passed, detail))
         };
         let total = self.recipients as u64;
         check(
@@ -428,9 +424,6 @@ impl BroadcastReport {
         let mut out = String::new();
         let s = &self.scenario;
         let _ = writeln!(out, "scenario {}: {}", s.name, s.description);
-        let row = |out: &mut String, k: &str, v: String| {
-            let _ = writeln!(out, "  {k:<28} {v}");
-        };
         row(
             &mut out,
             "recipients",

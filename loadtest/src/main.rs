@@ -167,21 +167,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         {
             return Err("a broadcast run spawns its router".into());
         }
-        let binary = tokio::task::spawn_blocking({
-            let explicit = cli.router_bin.clone();
-            move || spawn::router_binary(explicit.as_deref())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        let mock = MockMicrosoft::start().await;
-        let (target, mut spawned, _environment) = spawn::spawn(&scenario, &mock, &binary).await?;
-        eprintln!(
-            "scenario {}: {} (router {} at {})",
-            scenario.name,
-            scenario.description,
-            binary.display(),
-            target.base_url
-        );
+        let (mock, target, mut spawned, _environment) = spawn_router(&scenario, &cli).await?;
         let (integration, _) = target
             .integrations
             .first()
@@ -273,22 +259,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
                 harness::run(&scenario, &mock, target, Vec::new(), !cli.quiet).await?
             }
             None => {
-                let binary = tokio::task::spawn_blocking({
-                    let explicit = cli.router_bin.clone();
-                    move || spawn::router_binary(explicit.as_deref())
-                })
-                .await
-                .map_err(|e| e.to_string())??;
-                let mock = MockMicrosoft::start().await;
-                let (target, spawned, _environment) =
-                    spawn::spawn(&scenario, &mock, &binary).await?;
-                eprintln!(
-                    "scenario {}: {} (router {} at {})",
-                    scenario.name,
-                    scenario.description,
-                    binary.display(),
-                    target.base_url
-                );
+                let (mock, target, spawned, _environment) = spawn_router(&scenario, &cli).await?;
                 harness::run(&scenario, &mock, target, spawned, !cli.quiet).await?
             }
         }
@@ -311,6 +282,37 @@ async fn run(cli: Cli) -> Result<bool, String> {
         }
     }
     Ok(report.passed)
+}
+
+/// Builds (unless named) and starts the router for the scenario, with its mock Microsoft side.
+async fn spawn_router(
+    scenario: &Scenario,
+    cli: &Cli,
+) -> Result<
+    (
+        MockMicrosoft,
+        Target,
+        Vec<harness::Spawned>,
+        spawn::Environment,
+    ),
+    String,
+> {
+    let binary = tokio::task::spawn_blocking({
+        let explicit = cli.router_bin.clone();
+        move || spawn::router_binary(explicit.as_deref())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let mock = MockMicrosoft::start().await;
+    let (target, spawned, environment) = spawn::spawn(scenario, &mock, &binary).await?;
+    eprintln!(
+        "scenario {}: {} (router {} at {})",
+        scenario.name,
+        scenario.description,
+        binary.display(),
+        target.base_url
+    );
+    Ok((mock, target, spawned, environment))
 }
 
 /// `ID=APP_ID:SECRET`.

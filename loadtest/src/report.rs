@@ -101,6 +101,22 @@ pub struct InstanceReport {
     pub acked_per_sec: f64,
 }
 
+/// One line of a printed summary: a name and its figures.
+pub fn row(out: &mut String, name: &str, value: String) {
+    let _ = writeln!(out, "  {name:<28} {value}");
+}
+
+/// One check of a run, for the report and the exit status.
+impl Check {
+    pub fn new(name: &str, passed: bool, detail: String) -> Self {
+        Self {
+            name: name.into(),
+            passed,
+            detail,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub name: String,
@@ -223,11 +239,7 @@ impl Report {
     pub fn evaluate(&mut self) {
         let mut checks = Vec::new();
         let mut check = |name: &str, passed: bool, detail: String| {
-            checks.push(Check {
-                name: name.into(),
-                passed,
-                detail,
-            })
+            checks.push(Check::new(name, passed, detail))
         };
         check(
             "no acknowledged activity lost",
@@ -368,9 +380,6 @@ impl Report {
         let mut out = String::new();
         let s = &self.scenario;
         let _ = writeln!(out, "scenario {}: {}", s.name, s.description);
-        let row = |out: &mut String, k: &str, v: String| {
-            let _ = writeln!(out, "  {k:<28} {v}");
-        };
         row(
             &mut out,
             "activities offered",

@@ -521,6 +521,8 @@ struct Lane {
     in_flight: usize,
     /// Teams says the app is disabled in this tenant: its recipients wait.
     disabled: bool,
+    /// Part of its recipient numbers could not be read from the store.
+    unreadable: bool,
 }
 
 impl Lane {
@@ -534,6 +536,7 @@ impl Lane {
             window: VecDeque::new(),
             in_flight: 0,
             disabled: false,
+            unreadable: false,
         }
     }
 
@@ -658,7 +661,8 @@ pub struct Broadcasts {
 enum End {
     /// Nothing left to do.
     Finished,
-    /// What is left waits for tenants where the app is disabled.
+    /// What is left waits: for tenants where the app is disabled, or for recipients the store
+    /// could not give.
     Disabled,
     /// The job was paused, cancelled or failed.
     Stopped,
@@ -1239,12 +1243,17 @@ impl Broadcasts {
                     .store
                     .records_by_ids(&lanes_kind(job), vec![id])
                     .await?;
-                lane.numbers = stored
+                let numbers = stored
                     .into_iter()
                     .next()
                     .flatten()
-                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-                    .unwrap_or_default();
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                if numbers.is_none() {
+                    // Its recipients stay pending: the job pauses instead of ending as done.
+                    tracing::error!(job, tenant = %lane.tenant, chunk = lane.chunk, "a broadcast's lane chunk is missing or unreadable in the store");
+                    lane.unreadable = true;
+                }
+                lane.numbers = numbers.unwrap_or_default();
                 lane.offset = 0;
                 lane.chunk += 1;
                 continue;
@@ -1418,7 +1427,7 @@ impl Broadcasts {
                 if lanes.iter().all(Lane::idle) {
                     // A pass is over. Recipients of tenants where the app is disabled wait
                     // (the job pauses); others may have been made pending again meanwhile.
-                    if lanes.iter().any(|l| l.disabled) {
+                    if lanes.iter().any(|l| l.disabled || l.unreadable) {
                         return End::Disabled;
                     }
                     if held.tally.lock().work() == 0 || found_in_pass == 0 {
