@@ -622,7 +622,7 @@ impl Serving {
             let admission = Arc::clone(&router.front.admission);
             let mut stopped = background_stopped.clone();
             background_tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
