@@ -408,19 +408,23 @@ impl Pacer {
             SAFETY_MARGIN,
             now,
         );
-        // Work held under part of the budget (broadcasts) has the rest as its margin: its
-        // windows are Teams' own, so that it reaches its share.
-        let app_margin = if percent < 100 {
-            Duration::ZERO
+        let share = self.share.fraction();
+        let wait_app = if percent < 100 {
+            // Work held under part of the budget (broadcasts) counts its share in Teams' own
+            // windows, so that it reaches it; and it stops short of the whole budget in the
+            // windows live traffic is paced on (with their margin), so that a live send finds
+            // room even while sends of a second ago are still in those longer windows.
+            let own = app.room(&self.app_limits, share.scaled(percent), Duration::ZERO, now);
+            let leave_for_live = app.room(
+                &self.app_limits,
+                share.scaled(percent.midpoint(100)),
+                SAFETY_MARGIN,
+                now,
+            );
+            own.max(leave_for_live)
         } else {
-            SAFETY_MARGIN
+            app.room(&self.app_limits, share.scaled(percent), SAFETY_MARGIN, now)
         };
-        let wait_app = app.room(
-            &self.app_limits,
-            self.share.fraction().scaled(percent),
-            app_margin,
-            now,
-        );
         match (wait_conversation, wait_app) {
             (None, None) => {
                 conversation.in_flight += 1;
@@ -729,6 +733,45 @@ mod tests {
             pacer.tracked(),
             2,
             "the live conversation is kept for its hour"
+        );
+    }
+
+    #[tokio::test]
+    async fn background_work_leaves_live_traffic_room_while_its_last_second_ages_out() {
+        let pacer = teams();
+        let background = |tag: &'static str| {
+            let pacer = Arc::clone(&pacer);
+            async move {
+                let mut admitted = Vec::new();
+                for i in 0..100 {
+                    let conversation = format!("{tag}{i}");
+                    match tokio::time::timeout(
+                        Duration::from_millis(5),
+                        pacer.admit_within("app", "tenant", &conversation, 80),
+                    )
+                    .await
+                    {
+                        Ok(Ok(permit)) => admitted.push(permit),
+                        _ => break,
+                    }
+                }
+                admitted
+            }
+        };
+        let first = background("a").await;
+        assert_eq!(first.len(), 40, "80 % of Teams' 50 a second");
+        drop(first);
+        // Teams' own second is over, the router's margin not yet.
+        tokio::time::sleep(Duration::from_millis(1_030)).await;
+        let second = background("b").await;
+        assert!(
+            second.len() < 10,
+            "{} admitted while the last second's 40 are still in the live windows",
+            second.len()
+        );
+        assert!(
+            pacer.admit_now("app", "tenant", "live").is_some(),
+            "live traffic finds room"
         );
     }
 
