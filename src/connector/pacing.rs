@@ -736,9 +736,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn background_work_leaves_live_traffic_room_while_its_last_second_ages_out() {
-        let pacer = teams();
+        let pacer = Arc::new(teams());
         let background = |tag: &'static str| {
             let pacer = Arc::clone(&pacer);
             async move {
