@@ -124,17 +124,19 @@ impl AddressBook {
             (STORE_KIND, &self.unsaved),
             (CREATED_KIND, &self.unsaved_created),
         ] {
-            let batch = std::mem::take(&mut *queue.lock());
+            // Left in the queue until stored: `find` looks there for what is on its way.
+            let batch = queue.lock().clone();
             if batch.is_empty() {
                 continue;
             }
-            let result = self.store.put_records(kind, batch.clone()).await;
+            let written = batch.len();
+            let result = self.store.put_records(kind, batch).await;
             self.health.observe("records", &result);
-            if let Err(error) = result {
-                tracing::warn!(%error, addresses = batch.len(), "addresses not stored; retried in a second");
-                let mut unsaved = queue.lock();
-                let newer = std::mem::replace(&mut *unsaved, batch);
-                unsaved.extend(newer);
+            match result {
+                Ok(()) => drop(queue.lock().drain(..written)),
+                Err(error) => {
+                    tracing::warn!(%error, addresses = written, "addresses not stored; retried in a second");
+                }
             }
         }
     }
