@@ -140,6 +140,18 @@ impl TokenProvider {
             }
             self.cache.invalidate(&key).await;
         }
+        // Boxed: the fetch is rare, and inline it would make every send's future kilobytes
+        // larger (copied whole wherever a turn's future is moved).
+        Box::pin(self.fetch_once(credentials, key, scope)).await
+    }
+
+    /// Fetches the token of `key` and caches it, one request in flight per key.
+    async fn fetch_once(
+        &self,
+        credentials: &AppCredentials,
+        key: TokenKey,
+        scope: Option<&str>,
+    ) -> Result<Arc<str>, TokenError> {
         let cached = self
             .cache
             .try_get_with(key.clone(), self.fetch(credentials, &key.authority, scope))
