@@ -332,53 +332,49 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
         // given twice keeps its last value, as JSON parsers commonly do.
         let mut checked_seen = 0u8;
         while let Some(key) = map.next_key::<Key>()? {
-            let field = match key {
-                Key::Known(field) => field,
-                Key::Other(name) => {
-                    let value = map.next_value::<Value>()?;
-                    activity.extra.insert(name, value);
-                    continue;
+            if let Some(bit) = CHECKED_FIELDS.iter().position(|f| *f == key.0) {
+                if checked_seen & (1 << bit) != 0 {
+                    return Err(A::Error::duplicate_field(CHECKED_FIELDS[bit]));
                 }
-            };
-            if let Some(bit) = field.checked_bit() {
-                if checked_seen & bit != 0 {
-                    return Err(A::Error::duplicate_field(field.name()));
-                }
-                checked_seen |= bit;
+                checked_seen |= 1 << bit;
             }
-            match field {
-                Field::Type => kind = Some(map.next_value::<String>()?),
-                Field::Id => id = Some(map.next_value::<String>()?),
-                Field::ServiceUrl => service_url = Some(map.next_value::<String>()?),
-                Field::ChannelId => channel_id = Some(map.next_value::<String>()?),
-                Field::Conversation => {
+            match key.0.as_ref() {
+                "type" => kind = Some(map.next_value::<String>()?),
+                "id" => id = Some(map.next_value::<String>()?),
+                "serviceUrl" => service_url = Some(map.next_value::<String>()?),
+                "channelId" => channel_id = Some(map.next_value::<String>()?),
+                "conversation" => {
                     conversation = Some(map.next_value_seed(UniqueKeys {
                         checked: &["id", "tenantId"],
                         tenant: false,
                     })?)
                 }
-                Field::From => {
+                "from" => {
                     activity.from = object(map.next_value_seed(UniqueKeys {
                         checked: &["id", "aadObjectId"],
                         tenant: false,
                     })?)
                 }
-                Field::Recipient => activity.recipient = object(map.next_value()?),
-                Field::Value => activity.value = object(map.next_value()?),
-                Field::ChannelData => {
+                "recipient" => activity.recipient = object(map.next_value()?),
+                "value" => activity.value = object(map.next_value()?),
+                "channelData" => {
                     activity.channel_data = object(map.next_value_seed(UniqueKeys {
                         checked: &["tenant"],
                         tenant: true,
                     })?)
                 }
-                Field::Text => activity.text = text(map.next_value()?),
-                Field::Name => activity.name = text(map.next_value()?),
-                Field::Locale => activity.locale = text(map.next_value()?),
-                Field::Action => activity.action = text(map.next_value()?),
-                Field::Entities => activity.entities = list(map.next_value()?),
-                Field::MembersAdded => activity.members_added = list(map.next_value()?),
-                Field::MembersRemoved => activity.members_removed = list(map.next_value()?),
-                Field::Attachments => activity.attachments = list(map.next_value()?),
+                "text" => activity.text = text(map.next_value()?),
+                "name" => activity.name = text(map.next_value()?),
+                "locale" => activity.locale = text(map.next_value()?),
+                "action" => activity.action = text(map.next_value()?),
+                "entities" => activity.entities = list(map.next_value()?),
+                "membersAdded" => activity.members_added = list(map.next_value()?),
+                "membersRemoved" => activity.members_removed = list(map.next_value()?),
+                "attachments" => activity.attachments = list(map.next_value()?),
+                _ => {
+                    let value = map.next_value::<Value>()?;
+                    activity.extra.insert(key.0.into_owned(), value);
+                }
             }
         }
         // A missing field reads as empty here: [`TurnActivity::envelope`] names it.
@@ -390,6 +386,10 @@ impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
         Ok(activity)
     }
 }
+
+/// The top-level fields the request path checks or routes by (`conversation.id`, `from.id`,
+/// `channelData.tenant.id` and the invoke's `name` among them): the first of [`KNOWN_FIELDS`].
+const CHECKED_FIELDS: &[&str] = KNOWN_FIELDS.split_at(8).0;
 
 /// Reads a JSON value, refusing an object that gives one of the `checked` keys twice (with
 /// `tenant`, also `tenant.id` twice): for the objects whose fields the checks read.
@@ -467,89 +467,30 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
     }
 }
 
-/// A top-level field [`TurnActivityVisitor`] takes by name. Those up to [`Field::Name`] are the
-/// ones the request path checks or routes by (`conversation.id`, `from.id`,
-/// `channelData.tenant.id` and the invoke's `name` among them): given twice, they are refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Field {
-    Type,
-    Id,
-    ServiceUrl,
-    ChannelId,
-    Conversation,
-    From,
-    ChannelData,
-    Name,
-    Recipient,
-    Value,
-    Text,
-    Locale,
-    Action,
-    Entities,
-    MembersAdded,
-    MembersRemoved,
-    Attachments,
-}
-
-impl Field {
-    /// One `match` on the name: the compiler compares by length first, no scan of a list.
-    fn of(name: &str) -> Option<Field> {
-        Some(match name {
-            "type" => Field::Type,
-            "id" => Field::Id,
-            "serviceUrl" => Field::ServiceUrl,
-            "channelId" => Field::ChannelId,
-            "conversation" => Field::Conversation,
-            "from" => Field::From,
-            "channelData" => Field::ChannelData,
-            "name" => Field::Name,
-            "recipient" => Field::Recipient,
-            "value" => Field::Value,
-            "text" => Field::Text,
-            "locale" => Field::Locale,
-            "action" => Field::Action,
-            "entities" => Field::Entities,
-            "membersAdded" => Field::MembersAdded,
-            "membersRemoved" => Field::MembersRemoved,
-            "attachments" => Field::Attachments,
-            _ => return None,
-        })
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Field::Type => "type",
-            Field::Id => "id",
-            Field::ServiceUrl => "serviceUrl",
-            Field::ChannelId => "channelId",
-            Field::Conversation => "conversation",
-            Field::From => "from",
-            Field::ChannelData => "channelData",
-            Field::Name => "name",
-            Field::Recipient => "recipient",
-            Field::Value => "value",
-            Field::Text => "text",
-            Field::Locale => "locale",
-            Field::Action => "action",
-            Field::Entities => "entities",
-            Field::MembersAdded => "membersAdded",
-            Field::MembersRemoved => "membersRemoved",
-            Field::Attachments => "attachments",
-        }
-    }
-
-    /// This field's bit among those given at most once, if it is one of them.
-    fn checked_bit(self) -> Option<u8> {
-        (self as u8 <= Field::Name as u8).then(|| 1 << self as u8)
-    }
-}
-
 /// A field name of an activity: a known one without allocating (even when the parser hands it
 /// over unescaped in a scratch buffer), any other one owned, for `extra`.
-enum Key {
-    Known(Field),
-    Other(String),
-}
+struct Key(std::borrow::Cow<'static, str>);
+
+/// The fields [`TurnActivityVisitor`] takes by name, those of [`CHECKED_FIELDS`] first.
+const KNOWN_FIELDS: &[&str] = &[
+    "type",
+    "id",
+    "serviceUrl",
+    "channelId",
+    "conversation",
+    "from",
+    "channelData",
+    "name",
+    "recipient",
+    "value",
+    "text",
+    "locale",
+    "action",
+    "entities",
+    "membersAdded",
+    "membersRemoved",
+    "attachments",
+];
 
 impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -560,10 +501,12 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("a field name")
             }
             fn visit_str<E>(self, name: &str) -> Result<Key, E> {
-                Ok(match Field::of(name) {
-                    Some(field) => Key::Known(field),
-                    None => Key::Other(name.to_owned()),
-                })
+                Ok(Key(
+                    match KNOWN_FIELDS.iter().find(|known| **known == name) {
+                        Some(known) => std::borrow::Cow::Borrowed(*known),
+                        None => std::borrow::Cow::Owned(name.to_owned()),
+                    },
+                ))
             }
         }
         deserializer.deserialize_identifier(KeyVisitor)
