@@ -217,6 +217,72 @@ where
     })
 }
 
+/// `body` cut into whole lines, each with its end (any byte of `ends`), the last one as it
+/// ends. Each byte is looked at once, and each line is handed over without a copy: a parser that
+/// reads its buffer from the start whenever more comes (the SSE parser does) then reads each
+/// line once, instead of the whole unfinished line again at every chunk of a body sent in tiny
+/// chunks (found by fuzzing: 14 KB in 1-byte chunks took over 10 s).
+pub fn lines<S>(
+    body: S,
+    ends: &'static [u8],
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, BackendError>>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, BackendError>>,
+{
+    use futures_util::StreamExt;
+    struct Cutting<S> {
+        body: std::pin::Pin<Box<S>>,
+        pending: bytes::BytesMut,
+        cut: std::collections::VecDeque<bytes::Bytes>,
+        ended: bool,
+    }
+    let start = Cutting {
+        body: Box::pin(body),
+        pending: bytes::BytesMut::new(),
+        cut: std::collections::VecDeque::new(),
+        ended: false,
+    };
+    futures_util::stream::unfold(start, move |mut state| async move {
+        loop {
+            if let Some(line) = state.cut.pop_front() {
+                return Some((Ok(line), state));
+            }
+            if state.ended {
+                if state.pending.is_empty() {
+                    return None;
+                }
+                let rest = state.pending.split().freeze();
+                return Some((Ok(rest), state));
+            }
+            match state.body.next().await {
+                Some(Ok(chunk)) => {
+                    let scanned = state.pending.len();
+                    state.pending.extend_from_slice(&chunk);
+                    let mut taken = 0;
+                    for end in state.pending[scanned..]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, byte)| ends.contains(byte))
+                        .map(|(at, _)| scanned + at)
+                        .collect::<Vec<_>>()
+                    {
+                        let line = state.pending.split_to(end + 1 - taken).freeze();
+                        taken = end + 1;
+                        state.cut.push_back(line);
+                    }
+                }
+                Some(Err(error)) => {
+                    state.ended = true;
+                    state.pending.clear();
+                    state.cut.clear();
+                    return Some((Err(error), state));
+                }
+                None => state.ended = true,
+            }
+        }
+    })
+}
+
 pub enum Backend {
     Echo { word_delay: Option<Duration> },
     Webhook(webhook::Webhook),

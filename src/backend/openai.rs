@@ -61,7 +61,7 @@ where
 {
     let body = std::pin::pin!(capped(body, MAX_ANSWER_BODY_BYTES));
     let mut text = String::new();
-    let mut events = body.eventsource();
+    let mut events = Box::pin(super::lines(body, b"\r\n")).eventsource();
     while let Some(event) = events.next().await {
         let event =
             event.map_err(|e| BackendError::Failed(format!("the event stream broke: {e}")))?;

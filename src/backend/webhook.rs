@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Answer, BackendError, Deltas, InvokeResponse, MAX_ANSWER_BODY_BYTES, TurnInput, capped,
+    Answer, BackendError, Deltas, InvokeResponse, MAX_ANSWER_BODY_BYTES, TurnInput, capped, lines,
 };
 
 pub const SIGNATURE_HEADER: &str = "x-teams-router-signature";
@@ -219,7 +219,7 @@ where
     };
     match content_type.as_str() {
         "text/event-stream" => {
-            let mut events = body.eventsource();
+            let mut events = Box::pin(lines(body, b"\r\n")).eventsource();
             while let Some(event) = events.next().await {
                 let event = event
                     .map_err(|e| BackendError::Failed(format!("the event stream broke: {e}")))?;
@@ -230,16 +230,12 @@ where
             }
         }
         "application/x-ndjson" | "application/jsonl" => {
-            let mut pending = Vec::new();
-            while let Some(chunk) = body.next().await {
-                pending.extend_from_slice(&chunk?);
-                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    answer.add_json(&line)?;
-                }
-                answer.check_size(pending.len())?;
+            let mut lines = std::pin::pin!(lines(body, b"\n"));
+            while let Some(line) = lines.next().await {
+                let line = line?;
+                answer.check_size(line.len())?;
+                answer.add_json(&line)?;
             }
-            answer.add_json(&pending)?;
         }
         _ => {
             let mut whole = Vec::new();
@@ -351,6 +347,60 @@ mod tests {
         assert_eq!(sig.len(), 7 + 64);
         assert_ne!(sig, signature("key", 2, b"{}"));
         assert_ne!(sig, signature("other", 1, b"{}"));
+    }
+
+    fn read(content_type: &str, body: &[u8], chunk_len: usize) -> Result<Answer, BackendError> {
+        let chunks: Vec<Result<Bytes, std::convert::Infallible>> = body
+            .chunks(chunk_len)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        futures_util::FutureExt::now_or_never(read_answer(
+            content_type,
+            futures_util::stream::iter(chunks),
+            None,
+        ))
+        .expect("a body that is all there reads without waiting")
+    }
+
+    #[test]
+    fn answers_read_the_same_whatever_their_chunks() {
+        let sse = b"data: {\"delta\": \"Hel\"}\r\n\r\n: a comment\rdata: {\"delta\": \"lo\"}\n\ndata: [DONE]\n\n";
+        let ndjson = b"{\"delta\": \"Hel\"}\r\n\n{\"delta\": \"lo\"}";
+        for (content_type, body) in [
+            ("text/event-stream", &sse[..]),
+            ("application/x-ndjson", &ndjson[..]),
+        ] {
+            for chunk_len in [1, 2, 3, 7, body.len()] {
+                let answer = read(content_type, body, chunk_len).expect(content_type);
+                assert_eq!(
+                    answer.text.as_deref(),
+                    Some("Hello"),
+                    "{content_type} in {chunk_len}s"
+                );
+            }
+        }
+    }
+
+    /// Found by fuzzing: a long line in 1-byte chunks was read again from its start at every
+    /// chunk (over 10 s for 14 KB in a debug build).
+    #[test]
+    fn a_long_line_in_tiny_chunks_is_read_once() {
+        let text = "x".repeat(200_000);
+        for content_type in ["text/event-stream", "application/x-ndjson"] {
+            let body = match content_type {
+                "text/event-stream" => format!("data: {{\"delta\": \"{text}\"}}\n\n"),
+                _ => format!("{{\"delta\": \"{text}\"}}\n"),
+            };
+            let started = std::time::Instant::now();
+            let answer = read(content_type, body.as_bytes(), 1).expect(content_type);
+            assert_eq!(answer.text.map(|t| t.len()), Some(text.len()));
+            // Linear: well under a second even unoptimized (quadratic was minutes).
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "{content_type}: {:?}",
+                started.elapsed()
+            );
+        }
     }
 
     #[test]
