@@ -256,19 +256,14 @@ where
             }
             match state.body.next().await {
                 Some(Ok(chunk)) => {
-                    let scanned = state.pending.len();
+                    // What was pending before holds no line end: only the new bytes are looked at.
+                    let mut from = state.pending.len();
                     state.pending.extend_from_slice(&chunk);
-                    let mut taken = 0;
-                    for end in state.pending[scanned..]
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, byte)| ends.contains(byte))
-                        .map(|(at, _)| scanned + at)
-                        .collect::<Vec<_>>()
+                    while let Some(at) = state.pending[from..].iter().position(|b| ends.contains(b))
                     {
-                        let line = state.pending.split_to(end + 1 - taken).freeze();
-                        taken = end + 1;
+                        let line = state.pending.split_to(from + at + 1).freeze();
                         state.cut.push_back(line);
+                        from = 0;
                     }
                 }
                 Some(Err(error)) => {
