@@ -655,6 +655,7 @@ impl Serving {
                 limits,
                 front_stopped.clone(),
                 Duration::from_secs(1),
+                None,
             )));
         }
         let front_task = tokio::spawn(front::serve(
@@ -664,6 +665,7 @@ impl Serving {
             limits,
             front_stopped,
             drain,
+            (config.admission.target_request_wait_ms > 0).then(|| router.front.admission.waits()),
         ));
         let ops = Arc::new(Ops { metrics, readiness });
         background_tasks.push(tokio::spawn(front::serve(
@@ -673,6 +675,7 @@ impl Serving {
             limits,
             background_stopped,
             Duration::from_secs(1),
+            None,
         )));
         Ok(Self {
             addr,

@@ -117,6 +117,11 @@ pub struct AdmissionConfig {
     /// never parks has more work than CPU, and what it accepts then only queues. 0 never sheds
     /// on it.
     pub max_runtime_busy_percent: u64,
+    /// The mean wait of request-serving tasks to run once woken, every 10 ms, that the router
+    /// keeps by refusing a share of new activities (503 + Retry-After; PIE, RFC 8033): past
+    /// the machine's capacity the excess waits in front of the router, unread, and this wait is
+    /// what grows. 0 never sheds on it.
+    pub target_request_wait_ms: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -128,6 +133,7 @@ impl Default for AdmissionConfig {
             max_turns_in_flight_per_integration: 1_024,
             max_runtime_lag_ms: 500,
             max_runtime_busy_percent: 95,
+            target_request_wait_ms: 20,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! its conversation has queued it.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics::{counter, histogram};
@@ -30,7 +31,7 @@ use crate::auth::{AuthError, VerifiedToken, Verifiers};
 use crate::backend::InvokeResponse;
 use crate::config::OnStoreUnavailable;
 use crate::connector::{Connector, service_url_allowed};
-use crate::conversation::admission::{Gate, Refusal, Ticket};
+use crate::conversation::admission::{Gate, Refusal, Ticket, WaitMeter};
 use crate::conversation::{Admission, Arrival, Directory, InvokeAnswer};
 use crate::ledger::addresses::AddressBook;
 use crate::ledger::events::{EventDraft, EventSink};
@@ -102,10 +103,11 @@ pub async fn serve<H: Handler>(
     limits: ListenerLimits,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
+    waits: Option<Arc<WaitMeter>>,
 ) {
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(MeasuredExecutor(waits.clone()));
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -156,7 +158,7 @@ pub async fn serve<H: Handler>(
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
                 let connection = graceful.watch(connection);
-                tokio::spawn(async move {
+                spawn_measured(&waits, async move {
                     let _ = connection.await;
                     drop(permit);
                 });
@@ -165,7 +167,7 @@ pub async fn serve<H: Handler>(
                 let acceptor = acceptor.clone();
                 let watcher = graceful.watcher();
                 let handshake_timeout = limits.header_read_timeout;
-                tokio::spawn(async move {
+                spawn_measured(&waits, async move {
                     let tls_stream = match tokio::time::timeout(
                         handshake_timeout,
                         acceptor.accept(stream),
@@ -190,6 +192,34 @@ pub async fn serve<H: Handler>(
         .is_err()
     {
         tracing::warn!("connections still open after the drain timeout; closing them");
+    }
+}
+
+/// Spawns a task that serves requests, its waits to run measured when the listener measures
+/// them (admission sheds on them).
+fn spawn_measured<F>(waits: &Option<Arc<WaitMeter>>, future: F)
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match waits {
+        Some(waits) => drop(tokio::spawn(waits.measure(Box::pin(future)))),
+        None => drop(tokio::spawn(future)),
+    }
+}
+
+/// hyper's executor for the tasks it spawns itself (an HTTP/2 connection's streams), measured as
+/// the connections' own tasks are.
+#[derive(Clone)]
+struct MeasuredExecutor(Option<Arc<WaitMeter>>);
+
+impl<F> hyper::rt::Executor<F> for MeasuredExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        spawn_measured(&self.0, future);
     }
 }
 

@@ -50,6 +50,8 @@ pub const ADMIN_AUTH_FAILURES: &str = "teams_router_admin_auth_failures_total";
 pub const SECRETS_UNREADABLE: &str = "teams_router_secrets_unreadable";
 pub const RUNTIME_SHEDDING: &str = "teams_router_runtime_shedding";
 pub const RUNTIME_BUSY: &str = "teams_router_runtime_busy_ratio";
+pub const REQUEST_WAIT: &str = "teams_router_request_wait_seconds";
+pub const SHED_SHARE: &str = "teams_router_shed_share";
 
 /// What a management request with a wrong or missing API key got (`outcome` label).
 pub const ADMIN_AUTH_OUTCOMES: &[&str] = &["unauthorized", "rate_limited"];
@@ -447,6 +449,18 @@ fn describe_all() {
         "Share of wall time (0 to 1) the runtime's worker threads spent running tasks over the last 100 ms."
     );
     gauge!(RUNTIME_BUSY).set(0.0);
+    describe_gauge!(
+        REQUEST_WAIT,
+        Unit::Seconds,
+        "Mean time the activity listener's request-serving tasks waited to run once woken, over the last 100 ms."
+    );
+    gauge!(REQUEST_WAIT).set(0.0);
+    describe_gauge!(
+        SHED_SHARE,
+        Unit::Count,
+        "Share (0 to 1) of new activities refused (503, reason overloaded) to keep the request wait near admission.target_request_wait_ms."
+    );
+    gauge!(SHED_SHARE).set(0.0);
     describe_gauge!(
         PARTITIONS_HELD,
         Unit::Count,

@@ -70,9 +70,11 @@ impl TestRouter {
             .collect();
         let mut config = Config::from_sources(config_toml, pairs.clone())
             .map_err(|e| format!("invalid configuration: {e}"))?;
-        // On the test's runtime the workers' busy time is the test clients' as much as the
-        // router's: it says nothing about the router's load (the gate has unit tests).
+        // On the test's runtime the workers' busy time, and how long tasks wait to run, are the
+        // test clients' as much as the router's: they say nothing about the router's load (the
+        // gate has unit tests).
         config.admission.max_runtime_busy_percent = 0;
+        config.admission.target_request_wait_ms = 0;
         let lookup = move |name: &str| {
             pairs
                 .iter()

@@ -20,11 +20,24 @@
 //!   work than CPU), new activities get 503 (`overloaded`) with Retry-After until that ends: a
 //!   refusal costs a fraction of a turn, so the backlog drains instead of growing.
 //!
+//! - *Requests waiting to run*: past the machine's capacity with clients that send one request
+//!   at a time per conversation (as the Bot Connector does), nothing queues inside the router at
+//!   all: the excess waits in the clients, and in front of the router as requests not yet read.
+//!   What the router sees is its request-serving tasks waiting longer and longer to run once
+//!   woken (a [`WaitMeter`] wraps them). A controller (PIE, RFC 8033) turns that wait, every
+//!   10 ms, into the share of new activities to refuse (503 `overloaded` + Retry-After): the
+//!   share grows while the mean wait stays above `admission.target_request_wait_ms` and falls
+//!   back when it is under, so that the router runs at its capacity with a short queue instead
+//!   of letting every answer wait seconds.
+//!
 //! The request path touches one atomic per bound and one sharded map lookup; no lock is shared by
 //! all requests.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -45,6 +58,10 @@ pub struct Gate {
     config: AdmissionConfig,
     /// The runtime lag probe found the runtime late: new activities are shed.
     lagging: AtomicBool,
+    /// The share of new activities refused for the wait of requests to run, out of
+    /// `u32::MAX` (0: none).
+    shed_share: AtomicU32,
+    waits: Arc<WaitMeter>,
     pending: Arc<AtomicUsize>,
     /// Activities finished since the start (read by the probe for the rate the backlog drains).
     finished: Arc<AtomicU64>,
@@ -75,6 +92,8 @@ impl Gate {
     pub fn new(config: AdmissionConfig) -> Self {
         Self {
             lagging: AtomicBool::new(false),
+            shed_share: AtomicU32::new(0),
+            waits: Arc::new(WaitMeter::default()),
             pending: Arc::new(AtomicUsize::new(0)),
             finished: Arc::new(AtomicU64::new(0)),
             turns: Arc::new(Semaphore::new(config.max_turns_in_flight.max(1))),
@@ -86,6 +105,10 @@ impl Gate {
     /// Takes a place for one activity of `integration`, or says which bound is reached.
     pub fn admit(&self, integration: &Arc<str>) -> Result<Ticket, Refusal> {
         if self.lagging.load(Ordering::Relaxed) {
+            return Err(Refusal::Global);
+        }
+        let share = self.shed_share.load(Ordering::Relaxed);
+        if share != 0 && rand::random::<u32>() < share {
             return Err(Refusal::Global);
         }
         let load = self.load(integration);
@@ -106,16 +129,25 @@ impl Gate {
         })
     }
 
+    /// What the request-serving tasks wait to run: the listener wraps them with it.
+    pub fn waits(&self) -> Arc<WaitMeter> {
+        Arc::clone(&self.waits)
+    }
+
     /// Measures, until `stop` is set, how late the runtime runs a task that asks to be woken
-    /// every few milliseconds and how busy its workers are, and sheds new activities while
-    /// either is past its bound (`admission.max_runtime_lag_ms`,
-    /// `admission.max_runtime_busy_percent`; 0 turns a bound off).
+    /// every few milliseconds, how busy its workers are and how long requests wait to run, and
+    /// sheds new activities while the first two are past their bound
+    /// (`admission.max_runtime_lag_ms`, `admission.max_runtime_busy_percent`), and a share of
+    /// them by the third (`admission.target_request_wait_ms`); 0 turns a bound off.
     pub async fn watch_runtime(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let lag_bound = Duration::from_millis(self.config.max_runtime_lag_ms);
         let busy_bound = self.config.max_runtime_busy_percent as f64 / 100.0;
-        if lag_bound.is_zero() && busy_bound == 0.0 {
+        let wait_target = Duration::from_millis(self.config.target_request_wait_ms);
+        if lag_bound.is_zero() && busy_bound == 0.0 && wait_target.is_zero() {
             return;
         }
+        let mut waits = WaitReading::default();
+        let mut shed = ShedController::new(wait_target);
         let mut lag = LagWatch::default();
         let mut load = LoadWatch::default();
         let mut busy = BusyMeter::new(tokio::runtime::Handle::current().metrics());
@@ -132,8 +164,20 @@ impl Gate {
             if !lag_bound.is_zero() {
                 lag.observe(late_by > lag_bound, pending);
             }
+            // The probe is a task woken too: with no request served in the interval (a runtime
+            // starved of CPU), its own lateness is the wait.
+            let wait = waits.mean_since_last(&self.waits).max(late_by);
+            if !wait_target.is_zero() {
+                let share = shed.update(wait);
+                let share = (share * f64::from(u32::MAX)) as u32;
+                if self.shed_share.swap(share, Ordering::Relaxed) != share {
+                    metrics::gauge!(crate::telemetry::SHED_SHARE)
+                        .set(f64::from(share) / f64::from(u32::MAX));
+                }
+            }
             ticks += 1;
             if ticks.is_multiple_of(TICKS_PER_INTERVAL) {
+                metrics::gauge!(crate::telemetry::REQUEST_WAIT).set(waits.interval_mean());
                 let ratio = busy.ratio_since_last();
                 metrics::gauge!(crate::telemetry::RUNTIME_BUSY).set(ratio);
                 let finished = self.finished.load(Ordering::Relaxed);
@@ -263,6 +307,176 @@ impl LoadWatch {
     }
 }
 
+/// How long tasks wrapped by [`WaitMeter::measure`] waited to run once woken: their total and
+/// how many waits, since the start.
+#[derive(Default)]
+pub struct WaitMeter {
+    total_nanos: AtomicU64,
+    waits: AtomicU64,
+}
+
+impl WaitMeter {
+    /// `future`, measured each time it is woken until it is polled. tokio-metrics'
+    /// `TaskMonitor` measures this among a dozen other figures, each a shared atomic written on
+    /// every poll; the request path needs this one.
+    pub fn measure<F: Future + Unpin>(self: &Arc<Self>, future: F) -> Measured<F> {
+        let stamp = Arc::new(WakeStamp {
+            // The first poll waits too: a new connection's task queues behind the others.
+            woken_at: AtomicU64::new(stamp_now()),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        Measured {
+            future,
+            waker: Waker::from(Arc::clone(&stamp)),
+            stamp,
+            meter: Arc::clone(self),
+        }
+    }
+
+    fn record(&self, waited_nanos: u64) {
+        self.total_nanos.fetch_add(waited_nanos, Ordering::Relaxed);
+        self.waits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A future whose waits to run are added to a [`WaitMeter`].
+pub struct Measured<F> {
+    future: F,
+    stamp: Arc<WakeStamp>,
+    /// Wakes `stamp`: handed to `future` in place of the task's own.
+    waker: Waker,
+    meter: Arc<WaitMeter>,
+}
+
+struct WakeStamp {
+    /// When the task was first woken since it last ran (nanoseconds from [`stamp_now`]'s
+    /// origin; 0: not woken).
+    woken_at: AtomicU64,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Wake for WakeStamp {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let _ =
+            self.woken_at
+                .compare_exchange(0, stamp_now(), Ordering::Relaxed, Ordering::Relaxed);
+        self.task.wake();
+    }
+}
+
+impl<F: Future + Unpin> Future for Measured<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let woken_at = this.stamp.woken_at.swap(0, Ordering::Relaxed);
+        if woken_at != 0 {
+            this.meter.record(stamp_now().saturating_sub(woken_at));
+        }
+        this.stamp.task.register(cx.waker());
+        Pin::new(&mut this.future).poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
+/// Nanoseconds since the first call, never 0.
+fn stamp_now() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    u64::try_from(origin.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// The mean wait of a [`WaitMeter`] between two readings.
+#[derive(Default)]
+struct WaitReading {
+    total_nanos: u64,
+    waits: u64,
+    /// Over the current 100 ms interval, for the gauge.
+    interval_nanos: u64,
+    interval_waits: u64,
+}
+
+impl WaitReading {
+    fn mean_since_last(&mut self, meter: &WaitMeter) -> Duration {
+        let total = meter.total_nanos.load(Ordering::Relaxed);
+        let waits = meter.waits.load(Ordering::Relaxed);
+        let (nanos, count) = (
+            total.saturating_sub(self.total_nanos),
+            waits.saturating_sub(self.waits),
+        );
+        (self.total_nanos, self.waits) = (total, waits);
+        self.interval_nanos += nanos;
+        self.interval_waits += count;
+        Duration::from_nanos(nanos.checked_div(count).unwrap_or(0))
+    }
+
+    /// The mean wait in seconds since the last call, which starts a new interval.
+    fn interval_mean(&mut self) -> f64 {
+        let mean = self
+            .interval_nanos
+            .checked_div(self.interval_waits)
+            .unwrap_or(0);
+        (self.interval_nanos, self.interval_waits) = (0, 0);
+        Duration::from_nanos(mean).as_secs_f64()
+    }
+}
+
+/// PIE (RFC 8033) on the wait of requests to run: every update moves the share of activities to
+/// refuse by how far the wait is from the target and how fast it grows. Small shares move in
+/// smaller steps (a burst adds little; a standing queue compounds), large ones at most 2 % an
+/// update; nothing is refused while the wait is under half the target and the share under 20 %.
+struct ShedController {
+    target: f64,
+    share: f64,
+    last_wait: f64,
+}
+
+impl ShedController {
+    /// RFC 8033's gains, per second of wait: α on the distance from the target, β on its change.
+    const ALPHA: f64 = 0.125;
+    const BETA: f64 = 1.25;
+
+    fn new(target: Duration) -> Self {
+        Self {
+            target: target.as_secs_f64(),
+            share: 0.0,
+            last_wait: 0.0,
+        }
+    }
+
+    /// The share of new activities to refuse after a wait of `wait` over the last period.
+    fn update(&mut self, wait: Duration) -> f64 {
+        let wait = wait.as_secs_f64();
+        let mut step = Self::ALPHA * (wait - self.target) + Self::BETA * (wait - self.last_wait);
+        step /= match self.share {
+            s if s < 0.001 => 32.0,
+            s if s < 0.01 => 8.0,
+            s if s < 0.1 => 2.0,
+            _ => 1.0,
+        };
+        if self.share >= 0.1 {
+            step = step.min(0.02);
+        }
+        self.share += step;
+        let calm = self.target / 2.0;
+        if wait < calm && self.last_wait < calm {
+            self.share *= 0.98;
+        }
+        self.share = self.share.clamp(0.0, 1.0);
+        self.last_wait = wait;
+        if wait < calm && self.share < 0.2 {
+            0.0
+        } else {
+            self.share
+        }
+    }
+}
+
 /// The share of wall time the runtime's workers spent running tasks (not parked, not waiting
 /// for I/O events) since the last reading.
 struct BusyMeter {
@@ -338,7 +552,75 @@ mod tests {
             max_turns_in_flight_per_integration: turns,
             max_runtime_lag_ms: 500,
             max_runtime_busy_percent: 95,
+            target_request_wait_ms: 20,
         })
+    }
+
+    #[test]
+    fn the_shed_share_follows_a_standing_wait_not_a_burst() {
+        let target = Duration::from_millis(20);
+        let ms = Duration::from_millis;
+
+        let mut burst = ShedController::new(target);
+        let during: Vec<f64> = (0..5).map(|_| burst.update(ms(100))).collect();
+        let after: Vec<f64> = (0..20).map(|_| burst.update(ms(1))).collect();
+        assert!(
+            during.iter().all(|share| *share < 0.01),
+            "50 ms of a deep queue sheds almost nothing: {during:?}"
+        );
+        assert!(
+            after.iter().all(|share| *share == 0.0),
+            "and nothing once the wait is short again: {after:?}"
+        );
+
+        let mut overload = ShedController::new(target);
+        let shares: Vec<f64> = (0..30).map(|_| overload.update(ms(200))).collect();
+        assert!(shares.windows(2).all(|w| w[1] >= w[0]), "{shares:?}");
+        assert!(
+            shares[29] > 0.3,
+            "300 ms of a 200 ms wait sheds a third and more: {shares:?}"
+        );
+        // Shedding brings the wait under the target: the share falls back to nothing.
+        let calm: Vec<f64> = (0..300).map(|_| overload.update(ms(2))).collect();
+        assert!(calm.windows(2).all(|w| w[1] <= w[0]), "{calm:?}");
+        assert_eq!(calm[299], 0.0, "{calm:?}");
+
+        let mut at_target = ShedController::new(target);
+        let share = (0..500)
+            .map(|_| at_target.update(ms(20)))
+            .fold(0.0, f64::max);
+        assert!(share < 0.001, "a wait at the target is kept: {share}");
+    }
+
+    #[test]
+    fn a_share_of_activities_is_refused() {
+        let gate = gate(100_000, 100_000, 10);
+        gate.shed_share.store(u32::MAX / 4, Ordering::Relaxed);
+        let refused = (0..4_000)
+            .filter(|_| gate.admit(&Arc::from("a")).map(drop).is_err())
+            .count();
+        assert!((700..1_300).contains(&refused), "{refused} of 4,000");
+        gate.shed_share.store(0, Ordering::Relaxed);
+        assert!((0..1_000).all(|_| gate.admit(&Arc::from("a")).map(drop).is_ok()));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_measured_task_counts_how_long_it_waited_to_run() {
+        let meter = Arc::new(WaitMeter::default());
+        let (wake, woken) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(meter.measure(Box::pin(woken)));
+        tokio::task::yield_now().await;
+        let first_polls = meter.waits.load(Ordering::Relaxed);
+        let _ = wake.send(());
+        // Woken, but the one thread is busy here: the task waits.
+        std::thread::sleep(Duration::from_millis(30));
+        let _ = task.await;
+        let waits = meter.waits.load(Ordering::Relaxed);
+        let total = Duration::from_nanos(meter.total_nanos.load(Ordering::Relaxed));
+        assert_eq!(first_polls, 1, "the first poll is a wait too");
+        assert_eq!(waits, 2, "one wake, one wait");
+        assert!(total >= Duration::from_millis(30), "{total:?}");
+        assert!(total < Duration::from_secs(5), "{total:?}");
     }
 
     #[test]
