@@ -24,11 +24,13 @@
 //!   at a time per conversation (as the Bot Connector does), nothing queues inside the router at
 //!   all: the excess waits in the clients, and in front of the router as requests not yet read.
 //!   What the router sees is its request-serving tasks waiting longer and longer to run once
-//!   woken (a [`WaitMeter`] wraps them). A controller (PIE, RFC 8033) turns that wait, every
-//!   10 ms, into the share of new activities to refuse (503 `overloaded` + Retry-After): the
-//!   share grows while the mean wait stays above `admission.target_request_wait_ms` and falls
-//!   back when it is under, so that the router runs at its capacity with a short queue instead
-//!   of letting every answer wait seconds.
+//!   woken (a [`WaitMeter`] wraps them), and workers that never park. A controller (PIE,
+//!   RFC 8033) turns that wait, every 10 ms, into the share of new activities to refuse (503
+//!   `overloaded` + Retry-After): the share grows while the mean wait stays above
+//!   `admission.target_request_wait_ms`, or while the workers are busier than
+//!   `admission.max_runtime_busy_percent` with requests queued at all, and falls back when
+//!   neither holds, so that the clients' own backlog drains instead of every answer waiting
+//!   seconds.
 //!
 //! The request path touches one atomic per bound and one sharded map lookup; no lock is shared by
 //! all requests.
@@ -168,7 +170,7 @@ impl Gate {
             // starved of CPU), its own lateness is the wait.
             let wait = waits.mean_since_last(&self.waits).max(late_by);
             if !wait_target.is_zero() {
-                let share = shed.update(wait);
+                let share = shed.update(pressure(wait, wait_target, busy.last_ratio, busy_bound));
                 let share = (share * f64::from(u32::MAX)) as u32;
                 if self.shed_share.swap(share, Ordering::Relaxed) != share {
                     metrics::gauge!(crate::telemetry::SHED_SHARE)
@@ -247,6 +249,24 @@ impl Gate {
         )
     }
 }
+
+/// The wait the shed controller works on. Workers that never park while requests queue have
+/// more work than CPU, however short the queue: clients that send one request at a time per
+/// conversation (the Bot Connector) keep the excess with them, where the router cannot see it.
+/// The controller then sees the wait at twice the target, and the share grows until the workers
+/// park again.
+fn pressure(wait: Duration, target: Duration, busy_ratio: f64, busy_bound: f64) -> Duration {
+    let saturated = busy_bound > 0.0 && busy_ratio >= busy_bound && wait >= QUEUED;
+    if saturated {
+        wait.max(target * 2)
+    } else {
+        wait
+    }
+}
+
+/// A mean wait to run that says requests queue (an idle runtime runs a woken task in
+/// microseconds).
+const QUEUED: Duration = Duration::from_millis(1);
 
 /// The probe asks to be woken this often.
 const PROBE_PERIOD: Duration = Duration::from_millis(10);
@@ -590,6 +610,34 @@ mod tests {
             .map(|_| at_target.update(ms(20)))
             .fold(0.0, f64::max);
         assert!(share < 0.001, "a wait at the target is kept: {share}");
+    }
+
+    #[test]
+    fn saturated_workers_with_requests_queued_are_pressure_however_short_the_queue() {
+        let (target, ms) = (Duration::from_millis(20), Duration::from_millis);
+        assert_eq!(pressure(ms(5), target, 0.99, 0.95), ms(40), "saturated");
+        assert_eq!(
+            pressure(ms(90), target, 0.99, 0.95),
+            ms(90),
+            "a long queue counts as is"
+        );
+        assert_eq!(
+            pressure(ms(5), target, 0.80, 0.95),
+            ms(5),
+            "workers that park"
+        );
+        assert_eq!(
+            pressure(Duration::from_micros(200), target, 0.99, 0.95),
+            Duration::from_micros(200),
+            "busy, but woken tasks run at once: nothing waits"
+        );
+        assert_eq!(pressure(ms(5), target, 1.0, 0.0), ms(5), "busy bound off");
+        // Saturation alone takes the share past a tenth within a second.
+        let mut shed = ShedController::new(target);
+        let share = (0..100)
+            .map(|_| shed.update(pressure(ms(5), target, 1.0, 0.95)))
+            .last();
+        assert!(share.is_some_and(|s| s > 0.1), "{share:?}");
     }
 
     #[test]
