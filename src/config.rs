@@ -119,7 +119,7 @@ pub struct AdmissionConfig {
     pub max_runtime_busy_percent: u64,
     /// The mean wait of request-serving tasks to run once woken, every 10 ms, that the router
     /// keeps by refusing a share of new activities (503 + Retry-After; PIE, RFC 8033). Workers
-    /// busier than `max_runtime_busy_percent` with requests queued count as twice this wait:
+    /// busier than `max_runtime_busy_percent` with requests queued count as four times this wait:
     /// past the machine's capacity, clients that send one request at a time per conversation
     /// keep the excess with them. 0 neither measures nor sheds on it.
     pub target_request_wait_ms: u64,

@@ -253,12 +253,12 @@ impl Gate {
 /// The wait the shed controller works on. Workers that never park while requests queue have
 /// more work than CPU, however short the queue: clients that send one request at a time per
 /// conversation (the Bot Connector) keep the excess with them, where the router cannot see it.
-/// The controller then sees the wait at twice the target, and the share grows until the workers
-/// park again.
+/// The controller then sees the wait at four times the target, and the share grows until the
+/// workers park again.
 fn pressure(wait: Duration, target: Duration, busy_ratio: f64, busy_bound: f64) -> Duration {
     let saturated = busy_bound > 0.0 && busy_ratio >= busy_bound && wait >= QUEUED;
     if saturated {
-        wait.max(target * 2)
+        wait.max(target * 4)
     } else {
         wait
     }
@@ -615,7 +615,7 @@ mod tests {
     #[test]
     fn saturated_workers_with_requests_queued_are_pressure_however_short_the_queue() {
         let (target, ms) = (Duration::from_millis(20), Duration::from_millis);
-        assert_eq!(pressure(ms(5), target, 0.99, 0.95), ms(40), "saturated");
+        assert_eq!(pressure(ms(5), target, 0.99, 0.95), ms(80), "saturated");
         assert_eq!(
             pressure(ms(90), target, 0.99, 0.95),
             ms(90),
