@@ -154,6 +154,7 @@ impl Gate {
         let mut load = LoadWatch::default();
         let mut busy = BusyMeter::new(tokio::runtime::Handle::current().metrics());
         let mut ticks: u32 = 0;
+        let mut busy_in_a_row: u32 = 0;
         let mut finished_before = self.finished.load(Ordering::Relaxed);
         loop {
             let asked = crate::clock::now();
@@ -170,7 +171,8 @@ impl Gate {
             // starved of CPU), its own lateness is the wait.
             let wait = waits.mean_since_last(&self.waits).max(late_by);
             if !wait_target.is_zero() {
-                let share = shed.update(pressure(wait, wait_target, busy.last_ratio, busy_bound));
+                let saturated = busy_bound > 0.0 && busy_in_a_row >= SATURATED_INTERVALS;
+                let share = shed.update(pressure(wait, wait_target, saturated));
                 let share = (share * f64::from(u32::MAX)) as u32;
                 if self.shed_share.swap(share, Ordering::Relaxed) != share {
                     metrics::gauge!(crate::telemetry::SHED_SHARE)
@@ -181,6 +183,11 @@ impl Gate {
             if ticks.is_multiple_of(TICKS_PER_INTERVAL) {
                 metrics::gauge!(crate::telemetry::REQUEST_WAIT).set(waits.interval_mean());
                 let ratio = busy.ratio_since_last();
+                busy_in_a_row = if ratio >= busy_bound {
+                    busy_in_a_row + 1
+                } else {
+                    0
+                };
                 metrics::gauge!(crate::telemetry::RUNTIME_BUSY).set(ratio);
                 let finished = self.finished.load(Ordering::Relaxed);
                 let finished_in_interval = finished.saturating_sub(finished_before);
@@ -255,14 +262,17 @@ impl Gate {
 /// conversation (the Bot Connector) keep the excess with them, where the router cannot see it.
 /// The controller then sees the wait at four times the target, and the share grows until the
 /// workers park again.
-fn pressure(wait: Duration, target: Duration, busy_ratio: f64, busy_bound: f64) -> Duration {
-    let saturated = busy_bound > 0.0 && busy_ratio >= busy_bound && wait >= QUEUED;
-    if saturated {
+fn pressure(wait: Duration, target: Duration, saturated: bool) -> Duration {
+    if saturated && wait >= QUEUED {
         wait.max(target * 4)
     } else {
         wait
     }
 }
+
+/// Workers count as saturated after this many 100 ms intervals in a row busier than the bound
+/// (a stall of a moment is not overload).
+const SATURATED_INTERVALS: u32 = 3;
 
 /// A mean wait to run that says requests queue (an idle runtime runs a woken task in
 /// microseconds).
@@ -449,11 +459,14 @@ impl WaitReading {
 /// PIE (RFC 8033) on the wait of requests to run: every update moves the share of activities to
 /// refuse by how far the wait is from the target and how fast it grows. Small shares move in
 /// smaller steps (a burst adds little; a standing queue compounds), large ones at most 2 % an
-/// update; nothing is refused while the wait is under half the target and the share under 20 %.
+/// update; nothing is refused in the first 150 ms above the target, nor while the wait is under
+/// half the target and the share under 20 %.
 struct ShedController {
     target: f64,
     share: f64,
     last_wait: f64,
+    /// Updates in a row with the wait above the target.
+    congested: u32,
 }
 
 impl ShedController {
@@ -466,8 +479,13 @@ impl ShedController {
             target: target.as_secs_f64(),
             share: 0.0,
             last_wait: 0.0,
+            congested: 0,
         }
     }
+
+    /// Updates of a wait above the target before anything is refused (RFC 8033's burst
+    /// allowance: 150 ms at one update every 10 ms).
+    const BURST_ALLOWANCE: u32 = 15;
 
     /// The share of new activities to refuse after a wait of `wait` over the last period.
     fn update(&mut self, wait: Duration) -> f64 {
@@ -489,7 +507,14 @@ impl ShedController {
         }
         self.share = self.share.clamp(0.0, 1.0);
         self.last_wait = wait;
-        if wait < calm && self.share < 0.2 {
+        self.congested = if wait > self.target {
+            self.congested.saturating_add(1)
+        } else if self.share == 0.0 {
+            0
+        } else {
+            self.congested
+        };
+        if (wait < calm && self.share < 0.2) || self.congested < Self::BURST_ALLOWANCE {
             0.0
         } else {
             self.share
@@ -615,27 +640,22 @@ mod tests {
     #[test]
     fn saturated_workers_with_requests_queued_are_pressure_however_short_the_queue() {
         let (target, ms) = (Duration::from_millis(20), Duration::from_millis);
-        assert_eq!(pressure(ms(5), target, 0.99, 0.95), ms(80), "saturated");
+        assert_eq!(pressure(ms(5), target, true), ms(80), "saturated");
         assert_eq!(
-            pressure(ms(90), target, 0.99, 0.95),
+            pressure(ms(90), target, true),
             ms(90),
             "a long queue counts as is"
         );
+        assert_eq!(pressure(ms(5), target, false), ms(5), "workers that park");
         assert_eq!(
-            pressure(ms(5), target, 0.80, 0.95),
-            ms(5),
-            "workers that park"
-        );
-        assert_eq!(
-            pressure(Duration::from_micros(200), target, 0.99, 0.95),
+            pressure(Duration::from_micros(200), target, true),
             Duration::from_micros(200),
             "busy, but woken tasks run at once: nothing waits"
         );
-        assert_eq!(pressure(ms(5), target, 1.0, 0.0), ms(5), "busy bound off");
         // Saturation alone takes the share past a tenth within a second.
         let mut shed = ShedController::new(target);
         let share = (0..100)
-            .map(|_| shed.update(pressure(ms(5), target, 1.0, 0.95)))
+            .map(|_| shed.update(pressure(ms(5), target, true)))
             .last();
         assert!(share.is_some_and(|s| s > 0.1), "{share:?}");
     }
