@@ -118,10 +118,9 @@ pub struct AdmissionConfig {
     /// on it.
     pub max_runtime_busy_percent: u64,
     /// The mean wait of request-serving tasks to run once woken, every 10 ms, that the router
-    /// keeps by refusing a share of new activities (503 + Retry-After; PIE, RFC 8033). Workers
-    /// busier than `max_runtime_busy_percent` with requests queued count as four times this wait:
-    /// past the machine's capacity, clients that send one request at a time per conversation
-    /// keep the excess with them. 0 neither measures nor sheds on it.
+    /// keeps by refusing a share of new activities (503 + Retry-After; PIE, RFC 8033): past the
+    /// machine's capacity with many clients at once, requests wait in front of the router before
+    /// anything queues inside it. 0 neither measures nor sheds on it.
     pub target_request_wait_ms: u64,
 }
 
@@ -134,7 +133,7 @@ impl Default for AdmissionConfig {
             max_turns_in_flight_per_integration: 1_024,
             max_runtime_lag_ms: 500,
             max_runtime_busy_percent: 95,
-            target_request_wait_ms: 20,
+            target_request_wait_ms: 250,
         }
     }
 }

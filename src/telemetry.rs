@@ -458,7 +458,7 @@ fn describe_all() {
     describe_gauge!(
         SHED_SHARE,
         Unit::Count,
-        "Share (0 to 1) of new activities refused (503, reason overloaded) to keep the request wait near admission.target_request_wait_ms and the workers under admission.max_runtime_busy_percent."
+        "Share (0 to 1) of new activities refused (503, reason overloaded) to keep the request wait near admission.target_request_wait_ms."
     );
     gauge!(SHED_SHARE).set(0.0);
     describe_gauge!(

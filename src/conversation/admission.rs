@@ -20,17 +20,14 @@
 //!   work than CPU), new activities get 503 (`overloaded`) with Retry-After until that ends: a
 //!   refusal costs a fraction of a turn, so the backlog drains instead of growing.
 //!
-//! - *Requests waiting to run*: past the machine's capacity with clients that send one request
-//!   at a time per conversation (as the Bot Connector does), nothing queues inside the router at
-//!   all: the excess waits in the clients, and in front of the router as requests not yet read.
-//!   What the router sees is its request-serving tasks waiting longer and longer to run once
-//!   woken (a [`WaitMeter`] wraps them), and workers that never park. A controller (PIE,
+//! - *Requests waiting to run*: past the machine's capacity with many clients at once, requests
+//!   wait in front of the router before anything queues inside it: its request-serving tasks
+//!   wait longer and longer to run once woken (a [`WaitMeter`] wraps them). A controller (PIE,
 //!   RFC 8033) turns that wait, every 10 ms, into the share of new activities to refuse (503
 //!   `overloaded` + Retry-After): the share grows while the mean wait stays above
-//!   `admission.target_request_wait_ms`, or while the workers are busier than
-//!   `admission.max_runtime_busy_percent` with requests queued at all, and falls back when
-//!   neither holds, so that the clients' own backlog drains instead of every answer waiting
-//!   seconds.
+//!   `admission.target_request_wait_ms` and falls back when it is under. Workers that are merely
+//!   saturated do not count: a client that sends as fast as it is answered keeps them busy with a
+//!   short queue and loses nothing by it.
 //!
 //! The request path touches one atomic per bound and one sharded map lookup; no lock is shared by
 //! all requests.
@@ -154,7 +151,6 @@ impl Gate {
         let mut load = LoadWatch::default();
         let mut busy = BusyMeter::new(tokio::runtime::Handle::current().metrics());
         let mut ticks: u32 = 0;
-        let mut busy_in_a_row: u32 = 0;
         let mut finished_before = self.finished.load(Ordering::Relaxed);
         loop {
             let asked = crate::clock::now();
@@ -171,8 +167,7 @@ impl Gate {
             // starved of CPU), its own lateness is the wait.
             let wait = waits.mean_since_last(&self.waits).max(late_by);
             if !wait_target.is_zero() {
-                let saturated = busy_bound > 0.0 && busy_in_a_row >= SATURATED_INTERVALS;
-                let share = shed.update(pressure(wait, wait_target, saturated));
+                let share = shed.update(wait);
                 let share = (share * f64::from(u32::MAX)) as u32;
                 if self.shed_share.swap(share, Ordering::Relaxed) != share {
                     metrics::gauge!(crate::telemetry::SHED_SHARE)
@@ -183,11 +178,6 @@ impl Gate {
             if ticks.is_multiple_of(TICKS_PER_INTERVAL) {
                 metrics::gauge!(crate::telemetry::REQUEST_WAIT).set(waits.interval_mean());
                 let ratio = busy.ratio_since_last();
-                busy_in_a_row = if ratio >= busy_bound {
-                    busy_in_a_row + 1
-                } else {
-                    0
-                };
                 metrics::gauge!(crate::telemetry::RUNTIME_BUSY).set(ratio);
                 let finished = self.finished.load(Ordering::Relaxed);
                 let finished_in_interval = finished.saturating_sub(finished_before);
@@ -256,27 +246,6 @@ impl Gate {
         )
     }
 }
-
-/// The wait the shed controller works on. Workers that never park while requests queue have
-/// more work than CPU, however short the queue: clients that send one request at a time per
-/// conversation (the Bot Connector) keep the excess with them, where the router cannot see it.
-/// The controller then sees the wait at four times the target, and the share grows until the
-/// workers park again.
-fn pressure(wait: Duration, target: Duration, saturated: bool) -> Duration {
-    if saturated && wait >= QUEUED {
-        wait.max(target * 4)
-    } else {
-        wait
-    }
-}
-
-/// Workers count as saturated after this many 100 ms intervals in a row busier than the bound
-/// (a stall of a moment is not overload).
-const SATURATED_INTERVALS: u32 = 3;
-
-/// A mean wait to run that says requests queue (an idle runtime runs a woken task in
-/// microseconds).
-const QUEUED: Duration = Duration::from_millis(1);
 
 /// The probe asks to be woken this often.
 const PROBE_PERIOD: Duration = Duration::from_millis(10);
@@ -412,13 +381,17 @@ impl<F: Future + Unpin> Future for Measured<F> {
     }
 }
 
-/// Nanoseconds since the first call, never 0.
+/// Nanoseconds of the router's clock since the first call, never 0.
 fn stamp_now() -> u64 {
-    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
-    u64::try_from(origin.elapsed().as_nanos())
-        .unwrap_or(u64::MAX)
-        .max(1)
+    static ORIGIN: std::sync::OnceLock<crate::clock::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(crate::clock::now);
+    u64::try_from(
+        crate::clock::now()
+            .saturating_duration_since(origin)
+            .as_nanos(),
+    )
+    .unwrap_or(u64::MAX)
+    .max(1)
 }
 
 /// The mean wait of a [`WaitMeter`] between two readings.
@@ -635,29 +608,6 @@ mod tests {
             .map(|_| at_target.update(ms(20)))
             .fold(0.0, f64::max);
         assert!(share < 0.001, "a wait at the target is kept: {share}");
-    }
-
-    #[test]
-    fn saturated_workers_with_requests_queued_are_pressure_however_short_the_queue() {
-        let (target, ms) = (Duration::from_millis(20), Duration::from_millis);
-        assert_eq!(pressure(ms(5), target, true), ms(80), "saturated");
-        assert_eq!(
-            pressure(ms(90), target, true),
-            ms(90),
-            "a long queue counts as is"
-        );
-        assert_eq!(pressure(ms(5), target, false), ms(5), "workers that park");
-        assert_eq!(
-            pressure(Duration::from_micros(200), target, true),
-            Duration::from_micros(200),
-            "busy, but woken tasks run at once: nothing waits"
-        );
-        // Saturation alone takes the share past a tenth within a second.
-        let mut shed = ShedController::new(target);
-        let share = (0..100)
-            .map(|_| shed.update(pressure(ms(5), target, true)))
-            .last();
-        assert!(share.is_some_and(|s| s > 0.1), "{share:?}");
     }
 
     #[test]
