@@ -197,6 +197,35 @@ async fn prometheus_scrapes_the_router_under_smoke_traffic_and_every_dashboard_q
         report.acked
     );
 
+    // The activity listener's tasks are measured (the wait is never exactly zero while requests
+    // come), and healthy traffic is never shed for it.
+    let gauge_max = |answer: Value| -> Option<f64> {
+        answer["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+    };
+    let wait = gauge_max(
+        query(
+            &client,
+            &prometheus,
+            "max_over_time(teams_router_request_wait_seconds[5m])",
+        )
+        .await,
+    );
+    assert!(
+        wait.is_some_and(|w| w > 0.0 && w < 1.0),
+        "request wait {wait:?}"
+    );
+    let shed = gauge_max(
+        query(
+            &client,
+            &prometheus,
+            "max_over_time(teams_router_shed_share[5m])",
+        )
+        .await,
+    );
+    assert_eq!(shed, Some(0.0), "nothing shed under smoke traffic");
+
     let queries = dashboard_queries();
     assert!(queries.len() >= 20, "{} queries", queries.len());
     let mut empty = Vec::new();
