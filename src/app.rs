@@ -413,7 +413,9 @@ impl Router {
             );
         }
         // Each conversation stops on its own first, so that what it gathered since its last
-        // snapshot reaches the writer (a supervisor's stop alone would not run their `post_stop`).
+        // snapshot reaches the writer (a supervisor's stop alone would not run their `post_stop`);
+        // one still awaiting a turn hands it over at once, and stops when the turn ends.
+        self.directory.flush_all();
         self.directory
             .supervisor()
             .stop_children_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod pacing;
 pub mod token;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::counter;
@@ -147,15 +148,16 @@ pub struct Connector {
     stopping: std::sync::atomic::AtomicBool,
     allowed_hosts: Vec<String>,
     proactive_service_url: String,
-    /// [`service_url_allowed`]'s verdict per service URL: a Connector has few (one per region
-    /// and tenant), and the URL parse would cost the hot path about a microsecond per activity.
-    service_url_verdicts: moka::sync::Cache<Box<str>, bool>,
+    /// Each service URL parsed, when [`service_url_allowed`] allows it: a Connector has few
+    /// (one per region and tenant), and parsing one (scheme, host, IDNA) would cost the request
+    /// path about a microsecond per activity and every send a few more.
+    service_urls: moka::sync::Cache<Box<str>, Option<Arc<url::Url>>>,
     pacer: pacing::Pacer,
 }
 
-/// Distinct service URLs whose verdict is kept; an attacker sending many forged ones only
-/// evicts verdicts, which are computed again.
-const SERVICE_URL_VERDICTS: u64 = 4_096;
+/// Distinct service URLs kept parsed; an attacker sending many forged ones only evicts them,
+/// and they are parsed again.
+const SERVICE_URLS: u64 = 4_096;
 
 fn limits(pairs: &[[u64; 2]]) -> Vec<pacing::Limit> {
     pairs
@@ -182,7 +184,7 @@ impl Connector {
             stopping: std::sync::atomic::AtomicBool::new(false),
             allowed_hosts: config.allowed_service_hosts.clone(),
             proactive_service_url: config.proactive_service_url.clone(),
-            service_url_verdicts: moka::sync::Cache::new(SERVICE_URL_VERDICTS),
+            service_urls: moka::sync::Cache::new(SERVICE_URLS),
             pacer: pacing::Pacer::new(
                 limits(&config.conversation_limits),
                 limits(&config.app_limits),
@@ -222,13 +224,18 @@ impl Connector {
     }
 
     pub fn service_url_allowed(&self, service_url: &str) -> bool {
-        if let Some(verdict) = self.service_url_verdicts.get(service_url) {
-            return verdict;
+        self.parsed_service_url(service_url).is_some()
+    }
+
+    /// The service URL parsed, when replies may go there.
+    fn parsed_service_url(&self, service_url: &str) -> Option<Arc<url::Url>> {
+        if let Some(parsed) = self.service_urls.get(service_url) {
+            return parsed;
         }
-        let verdict = service_url_allowed(service_url, &self.allowed_hosts);
-        self.service_url_verdicts
-            .insert(service_url.into(), verdict);
-        verdict
+        let parsed = allowed_service_url(service_url, &self.allowed_hosts).map(Arc::new);
+        self.service_urls
+            .insert(service_url.into(), parsed.clone());
+        parsed
     }
 
     /// Sends `activity` into the conversation (as a reply to `reply_to_id` when given) and
@@ -244,9 +251,9 @@ impl Connector {
             Some(id) => (Op::Reply, Some(id)),
             None => (Op::Send, None),
         };
-        let url = activities_url(route.service_url, route.conversation_id, id);
+        let path = activities_path(route.conversation_id, id);
         let body = self
-            .execute(op, route, &url, Some(json_body(activity)?), delivery)
+            .execute(op, route, &path, Some(json_body(activity)?), delivery)
             .await?;
         Ok(resource_id(&body))
     }
@@ -258,18 +265,18 @@ impl Connector {
         activity_id: &str,
         activity: &(impl Serialize + ?Sized),
     ) -> Result<Option<String>, ConnectorError> {
-        let url = activities_url(route.service_url, route.conversation_id, Some(activity_id));
+        let path = activities_path(route.conversation_id, Some(activity_id));
         let body = json_body(activity)?;
         let body = self
-            .execute(Op::Update, route, &url, Some(body), Delivery::Retried)
+            .execute(Op::Update, route, &path, Some(body), Delivery::Retried)
             .await?;
         Ok(resource_id(&body))
     }
 
     /// Deletes an earlier message of the bot.
     pub async fn delete(&self, route: Route<'_>, activity_id: &str) -> Result<(), ConnectorError> {
-        let url = activities_url(route.service_url, route.conversation_id, Some(activity_id));
-        self.execute(Op::Delete, route, &url, None, Delivery::Retried)
+        let path = activities_path(route.conversation_id, Some(activity_id));
+        self.execute(Op::Delete, route, &path, None, Delivery::Retried)
             .await
             .map(drop)
     }
@@ -281,8 +288,6 @@ impl Connector {
         route: Route<'_>,
         parameters: &Value,
     ) -> Result<Value, ConnectorError> {
-        let mut url = route.service_url.trim_end_matches('/').to_owned();
-        url.push_str("/v3/conversations");
         // A create that carries a first message (a new channel thread) posts it; a 1:1 create
         // without one is get-or-create and safe to repeat.
         let op = if parameters.get("activity").is_some() {
@@ -292,7 +297,7 @@ impl Connector {
         };
         let body = json_body(parameters)?;
         let body = self
-            .execute(op, route, &url, Some(body), Delivery::Retried)
+            .execute(op, route, "/v3/conversations", Some(body), Delivery::Retried)
             .await?;
         Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
@@ -305,10 +310,9 @@ impl Connector {
         page_size: Option<u32>,
         continuation: Option<&str>,
     ) -> Result<Value, ConnectorError> {
-        let mut url = route.service_url.trim_end_matches('/').to_owned();
-        url.push_str("/v3/conversations/");
-        url.extend(utf8_percent_encode(route.conversation_id, PATH_SEGMENT));
-        url.push_str("/pagedmembers");
+        let mut path = String::from("/v3/conversations/");
+        path.extend(utf8_percent_encode(route.conversation_id, PATH_SEGMENT));
+        path.push_str("/pagedmembers");
         let query = {
             let mut query = url::form_urlencoded::Serializer::new(String::new());
             if let Some(size) = page_size {
@@ -320,11 +324,11 @@ impl Connector {
             query.finish()
         };
         if !query.is_empty() {
-            url.push('?');
-            url.push_str(&query);
+            path.push('?');
+            path.push_str(&query);
         }
         let body = self
-            .execute(Op::Members, route, &url, None, Delivery::Retried)
+            .execute(Op::Members, route, &path, None, Delivery::Retried)
             .await?;
         serde_json::from_slice(&body).map_err(|e| ConnectorError::Rejected {
             status: 200,
@@ -339,9 +343,9 @@ impl Connector {
         route: Route<'_>,
         activity: &(impl Serialize + ?Sized),
     ) -> bool {
-        if !self.service_url_allowed(route.service_url) {
+        let Some(service_url) = self.parsed_service_url(route.service_url) else {
             return false;
-        }
+        };
         let Some(permit) = self.pacer.admit_now(
             app_id(&route),
             route.tenant.unwrap_or(""),
@@ -349,12 +353,12 @@ impl Connector {
         ) else {
             return false;
         };
-        let url = activities_url(route.service_url, route.conversation_id, None);
+        let url = under(&service_url, &activities_path(route.conversation_id, None));
         let Ok(body) = json_body(activity) else {
             return false;
         };
         let sent = self
-            .attempt(Op::Send, route, &url, Some(body))
+            .attempt(Op::Send, route, url, Some(body))
             .await
             .is_ok_and(|outcome| matches!(outcome, Attempt::Done(_)));
         drop(permit);
@@ -365,7 +369,7 @@ impl Connector {
         &self,
         op: Op,
         route: Route<'_>,
-        url: &str,
+        url: url::Url,
         body: Option<bytes::Bytes>,
     ) -> Result<Attempt, ConnectorError> {
         let mut request = self
@@ -436,20 +440,23 @@ impl Connector {
         })
     }
 
-    /// One request with pacing, the token, and the retries `delivery` allows; returns the body.
+    /// One request to `path` (and query) under the route's service URL, with pacing, the token,
+    /// and the retries `delivery` allows; returns the body.
     async fn execute(
         &self,
         op: Op,
         route: Route<'_>,
-        url: &str,
+        path: &str,
         body: Option<bytes::Bytes>,
         delivery: Delivery,
     ) -> Result<bytes::Bytes, ConnectorError> {
-        if !self.service_url_allowed(route.service_url) {
+        let Some(service_url) = self.parsed_service_url(route.service_url) else {
             return Err(ConnectorError::ServiceUrlNotAllowed(
                 route.service_url.to_owned(),
             ));
-        }
+        };
+        let url = under(&service_url, path);
+        drop(service_url);
         let max_attempts = match delivery {
             Delivery::Retried => self.max_attempts,
             Delivery::Once => 1,
@@ -470,7 +477,7 @@ impl Connector {
                     route.budget_percent,
                 )
                 .await?;
-            let outcome = self.attempt(op, route, url, body.clone()).await;
+            let outcome = self.attempt(op, route, url.clone(), body.clone()).await;
             drop(permit);
             let (reason, retry_after, status, last) = match outcome? {
                 Attempt::Done(bytes) => return Ok(bytes),
@@ -619,15 +626,9 @@ fn resource_id(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<ResourceResponse>(body).ok()?.id
 }
 
-/// `{serviceUrl}/v3/conversations/{id}/activities[/{replyToId}]`, keeping the service URL's own
-/// path (a regional prefix) and encoding every id as one path segment.
-pub fn activities_url(
-    service_url: &str,
-    conversation_id: &str,
-    reply_to_id: Option<&str>,
-) -> String {
-    let mut url = String::with_capacity(service_url.len() + conversation_id.len() + 64);
-    url.push_str(service_url.trim_end_matches('/'));
+/// `/v3/conversations/{id}/activities[/{replyToId}]`, encoding every id as one path segment.
+pub fn activities_path(conversation_id: &str, reply_to_id: Option<&str>) -> String {
+    let mut url = String::with_capacity(conversation_id.len() + 64);
     url.push_str("/v3/conversations/");
     url.extend(utf8_percent_encode(conversation_id, PATH_SEGMENT));
     url.push_str("/activities");
@@ -638,27 +639,47 @@ pub fn activities_url(
     url
 }
 
+/// `path` (which may end in a query) under the service URL `base`, keeping the base's own path
+/// (a regional prefix). The base was parsed once; only the path and query are parsed here.
+fn under(base: &url::Url, path: &str) -> url::Url {
+    let (path, query) = match path.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path, None),
+    };
+    let mut full = String::with_capacity(base.path().len() + path.len());
+    full.push_str(base.path().trim_end_matches('/'));
+    full.push_str(path);
+    let mut url = base.clone();
+    url.set_path(&full);
+    url.set_query(query);
+    url.set_fragment(None);
+    url
+}
+
 /// Whether replies may go to `service_url`: https to a host under an allowed suffix (or an
 /// address listed as it is), or any loopback host (http is accepted only there). The host is the one the HTTP client will use:
 /// `url::Url`'s parse, the same reqwest makes (a hand-split host and the client's can differ, as
 /// for `https://evil.example\\.botframework.com/`). Backslashes and userinfo are refused outright.
 pub fn service_url_allowed(service_url: &str, allowed_hosts: &[String]) -> bool {
+    allowed_service_url(service_url, allowed_hosts).is_some()
+}
+
+/// The service URL parsed, when [`service_url_allowed`] allows it.
+fn allowed_service_url(service_url: &str, allowed_hosts: &[String]) -> Option<url::Url> {
     if service_url.contains('\\') {
-        return false;
+        return None;
     }
-    let Ok(url) = url::Url::parse(service_url) else {
-        return false;
-    };
+    let url = url::Url::parse(service_url).ok()?;
     if !url.username().is_empty() || url.password().is_some() {
-        return false;
+        return None;
     }
     let https = match url.scheme() {
         "https" => true,
         "http" => false,
-        _ => return false,
+        _ => return None,
     };
     let listed = |host: &str| allowed_hosts.iter().any(|entry| entry == host);
-    match url.host() {
+    let allowed = match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback() || https && listed(&ip.to_string()),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback() || https && listed(&ip.to_string()),
         Some(url::Host::Domain(host)) => {
@@ -666,7 +687,8 @@ pub fn service_url_allowed(service_url: &str, allowed_hosts: &[String]) -> bool 
                 || https && allowed_hosts.iter().any(|suffix| host_under(host, suffix))
         }
         None => false,
-    }
+    };
+    allowed.then_some(url)
 }
 
 /// `host` is `suffix` or a subdomain of it (ASCII case-insensitive).
@@ -701,6 +723,12 @@ pub fn http_client(config: &ConnectorConfig) -> Result<reqwest::Client, reqwest:
 mod tests {
     use super::*;
 
+    fn activities_url(service_url: &str, conversation_id: &str, reply_to: Option<&str>) -> String {
+        let base = allowed_service_url(service_url, &[String::from("trafficmanager.net")]);
+        let base = base.unwrap_or_else(|| panic!("{service_url} is allowed"));
+        under(&base, &activities_path(conversation_id, reply_to)).into()
+    }
+
     #[test]
     fn urls_keep_the_regional_prefix_and_encode_ids() {
         assert_eq!(
@@ -712,8 +740,22 @@ mod tests {
             "https://smba.trafficmanager.net/amer/50612dbb/v3/conversations/19%3Aabc%40thread.tacv2%3Bmessageid%3D17/activities/17"
         );
         assert_eq!(
+            activities_url("https://smba.trafficmanager.net/teams", "a", None),
+            "https://smba.trafficmanager.net/teams/v3/conversations/a/activities"
+        );
+        assert_eq!(
             activities_url("http://127.0.0.1:9/", "a/b c", None),
             "http://127.0.0.1:9/v3/conversations/a%2Fb%20c/activities"
+        );
+        assert_eq!(
+            activities_url("http://127.0.0.1:9", "a", None),
+            "http://127.0.0.1:9/v3/conversations/a/activities"
+        );
+        let base = allowed_service_url("http://127.0.0.1:9/emea/", &[]);
+        let members = base.map(|base| under(&base, "/v3/conversations/a/pagedmembers?pageSize=5"));
+        assert_eq!(
+            members.as_ref().map(url::Url::as_str),
+            Some("http://127.0.0.1:9/emea/v3/conversations/a/pagedmembers?pageSize=5")
         );
     }
 

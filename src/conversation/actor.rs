@@ -22,7 +22,7 @@ use super::{Conversation, ConversationSettings, Directory, Turn};
 use crate::activity::TurnActivity;
 use crate::backend::{InvokeReply, InvokeResponse};
 use crate::registry::Integration;
-use crate::reply::{ReplyActor, ReplyArgs, ReplyServices, SentReply};
+use crate::reply::{ReplyActor, ReplyArgs, ReplyServices, SentReply, TurnWork};
 use crate::store::partitions::SnapshotKind;
 use crate::store::{Put, Receipt, now_ms};
 use crate::telemetry::{
@@ -95,6 +95,10 @@ struct RunningTurn {
 /// few busy conversations from holding every place.
 const TURNS_PER_PLACE: u32 = 8;
 
+/// Turns of a busy conversation the actor awaits in a row before it reads its mailbox (timers,
+/// the ends of invokes run beside, the end of its integration).
+const TURNS_BEFORE_MAILBOX: u32 = 8;
+
 pub struct ConversationActorState {
     args: ConversationArgs,
     current: Option<RunningTurn>,
@@ -126,6 +130,8 @@ pub struct ConversationActorState {
     snapshots_dirty: bool,
     /// A `FlushSnapshots` is on its way.
     flush_armed: bool,
+    /// When the gathered snapshots are due at the writer, for an actor awaiting a turn then.
+    flush_due: Option<Instant>,
     /// With a shared store: the partition lease (`run:epoch`) under which the record and session
     /// in memory were read, and every turn since ran here. While turns keep coming under it, no
     /// other instance can have run one, so the store is not read again.
@@ -186,6 +192,7 @@ impl Actor for ConversationActor {
             addresses_learned_from,
             snapshots_dirty: false,
             flush_armed: false,
+            flush_due: None,
             loaded_under,
         })
     }
@@ -221,6 +228,7 @@ impl Actor for ConversationActor {
             ConversationMsg::IdleCheck => rest_or_passivate_if_idle(&myself, state),
             ConversationMsg::FlushSnapshots => {
                 state.flush_armed = false;
+                state.flush_due = None;
                 flush_snapshots(state);
             }
             ConversationMsg::End => {
@@ -326,6 +334,7 @@ async fn finish_turn(
                 state.snapshots_dirty = true;
                 if !state.flush_armed {
                     state.flush_armed = true;
+                    state.flush_due = Some(crate::clock::now() + window);
                     myself.send_after(window, || ConversationMsg::FlushSnapshots);
                 }
             }
@@ -471,6 +480,7 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
     if state.current.is_some() {
         return;
     }
+    let mut awaited = 0;
     loop {
         let turn = {
             let mut shared = state.args.conversation.state();
@@ -485,8 +495,22 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
                 None => break,
             }
         };
-        if begin_turn(myself, state, turn, false).await {
-            return;
+        match begin_turn(myself, state, turn, false).await {
+            Begun::Skipped => {}
+            Begun::Running => return,
+            Begun::Await(work) => {
+                let (reply, ok) = await_turn(myself, state, work).await;
+                if let Some(turn) = state.current.take() {
+                    finish_turn(myself, state, turn, reply, ok).await;
+                }
+                awaited += 1;
+                if awaited == TURNS_BEFORE_MAILBOX {
+                    // The mailbox is read before the rest of the queue (a woken successor
+                    // takes it if this actor stops meanwhile).
+                    let _ = myself.cast(ConversationMsg::Wake);
+                    return;
+                }
+            }
         }
     }
     // Nothing queued: the place goes to another conversation.
@@ -501,14 +525,70 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
     arm_idle_check(myself, state, after);
 }
 
-/// Starts one turn, in the turn order or (`side`) beside it; false when it did not start (the
-/// caller takes the next one).
+/// Awaits a plain turn of the turn order. Meanwhile the mailbox is not read, so what must not
+/// wait for the turn's end is watched here: invokes queued beside it start, and the gathered
+/// snapshots are handed over when their window closes or the router stops.
+async fn await_turn(
+    myself: &ActorRef<ConversationMsg>,
+    state: &mut ConversationActorState,
+    mut work: TurnWork,
+) -> (Option<SentReply>, bool) {
+    use std::future::Future;
+    use std::task::Poll;
+
+    let conversation = Arc::clone(&state.args.conversation);
+    loop {
+        let mut flush_due = std::pin::pin!(
+            state
+                .flush_due
+                .filter(|_| state.snapshots_dirty)
+                .map(tokio::time::sleep_until)
+        );
+        let finished = std::future::poll_fn(|cx| {
+            if let Poll::Ready(outcome) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(outcome));
+            }
+            if conversation.nudge.poll_nudged(cx) {
+                return Poll::Ready(None);
+            }
+            let flush_now = flush_due
+                .as_mut()
+                .as_pin_mut()
+                .is_some_and(|due| due.poll(cx).is_ready());
+            if flush_now {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if let Some(outcome) = finished {
+            return outcome;
+        }
+        Box::pin(start_side_turns(myself, state)).await;
+        state.flush_due = None;
+        flush_snapshots(state);
+    }
+}
+
+/// How a turn was begun.
+enum Begun {
+    /// Not started (dropped, a redelivery, no integration): the caller takes the next one.
+    Skipped,
+    /// Running on its own (an invoke beside the turn order, a streamed answer in a reply
+    /// actor): it reports `TurnFinished`.
+    Running,
+    /// A plain turn of the turn order, for this actor to await.
+    Await(TurnWork),
+}
+
+/// Starts one turn, in the turn order or (`side`) beside it.
 async fn begin_turn(
     myself: &ActorRef<ConversationMsg>,
     state: &mut ConversationActorState,
     turn: Turn,
     side: bool,
-) -> bool {
+) -> Begun {
     let Turn {
         activity,
         accepted_at,
@@ -543,7 +623,7 @@ async fn begin_turn(
         invoke.take();
         drop(receipt.take());
         release(state, side);
-        return false;
+        return Begun::Skipped;
     }
     let activity = *activity;
     let Some(integration) = state
@@ -559,7 +639,7 @@ async fn begin_turn(
             receipt.take(),
             true,
         );
-        return false;
+        return Begun::Skipped;
     };
     // Beside a running turn, the state in memory is the newest: reading the store again would
     // drop what that turn has not saved yet. So is it for a turn of a partition held without a
@@ -603,7 +683,7 @@ async fn begin_turn(
         // A redelivery that slipped past the in-memory window (after a restart or failover).
         counter!(ACTIVITIES_DUPLICATE).increment(1);
         skip(state, "duplicate", invoke.take(), receipt.take(), false);
-        return false;
+        return Begun::Skipped;
     }
     let text = activity.text_without_bot_mentions();
     if state
@@ -691,14 +771,6 @@ async fn begin_turn(
         invoke,
         say,
     };
-    let conversation = myself.clone();
-    let done: crate::reply::TurnDone = Box::new(move |reply, ok| {
-        let _ = conversation.cast(ConversationMsg::TurnFinished {
-            turn: number,
-            reply,
-            ok,
-        });
-    });
     // Past the bound of turns in flight, this conversation waits here for a place; its mailbox
     // keeps filling and the request path sheds on the pending bound.
     let admission = match ticket {
@@ -730,8 +802,20 @@ async fn begin_turn(
             None
         }
     };
+    // A turn running on its own reports its end in the mailbox.
+    let done = || -> crate::reply::TurnDone {
+        let conversation = myself.clone();
+        Box::new(move |reply, ok| {
+            let _ = conversation.cast(ConversationMsg::TurnFinished {
+                turn: number,
+                reply,
+                ok,
+            });
+        })
+    };
+    let mut work = None;
     let reply_actor = if crate::reply::streams(&reply) {
-        match Actor::spawn_linked(None, ReplyActor, (reply, done), myself.get_cell()).await {
+        match Actor::spawn_linked(None, ReplyActor, (reply, done()), myself.get_cell()).await {
             Ok((reply_actor, _)) => Some(reply_actor.get_id()),
             Err(error) => {
                 tracing::error!(%error, "cannot start a reply actor; turn dropped");
@@ -742,11 +826,14 @@ async fn begin_turn(
                     receipt.take(),
                     true,
                 );
-                return false;
+                return Begun::Skipped;
             }
         }
+    } else if side {
+        crate::reply::spawn_turn(reply, done());
+        None
     } else {
-        crate::reply::spawn_turn(reply, done);
+        work = Some(crate::reply::turn_work(reply));
         None
     };
     let running = RunningTurn {
@@ -764,7 +851,7 @@ async fn begin_turn(
     } else {
         state.current = Some(running);
     }
-    true
+    work.map_or(Begun::Running, Begun::Await)
 }
 
 /// An activity that needs no answer (dropped, or a redelivery) is done with in its log.

@@ -116,6 +116,32 @@ pub struct ConversationKey {
 pub struct Conversation {
     pub key: ConversationKey,
     state: Mutex<ConversationState>,
+    /// Told when an invoke is queued beside the turn order, and when the router stops: an actor
+    /// awaiting a turn starts the invoke (and hands over its gathered snapshots) meanwhile.
+    nudge: Nudge,
+}
+
+/// A wake-up for the one task that watches it (the conversation's actor): an atomic flag and a
+/// waker, without the lock and list of waiters a `Notify` keeps (the actor watches it for every
+/// turn it awaits).
+#[derive(Default)]
+struct Nudge {
+    nudged: std::sync::atomic::AtomicBool,
+    watcher: futures_util::task::AtomicWaker,
+}
+
+impl Nudge {
+    fn nudge(&self) {
+        self.nudged.store(true, Ordering::Release);
+        self.watcher.wake();
+    }
+
+    /// Whether it was nudged since the last time it answered true; the task polling it is woken
+    /// by the next nudge.
+    fn poll_nudged(&self, cx: &mut std::task::Context<'_>) -> bool {
+        self.watcher.register(cx.waker());
+        self.nudged.load(Ordering::Acquire) && self.nudged.swap(false, Ordering::AcqRel)
+    }
 }
 
 struct ConversationState {
@@ -179,6 +205,7 @@ impl Conversation {
                 last_activity: crate::clock::now(),
                 invokes: VecDeque::new(),
             }),
+            nudge: Nudge::default(),
         }
     }
 
@@ -325,6 +352,10 @@ impl Directory {
                     if let Some(actor) = actor {
                         // A dead actor cannot take the wake-up; its successor drains the queue.
                         let _ = actor.cast(ConversationMsg::Wake);
+                    }
+                    if is_invoke {
+                        // The actor may be awaiting a turn, its mailbox unread until it ends.
+                        conversation.nudge.nudge();
                     }
                     return Admission::Accepted(reply);
                 }
@@ -557,6 +588,16 @@ impl Directory {
 
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
+    }
+
+    /// Asks every conversation's actor to hand its gathered snapshots to the writer now, even
+    /// one awaiting a turn that outlasts the shutdown's deadline (it stops only once it ends).
+    pub fn flush_all(&self) {
+        for per in self.conversations.iter() {
+            for conversation in per.iter() {
+                conversation.nudge.nudge();
+            }
+        }
     }
 
     pub fn supervisor(&self) -> &ActorRef<SupervisorMsg> {

@@ -118,29 +118,44 @@ pub fn streams(args: &ReplyArgs) -> bool {
         && args.activity.is_personal()
 }
 
-/// Runs a plain turn on a task: no actor to spawn, link and stop per turn. A panic in it is
-/// caught and reported as a failed turn; the conversation goes on.
-pub fn spawn_turn(args: ReplyArgs, done: TurnDone) {
+/// A plain turn's work, for the conversation actor to await: what was sent, and false when the
+/// turn panicked (caught: the conversation goes on).
+pub type TurnWork =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Option<SentReply>, bool)> + Send>>;
+
+/// A plain turn, ready to be awaited where the conversation's state is: no actor to spawn, link
+/// and stop, no task and no message back per turn. A panic in it is caught and reported as a
+/// failed turn.
+pub fn turn_work(args: ReplyArgs) -> TurnWork {
     // Boxed where it is made: a turn's state machine is kilobytes, and a future moved by value
-    // (into the task, through its wrappers) is copied whole at each move (perf: the copies were
-    // a fifth of the router's `memcpy` time).
+    // (through its wrappers) is copied whole at each move (perf: the copies were a fifth of the
+    // router's `memcpy` time).
     let turn: std::pin::Pin<Box<dyn std::future::Future<Output = Option<SentReply>> + Send>> =
         Box::pin(run_turn(args));
-    tokio::spawn(catching(turn, move |outcome| match outcome {
-        Ok(reply) => done(reply, true),
+    Box::pin(catching(turn, |outcome| match outcome {
+        Ok(reply) => (reply, true),
         Err(panic) => {
             tracing::error!(panic = %panic_message(panic.as_ref()), "turn failed");
-            done(None, false);
+            (None, false)
         }
-    }));
+    }))
+}
+
+/// Runs a plain turn on a task of its own (an invoke beside the turn order), and tells `done`.
+pub fn spawn_turn(args: ReplyArgs, done: TurnDone) {
+    let work = turn_work(args);
+    tokio::spawn(async move {
+        let (reply, ok) = work.await;
+        done(reply, ok);
+    });
 }
 
 /// Runs `work`, then hands `done` its output, or the payload of its panic. Not an `async fn`:
 /// one would hold `work` twice (its argument and the wrapper awaiting it).
-fn catching<T>(
+fn catching<T, U>(
     work: impl std::future::Future<Output = T>,
-    done: impl FnOnce(Result<T, Box<dyn std::any::Any + Send>>),
-) -> impl std::future::Future<Output = ()> {
+    done: impl FnOnce(Result<T, Box<dyn std::any::Any + Send>>) -> U,
+) -> impl std::future::Future<Output = U> {
     use futures_util::FutureExt;
     std::panic::AssertUnwindSafe(work).catch_unwind().map(done)
 }
