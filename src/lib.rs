@@ -7,12 +7,12 @@
 //! | room | its job | imports |
 //! |---|---|---|
 //! | [`front`] | hyper server, routes, body limit, status codes, admission | activity, auth, backend, config, connector, conversation, ledger, notify, ownership, registry, reply, store, telemetry |
-//! | [`auth`] | Bot Connector JWT verification, OpenID/JWKS cache, verified-token cache, clouds | clock, records, telemetry |
+//! | [`auth`] | Bot Connector JWT verification, OpenID/JWKS cache, verified-token cache, clouds | clock, recent, records, telemetry |
 //! | [`activity`] | the borrowed simd-json envelope on the request path; the owned turn activity and mention stripping off it | – |
 //! | [`conversation`] | one supervised actor per (integration, conversation): dedup, ordering, sessions, passivation | activity, backend, clock, config, registry, reply, store, telemetry |
 //! | [`reply`] | one turn: asks the [`backend`], streams or sends through the [`connector`] | activity, backend, clock, config, connector, ledger, records, registry, telemetry |
 //! | [`backend`] | the bot's brain: echo, webhook, OpenAI-compatible model; outbound policy | activity, clock, records |
-//! | [`connector`] | Bot Connector REST client, outbound tokens, pacing, retries | auth, clock, config, registry, telemetry |
+//! | [`connector`] | Bot Connector REST client, outbound tokens, pacing, retries | auth, clock, config, recent, registry, telemetry |
 //! | [`ledger`] | what the data path writes down for the management API: events, contacts, addresses | activity, registry, store, telemetry |
 //! | [`registry`] | the live bot and integration records | auth, config, records, telemetry |
 //! | [`notify`] | tenant connections (admin consent, installations), destinations, discovery, proactive messages and broadcasts | backend, clock, connector, ledger, records, registry, store, telemetry |
@@ -22,6 +22,7 @@
 //! | [`config`] | the TOML + env settings; composes the rooms' own sections | auth, backend, records |
 //! | [`admin`] | the management API, setup checks, secrets at rest | any room but `app` |
 //! | [`telemetry`] | metric names, the Prometheus recorder, readiness | – |
+//! | [`recent`] | a thread's last answers of a shared cache (tokens, service URLs) | – |
 //! | [`app`] | wires the rooms together, runs the listeners, shuts down gracefully | any room |
 //!
 //! The data path (`front`, `conversation`, `reply`, `connector`, `backend`) imports nothing from
@@ -43,6 +44,7 @@ pub mod front;
 pub(crate) mod ledger;
 pub(crate) mod notify;
 pub(crate) mod ownership;
+pub(crate) mod recent;
 pub mod records;
 pub(crate) mod registry;
 pub(crate) mod reply;
@@ -98,7 +100,7 @@ mod rooms {
                 "telemetry",
             ],
         ),
-        ("auth", &["clock", "records", "telemetry"]),
+        ("auth", &["clock", "recent", "records", "telemetry"]),
         ("activity", &[]),
         (
             "conversation",
@@ -130,7 +132,7 @@ mod rooms {
         ("backend", &["activity", "clock", "records"]),
         (
             "connector",
-            &["auth", "clock", "config", "registry", "telemetry"],
+            &["auth", "clock", "config", "recent", "registry", "telemetry"],
         ),
         ("ledger", &["activity", "registry", "store", "telemetry"]),
         ("registry", &["auth", "config", "records", "telemetry"]),
@@ -139,6 +141,7 @@ mod rooms {
         ("config", &["auth", "backend", "records"]),
         ("telemetry", &[]),
         ("clock", &[]),
+        ("recent", &[]),
     ];
 
     const DATA_PATH: &[&str] = &["front", "conversation", "reply", "connector", "backend"];

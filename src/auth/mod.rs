@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use keys::{DiscoveryError, KeyStore};
 
 use crate::clock::{DirectRateLimiter, RouterClock};
+use crate::recent::{Owner, Recent};
 
 /// The `[microsoft]` section: Microsoft's endpoints for the public cloud (or the mock's).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,9 +202,17 @@ impl moka::Expiry<Box<str>, Arc<VerifiedToken>> for TokenExpiry {
     }
 }
 
+thread_local! {
+    /// The tokens this thread found verified last, in front of the shared cache.
+    static RECENT_TOKENS: std::cell::RefCell<Recent<Arc<VerifiedToken>>> =
+        const { std::cell::RefCell::new(Recent::new()) };
+}
+
 pub struct Verifier {
     keys: Arc<KeyStore>,
     cache: moka::sync::Cache<Box<str>, Arc<VerifiedToken>>,
+    /// This verifier's entries in each thread's [`RECENT_TOKENS`].
+    recent: Owner,
     issuer: String,
     clock_skew_secs: u64,
     unknown_kid_refreshes: DirectRateLimiter,
@@ -304,6 +313,7 @@ impl Verifier {
                 .max_capacity(VERIFIED_TOKEN_CACHE_ENTRIES)
                 .expire_after(TokenExpiry)
                 .build(),
+            recent: Owner::new(),
             issuer: config.token_issuer.clone(),
             clock_skew_secs: config.clock_skew_secs,
             unknown_kid_refreshes: RateLimiter::direct_with_clock(quota, RouterClock),
@@ -321,13 +331,25 @@ impl Verifier {
         app_id: &str,
     ) -> Result<Arc<VerifiedToken>, AuthError> {
         let token = bearer_token(authorization)?;
-        if let Some(verified) = self.cache.get(token) {
+        let cached = RECENT_TOKENS
+            .with_borrow(|recent| recent.get(&self.recent, token))
+            .or_else(|| {
+                let verified = self.cache.get(token)?;
+                RECENT_TOKENS.with_borrow_mut(|recent| {
+                    recent.put(&self.recent, token, Arc::clone(&verified));
+                });
+                Some(verified)
+            });
+        if let Some(verified) = cached {
+            // The lifetime is checked there, so a thread's copy outliving the shared cache's
+            // entry answers nothing a fresh verification would not.
             if self.keys.has_key(&verified.kid) {
                 return self.check_cached(verified, app_id);
             }
             // Its key has left the published set (rotated out, revoked): verified again, which
             // refuses it unless a refresh finds the key still published.
             self.cache.invalidate(token);
+            RECENT_TOKENS.with_borrow_mut(|recent| recent.forget(&self.recent, token));
         }
         let verified = self.verify_uncached(token, app_id).await?;
         // Cached until expiry plus skew, the same window a fresh verification would allow.

@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::ConnectorConfig;
+use crate::recent::{Owner, Recent};
 use crate::registry::AppCredentials;
 use crate::telemetry::{CONNECTOR_REQUESTS, CONNECTOR_RETRIES};
 use backoff::{Backoff, parse_retry_after};
@@ -152,7 +153,16 @@ pub struct Connector {
     /// (one per region and tenant), and parsing one (scheme, host, IDNA) would cost the request
     /// path about a microsecond per activity and every send a few more.
     service_urls: moka::sync::Cache<Box<str>, Option<Arc<url::Url>>>,
+    /// This connector's entries in each thread's [`RECENT_SERVICE_URLS`].
+    recent: Owner,
     pacer: pacing::Pacer,
+}
+
+thread_local! {
+    /// The service URLs this thread looked up last, in front of the shared cache (a request
+    /// and its reply each look one up).
+    static RECENT_SERVICE_URLS: std::cell::RefCell<Recent<Option<Arc<url::Url>>>> =
+        const { std::cell::RefCell::new(Recent::new()) };
 }
 
 /// Distinct service URLs kept parsed; an attacker sending many forged ones only evicts them,
@@ -185,6 +195,7 @@ impl Connector {
             allowed_hosts: config.allowed_service_hosts.clone(),
             proactive_service_url: config.proactive_service_url.clone(),
             service_urls: moka::sync::Cache::new(SERVICE_URLS),
+            recent: Owner::new(),
             pacer: pacing::Pacer::new(
                 limits(&config.conversation_limits),
                 limits(&config.app_limits),
@@ -229,12 +240,22 @@ impl Connector {
 
     /// The service URL parsed, when replies may go there.
     fn parsed_service_url(&self, service_url: &str) -> Option<Arc<url::Url>> {
-        if let Some(parsed) = self.service_urls.get(service_url) {
+        if let Some(parsed) =
+            RECENT_SERVICE_URLS.with_borrow(|recent| recent.get(&self.recent, service_url))
+        {
             return parsed;
         }
-        let parsed = allowed_service_url(service_url, &self.allowed_hosts).map(Arc::new);
-        self.service_urls
-            .insert(service_url.into(), parsed.clone());
+        let parsed = match self.service_urls.get(service_url) {
+            Some(parsed) => parsed,
+            None => {
+                let parsed = allowed_service_url(service_url, &self.allowed_hosts).map(Arc::new);
+                self.service_urls.insert(service_url.into(), parsed.clone());
+                parsed
+            }
+        };
+        RECENT_SERVICE_URLS.with_borrow_mut(|recent| {
+            recent.put(&self.recent, service_url, parsed.clone());
+        });
         parsed
     }
 
@@ -297,7 +318,13 @@ impl Connector {
         };
         let body = json_body(parameters)?;
         let body = self
-            .execute(op, route, "/v3/conversations", Some(body), Delivery::Retried)
+            .execute(
+                op,
+                route,
+                "/v3/conversations",
+                Some(body),
+                Delivery::Retried,
+            )
             .await?;
         Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
