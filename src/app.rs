@@ -264,6 +264,7 @@ impl Router {
             dedup_window: config.conversation.dedup_window,
             panic_trigger: config.testing.panic_trigger.clone(),
             persistence,
+            stopping: Arc::default(),
         };
         let (directory, supervisor_task) = Directory::start(settings, services).await?;
         recover(&directory, journal.as_deref(), recovered);
@@ -415,7 +416,7 @@ impl Router {
         // Each conversation stops on its own first, so that what it gathered since its last
         // snapshot reaches the writer (a supervisor's stop alone would not run their `post_stop`);
         // one still awaiting a turn hands it over at once, and stops when the turn ends.
-        self.directory.flush_all();
+        self.directory.stop_taking_turns();
         self.directory
             .supervisor()
             .stop_children_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))

@@ -47,7 +47,8 @@ pub enum BackendSpec {
 }
 
 impl BackendSpec {
-    /// Whether the backend is sent the session's history (echo answers from the turn alone).
+    /// Whether the backend is sent the session's id and history (echo answers from the turn
+    /// alone).
     pub fn reads_history(&self) -> bool {
         !matches!(self, Self::Echo { .. })
     }

@@ -16,7 +16,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use super::admission::TurnPermit;
 use super::session::{
     ConversationRecord, HistoryEntry, RESET_CONFIRMATION, Role, SESSION_COMMAND, Session,
-    SessionKey, conversation_key, is_reset_command, session_key,
+    SessionKey, conversation_key, is_reset_command, session_key, session_user,
 };
 use super::{Conversation, ConversationSettings, Directory, Turn};
 use crate::activity::TurnActivity;
@@ -482,6 +482,14 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
     }
     let mut awaited = 0;
     loop {
+        if state
+            .args
+            .settings
+            .stopping
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
         let turn = {
             let mut shared = state.args.conversation.state();
             if shared.busy {
@@ -656,8 +664,13 @@ async fn begin_turn(
     if !beside_running || state.record.is_none() {
         load_record(state, &integration, current_in_memory).await;
     }
-    let key = session_key(&integration.record.id, &activity);
-    let same_session = state.session.as_ref().is_some_and(|(held, _)| *held == key);
+    // Within this conversation the session is told by its user alone: its key (two strings
+    // formatted) is built only for another session.
+    let user = session_user(&activity);
+    let same_session = state
+        .session
+        .as_ref()
+        .is_some_and(|(held, _)| held.user.as_deref() == user);
     // Another session beside a running turn (a personal chat's invoke from another user) is
     // read for this turn only: the running turn keeps the one it records into.
     let running_session = if beside_running && !same_session {
@@ -666,7 +679,14 @@ async fn begin_turn(
         None
     };
     if !beside_running || !same_session {
-        load_session(state, &integration, &activity, key, current_in_memory).await;
+        load_session(
+            state,
+            &integration,
+            &activity,
+            same_session,
+            current_in_memory,
+        )
+        .await;
     }
     if !side || current_in_memory {
         // A turn read outside a held partition (an invoke run where it was accepted) may have
@@ -725,8 +745,8 @@ async fn begin_turn(
     }
     let session_command = say.is_some();
     let activity_id = activity.id.clone();
-    // Only a backend that reads the history gets a copy of it (the running turn holds it while
-    // this actor records the next).
+    // Only a backend that reads the history gets the session's id and a copy of its history
+    // (the running turn holds it while this actor records the next).
     let reads_history = state
         .args
         .services
@@ -734,15 +754,11 @@ async fn begin_turn(
         .bot(&integration.record.bot_id)
         .is_some_and(|bot| bot.backend().reads_history());
     let (session_id, history) = match &state.session {
-        Some((key, session)) => (
+        Some((key, session)) if reads_history => (
             format!("{}-{}", key.name, session.started_at_ms),
-            if reads_history {
-                session.history.iter().cloned().collect()
-            } else {
-                Vec::new()
-            },
+            session.history.iter().cloned().collect(),
         ),
-        None => (String::new(), Vec::new()),
+        _ => (String::new(), Vec::new()),
     };
     if running_session.is_some() {
         state.session = running_session;
@@ -1020,16 +1036,16 @@ async fn load_snapshot<T, E: std::fmt::Display>(
     }
 }
 
-/// Makes `state.session` the session `key` this activity belongs to: the one in memory, else the
-/// latest snapshot, else a new one (also when the stored one expired).
+/// Makes `state.session` the session this activity belongs to (`held`: the one in memory is it):
+/// the one in memory, else the latest snapshot, else a new one (also when the stored one expired).
 async fn load_session(
     state: &mut ConversationActorState,
     integration: &Integration,
     activity: &TurnActivity,
-    key: SessionKey,
+    held: bool,
     current_in_memory: bool,
 ) {
-    if state.session.as_ref().is_some_and(|(held, _)| *held != key) {
+    if state.session.is_some() && !held {
         // Another session takes this one's place: what it gathered is handed over first.
         flush_snapshots(state);
     }
@@ -1037,14 +1053,16 @@ async fn load_session(
     let duration = integration.record.session_duration;
     let memory_is_current =
         current_in_memory || state.args.settings.persistence.partitions.is_none();
-    let loaded = match state.session.take() {
-        Some((k, session)) if k == key && memory_is_current => session,
+    let (key, loaded) = match state.session.take() {
+        Some((key, session)) if held && memory_is_current => (key, session),
         _ => {
+            let key = session_key(&integration.record.id, activity);
             let conversation_id = &state.args.conversation.key.conversation_id;
             let (kind, owner) = session_owner(&key, conversation_id);
-            load_snapshot(state, key.name.clone(), kind, owner, Session::decode)
+            let session = load_snapshot(state, key.name.clone(), kind, owner, Session::decode)
                 .await
-                .unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration))
+                .unwrap_or_else(|| Session::new(activity.conversation_id(), now, duration));
+            (key, session)
         }
     };
     let session = if loaded.is_expired(now) {

@@ -18,7 +18,7 @@ pub(crate) mod session;
 mod supervisor;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -50,6 +50,9 @@ pub struct ConversationSettings {
     pub dedup_window: usize,
     pub panic_trigger: Option<String>,
     pub persistence: Arc<Persistence>,
+    /// Set past the shutdown's deadline: actors start no more turns of the turn order (under
+    /// durable accept the next start runs what is left from the journal).
+    pub stopping: Arc<AtomicBool>,
 }
 
 /// Where conversations keep what must survive them.
@@ -590,9 +593,11 @@ impl Directory {
         self.active.load(Ordering::Acquire)
     }
 
-    /// Asks every conversation's actor to hand its gathered snapshots to the writer now, even
-    /// one awaiting a turn that outlasts the shutdown's deadline (it stops only once it ends).
-    pub fn flush_all(&self) {
+    /// Past the shutdown's deadline: no conversation starts another turn of its turn order,
+    /// and each hands its gathered snapshots to the writer now, even one still awaiting a turn
+    /// (it stops once that turn ends).
+    pub fn stop_taking_turns(&self) {
+        self.settings.stopping.store(true, Ordering::Release);
         for per in self.conversations.iter() {
             for conversation in per.iter() {
                 conversation.nudge.nudge();

@@ -240,6 +240,21 @@ pub struct SessionKey {
 }
 
 pub fn session_key(integration: &str, activity: &TurnActivity) -> SessionKey {
+    match session_user(activity) {
+        Some(user) => SessionKey {
+            name: format!("teams-session-{integration}-{user}"),
+            user: Some(user.to_owned()),
+        },
+        None => SessionKey {
+            name: format!("teams-session-{integration}-{}", activity.conversation_id()),
+            user: None,
+        },
+    }
+}
+
+/// Whose session an activity belongs to: its sender's in a personal chat, else (`None`) its
+/// conversation's. Within one conversation this alone tells two sessions apart.
+pub fn session_user(activity: &TurnActivity) -> Option<&str> {
     let personal = match activity
         .conversation
         .get("conversationType")
@@ -252,22 +267,15 @@ pub fn session_key(integration: &str, activity: &TurnActivity) -> SessionKey {
             .and_then(|g| g.as_bool())
             .unwrap_or(false),
     };
-    let user = activity
+    if !personal {
+        return None;
+    }
+    activity
         .from
         .as_ref()
         .and_then(|f| f.get("id"))
         .and_then(|id| id.as_str())
-        .filter(|id| !id.is_empty());
-    match (personal, user) {
-        (true, Some(user)) => SessionKey {
-            name: format!("teams-session-{integration}-{user}"),
-            user: Some(user.to_owned()),
-        },
-        _ => SessionKey {
-            name: format!("teams-session-{integration}-{}", activity.conversation_id()),
-            user: None,
-        },
-    }
+        .filter(|id| !id.is_empty())
 }
 
 pub fn is_reset_command(text: &str) -> bool {

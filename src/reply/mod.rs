@@ -61,7 +61,8 @@ pub struct ReplyArgs {
     pub invoke: Option<InvokeReply>,
     /// A fixed answer decided by the conversation (session commands) instead of the backend's.
     pub say: Option<String>,
-    /// The session this turn belongs to, and its history up to this activity.
+    /// The session this turn belongs to, and its history up to this activity (both empty for a
+    /// backend that reads neither: echo).
     pub session_id: String,
     pub history: Vec<HistoryEntry>,
     /// The address book learns from this activity (the conversation's first, or one from a
