@@ -1,5 +1,6 @@
-//! The conversation actor: takes the next queued turn, runs it (on a task it owns, or a streamed
-//! one in a linked reply actor), and takes the next one only when the turn reports finished. It
+//! The conversation actor: takes the next queued turn, runs it (awaits a plain one itself, with an
+//! eye on invokes queued beside it; a streamed one runs in a linked reply actor, an invoke beside
+//! the turn order on a task of its own) and takes the next one only when the turn is finished. It
 //! owns the session: loaded from the latest snapshot at the first turn (after a passivation, a
 //! panic or on another instance), checked for redeliveries, updated after every turn and handed to
 //! the snapshot writer (after every turn, or gathered for `storage.snapshot_sync_ms` with the
@@ -714,7 +715,7 @@ async fn begin_turn(
         .is_some_and(|trigger| text == trigger)
     {
         release(state, side);
-        // A panic of this actor (not of a turn, which runs on its own task and is caught) skips
+        // A panic of this actor (not of a turn, whose panic is caught where it runs) skips
         // `post_stop`: what was gathered is handed over first, as on any known way out.
         flush_snapshots(state);
         panic!("testing.panic_trigger received: failing this turn on purpose");

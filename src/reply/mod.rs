@@ -1,10 +1,11 @@
 //! Running one turn: asking the bot's backend for the answer, handing an invoke's answer back to
 //! the waiting HTTP request, and sending the message through the connector addressed as the SDKs
 //! do (`from`/`recipient` swapped, same `conversation`, `replyToId` = the activity). A plain turn
-//! runs on a task its conversation actor owns ([`spawn_turn`]); a streamed one runs in a reply
-//! actor linked to it ([`ReplyActor`]), whose lifetime is the stream's (paced updates,
-//! cancellation, Teams' two-minute limit). Either reports the turn finished to the conversation
-//! actor, which starts the next turn only then: turns of a conversation stay in order.
+//! is awaited by its conversation actor ([`turn_work`]; an invoke beside the turn order runs on a
+//! task of its own, [`spawn_turn`]); a streamed one runs in a reply actor linked to it
+//! ([`ReplyActor`]), whose lifetime is the stream's (paced updates, cancellation, Teams'
+//! two-minute limit). The conversation actor starts the next turn only once one has finished:
+//! turns of a conversation stay in order.
 
 use crate::clock::Instant;
 use std::sync::Arc;
