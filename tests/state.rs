@@ -235,6 +235,29 @@ async fn gathered_history_is_written_on_its_timer_and_survives_a_kill_9() {
     assert!(session.contains("remember the lighthouse"), "{session}");
 }
 
+/// The gathering window closes on time even while the conversation's actor awaits a long turn
+/// (it reads no timer message then): history gathered before the turn survives a kill -9 in the
+/// middle of it.
+#[tokio::test]
+async fn gathered_history_is_written_on_its_timer_during_a_long_turn() {
+    let mock = new_mock().await;
+    let dir = scratch_dir("gathered-long");
+    let storage = format!("{}snapshot_sync_ms = 300\n", embedded_storage(&dir, false));
+    let mut first = spawn(&mock, &storage, "").await;
+    say(&mock, &first, "g2", "1", "remember the harbour").await;
+    // The next turn's reply takes far longer than the window; the kill comes in the middle.
+    mock.set_connector_latency(Duration::from_secs(8));
+    send_acknowledged(&mock, &first, "g2", "2", "a slow one").await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    first.kill().await;
+    mock.set_connector_latency(Duration::ZERO);
+    let second = spawn(&mock, &storage, "").await;
+    let session = say(&mock, &second, "g2", "3", "///session").await;
+    // Not "0 turns, nothing remembered yet": the first turn (and likely the slow one's message,
+    // gathered when the window closed during its turn) was written.
+    assert!(session.contains("messages remembered"), "{session}");
+}
+
 /// A quiet conversation rests (its actor stops, its state stays in memory), catches a
 /// redelivery without waking, goes on with its session when the next activity comes, and leaves
 /// memory at the idle timeout with its history in the store.
