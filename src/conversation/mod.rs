@@ -129,7 +129,7 @@ pub struct Conversation {
 /// turn it awaits).
 #[derive(Default)]
 struct Nudge {
-    nudged: std::sync::atomic::AtomicBool,
+    nudged: AtomicBool,
     watcher: futures_util::task::AtomicWaker,
 }
 
