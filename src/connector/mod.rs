@@ -483,7 +483,6 @@ impl Connector {
             ));
         };
         let url = under(&service_url, path);
-        drop(service_url);
         let max_attempts = match delivery {
             Delivery::Retried => self.max_attempts,
             Delivery::Once => 1,

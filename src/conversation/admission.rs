@@ -438,7 +438,8 @@ struct ShedController {
     target: f64,
     share: f64,
     last_wait: f64,
-    /// Updates in a row with the wait above the target.
+    /// Updates with the wait above the target since it was last calm (at the target or under,
+    /// with nothing refused): in a row until shedding starts, which then goes on until calm.
     congested: u32,
 }
 
