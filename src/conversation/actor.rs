@@ -1,6 +1,9 @@
 //! The conversation actor: takes the next queued turn, runs it (awaits a plain one itself, with an
 //! eye on invokes queued beside it; a streamed one runs in a linked reply actor, an invoke beside
-//! the turn order on a task of its own) and takes the next one only when the turn is finished. It
+//! the turn order on a task of its own) and takes the next one only when the turn is finished.
+//! With nothing queued it listens: it awaits the next activity in place (the request path nudges
+//! it, no message) and watches its snapshot window and rest deadline itself, until a message is
+//! cast to it or the conversation is quiet enough to rest. It
 //! owns the session: loaded from the latest snapshot at the first turn (after a passivation, a
 //! panic or on another instance), checked for redeliveries, updated after every turn and handed to
 //! the snapshot writer (after every turn, or gathered for `storage.snapshot_sync_ms` with the
@@ -32,7 +35,7 @@ use crate::telemetry::{
 
 #[derive(Debug)]
 pub enum ConversationMsg {
-    /// A turn was queued.
+    /// A turn was queued (for an actor reading its mailbox; a listening one is nudged).
     Wake,
     /// A turn is done (`ok` false: it panicked).
     TurnFinished {
@@ -40,9 +43,10 @@ pub enum ConversationMsg {
         reply: Option<SentReply>,
         ok: bool,
     },
-    /// The idle timer fired; passivate if nothing happened since.
+    /// The idle timer fired; passivate if nothing happened since. Armed only for an actor
+    /// going back to its mailbox: a listening one watches the deadline itself.
     IdleCheck,
-    /// The turns gathered since the last snapshot are written now.
+    /// The turns gathered since the last snapshot are written now (armed likewise).
     FlushSnapshots,
     /// The integration was deleted: finish what is queued (each turn is dropped, since the
     /// integration is gone) and stop.
@@ -96,8 +100,8 @@ struct RunningTurn {
 /// few busy conversations from holding every place.
 const TURNS_PER_PLACE: u32 = 8;
 
-/// Turns of a busy conversation the actor awaits in a row before it reads its mailbox (timers,
-/// the ends of invokes run beside, the end of its integration).
+/// Turns of a busy conversation the actor awaits in a row (listening between them) before it
+/// reads its mailbox (a message cast to it while it awaits a turn waits for the turn's end).
 const TURNS_BEFORE_MAILBOX: u32 = 8;
 
 pub struct ConversationActorState {
@@ -131,7 +135,8 @@ pub struct ConversationActorState {
     snapshots_dirty: bool,
     /// A `FlushSnapshots` is on its way.
     flush_armed: bool,
-    /// When the gathered snapshots are due at the writer, for an actor awaiting a turn then.
+    /// When the gathered snapshots are due at the writer: watched while the actor awaits a turn
+    /// or listens, carried by a `FlushSnapshots` while it reads its mailbox.
     flush_due: Option<Instant>,
     /// With a shared store: the partition lease (`run:epoch`) under which the record and session
     /// in memory were read, and every turn since ran here. While turns keep coming under it, no
@@ -154,6 +159,7 @@ impl Actor for ConversationActor {
             state.actor = Some(myself.clone());
             // A predecessor that died mid-turn left the flag set; its turn is over.
             state.busy = false;
+            state.listening = false;
             state.side_running = 0;
             state.waking = false;
             (state.resting.take(), state.closed)
@@ -206,6 +212,7 @@ impl Actor for ConversationActor {
         // Turns queued before this actor existed (or while its predecessor restarted).
         Box::pin(start_side_turns(&myself, state)).await;
         Box::pin(start_next_turn(&myself, state)).await;
+        arm_flush(&myself, state);
         Ok(())
     }
 
@@ -215,6 +222,8 @@ impl Actor for ConversationActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // The mailbox is being read: what was cast so far needs no wake-up of a listener.
+        state.args.conversation.nudge.clear_mail();
         match message {
             ConversationMsg::Wake => {
                 Box::pin(start_side_turns(&myself, state)).await;
@@ -222,14 +231,13 @@ impl Actor for ConversationActor {
             }
             ConversationMsg::TurnFinished { turn, reply, ok } => {
                 if let Some(turn) = take_turn(state, |t| t.turn == turn) {
-                    Box::pin(finish_turn(&myself, state, turn, reply, ok)).await;
+                    Box::pin(finish_turn(state, turn, reply, ok)).await;
                     Box::pin(start_next_turn(&myself, state)).await;
                 }
             }
             ConversationMsg::IdleCheck => rest_or_passivate_if_idle(&myself, state),
             ConversationMsg::FlushSnapshots => {
                 state.flush_armed = false;
-                state.flush_due = None;
                 flush_snapshots(state);
             }
             ConversationMsg::End => {
@@ -237,6 +245,7 @@ impl Actor for ConversationActor {
                 Box::pin(start_next_turn(&myself, state)).await;
             }
         }
+        arm_flush(&myself, state);
         Ok(())
     }
 
@@ -264,7 +273,7 @@ impl Actor for ConversationActor {
         let failed = cell.get_id();
         if let Some(turn) = take_turn(state, |t| t.reply_actor == Some(failed)) {
             tracing::error!(integration = %state.args.conversation.key.integration, %error, "turn failed");
-            Box::pin(finish_turn(&myself, state, turn, None, false)).await;
+            Box::pin(finish_turn(state, turn, None, false)).await;
             Box::pin(start_next_turn(&myself, state)).await;
         }
         Ok(())
@@ -285,7 +294,6 @@ fn take_turn(
 
 /// Ends a turn: history, dedup window, snapshots, journal.
 async fn finish_turn(
-    myself: &ActorRef<ConversationMsg>,
     state: &mut ConversationActorState,
     mut turn: RunningTurn,
     reply: Option<SentReply>,
@@ -333,11 +341,11 @@ async fn finish_turn(
         match persistence.snapshots.coalesce_window() {
             Some(window) => {
                 state.snapshots_dirty = true;
-                if !state.flush_armed {
-                    state.flush_armed = true;
-                    state.flush_due = Some(crate::clock::now() + window);
-                    myself.send_after(window, || ConversationMsg::FlushSnapshots);
-                }
+                // Watched by the actor while it awaits a turn or listens; a timer message is
+                // armed only when it goes back to its mailbox.
+                state
+                    .flush_due
+                    .get_or_insert_with(|| crate::clock::now() + window);
             }
             None => state.unsaved = !save_snapshots(state),
         }
@@ -483,12 +491,7 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
     }
     let mut awaited = 0;
     loop {
-        if state
-            .args
-            .settings
-            .stopping
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+        if stopping(state) {
             return;
         }
         let turn = {
@@ -496,13 +499,30 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
             if shared.busy {
                 return;
             }
-            match shared.queue.pop_front() {
-                Some(turn) => {
-                    shared.busy = true;
-                    turn
-                }
-                None => break,
+            shared.queue.pop_front().inspect(|_| shared.busy = true)
+        };
+        let Some(turn) = turn else {
+            // Nothing queued: the place goes to another conversation.
+            state.kept_place = None;
+            if state.ending && state.side.is_empty() {
+                myself.stop(Some("integration deleted".into()));
+                return;
             }
+            match listen(myself, state).await {
+                Heard::Work => {
+                    Box::pin(start_side_turns(myself, state)).await;
+                    continue;
+                }
+                Heard::Mail => {
+                    // Back to the mailbox; the idle check watches the quiet from there.
+                    let settings = &state.args.settings;
+                    let after = settings.rest_after.unwrap_or(settings.idle_timeout);
+                    arm_idle_check(myself, state, after);
+                }
+                Heard::Quiet => rest_or_passivate_if_idle(myself, state),
+                Heard::Stopping => flush_snapshots(state),
+            }
+            return;
         };
         match begin_turn(myself, state, turn, false).await {
             Begun::Skipped => {}
@@ -510,7 +530,7 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
             Begun::Await(work) => {
                 let (reply, ok) = await_turn(myself, state, work).await;
                 if let Some(turn) = state.current.take() {
-                    finish_turn(myself, state, turn, reply, ok).await;
+                    finish_turn(state, turn, reply, ok).await;
                 }
                 awaited += 1;
                 if awaited == TURNS_BEFORE_MAILBOX {
@@ -522,16 +542,103 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
             }
         }
     }
-    // Nothing queued: the place goes to another conversation.
-    state.kept_place = None;
-    if state.ending && state.side.is_empty() {
-        myself.stop(Some("integration deleted".into()));
-        return;
-    }
-    // Nothing left to do: check back when it may rest (or passivate).
+}
+
+fn stopping(state: &ConversationActorState) -> bool {
+    state
+        .args
+        .settings
+        .stopping
+        .load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// What ended a listen.
+enum Heard {
+    /// Turns are queued.
+    Work,
+    /// A message waits in the mailbox (nothing is queued: the mailbox is read next).
+    Mail,
+    /// Quiet for as long as the conversation may stay awake without resting.
+    Quiet,
+    /// The router stops.
+    Stopping,
+}
+
+/// An idle actor awaits its next activity in place: the request path queues it and nudges the
+/// actor, with no message through the mailbox, and the gathered snapshots' window and the
+/// conversation's rest are deadlines watched here rather than timer messages (each of which
+/// was a task spawned). A message cast meanwhile (an invoke's end, the integration's end)
+/// nudges it back to the mailbox.
+async fn listen(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) -> Heard {
+    use std::future::Future;
+    use std::task::Poll;
+
+    let conversation = Arc::clone(&state.args.conversation);
     let settings = &state.args.settings;
-    let after = settings.rest_after.unwrap_or(settings.idle_timeout);
-    arm_idle_check(myself, state, after);
+    let quiet_after = settings.rest_after.unwrap_or(settings.idle_timeout);
+    let rest_due = {
+        let mut shared = conversation.state();
+        if !shared.queue.is_empty() || !shared.side_queue.is_empty() {
+            return Heard::Work;
+        }
+        shared.listening = true;
+        shared.last_activity + quiet_after
+    };
+    let mut rest = std::pin::pin!(tokio::time::sleep_until(rest_due));
+    loop {
+        let mut flush_due = std::pin::pin!(
+            state
+                .flush_due
+                .filter(|_| state.snapshots_dirty)
+                .map(tokio::time::sleep_until)
+        );
+        let heard = std::future::poll_fn(|cx| {
+            if conversation.nudge.poll_mail(cx) {
+                return Poll::Ready(Some(Heard::Mail));
+            }
+            if conversation.nudge.poll_nudged(cx) {
+                return Poll::Ready(Some(Heard::Work));
+            }
+            if rest.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Heard::Quiet));
+            }
+            let flush_now = flush_due
+                .as_mut()
+                .as_pin_mut()
+                .is_some_and(|due| due.poll(cx).is_ready());
+            if flush_now {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        let Some(heard) = heard else {
+            flush_snapshots(state);
+            continue;
+        };
+        let stopping = stopping(state);
+        let queued = {
+            let mut shared = conversation.state();
+            let queued = !shared.queue.is_empty() || !shared.side_queue.is_empty();
+            if matches!(heard, Heard::Work) && !queued && !stopping {
+                // Nothing came after all (a nudge meant for a turn taken already).
+                continue;
+            }
+            shared.listening = false;
+            queued
+        };
+        return match heard {
+            _ if stopping => Heard::Stopping,
+            Heard::Mail if queued => {
+                // The mailbox first, then what is queued: a wake-up follows the message.
+                let _ = myself.cast(ConversationMsg::Wake);
+                Heard::Mail
+            }
+            _ if queued => Heard::Work,
+            heard => heard,
+        };
+    }
 }
 
 /// Awaits a plain turn of the turn order. Meanwhile the mailbox is not read, so what must not
@@ -575,7 +682,6 @@ async fn await_turn(
             return outcome;
         }
         Box::pin(start_side_turns(myself, state)).await;
-        state.flush_due = None;
         flush_snapshots(state);
     }
 }
@@ -821,13 +927,16 @@ async fn begin_turn(
     };
     // A turn running on its own reports its end in the mailbox.
     let done = || -> crate::reply::TurnDone {
-        let conversation = myself.clone();
+        let actor = myself.clone();
+        let conversation = Arc::clone(&state.args.conversation);
         Box::new(move |reply, ok| {
-            let _ = conversation.cast(ConversationMsg::TurnFinished {
+            let _ = actor.cast(ConversationMsg::TurnFinished {
                 turn: number,
                 reply,
                 ok,
             });
+            // A listening actor reads its mailbox for it.
+            conversation.nudge.mail();
         })
     };
     let mut work = None;
@@ -1087,8 +1196,22 @@ fn arm_idle_check(
 
 /// Hands the turns gathered since the last snapshot to the writer.
 fn flush_snapshots(state: &mut ConversationActorState) {
+    state.flush_due = None;
     if std::mem::take(&mut state.snapshots_dirty) {
         state.unsaved = !save_snapshots(state);
+    }
+}
+
+/// On the way back to the mailbox: a timer message for the gathered snapshots, which nothing
+/// watches there (one at a time; an early one only writes them sooner).
+fn arm_flush(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) {
+    if state.flush_armed || !state.snapshots_dirty {
+        return;
+    }
+    if let Some(due) = state.flush_due {
+        state.flush_armed = true;
+        let after = due.saturating_duration_since(crate::clock::now());
+        myself.send_after(after, || ConversationMsg::FlushSnapshots);
     }
 }
 

@@ -119,32 +119,60 @@ pub struct ConversationKey {
 pub struct Conversation {
     pub key: ConversationKey,
     state: Mutex<ConversationState>,
-    /// Told when an invoke is queued beside the turn order, and when the router stops: an actor
-    /// awaiting a turn starts the invoke (and hands over its gathered snapshots) meanwhile.
+    /// Told when work is queued for an actor that is not reading its mailbox (an invoke beside
+    /// the turn being awaited, any activity while it listens), when a message is cast to a
+    /// listening actor, and when the router stops.
     nudge: Nudge,
 }
 
-/// A wake-up for the one task that watches it (the conversation's actor): an atomic flag and a
-/// waker, without the lock and list of waiters a `Notify` keeps (the actor watches it for every
-/// turn it awaits).
+/// A wake-up for the one task that watches it (the conversation's actor): atomic flags and a
+/// waker, without the lock and list of waiters a `Notify` keeps, nor the boxed message and the
+/// channels of a ractor cast (the actor watches it for every turn it awaits and while it
+/// listens).
 #[derive(Default)]
 struct Nudge {
-    nudged: AtomicBool,
+    /// Work was queued (or the router stops).
+    work: AtomicBool,
+    /// A message was cast to the actor: a listening actor goes back to its mailbox.
+    mail: AtomicBool,
     watcher: futures_util::task::AtomicWaker,
 }
 
 impl Nudge {
     fn nudge(&self) {
-        self.nudged.store(true, Ordering::Release);
+        self.work.store(true, Ordering::Release);
+        self.watcher.wake();
+    }
+
+    fn mail(&self) {
+        self.mail.store(true, Ordering::Release);
         self.watcher.wake();
     }
 
     /// Whether it was nudged since the last time it answered true; the task polling it is woken
-    /// by the next nudge.
+    /// by the next nudge (or message).
     fn poll_nudged(&self, cx: &mut std::task::Context<'_>) -> bool {
         self.watcher.register(cx.waker());
-        self.nudged.load(Ordering::Acquire) && self.nudged.swap(false, Ordering::AcqRel)
+        take(&self.work)
     }
+
+    /// Whether a message was cast since the last time it answered true (registered as
+    /// [`Nudge::poll_nudged`] is).
+    fn poll_mail(&self, cx: &mut std::task::Context<'_>) -> bool {
+        self.watcher.register(cx.waker());
+        take(&self.mail)
+    }
+
+    /// The actor is reading its mailbox: what was cast so far is read without a wake-up.
+    fn clear_mail(&self) {
+        self.mail.store(false, Ordering::Release);
+    }
+}
+
+/// Clears `flag`, and says whether it was set (a load first: the flag is mostly clear, and a
+/// swap would take the cache line for nothing).
+fn take(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::Acquire) && flag.swap(false, Ordering::AcqRel)
 }
 
 struct ConversationState {
@@ -166,6 +194,8 @@ struct ConversationState {
     closed: bool,
     /// A turn is being run by a reply actor.
     busy: bool,
+    /// The actor, idle, awaits its next turn in place (with a nudge, no mailbox message).
+    listening: bool,
     last_activity: Instant,
     /// The answers of the latest invokes, by activity id.
     invokes: VecDeque<(Arc<str>, InvokeAnswer)>,
@@ -181,8 +211,12 @@ impl ConversationState {
 }
 
 enum Enqueue {
-    /// Queued; the actor to wake, when it is idle.
-    Queued(Option<ActorRef<ConversationMsg>>),
+    /// Queued; the actor to wake through its mailbox (idle in it), or to nudge (listening, or
+    /// awaiting a turn while an invoke comes).
+    Queued {
+        wake: Option<ActorRef<ConversationMsg>>,
+        nudge: bool,
+    },
     /// Queued in a resting conversation: it needs a new actor.
     QueuedToWake,
     Duplicate(Option<InvokeAnswer>),
@@ -205,6 +239,7 @@ impl Conversation {
                 waking: false,
                 closed: false,
                 busy: false,
+                listening: false,
                 last_activity: crate::clock::now(),
                 invokes: VecDeque::new(),
             }),
@@ -244,6 +279,8 @@ impl Conversation {
         // and a non-empty queue already has a wake-up on its way. Under load this spares one
         // cross-thread wake-up per activity.
         let needs_wake = !state.busy && state.queue.is_empty();
+        // A listening actor is nudged instead: no message to box, no mailbox to poll.
+        let listening = state.listening;
         if let Some(reply) = &turn.invoke {
             if state.invokes.len() == REMEMBERED_INVOKES {
                 state.invokes.pop_front();
@@ -267,14 +304,17 @@ impl Conversation {
             return Enqueue::QueuedToWake;
         }
         if turn_is_invoke {
-            // Not behind the running turn: the actor is woken to start it now.
-            return Enqueue::Queued(state.actor.clone());
+            // Not behind the running turn: the actor is woken to start it now (nudged too, for
+            // an actor awaiting a turn, its mailbox unread until it ends).
+            return Enqueue::Queued {
+                wake: state.actor.clone().filter(|_| !listening),
+                nudge: true,
+            };
         }
-        Enqueue::Queued(if needs_wake {
-            state.actor.clone()
-        } else {
-            None
-        })
+        Enqueue::Queued {
+            wake: state.actor.clone().filter(|_| needs_wake && !listening),
+            nudge: needs_wake && listening,
+        }
     }
 
     /// Activities queued or running.
@@ -351,13 +391,12 @@ impl Directory {
                 },
             };
             match conversation.enqueue(activity_id, turn, self.settings.mailbox_capacity) {
-                Enqueue::Queued(actor) => {
-                    if let Some(actor) = actor {
+                Enqueue::Queued { wake, nudge } => {
+                    if let Some(actor) = wake {
                         // A dead actor cannot take the wake-up; its successor drains the queue.
                         let _ = actor.cast(ConversationMsg::Wake);
                     }
-                    if is_invoke {
-                        // The actor may be awaiting a turn, its mailbox unread until it ends.
+                    if nudge {
                         conversation.nudge.nudge();
                     }
                     return Admission::Accepted(reply);
@@ -569,6 +608,7 @@ impl Directory {
             };
             if let Some(actor) = actor {
                 let _ = actor.cast(ConversationMsg::End);
+                conversation.nudge.mail();
             }
             ended += 1;
         }
