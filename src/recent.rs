@@ -42,10 +42,21 @@ impl<V: Clone> Recent<V> {
     }
 
     pub fn get(&self, owner: &Owner, key: &str) -> Option<V> {
+        self.find_map(owner, key, |value| Some(value.clone()))
+    }
+
+    /// What `answer` makes of the value kept for `key` (by reference: nothing is cloned that
+    /// it does not clone).
+    pub fn find_map<R>(
+        &self,
+        owner: &Owner,
+        key: &str,
+        answer: impl FnOnce(&V) -> Option<R>,
+    ) -> Option<R> {
         self.slots
             .iter()
             .find(|(of, kept, _)| *of == owner.0 && **kept == *key)
-            .map(|(_, _, value)| value.clone())
+            .and_then(|(_, _, value)| answer(value))
     }
 
     pub fn put(&mut self, owner: &Owner, key: &str, value: V) {

@@ -66,6 +66,9 @@ pub struct TurnInput<'a> {
     /// The session's earlier turns, oldest first (this activity's text is the last user entry).
     pub history: &'a [HistoryEntry],
     pub activity: &'a TurnActivity,
+    /// The activity's text without the mentions of the bot, as the user typed it (stripped once,
+    /// by the conversation, which records it in the history).
+    pub text: &'a str,
 }
 
 /// What backends share: the HTTP client, the outbound policy and the limits.
@@ -319,7 +322,7 @@ impl Backend {
     ) -> Result<Answer, BackendError> {
         match self {
             Self::Echo { word_delay } => {
-                let answer = echo(input.activity);
+                let answer = echo(input.activity, input.text);
                 if let Some(text) = &answer.text {
                     stream_words(text, *word_delay, deltas).await;
                 }
@@ -367,12 +370,11 @@ async fn stream_words(text: &str, delay: Option<Duration>, deltas: &Deltas) {
 
 /// Echo answers a message with `echo: <text>` (bot mentions stripped), a card submission with its
 /// data, and a card action with a short message.
-fn echo(activity: &TurnActivity) -> Answer {
+fn echo(activity: &TurnActivity, text: &str) -> Answer {
     match activity.kind.as_str() {
         "message" => {
-            let text = activity.text_without_bot_mentions();
             let said = if !text.is_empty() {
-                Some(text)
+                Some(text.to_owned())
             } else {
                 activity.value.as_ref().map(Value::to_string)
             };
@@ -445,7 +447,7 @@ mod tests {
             "text": "<at>Bot</at> hello",
             "entities": [{"type": "mention", "mentioned": {"id": "28:bot"}, "text": "<at>Bot</at>"}],
         }));
-        let answer = echo(&a);
+        let answer = echo(&a, &a.text_without_bot_mentions());
         assert_eq!(answer.text.as_deref(), Some("echo: hello"));
     }
 
@@ -472,7 +474,7 @@ mod tests {
             "conversation": {"id": "c"}, "name": "adaptiveCard/action",
             "value": {"action": {"type": "Action.Execute", "data": {"x": 1}}},
         }));
-        let answer = echo(&a);
+        let answer = echo(&a, &a.text_without_bot_mentions());
         let invoke = answer.invoke.unwrap();
         assert_eq!(invoke.status, 200);
         assert_eq!(

@@ -890,6 +890,7 @@ async fn begin_turn(
         services: Arc::clone(&state.args.services),
         integration,
         activity,
+        text,
         accepted_at,
         invoke,
         say,

@@ -56,6 +56,8 @@ pub struct ReplyArgs {
     pub services: Arc<ReplyServices>,
     pub integration: Arc<Integration>,
     pub activity: TurnActivity,
+    /// The activity's text without the mentions of the bot (stripped once, by the conversation).
+    pub text: String,
     /// When the router acknowledged the activity (for `first_reply_seconds`).
     pub accepted_at: Instant,
     /// The HTTP request of an invoke, waiting for the InvokeResponse.
@@ -503,6 +505,7 @@ async fn answer(args: &ReplyArgs, deltas: &Deltas) -> Answer {
         session_id: &args.session_id,
         history: &args.history,
         activity: &args.activity,
+        text: &args.text,
     };
     let result = match backend {
         Ok(backend) => backend
