@@ -211,7 +211,7 @@ impl Actor for ConversationActor {
     ) -> Result<(), ActorProcessingErr> {
         // Turns queued before this actor existed (or while its predecessor restarted).
         Box::pin(start_side_turns(&myself, state)).await;
-        run_turns(&myself, state).await;
+        Box::pin(start_next_turn(&myself, state)).await;
         arm_flush(&myself, state);
         Ok(())
     }
@@ -227,12 +227,12 @@ impl Actor for ConversationActor {
         match message {
             ConversationMsg::Wake => {
                 Box::pin(start_side_turns(&myself, state)).await;
-                run_turns(&myself, state).await;
+                Box::pin(start_next_turn(&myself, state)).await;
             }
             ConversationMsg::TurnFinished { turn, reply, ok } => {
                 if let Some(turn) = take_turn(state, |t| t.turn == turn) {
                     Box::pin(finish_turn(state, turn, reply, ok)).await;
-                    run_turns(&myself, state).await;
+                    Box::pin(start_next_turn(&myself, state)).await;
                 }
             }
             ConversationMsg::IdleCheck => rest_or_passivate_if_idle(&myself, state),
@@ -242,7 +242,7 @@ impl Actor for ConversationActor {
             }
             ConversationMsg::End => {
                 state.ending = true;
-                run_turns(&myself, state).await;
+                Box::pin(start_next_turn(&myself, state)).await;
             }
         }
         arm_flush(&myself, state);
@@ -274,7 +274,7 @@ impl Actor for ConversationActor {
         if let Some(turn) = take_turn(state, |t| t.reply_actor == Some(failed)) {
             tracing::error!(integration = %state.args.conversation.key.integration, %error, "turn failed");
             Box::pin(finish_turn(state, turn, None, false)).await;
-            run_turns(&myself, state).await;
+            Box::pin(start_next_turn(&myself, state)).await;
         }
         Ok(())
     }
@@ -485,59 +485,19 @@ fn session_owner<'a>(key: &'a SessionKey, conversation_id: &'a str) -> (Snapshot
     }
 }
 
-/// Runs the queued turns of the turn order, listening between them while the conversation
-/// talks. The turns' future (kilobytes: the store's reads and writes, the turn's own) is
-/// dropped before the actor listens: a listening actor holds only its deadlines.
-async fn run_turns(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) {
-    let mut awaited = 0;
-    while let Drained::Listen = Box::pin(start_next_turns(myself, state, &mut awaited)).await {
-        match Box::pin(listen(myself, state)).await {
-            Heard::Work => Box::pin(start_side_turns(myself, state)).await,
-            Heard::Mail => {
-                // Back to the mailbox; the idle check watches the quiet from there.
-                let settings = &state.args.settings;
-                let after = settings.rest_after.unwrap_or(settings.idle_timeout);
-                arm_idle_check(myself, state, after);
-                return;
-            }
-            Heard::Quiet => {
-                rest_or_passivate_if_idle(myself, state);
-                return;
-            }
-            Heard::Stopping => {
-                flush_snapshots(state);
-                return;
-            }
-        }
-    }
-}
-
-/// Where taking the queued turns stopped.
-enum Drained {
-    /// Nothing is queued: the actor may listen for the next activity.
-    Listen,
-    /// A turn runs on its own, the actor stops, or it reads its mailbox first.
-    Mailbox,
-}
-
-/// Takes the queued turns of the turn order one after the other; `awaited` counts those the
-/// actor awaited since it last read its mailbox.
-async fn start_next_turns(
-    myself: &ActorRef<ConversationMsg>,
-    state: &mut ConversationActorState,
-    awaited: &mut u32,
-) -> Drained {
+async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActorState) {
     if state.current.is_some() {
-        return Drained::Mailbox;
+        return;
     }
+    let mut awaited = 0;
     loop {
         if stopping(state) {
-            return Drained::Mailbox;
+            return;
         }
         let turn = {
             let mut shared = state.args.conversation.state();
             if shared.busy {
-                return Drained::Mailbox;
+                return;
             }
             shared.queue.pop_front().inspect(|_| shared.busy = true)
         };
@@ -546,24 +506,38 @@ async fn start_next_turns(
             state.kept_place = None;
             if state.ending && state.side.is_empty() {
                 myself.stop(Some("integration deleted".into()));
-                return Drained::Mailbox;
+                return;
             }
-            return Drained::Listen;
+            match listen(myself, state).await {
+                Heard::Work => {
+                    Box::pin(start_side_turns(myself, state)).await;
+                    continue;
+                }
+                Heard::Mail => {
+                    // Back to the mailbox; the idle check watches the quiet from there.
+                    let settings = &state.args.settings;
+                    let after = settings.rest_after.unwrap_or(settings.idle_timeout);
+                    arm_idle_check(myself, state, after);
+                }
+                Heard::Quiet => rest_or_passivate_if_idle(myself, state),
+                Heard::Stopping => flush_snapshots(state),
+            }
+            return;
         };
         match begin_turn(myself, state, turn, false).await {
             Begun::Skipped => {}
-            Begun::Running => return Drained::Mailbox,
+            Begun::Running => return,
             Begun::Await(work) => {
                 let (reply, ok) = await_turn(myself, state, work).await;
                 if let Some(turn) = state.current.take() {
                     finish_turn(state, turn, reply, ok).await;
                 }
-                *awaited += 1;
-                if *awaited == TURNS_BEFORE_MAILBOX {
+                awaited += 1;
+                if awaited == TURNS_BEFORE_MAILBOX {
                     // The mailbox is read before the rest of the queue (a woken successor
                     // takes it if this actor stops meanwhile).
                     let _ = myself.cast(ConversationMsg::Wake);
-                    return Drained::Mailbox;
+                    return;
                 }
             }
         }
