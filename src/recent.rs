@@ -45,18 +45,19 @@ impl<V: Clone> Recent<V> {
         self.find_map(owner, key, |value| Some(value.clone()))
     }
 
-    /// What `answer` makes of the value kept for `key` (by reference: nothing is cloned that
-    /// it does not clone).
+    /// The first answer `answer` makes of a value kept for `key` (several may be: one key's
+    /// value may depend on more than the key), by reference: nothing is cloned that it does not
+    /// clone.
     pub fn find_map<R>(
         &self,
         owner: &Owner,
         key: &str,
-        answer: impl FnOnce(&V) -> Option<R>,
+        mut answer: impl FnMut(&V) -> Option<R>,
     ) -> Option<R> {
         self.slots
             .iter()
-            .find(|(of, kept, _)| *of == owner.0 && **kept == *key)
-            .and_then(|(_, _, value)| answer(value))
+            .filter(|(of, kept, _)| *of == owner.0 && **kept == *key)
+            .find_map(|(_, _, value)| answer(value))
     }
 
     pub fn put(&mut self, owner: &Owner, key: &str, value: V) {
@@ -97,6 +98,18 @@ mod tests {
         assert_eq!(recent.get(&one, "other"), None);
         recent.forget(&one, "token");
         assert_eq!(recent.get(&one, "token"), None);
+    }
+
+    #[test]
+    fn every_value_kept_for_a_key_is_looked_at() {
+        let owner = Owner::new();
+        let mut recent = Recent::new();
+        recent.put(&owner, "app", 1);
+        recent.put(&owner, "app", 2);
+        assert_eq!(
+            recent.find_map(&owner, "app", |v| (*v == 2).then_some(*v)),
+            Some(2)
+        );
     }
 
     #[test]

@@ -90,7 +90,8 @@ thread_local! {
         const { std::cell::RefCell::new(Recent::new()) };
 }
 
-/// A token a thread kept, with what it was issued for besides the App ID.
+/// A token a thread kept, with what it was issued for besides the App ID (two integrations of
+/// one app may differ in the rest: each is looked at).
 #[derive(Clone)]
 struct RecentToken {
     generation: u64,
