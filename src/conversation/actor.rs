@@ -586,12 +586,7 @@ async fn listen(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActo
     };
     let mut rest = std::pin::pin!(tokio::time::sleep_until(rest_due));
     loop {
-        let mut flush_due = std::pin::pin!(
-            state
-                .flush_due
-                .filter(|_| state.snapshots_dirty)
-                .map(tokio::time::sleep_until)
-        );
+        let mut flush_due = std::pin::pin!(flush_deadline(state));
         let heard = std::future::poll_fn(|cx| {
             if conversation.nudge.poll_mail(cx) {
                 return Poll::Ready(Some(Heard::Mail));
@@ -602,11 +597,7 @@ async fn listen(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActo
             if rest.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Some(Heard::Quiet));
             }
-            let flush_now = flush_due
-                .as_mut()
-                .as_pin_mut()
-                .is_some_and(|due| due.poll(cx).is_ready());
-            if flush_now {
+            if passed(flush_due.as_mut(), cx) {
                 Poll::Ready(None)
             } else {
                 Poll::Pending
@@ -649,17 +640,11 @@ async fn await_turn(
     state: &mut ConversationActorState,
     mut work: TurnWork,
 ) -> (Option<SentReply>, bool) {
-    use std::future::Future;
     use std::task::Poll;
 
     let conversation = Arc::clone(&state.args.conversation);
     loop {
-        let mut flush_due = std::pin::pin!(
-            state
-                .flush_due
-                .filter(|_| state.snapshots_dirty)
-                .map(tokio::time::sleep_until)
-        );
+        let mut flush_due = std::pin::pin!(flush_deadline(state));
         let finished = std::future::poll_fn(|cx| {
             if let Poll::Ready(outcome) = work.as_mut().poll(cx) {
                 return Poll::Ready(Some(outcome));
@@ -667,11 +652,7 @@ async fn await_turn(
             if conversation.nudge.poll_nudged(cx) {
                 return Poll::Ready(None);
             }
-            let flush_now = flush_due
-                .as_mut()
-                .as_pin_mut()
-                .is_some_and(|due| due.poll(cx).is_ready());
-            if flush_now {
+            if passed(flush_due.as_mut(), cx) {
                 Poll::Ready(None)
             } else {
                 Poll::Pending
@@ -684,6 +665,26 @@ async fn await_turn(
         Box::pin(start_side_turns(myself, state)).await;
         flush_snapshots(state);
     }
+}
+
+/// The gathered snapshots' deadline, while there are some, for an actor that watches it itself
+/// (awaiting a turn, or listening).
+fn flush_deadline(state: &ConversationActorState) -> Option<tokio::time::Sleep> {
+    state
+        .flush_due
+        .filter(|_| state.snapshots_dirty)
+        .map(tokio::time::sleep_until)
+}
+
+/// Whether `deadline`, when there is one, has passed (`cx` is woken when it does).
+fn passed(
+    deadline: std::pin::Pin<&mut Option<tokio::time::Sleep>>,
+    cx: &mut std::task::Context<'_>,
+) -> bool {
+    use std::future::Future;
+    deadline
+        .as_pin_mut()
+        .is_some_and(|due| due.poll(cx).is_ready())
 }
 
 /// How a turn was begun.
