@@ -187,6 +187,43 @@ async fn an_invoke_is_answered_synchronously_with_the_bots_invoke_response() {
     );
 }
 
+/// An idle conversation's actor listens for its next activity in place, not in its mailbox:
+/// the end of an invoke run beside the turn order (a message to the actor) must bring it back to
+/// its mailbox at once, not when the conversation next rests.
+#[tokio::test]
+async fn an_invoke_beside_the_turn_order_ends_its_turn_while_the_conversation_listens() {
+    let (mock, router) = start("[conversation]\nrest_after_ms = 60000\n").await;
+    let client = http();
+    let url = router.callback_url("teams_prod");
+    let token = mock.token_for(APP_ID);
+    let message = personal_message(&mock, "a:listening", "m-1", "hello");
+    assert_eq!(post(&client, &url, Some(&token), &message).await.0, 200);
+    mock.wait_for_activities(1, Duration::from_secs(10)).await;
+    let turns = |scrape: &str| {
+        metric_value(scrape, "teams_router_turn_duration_seconds_count").unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while turns(&metrics(&router).await) < 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut invoke = fixture("invoke-adaptivecard-action.json");
+    invoke["serviceUrl"] = mock.service_url().into();
+    invoke["conversation"] = message["conversation"].clone();
+    invoke["from"] = message["from"].clone();
+    invoke["id"] = "click-1".into();
+    assert_eq!(post(&client, &url, Some(&token), &invoke).await.0, 200);
+    // The invoke's turn is finished (and counted) by the actor, once it reads its mailbox.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while turns(&metrics(&router).await) < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the invoke's turn was not finished within 5 s (the listening actor did not read \
+             its mailbox)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_redelivered_invoke_gets_the_original_invoke_response_concurrently_and_later() {
     let (mock, router) = start_counting("").await;
