@@ -556,7 +556,8 @@ fn stopping(state: &ConversationActorState) -> bool {
 enum Heard {
     /// Turns are queued.
     Work,
-    /// A message waits in the mailbox (nothing is queued: the mailbox is read next).
+    /// A message waits in the mailbox, which is read next (before what is queued, if anything:
+    /// a `Wake` follows the message then).
     Mail,
     /// Quiet for as long as the conversation may stay awake without resting.
     Quiet,
