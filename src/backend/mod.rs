@@ -436,7 +436,7 @@ mod tests {
     use super::*;
 
     fn activity(json: Value) -> TurnActivity {
-        serde_json::from_value(json).unwrap()
+        crate::activity::parse_turn(serde_json::to_vec(&json).unwrap().into()).unwrap()
     }
 
     #[tokio::test]
