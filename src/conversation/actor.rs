@@ -19,8 +19,8 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::admission::TurnPermit;
 use super::session::{
-    ConversationRecord, HistoryEntry, RESET_CONFIRMATION, Role, SESSION_COMMAND, Session,
-    SessionKey, conversation_key, is_reset_command, session_key, session_user,
+    ConversationRecord, Entry, RESET_CONFIRMATION, Role, SESSION_COMMAND, Session, SessionKey,
+    conversation_key, is_reset_command, session_key, session_user,
 };
 use super::{Conversation, ConversationSettings, Directory, Turn};
 use crate::activity::TurnActivity;
@@ -316,11 +316,11 @@ async fn finish_turn(
         (state.session.as_mut(), reply, turn.session_command)
     {
         session.record(
-            HistoryEntry {
+            Entry {
                 role: Role::Bot,
-                text: reply.text,
+                text: &reply.text,
                 at_ms: now_ms(),
-                id: reply.id,
+                id: reply.id.as_deref(),
             },
             persistence.limits,
         );
@@ -841,11 +841,11 @@ async fn begin_turn(
             say = Some(session.describe());
         } else {
             session.record(
-                HistoryEntry {
+                Entry {
                     role: Role::User,
-                    text: text.clone(),
+                    text: &text,
                     at_ms: now_ms(),
-                    id: Some(activity.id.clone()),
+                    id: Some(&activity.id),
                 },
                 limits,
             );
@@ -865,7 +865,7 @@ async fn begin_turn(
     let (session_id, history) = match &state.session {
         Some((key, session)) if reads_history => (
             format!("{}-{}", key.name, session.started_at_ms),
-            session.history.iter().cloned().collect(),
+            session.history.iter().map(Entry::owned).collect(),
         ),
         _ => (String::new(), Vec::new()),
     };

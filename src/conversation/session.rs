@@ -34,7 +34,145 @@ pub struct Session {
     pub expires_at_ms: u64,
     /// Turns run in this session.
     pub turns: u64,
-    pub history: VecDeque<HistoryEntry>,
+    pub history: History,
+}
+
+/// One entry of a [`History`], borrowed from it; also how each entry is encoded there and in the
+/// snapshot (postcard, every field always written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry<'a> {
+    pub role: Role,
+    pub text: &'a str,
+    pub at_ms: u64,
+    /// The user's activity id, or the id the Bot Connector gave the bot's reply.
+    pub id: Option<&'a str>,
+}
+
+impl Entry<'_> {
+    pub fn owned(self) -> HistoryEntry {
+        HistoryEntry {
+            role: self.role,
+            text: self.text.to_owned(),
+            at_ms: self.at_ms,
+            id: self.id.map(str::to_owned),
+        }
+    }
+}
+
+/// A session's history, oldest first, held the way its snapshot writes it: the entries encoded
+/// back to back in one buffer. Recording a turn appends to it and writing the snapshot copies it
+/// whole: no allocation per entry, and no entries scattered over the heap to gather at each write.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    encoded: Vec<u8>,
+    /// Where each entry begins in `encoded`; what lies before the first was dropped.
+    starts: VecDeque<usize>,
+    /// The entries' text bytes, for the byte bound.
+    text_bytes: usize,
+}
+
+impl History {
+    pub fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// The entries, oldest first.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = Entry<'_>> {
+        (0..self.starts.len()).filter_map(|at| self.entry(at))
+    }
+
+    fn entry(&self, at: usize) -> Option<Entry<'_>> {
+        let start = *self.starts.get(at)?;
+        let end = self
+            .starts
+            .get(at + 1)
+            .copied()
+            .unwrap_or(self.encoded.len());
+        let (entry, _) = codec::take::<Entry>(self.encoded.get(start..end)?).ok()?;
+        Some(entry)
+    }
+
+    /// Appends an entry, dropping the oldest ones beyond the limits.
+    pub fn push(&mut self, entry: Entry<'_>, limits: HistoryLimits) {
+        let start = self.encoded.len();
+        if codec::append(&entry, &mut self.encoded).is_err() {
+            return;
+        }
+        self.starts.push_back(start);
+        self.text_bytes += entry.text.len();
+        while self.starts.len() > limits.max_entries.max(1)
+            || (self.text_bytes > limits.max_bytes && self.starts.len() > 1)
+        {
+            let dropped = self.entry(0).map_or(0, |e| e.text.len());
+            self.starts.pop_front();
+            self.text_bytes = self.text_bytes.saturating_sub(dropped);
+        }
+        // What was dropped is reclaimed once it is most of the buffer: amortized O(1) per entry.
+        let first = self.starts.front().copied().unwrap_or(self.encoded.len());
+        if first > self.encoded.len() / 2 {
+            self.encoded.drain(..first);
+            for start in &mut self.starts {
+                *start -= first;
+            }
+        }
+    }
+
+    /// The live entries' encoding, back to back.
+    fn live(&self) -> &[u8] {
+        let first = self.starts.front().copied().unwrap_or(self.encoded.len());
+        self.encoded.get(first..).unwrap_or_default()
+    }
+
+    /// Reads `count` entries encoded back to back at the front of `bytes`, and what follows them.
+    fn read(count: u64, bytes: &[u8]) -> Result<(Self, &[u8]), CodecError> {
+        let mut history = Self::default();
+        let mut rest = bytes;
+        for _ in 0..count {
+            let (entry, after) = codec::take::<Entry>(rest)?;
+            history.starts.push_back(bytes.len() - rest.len());
+            history.text_bytes += entry.text.len();
+            rest = after;
+        }
+        history.encoded = bytes[..bytes.len() - rest.len()].to_vec();
+        Ok((history, rest))
+    }
+}
+
+impl PartialEq for History {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+/// As a list of entries (the form of sessions written as JSON before snapshots were binary).
+impl Serialize for History {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for History {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let entries = Vec::<HistoryEntry>::deserialize(deserializer)?;
+        let mut history = Self::default();
+        let unbounded = HistoryLimits {
+            max_entries: usize::MAX,
+            max_bytes: usize::MAX,
+        };
+        for entry in &entries {
+            history.push(
+                Entry {
+                    role: entry.role,
+                    text: &entry.text,
+                    at_ms: entry.at_ms,
+                    id: entry.id.as_deref(),
+                },
+                unbounded,
+            );
+        }
+        Ok(history)
+    }
 }
 
 /// Per conversation: the digests of the activities it answered (oldest first, see
@@ -74,53 +212,15 @@ impl ConversationRecord {
     }
 }
 
-/// A session as a snapshot holds it, borrowed from the session (nothing copied to write it).
-#[derive(Serialize)]
-struct StoringSession<'a> {
-    conversation_id: &'a str,
+/// A session's snapshot: these fields, then its history's entry count and entries (as postcard
+/// writes a struct with a list last, which is how it was written before the history was kept
+/// encoded).
+#[derive(Serialize, Deserialize)]
+struct SessionHead<'a> {
+    conversation_id: std::borrow::Cow<'a, str>,
     started_at_ms: u64,
     expires_at_ms: u64,
     turns: u64,
-    history: StoringHistory<'a>,
-}
-
-struct StoringHistory<'a>(&'a VecDeque<HistoryEntry>);
-
-impl Serialize for StoringHistory<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|entry| StoringEntry {
-            role: entry.role,
-            text: &entry.text,
-            at_ms: entry.at_ms,
-            id: entry.id.as_deref(),
-        }))
-    }
-}
-
-/// Every field always written: a binary encoding has no field names to skip by.
-#[derive(Serialize)]
-struct StoringEntry<'a> {
-    role: Role,
-    text: &'a str,
-    at_ms: u64,
-    id: Option<&'a str>,
-}
-
-#[derive(Deserialize)]
-struct StoredSession {
-    conversation_id: String,
-    started_at_ms: u64,
-    expires_at_ms: u64,
-    turns: u64,
-    history: VecDeque<StoredEntry>,
-}
-
-#[derive(Deserialize)]
-struct StoredEntry {
-    role: Role,
-    text: String,
-    at_ms: u64,
-    id: Option<String>,
 }
 
 /// `teams-conversation-{integrationId}-{conversationId}`
@@ -135,7 +235,7 @@ impl Session {
             started_at_ms: now_ms,
             expires_at_ms: now_ms.saturating_add(duration_ms),
             turns: 0,
-            history: VecDeque::new(),
+            history: History::default(),
         }
     }
 
@@ -149,16 +249,8 @@ impl Session {
     }
 
     /// Appends to the history, dropping the oldest entries beyond the limits.
-    pub fn record(&mut self, entry: HistoryEntry, limits: HistoryLimits) {
-        self.history.push_back(entry);
-        let mut bytes: usize = self.history.iter().map(|e| e.text.len()).sum();
-        while self.history.len() > limits.max_entries.max(1)
-            || (bytes > limits.max_bytes && self.history.len() > 1)
-        {
-            if let Some(dropped) = self.history.pop_front() {
-                bytes -= dropped.text.len();
-            }
-        }
+    pub fn record(&mut self, entry: Entry<'_>, limits: HistoryLimits) {
+        self.history.push(entry, limits);
     }
 
     /// The answer to [`SESSION_COMMAND`].
@@ -168,7 +260,7 @@ impl Session {
             .iter()
             .rev()
             .find(|e| e.role == Role::User)
-            .map(|e| e.text.as_str());
+            .map(|e| e.text);
         match last_user {
             Some(text) => format!(
                 "session: {} turns, {} messages remembered; your last message: \"{text}\"",
@@ -180,46 +272,34 @@ impl Session {
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        // Each entry: its text and id, plus a few bytes of lengths, role and time (varints).
-        let size = 64
-            + self.conversation_id.len()
-            + self
-                .history
-                .iter()
-                .map(|entry| 16 + entry.text.len() + entry.id.as_ref().map_or(0, String::len))
-                .sum::<usize>();
-        codec::encode_sized(
-            &StoringSession {
-                conversation_id: &self.conversation_id,
+        let entries = self.history.live();
+        let mut bytes = codec::encode_sized(
+            &SessionHead {
+                conversation_id: self.conversation_id.as_str().into(),
                 started_at_ms: self.started_at_ms,
                 expires_at_ms: self.expires_at_ms,
                 turns: self.turns,
-                history: StoringHistory(&self.history),
             },
-            size,
-        )
+            48 + self.conversation_id.len() + entries.len(),
+        )?;
+        codec::append(&(self.history.len() as u64), &mut bytes)?;
+        bytes.extend_from_slice(entries);
+        Ok(bytes)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
-        let Encoded::Binary(_) = codec::encoded(bytes) else {
+        let Encoded::Binary(rest) = codec::encoded(bytes) else {
             return codec::decode(bytes);
         };
-        let stored: StoredSession = codec::decode(bytes)?;
+        let (head, rest) = codec::take::<SessionHead>(rest)?;
+        let (count, rest) = codec::take::<u64>(rest)?;
+        let (history, _) = History::read(count, rest)?;
         Ok(Self {
-            conversation_id: stored.conversation_id,
-            started_at_ms: stored.started_at_ms,
-            expires_at_ms: stored.expires_at_ms,
-            turns: stored.turns,
-            history: stored
-                .history
-                .into_iter()
-                .map(|entry| HistoryEntry {
-                    role: entry.role,
-                    text: entry.text,
-                    at_ms: entry.at_ms,
-                    id: entry.id,
-                })
-                .collect(),
+            conversation_id: head.conversation_id.into_owned(),
+            started_at_ms: head.started_at_ms,
+            expires_at_ms: head.expires_at_ms,
+            turns: head.turns,
+            history,
         })
     }
 
@@ -287,10 +367,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn entry(text: &str) -> HistoryEntry {
-        HistoryEntry {
+    fn entry(text: &str) -> Entry<'_> {
+        Entry {
             role: Role::User,
-            text: text.into(),
+            text,
             at_ms: 0,
             id: None,
         }
@@ -307,14 +387,51 @@ mod tests {
             s.record(entry(t), limits);
         }
         assert_eq!(
-            s.history
-                .iter()
-                .map(|e| e.text.as_str())
-                .collect::<Vec<_>>(),
+            s.history.iter().map(|e| e.text).collect::<Vec<_>>(),
             ["bb", "cc", "dd"]
         );
         s.record(entry("0123456789"), limits);
         assert_eq!(s.history.len(), 1, "bytes bound keeps only what fits");
+    }
+
+    #[test]
+    fn a_long_history_keeps_its_newest_entries_in_a_bounded_buffer() {
+        let mut s = Session::new("c", 0, 1000);
+        let limits = HistoryLimits {
+            max_entries: 50,
+            max_bytes: 32 * 1024,
+        };
+        let texts: Vec<String> = (0..10_000).map(|n| format!("message {n}")).collect();
+        for (n, text) in texts.iter().enumerate() {
+            let id = n.to_string();
+            s.record(
+                Entry {
+                    role: if n % 2 == 0 { Role::User } else { Role::Bot },
+                    text,
+                    at_ms: n as u64,
+                    id: Some(&id),
+                },
+                limits,
+            );
+        }
+        let kept: Vec<_> = s.history.iter().map(|e| (e.text, e.at_ms)).collect();
+        let expected: Vec<_> = (9_950..10_000)
+            .map(|n| (texts[n].as_str(), n as u64))
+            .collect();
+        assert_eq!(kept, expected);
+        assert!(
+            s.history.encoded.len() < 2 * 50 * 32,
+            "{}",
+            s.history.encoded.len()
+        );
+        assert_eq!(
+            s.history.iter().next_back().and_then(|e| e.id),
+            Some("9999")
+        );
+        assert_eq!(
+            Session::decode(&s.encode().expect("encodes")).expect("reads"),
+            s
+        );
     }
 
     #[test]
@@ -327,7 +444,7 @@ mod tests {
         s.record(entry("x"), limits);
         s.turns = 3;
         let fresh = s.restart(500, 1000);
-        assert!(fresh.history.is_empty());
+        assert_eq!(fresh.history.len(), 0);
         assert_eq!(fresh.turns, 0);
         assert_eq!(fresh.expires_at_ms, 1500);
         assert!(!fresh.is_expired(1499) && fresh.is_expired(1500));
@@ -342,17 +459,34 @@ mod tests {
         };
         session.record(entry("say \"hi\"\n"), limits);
         session.record(
-            HistoryEntry {
+            Entry {
                 role: Role::Bot,
-                text: "hi".into(),
+                text: "hi",
                 at_ms: 12,
-                id: Some("1:reply".into()),
+                id: Some("1:reply"),
             },
             limits,
         );
         session.turns = 1;
         let bytes = session.encode().expect("encodes");
         assert_eq!(Session::decode(&bytes).expect("binary"), session);
+        // Written as the whole session was written before its history was kept encoded.
+        #[derive(Serialize)]
+        struct Before<'a> {
+            conversation_id: &'a str,
+            started_at_ms: u64,
+            expires_at_ms: u64,
+            turns: u64,
+            history: Vec<Entry<'a>>,
+        }
+        let before = Before {
+            conversation_id: "a:1",
+            started_at_ms: 10,
+            expires_at_ms: 1010,
+            turns: 1,
+            history: session.history.iter().collect(),
+        };
+        assert_eq!(codec::encode(&before).expect("encodes"), bytes);
         let json = serde_json::to_vec(&session).expect("json");
         assert!(
             bytes.len() < json.len(),

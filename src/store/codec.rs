@@ -56,6 +56,43 @@ impl postcard::ser_flavors::Flavor for Appending {
     }
 }
 
+/// Appends `value`'s encoding (without the tag) to `bytes`, or nothing if it does not encode:
+/// values written back to back, read one at a time by [`take`].
+pub fn append(value: &impl Serialize, bytes: &mut Vec<u8>) -> Result<(), CodecError> {
+    let before = bytes.len();
+    let written = postcard::serialize_with_flavor(value, AppendingTo(bytes));
+    if written.is_err() {
+        bytes.truncate(before);
+    }
+    Ok(written?)
+}
+
+/// [`Appending`] to a buffer the caller keeps.
+struct AppendingTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendingTo<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads one value written by [`append`] from the front of `bytes`, and what follows it.
+pub fn take<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8]), CodecError> {
+    Ok(postcard::take_from_bytes(bytes)?)
+}
+
 pub fn encoded(bytes: &[u8]) -> Encoded<'_> {
     match bytes.split_first() {
         Some((&BINARY, rest)) => Encoded::Binary(rest),
