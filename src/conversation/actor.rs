@@ -464,12 +464,12 @@ fn snapshot_puts(
     }
     if let Some((last_sequence, ttl)) = state.record {
         let name = conversation_key(&state.args.conversation.key.integration, conversation_id);
-        let record = ConversationRecord {
-            answered: state.args.conversation.state().dedup.answered(),
+        let encoded = ConversationRecord::encode_from(
+            state.args.conversation.state().dedup.answered(),
             last_sequence,
-        };
+        );
         push(
-            record.encode(),
+            encoded,
             key_of(SnapshotKind::Record, name, conversation_id),
             ttl,
         );

@@ -42,8 +42,9 @@ impl std::hash::Hasher for IdentityHasher {
 type DigestMap = HashMap<u64, bool, std::hash::BuildHasherDefault<IdentityHasher>>;
 
 pub struct DedupWindow {
-    /// Digests, oldest first.
-    order: VecDeque<u64>,
+    /// Digests, oldest first, each with whether its turn was answered (a snapshot reads them in
+    /// order, without a lookup each).
+    order: VecDeque<(u64, bool)>,
     /// Each digest in `order`, and whether its turn was answered.
     answered: DigestMap,
     capacity: usize,
@@ -79,7 +80,7 @@ impl DedupWindow {
         let digest = digest(activity_id);
         if self.answered.get(&digest) == Some(&false) {
             self.answered.remove(&digest);
-            self.order.retain(|d| *d != digest);
+            self.order.retain(|(d, _)| *d != digest);
         }
     }
 
@@ -90,16 +91,26 @@ impl DedupWindow {
 
     fn push(&mut self, digest: u64, answered: bool) {
         if let Some(was) = self.answered.get_mut(&digest) {
-            *was |= answered;
+            if answered && !*was {
+                *was = true;
+                self.mark_in_order(digest);
+            }
             return;
         }
         if self.order.len() == self.capacity
-            && let Some(oldest) = self.order.pop_front()
+            && let Some((oldest, _)) = self.order.pop_front()
         {
             self.answered.remove(&oldest);
         }
         self.answered.insert(digest, answered);
-        self.order.push_back(digest);
+        self.order.push_back((digest, answered));
+    }
+
+    /// Marks a digest answered in `order`: from the newest, where the turn just answered is.
+    fn mark_in_order(&mut self, digest: u64) {
+        if let Some((_, answered)) = self.order.iter_mut().rev().find(|(d, _)| *d == digest) {
+            *answered = true;
+        }
     }
 
     /// Adds the answered digests of a snapshot (oldest first). They are older than what this
@@ -107,21 +118,23 @@ impl DedupWindow {
     pub fn merge_answered(&mut self, stored: &[u64]) {
         for &digest in stored.iter().rev() {
             if let Some(was) = self.answered.get_mut(&digest) {
-                *was = true;
+                if !*was {
+                    *was = true;
+                    self.mark_in_order(digest);
+                }
             } else if self.order.len() < self.capacity {
                 self.answered.insert(digest, true);
-                self.order.push_front(digest);
+                self.order.push_front((digest, true));
             }
         }
     }
 
     /// The answered digests, oldest first: what a snapshot keeps.
-    pub fn answered(&self) -> Vec<u64> {
+    pub fn answered(&self) -> impl Iterator<Item = u64> + Clone + '_ {
         self.order
             .iter()
-            .copied()
-            .filter(|d| self.answered.get(d) == Some(&true))
-            .collect()
+            .filter(|(_, answered)| *answered)
+            .map(|(digest, _)| *digest)
     }
 }
 
@@ -143,7 +156,7 @@ mod tests {
         assert!(!window.contains("a"), "the oldest left");
         assert!(window.contains("b") && window.contains("c"));
         window.mark_answered("c");
-        assert_eq!(window.answered(), vec![digest("c")]);
+        assert_eq!(window.answered().collect::<Vec<_>>(), vec![digest("c")]);
     }
 
     #[test]
@@ -157,9 +170,17 @@ mod tests {
         window.merge_answered(&[digest("new")]);
         assert!(window.is_answered("new"), "answered elsewhere");
         assert_eq!(
-            window.answered(),
+            window.answered().collect::<Vec<_>>(),
             vec![digest("old-2"), digest("old-3"), digest("new")]
         );
+        window.forget("new");
+        assert!(
+            window.is_answered("new"),
+            "an answered one is not forgotten"
+        );
+        window.take("later");
+        window.mark_answered("later");
+        assert_eq!(window.answered().last(), Some(digest("later")));
     }
 
     #[test]

@@ -193,9 +193,43 @@ struct JsonRecord {
     last_sequence: u64,
 }
 
+/// A record as its snapshot writes it, its answered digests read straight from the window.
+#[derive(Serialize)]
+#[serde(bound = "")]
+struct StoringRecord<I: Iterator<Item = u64> + Clone> {
+    answered: Digests<I>,
+    last_sequence: u64,
+}
+
+struct Digests<I>(I);
+
+impl<I: Iterator<Item = u64> + Clone> Serialize for Digests<I> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.clone())
+    }
+}
+
 impl ConversationRecord {
-    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        codec::encode(self)
+    #[cfg(test)]
+    fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        Self::encode_from(self.answered.iter().copied(), self.last_sequence)
+    }
+
+    /// The snapshot of a record with these answered digests (oldest first), written without
+    /// collecting them first.
+    pub fn encode_from(
+        answered: impl Iterator<Item = u64> + Clone,
+        last_sequence: u64,
+    ) -> Result<Vec<u8>, CodecError> {
+        // A digest is ten bytes as a varint, at most.
+        let size = 16 + 10 * answered.clone().count();
+        codec::encode_sized(
+            &StoringRecord {
+                answered: Digests(answered),
+                last_sequence,
+            },
+            size,
+        )
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
@@ -502,6 +536,16 @@ mod tests {
         };
         let bytes = record.encode().expect("encodes");
         assert_eq!(ConversationRecord::decode(&bytes).expect("binary"), record);
+        #[derive(Serialize)]
+        struct RecordBefore<'a> {
+            answered: &'a [u64],
+            last_sequence: u64,
+        }
+        let before = RecordBefore {
+            answered: &record.answered,
+            last_sequence: 2,
+        };
+        assert_eq!(codec::encode(&before).expect("encodes"), bytes);
         let earlier = br#"{"handledIds":["1","2"],"lastSequence":2}"#;
         assert_eq!(
             ConversationRecord::decode(earlier).expect("json"),
