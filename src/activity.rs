@@ -4,7 +4,6 @@
 
 use std::cell::RefCell;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -50,21 +49,19 @@ thread_local! {
 
 /// Parses `body` once, owned, by simd-json: the request path checks and routes it through its
 /// [`TurnActivity::envelope`], and the turn reads it. The body is copied once into a per-thread
-/// buffer (simd-json rewrites its input), whose buffers are reused; the activity keeps the body
-/// itself (shared, not copied) for whoever needs it whole.
-pub fn parse_turn(body: Bytes) -> Result<TurnActivity, ParseError> {
-    let fields = SCRATCH.with(|cell| match cell.try_borrow_mut() {
+/// buffer (simd-json rewrites its input), whose buffers are reused.
+pub fn parse_turn(body: &[u8]) -> Result<TurnActivity, ParseError> {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => {
             let Scratch { bytes, buffers } = &mut *scratch;
             bytes.clear();
-            bytes.extend_from_slice(&body);
-            simd_json::serde::from_slice_with_buffers::<Fields>(bytes.as_mut_slice(), buffers)
+            bytes.extend_from_slice(body);
+            simd_json::serde::from_slice_with_buffers::<TurnActivity>(bytes.as_mut_slice(), buffers)
+                .map_err(|e| ParseError::Malformed(e.to_string()))
         }
-        Err(_) => simd_json::serde::from_slice::<Fields>(&mut body.to_vec()),
-    });
-    let Fields(mut activity) = fields.map_err(|e| ParseError::Malformed(e.to_string()))?;
-    activity.body = body;
-    Ok(activity)
+        Err(_) => simd_json::serde::from_slice::<TurnActivity>(&mut body.to_vec())
+            .map_err(|e| ParseError::Malformed(e.to_string())),
+    })
 }
 
 /// Arrays and objects an activity may nest at most. Teams' deepest payloads (Adaptive Cards in
@@ -113,65 +110,49 @@ pub fn admissible(body: &[u8]) -> Result<(), ParseError> {
     Ok(())
 }
 
-/// The activity a turn works on, owned: the fields the router reads, parsed once by
-/// [`parse_turn`], and the body Teams sent. Objects the reply echoes back (`from`, `recipient`,
-/// `conversation`) stay as JSON so that every field Teams sent is preserved. It serializes as
-/// the body, whole and as sent: what a webhook gets.
-#[derive(Debug, Clone)]
+/// The activity a turn works on, owned; parsed by the conversation actor, never on the request
+/// path. Objects the reply echoes back (`from`, `recipient`, `conversation`) stay as JSON so that
+/// every field Teams sent is preserved.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TurnActivity {
+    #[serde(rename = "type")]
     pub kind: String,
     pub id: String,
     pub service_url: String,
     pub channel_id: String,
     pub conversation: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locale: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entities: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members_added: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members_removed: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<Value>,
     /// `installationUpdate`: `add` or `remove` (and their `-upgrade` forms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel_data: Option<Value>,
-    /// The activity as Teams sent it (the request body, shared with it).
-    body: Bytes,
-    /// Whether it serializes without its attachments.
-    attachments_withheld: bool,
-}
-
-impl Serialize for TurnActivity {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::Error;
-        if self.attachments_withheld {
-            let mut whole: serde_json::Map<String, Value> =
-                serde_json::from_slice(&self.body).map_err(S::Error::custom)?;
-            whole.remove("attachments");
-            return whole.serialize(serializer);
-        }
-        let mut reader = serde_json::Deserializer::from_slice(&self.body);
-        let whole =
-            <&serde_json::value::RawValue>::deserialize(&mut reader).map_err(S::Error::custom)?;
-        whole.serialize(serializer)
-    }
+    /// Every other field Teams sent, so that a webhook gets the activity whole.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 impl TurnActivity {
-    /// The activity as Teams sent it.
-    pub fn body(&self) -> &Bytes {
-        &self.body
-    }
-
-    /// Drops the attachments, here and from the activity as serialized (an integration that
-    /// does not take them).
-    pub fn withhold_attachments(&mut self) {
-        self.attachments.clear();
-        self.attachments_withheld = true;
-    }
-
     /// An installation or membership update saying the bot is no longer here: the app
     /// uninstalled, the bot removed, the team or channel deleted.
     pub fn says_bot_left(&self) -> bool {
@@ -289,28 +270,25 @@ impl TurnActivity {
     }
 }
 
-/// The fields of an activity, without its body (which [`parse_turn`] adds).
-struct Fields(TurnActivity);
-
 /// One pass over the activity's fields: each known one is taken as it is read (a value of the
-/// wrong type for a lenient field is dropped), every other one is only checked to be JSON (the
-/// body keeps it). No intermediate map, no second pass.
-impl<'de> Deserialize<'de> for Fields {
+/// wrong type for a lenient field is dropped), every other one goes to `extra` as it is. No
+/// intermediate map, no second pass (`#[serde(flatten)]` would buffer the whole activity).
+impl<'de> Deserialize<'de> for TurnActivity {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(FieldsVisitor)
+        deserializer.deserialize_map(TurnActivityVisitor)
     }
 }
 
-struct FieldsVisitor;
+struct TurnActivityVisitor;
 
-impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
-    type Value = Fields;
+impl<'de> serde::de::Visitor<'de> for TurnActivityVisitor {
+    type Value = TurnActivity;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an activity object")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TurnActivity, A::Error> {
         use serde::de::Error;
         fn text(value: Value) -> Option<String> {
             match value {
@@ -347,24 +325,20 @@ impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
             attachments: Vec::new(),
             action: None,
             channel_data: None,
-            body: Bytes::new(),
-            attachments_withheld: false,
+            extra: serde_json::Map::new(),
         };
         // A field that routing or the request's checks read, given twice, is refused: which one
         // counts would be up to the parser (and to whatever parsed it before us). Any other key
         // given twice keeps its last value, as JSON parsers commonly do.
         let mut checked_seen = 0u8;
         while let Some(key) = map.next_key::<Key>()? {
-            if let Some(bit) = key
-                .0
-                .and_then(|name| CHECKED_FIELDS.iter().position(|f| *f == name))
-            {
+            if let Some(bit) = CHECKED_FIELDS.iter().position(|f| *f == key.0) {
                 if checked_seen & (1 << bit) != 0 {
                     return Err(A::Error::duplicate_field(CHECKED_FIELDS[bit]));
                 }
                 checked_seen |= 1 << bit;
             }
-            match key.0.unwrap_or_default() {
+            match key.0.as_ref() {
                 "type" => kind = Some(map.next_value::<String>()?),
                 "id" => id = Some(map.next_value::<String>()?),
                 "serviceUrl" => service_url = Some(map.next_value::<String>()?),
@@ -398,7 +372,8 @@ impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
                 "membersRemoved" => activity.members_removed = list(map.next_value()?),
                 "attachments" => activity.attachments = list(map.next_value()?),
                 _ => {
-                    map.next_value::<serde::de::IgnoredAny>()?;
+                    let value = map.next_value::<Value>()?;
+                    activity.extra.insert(key.0.into_owned(), value);
                 }
             }
         }
@@ -408,7 +383,7 @@ impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
         activity.service_url = service_url.unwrap_or_default();
         activity.channel_id = channel_id.unwrap_or_default();
         activity.conversation = conversation.unwrap_or_default();
-        Ok(Fields(activity))
+        Ok(activity)
     }
 }
 
@@ -492,11 +467,11 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
     }
 }
 
-/// A field name of an activity: a known one, without allocating (even when the parser hands it
-/// over unescaped in a scratch buffer), or none for any other one.
-struct Key(Option<&'static str>);
+/// A field name of an activity: a known one without allocating (even when the parser hands it
+/// over unescaped in a scratch buffer), any other one owned, for `extra`.
+struct Key(std::borrow::Cow<'static, str>);
 
-/// The fields [`FieldsVisitor`] takes by name, those of [`CHECKED_FIELDS`] first.
+/// The fields [`TurnActivityVisitor`] takes by name, those of [`CHECKED_FIELDS`] first.
 const KNOWN_FIELDS: &[&str] = &[
     "type",
     "id",
@@ -526,10 +501,12 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("a field name")
             }
             fn visit_str<E>(self, name: &str) -> Result<Key, E> {
-                Ok(Key(KNOWN_FIELDS
-                    .iter()
-                    .find(|known| **known == name)
-                    .copied()))
+                Ok(Key(
+                    match KNOWN_FIELDS.iter().find(|known| **known == name) {
+                        Some(known) => std::borrow::Cow::Borrowed(*known),
+                        None => std::borrow::Cow::Owned(name.to_owned()),
+                    },
+                ))
             }
         }
         deserializer.deserialize_identifier(KeyVisitor)
@@ -566,13 +543,9 @@ pub fn strip_mentions(text: &str, entities: &[Value], bot_id: Option<&str>) -> S
 mod tests {
     use super::*;
 
-    fn parse(body: impl AsRef<[u8]>) -> Result<TurnActivity, ParseError> {
-        parse_turn(Bytes::copy_from_slice(body.as_ref()))
-    }
-
     /// The envelope of one parse, handed to `f` (it borrows the parse).
     fn with_envelope<R>(body: &[u8], f: impl FnOnce(Result<Envelope<'_>, ParseError>) -> R) -> R {
-        match parse(body) {
+        match parse_turn(body) {
             Ok(activity) => f(activity.envelope()),
             Err(error) => f(Err(error)),
         }
@@ -584,14 +557,16 @@ mod tests {
     }
 
     #[test]
-    fn field_names_are_read_escaped_or_not_and_the_body_kept_whole() {
+    fn field_names_are_read_escaped_or_not_and_others_kept() {
         let body = br#"{"type":"message","id":"1","serviceUrl":"https://x/","channelId":"msteams","conversation":{"id":"a"},"te\u0078t":"hi","locale":"en","x-custom":{"k":1}}"#;
-        let activity = parse(body).expect("parses");
+        let activity = parse_turn(body).expect("parses");
         assert_eq!(activity.text.as_deref(), Some("hi"));
         assert_eq!(activity.locale.as_deref(), Some("en"));
-        let whole = serde_json::to_value(&activity).expect("serializes");
-        assert_eq!(whole["x-custom"], serde_json::json!({"k": 1}));
-        assert_eq!(whole["text"], "hi");
+        assert_eq!(
+            activity.extra.get("x-custom"),
+            Some(&serde_json::json!({"k": 1}))
+        );
+        assert_eq!(activity.extra.len(), 1);
     }
 
     #[test]
@@ -605,7 +580,7 @@ mod tests {
             }
             let body = std::fs::read(&path).expect("fixture");
             let sent: Value = serde_json::from_slice(&body).expect("fixture JSON");
-            let activity = parse(&body).expect("parses");
+            let activity = parse_turn(&body).expect("parses");
             // What a webhook gets.
             let whole = serde_json::to_value(&activity).expect("serializes");
             assert_eq!(whole, sent, "{}", path.display());
@@ -628,11 +603,11 @@ mod tests {
             let body = format!("{base}{extra}}}");
             let routable = with_envelope(body.as_bytes(), |e| e.is_ok());
             assert!(routable && admissible(body.as_bytes()).is_ok(), "{body}");
-            let turn = parse(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+            let turn = parse_turn(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
             assert_eq!(turn.id, "1");
         }
         let twice = format!("{base},\"text\":\"first\",\"text\":\"second\"}}");
-        let turn = parse(twice.as_bytes()).unwrap();
+        let turn = parse_turn(twice.as_bytes()).unwrap();
         assert_eq!(turn.text.as_deref(), Some("second"));
         let deep = format!("{base},\"value\":{}{}}}", "[".repeat(65), "]".repeat(65));
         assert_eq!(admissible(deep.as_bytes()), Err(ParseError::TooDeep));
@@ -780,7 +755,7 @@ mod tests {
             r#","conversation":{"id":"x"},"channelData":{"tenant":{"id":"a"},"tenant":{"id":"b"}}}"#,
         ] {
             let body = format!("{base}{twice}");
-            match parse(body.as_bytes()) {
+            match parse_turn(body.as_bytes()) {
                 Err(ParseError::Malformed(reason)) => {
                     assert!(reason.contains("duplicate"), "{body}: {reason}")
                 }
@@ -790,7 +765,7 @@ mod tests {
         let body = format!(
             r#"{base},"conversation":{{"id":"x"}},"channelData":{{"a":1,"a":2}},"locale":"x","locale":"y"}}"#
         );
-        let activity = parse(body.as_bytes()).unwrap();
+        let activity = parse_turn(body.as_bytes()).unwrap();
         assert_eq!(activity.locale.as_deref(), Some("y"));
         assert_eq!(activity.channel_data, Some(serde_json::json!({"a": 2})));
     }
@@ -812,7 +787,7 @@ mod tests {
     #[test]
     fn bot_mentions_are_stripped_everywhere_and_others_kept() {
         let body = fixture("channel-message-mention.json");
-        let activity = parse(&body).unwrap();
+        let activity = parse_turn(&body).unwrap();
         assert_eq!(activity.text_without_bot_mentions(), "reply to thread");
 
         let entities = vec![
@@ -829,7 +804,7 @@ mod tests {
     #[test]
     fn bot_added_is_detected_from_members_added() {
         let body = fixture("conversationupdate-membersadded-personal.json");
-        let mut activity = parse(&body).unwrap();
+        let mut activity = parse_turn(&body).unwrap();
         assert!(
             !activity.bot_was_added(),
             "placeholder ids differ in the fixture"

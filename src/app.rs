@@ -495,7 +495,7 @@ fn recover(directory: &Directory, journal: Option<&Journal>, entries: Vec<Journa
     metrics::counter!(crate::telemetry::JOURNAL_RECOVERED).increment(entries.len() as u64);
     for entry in entries {
         let integration: Arc<str> = entry.integration.as_str().into();
-        let activity = match crate::activity::parse_turn(bytes::Bytes::from(entry.body)) {
+        let activity = match crate::activity::parse_turn(entry.body.as_bytes()) {
             Ok(activity) => Box::new(activity),
             // Journaled after the same parse succeeded: only a damaged entry gets here.
             Err(error) => {

@@ -646,7 +646,7 @@ impl Front {
     ) -> Result<Routed, Rejection> {
         // Before the parse: nesting is bounded before any parser walks it.
         admissible(&body).map_err(Rejection::parse)?;
-        let activity = Box::new(parse_turn(body.clone()).map_err(Rejection::parse)?);
+        let activity = Box::new(parse_turn(&body).map_err(Rejection::parse)?);
         let target = {
             let envelope = activity.envelope().map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
@@ -910,7 +910,7 @@ impl Front {
                     };
                     let activity = match kept {
                         Some(activity) => activity,
-                        None => Box::new(parse_turn(body.clone()).map_err(Rejection::parse)?),
+                        None => Box::new(parse_turn(&body).map_err(Rejection::parse)?),
                     };
                     self.route(integration, target, activity, None, ticket)
                 }

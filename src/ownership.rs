@@ -633,7 +633,7 @@ impl Owner {
             Arc::clone(lease),
             entry.id.clone(),
         ));
-        let activity = match crate::activity::parse_turn(entry.body.clone()) {
+        let activity = match crate::activity::parse_turn(&entry.body) {
             Ok(activity) => Box::new(activity),
             // Appended after the same parse succeeded: only a damaged entry gets here.
             Err(error) => {

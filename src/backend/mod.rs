@@ -436,7 +436,7 @@ mod tests {
     use super::*;
 
     fn activity(json: Value) -> TurnActivity {
-        crate::activity::parse_turn(serde_json::to_vec(&json).unwrap().into()).unwrap()
+        serde_json::from_value(json).unwrap()
     }
 
     #[tokio::test]

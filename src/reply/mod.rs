@@ -175,7 +175,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
     observe(&args);
     if !args.integration.record.attachments {
-        args.activity.withhold_attachments();
+        args.activity.attachments.clear();
     }
     if let Some(fixed) = args.say.take() {
         let message = outbound_message(&args.activity, &fixed, Vec::new());
