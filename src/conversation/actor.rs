@@ -30,7 +30,8 @@ use crate::reply::{ReplyActor, ReplyArgs, ReplyServices, SentReply, TurnWork};
 use crate::store::partitions::SnapshotKind;
 use crate::store::{Put, Receipt, now_ms};
 use crate::telemetry::{
-    ACTIVITIES_DUPLICATE, PARTITION_FENCED, PARTITION_TURNS_DROPPED, TURN_DURATION, TURNS_FAILED,
+    ACTIVITIES_DUPLICATE, PARTITION_FENCED, PARTITION_TURNS_DROPPED, SNAPSHOT_FAILURES,
+    TURN_DURATION, TURNS_FAILED,
 };
 
 #[derive(Debug)]
@@ -454,7 +455,10 @@ fn snapshot_puts(
                 ttl,
             }),
             // Not a queue problem: keeping the conversation in memory would not make it serialize.
-            Err(error) => tracing::error!(%error, "snapshot does not serialize"),
+            Err(error) => {
+                counter!(SNAPSHOT_FAILURES).increment(1);
+                tracing::error!(%error, "snapshot does not serialize");
+            }
         }
     };
     if let Some((key, session)) = &state.session {

@@ -203,9 +203,16 @@ struct StoringRecord<I: Iterator<Item = u64> + Clone> {
 
 struct Digests<I>(I);
 
+/// Counted first: postcard writes a list's length before it, and a filtered window does not
+/// know its length.
 impl<I: Iterator<Item = u64> + Clone> Serialize for Digests<I> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.clone())
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0.clone().count()))?;
+        for digest in self.0.clone() {
+            seq.serialize_element(&digest)?;
+        }
+        seq.end()
     }
 }
 
@@ -546,6 +553,16 @@ mod tests {
             last_sequence: 2,
         };
         assert_eq!(codec::encode(&before).expect("encodes"), bytes);
+        // Straight from a window, whose answered digests are a filter of what it took.
+        let mut window = super::super::dedup::DedupWindow::new(8);
+        for id in ["1", "skipped", "2"] {
+            window.take(id);
+        }
+        window.mark_answered("1");
+        window.mark_answered("2");
+        let from_window =
+            ConversationRecord::encode_from(window.answered(), 2).expect("encodes from a window");
+        assert_eq!(from_window, bytes);
         let earlier = br#"{"handledIds":["1","2"],"lastSequence":2}"#;
         assert_eq!(
             ConversationRecord::decode(earlier).expect("json"),
