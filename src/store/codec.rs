@@ -31,46 +31,26 @@ pub fn encode(value: &impl Serialize) -> Result<Vec<u8>, CodecError> {
 pub fn encode_sized(value: &impl Serialize, capacity: usize) -> Result<Vec<u8>, CodecError> {
     let mut bytes = Vec::with_capacity(capacity);
     bytes.push(BINARY);
-    Ok(postcard::serialize_with_flavor(value, Appending(bytes))?)
-}
-
-/// Appends to a `Vec` a slice at a time: postcard's own `ExtendFlavor` pushes strings byte by
-/// byte, which made encoding a session's history the costliest step of a turn.
-struct Appending(Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for Appending {
-    type Output = Vec<u8>;
-
-    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
-        self.0.push(byte);
-        Ok(())
-    }
-
-    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(bytes);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<Vec<u8>> {
-        Ok(self.0)
-    }
+    append(value, &mut bytes)?;
+    Ok(bytes)
 }
 
 /// Appends `value`'s encoding (without the tag) to `bytes`, or nothing if it does not encode:
 /// values written back to back, read one at a time by [`take`].
 pub fn append(value: &impl Serialize, bytes: &mut Vec<u8>) -> Result<(), CodecError> {
     let before = bytes.len();
-    let written = postcard::serialize_with_flavor(value, AppendingTo(bytes));
+    let written = postcard::serialize_with_flavor(value, Appending(bytes));
     if written.is_err() {
         bytes.truncate(before);
     }
     Ok(written?)
 }
 
-/// [`Appending`] to a buffer the caller keeps.
-struct AppendingTo<'a>(&'a mut Vec<u8>);
+/// Appends to a `Vec` a slice at a time: postcard's own `ExtendFlavor` pushes strings byte by
+/// byte, which made encoding a session's history the costliest step of a turn.
+struct Appending<'a>(&'a mut Vec<u8>);
 
-impl postcard::ser_flavors::Flavor for AppendingTo<'_> {
+impl postcard::ser_flavors::Flavor for Appending<'_> {
     type Output = ();
 
     fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
