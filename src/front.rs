@@ -450,7 +450,7 @@ impl DeadlineAnswer {
         match envelope.name {
             Some("adaptiveCard/action") => Self::ErrorCard,
             Some(TOKEN_EXCHANGE) => {
-                Self::ExchangeFailed(ExchangeRequest::from_value(activity.value.as_ref()))
+                Self::ExchangeFailed(ExchangeRequest::from_value(activity.value().as_ref()))
             }
             _ => Self::NotImplemented,
         }
@@ -650,7 +650,7 @@ impl Front {
         let target = {
             let envelope = activity.envelope().map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
-            self.check_tenant(integration, &envelope, activity.action.as_deref())
+            self.check_tenant(integration, &envelope, activity.action())
                 .await?;
             if matches!(envelope.kind, "installationUpdate" | "conversationUpdate") {
                 self.note_installation(integration, &activity);
@@ -745,19 +745,16 @@ impl Front {
             return;
         };
         // In a personal chat, the user's address goes with the chat's.
-        let user = activity
-            .is_personal()
-            .then(|| activity.from_field("id"))
-            .flatten();
+        let user = activity.is_personal().then(|| activity.from_id()).flatten();
+        let team_ids: Vec<&str> = teams.iter().map(String::as_str).collect();
         self.addresses.set_installed(
             &integration.id,
-            &teams,
-            conversation,
+            &team_ids,
+            conversation.as_deref(),
             user,
             status == Reachability::Active,
         );
-        let owned_teams: Vec<String> = teams.into_iter().map(str::to_owned).collect();
-        let conversation = conversation.map(str::to_owned);
+        let owned_teams = teams;
         let (destinations, integration) =
             (Arc::clone(&self.destinations), Arc::clone(&integration.id));
         tokio::spawn(async move {
@@ -1107,33 +1104,23 @@ fn sender_allowed(integration: &Integration, envelope: &Envelope<'_>) -> bool {
 /// both its ids), the conversation, and whether the bot is there.
 fn installation_change(
     activity: &TurnActivity,
-) -> Option<(Vec<&str>, Option<&str>, Reachability, &'static str)> {
-    let channel_data = activity.channel_data.as_ref();
+) -> Option<(Vec<String>, Option<String>, Reachability, &'static str)> {
+    let channel_data = activity.channel_data();
     let text = |pointer: &str| {
         channel_data
+            .as_ref()
             .and_then(|d| d.pointer(pointer))
             .and_then(|v| v.as_str())
             .filter(|v| !v.is_empty())
+            .map(str::to_owned)
     };
-    let team_ids: Vec<&str> = [text("/team/id"), text("/team/aadGroupId")]
+    let team_ids: Vec<String> = [text("/team/id"), text("/team/aadGroupId")]
         .into_iter()
         .flatten()
         .collect();
-    let conversation = Some(activity.conversation_id());
-    let bot = activity
-        .recipient
-        .as_ref()
-        .and_then(|r| r.get("id"))
-        .and_then(|id| id.as_str());
-    let lists_bot = |members: &[serde_json::Value]| {
-        bot.is_some_and(|bot| {
-            members
-                .iter()
-                .any(|m| m.get("id").and_then(|id| id.as_str()) == Some(bot))
-        })
-    };
-    match activity.kind.as_str() {
-        "installationUpdate" => match activity.action.as_deref() {
+    let conversation = Some(activity.conversation_id().to_owned());
+    match activity.kind() {
+        "installationUpdate" => match activity.action() {
             Some(action) if action.starts_with("remove") => Some((
                 team_ids,
                 conversation,
@@ -1145,7 +1132,7 @@ fn installation_change(
             }
             _ => None,
         },
-        "conversationUpdate" => match text("/eventType") {
+        "conversationUpdate" => match activity.event_type().filter(|e| !e.is_empty()) {
             Some("teamDeleted") => Some((
                 team_ids,
                 None,
@@ -1162,13 +1149,13 @@ fn installation_change(
             Some("channelRestored") => {
                 Some((Vec::new(), text("/channel/id"), Reachability::Active, ""))
             }
-            _ if lists_bot(&activity.members_removed) => Some((
+            _ if activity.bot_was_removed() => Some((
                 team_ids,
                 conversation,
                 Reachability::NotInstalled,
                 "the bot was removed (conversationUpdate membersRemoved)",
             )),
-            _ if lists_bot(&activity.members_added) => {
+            _ if activity.lists_bot_added() => {
                 Some((team_ids, conversation, Reachability::Active, ""))
             }
             _ => None,

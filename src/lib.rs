@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | [`front`] | hyper server, routes, body limit, status codes, admission | activity, auth, backend, config, connector, conversation, ledger, notify, ownership, registry, reply, store, telemetry |
 //! | [`auth`] | Bot Connector JWT verification, OpenID/JWKS cache, verified-token cache, clouds | clock, recent, records, telemetry |
-//! | [`activity`] | the borrowed simd-json envelope on the request path; the owned turn activity and mention stripping off it | – |
+//! | [`activity`] | the one parse on the request path (borrowed, the body copied once, fields kept as positions in it) and its envelope; mention stripping | – |
 //! | [`conversation`] | one supervised actor per (integration, conversation): dedup, ordering, sessions, passivation | activity, backend, clock, config, registry, reply, store, telemetry |
 //! | [`reply`] | one turn: asks the [`backend`], streams or sends through the [`connector`] | activity, backend, clock, config, connector, ledger, records, registry, telemetry |
 //! | [`backend`] | the bot's brain: echo, webhook, OpenAI-compatible model; outbound policy | activity, clock, records |

@@ -334,7 +334,7 @@ impl Backend {
                     .await
             }
             // A model answers messages; other activities (invokes, reactions) get nothing.
-            Self::OpenAi(_) if input.activity.kind != "message" => Ok(Answer::default()),
+            Self::OpenAi(_) if input.activity.kind() != "message" => Ok(Answer::default()),
             Self::OpenAi(model) => {
                 client.screen("baseUrl", &model.base_url)?;
                 model
@@ -371,15 +371,15 @@ async fn stream_words(text: &str, delay: Option<Duration>, deltas: &Deltas) {
 /// Echo answers a message with `echo: <text>` (bot mentions stripped), a card submission with its
 /// data, and a card action with a short message.
 fn echo(activity: &TurnActivity, text: &str) -> Answer {
-    match activity.kind.as_str() {
+    match activity.kind() {
         "message" => {
             let said = if !text.is_empty() {
                 Some(text.to_owned())
             } else {
-                activity.value.as_ref().map(Value::to_string)
+                activity.value().as_ref().map(Value::to_string)
             };
             // Attachments reach the backend only when the integration allows them.
-            let attached = match activity.attachments.len() {
+            let attached = match activity.attachment_count() {
                 0 => String::new(),
                 1 => " [1 attachment]".to_owned(),
                 n => format!(" [{n} attachments]"),
@@ -392,10 +392,10 @@ fn echo(activity: &TurnActivity, text: &str) -> Answer {
             Answer::text(said.map(|s| format!("echo: {s}")))
         }
         "invoke" => {
-            let body = match activity.name.as_deref() {
+            let body = match activity.name() {
                 Some("adaptiveCard/action") => {
                     let data = activity
-                        .value
+                        .value()
                         .as_ref()
                         .and_then(|v| v.get("action"))
                         .and_then(|a| a.get("data"))
@@ -436,7 +436,7 @@ mod tests {
     use super::*;
 
     fn activity(json: Value) -> TurnActivity {
-        serde_json::from_value(json).unwrap()
+        TurnActivity::of_json(&json)
     }
 
     #[tokio::test]

@@ -77,25 +77,21 @@ fn ok_status() -> u16 {
 /// `channelData.eventType` for conversation updates (channelCreated, teamRenamed, ...), the
 /// member changes, an installation's action, an invoke's or event's name.
 fn event_of(activity: &crate::activity::TurnActivity) -> Value {
-    let mut event = json!({"type": activity.kind});
-    let channel_event = activity
-        .channel_data
-        .as_ref()
-        .and_then(|c| c.get("eventType"))
-        .and_then(Value::as_str);
+    let mut event = json!({"type": activity.kind()});
+    let channel_event = activity.event_type();
     if let Some(kind) = channel_event {
         event["eventType"] = json!(kind);
     }
-    if !activity.members_added.is_empty() {
-        event["membersAdded"] = json!(activity.members_added.len());
+    if !activity.members_added().is_empty() {
+        event["membersAdded"] = json!(activity.members_added().len());
     }
-    if !activity.members_removed.is_empty() {
-        event["membersRemoved"] = json!(activity.members_removed.len());
+    if !activity.members_removed().is_empty() {
+        event["membersRemoved"] = json!(activity.members_removed().len());
     }
-    if let Some(action) = &activity.action {
+    if let Some(action) = activity.action() {
         event["action"] = json!(action);
     }
-    if let Some(name) = &activity.name {
+    if let Some(name) = activity.name() {
         event["name"] = json!(name);
     }
     event

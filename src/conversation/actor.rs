@@ -739,7 +739,7 @@ async fn begin_turn(
         // If the partition comes back here, it is offered again and must not pass for a
         // redelivery.
         counter!(PARTITION_TURNS_DROPPED).increment(1);
-        state.args.conversation.state().dedup.forget(&activity.id);
+        state.args.conversation.state().dedup.forget(activity.id());
         entry.left_pending();
         invoke.take();
         drop(receipt.take());
@@ -811,7 +811,7 @@ async fn begin_turn(
         .conversation
         .state()
         .dedup
-        .is_answered(&activity.id)
+        .is_answered(activity.id())
     {
         // A redelivery that slipped past the in-memory window (after a restart or failover).
         counter!(ACTIVITIES_DUPLICATE).increment(1);
@@ -835,7 +835,7 @@ async fn begin_turn(
 
     let limits = state.args.settings.persistence.limits;
     let mut say = None;
-    if activity.kind == "message"
+    if activity.kind() == "message"
         && let Some((_, session)) = state.session.as_mut()
     {
         if is_reset_command(&text) {
@@ -849,7 +849,7 @@ async fn begin_turn(
                     role: Role::User,
                     text: &text,
                     at_ms: now_ms(),
-                    id: Some(&activity.id),
+                    id: Some(activity.id()),
                 },
                 limits,
             );
@@ -857,7 +857,7 @@ async fn begin_turn(
         }
     }
     let session_command = say.is_some();
-    let activity_id = activity.id.clone();
+    let activity_id = activity.id().to_owned();
     // Only a backend that reads the history gets the session's id and a copy of its history
     // (the running turn holds it while this actor records the next).
     let reads_history = state
@@ -881,11 +881,11 @@ async fn begin_turn(
     // The bot removed from here teaches nothing, and the next activity (an installation)
     // teaches the addresses again.
     let bot_left = activity.says_bot_left();
-    let learn_addresses = activity.recipient.is_some()
+    let learn_addresses = activity.has_recipient()
         && !bot_left
-        && state.addresses_learned_from.as_deref() != Some(activity.service_url.as_str());
+        && state.addresses_learned_from.as_deref() != Some(activity.service_url());
     if learn_addresses {
-        state.addresses_learned_from = Some(activity.service_url.clone());
+        state.addresses_learned_from = Some(activity.service_url().to_owned());
     } else if bot_left {
         state.addresses_learned_from = None;
     }

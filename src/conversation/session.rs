@@ -376,14 +376,11 @@ pub fn session_key(integration: &str, activity: &TurnActivity) -> SessionKey {
 /// Whose session an activity belongs to: its sender's in a personal chat, else (`None`) its
 /// conversation's. Within one conversation this alone tells two sessions apart.
 pub fn session_user(activity: &TurnActivity) -> Option<&str> {
-    let personal = match activity
-        .conversation
-        .get("conversationType")
-        .and_then(|t| t.as_str())
-    {
+    let personal = match activity.conversation_type() {
         Some(kind) => kind == "personal",
+        // Rare (Teams gives the type): the conversation is read again for `isGroup`.
         None => !activity
-            .conversation
+            .conversation()
             .get("isGroup")
             .and_then(|g| g.as_bool())
             .unwrap_or(false),
@@ -391,12 +388,7 @@ pub fn session_user(activity: &TurnActivity) -> Option<&str> {
     if !personal {
         return None;
     }
-    activity
-        .from
-        .as_ref()
-        .and_then(|f| f.get("id"))
-        .and_then(|id| id.as_str())
-        .filter(|id| !id.is_empty())
+    activity.from_id().filter(|id| !id.is_empty())
 }
 
 pub fn is_reset_command(text: &str) -> bool {
@@ -573,19 +565,17 @@ mod tests {
 
     #[test]
     fn keys_follow_the_contract() {
-        let personal: TurnActivity = serde_json::from_value(json!({
+        let personal = TurnActivity::of_json(&json!({
             "type": "message", "id": "1", "serviceUrl": "s", "channelId": "msteams",
             "conversation": {"id": "a:1", "conversationType": "personal"}, "from": {"id": "29:u"}
-        }))
-        .unwrap();
+        }));
         assert_eq!(session_key("i", &personal).name, "teams-session-i-29:u");
         assert_eq!(session_key("i", &personal).user.as_deref(), Some("29:u"));
-        let channel: TurnActivity = serde_json::from_value(json!({
+        let channel = TurnActivity::of_json(&json!({
             "type": "message", "id": "1", "serviceUrl": "s", "channelId": "msteams",
             "conversation": {"id": "19:c@thread.tacv2", "conversationType": "channel", "isGroup": true},
             "from": {"id": "29:u"}
-        }))
-        .unwrap();
+        }));
         assert_eq!(
             session_key("i", &channel),
             SessionKey {

@@ -199,7 +199,7 @@ impl AddressBook {
     /// Learns where the activity's conversation, sender (in a personal chat), channel, team and
     /// tenant can be reached. Only a new or changed address is written to the store.
     pub fn learn(self: &Arc<Self>, integration: &str, activity: &TurnActivity) {
-        let Some(bot) = &activity.recipient else {
+        let Some(bot) = activity.recipient() else {
             return;
         };
         // What says the bot left teaches no address (and must not make one reachable again).
@@ -207,17 +207,17 @@ impl AddressBook {
             return;
         }
         let tenant = activity.tenant_id().map(str::to_owned);
-        let bot = CompactJson::of(bot);
+        let bot = CompactJson::of(&bot);
         let address = |key: String, conversation: Option<&CompactJson>| Address {
             integration_id: integration.to_owned(),
             key,
-            service_url: activity.service_url.clone(),
+            service_url: activity.service_url().to_owned(),
             tenant_id: tenant.clone(),
             bot: bot.clone(),
             conversation: conversation.cloned(),
             not_installed: false,
         };
-        let compact = CompactJson::of(&activity.conversation);
+        let compact = CompactJson::of(&activity.conversation());
         let conversation = Some(&compact);
         let by_conversation = address(format!("conv:{}", activity.conversation_id()), conversation);
         // A conversation seen before from the same address taught the rest already.
@@ -230,20 +230,18 @@ impl AddressBook {
         }
         let mut learned = vec![by_conversation];
         if activity.is_personal() {
-            for user in [
-                activity.from_field("id"),
-                activity.from_field("aadObjectId"),
-            ]
-            .into_iter()
-            .flatten()
-            .filter(|u| !u.is_empty())
+            for user in [activity.from_id(), activity.from_aad_object_id()]
+                .into_iter()
+                .flatten()
+                .filter(|u| !u.is_empty())
             {
                 learned.push(address(format!("user:{user}"), conversation));
             }
         }
-        let channel_data = activity.channel_data.as_ref();
+        let channel_data = activity.channel_data();
         for pointer in ["/channel/id", "/team/id"] {
             if let Some(id) = channel_data
+                .as_ref()
                 .and_then(|c| c.pointer(pointer))
                 .and_then(Value::as_str)
             {

@@ -35,10 +35,10 @@ pub struct ExchangeRequest {
 impl ExchangeRequest {
     /// The request of a `signin/tokenExchange` invoke (`None` for anything else).
     pub fn of(activity: &TurnActivity) -> Option<Self> {
-        if activity.kind != "invoke" || activity.name.as_deref() != Some(TOKEN_EXCHANGE) {
+        if activity.kind() != "invoke" || activity.name() != Some(TOKEN_EXCHANGE) {
             return None;
         }
-        Some(Self::from_value(activity.value.as_ref()))
+        Some(Self::from_value(activity.value().as_ref()))
     }
 
     pub fn from_value(value: Option<&Value>) -> Self {

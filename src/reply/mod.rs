@@ -14,7 +14,7 @@ use metrics::{counter, histogram};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Value, json};
 
-use crate::activity::TurnActivity;
+use crate::activity::{TurnActivity, Verbatim};
 use crate::backend::{
     Answer, Backend, BackendClient, Deltas, HistoryEntry, InvokeReply, TurnInput,
 };
@@ -118,7 +118,7 @@ impl Actor for ReplyActor {
 pub fn streams(args: &ReplyArgs) -> bool {
     deliverable(args)
         && args.integration.record.stream
-        && args.activity.kind == "message"
+        && args.activity.kind() == "message"
         && args.activity.is_personal()
 }
 
@@ -175,7 +175,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
     observe(&args);
     if !args.integration.record.attachments {
-        args.activity.attachments.clear();
+        args.activity.hide_attachments();
     }
     if let Some(fixed) = args.say.take() {
         let message = outbound_message(&args.activity, &fixed, Vec::new());
@@ -233,7 +233,7 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
         // Like the SDKs' typing middleware: a user waiting for an answer sees the bot typing
         // (Teams shows it for a few seconds), a quick answer comes without one.
         let typing = async {
-            if args.activity.kind != "message" || !deliverable {
+            if args.activity.kind() != "message" || !deliverable {
                 return std::future::pending().await;
             }
             let settings = &args.services.streaming;
@@ -284,7 +284,7 @@ async fn run_turn(mut args: ReplyArgs) -> Option<SentReply> {
                 let message = outbound_message(&args.activity, NOTHING_TO_SAY, Vec::new());
                 finish_stream(&args, stream, message, NOTHING_TO_SAY.into()).await
             } else {
-                tracing::debug!(integration = %args.integration.id, kind = %args.activity.kind, "nothing to answer");
+                tracing::debug!(integration = %args.integration.id, kind = %args.activity.kind(), "nothing to answer");
                 None
             }
         }
@@ -314,7 +314,7 @@ fn route(args: &ReplyArgs) -> Route<'_> {
     Route {
         credentials: args.integration.credentials.as_deref(),
         tenant: args.activity.tenant_id(),
-        service_url: &args.activity.service_url,
+        service_url: args.activity.service_url(),
         conversation_id: args.activity.conversation_id(),
         budget_percent: 100,
     }
@@ -354,7 +354,7 @@ async fn finish_stream(
             args.services.events.record(
                 &args.integration.id,
                 EventDraft::new("stream.cancelled")
-                    .activity(&args.activity.kind, &args.activity.id)
+                    .activity(args.activity.kind(), args.activity.id())
                     .message("the user stopped the streamed answer"),
             );
             None
@@ -364,7 +364,7 @@ async fn finish_stream(
             args.services.events.record(
                 &args.integration.id,
                 EventDraft::new("stream.fallback")
-                    .activity(&args.activity.kind, &args.activity.id)
+                    .activity(args.activity.kind(), args.activity.id())
                     .message(reason),
             );
             send_message(args, message, text).await
@@ -382,7 +382,12 @@ async fn follow_up(args: &ReplyArgs, answer: Answer) {
     for extra in answer.activities {
         let activity = addressed(&args.activity, extra);
         if let Err(error) = connector
-            .send(route, Some(&args.activity.id), &activity, Delivery::Retried)
+            .send(
+                route,
+                Some(args.activity.id()),
+                &activity,
+                Delivery::Retried,
+            )
             .await
         {
             connector_failed(args, &error);
@@ -408,7 +413,7 @@ async fn follow_up(args: &ReplyArgs, answer: Answer) {
 }
 
 fn deliverable(args: &ReplyArgs) -> bool {
-    !args.integration.is_development() || is_loopback_url(&args.activity.service_url)
+    !args.integration.is_development() || is_loopback_url(args.activity.service_url())
 }
 
 fn delivery_allowed(args: &ReplyArgs) -> bool {
@@ -428,7 +433,7 @@ fn connector_failed(args: &ReplyArgs, error: &ConnectorError) {
     args.services.events.record(
         &args.integration.id,
         EventDraft::new("connector.error")
-            .activity(&args.activity.kind, &args.activity.id)
+            .activity(args.activity.kind(), args.activity.id())
             .message(error.to_string()),
     );
 }
@@ -441,16 +446,16 @@ fn observe(args: &ReplyArgs) {
     if let Some(addresses) = services.addresses.as_ref().filter(|_| args.learn_addresses) {
         addresses.learn(&integration.record.id, activity);
     }
-    match activity.kind.as_str() {
+    match activity.kind() {
         "message" | "invoke" | "messageReaction" if integration.record.contact_collection => {
-            if let (Some(contacts), Some(user)) = (&services.contacts, activity.from_field("id")) {
+            if let (Some(contacts), Some(user)) = (&services.contacts, activity.from_id()) {
                 contacts.touch(
                     &integration.owner.account,
                     &integration.record.id,
                     &Sender {
                         teams_user_id: user,
-                        aad_object_id: activity.from_field("aadObjectId"),
-                        name: activity.from_field("name"),
+                        aad_object_id: activity.from_aad_object_id(),
+                        name: activity.from_name(),
                         tenant_id: activity.tenant_id(),
                     },
                 );
@@ -459,11 +464,11 @@ fn observe(args: &ReplyArgs) {
         "conversationUpdate" => services.events.record(
             &integration.id,
             EventDraft::new("conversationUpdate")
-                .activity(&activity.kind, &activity.id)
+                .activity(activity.kind(), activity.id())
                 .message(format!(
                     "members added: {}, removed: {}{}",
-                    activity.members_added.len(),
-                    activity.members_removed.len(),
+                    activity.members_added().len(),
+                    activity.members_removed().len(),
                     if activity.bot_was_added() {
                         " (the bot was added)"
                     } else {
@@ -474,8 +479,13 @@ fn observe(args: &ReplyArgs) {
         "installationUpdate" => services.events.record(
             &integration.id,
             EventDraft::new("installationUpdate")
-                .activity(&activity.kind, &activity.id)
-                .reason(activity.action.clone().unwrap_or_else(|| "unknown".into())),
+                .activity(activity.kind(), activity.id())
+                .reason(
+                    activity
+                        .action()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| "unknown".into()),
+                ),
         ),
         _ => {}
     }
@@ -521,14 +531,14 @@ async fn answer(args: &ReplyArgs, deltas: &Deltas) -> Answer {
             args.services.events.record(
                 &integration.id,
                 EventDraft::new("backend.error")
-                    .activity(&args.activity.kind, &args.activity.id)
+                    .activity(args.activity.kind(), args.activity.id())
                     .message(error.clone()),
             );
             counter!(TURNS_FAILED).increment(1);
             // Users hear an apology for what they said; a failed lifecycle event stays silent,
             // and so does a failed invoke (its request is answered 501, as the SDKs answer).
             Answer {
-                text: (args.activity.kind == "message").then(|| args.services.apology.clone()),
+                text: (args.activity.kind() == "message").then(|| args.services.apology.clone()),
                 ..Answer::default()
             }
         }
@@ -583,7 +593,7 @@ fn record_split(args: &ReplyArgs, size: usize, parts: usize) {
     args.services.events.record(
         &args.integration.id,
         EventDraft::new("reply.split")
-            .activity(&args.activity.kind, &args.activity.id)
+            .activity(args.activity.kind(), args.activity.id())
             .message(format!(
                 "the answer's message was {size} bytes (UTF-16), over connector.max_message_bytes \
                  ({}); it was sent as {parts} messages",
@@ -640,7 +650,7 @@ async fn send_one(
 ) -> Option<SentReply> {
     let activity = &args.activity;
     // A bot added to a conversation speaks into it; anything else is a reply to the activity.
-    let reply_to = (activity.kind != "conversationUpdate").then_some(activity.id.as_str());
+    let reply_to = (activity.kind() != "conversationUpdate").then_some(activity.id());
     let result = args
         .services
         .connector
@@ -693,11 +703,11 @@ struct OutboundMessage<'a> {
     text_format: &'a str,
     channel_id: &'a str,
     service_url: &'a str,
-    conversation: &'a Value,
+    conversation: Verbatim<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    from: Option<&'a Value>,
+    from: Option<Verbatim<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    recipient: Option<&'a Value>,
+    recipient: Option<Verbatim<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reply_to_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -717,15 +727,16 @@ impl<'a> OutboundMessage<'a> {
             kind: "message",
             text,
             text_format,
-            channel_id: &activity.channel_id,
-            service_url: &activity.service_url,
-            conversation: &activity.conversation,
+            channel_id: activity.channel_id(),
+            service_url: activity.service_url(),
+            // The request's checks made sure of the conversation (its id).
+            conversation: Verbatim(activity.conversation_json().unwrap_or("{}")),
             // The bot speaks as the account the activity was sent to, to its sender.
-            from: activity.recipient.as_ref(),
-            recipient: activity.from.as_ref(),
+            from: activity.recipient_json().map(Verbatim),
+            recipient: activity.from_json().map(Verbatim),
             // A bot added to a conversation speaks into it, not in reply.
-            reply_to_id: (activity.kind != "conversationUpdate").then_some(activity.id.as_str()),
-            locale: activity.locale.as_deref(),
+            reply_to_id: (activity.kind() != "conversationUpdate").then_some(activity.id()),
+            locale: activity.locale(),
             attachments,
         }
     }
