@@ -831,22 +831,25 @@ impl ChannelData {
     ) -> Result<(Option<Cow<'_, str>>, Option<Cow<'_, str>>), serde_json::Error> {
         /// Serde's derive refuses a field given twice.
         #[derive(Deserialize)]
-        struct Tenant<'a> {
+        #[serde(rename_all = "camelCase")]
+        struct Fields<'a> {
             #[serde(borrow)]
             tenant: Option<&'a RawValue>,
+            #[serde(default, borrow)]
+            event_type: Lenient<'a>,
         }
         if !raw.get().starts_with('{') {
             return Ok((None, None));
         }
-        let [event_type] = Picked::of(raw, ["eventType"], &[])?;
-        let tenant = match serde_json::from_str::<Tenant>(raw.get())?.tenant {
+        let fields = serde_json::from_str::<Fields>(raw.get())?;
+        let tenant = match fields.tenant {
             Some(tenant) => {
                 let [id] = Picked::of(tenant, ["id"], &["id"])?;
                 id
             }
             None => None,
         };
-        Ok((tenant, event_type))
+        Ok((tenant, fields.event_type.0))
     }
 }
 
