@@ -875,6 +875,12 @@ pub fn strip_mentions(text: &str, entities: Option<&str>, bot_id: Option<&str>) 
 
 /// The texts of the mentions of `bot_id` in an `entities` list (anything else is skipped).
 fn bot_mentions<'a>(entities: &'a str, bot_id: &str) -> Vec<Cow<'a, str>> {
+    // Most messages mention nobody (a `clientInfo` entity only): a list that has neither the
+    // word nor the bot's id, and no escape that could spell them, has no mention of the bot.
+    let has = |needle: &str| memchr::memmem::find(entities.as_bytes(), needle.as_bytes()).is_some();
+    if !entities.contains('\\') && !(has("\"mention\"") && has(bot_id)) {
+        return Vec::new();
+    }
     #[derive(Deserialize)]
     struct Entity<'a> {
         #[serde(rename = "type", default, borrow)]
@@ -1166,6 +1172,18 @@ mod tests {
             text.replace("&nbsp;", " ").trim()
         );
         assert_eq!(strip_mentions(" plain ", None, None), "plain");
+        // Spelled with escapes, a mention of the bot is still one.
+        let escaped =
+            r#"[{"type":"ment\u0069on","mentioned":{"id":"28:b\u006ft"},"text":"<at>Bot</at>"}]"#;
+        assert_eq!(
+            strip_mentions(text, Some(escaped), Some("28:bot")),
+            "hi <at>Ann</at>"
+        );
+        let others = r#"[{"type":"clientInfo"},{"type":"mention","mentioned":{"id":"29:x"},"text":"<at>Bot</at>"}]"#;
+        assert_eq!(
+            strip_mentions("<at>Bot</at> hi", Some(others), Some("28:bot")),
+            "<at>Bot</at> hi"
+        );
     }
 
     #[test]
