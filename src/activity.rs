@@ -878,7 +878,8 @@ fn bot_mentions<'a>(entities: &'a str, bot_id: &str) -> Vec<Cow<'a, str>> {
     // Most messages mention nobody (a `clientInfo` entity only): a list that has neither the
     // word nor the bot's id, and no escape that could spell them, has no mention of the bot.
     let has = |needle: &str| memchr::memmem::find(entities.as_bytes(), needle.as_bytes()).is_some();
-    if !entities.contains('\\') && !(has("\"mention\"") && has(bot_id)) {
+    let may_mention_bot = has("\"mention\"") && has(bot_id);
+    if !(may_mention_bot || entities.contains('\\')) {
         return Vec::new();
     }
     #[derive(Deserialize)]
