@@ -82,11 +82,13 @@ fn event_of(activity: &crate::activity::TurnActivity) -> Value {
     if let Some(kind) = channel_event {
         event["eventType"] = json!(kind);
     }
-    if !activity.members_added().is_empty() {
-        event["membersAdded"] = json!(activity.members_added().len());
-    }
-    if !activity.members_removed().is_empty() {
-        event["membersRemoved"] = json!(activity.members_removed().len());
+    for (name, members) in [
+        ("membersAdded", activity.members_added()),
+        ("membersRemoved", activity.members_removed()),
+    ] {
+        if !members.is_empty() {
+            event[name] = json!(members.len());
+        }
     }
     if let Some(action) = activity.action() {
         event["action"] = json!(action);
