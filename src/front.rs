@@ -1,5 +1,5 @@
 //! The HTTP front: hyper (HTTP/1.1 keep-alive and HTTP/2, optional TLS), routes, limits and
-//! status codes. An activity goes: body limit → integration lookup → token verification → one
+//! status codes. An activity goes: body limit → integration lookup → token verification →
 //! one borrowed parse of the activity → activity checks (endorsement, serviceurl, tenant) → routed
 //! to its conversation. Only an invoke waits for the bot; everything else is answered as soon as
 //! its conversation has queued it.
