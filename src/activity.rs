@@ -1052,7 +1052,7 @@ mod tests {
     }
 
     #[test]
-    fn escaped_strings_are_unescaped_in_place() {
+    fn escaped_strings_are_read_unescaped_and_the_rest_where_it_is() {
         let body = fixture("channel-message-mention.json");
         with_envelope(&body, |env| {
             let env = env.unwrap();
@@ -1062,6 +1062,47 @@ mod tests {
             );
             assert_eq!(env.tenant_id, Some("50612dbb-0237-4969-b378-8d42590f9c00"));
         });
+        let body = br#"{"type":"mess\u0061ge","id":"1\"2","serviceUrl":"https://x/","channelId":"msteams",
+            "conversation":{"id":"a\/b","tenantId":"t\u00e9"},"from":{"id":"29:u","name":"Ann \"A\""},
+            "recipient":{"id":"28:b\u006ft"},"text":"line\nnext \u2713","locale":"en"}"#;
+        let activity = parse_turn(body).expect("parses");
+        let envelope = activity.envelope().expect("routable");
+        assert_eq!(
+            (
+                envelope.kind,
+                envelope.id,
+                envelope.conversation_id,
+                envelope.tenant_id
+            ),
+            ("message", "1\"2", "a/b", Some("t\u{e9}"))
+        );
+        assert_eq!(activity.from_name(), Some("Ann \"A\""));
+        assert_eq!(activity.recipient_id(), Some("28:bot"));
+        assert_eq!(activity.text_field(), Some("line\nnext \u{2713}"));
+        assert_eq!(
+            (activity.from_id(), activity.locale()),
+            (Some("29:u"), Some("en"))
+        );
+        // The objects are kept as sent, escapes and all.
+        assert_eq!(
+            activity.conversation_json(),
+            Some(r#"{"id":"a\/b","tenantId":"t\u00e9"}"#)
+        );
+        let sent: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(serde_json::to_value(&activity).unwrap(), sent);
+        let mut hidden = parse_turn(
+            br#"{"type":"message","id":"1","attachments":[{"contentType":"x"}],"text":"t"}"#,
+        )
+        .unwrap();
+        assert_eq!(hidden.attachment_count(), 1);
+        hidden.hide_attachments();
+        assert_eq!(hidden.attachment_count(), 0);
+        assert!(hidden.attachments().is_empty());
+        let seen = serde_json::to_value(&hidden).unwrap();
+        assert_eq!(
+            seen,
+            serde_json::json!({"type": "message", "id": "1", "text": "t"})
+        );
     }
 
     #[test]

@@ -753,6 +753,31 @@ fn outbound_message(activity: &TurnActivity, text: &str, attachments: Vec<Value>
 mod tests {
     use super::*;
 
+    /// The bot answers as the account the activity was sent to, to its sender, in its
+    /// conversation: those three objects are written as Teams sent them.
+    #[test]
+    fn a_reply_is_addressed_with_the_objects_teams_sent() {
+        let sent = json!({
+            "type": "message", "id": "m1", "serviceUrl": "https://smba.example/amer/",
+            "channelId": "msteams", "locale": "en-US",
+            "conversation": {"id": "a:1", "conversationType": "personal", "tenantId": "t1"},
+            "from": {"id": "29:u", "name": "Ann \"A\"", "aadObjectId": "o1"},
+            "recipient": {"id": "28:bot", "name": "Bot"},
+            "text": "hi",
+        });
+        let activity = TurnActivity::of_json(&sent);
+        let message = outbound_message(&activity, "echo: hi", Vec::new());
+        assert_eq!(message["conversation"], sent["conversation"]);
+        assert_eq!(message["from"], sent["recipient"]);
+        assert_eq!(message["recipient"], sent["from"]);
+        assert_eq!(message["replyToId"], "m1");
+        assert_eq!(message["serviceUrl"], sent["serviceUrl"]);
+        let bytes = serde_json::to_vec(&OutboundMessage::of(&activity, "x", "plain", &[])).unwrap();
+        let written: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(written["recipient"], sent["from"]);
+        assert_eq!(written["locale"], "en-US");
+    }
+
     #[tokio::test]
     async fn a_panicking_turn_is_reported_as_failed_with_its_message() {
         let (tx, rx) = std::sync::mpsc::channel();
