@@ -288,13 +288,6 @@ impl TurnActivity {
         self.list(self.members_removed)
     }
 
-    pub fn attachments(&self) -> Vec<Value> {
-        if self.attachments_hidden {
-            return Vec::new();
-        }
-        self.list(self.attachments)
-    }
-
     /// How many attachments the turn sees, without reading them.
     pub fn attachment_count(&self) -> usize {
         if self.attachments_hidden {
@@ -337,11 +330,6 @@ impl TurnActivity {
     /// `membersRemoved` names the bot itself.
     pub fn bot_was_removed(&self) -> bool {
         self.lists_bot(self.members_removed)
-    }
-
-    /// `membersAdded` names the bot itself (whatever the activity's type).
-    pub fn lists_bot_added(&self) -> bool {
-        self.lists_bot(self.members_added)
     }
 
     /// True when a `conversationUpdate` says the bot itself was added.
@@ -1097,7 +1085,6 @@ mod tests {
         assert_eq!(hidden.attachment_count(), 1);
         hidden.hide_attachments();
         assert_eq!(hidden.attachment_count(), 0);
-        assert!(hidden.attachments().is_empty());
         let seen = serde_json::to_value(&hidden).unwrap();
         assert_eq!(
             seen,

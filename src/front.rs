@@ -1155,7 +1155,7 @@ fn installation_change(
                 Reachability::NotInstalled,
                 "the bot was removed (conversationUpdate membersRemoved)",
             )),
-            _ if activity.lists_bot_added() => {
+            _ if activity.bot_was_added() => {
                 Some((team_ids, conversation, Reachability::Active, ""))
             }
             _ => None,
