@@ -123,7 +123,9 @@ impl Router {
             &config.microsoft.login_url,
             &config.microsoft.oauth_scope,
         );
-        let connector = Arc::new(Connector::new(http.clone(), tokens, &config.connector));
+        let transport = connector::transport::Transport::new(&config.connector, env, http.clone())
+            .map_err(|e| AppError::Tls(e.to_string()))?;
+        let connector = Arc::new(Connector::new(transport, tokens, &config.connector));
         for integration in &config.integrations {
             if integration.bot_framework_app_id.is_none() && !integration.development {
                 tracing::warn!(

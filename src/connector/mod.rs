@@ -6,13 +6,14 @@
 pub mod backoff;
 pub mod pacing;
 pub mod token;
+pub mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::StatusCode;
 use metrics::counter;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use reqwest::StatusCode;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -22,6 +23,7 @@ use crate::registry::AppCredentials;
 use crate::telemetry::{CONNECTOR_REQUESTS, CONNECTOR_RETRIES};
 use backoff::{Backoff, parse_retry_after};
 pub use token::{TokenError, TokenProvider};
+use transport::{Failure, Transport};
 
 /// Path segments keep only RFC 3986 unreserved characters; conversation ids carry `:`, `@`, `;`,
 /// `=` and sometimes `/`, which must all be encoded.
@@ -62,14 +64,12 @@ impl Op {
         }
     }
 
-    fn method(self) -> reqwest::Method {
+    fn method(self) -> hyper::Method {
         match self {
-            Op::Reply | Op::Send | Op::CreateConversation | Op::CreateThread => {
-                reqwest::Method::POST
-            }
-            Op::Update => reqwest::Method::PUT,
-            Op::Delete => reqwest::Method::DELETE,
-            Op::Members => reqwest::Method::GET,
+            Op::Reply | Op::Send | Op::CreateConversation | Op::CreateThread => hyper::Method::POST,
+            Op::Update => hyper::Method::PUT,
+            Op::Delete => hyper::Method::DELETE,
+            Op::Members => hyper::Method::GET,
         }
     }
 }
@@ -140,7 +140,7 @@ impl ConnectorError {
 }
 
 pub struct Connector {
-    http: reqwest::Client,
+    transport: Transport,
     tokens: TokenProvider,
     backoff: Backoff,
     max_attempts: u32,
@@ -149,10 +149,11 @@ pub struct Connector {
     stopping: std::sync::atomic::AtomicBool,
     allowed_hosts: Vec<String>,
     proactive_service_url: String,
-    /// Each service URL parsed, when [`service_url_allowed`] allows it: a Connector has few
-    /// (one per region and tenant), and parsing one (scheme, host, IDNA) would cost the request
-    /// path about a microsecond per activity and every send a few more.
-    service_urls: moka::sync::Cache<Box<str>, Option<Arc<url::Url>>>,
+    /// Each service URL checked, when [`service_url_allowed`] allows it, as the prefix of the
+    /// URIs sent under it: a Connector has few (one per region and tenant), and parsing one
+    /// (scheme, host, IDNA) would cost the request path about a microsecond per activity and
+    /// every send a few more.
+    service_urls: moka::sync::Cache<Box<str>, Option<Arc<str>>>,
     /// This connector's entries in each thread's [`RECENT_SERVICE_URLS`].
     recent: Owner,
     pacer: pacing::Pacer,
@@ -161,7 +162,7 @@ pub struct Connector {
 thread_local! {
     /// The service URLs this thread looked up last, in front of the shared cache (a request
     /// and its reply each look one up).
-    static RECENT_SERVICE_URLS: std::cell::RefCell<Recent<Option<Arc<url::Url>>>> =
+    static RECENT_SERVICE_URLS: std::cell::RefCell<Recent<Option<Arc<str>>>> =
         const { std::cell::RefCell::new(Recent::new()) };
 }
 
@@ -180,9 +181,9 @@ fn limits(pairs: &[[u64; 2]]) -> Vec<pacing::Limit> {
 }
 
 impl Connector {
-    pub fn new(http: reqwest::Client, tokens: TokenProvider, config: &ConnectorConfig) -> Self {
+    pub fn new(transport: Transport, tokens: TokenProvider, config: &ConnectorConfig) -> Self {
         Self {
-            http,
+            transport,
             tokens,
             backoff: Backoff {
                 base: Duration::from_millis(config.backoff_base_ms),
@@ -238,8 +239,8 @@ impl Connector {
         self.parsed_service_url(service_url).is_some()
     }
 
-    /// The service URL parsed, when replies may go there.
-    fn parsed_service_url(&self, service_url: &str) -> Option<Arc<url::Url>> {
+    /// The prefix of the URIs under `service_url`, when replies may go there.
+    fn parsed_service_url(&self, service_url: &str) -> Option<Arc<str>> {
         if let Some(parsed) =
             RECENT_SERVICE_URLS.with_borrow(|recent| recent.get(&self.recent, service_url))
         {
@@ -248,7 +249,9 @@ impl Connector {
         let parsed = match self.service_urls.get(service_url) {
             Some(parsed) => parsed,
             None => {
-                let parsed = allowed_service_url(service_url, &self.allowed_hosts).map(Arc::new);
+                let parsed = allowed_service_url(service_url, &self.allowed_hosts)
+                    .and_then(|url| uri_prefix(&url))
+                    .map(Arc::from);
                 self.service_urls.insert(service_url.into(), parsed.clone());
                 parsed
             }
@@ -396,59 +399,55 @@ impl Connector {
         &self,
         op: Op,
         route: Route<'_>,
-        url: url::Url,
+        uri: String,
         body: Option<bytes::Bytes>,
     ) -> Result<Attempt, ConnectorError> {
-        let mut request = self
-            .http
-            .request(op.method(), url)
-            .header(reqwest::header::ACCEPT, "application/json");
-        if let Some(body) = body {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body);
-        }
-        if let Some(credentials) = route.credentials {
-            let token = self.tokens.token(credentials).await?;
-            request = request.bearer_auth(&*token);
-        }
-        let response = match request.send().await {
+        let token = match route.credentials {
+            Some(credentials) => Some(self.tokens.token(credentials).await?),
+            None => None,
+        };
+        let response = match self
+            .transport
+            .exchange(op.method(), uri, token.as_deref(), body)
+            .await
+        {
             Ok(response) => response,
-            Err(err) => {
+            Err(failure) => {
                 counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => "error").increment(1);
-                let reason = if err.is_connect() {
-                    "connect"
-                } else {
-                    "ambiguous_timeout"
+                let (reason, last) = match failure {
+                    Failure::Connect(last) => ("connect", last),
+                    Failure::Ambiguous(last) => ("ambiguous_timeout", last),
                 };
                 return Ok(Attempt::Failed {
                     reason,
                     retry_after: None,
                     status: None,
-                    last: err.without_url().to_string(),
+                    last,
                 });
             }
         };
-        let status = response.status();
+        let status = response.status;
         counter!(CONNECTOR_REQUESTS, "op" => op.label(), "status" => status_label(status))
             .increment(1);
         if status.is_success() {
-            return Ok(Attempt::Done(response.bytes().await.unwrap_or_default()));
+            return Ok(Attempt::Done(response.body));
         }
         let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
+            .headers
+            .get(hyper::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let correlation = response
-            .headers()
+            .headers
             .get("x-correlating-operationid")
-            .or_else(|| response.headers().get("ms-cv"))
+            .or_else(|| response.headers.get("ms-cv"))
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let detail = response.text().await.unwrap_or_default();
-        let detail: String = detail.chars().take(512).collect();
+        let detail: String = String::from_utf8_lossy(&response.body)
+            .chars()
+            .take(512)
+            .collect();
         Ok(match classify(status) {
             Retry::Never => {
                 tracing::warn!(op = op.label(), %status, %correlation, %detail, "connector refused the request");
@@ -665,21 +664,26 @@ pub fn activities_path(conversation_id: &str, reply_to_id: Option<&str>) -> Stri
     url
 }
 
-/// `path` (which may end in a query) under the service URL `base`, keeping the base's own path
-/// (a regional prefix). The base was parsed once; only the path and query are parsed here.
-fn under(base: &url::Url, path: &str) -> url::Url {
-    let (path, query) = match path.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
-        None => (path, None),
-    };
-    let mut full = String::with_capacity(base.path().len() + path.len());
-    full.push_str(base.path().trim_end_matches('/'));
-    full.push_str(path);
-    let mut url = base.clone();
-    url.set_path(&full);
-    url.set_query(query);
-    url.set_fragment(None);
-    url
+/// The URI of `path` (which may end in a query) under a service URL's [`uri_prefix`].
+fn under(prefix: &str, path: &str) -> String {
+    let mut uri = String::with_capacity(prefix.len() + path.len());
+    uri.push_str(prefix);
+    uri.push_str(path);
+    uri
+}
+
+/// The checked service URL as the start of every URI sent under it: scheme, authority and its
+/// own path (a regional prefix) without the trailing `/`; query and fragment dropped. `None`
+/// when the HTTP client would read another scheme or authority in it than `url::Url` did (the
+/// host checked is the host connected to).
+fn uri_prefix(url: &url::Url) -> Option<String> {
+    let mut prefix = url[..url::Position::BeforePath].to_owned();
+    prefix.push_str(url.path().trim_end_matches('/'));
+    let uri = hyper::Uri::try_from(format!("{prefix}/")).ok()?;
+    let same = uri.scheme_str() == Some(url.scheme())
+        && uri.authority().map(hyper::http::uri::Authority::as_str)
+            == Some(&url[url::Position::BeforeHost..url::Position::AfterPort]);
+    same.then_some(prefix)
 }
 
 /// Whether replies may go to `service_url`: https to a host under an allowed suffix (or an
@@ -738,10 +742,7 @@ pub fn http_client(config: &ConnectorConfig) -> Result<reqwest::Client, reqwest:
         .timeout(Duration::from_millis(config.request_timeout_ms))
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
-        .user_agent(concat!(
-            "Microsoft-BotFramework/3.1 teams-router/",
-            env!("CARGO_PKG_VERSION")
-        ))
+        .user_agent(transport::USER_AGENT_VALUE)
         .build()
 }
 
@@ -751,8 +752,9 @@ mod tests {
 
     fn activities_url(service_url: &str, conversation_id: &str, reply_to: Option<&str>) -> String {
         let base = allowed_service_url(service_url, &[String::from("trafficmanager.net")]);
-        let base = base.unwrap_or_else(|| panic!("{service_url} is allowed"));
-        under(&base, &activities_path(conversation_id, reply_to)).into()
+        let prefix = base.and_then(|base| uri_prefix(&base));
+        let prefix = prefix.unwrap_or_else(|| panic!("{service_url} is allowed"));
+        under(&prefix, &activities_path(conversation_id, reply_to))
     }
 
     #[test]
@@ -778,9 +780,11 @@ mod tests {
             "http://127.0.0.1:9/v3/conversations/a/activities"
         );
         let base = allowed_service_url("http://127.0.0.1:9/emea/", &[]);
-        let members = base.map(|base| under(&base, "/v3/conversations/a/pagedmembers?pageSize=5"));
+        let members = base
+            .and_then(|base| uri_prefix(&base))
+            .map(|prefix| under(&prefix, "/v3/conversations/a/pagedmembers?pageSize=5"));
         assert_eq!(
-            members.as_ref().map(url::Url::as_str),
+            members.as_deref(),
             Some("http://127.0.0.1:9/emea/v3/conversations/a/pagedmembers?pageSize=5")
         );
     }
