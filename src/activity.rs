@@ -865,8 +865,11 @@ pub fn strip_mentions(text: &str, entities: Option<&str>, bot_id: Option<&str>) 
 fn bot_mentions<'a>(entities: &'a str, bot_id: &str) -> Vec<Cow<'a, str>> {
     // Most messages mention nobody (a `clientInfo` entity only): a list that has neither the
     // word nor the bot's id, and no escape that could spell them, has no mention of the bot.
-    let has = |needle: &str| memchr::memmem::find(entities.as_bytes(), needle.as_bytes()).is_some();
-    let may_mention_bot = has("\"mention\"") && has(bot_id);
+    // The searcher for the word is built once (building one costs about what a short search does).
+    static MENTION: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"mention\""));
+    let may_mention_bot = MENTION.find(entities.as_bytes()).is_some()
+        && memchr::memmem::find(entities.as_bytes(), bot_id.as_bytes()).is_some();
     if !(may_mention_bot || entities.contains('\\')) {
         return Vec::new();
     }
