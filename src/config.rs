@@ -203,14 +203,10 @@ pub struct StorageConfig {
     /// Embedded store without durable accept: a conversation gathers its turns into one
     /// snapshot for this long, and snapshot batches are committed without waiting for the disk
     /// and reach it at most this far apart (and at shutdown); 0 writes and syncs every turn.
-    /// A kill -9 may lose up to twice this much session history (and the batch being gathered),
-    /// never an acknowledged activity.
+    /// A kill -9 may lose up to twice this much session history, never an acknowledged activity.
     pub snapshot_sync_ms: u64,
     /// How long the snapshot writer gathers snapshots into one batch before writing it (less
-    /// when the batch fills first); 0 writes whatever is pending at once. Reads see pending
-    /// snapshots, so the wait is felt by nothing but a kill -9; each commit has a fixed cost
-    /// (a store transaction on the blocking pool), which 200 ms spreads over ten times the
-    /// snapshots 20 ms did: 5-8 % less CPU per activity at 1,500/s (BENCHMARKS.md).
+    /// when the batch fills first); 0 writes whatever is pending at once.
     pub snapshot_batch_ms: u64,
     /// Redis: conversations map to this many partitions (a stable hash); each has one holder
     /// at a time, which runs its turns in order. Changing it moves conversations: drain first.
@@ -242,7 +238,7 @@ impl Default for StorageConfig {
             journal_batch_max: 512,
             snapshot_pending_max: 200_000,
             snapshot_sync_ms: 1_000,
-            snapshot_batch_ms: 200,
+            snapshot_batch_ms: 20,
             partitions: 1_024,
             lease_ms: 5_000,
             redis_wait_replicas: 0,
