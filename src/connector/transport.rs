@@ -129,34 +129,34 @@ impl Transport {
             Inner::Direct(client) => {
                 let request = direct_request(method, uri, token, body)
                     .map_err(|e| Failure::Connect(format!("invalid request: {e}")))?;
-                let exchange = async {
-                    let response = client.request(request).await.map_err(|e| {
-                        if e.is_connect() {
-                            Failure::Connect(describe(&e))
-                        } else {
-                            Failure::Ambiguous(describe(&e))
+                // A status received is an answer: a body that stalls or is cut short after it
+                // reads as empty (the message was posted; sending it again would post it twice).
+                let deadline = tokio::time::Instant::now() + self.request_timeout;
+                let response =
+                    match tokio::time::timeout_at(deadline, client.request(request)).await {
+                        Ok(Ok(response)) => response,
+                        Ok(Err(e)) if e.is_connect() => return Err(Failure::Connect(describe(&e))),
+                        Ok(Err(e)) => return Err(Failure::Ambiguous(describe(&e))),
+                        Err(_) => {
+                            return Err(Failure::Ambiguous(format!(
+                                "no answer within {} ms",
+                                self.request_timeout.as_millis()
+                            )));
                         }
-                    })?;
-                    let (parts, body) = response.into_parts();
-                    let body = Limited::new(body, MAX_BODY)
-                        .collect()
+                    };
+                let (parts, body) = response.into_parts();
+                let body =
+                    tokio::time::timeout_at(deadline, Limited::new(body, MAX_BODY).collect())
                         .await
+                        .ok()
+                        .and_then(Result::ok)
                         .map(|collected| collected.to_bytes())
                         .unwrap_or_default();
-                    Ok(Answer {
-                        status: parts.status,
-                        headers: parts.headers,
-                        body,
-                    })
-                };
-                tokio::time::timeout(self.request_timeout, exchange)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Failure::Ambiguous(format!(
-                            "no answer within {} ms",
-                            self.request_timeout.as_millis()
-                        )))
-                    })
+                Ok(Answer {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body,
+                })
             }
             Inner::Proxied(client) => {
                 let mut request = client
@@ -438,6 +438,52 @@ mod tests {
             "{:?}",
             refused.err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_status_whose_body_stalls_is_an_answer_with_an_empty_body() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        tokio::spawn(async move {
+            if let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 100\r\n\r\n{\"id\"")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+        let config = ConnectorConfig {
+            request_timeout_ms: 300,
+            ..ConnectorConfig::default()
+        };
+        let Ok(tls) = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        }) else {
+            panic!("client config");
+        };
+        let answer = Transport::direct(&config, tls)
+            .exchange(
+                Method::POST,
+                format!("http://127.0.0.1:{port}/v3"),
+                None,
+                None,
+            )
+            .await;
+        let Ok(answer) = answer else {
+            panic!("a status came back: {:?}", answer.err());
+        };
+        assert_eq!(answer.status, StatusCode::CREATED);
+        assert!(answer.body.is_empty());
     }
 
     #[test]
