@@ -269,6 +269,20 @@ mod tests {
         );
     }
 
+    /// A client configuration that trusts no certificate (for plain-http servers, and to see
+    /// an untrusted one refused).
+    fn trusting_nobody() -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|e| panic!("client config: {e}"))
+    }
+
     /// A TLS server for `localhost` answering 201 with the request's protocol and
     /// authorization echoed in the body; its certificate is the only root the client trusts.
     async fn tls_server() -> (u16, rustls::ClientConfig) {
@@ -353,16 +367,7 @@ mod tests {
     #[tokio::test]
     async fn an_untrusted_certificate_is_a_connect_failure() {
         let (port, _) = tls_server().await;
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let Ok(tls) = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map(|b| {
-                b.with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth()
-            })
-        else {
-            panic!("client config");
-        };
+        let tls = trusting_nobody();
         let transport = Transport::direct(&ConnectorConfig::default(), tls);
         let answer = transport
             .exchange(
@@ -396,16 +401,7 @@ mod tests {
             request_timeout_ms: 200,
             ..ConnectorConfig::default()
         };
-        let Ok(tls) = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        }) else {
-            panic!("client config");
-        };
+        let tls = trusting_nobody();
         let transport = Transport::direct(&config, tls);
         let silent = transport
             .exchange(
@@ -461,16 +457,7 @@ mod tests {
             request_timeout_ms: 300,
             ..ConnectorConfig::default()
         };
-        let Ok(tls) = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        }) else {
-            panic!("client config");
-        };
+        let tls = trusting_nobody();
         let answer = Transport::direct(&config, tls)
             .exchange(
                 Method::POST,
