@@ -249,9 +249,7 @@ impl Connector {
         let parsed = match self.service_urls.get(service_url) {
             Some(parsed) => parsed,
             None => {
-                let parsed = allowed_service_url(service_url, &self.allowed_hosts)
-                    .and_then(|url| uri_prefix(&url))
-                    .map(Arc::from);
+                let parsed = checked_prefix(service_url, &self.allowed_hosts).map(Arc::from);
                 self.service_urls.insert(service_url.into(), parsed.clone());
                 parsed
             }
@@ -691,7 +689,13 @@ fn uri_prefix(url: &url::Url) -> Option<String> {
 /// `url::Url`'s parse, the same reqwest makes (a hand-split host and the client's can differ, as
 /// for `https://evil.example\\.botframework.com/`). Backslashes and userinfo are refused outright.
 pub fn service_url_allowed(service_url: &str, allowed_hosts: &[String]) -> bool {
-    allowed_service_url(service_url, allowed_hosts).is_some()
+    checked_prefix(service_url, allowed_hosts).is_some()
+}
+
+/// The [`uri_prefix`] of `service_url`, when replies may go there: one check for the request
+/// path (development integrations included) and the client.
+fn checked_prefix(service_url: &str, allowed_hosts: &[String]) -> Option<String> {
+    allowed_service_url(service_url, allowed_hosts).and_then(|url| uri_prefix(&url))
 }
 
 /// The service URL parsed, when [`service_url_allowed`] allows it.
@@ -751,8 +755,7 @@ mod tests {
     use super::*;
 
     fn activities_url(service_url: &str, conversation_id: &str, reply_to: Option<&str>) -> String {
-        let base = allowed_service_url(service_url, &[String::from("trafficmanager.net")]);
-        let prefix = base.and_then(|base| uri_prefix(&base));
+        let prefix = checked_prefix(service_url, &[String::from("trafficmanager.net")]);
         let prefix = prefix.unwrap_or_else(|| panic!("{service_url} is allowed"));
         under(&prefix, &activities_path(conversation_id, reply_to))
     }
@@ -779,9 +782,7 @@ mod tests {
             activities_url("http://127.0.0.1:9", "a", None),
             "http://127.0.0.1:9/v3/conversations/a/activities"
         );
-        let base = allowed_service_url("http://127.0.0.1:9/emea/", &[]);
-        let members = base
-            .and_then(|base| uri_prefix(&base))
+        let members = checked_prefix("http://127.0.0.1:9/emea/", &[])
             .map(|prefix| under(&prefix, "/v3/conversations/a/pagedmembers?pageSize=5"));
         assert_eq!(
             members.as_deref(),

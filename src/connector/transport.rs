@@ -269,6 +269,20 @@ mod tests {
         );
     }
 
+    /// An exchange without token or body.
+    async fn bare(transport: &Transport, method: Method, uri: String) -> Result<Answer, Failure> {
+        transport.exchange(method, uri, None, None).await
+    }
+
+    /// A listener on a free loopback port.
+    async fn loopback_listener() -> (tokio::net::TcpListener, u16) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        (listener, port)
+    }
+
     /// A client configuration that trusts no certificate (for plain-http servers, and to see
     /// an untrusted one refused).
     fn trusting_nobody() -> rustls::ClientConfig {
@@ -303,10 +317,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("server config: {e}"));
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let (listener, port) = loopback_listener().await;
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
@@ -369,14 +380,12 @@ mod tests {
         let (port, _) = tls_server().await;
         let tls = trusting_nobody();
         let transport = Transport::direct(&ConnectorConfig::default(), tls);
-        let answer = transport
-            .exchange(
-                Method::GET,
-                format!("https://localhost:{port}/v3"),
-                None,
-                None,
-            )
-            .await;
+        let answer = bare(
+            &transport,
+            Method::GET,
+            format!("https://localhost:{port}/v3"),
+        )
+        .await;
         assert!(
             matches!(answer, Err(Failure::Connect(_))),
             "{:?}",
@@ -386,10 +395,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_answer_in_time_is_ambiguous_and_a_closed_port_is_not() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let (listener, port) = loopback_listener().await;
         // Accepts and reads, never answers.
         tokio::spawn(async move {
             let mut held = Vec::new();
@@ -403,14 +409,12 @@ mod tests {
         };
         let tls = trusting_nobody();
         let transport = Transport::direct(&config, tls);
-        let silent = transport
-            .exchange(
-                Method::POST,
-                format!("http://127.0.0.1:{port}/v3"),
-                None,
-                None,
-            )
-            .await;
+        let silent = bare(
+            &transport,
+            Method::POST,
+            format!("http://127.0.0.1:{port}/v3"),
+        )
+        .await;
         assert!(
             matches!(silent, Err(Failure::Ambiguous(_))),
             "{:?}",
@@ -421,14 +425,12 @@ mod tests {
                 std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
             probe.local_addr().map(|a| a.port()).unwrap_or_default()
         };
-        let refused = transport
-            .exchange(
-                Method::POST,
-                format!("http://127.0.0.1:{closed}/v3"),
-                None,
-                None,
-            )
-            .await;
+        let refused = bare(
+            &transport,
+            Method::POST,
+            format!("http://127.0.0.1:{closed}/v3"),
+        )
+        .await;
         assert!(
             matches!(refused, Err(Failure::Connect(_))),
             "{:?}",
@@ -439,10 +441,7 @@ mod tests {
     #[tokio::test]
     async fn a_status_whose_body_stalls_is_an_answer_with_an_empty_body() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let (listener, port) = loopback_listener().await;
         tokio::spawn(async move {
             if let Ok((mut stream, _)) = listener.accept().await {
                 let mut request = [0u8; 4096];
@@ -458,14 +457,13 @@ mod tests {
             ..ConnectorConfig::default()
         };
         let tls = trusting_nobody();
-        let answer = Transport::direct(&config, tls)
-            .exchange(
-                Method::POST,
-                format!("http://127.0.0.1:{port}/v3"),
-                None,
-                None,
-            )
-            .await;
+        let transport = Transport::direct(&config, tls);
+        let answer = bare(
+            &transport,
+            Method::POST,
+            format!("http://127.0.0.1:{port}/v3"),
+        )
+        .await;
         let Ok(answer) = answer else {
             panic!("a status came back: {:?}", answer.err());
         };
