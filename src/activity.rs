@@ -136,6 +136,8 @@ pub struct TurnActivity {
     text: Option<Text>,
     name: Option<Text>,
     locale: Option<Text>,
+    /// When the channel stamped it (the user sent it), RFC 3339 in UTC.
+    timestamp: Option<Text>,
     action: Option<Text>,
     value: Option<Span>,
     entities: Option<Span>,
@@ -232,6 +234,11 @@ impl TurnActivity {
 
     pub fn locale(&self) -> Option<&str> {
         self.optional(&self.locale)
+    }
+
+    /// `timestamp`: when the channel stamped the activity, as it wrote it.
+    pub fn timestamp(&self) -> Option<&str> {
+        self.optional(&self.timestamp)
     }
 
     /// `installationUpdate`: `add` or `remove` (and their `-upgrade` forms).
@@ -568,6 +575,7 @@ struct Fields<'a> {
     value: Option<&'a RawValue>,
     text: Option<Cow<'a, str>>,
     locale: Option<Cow<'a, str>>,
+    timestamp: Option<Cow<'a, str>>,
     action: Option<Cow<'a, str>>,
     entities: Option<&'a RawValue>,
     members_added: Option<&'a RawValue>,
@@ -649,6 +657,7 @@ impl<'a> Fields<'a> {
             text: text(self.text),
             name: text(self.name),
             locale: text(self.locale),
+            timestamp: text(self.timestamp),
             action: text(self.action),
             value: span(null_is_absent(self.value)),
             entities: span(self.entities),
@@ -735,6 +744,7 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "value" => fields.value = raw(&mut map)?,
                 "text" => fields.text = lenient(&mut map)?,
                 "locale" => fields.locale = lenient(&mut map)?,
+                "timestamp" => fields.timestamp = lenient(&mut map)?,
                 "action" => fields.action = lenient(&mut map)?,
                 "entities" => fields.entities = raw(&mut map)?,
                 "membersAdded" => fields.members_added = raw(&mut map)?,
@@ -918,10 +928,11 @@ mod tests {
 
     #[test]
     fn field_names_are_read_escaped_or_not_and_others_kept() {
-        let body = br#"{"type":"message","id":"1","serviceUrl":"https://x/","channelId":"msteams","conversation":{"id":"a"},"te\u0078t":"hi","locale":"en","x-custom":{"k":1}}"#;
+        let body = br#"{"type":"message","id":"1","serviceUrl":"https://x/","channelId":"msteams","conversation":{"id":"a"},"te\u0078t":"hi","locale":"en","timestamp":"2026-11-30T04:15:07.1234567Z","x-custom":{"k":1}}"#;
         let activity = parse_turn(body).expect("parses");
         assert_eq!(activity.text_field(), Some("hi"));
         assert_eq!(activity.locale(), Some("en"));
+        assert_eq!(activity.timestamp(), Some("2026-11-30T04:15:07.1234567Z"));
         let whole = serde_json::to_value(&activity).expect("serializes");
         assert_eq!(whole["x-custom"], serde_json::json!({"k": 1}));
     }
@@ -954,7 +965,7 @@ mod tests {
         for extra in [
             r#","recipient":{"id":"28:a"},"recipient":{"id":"28:b"}"#,
             r#","text":"first","text":"second""#,
-            r#","text":5,"locale":[],"name":{},"action":true"#,
+            r#","text":5,"locale":[],"name":{},"action":true,"timestamp":7"#,
             r#","entities":{"type":"mention"},"membersAdded":"x","attachments":1"#,
         ] {
             let body = format!("{base}{extra}}}");

@@ -122,6 +122,12 @@ pub struct AdmissionConfig {
     /// machine's capacity with many clients at once, requests wait in front of the router before
     /// anything queues inside it. 0 neither measures nor sheds on it.
     pub target_request_wait_ms: u64,
+    /// How much later than usual activities may arrive (their age by their `timestamp`, over
+    /// the least of the last two minutes) while the workers are saturated, kept by refusing a
+    /// share of new activities (503 + Retry-After; PIE): a sender that delivers each
+    /// conversation's activities one at a time queues the excess on its side, where the router
+    /// sees it only as age. 0 neither measures nor sheds on it.
+    pub target_arrival_delay_ms: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -134,6 +140,7 @@ impl Default for AdmissionConfig {
             max_runtime_lag_ms: 500,
             max_runtime_busy_percent: 95,
             target_request_wait_ms: 250,
+            target_arrival_delay_ms: 500,
         }
     }
 }

@@ -647,6 +647,7 @@ impl Front {
         // Before the parse: nesting is bounded before any parser walks it.
         admissible(&body).map_err(Rejection::parse)?;
         let activity = Box::new(parse_turn(&body).map_err(Rejection::parse)?);
+        let stale = self.admission.note_arrival(activity.timestamp());
         let target = {
             let envelope = activity.envelope().map_err(Rejection::parse)?;
             self.check(integration, verified, &envelope)?;
@@ -665,6 +666,7 @@ impl Front {
                 deadline: DeadlineAnswer::of(&envelope, &activity),
                 conversation_id: envelope.conversation_id.into(),
                 activity_id: envelope.id.into(),
+                stale,
             }
         };
         if let Some(owner) = &self.owner
@@ -1002,7 +1004,11 @@ impl Front {
         integration: &Integration,
         target: &Target,
     ) -> Result<Ticket, Result<Routed, Rejection>> {
-        let refusal = match self.admission.admit(&integration.id) {
+        let admitted = match target.stale {
+            true => Err(Refusal::Global),
+            false => self.admission.admit(&integration.id),
+        };
+        let refusal = match admitted {
             Ok(ticket) => return Ok(ticket),
             Err(refusal) => refusal,
         };
@@ -1180,6 +1186,8 @@ struct Target {
     deadline: DeadlineAnswer,
     conversation_id: Box<str>,
     activity_id: Box<str>,
+    /// Arrived too late to be answered in time while late arrivals are shed: refused.
+    stale: bool,
 }
 
 fn duplicate(integration: &Integration, target: &Target, answer: Option<InvokeAnswer>) -> Routed {

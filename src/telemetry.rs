@@ -52,6 +52,7 @@ pub const RUNTIME_SHEDDING: &str = "teams_router_runtime_shedding";
 pub const RUNTIME_BUSY: &str = "teams_router_runtime_busy_ratio";
 pub const REQUEST_WAIT: &str = "teams_router_request_wait_seconds";
 pub const SHED_SHARE: &str = "teams_router_shed_share";
+pub const ARRIVAL_DELAY: &str = "teams_router_arrival_delay_seconds";
 
 /// What a management request with a wrong or missing API key got (`outcome` label).
 pub const ADMIN_AUTH_OUTCOMES: &[&str] = &["unauthorized", "rate_limited"];
@@ -456,9 +457,15 @@ fn describe_all() {
     );
     gauge!(REQUEST_WAIT).set(0.0);
     describe_gauge!(
+        ARRIVAL_DELAY,
+        Unit::Seconds,
+        "How much later than usual activities arrive: the mean excess of their age (the router's clock minus their timestamp) over the least age of the last two minutes, over the last 10 ms."
+    );
+    gauge!(ARRIVAL_DELAY).set(0.0);
+    describe_gauge!(
         SHED_SHARE,
         Unit::Count,
-        "Share (0 to 1) of new activities refused (503, reason overloaded) to keep the request wait near admission.target_request_wait_ms."
+        "Share (0 to 1) of new activities refused (503, reason overloaded) to keep the request wait near admission.target_request_wait_ms and, while the workers are busy, the arrival delay near admission.target_arrival_delay_ms."
     );
     gauge!(SHED_SHARE).set(0.0);
     describe_gauge!(

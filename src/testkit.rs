@@ -75,6 +75,7 @@ impl TestRouter {
         // gate has unit tests).
         config.admission.max_runtime_busy_percent = 0;
         config.admission.target_request_wait_ms = 0;
+        config.admission.target_arrival_delay_ms = 0;
         let lookup = move |name: &str| {
             pairs
                 .iter()

@@ -208,6 +208,8 @@ impl Stats {
 struct Run {
     scenario: Scenario,
     started: Instant,
+    /// The wall clock at `started`: activities carry their scheduled time as Teams' `timestamp`.
+    started_wall: std::time::SystemTime,
     run_id: String,
     client: reqwest::Client,
     target: Target,
@@ -430,7 +432,12 @@ impl Run {
         let seq = *sequencer;
         let id = self.next_id();
         let text = format!("c{} n{seq}", plan.conversation);
-        let body = Bytes::from(self.templates.build(plan.kind, c, &id, &text).to_string());
+        let mut activity = self.templates.build(plan.kind, c, &id, &text);
+        // When the user sent it, as Teams stamps it: a delivery held back in the sender (its
+        // conversation's previous one not yet acknowledged) arrives that much older.
+        let sent = self.started_wall + plan.scheduled.saturating_duration_since(self.started);
+        activity["timestamp"] = humantime::format_rfc3339_micros(sent).to_string().into();
+        let body = Bytes::from(activity.to_string());
         if plan.kind == Kind::Message {
             self.tracker.lock().pending.insert(
                 id.clone().into_boxed_str(),
@@ -640,7 +647,7 @@ pub async fn run(
         .pool_idle_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| format!("HTTP client: {e}"))?;
-    let started = Instant::now();
+    let (started, started_wall) = (Instant::now(), std::time::SystemTime::now());
     let send_secs = scenario.send_secs();
     let forged_kid = mock.signing_key().kid.clone();
     let forged =
@@ -650,6 +657,7 @@ pub async fn run(
     let run = Arc::new(Run {
         scenario: scenario.clone(),
         started,
+        started_wall,
         run_id,
         client,
         templates,

@@ -29,13 +29,29 @@
 //!   saturated do not count: a client that sends as fast as it is answered keeps them busy with a
 //!   short queue and loses nothing by it.
 //!
+//! - *Activities arriving late*: a sender that delivers a conversation's activities one at a
+//!   time (as the Bot Connector does) holds the excess in its own queues, in front of the
+//!   router, which then never sees more than one request per conversation and no wait of its own.
+//!   What it sees is their age: each activity carries the `timestamp` the channel stamped when
+//!   the user sent it. Its excess over the least age of the last two minutes (the clocks' offset
+//!   and the network's own delay: LEDBAT's base delay, RFC 6817) is the time it queued before it
+//!   reached the router; the mean excess over each 10 ms is the arrival delay. While the workers
+//!   are busy (a third of the time or more, over about a second), a second PIE controller turns
+//!   that delay into a share of new activities to refuse, with `admission.target_arrival_delay_ms`
+//!   as its target (the larger of the two shares is refused), and activities more than twice the
+//!   target late are refused outright while the delay is over the target or such stale ones are
+//!   many: the end-to-end tail sits in the few conversations whose queues hold them, which a share
+//!   spread over all conversations drains only slowly (CoDel drops by sojourn time for the same
+//!   reason). A router with little to do never sheds on it: then the delay is not its doing (a
+//!   slow upstream, a stepped clock).
+//!
 //! The request path touches one atomic per bound and one sharded map lookup; no lock is shared by
 //! all requests.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -61,6 +77,10 @@ pub struct Gate {
     /// `u32::MAX` (0: none).
     shed_share: AtomicU32,
     waits: Arc<WaitMeter>,
+    arrivals: ArrivalMeter,
+    /// Stale activities are refused: the workers are busy and activities arrive later than the
+    /// target, or many are stale.
+    refusing_stale: AtomicBool,
     pending: Arc<AtomicUsize>,
     /// Activities finished since the start (read by the probe for the rate the backlog drains).
     finished: Arc<AtomicU64>,
@@ -93,6 +113,11 @@ impl Gate {
             lagging: AtomicBool::new(false),
             shed_share: AtomicU32::new(0),
             waits: Arc::new(WaitMeter::default()),
+            arrivals: ArrivalMeter::new(
+                Duration::from_millis(config.target_arrival_delay_ms) * ARRIVAL_CAP_TARGETS,
+                Duration::from_millis(config.target_arrival_delay_ms) * STALE_TARGETS,
+            ),
+            refusing_stale: AtomicBool::new(false),
             pending: Arc::new(AtomicUsize::new(0)),
             finished: Arc::new(AtomicU64::new(0)),
             turns: Arc::new(Semaphore::new(config.max_turns_in_flight.max(1))),
@@ -128,6 +153,23 @@ impl Gate {
         })
     }
 
+    /// Notes an activity that arrived stamped `timestamp` (its `timestamp` field), admitted or
+    /// not: how late activities arrive is what the arrival delay is read from.
+    ///
+    /// `true`: the activity is stale, to be refused. While activities arrive later than the
+    /// target with the workers busy, one later than twice the target over the usual is past the
+    /// time it could be answered in; the
+    /// backlog that makes the end-to-end tail sits in the few conversations with such activities
+    /// queued on the sender's side, which a share of refusals spread over all conversations
+    /// drains only slowly (CoDel drops by sojourn time for the same reason).
+    pub fn note_arrival(&self, timestamp: Option<&str>) -> bool {
+        if self.config.target_arrival_delay_ms == 0 {
+            return false;
+        }
+        self.arrivals.note(timestamp, crate::clock::system_now())
+            && self.refusing_stale.load(Ordering::Relaxed)
+    }
+
     /// What the request-serving tasks wait to run: the listener wraps them with it.
     pub fn waits(&self) -> Arc<WaitMeter> {
         Arc::clone(&self.waits)
@@ -137,16 +179,27 @@ impl Gate {
     /// every few milliseconds, how busy its workers are and how long requests wait to run, and
     /// sheds new activities while the first two are past their bound
     /// (`admission.max_runtime_lag_ms`, `admission.max_runtime_busy_percent`), and a share of
-    /// them by the third (`admission.target_request_wait_ms`); 0 turns a bound off.
+    /// them by the third (`admission.target_request_wait_ms`) and by how late activities arrive
+    /// while the workers are saturated (`admission.target_arrival_delay_ms`); 0 turns a bound
+    /// off.
     pub async fn watch_runtime(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let lag_bound = Duration::from_millis(self.config.max_runtime_lag_ms);
         let busy_bound = self.config.max_runtime_busy_percent as f64 / 100.0;
         let wait_target = Duration::from_millis(self.config.target_request_wait_ms);
-        if lag_bound.is_zero() && busy_bound == 0.0 && wait_target.is_zero() {
+        let arrival_target = Duration::from_millis(self.config.target_arrival_delay_ms);
+        if lag_bound.is_zero()
+            && busy_bound == 0.0
+            && wait_target.is_zero()
+            && arrival_target.is_zero()
+        {
             return;
         }
         let mut waits = WaitReading::default();
         let mut shed = ShedController::new(wait_target);
+        let mut arrival_shed = ShedController::new(arrival_target);
+        let mut base_age = BaseAge::default();
+        let mut arrival_delay = Duration::ZERO;
+        let mut stale_run = StaleCount::default();
         let mut lag = LagWatch::default();
         let mut load = LoadWatch::default();
         let mut busy = BusyMeter::new(tokio::runtime::Handle::current().metrics());
@@ -166,9 +219,39 @@ impl Gate {
             // The probe is a task woken too: with no request served in the interval (a runtime
             // starved of CPU), its own lateness is the wait.
             let wait = waits.mean_since_last(&self.waits).max(late_by);
-            if !wait_target.is_zero() {
-                let share = shed.update(wait);
-                let share = (share * f64::from(u32::MAX)) as u32;
+            base_age.advance();
+            let arrived = self.arrivals.take();
+            stale_run.add(&arrived);
+            if let Some(least_age) = arrived.least_age_ms {
+                self.arrivals.set_base(base_age.observe(least_age));
+            }
+            if let Some(mean_excess) = arrived.mean_excess {
+                arrival_delay = mean_excess;
+            }
+            if !wait_target.is_zero() || !arrival_target.is_zero() {
+                let by_wait = if wait_target.is_zero() {
+                    0.0
+                } else {
+                    shed.update(wait)
+                };
+                // Late arrivals with workers to spare are not the router's doing.
+                let late = if busy.smoothed_ratio >= BUSY_ENOUGH {
+                    arrival_delay
+                } else {
+                    Duration::ZERO
+                };
+                let by_arrivals = if arrival_target.is_zero() {
+                    0.0
+                } else {
+                    arrival_shed.update(late)
+                };
+                // Stale activities are refused at once, they are past their time already, once
+                // late arrivals are general or stale ones many: not a lone redelivery.
+                let refusing_stale = !arrival_target.is_zero()
+                    && busy.smoothed_ratio >= BUSY_ENOUGH
+                    && (late > arrival_target || stale_run.backlogged());
+                self.refusing_stale.store(refusing_stale, Ordering::Relaxed);
+                let share = (by_wait.max(by_arrivals) * f64::from(u32::MAX)) as u32;
                 if self.shed_share.swap(share, Ordering::Relaxed) != share {
                     metrics::gauge!(crate::telemetry::SHED_SHARE)
                         .set(f64::from(share) / f64::from(u32::MAX));
@@ -177,6 +260,11 @@ impl Gate {
             ticks += 1;
             if ticks.is_multiple_of(TICKS_PER_INTERVAL) {
                 metrics::gauge!(crate::telemetry::REQUEST_WAIT).set(waits.interval_mean());
+                stale_run.end_interval();
+                if !arrival_target.is_zero() {
+                    metrics::gauge!(crate::telemetry::ARRIVAL_DELAY)
+                        .set(arrival_delay.as_secs_f64());
+                }
                 let ratio = busy.ratio_since_last();
                 metrics::gauge!(crate::telemetry::RUNTIME_BUSY).set(ratio);
                 let finished = self.finished.load(Ordering::Relaxed);
@@ -244,6 +332,194 @@ impl Gate {
                 })
                 .value(),
         )
+    }
+}
+
+/// An activity this many targets over the usual age is stale: refused while the workers are busy
+/// and activities arrive later than the target, or many are stale.
+const STALE_TARGETS: u32 = 2;
+
+/// An activity's age counts at most this many targets over the base: a redelivery long after
+/// its first delivery (Teams' own, or one this router refused) is not a queue that long.
+const ARRIVAL_CAP_TARGETS: u32 = 4;
+
+/// Workers busy for at least this share of the time (averaged over about a second) are doing the
+/// work that falls behind: late arrivals are then read as the router's backlog; with less, they
+/// are not its doing (a slow upstream, a stepped clock). Not higher: a router starved of CPU
+/// (other processes on its cores) reads a third to a half busy while requests queue, since a
+/// worker waiting for the CPU with events to handle counts as parked.
+const BUSY_ENOUGH: f64 = 0.3;
+
+/// How late activities arrive, read by the probe every period: the least age (the router's
+/// wall clock minus the activity's `timestamp`), from which the base is kept, and the mean of
+/// each age's excess over that base, capped so that one redelivery long after its first
+/// delivery does not weigh as a queue. Shared atomics, added to by every stamped activity.
+pub struct ArrivalMeter {
+    least_age_ms: AtomicI64,
+    /// The base the probe last found (`i64::MAX`: none yet).
+    base_ms: AtomicI64,
+    cap_ms: i64,
+    /// Ages over the base past this are stale.
+    stale_ms: i64,
+    excess_sum_ms: AtomicU64,
+    excess_count: AtomicU64,
+    stale_count: AtomicU64,
+}
+
+/// One period's arrivals.
+#[derive(Debug, PartialEq)]
+struct ArrivalReading {
+    least_age_ms: Option<i64>,
+    mean_excess: Option<Duration>,
+    /// Activities measured against the base, and the stale among them.
+    measured: u64,
+    stale: u64,
+}
+
+impl ArrivalMeter {
+    /// Ages further from now than this either way are not a queue's (a stamp from a test
+    /// fixture, a clock far off); Teams' own redeliveries come within a minute.
+    const PLAUSIBLE_AGE_MS: u64 = 5 * 60 * 1000;
+
+    /// A meter counting no age more than `cap` over the base, and those over `stale` as stale.
+    fn new(cap: Duration, stale: Duration) -> Self {
+        Self {
+            stale_ms: i64::try_from(stale.as_millis()).unwrap_or(i64::MAX),
+            stale_count: AtomicU64::new(0),
+            least_age_ms: AtomicI64::new(i64::MAX),
+            base_ms: AtomicI64::new(i64::MAX),
+            cap_ms: i64::try_from(cap.as_millis()).unwrap_or(i64::MAX),
+            excess_sum_ms: AtomicU64::new(0),
+            excess_count: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes an activity stamped `timestamp`, arrived at `now`, and says whether it is stale; an
+    /// absent stamp, or one that is not RFC 3339 in UTC (as Teams writes it), says nothing.
+    fn note(&self, timestamp: Option<&str>, now: std::time::SystemTime) -> bool {
+        let Some(sent) = timestamp.and_then(|t| humantime::parse_rfc3339(t).ok()) else {
+            return false;
+        };
+        let age_ms = match now.duration_since(sent) {
+            Ok(age) => i64::try_from(age.as_millis()).unwrap_or(i64::MAX),
+            Err(ahead) => -i64::try_from(ahead.duration().as_millis()).unwrap_or(i64::MAX),
+        };
+        if age_ms.unsigned_abs() > Self::PLAUSIBLE_AGE_MS {
+            return false;
+        }
+        if age_ms < self.least_age_ms.load(Ordering::Relaxed) {
+            self.least_age_ms.fetch_min(age_ms, Ordering::Relaxed);
+        }
+        let base = self.base_ms.load(Ordering::Relaxed);
+        if base == i64::MAX {
+            return false;
+        }
+        let excess = age_ms.saturating_sub(base).max(0);
+        self.excess_sum_ms
+            .fetch_add(excess.min(self.cap_ms).unsigned_abs(), Ordering::Relaxed);
+        self.excess_count.fetch_add(1, Ordering::Relaxed);
+        let stale = excess > self.stale_ms;
+        if stale {
+            self.stale_count.fetch_add(1, Ordering::Relaxed);
+        }
+        stale
+    }
+
+    /// What arrived since the last call.
+    fn take(&self) -> ArrivalReading {
+        let least = self.least_age_ms.swap(i64::MAX, Ordering::Relaxed);
+        let sum = self.excess_sum_ms.swap(0, Ordering::Relaxed);
+        let count = self.excess_count.swap(0, Ordering::Relaxed);
+        ArrivalReading {
+            least_age_ms: (least != i64::MAX).then_some(least),
+            mean_excess: sum.checked_div(count).map(Duration::from_millis),
+            measured: count,
+            stale: self.stale_count.swap(0, Ordering::Relaxed),
+        }
+    }
+
+    fn set_base(&self, base_ms: i64) {
+        self.base_ms.store(base_ms, Ordering::Relaxed);
+    }
+}
+
+/// Stale arrivals per 100 ms interval: many of them (not a lone redelivery, nor a stall's
+/// moment) interval after interval are a backlog on the sender's side even when most arrivals
+/// are on time.
+#[derive(Default)]
+struct StaleCount {
+    measured: u64,
+    stale: u64,
+    /// Complete intervals in a row with many stale arrivals.
+    stale_intervals: u32,
+}
+
+impl StaleCount {
+    /// Stale arrivals in an interval that make a backlog: at least this many, and at least one
+    /// in [`Self::MIN_SHARE`].
+    const MIN_STALE: u64 = 10;
+    const MIN_SHARE: u64 = 100;
+    /// Intervals in a row that make a backlog.
+    const INTERVALS: u32 = 3;
+
+    fn add(&mut self, reading: &ArrivalReading) {
+        self.measured += reading.measured;
+        self.stale += reading.stale;
+    }
+
+    fn end_interval(&mut self) {
+        let many = self.stale >= Self::MIN_STALE && self.stale * Self::MIN_SHARE >= self.measured;
+        self.stale_intervals = if many {
+            self.stale_intervals.saturating_add(1)
+        } else {
+            0
+        };
+        (self.measured, self.stale) = (0, 0);
+    }
+
+    fn backlogged(&self) -> bool {
+        self.stale_intervals >= Self::INTERVALS
+    }
+}
+
+/// The least arrival age of the last two minutes, in buckets of 10 s so that it follows a clock
+/// that drifts: the part of every age no queue adds.
+struct BaseAge {
+    buckets: [i64; Self::BUCKETS],
+    current: usize,
+    periods_in_bucket: u32,
+}
+
+impl Default for BaseAge {
+    fn default() -> Self {
+        Self {
+            buckets: [i64::MAX; Self::BUCKETS],
+            current: 0,
+            periods_in_bucket: 0,
+        }
+    }
+}
+
+impl BaseAge {
+    const BUCKETS: usize = 12;
+    /// Probe periods per bucket (10 s).
+    const PERIODS_PER_BUCKET: u32 = 1_000;
+
+    /// One probe period passed: past a bucket's span, the oldest bucket is forgotten.
+    fn advance(&mut self) {
+        self.periods_in_bucket += 1;
+        if self.periods_in_bucket >= Self::PERIODS_PER_BUCKET {
+            self.current = (self.current + 1) % Self::BUCKETS;
+            self.buckets[self.current] = i64::MAX;
+            self.periods_in_bucket = 0;
+        }
+    }
+
+    /// Takes in one probe period's least age; the base after it.
+    fn observe(&mut self, least_age_ms: i64) -> i64 {
+        let bucket = &mut self.buckets[self.current];
+        *bucket = (*bucket).min(least_age_ms);
+        self.buckets.iter().copied().min().unwrap_or(least_age_ms)
     }
 }
 
@@ -503,6 +779,8 @@ struct BusyMeter {
     at: crate::clock::Instant,
     busy: Duration,
     last_ratio: f64,
+    /// The ratio averaged over about a second (exponentially, a fifth per reading).
+    smoothed_ratio: f64,
 }
 
 impl BusyMeter {
@@ -513,6 +791,7 @@ impl BusyMeter {
             at: crate::clock::now(),
             busy,
             last_ratio: 0.0,
+            smoothed_ratio: 0.0,
         }
     }
 
@@ -534,6 +813,7 @@ impl BusyMeter {
         };
         self.at = now;
         self.busy = busy;
+        self.smoothed_ratio += (self.last_ratio - self.smoothed_ratio) / 5.0;
         self.last_ratio
     }
 }
@@ -572,7 +852,158 @@ mod tests {
             max_runtime_lag_ms: 500,
             max_runtime_busy_percent: 95,
             target_request_wait_ms: 20,
+            target_arrival_delay_ms: 20,
         })
+    }
+
+    #[test]
+    fn arrival_ages_are_read_from_teams_timestamps() {
+        let meter = ArrivalMeter::new(Duration::from_millis(2_000), Duration::from_millis(1_000));
+        let at = |t: &str| humantime::parse_rfc3339(t).expect("time");
+        let now = at("2026-11-30T04:15:10Z");
+        let nothing = ArrivalReading {
+            least_age_ms: None,
+            mean_excess: None,
+            measured: 0,
+            stale: 0,
+        };
+        assert_eq!(meter.take(), nothing);
+        for stamp in [
+            Some("2026-11-30T04:15:07.1234567Z"),
+            Some("2026-11-30T04:15:09.5Z"),
+            Some("2026-11-30T04:15:08Z"),
+            // Not a queue's: no stamp, another shape, a fixture's, a clock far ahead.
+            None,
+            Some("yesterday"),
+            Some("2026-11-30T05:15:09.9+01:00"),
+            Some("2017-03-30T18:59:12.9150474Z"),
+            Some("2026-11-30T05:15:10Z"),
+        ] {
+            meter.note(stamp, now);
+        }
+        // No base yet: only the least age is read.
+        let first = ArrivalReading {
+            least_age_ms: Some(500),
+            mean_excess: None,
+            measured: 0,
+            stale: 0,
+        };
+        assert_eq!(meter.take(), first);
+        assert_eq!(meter.take(), nothing, "each reading starts anew");
+
+        meter.set_base(500);
+        let stale: Vec<bool> = [
+            "2026-11-30T04:15:09.5Z",
+            "2026-11-30T04:15:09.3Z",
+            "2026-11-30T04:15:09.6Z",
+            // A redelivery a minute later counts as the cap (2 s) over the base; it is stale.
+            "2026-11-30T04:14:10Z",
+        ]
+        .iter()
+        .map(|stamp| meter.note(Some(stamp), now))
+        .collect();
+        assert_eq!(stale, [false, false, false, true]);
+        let late = ArrivalReading {
+            least_age_ms: Some(400),
+            mean_excess: Some(Duration::from_millis(2_200 / 4)),
+            measured: 4,
+            stale: 1,
+        };
+        assert_eq!(meter.take(), late);
+        // A clock behind the sender's reads a negative age, which the base takes in.
+        meter.note(Some("2026-11-30T04:15:10.25Z"), now);
+        assert_eq!(meter.take().least_age_ms, Some(-250));
+    }
+
+    #[test]
+    fn the_base_is_the_least_age_of_the_last_two_minutes() {
+        let mut base = BaseAge::default();
+        // A sender whose clock is 3 s ahead: ages read -3,000 ms and up.
+        assert_eq!(base.observe(-2_990), -2_990);
+        assert_eq!(base.observe(-3_000), -3_000);
+        assert_eq!(base.observe(-2_600), -3_000);
+        // The least age is forgotten two minutes (12 buckets of 10 s) later, when a new one
+        // (the clock drifted by 100 ms) takes its place.
+        for _ in 0..BaseAge::PERIODS_PER_BUCKET * (BaseAge::BUCKETS as u32 - 1) {
+            base.advance();
+        }
+        assert_eq!(base.observe(-2_900), -3_000, "still there after 110 s");
+        for _ in 0..BaseAge::PERIODS_PER_BUCKET {
+            base.advance();
+        }
+        assert_eq!(
+            base.observe(-2_800),
+            -2_900,
+            "the 110 s old least is the base"
+        );
+        for _ in 0..BaseAge::PERIODS_PER_BUCKET * BaseAge::BUCKETS as u32 {
+            base.advance();
+        }
+        assert_eq!(base.observe(-2_700), -2_700);
+    }
+
+    #[test]
+    fn many_stale_arrivals_interval_after_interval_are_a_backlog() {
+        let reading = |measured, stale| ArrivalReading {
+            least_age_ms: Some(0),
+            mean_excess: Some(Duration::ZERO),
+            measured,
+            stale,
+        };
+        let mut count = StaleCount::default();
+        // A lone redelivery, then a stall's moment: no backlog.
+        for (measured, stale) in [(10, 1), (1_000, 400), (1_000, 0)] {
+            count.add(&reading(measured, stale));
+            count.end_interval();
+            assert!(!count.backlogged());
+        }
+        // Too few, or too small a share, interval after interval: none either.
+        for (measured, stale) in [(100, 9), (5_000, 40), (100, 9)] {
+            count.add(&reading(measured, stale));
+            count.end_interval();
+            assert!(!count.backlogged());
+        }
+        // Three intervals in a row with at least 10 and 1 %: a backlog, until one has few.
+        for interval in 0..3 {
+            assert!(!count.backlogged(), "{interval}");
+            count.add(&reading(500, 6));
+            count.add(&reading(500, 6));
+            count.end_interval();
+        }
+        assert!(count.backlogged());
+        count.add(&reading(1_000, 2));
+        count.end_interval();
+        assert!(!count.backlogged());
+    }
+
+    #[test]
+    fn stale_activities_are_refused_only_while_arrivals_are_late() {
+        let gate = Arc::new(gate(100, 100, 10));
+        let stamp =
+            humantime::format_rfc3339_millis(crate::clock::system_now() - Duration::from_secs(30))
+                .to_string();
+        gate.arrivals.set_base(0);
+        assert!(!gate.note_arrival(Some(&stamp)), "nothing is late: taken");
+        gate.refusing_stale.store(true, Ordering::Relaxed);
+        assert!(
+            gate.note_arrival(Some(&stamp)),
+            "30 s late while arrivals are: refused"
+        );
+        let fresh = humantime::format_rfc3339_millis(crate::clock::system_now()).to_string();
+        assert!(!gate.note_arrival(Some(&fresh)));
+        assert!(!gate.note_arrival(None));
+    }
+
+    #[test]
+    fn late_arrivals_shed_a_share_only_once_they_stand() {
+        let ms = Duration::from_millis;
+        let mut controller = ShedController::new(ms(250));
+        // A second of arrivals 400 ms late, then on time again.
+        let late: Vec<f64> = (0..100).map(|_| controller.update(ms(400))).collect();
+        assert!(late[..14].iter().all(|s| *s == 0.0), "{late:?}");
+        assert!(late[99] > 0.05, "{late:?}");
+        let calm: Vec<f64> = (0..300).map(|_| controller.update(ms(0))).collect();
+        assert_eq!(calm[299], 0.0, "{calm:?}");
     }
 
     #[test]
