@@ -123,10 +123,11 @@ pub struct AdmissionConfig {
     /// anything queues inside it. 0 neither measures nor sheds on it.
     pub target_request_wait_ms: u64,
     /// How much later than usual activities may arrive (their age by their `timestamp`, over
-    /// the least of the last two minutes) while the workers are saturated, kept by refusing a
-    /// share of new activities (503 + Retry-After; PIE): a sender that delivers each
-    /// conversation's activities one at a time queues the excess on its side, where the router
-    /// sees it only as age. 0 neither measures nor sheds on it.
+    /// the least of the last two minutes) while the workers are busy, kept by refusing a share
+    /// of new activities (503 + Retry-After; PIE) and, while they arrive later than this,
+    /// activities more than twice this late: a sender that delivers each conversation's
+    /// activities one at a time queues the excess on its side, where the router sees it only as
+    /// age. 0 neither measures nor sheds on it.
     pub target_arrival_delay_ms: u64,
 }
 

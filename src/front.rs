@@ -1005,7 +1005,7 @@ impl Front {
         target: &Target,
     ) -> Result<Ticket, Result<Routed, Rejection>> {
         let admitted = match target.stale {
-            true => Err(Refusal::Global),
+            true => Err(Refusal::Stale),
             false => self.admission.admit(&integration.id),
         };
         let refusal = match admitted {
@@ -1029,6 +1029,11 @@ impl Front {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
                 "the router has too many activities pending",
+            ),
+            Refusal::Stale => Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the router is behind: this activity arrived too late to be answered in time",
             ),
         }))
     }

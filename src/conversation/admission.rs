@@ -67,6 +67,8 @@ pub enum Refusal {
     Global,
     /// This integration has as much pending work as it may have.
     Integration,
+    /// The activity arrived too late to be answered in time while arrivals are late.
+    Stale,
 }
 
 pub struct Gate {
