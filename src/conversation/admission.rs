@@ -33,7 +33,7 @@
 //!   time (as the Bot Connector does) holds the excess in its own queues, in front of the
 //!   router, which then never sees more than one request per conversation and no wait of its own.
 //!   What it sees is their age: each activity carries the `timestamp` the channel stamped when
-//!   the user sent it. Its excess over the least age of the last two minutes (the clocks' offset
+//!   the user sent it (only those that came with a verified token are measured). Its excess over the least age of the last two minutes (the clocks' offset
 //!   and the network's own delay: LEDBAT's base delay, RFC 6817) is the time it queued before it
 //!   reached the router; the mean excess over each 10 ms is the arrival delay. While the workers
 //!   are busy (a third of the time or more, over about a second), a second PIE controller turns
