@@ -198,10 +198,7 @@ impl Gate {
         }
         let mut waits = WaitReading::default();
         let mut shed = ShedController::new(wait_target);
-        let mut arrival_shed = ShedController::new(arrival_target);
-        let mut base_age = BaseAge::default();
-        let mut arrival_delay = Duration::ZERO;
-        let mut stale_run = StaleCount::default();
+        let mut arrivals = (!arrival_target.is_zero()).then(|| ArrivalWatch::new(arrival_target));
         let mut lag = LagWatch::default();
         let mut load = LoadWatch::default();
         let mut busy = BusyMeter::new(tokio::runtime::Handle::current().metrics());
@@ -221,38 +218,17 @@ impl Gate {
             // The probe is a task woken too: with no request served in the interval (a runtime
             // starved of CPU), its own lateness is the wait.
             let wait = waits.mean_since_last(&self.waits).max(late_by);
-            base_age.advance();
-            let arrived = self.arrivals.take();
-            stale_run.add(&arrived);
-            if let Some(least_age) = arrived.least_age_ms {
-                self.arrivals.set_base(base_age.observe(least_age));
-            }
-            if let Some(mean_excess) = arrived.mean_excess {
-                arrival_delay = mean_excess;
-            }
-            if !wait_target.is_zero() || !arrival_target.is_zero() {
+            let (by_arrivals, refusing_stale) = match &mut arrivals {
+                Some(watch) => watch.period(&self.arrivals, busy.smoothed_ratio),
+                None => (0.0, false),
+            };
+            self.refusing_stale.store(refusing_stale, Ordering::Relaxed);
+            if !wait_target.is_zero() || arrivals.is_some() {
                 let by_wait = if wait_target.is_zero() {
                     0.0
                 } else {
                     shed.update(wait)
                 };
-                // Late arrivals with workers to spare are not the router's doing.
-                let late = if busy.smoothed_ratio >= BUSY_ENOUGH {
-                    arrival_delay
-                } else {
-                    Duration::ZERO
-                };
-                let by_arrivals = if arrival_target.is_zero() {
-                    0.0
-                } else {
-                    arrival_shed.update(late)
-                };
-                // Stale activities are refused at once, they are past their time already, once
-                // late arrivals are general or stale ones many: not a lone redelivery.
-                let refusing_stale = !arrival_target.is_zero()
-                    && busy.smoothed_ratio >= BUSY_ENOUGH
-                    && (late > arrival_target || stale_run.backlogged());
-                self.refusing_stale.store(refusing_stale, Ordering::Relaxed);
                 let share = (by_wait.max(by_arrivals) * f64::from(u32::MAX)) as u32;
                 if self.shed_share.swap(share, Ordering::Relaxed) != share {
                     metrics::gauge!(crate::telemetry::SHED_SHARE)
@@ -262,10 +238,9 @@ impl Gate {
             ticks += 1;
             if ticks.is_multiple_of(TICKS_PER_INTERVAL) {
                 metrics::gauge!(crate::telemetry::REQUEST_WAIT).set(waits.interval_mean());
-                stale_run.end_interval();
-                if !arrival_target.is_zero() {
-                    metrics::gauge!(crate::telemetry::ARRIVAL_DELAY)
-                        .set(arrival_delay.as_secs_f64());
+                if let Some(watch) = &mut arrivals {
+                    watch.end_interval();
+                    metrics::gauge!(crate::telemetry::ARRIVAL_DELAY).set(watch.delay.as_secs_f64());
                 }
                 let ratio = busy.ratio_since_last();
                 metrics::gauge!(crate::telemetry::RUNTIME_BUSY).set(ratio);
@@ -442,6 +417,56 @@ impl ArrivalMeter {
 
     fn set_base(&self, base_ms: i64) {
         self.base_ms.store(base_ms, Ordering::Relaxed);
+    }
+}
+
+/// What the probe makes of how late activities arrive, period after period: the base every age
+/// is measured from (handed back to the meter), the arrival delay, the share of activities to
+/// refuse for it and whether stale ones are refused.
+struct ArrivalWatch {
+    target: Duration,
+    base: BaseAge,
+    /// The mean excess of the last period with arrivals.
+    delay: Duration,
+    stale: StaleCount,
+    controller: ShedController,
+}
+
+impl ArrivalWatch {
+    fn new(target: Duration) -> Self {
+        Self {
+            target,
+            base: BaseAge::default(),
+            delay: Duration::ZERO,
+            stale: StaleCount::default(),
+            controller: ShedController::new(target),
+        }
+    }
+
+    /// One probe period, with the workers `busy` (smoothed) for that share of the time: the
+    /// share of new activities to refuse, and whether stale ones are refused.
+    fn period(&mut self, meter: &ArrivalMeter, busy: f64) -> (f64, bool) {
+        self.base.advance();
+        let arrived = meter.take();
+        self.stale.add(&arrived);
+        if let Some(least_age) = arrived.least_age_ms {
+            meter.set_base(self.base.observe(least_age));
+        }
+        if let Some(mean_excess) = arrived.mean_excess {
+            self.delay = mean_excess;
+        }
+        // Late arrivals with workers to spare are not the router's doing.
+        let busy = busy >= BUSY_ENOUGH;
+        let late = if busy { self.delay } else { Duration::ZERO };
+        // Stale activities are refused at once, they are past their time already, once late
+        // arrivals are general or stale ones many: not a lone redelivery.
+        let refusing_stale = busy && (late > self.target || self.stale.backlogged());
+        (self.controller.update(late), refusing_stale)
+    }
+
+    /// A 100 ms interval ended.
+    fn end_interval(&mut self) {
+        self.stale.end_interval();
     }
 }
 
@@ -994,6 +1019,87 @@ mod tests {
         let fresh = humantime::format_rfc3339_millis(crate::clock::system_now()).to_string();
         assert!(!gate.note_arrival(Some(&fresh)));
         assert!(!gate.note_arrival(None));
+    }
+
+    /// Stamps `count` activities `age` old at `now`.
+    fn arrive(meter: &ArrivalMeter, now: std::time::SystemTime, age: Duration, count: usize) {
+        let stamp = humantime::format_rfc3339_millis(now - age).to_string();
+        for _ in 0..count {
+            meter.note(Some(&stamp), now);
+        }
+    }
+
+    /// `periods` probe periods of `count` arrivals `age` old each, with the workers `busy`; the
+    /// last period's share and whether stale activities were refused then.
+    fn run_periods(
+        watch: &mut ArrivalWatch,
+        meter: &ArrivalMeter,
+        (age, count, busy): (Duration, usize, f64),
+        periods: u32,
+    ) -> (f64, bool) {
+        let now = std::time::SystemTime::now();
+        let mut last = (0.0, false);
+        for period in 1..=periods {
+            arrive(meter, now, age, count);
+            last = watch.period(meter, busy);
+            if period.is_multiple_of(TICKS_PER_INTERVAL) {
+                watch.end_interval();
+            }
+        }
+        last
+    }
+
+    #[test]
+    fn a_busy_router_sheds_late_arrivals_and_refuses_stale_ones_an_idle_one_does_not() {
+        let target = Duration::from_millis(500);
+        let meter = ArrivalMeter::new(target * ARRIVAL_CAP_TARGETS, target * STALE_TARGETS);
+        let mut watch = ArrivalWatch::new(target);
+        let ms = Duration::from_millis;
+        // On time: the base (20 ms of network and clocks) is learned; nothing refused.
+        assert_eq!(
+            run_periods(&mut watch, &meter, (ms(20), 50, 0.9), 100),
+            (0.0, false)
+        );
+        assert_eq!(watch.delay, ms(0));
+        // Two seconds late at an idle router: not its doing.
+        assert_eq!(
+            run_periods(&mut watch, &meter, (ms(2_020), 50, 0.1), 100),
+            (0.0, false)
+        );
+        assert_eq!(watch.delay, ms(2_000));
+        // The same at a busy one: stale ones are refused at once, and a share once it stands.
+        assert!(run_periods(&mut watch, &meter, (ms(2_020), 50, 0.9), 1).1);
+        let (share, refusing_stale) = run_periods(&mut watch, &meter, (ms(2_020), 50, 0.9), 50);
+        assert!(share > 0.1 && refusing_stale, "{share}");
+        // On time again: stale ones are taken once the interval ends, the share falls back.
+        run_periods(&mut watch, &meter, (ms(20), 50, 0.9), TICKS_PER_INTERVAL);
+        assert!(!run_periods(&mut watch, &meter, (ms(20), 50, 0.9), 1).1);
+        let (share, _) = run_periods(&mut watch, &meter, (ms(20), 50, 0.9), 300);
+        assert_eq!(share, 0.0);
+        // A few stale among many on time (redeliveries, a stall's moment): taken; many of them
+        // interval after interval: a backlog, refused.
+        let now = std::time::SystemTime::now();
+        for period in 1..=TICKS_PER_INTERVAL * 3 {
+            arrive(&meter, now, ms(20), 99);
+            arrive(&meter, now, ms(5_020), usize::from(period % 10 == 0));
+            assert!(!watch.period(&meter, 0.9).1);
+            if period.is_multiple_of(TICKS_PER_INTERVAL) {
+                watch.end_interval();
+            }
+        }
+        for period in 1..=TICKS_PER_INTERVAL * 3 {
+            arrive(&meter, now, ms(20), 50);
+            arrive(&meter, now, ms(5_020), 2);
+            assert!(!watch.period(&meter, 0.9).1, "{period}");
+            if period.is_multiple_of(TICKS_PER_INTERVAL) {
+                watch.end_interval();
+            }
+        }
+        arrive(&meter, now, ms(20), 50);
+        assert!(
+            watch.period(&meter, 0.9).1,
+            "20 stale of 520 in each of three intervals: a backlog"
+        );
     }
 
     #[test]
