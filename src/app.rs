@@ -263,6 +263,7 @@ impl Router {
             rest_after: Some(config.conversation.rest_after_ms)
                 .filter(|&ms| ms > 0 && ms < config.conversation.idle_timeout_ms)
                 .map(Duration::from_millis),
+            max_awake: Some(config.conversation.max_awake).filter(|&max| max > 0),
             dedup_window: config.conversation.dedup_window,
             panic_trigger: config.testing.panic_trigger.clone(),
             persistence,

@@ -287,6 +287,10 @@ pub struct ConversationConfig {
     /// session stays in memory (a few hundred bytes instead of an actor's kilobytes) and the
     /// next activity starts a new actor on it. 0, or not below `idle_timeout_ms`: never rests.
     pub rest_after_ms: u64,
+    /// Conversations that keep their actor while quiet, at most: past this many with an actor,
+    /// a quiet one rests as soon as its turn ends instead of after `rest_after_ms` (an actor is
+    /// about 15 KiB, a resting conversation a few hundred bytes). 0: no bound.
+    pub max_awake: usize,
     /// Activity ids remembered per conversation to drop redeliveries.
     pub dedup_window: usize,
     /// How long an invoke waits for the bot's answer before it is answered with an error body.
@@ -305,6 +309,7 @@ impl Default for ConversationConfig {
             max_active: 100_000,
             idle_timeout_ms: 300_000,
             rest_after_ms: 2_000,
+            max_awake: 4_096,
             dedup_window: 256,
             invoke_timeout_ms: 4_500,
             retry_after_secs: 1,

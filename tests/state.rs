@@ -326,6 +326,49 @@ async fn a_resting_conversation_goes_on_where_it_was_and_passivates_on_time() {
     assert!(session.contains("remember the harbour"), "{session}");
 }
 
+/// Past `max_awake` conversations with an actor, a quiet one rests as soon as its turn ends
+/// (here `rest_after_ms` alone would keep every actor for a minute), and goes on with its
+/// session when its next activity comes.
+#[tokio::test]
+async fn past_max_awake_a_quiet_conversation_rests_at_once() {
+    let mock = new_mock().await;
+    let dir = scratch_dir("max-awake");
+    let router = spawn(
+        &mock,
+        &embedded_storage(&dir, false),
+        "[conversation]\nrest_after_ms = 60000\nmax_awake = 2\n",
+    )
+    .await;
+    for n in 0..6 {
+        say(
+            &mock,
+            &router,
+            &format!("crowd-{n}"),
+            "1",
+            &format!("note {n}"),
+        )
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let resting = loop {
+        let resting = metric_value(
+            &metrics(&router).await,
+            "teams_router_conversations_resting",
+        );
+        if resting == Some(4.0) || Instant::now() > deadline {
+            break resting;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(resting, Some(4.0), "all but max_awake of the 6 rest");
+    assert_eq!(
+        metric_value(&metrics(&router).await, "teams_router_conversations_active"),
+        Some(6.0)
+    );
+    let session = say(&mock, &router, "crowd-5", "2", "///session").await;
+    assert!(session.contains("note 5"), "{session}");
+}
+
 /// Sends a burst, kills the router with SIGKILL half-way, restarts it on the same store, and
 /// checks that every activity answered 200 got exactly one reply (duplicates reported).
 async fn kill_mid_burst(storage: &str, label: &str) {

@@ -22,7 +22,7 @@ use super::session::{
     ConversationRecord, Entry, RESET_CONFIRMATION, Role, SESSION_COMMAND, Session, SessionKey,
     conversation_key, is_reset_command, session_key, session_user,
 };
-use super::{Conversation, ConversationSettings, Directory, Turn};
+use super::{Conversation, ConversationSettings, Directory, Population, Turn};
 use crate::activity::TurnActivity;
 use crate::backend::{InvokeReply, InvokeResponse};
 use crate::registry::Integration;
@@ -62,6 +62,7 @@ pub struct ConversationActor;
 pub struct ConversationArgs {
     pub conversation: Arc<Conversation>,
     pub directory: Weak<Directory>,
+    pub population: Arc<Population>,
     pub services: Arc<ReplyServices>,
     pub settings: ConversationSettings,
 }
@@ -519,8 +520,7 @@ async fn start_next_turn(myself: &ActorRef<ConversationMsg>, state: &mut Convers
                 }
                 Heard::Mail => {
                     // Back to the mailbox; the idle check watches the quiet from there.
-                    let settings = &state.args.settings;
-                    let after = settings.rest_after.unwrap_or(settings.idle_timeout);
+                    let after = awake_for(state).unwrap_or(state.args.settings.idle_timeout);
                     arm_idle_check(myself, state, after);
                 }
                 Heard::Quiet => rest_or_passivate_if_idle(myself, state),
@@ -579,8 +579,7 @@ async fn listen(myself: &ActorRef<ConversationMsg>, state: &mut ConversationActo
     use std::task::Poll;
 
     let conversation = Arc::clone(&state.args.conversation);
-    let settings = &state.args.settings;
-    let quiet_after = settings.rest_after.unwrap_or(settings.idle_timeout);
+    let quiet_after = awake_for(state).unwrap_or(state.args.settings.idle_timeout);
     let rest_due = {
         let mut shared = conversation.state();
         if !shared.queue.is_empty() || !shared.side_queue.is_empty() {
@@ -1190,6 +1189,24 @@ async fn load_session(
     state.session = Some((key, session));
 }
 
+/// How long a quiet conversation keeps its actor before it rests (`None`: until it passivates):
+/// `rest_after`, or not at all while more conversations than `max_awake` have one. An actor is
+/// kilobytes (its task, its channels, its turn's future) where a resting conversation is a few
+/// hundred bytes, so memory follows the conversations in memory, not how many were touched
+/// lately; past the bound a conversation's next activity starts an actor instead of waking one.
+fn awake_for(state: &ConversationActorState) -> Option<std::time::Duration> {
+    let settings = &state.args.settings;
+    let after = settings.rest_after?;
+    let crowded = settings
+        .max_awake
+        .is_some_and(|max| state.args.population.awake() > max);
+    Some(if crowded {
+        std::time::Duration::ZERO
+    } else {
+        after
+    })
+}
+
 fn arm_idle_check(
     myself: &ActorRef<ConversationMsg>,
     state: &mut ConversationActorState,
@@ -1236,7 +1253,7 @@ fn rest_or_passivate_if_idle(
 ) {
     state.idle_check_armed = false;
     let idle_timeout = state.args.settings.idle_timeout;
-    let rest_after = state.args.settings.rest_after;
+    let rest_after = awake_for(state);
     let quiet_for = {
         let shared = state.args.conversation.state();
         let idle = !shared.busy
@@ -1283,6 +1300,10 @@ fn rest_or_passivate_if_idle(
             Quiet::Passivate
         } else {
             shared.actor = None;
+            // Empty, but with the room its busiest moment took (hundreds of bytes), which a
+            // resting conversation gives back with its actor.
+            shared.queue.shrink_to_fit();
+            shared.side_queue.shrink_to_fit();
             shared.resting = Some(Box::new(Resting {
                 session: state.session.take(),
                 record: state.record.take(),

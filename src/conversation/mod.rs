@@ -47,6 +47,9 @@ pub struct ConversationSettings {
     pub idle_timeout: Duration,
     /// Quiet for this long, a conversation rests: its actor stops, its state stays in memory.
     pub rest_after: Option<Duration>,
+    /// Past this many conversations with an actor, a quiet one rests as soon as its turn ends
+    /// (`None`: no bound).
+    pub max_awake: Option<usize>,
     pub dedup_window: usize,
     pub panic_trigger: Option<String>,
     pub persistence: Arc<Persistence>,
@@ -324,13 +327,29 @@ impl Conversation {
     }
 }
 
+/// How many conversations are in memory and how many of them rest without an actor: counted
+/// by the directory, read by a quiet actor to know whether it may keep its actor.
+#[derive(Default)]
+pub(crate) struct Population {
+    active: AtomicUsize,
+    /// Of the active ones, those resting without an actor.
+    resting: AtomicUsize,
+}
+
+impl Population {
+    /// Conversations with an actor (or one on its way).
+    fn awake(&self) -> usize {
+        self.active
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.resting.load(Ordering::Relaxed))
+    }
+}
+
 /// All conversations in memory, and the door through which activities reach them.
 pub struct Directory {
     /// integration id → conversation id → conversation. Lookups by `&str` allocate nothing.
     conversations: DashMap<Box<str>, DashMap<Box<str>, Arc<Conversation>>>,
-    active: AtomicUsize,
-    /// Of the active ones, those resting without an actor.
-    resting: AtomicUsize,
+    population: Arc<Population>,
     settings: ConversationSettings,
     supervisor: ActorRef<SupervisorMsg>,
 }
@@ -474,8 +493,9 @@ impl Directory {
         let conversation = match per_integration.entry(conversation_id.into()) {
             Entry::Occupied(existing) => return Some(Arc::clone(existing.get())),
             Entry::Vacant(slot) => {
-                if self.active.fetch_add(1, Ordering::AcqRel) >= self.settings.max_active {
-                    self.active.fetch_sub(1, Ordering::AcqRel);
+                if self.population.active.fetch_add(1, Ordering::AcqRel) >= self.settings.max_active
+                {
+                    self.population.active.fetch_sub(1, Ordering::AcqRel);
                     return None;
                 }
                 let conversation = Arc::new(Conversation::new(
@@ -489,7 +509,7 @@ impl Directory {
                 conversation
             }
         };
-        gauge!(CONVERSATIONS_ACTIVE).set(self.active.load(Ordering::Acquire) as f64);
+        gauge!(CONVERSATIONS_ACTIVE).set(self.population.active.load(Ordering::Acquire) as f64);
         self.start_actor(&conversation);
         Some(conversation)
     }
@@ -500,10 +520,14 @@ impl Directory {
             return;
         }
         let now = if delta > 0 {
-            self.resting.fetch_add(delta as usize, Ordering::AcqRel) + delta as usize
+            self.population
+                .resting
+                .fetch_add(delta as usize, Ordering::AcqRel)
+                + delta as usize
         } else {
             let by = delta.unsigned_abs();
-            self.resting
+            self.population
+                .resting
                 .fetch_sub(by, Ordering::AcqRel)
                 .saturating_sub(by)
         };
@@ -583,7 +607,11 @@ impl Directory {
             })
             .is_some()
         {
-            let now = self.active.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+            let now = self
+                .population
+                .active
+                .fetch_sub(1, Ordering::AcqRel)
+                .saturating_sub(1);
             gauge!(CONVERSATIONS_ACTIVE).set(now as f64);
         }
     }
@@ -614,6 +642,7 @@ impl Directory {
         }
         self.count_resting(-were_resting);
         let now = self
+            .population
             .active
             .fetch_sub(ended, Ordering::AcqRel)
             .saturating_sub(ended);
@@ -630,7 +659,7 @@ impl Directory {
     }
 
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.population.active.load(Ordering::Acquire)
     }
 
     /// Past the shutdown's deadline: no conversation starts another turn of its turn order,

@@ -3,7 +3,6 @@
 //! untouched and carries on with the next turn.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock, Weak};
 
 use dashmap::DashMap;
@@ -11,7 +10,7 @@ use metrics::counter;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::actor::{ConversationActor, ConversationArgs};
-use super::{Conversation, ConversationSettings, Directory};
+use super::{Conversation, ConversationSettings, Directory, Population};
 use crate::reply::ReplyServices;
 use crate::telemetry::ACTOR_RESTARTS;
 
@@ -26,6 +25,7 @@ pub struct SupervisorArgs {
     settings: ConversationSettings,
     services: Arc<ReplyServices>,
     directory: Arc<OnceLock<Weak<Directory>>>,
+    population: Arc<Population>,
 }
 
 pub struct SupervisorState {
@@ -39,6 +39,7 @@ pub(super) async fn start(
     services: Arc<ReplyServices>,
 ) -> Result<(Arc<Directory>, tokio::task::JoinHandle<()>), ractor::SpawnErr> {
     let slot = Arc::new(OnceLock::new());
+    let population = Arc::new(Population::default());
     let (supervisor, handle) = Actor::spawn(
         None,
         ConversationSupervisor,
@@ -46,13 +47,13 @@ pub(super) async fn start(
             settings: settings.clone(),
             services,
             directory: Arc::clone(&slot),
+            population: Arc::clone(&population),
         },
     )
     .await?;
     let directory = Arc::new(Directory {
         conversations: DashMap::new(),
-        active: AtomicUsize::new(0),
-        resting: AtomicUsize::new(0),
+        population,
         settings,
         supervisor,
     });
@@ -72,6 +73,7 @@ impl ConversationSupervisor {
         let args = ConversationArgs {
             conversation: Arc::clone(&conversation),
             directory,
+            population: Arc::clone(&state.args.population),
             services: Arc::clone(&state.args.services),
             settings: state.args.settings.clone(),
         };
