@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use aws_lc_rs::digest::{SHA256, digest};
+use aws_lc_rs::digest::{Context, SHA256};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -42,9 +42,10 @@ pub struct Address {
 
 /// A JSON value kept as its compact text: one allocation of a few dozen bytes where a
 /// `serde_json::Value` object is a map of them (the book holds two addresses per personal chat,
-/// for every chat an integration ever saw). Read and written as the JSON value itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CompactJson(Box<str>);
+/// for every chat an integration ever saw), shared by its clones (both addresses of a personal
+/// chat hold its conversation account). Read and written as the JSON value itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CompactJson(Arc<str>);
 
 impl CompactJson {
     pub fn of(value: &Value) -> Self {
@@ -69,8 +70,69 @@ impl<'de> Deserialize<'de> for CompactJson {
     }
 }
 
+impl Address {
+    fn known(&self, book: &AddressBook) -> Known {
+        Known {
+            route: book.route(Route {
+                integration_id: self.integration_id.as_str().into(),
+                service_url: self.service_url.as_str().into(),
+                tenant_id: self.tenant_id.as_deref().map(Into::into),
+                bot: self.bot.clone(),
+            }),
+            key: self.key.as_str().into(),
+            conversation: self.conversation.clone(),
+            not_installed: self.not_installed,
+        }
+    }
+}
+
+/// Where the learned addresses of an integration send, shared by every conversation reached
+/// from the same service URL, tenant and bot account: held once, not once per address.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Route {
+    integration_id: Box<str>,
+    service_url: Box<str>,
+    tenant_id: Option<Box<str>>,
+    bot: CompactJson,
+}
+
+/// An address as the book holds it (a few dozen bytes beside its key and its conversation
+/// account): a million personal chats are two million of them.
+#[derive(Debug, PartialEq)]
+struct Known {
+    route: Arc<Route>,
+    key: Box<str>,
+    conversation: Option<CompactJson>,
+    not_installed: bool,
+}
+
+impl Known {
+    fn address(&self) -> Address {
+        Address {
+            integration_id: self.route.integration_id.to_string(),
+            key: self.key.to_string(),
+            service_url: self.route.service_url.to_string(),
+            tenant_id: self.route.tenant_id.as_deref().map(str::to_owned),
+            bot: self.route.bot.clone(),
+            conversation: self.conversation.clone(),
+            not_installed: self.not_installed,
+        }
+    }
+
+    /// The stored record: the [`Address`] it stands for.
+    fn record(&self) -> Option<Vec<u8>> {
+        serde_json::to_vec(&self.address()).ok()
+    }
+}
+
+/// An address's id: the first 12 bytes of SHA-256 over its integration and key. Its record in
+/// the store is named after it ([`record_id`]).
+type AddressId = [u8; 12];
+
 pub struct AddressBook {
-    addresses: DashMap<String, Address>,
+    addresses: DashMap<AddressId, Known>,
+    /// Every [`Route`] the addresses use, once.
+    routes: dashmap::DashSet<Arc<Route>>,
     store: Arc<Store>,
     health: Arc<StoreHealth>,
     /// New and changed addresses, written to the store together once a second: a burst of new
@@ -83,19 +145,46 @@ pub struct AddressBook {
 /// How often learned addresses reach the store.
 const SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn record_id(integration: &str, key: &str) -> String {
-    let hash = digest(&SHA256, format!("{integration}\u{0}{key}").as_bytes());
-    let hex: String = hash.as_ref()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("addr_{hex}")
+fn address_id(integration: &str, key: &str) -> AddressId {
+    let mut context = Context::new(&SHA256);
+    context.update(integration.as_bytes());
+    context.update(&[0]);
+    context.update(key.as_bytes());
+    let mut id = AddressId::default();
+    id.copy_from_slice(&context.finish().as_ref()[..12]);
+    id
+}
+
+const RECORD_PREFIX: &str = "addr_";
+
+/// The name of an address's record in the store: `addr_` and its id in hex.
+fn record_id(id: &AddressId) -> String {
+    use std::fmt::Write;
+    id.iter()
+        .fold(String::from(RECORD_PREFIX), |mut name, byte| {
+            let _ = write!(name, "{byte:02x}");
+            name
+        })
+}
+
+/// The id a record's name stands for (`None` for a name [`record_id`] did not make).
+fn parse_record_id(name: &str) -> Option<AddressId> {
+    let hex = name.strip_prefix(RECORD_PREFIX)?;
+    if hex.len() != 24 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut id = AddressId::default();
+    for (byte, pair) in id.iter_mut().zip(hex.as_bytes().chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(id)
 }
 
 impl AddressBook {
     pub async fn load(store: Arc<Store>, health: Arc<StoreHealth>) -> Arc<Self> {
         let book = Arc::new(Self {
             addresses: DashMap::new(),
+            routes: dashmap::DashSet::new(),
             store: Arc::clone(&store),
             health: Arc::clone(&health),
             unsaved: parking_lot::Mutex::new(Vec::new()),
@@ -112,10 +201,28 @@ impl AddressBook {
                 book.save().await;
             }
         });
-        for (id, address) in load_records::<Address>(&store, &health, STORE_KIND).await {
-            book.addresses.insert(id, address);
+        for (name, address) in load_records::<Address>(&store, &health, STORE_KIND).await {
+            match parse_record_id(&name) {
+                Some(id) => {
+                    let known = address.known(&book);
+                    book.addresses.insert(id, known);
+                }
+                None => {
+                    tracing::warn!(record = %name, "stored address has a foreign name; skipped")
+                }
+            }
         }
         book
+    }
+
+    /// The book's one copy of `route`.
+    fn route(&self, route: Route) -> Arc<Route> {
+        if let Some(known) = self.routes.get(&route) {
+            return Arc::clone(&known);
+        }
+        let route = Arc::new(route);
+        self.routes.insert(Arc::clone(&route));
+        route
     }
 
     /// Writes what was learned since the last save; a failed write is tried again next time.
@@ -147,7 +254,7 @@ impl AddressBook {
         if let Some(address) = self.get(integration, key) {
             return Some(address);
         }
-        let id = record_id(integration, key);
+        let id = record_id(&address_id(integration, key));
         let queued = self
             .unsaved_created
             .lock()
@@ -169,11 +276,12 @@ impl AddressBook {
     /// Marks addresses `not_installed` wherever they are: in memory or among the created chats.
     pub async fn mark_not_installed(&self, integration: &str, keys: &[String]) {
         for key in keys {
-            let id = record_id(integration, key);
-            if let Some(mut address) = self.addresses.get_mut(&id) {
-                if !address.not_installed {
-                    address.not_installed = true;
-                    if let Ok(bytes) = serde_json::to_vec(&*address) {
+            let known_id = address_id(integration, key);
+            let id = record_id(&known_id);
+            if let Some(mut known) = self.addresses.get_mut(&known_id) {
+                if !known.not_installed {
+                    known.not_installed = true;
+                    if let Some(bytes) = known.record() {
                         self.unsaved.lock().push((id, bytes));
                     }
                 }
@@ -192,8 +300,8 @@ impl AddressBook {
 
     pub fn get(&self, integration: &str, key: &str) -> Option<Address> {
         self.addresses
-            .get(&record_id(integration, key))
-            .map(|a| a.value().clone())
+            .get(&address_id(integration, key))
+            .map(|known| known.address())
     }
 
     /// Learns where the activity's conversation, sender (in a personal chat), channel, team and
@@ -206,14 +314,16 @@ impl AddressBook {
         if activity.says_bot_left() {
             return;
         }
-        let tenant = activity.tenant_id().map(str::to_owned);
-        let bot = CompactJson::of(&bot);
-        let address = |key: String, conversation: Option<&CompactJson>| Address {
-            integration_id: integration.to_owned(),
-            key,
-            service_url: activity.service_url().to_owned(),
-            tenant_id: tenant.clone(),
-            bot: bot.clone(),
+        let tenant = activity.tenant_id();
+        let route = self.route(Route {
+            integration_id: integration.into(),
+            service_url: activity.service_url().into(),
+            tenant_id: tenant.map(Into::into),
+            bot: CompactJson::of(&bot),
+        });
+        let address = |key: String, conversation: Option<&CompactJson>| Known {
+            route: Arc::clone(&route),
+            key: key.into(),
             conversation: conversation.cloned(),
             not_installed: false,
         };
@@ -223,7 +333,7 @@ impl AddressBook {
         // A conversation seen before from the same address taught the rest already.
         if self
             .addresses
-            .get(&record_id(integration, &by_conversation.key))
+            .get(&address_id(integration, &by_conversation.key))
             .is_some_and(|a| *a == by_conversation)
         {
             return;
@@ -249,16 +359,16 @@ impl AddressBook {
                 learned.push(address(format!("channel:{id}"), None));
             }
         }
-        if let Some(tenant) = &tenant {
+        if let Some(tenant) = tenant {
             learned.push(address(format!("tenant:{tenant}"), None));
         }
         let mut to_store = Vec::new();
         for address in learned {
-            let id = record_id(integration, &address.key);
+            let id = address_id(integration, &address.key);
             let known = self.addresses.get(&id).is_some_and(|a| *a == address);
             if !known {
-                if let Ok(bytes) = serde_json::to_vec(&address) {
-                    to_store.push((id.clone(), bytes));
+                if let Some(bytes) = address.record() {
+                    to_store.push((record_id(&id), bytes));
                 }
                 self.addresses.insert(id, address);
             }
@@ -287,13 +397,13 @@ impl AddressBook {
             .collect();
         let mut to_store = Vec::new();
         for key in keys {
-            let id = record_id(integration, &key);
-            if let Some(mut address) = self.addresses.get_mut(&id)
-                && address.not_installed == installed
+            let id = address_id(integration, &key);
+            if let Some(mut known) = self.addresses.get_mut(&id)
+                && known.not_installed == installed
             {
-                address.not_installed = !installed;
-                if let Ok(bytes) = serde_json::to_vec(&*address) {
-                    to_store.push((id.clone(), bytes));
+                known.not_installed = !installed;
+                if let Some(bytes) = known.record() {
+                    to_store.push((record_id(&id), bytes));
                 }
             }
         }
@@ -311,11 +421,43 @@ impl AddressBook {
         };
         let mut to_store = Vec::new();
         for address in [address, by_conversation] {
-            let id = record_id(&address.integration_id, &address.key);
+            let id = record_id(&address_id(&address.integration_id, &address.key));
             if let Ok(bytes) = serde_json::to_vec(&address) {
                 to_store.push((id, bytes));
             }
         }
         self.unsaved_created.lock().extend(to_store);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_names_are_the_ones_stored_before_and_read_back() {
+        let id = address_id("int_1", "conv:a:1");
+        // The name every earlier version gave this address's record.
+        let earlier = aws_lc_rs::digest::digest(&SHA256, "int_1\u{0}conv:a:1".as_bytes());
+        let hex: String = earlier.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(record_id(&id), format!("addr_{hex}"));
+        assert_eq!(parse_record_id(&record_id(&id)), Some(id));
+        for foreign in [
+            "addr_",
+            "addr_zz",
+            "tenant_0123456789abcdef01234567",
+            "addr_0123",
+            "addr_+123456789abcdef01234567",
+        ] {
+            assert_eq!(parse_record_id(foreign), None, "{foreign}");
+        }
+        assert_eq!(
+            parse_record_id("addr_0123456789abcdef0123456z"),
+            None,
+            "not hex"
+        );
     }
 }
