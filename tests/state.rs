@@ -258,6 +258,18 @@ async fn gathered_history_is_written_on_its_timer_during_a_long_turn() {
     assert!(session.contains("messages remembered"), "{session}");
 }
 
+/// The gauge's value once it reads `value`, or after 15 s.
+async fn gauge_becomes(router: &impl Endpoint, name: &str, value: f64) -> Option<f64> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = metric_value(&metrics(router).await, name);
+        if now == Some(value) || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A quiet conversation rests (its actor stops, its state stays in memory), catches a
 /// redelivery without waking, goes on with its session when the next activity comes, and leaves
 /// memory at the idle timeout with its history in the store.
@@ -271,19 +283,7 @@ async fn a_resting_conversation_goes_on_where_it_was_and_passivates_on_time() {
         "[conversation]\nrest_after_ms = 100\nidle_timeout_ms = 3000\n",
     )
     .await;
-    let gauge_becomes = |name: &'static str, value: f64| {
-        let router = &router;
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                let now = metric_value(&metrics(router).await, name);
-                if now == Some(value) || Instant::now() > deadline {
-                    return now;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let gauge_becomes = |name: &'static str, value: f64| gauge_becomes(&router, name, value);
     say(&mock, &router, "r1", "1", "remember the harbour").await;
     assert_eq!(
         gauge_becomes("teams_router_conversations_resting", 1.0).await,
@@ -349,18 +349,11 @@ async fn past_max_awake_a_quiet_conversation_rests_at_once() {
         )
         .await;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let resting = loop {
-        let resting = metric_value(
-            &metrics(&router).await,
-            "teams_router_conversations_resting",
-        );
-        if resting == Some(4.0) || Instant::now() > deadline {
-            break resting;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(resting, Some(4.0), "all but max_awake of the 6 rest");
+    assert_eq!(
+        gauge_becomes(&router, "teams_router_conversations_resting", 4.0).await,
+        Some(4.0),
+        "all but max_awake of the 6 rest"
+    );
     assert_eq!(
         metric_value(&metrics(&router).await, "teams_router_conversations_active"),
         Some(6.0)
