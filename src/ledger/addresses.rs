@@ -434,6 +434,53 @@ impl AddressBook {
 mod tests {
     use super::*;
 
+    /// What one router learned, another started on the same store finds: every address of a
+    /// personal chat (conversation, user by both ids, tenant), with its route and account.
+    #[tokio::test]
+    async fn learned_addresses_are_found_again_after_a_restart() {
+        let dir =
+            std::env::temp_dir().join(format!("teams-router-addresses-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = crate::store::EmbeddedStore::open(&dir, 1 << 20, false).unwrap();
+        let store = Arc::new(Store::Embedded(Arc::new(store)));
+        let health = Arc::new(StoreHealth::default());
+        let body = include_bytes!("../../fixtures/activities/personal-message.json");
+        let activity = crate::activity::parse_turn(body).unwrap();
+        let keys = [
+            format!("conv:{}", activity.conversation_id()),
+            format!("user:{}", activity.from_id().unwrap()),
+            format!("user:{}", activity.from_aad_object_id().unwrap()),
+            format!("tenant:{}", activity.tenant_id().unwrap()),
+        ];
+
+        let first = AddressBook::load(Arc::clone(&store), Arc::clone(&health)).await;
+        first.learn("int_1", &activity);
+        first.save().await;
+        let learned: Vec<Address> = keys
+            .iter()
+            .map(|key| first.get("int_1", key).expect(key))
+            .collect();
+        assert_eq!(
+            learned[0].service_url,
+            "https://smba.trafficmanager.net/amer/"
+        );
+        assert_eq!(learned[1].conversation, learned[0].conversation);
+        assert_eq!(
+            learned[1].bot.value()["id"],
+            "28:c9e8c047-2a74-40a2-b28a-b162d5f5327c"
+        );
+        drop(first);
+
+        let second = AddressBook::load(store, health).await;
+        for (key, address) in keys.iter().zip(&learned) {
+            assert_eq!(second.get("int_1", key).as_ref(), Some(address), "{key}");
+        }
+        assert_eq!(second.get("int_2", &keys[0]), None, "another integration's");
+        assert_eq!(second.routes.len(), 1, "one route shared by all four");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn record_names_are_the_ones_stored_before_and_read_back() {
         let id = address_id("int_1", "conv:a:1");
