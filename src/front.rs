@@ -683,7 +683,7 @@ impl Front {
                 .journal_and_route(journal, integration, &target, body, activity)
                 .await;
         }
-        let ticket = match self.take_place(integration, &target) {
+        let ticket = match self.take_place(integration, &target, Recorded::OnceTaken) {
             Ok(ticket) => ticket,
             Err(outcome) => return outcome,
         };
@@ -839,7 +839,7 @@ impl Front {
     ) -> Result<Routed, Rejection> {
         // The place bounds this instance's work and sheds when its runtime is saturated; the
         // turn itself takes one where its partition is held.
-        let ticket = match self.unseen_with_place(integration, target) {
+        let ticket = match self.unseen_with_place(integration, target, Recorded::OnceAnswered) {
             Ok(ticket) => ticket,
             Err(outcome) => return outcome,
         };
@@ -905,7 +905,8 @@ impl Front {
                 )),
                 // Run here, unrecorded: the store is down, and its partitions' holders with it.
                 OnStoreUnavailable::Accept => {
-                    let ticket = match self.take_place(integration, target) {
+                    let ticket = match self.take_place(integration, target, Recorded::OnceAnswered)
+                    {
                         Ok(ticket) => ticket,
                         Err(outcome) => return outcome,
                     };
@@ -928,7 +929,7 @@ impl Front {
         body: Bytes,
         activity: Box<TurnActivity>,
     ) -> Result<Routed, Rejection> {
-        let ticket = match self.unseen_with_place(integration, target) {
+        let ticket = match self.unseen_with_place(integration, target, Recorded::OnceTaken) {
             Ok(ticket) => ticket,
             Err(outcome) => return outcome,
         };
@@ -988,15 +989,25 @@ impl Front {
         &self,
         integration: &Integration,
         target: &Target,
+        recorded: Recorded,
     ) -> Result<Ticket, Result<Routed, Rejection>> {
-        if self.directory.seen(
-            &integration.id,
-            &target.conversation_id,
-            &target.activity_id,
-        ) {
+        if self.known(integration, target, recorded) {
             return Err(Ok(self.redelivery(integration, target)));
         }
-        self.take_place(integration, target)
+        self.take_place(integration, target, recorded)
+    }
+
+    /// Whether this instance knows the activity well enough to acknowledge a redelivery of it
+    /// without recording it again.
+    fn known(&self, integration: &Integration, target: &Target, recorded: Recorded) -> bool {
+        let (conversation, activity) = (&target.conversation_id, &target.activity_id);
+        match recorded {
+            Recorded::OnceTaken => self.directory.seen(&integration.id, conversation, activity),
+            Recorded::OnceAnswered => {
+                self.directory
+                    .answered(&integration.id, conversation, activity)
+            }
+        }
     }
 
     /// A place among pending activities, or the answer when there is none: a redelivery of
@@ -1005,6 +1016,7 @@ impl Front {
         &self,
         integration: &Integration,
         target: &Target,
+        recorded: Recorded,
     ) -> Result<Ticket, Result<Routed, Rejection>> {
         let admitted = match target.stale {
             true => Err(Refusal::Stale),
@@ -1014,11 +1026,7 @@ impl Front {
             Ok(ticket) => return Ok(ticket),
             Err(refusal) => refusal,
         };
-        if self.directory.seen(
-            &integration.id,
-            &target.conversation_id,
-            &target.activity_id,
-        ) {
+        if self.known(integration, target, recorded) {
             return Err(Ok(self.redelivery(integration, target)));
         }
         Err(Err(match refusal {
@@ -1183,6 +1191,20 @@ fn tenant_not_connected() -> Rejection {
         "tenant_not_connected",
         "the activity's tenant is not connected to this integration (tenantPolicy: connected)",
     )
+}
+
+/// When an activity this instance has seen is surely recorded, so that a redelivery of it can be
+/// acknowledged without recording it again.
+#[derive(Clone, Copy)]
+enum Recorded {
+    /// Once its conversation took it: it was journaled (or taken unrecorded) before that.
+    OnceTaken,
+    /// Only once it was answered: a partition's holder reads what its Redis master has, before
+    /// the replicas asked for confirm it (the accepting request is refused then). A master that
+    /// fails takes such an entry along, and a holder that loses the partition drops its turn:
+    /// a redelivery acknowledged on the strength of that read would be lost with it. Refused
+    /// instead, it is appended again (a duplicate where the first copy survived).
+    OnceAnswered,
 }
 
 /// Where an activity goes.

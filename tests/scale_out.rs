@@ -745,6 +745,74 @@ async fn an_activity_is_acknowledged_only_once_the_replicas_asked_for_have_it() 
     assert_eq!(counts.get("wait-2"), Some(&1));
 }
 
+/// A holder reads its partition from the master, before any replica has what it reads: the
+/// request that appended an activity is refused (no replica confirmed it), yet the holder may
+/// already be running its turn. The Bot Connector's redelivery must not be acknowledged on the
+/// strength of that turn: were the master to fail, the entry would be gone with it, and a holder
+/// losing the partition drops the turn. It is refused until a replica has it, then answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_is_refused_while_only_the_holder_has_read_it() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start().expect("redis-server");
+    let mock = new_mock().await;
+    // The turn stays in flight long enough for the redelivery to find it running.
+    mock.set_connector_latency(Duration::from_secs(4));
+    let router = spawn(
+        &mock,
+        &redis,
+        "unconfirmed",
+        "redis_wait_replicas = 1\nredis_wait_timeout_ms = 100",
+    )
+    .await;
+    let client = http();
+    let token = mock.token_for(APP_ID);
+    let send = || {
+        client
+            .post(router.callback_url("teams_prod"))
+            .bearer_auth(&token)
+            .json(&personal_message(
+                &mock,
+                "a:unconfirmed",
+                "unconfirmed-1",
+                "hi",
+            ))
+            .send()
+    };
+    let refused = send().await.expect("answered");
+    assert_eq!(refused.status().as_u16(), 503, "no replica has it");
+    // The holder (this router) reads it at its next poll and starts its turn.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mock.connector_attempts() == 0 {
+        assert!(Instant::now() < deadline, "the holder never ran the turn");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let redelivered = send().await.expect("answered");
+    assert_eq!(
+        redelivered.status().as_u16(),
+        503,
+        "a redelivery of an activity no replica has is refused, even while its turn runs here"
+    );
+
+    let _replica = RedisServer::replica_of(&redis).expect("replica");
+    wait_for_replicas(&redis, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = send().await.expect("answered").status().as_u16();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "only refused while the replica lags");
+        assert!(
+            Instant::now() < deadline,
+            "still refused 15 s after the replica attached"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ids = ["unconfirmed-1".to_owned()];
+    let counts = wait_for_replies(&mock, &ids, Duration::from_secs(15)).await;
+    assert_eq!(counts.get("unconfirmed-1"), Some(&1), "answered once");
+}
+
 /// Waits (up to 20 s) until `master` has `count` replicas in sync.
 async fn wait_for_replicas(master: &RedisServer, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);

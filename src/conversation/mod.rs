@@ -465,6 +465,12 @@ impl Directory {
             .is_some_and(|c| c.state().dedup.contains(activity_id))
     }
 
+    /// Whether the conversation has answered this activity id (within its window).
+    pub fn answered(&self, integration: &str, conversation_id: &str, activity_id: &str) -> bool {
+        self.lookup(integration, conversation_id)
+            .is_some_and(|c| c.state().dedup.is_answered(activity_id))
+    }
+
     /// The answer of an invoke the conversation has seen (for a redelivery of it).
     pub fn invoke_answer(
         &self,
