@@ -932,11 +932,28 @@ async fn three_routers_on_a_redis_cluster_lose_nothing_when_a_master_fails() {
     let old_master = cluster.master_of(slot).expect("a master serves the slot");
     cluster.kill(old_master);
     let killed = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(45);
+    // The cluster's own election takes 2–3 s here; once in some hundred runs on a loaded machine
+    // it had not come after 30 s. What the routers must survive is the promotion, not how
+    // Redis decides on it: past 15 s it is done by hand, and the cluster's view is printed.
+    let mut taken_over = false;
     let new_master = loop {
         match cluster.master_of(slot) {
             Some(port) if port != old_master && cluster.is_ok() => break port,
-            _ if Instant::now() > deadline => panic!("no replica was promoted within 30 s"),
+            _ if !taken_over && killed.elapsed() > Duration::from_secs(15) => {
+                eprintln!(
+                    "no replica promoted 15 s after the kill; promoting it by hand. The cluster:\n{}",
+                    cluster.describe()
+                );
+                taken_over = true;
+                if let Err(error) = cluster.take_over(old_master) {
+                    eprintln!("{error}");
+                }
+            }
+            _ if Instant::now() > deadline => panic!(
+                "no replica was promoted within 45 s:\n{}",
+                cluster.describe()
+            ),
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };

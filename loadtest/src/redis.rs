@@ -249,6 +249,58 @@ impl RedisCluster {
         }
     }
 
+    /// What every live node says of the cluster (`CLUSTER INFO`, `CLUSTER NODES`): for a test
+    /// that waited for it in vain.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for (port, _) in self.nodes.iter().filter(|(_, child)| child.is_some()) {
+            let info = cli(*port, &["CLUSTER", "INFO"]);
+            let state = info
+                .lines()
+                .find(|l| l.starts_with("cluster_state"))
+                .unwrap_or("cluster_state:?");
+            out.push_str(&format!(
+                "node {port}: {}\n{}",
+                state.trim(),
+                cli(*port, &["CLUSTER", "NODES"])
+            ));
+        }
+        out
+    }
+
+    /// Promotes the replica of the dead master on `port` by hand (`CLUSTER FAILOVER TAKEOVER`,
+    /// an operator's last resort: no election), for when the cluster's own failover did not come
+    /// within a bound. Answers the replica's port.
+    pub fn take_over(&self, port: u16) -> Result<u16, String> {
+        let live = self
+            .nodes
+            .iter()
+            .find(|(_, c)| c.is_some())
+            .ok_or("no live node")?
+            .0;
+        let nodes = cli(live, &["CLUSTER", "NODES"]);
+        let fields =
+            |line: &str| -> Vec<String> { line.split_whitespace().map(str::to_owned).collect() };
+        let port_of = |field: &str| field.split(['@', ':']).nth(1)?.parse::<u16>().ok();
+        let dead_id = nodes
+            .lines()
+            .map(fields)
+            .find(|f| f.len() > 1 && port_of(&f[1]) == Some(port))
+            .map(|f| f[0].clone())
+            .ok_or_else(|| format!("node {port} is not in the cluster"))?;
+        let replica = nodes
+            .lines()
+            .map(fields)
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == dead_id)
+            .and_then(|f| port_of(&f[1]))
+            .ok_or_else(|| format!("node {port} has no replica"))?;
+        let answer = cli(replica, &["CLUSTER", "FAILOVER", "TAKEOVER"]);
+        if answer.trim() != "OK" {
+            return Err(format!("CLUSTER FAILOVER TAKEOVER on {replica}: {answer}"));
+        }
+        Ok(replica)
+    }
+
     /// Replicas in sync with the master on `port`.
     pub fn replicas_online(&self, port: u16) -> usize {
         cli(port, &["INFO", "replication"])
