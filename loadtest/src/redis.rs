@@ -281,18 +281,17 @@ impl RedisCluster {
         let nodes = cli(live, &["CLUSTER", "NODES"]);
         let fields =
             |line: &str| -> Vec<String> { line.split_whitespace().map(str::to_owned).collect() };
-        let port_of = |field: &str| field.split(['@', ':']).nth(1)?.parse::<u16>().ok();
         let dead_id = nodes
             .lines()
             .map(fields)
-            .find(|f| f.len() > 1 && port_of(&f[1]) == Some(port))
+            .find(|f| f.len() > 1 && node_port(&f[1]) == Some(port))
             .map(|f| f[0].clone())
             .ok_or_else(|| format!("node {port} is not in the cluster"))?;
         let replica = nodes
             .lines()
             .map(fields)
             .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == dead_id)
-            .and_then(|f| port_of(&f[1]))
+            .and_then(|f| node_port(&f[1]))
             .ok_or_else(|| format!("node {port} has no replica"))?;
         let answer = cli(replica, &["CLUSTER", "FAILOVER", "TAKEOVER"]);
         if answer.trim() != "OK" {
@@ -339,8 +338,7 @@ impl RedisCluster {
                 let (low, high) = range.split_once('-').unwrap_or((range, range));
                 matches!((low.parse::<u16>(), high.parse::<u16>()), (Ok(l), Ok(h)) if l <= slot && slot <= h)
             });
-            let port = fields[1].split(['@', ':']).nth(1)?.parse().ok()?;
-            serves.then_some(port)
+            serves.then_some(node_port(fields[1])?)
         })
     }
 
@@ -474,6 +472,11 @@ fn free_port() -> Result<u16, String> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| format!("no free port: {e}"))
+}
+
+/// The port of a `CLUSTER NODES` line's address field (`ip:port@bus-port`).
+fn node_port(address: &str) -> Option<u16> {
+    address.split(['@', ':']).nth(1)?.parse().ok()
 }
 
 fn cli(port: u16, args: &[&str]) -> String {

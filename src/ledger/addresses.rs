@@ -215,13 +215,17 @@ impl AddressBook {
         book
     }
 
-    /// The book's one copy of `route`.
+    /// The book's one copy of `route` (two learning it at once share the first one's).
     fn route(&self, route: Route) -> Arc<Route> {
         if let Some(known) = self.routes.get(&route) {
             return Arc::clone(&known);
         }
         let route = Arc::new(route);
-        self.routes.insert(Arc::clone(&route));
+        if !self.routes.insert(Arc::clone(&route))
+            && let Some(first) = self.routes.get(&*route)
+        {
+            return Arc::clone(&first);
+        }
         route
     }
 
